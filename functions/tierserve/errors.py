@@ -1,0 +1,112 @@
+"""Every error the serving runtime raises, under one root.
+
+Messages say what was wrong and what to do about it. The mapping from these
+classes to HTTP status codes lives in exactly one place: ``tierserve.http``.
+Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class TierserveError(Exception):
+    """Root of every error raised by the tierserve runtime."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- client errors -----------------------------------------------------------------------------
+
+
+class InvalidRequestError(TierserveError):
+    """The request is malformed: bad JSON, wrong names, datatypes, shapes or lengths."""
+
+    code = "invalid_request"
+
+
+class PayloadTooLargeError(TierserveError):
+    """The request body is larger than the configured limit."""
+
+    code = "payload_too_large"
+
+
+class ModelNotFoundError(TierserveError):
+    """No such model, or no such version of it, in the manifest."""
+
+    code = "model_not_found"
+
+
+class RouteNotFoundError(TierserveError):
+    """The HTTP method and path match no Open Inference Protocol route."""
+
+    code = "route_not_found"
+
+
+class MethodNotAllowedError(TierserveError):
+    code = "method_not_allowed"
+
+
+class InvalidNameError(InvalidRequestError):
+    """A model name, version or S3 key fails the allowlist pattern."""
+
+    code = "invalid_name"
+
+
+# --- server-side errors ------------------------------------------------------------------------
+
+
+class ConfigurationError(TierserveError):
+    """An environment setting is missing or invalid."""
+
+    code = "configuration_error"
+
+
+class ManifestError(TierserveError):
+    """The manifest is unreadable or does not follow the schema."""
+
+    code = "manifest_error"
+
+
+class ArtifactError(TierserveError):
+    """An artifact could not be fetched, or failed verification."""
+
+    code = "artifact_error"
+
+
+class ArtifactNotFoundError(ArtifactError):
+    code = "artifact_not_found"
+
+
+class IntegrityError(ArtifactError):
+    """The sha256 of a fetched artifact does not match the manifest."""
+
+    code = "integrity_error"
+
+
+class UnsafeModelError(ArtifactError):
+    """The ONNX model references external data outside its own folder."""
+
+    code = "unsafe_model"
+
+
+class InferenceError(TierserveError):
+    """The backend accepted the request but failed to run it."""
+
+    code = "inference_error"
+
+
+class BackendUnavailableError(TierserveError):
+    """A backend (Triton, the CPU function) is unreachable, unhealthy or its circuit is open."""
+
+    code = "backend_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendTimeoutError(BackendUnavailableError):
+    code = "backend_timeout"

@@ -1,0 +1,289 @@
+"""The manifest: the contract between the compiler and the serving runtime.
+
+``manifest.json`` sits at the root of a model store (a local folder or an S3 prefix)::
+
+    {
+      "schema_version": 1,
+      "models": {
+        "<name>": {
+          "default_version": "1",
+          "canary": {"version": "2", "percent": 10},          # optional
+          "versions": {
+            "1": {
+              "inputs":  [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+              "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
+              "max_batch_size": 64,
+              "variants": {
+                "fp32":         {"path": "<name>/1/model.onnx", "sha256": "...", "size_bytes": 1234},
+                "int8_dynamic": {"path": "<name>/1/int8_dynamic.onnx", "sha256": "...", "size_bytes": 456}
+              },
+              "selected_variant": "int8_dynamic",   # what the CPU tier serves
+              "targets": ["cpu"],                   # "cpu", "gpu", or ["gpu", "cpu"] (GPU, CPU fallback)
+              "cpu_variant": "int8_dynamic",        # optional, defaults to selected_variant
+              "routing": {"gpu_min_rows": 64, "gpu_min_bytes": 1048576},
+              "cpu": {"memory_mb": 1769, "threads": 1},
+              "created_at": "2026-11-24T12:00:00Z"
+            }
+          }
+        }
+      }
+    }
+
+Artifact paths are relative to the store root, use ``/`` and never leave it. Versions are
+positive integers, as in a Triton model repository. This module is pure Python (no numpy),
+so that the router and the compiler can both import it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tierserve.errors import InvalidNameError, ManifestError, ModelNotFoundError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+#: Model names: letters, digits, ``_``, ``-``, ``.``; start with a letter or digit; at most 64.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Versions: a positive integer, as Triton requires for its version folders.
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+#: Artifact paths inside a store: relative, ``/``-separated, no ``..``, no absolute paths.
+ARTIFACT_PATH_RE = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9_.\-/]{1,512}$")
+
+TARGETS = ("cpu", "gpu")
+
+#: Protocol datatypes (Open Inference Protocol / KServe v2).
+DATATYPES = (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+)  # fmt: skip
+
+
+def check_model_name(name: str) -> str:
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+        raise InvalidNameError(
+            f"invalid model name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise InvalidNameError(f"invalid model version {version!r}: versions are positive integers, e.g. '1'")
+    return version
+
+
+def check_artifact_path(path: str) -> str:
+    if not isinstance(path, str) or not ARTIFACT_PATH_RE.match(path):
+        raise ManifestError(
+            f"artifact path {path!r} is not a safe relative path inside the model store; "
+            "recompile the model with tierserve compile"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 marks a dynamic dimension; the first one is the batch axis
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        try:
+            spec = cls(name=str(d["name"]), datatype=str(d["datatype"]), shape=tuple(int(x) for x in d["shape"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"bad tensor spec {d!r}: {exc}") from exc
+        if spec.datatype not in DATATYPES:
+            raise ManifestError(f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}")
+        return spec
+
+
+@dataclass(frozen=True)
+class Variant:
+    path: str
+    sha256: str
+    size_bytes: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Variant:
+        try:
+            v = cls(path=check_artifact_path(d["path"]), sha256=str(d["sha256"]), size_bytes=int(d["size_bytes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"bad variant entry {d!r}: {exc}") from exc
+        if not re.fullmatch(r"[0-9a-f]{64}", v.sha256):
+            raise ManifestError(f"variant {v.path!r} has an invalid sha256 {v.sha256!r}")
+        return v
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    variants: dict[str, Variant]
+    selected_variant: str
+    targets: tuple[str, ...] = ("cpu",)
+    cpu_variant: str | None = None
+    max_batch_size: int = 0
+    routing: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def serves_cpu(self) -> bool:
+        return "cpu" in self.targets
+
+    @property
+    def serves_gpu(self) -> bool:
+        return "gpu" in self.targets
+
+    @property
+    def cpu_artifact(self) -> Variant:
+        """The variant the CPU tier loads."""
+        return self.variants[self.cpu_variant or self.selected_variant]
+
+    def input_spec(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "max_batch_size": self.max_batch_size,
+            "variants": {k: asdict(v) for k, v in self.variants.items()},
+            "selected_variant": self.selected_variant,
+            "targets": list(self.targets),
+            "routing": dict(self.routing),
+            "cpu": dict(self.cpu),
+            "created_at": self.created_at,
+        }
+        if self.cpu_variant:
+            d["cpu_variant"] = self.cpu_variant
+        return d
+
+    @classmethod
+    def from_json(cls, name: str, version: str, d: dict[str, Any]) -> ModelVersion:
+        try:
+            variants = {str(k): Variant.from_json(v) for k, v in d["variants"].items()}
+            mv = cls(
+                name=check_model_name(name),
+                version=check_version(version),
+                inputs=tuple(TensorSpec.from_json(x) for x in d["inputs"]),
+                outputs=tuple(TensorSpec.from_json(x) for x in d["outputs"]),
+                variants=variants,
+                selected_variant=str(d["selected_variant"]),
+                targets=tuple(d.get("targets") or ("cpu",)),
+                cpu_variant=d.get("cpu_variant"),
+                max_batch_size=int(d.get("max_batch_size", 0)),
+                routing=dict(d.get("routing") or {}),
+                cpu=dict(d.get("cpu") or {}),
+                created_at=str(d.get("created_at", "")),
+            )
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidNameError) as exc:
+            raise ManifestError(f"model {name!r} version {version!r}: bad manifest entry ({exc})") from exc
+        if mv.selected_variant not in mv.variants:
+            raise ManifestError(f"model {name!r} v{version}: selected variant {mv.selected_variant!r} is not listed")
+        if mv.cpu_variant and mv.cpu_variant not in mv.variants:
+            raise ManifestError(f"model {name!r} v{version}: cpu variant {mv.cpu_variant!r} is not listed")
+        if not mv.targets or any(t not in TARGETS for t in mv.targets):
+            raise ManifestError(f"model {name!r} v{version}: targets {mv.targets!r} must be a subset of {TARGETS}")
+        return mv
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    default_version: str
+    versions: dict[str, ModelVersion]
+    canary: dict[str, Any] | None = None  # {"version": "2", "percent": 10}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    models: dict[str, ModelEntry]
+
+    @classmethod
+    def empty(cls) -> Manifest:
+        return cls(models={})
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema_version must be {SCHEMA_VERSION}; recompile the models with this tierserve"
+            )
+        models: dict[str, ModelEntry] = {}
+        for name, m in (d.get("models") or {}).items():
+            try:
+                versions = {str(v): ModelVersion.from_json(name, str(v), body) for v, body in m["versions"].items()}
+                default = str(m.get("default_version") or max(versions, key=int))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise ManifestError(f"model {name!r}: bad manifest entry ({exc})") from exc
+            if default not in versions:
+                raise ManifestError(f"model {name!r}: default_version {default!r} is not one of its versions")
+            canary = m.get("canary")
+            if canary is not None:
+                if str(canary.get("version")) not in versions or not 0 <= float(canary.get("percent", -1)) <= 100:
+                    raise ManifestError(f"model {name!r}: canary needs a listed version and 0 <= percent <= 100")
+            models[name] = ModelEntry(name=name, default_version=default, versions=versions, canary=canary)
+        return cls(models=models)
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Manifest:
+        try:
+            return cls.from_json(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "models": {}}
+        for name, entry in sorted(self.models.items()):
+            m: dict[str, Any] = {
+                "default_version": entry.default_version,
+                "versions": {v: mv.to_json() for v, mv in sorted(entry.versions.items(), key=lambda kv: int(kv[0]))},
+            }
+            if entry.canary:
+                m["canary"] = entry.canary
+            out["models"][name] = m
+        return out
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+    def resolve(self, name: str, version: str | None = None) -> ModelVersion:
+        """The model version a request names; without a version, the model's default version."""
+        check_model_name(name)
+        entry = self.models.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(f"unknown model {name!r}; models served here: {known}")
+        if version is None or version == "":
+            version = entry.default_version
+        check_version(version)
+        mv = entry.versions.get(version)
+        if mv is None:
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r}; versions: {', '.join(sorted(entry.versions, key=int))}"
+            )
+        return mv
+
+    def with_version(self, mv: ModelVersion, *, make_default: bool = True) -> Manifest:
+        """A new manifest with ``mv`` added (the compiler's write path)."""
+        models = dict(self.models)
+        entry = models.get(mv.name)
+        versions = dict(entry.versions) if entry else {}
+        versions[mv.version] = mv
+        default = mv.version if make_default or entry is None else entry.default_version
+        models[mv.name] = ModelEntry(mv.name, default, versions, entry.canary if entry else None)
+        return Manifest(models=models)

@@ -1,0 +1,138 @@
+"""Environment settings, parsed once into a typed, frozen model.
+
+Every knob of the runtime is an environment variable (set in ``template.yaml`` for AWS,
+or by ``tierserve invoke`` / ``tierserve serve`` locally). ``get_settings()`` parses them on
+first use and caches the result for the life of the execution environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Any
+
+from tierserve.errors import ConfigurationError
+
+#: Lambda's synchronous payload limit is 6 MB; stay under it by default.
+DEFAULT_MAX_PAYLOAD_BYTES = 5 * 1024 * 1024
+#: Lambda gives one full vCPU at 1,769 MB of memory.
+MB_PER_VCPU = 1769
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {v!r}")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if v not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {v!r}")
+        return v
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where models live: a local folder or s3://bucket/prefix. The manifest is at its root.
+    model_store_uri: str = "build/models"
+    # Where fetched artifacts are cached (Lambda: /tmp is the only writable place).
+    model_cache_dir: str = "/tmp/tierserve-models"  # noqa: S108 - Lambda's only writable path
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    # How the router reaches the CPU tier: "lambda" (boto3 Invoke) or "inprocess" (same process).
+    cpu_backend: str = "inprocess"
+    cpu_function_name: str = ""
+    # The GPU tier.
+    triton_url: str = ""
+    triton_protocol: str = "http"
+    triton_timeout_s: float = 10.0
+    routing_policy: str = "size-aware"
+    health_ttl_s: float = 2.0
+    breaker_failure_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
+    breaker_success_threshold: int = 3
+    # Threads for onnxruntime; 0 means "derive from the function's memory".
+    ort_threads: int = 0
+    memory_mb: int = MB_PER_VCPU
+    # Batch inference.
+    job_table: str = ""
+    continuation_queue_url: str = ""
+    chunk_rows: int = 4096
+    checkpoint_margin_ms: int = 30_000
+    idempotency_expiry_s: int = 86_400
+    service_name: str = "tierserve"
+
+    @property
+    def intra_op_threads(self) -> int:
+        """Threads for onnxruntime: one per vCPU Lambda gives this function's memory."""
+        if self.ort_threads > 0:
+            return self.ort_threads
+        return max(1, min(6, round(self.memory_mb / MB_PER_VCPU)))
+
+
+#: env var -> (field, parser). One explicit table; nothing is read from the environment elsewhere.
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "MODEL_STORE_URI": ("model_store_uri", str),
+    "MODEL_CACHE_DIR": ("model_cache_dir", str),
+    "MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
+    "CPU_BACKEND": ("cpu_backend", _choice("lambda", "inprocess")),
+    "CPU_FUNCTION_NAME": ("cpu_function_name", str),
+    "TRITON_URL": ("triton_url", str),
+    "TRITON_PROTOCOL": ("triton_protocol", _choice("http", "grpc")),
+    "TRITON_TIMEOUT_S": ("triton_timeout_s", float),
+    "ROUTING_POLICY": ("routing_policy", str),
+    "HEALTH_TTL_S": ("health_ttl_s", float),
+    "BREAKER_FAILURE_THRESHOLD": ("breaker_failure_threshold", int),
+    "BREAKER_COOLDOWN_S": ("breaker_cooldown_s", float),
+    "BREAKER_SUCCESS_THRESHOLD": ("breaker_success_threshold", int),
+    "ORT_THREADS": ("ort_threads", int),
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": ("memory_mb", int),
+    "JOB_TABLE": ("job_table", str),
+    "CONTINUATION_QUEUE_URL": ("continuation_queue_url", str),
+    "CHUNK_ROWS": ("chunk_rows", int),
+    "CHECKPOINT_MARGIN_MS": ("checkpoint_margin_ms", int),
+    "IDEMPOTENCY_EXPIRY_S": ("idempotency_expiry_s", int),
+    "POWERTOOLS_SERVICE_NAME": ("service_name", str),
+}
+
+_POSITIVE = {
+    "max_payload_bytes", "triton_timeout_s", "breaker_failure_threshold", "breaker_success_threshold",
+    "memory_mb", "chunk_rows",
+}  # fmt: skip
+
+
+def parse_settings(env: Mapping[str, str]) -> Settings:
+    """Parse ``env`` into Settings; raise ConfigurationError naming the bad variable."""
+    values: dict[str, Any] = {}
+    for var, (name, parse) in _ENV.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigurationError(f"environment variable {var}={raw!r} is invalid: {exc}") from exc
+        if name in _POSITIVE and values[name] <= 0:
+            raise ConfigurationError(f"environment variable {var}={raw!r} must be positive")
+    if values.get("cpu_backend") == "lambda" and not values.get("cpu_function_name"):
+        raise ConfigurationError("CPU_BACKEND=lambda needs CPU_FUNCTION_NAME (the CpuInferenceFunction's name)")
+    known = {f.name for f in fields(Settings)}
+    assert set(values) <= known
+    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, parsed once from ``os.environ``."""
+    return parse_settings(os.environ)
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and the local emulator change the environment)."""
+    get_settings.cache_clear()
