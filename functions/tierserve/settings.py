@@ -15,8 +15,10 @@ from typing import Any
 
 from tierserve.errors import ConfigurationError
 
-#: Lambda's synchronous payload limit is 6 MB; stay under it by default.
-DEFAULT_MAX_PAYLOAD_BYTES = 5 * 1024 * 1024
+#: Lambda's synchronous payload limit is 6 MB for the whole event. A binary body arrives
+#: base64-encoded (x 4/3), so 4 MiB of body is ~5.3 MiB of event: under the limit, with room
+#: for the envelope. The same bound keeps the router -> CpuInferenceFunction Invoke under 6 MB.
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 #: Lambda gives one full vCPU at 1,769 MB of memory.
 MB_PER_VCPU = 1769
 
@@ -67,6 +69,8 @@ class Settings:
     checkpoint_margin_ms: int = 30_000
     idempotency_expiry_s: int = 86_400
     service_name: str = "tierserve"
+    # How long the manifest is cached before it is re-read (new versions appear without redeploys).
+    manifest_ttl_s: float = 60.0
 
     @property
     def intra_op_threads(self) -> int:
@@ -99,6 +103,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "CHECKPOINT_MARGIN_MS": ("checkpoint_margin_ms", int),
     "IDEMPOTENCY_EXPIRY_S": ("idempotency_expiry_s", int),
     "POWERTOOLS_SERVICE_NAME": ("service_name", str),
+    "MANIFEST_TTL_S": ("manifest_ttl_s", float),
 }
 
 _POSITIVE = {

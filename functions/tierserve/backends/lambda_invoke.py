@@ -1,0 +1,93 @@
+"""The router's CPU backend in AWS: a synchronous Lambda Invoke of CpuInferenceFunction.
+
+Locally the same boto3 code path points at ``tierserve serve``'s Lambda-invoke endpoint
+through ``AWS_ENDPOINT_URL_LAMBDA``. The payload is the ``cpu_direct_infer`` event: the
+request re-encoded with the binary tensor extension (compact), base64 in JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from typing import Any
+
+from tierserve import errors
+from tierserve.manifest import ModelVersion
+from tierserve.types import InferRequest, InferResponse
+
+#: HTTP status in the CPU function's reply -> the error the router re-raises.
+_ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
+    400: errors.InvalidRequestError,
+    404: errors.ModelNotFoundError,
+    413: errors.PayloadTooLargeError,
+    503: errors.BackendUnavailableError,
+    504: errors.BackendTimeoutError,
+}
+
+
+def direct_payload(model: ModelVersion, request: InferRequest) -> dict[str, Any]:
+    from tierserve.codec import encode_request
+
+    body, header_length = encode_request(request, binary=True)
+    return {
+        "model_name": model.name,
+        "model_version": model.version,
+        "inference_header_content_length": header_length,
+        "body_base64": base64.b64encode(body).decode(),
+    }
+
+
+class LambdaInvokeBackend:
+    tier = "cpu"
+
+    def __init__(self, function_name: str, timeout_s: float = 30.0, client: Any = None) -> None:
+        self.function_name = function_name
+        self.timeout_s = timeout_s
+        self._client = client
+        self._lock = threading.Lock()
+
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    # No automatic retries: a retried Invoke could run the same request twice.
+                    cfg = Config(read_timeout=self.timeout_s, connect_timeout=2, retries={"max_attempts": 1})
+                    self._client = boto3.client("lambda", config=cfg)
+        return self._client
+
+    def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        from tierserve.codec import decode_response
+
+        payload = json.dumps(direct_payload(model, request)).encode()
+        try:
+            out = self.client().invoke(
+                FunctionName=self.function_name, InvocationType="RequestResponse", Payload=payload
+            )
+            reply = json.loads(out["Payload"].read() or b"{}")
+        except Exception as exc:
+            raise errors.BackendUnavailableError(
+                f"cannot invoke {self.function_name}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if out.get("FunctionError"):
+            raise errors.InferenceError(
+                f"{self.function_name} failed: {reply.get('errorMessage', reply)}; see its logs"
+            )
+        status = int(reply.get("statusCode", 500))
+        body = base64.b64decode(reply.get("body", "")) if reply.get("isBase64Encoded") else \
+            str(reply.get("body", "")).encode()
+        if status != 200:
+            try:
+                message = json.loads(body).get("error", "")
+            except ValueError:
+                message = body[:200].decode("utf-8", "replace")
+            raise _ERROR_BY_STATUS.get(status, errors.InferenceError)(message or f"CPU tier answered {status}")
+        headers = {k.lower(): v for k, v in (reply.get("headers") or {}).items()}
+        length = headers.get("inference-header-content-length")
+        return decode_response(body, int(length) if length else None)
+
+    def ready(self, model: ModelVersion | None = None) -> bool:
+        return True

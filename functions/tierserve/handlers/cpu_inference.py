@@ -1,0 +1,20 @@
+"""CpuInferenceFunction: runs a model on onnxruntime in this function (the CPU tier).
+
+The router invokes it with the payload in events/cpu_direct_infer.json. Thin by design.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from tierserve.api import handle_direct
+from tierserve.observability import logger, metrics, tracer
+
+
+@logger.inject_lambda_context(log_event=False)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics(capture_cold_start_metric=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return handle_direct(event, context)
