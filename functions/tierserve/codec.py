@@ -66,9 +66,7 @@ def datatype_to_dtype(datatype: str) -> np.dtype:
         return dtype
     if isinstance(datatype, str) and datatype in _UNSUPPORTED:
         raise InvalidRequestError(_UNSUPPORTED[datatype])
-    raise InvalidRequestError(
-        f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPE_TO_DTYPE)}"
-    )
+    raise InvalidRequestError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPE_TO_DTYPE)}")
 
 
 def dtype_to_datatype(dtype: Any) -> str:
@@ -156,11 +154,16 @@ def _split_body(
     return bytes(view[:hlen]), view[hlen:]
 
 
-def _load_json_object(raw: bytes, what: str, err: type[TierserveError]) -> dict[str, Any]:
+def _load_json_object(
+    raw: bytes, what: str, err: type[TierserveError], header_length_given: bool = True
+) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise err(f"{what} is not valid JSON: {exc}") from exc
+        hint = ""
+        if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data" and not header_length_given:
+            hint = " (binary tensor data needs the Inference-Header-Content-Length header)"
+        raise err(f"{what} is not valid JSON: {exc}{hint}") from exc
     if not isinstance(obj, dict):
         raise err(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -171,9 +174,7 @@ def _check_shape(shape: Any, label: str, err: type[TierserveError]) -> tuple[int
         raise err(f"{label}: 'shape' must be a list of non-negative integers, got {shape!r}")
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise err(
-                f"{label}: shape {shape!r} has an invalid dimension {d!r}; expected non-negative integers"
-            )
+            raise err(f"{label}: shape {shape!r} has an invalid dimension {d!r}; expected non-negative integers")
     return tuple(shape)
 
 
@@ -225,9 +226,17 @@ def _json_data(
         if kind != "b":
             raise err(f"{label}: BOOL data must be true/false, got {_describe(data)}")
     elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if kind in "fO":
+            # Python ints that numpy could not hold in one integer dtype (e.g. UINT64 values above
+            # the INT64 range mixed with small ones) come out as float64 or object: check them exactly.
+            flat = _flatten_json(data)
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+                raise err(f"{label}: {datatype} data must be integers, got {_describe(data)}")
+            raw = np.asarray(flat, dtype=object)
+            kind = "i"
         if kind not in "iu":
             raise err(f"{label}: {datatype} data must be integers, got {_describe(data)}")
-        info = np.iinfo(dtype)
         lo, hi = int(raw.min()), int(raw.max())
         if lo < info.min or hi > info.max:
             bad = lo if lo < info.min else hi
@@ -248,15 +257,11 @@ def _parse_bytes_blob(blob: memoryview, count: int, label: str, err: type[Tierse
         if len(items) >= count:
             raise err(f"{label}: binary BYTES data holds more than the {count} elements the shape needs")
         if off + 4 > n:
-            raise err(
-                f"{label}: BYTES element {len(items)} is truncated: its 4-byte length prefix is cut off"
-            )
+            raise err(f"{label}: BYTES element {len(items)} is truncated: its 4-byte length prefix is cut off")
         (length,) = _LEN.unpack_from(blob, off)
         off += 4
         if off + length > n:
-            raise err(
-                f"{label}: BYTES element {len(items)} declares {length} bytes but only {n - off} remain"
-            )
+            raise err(f"{label}: BYTES element {len(items)} declares {length} bytes but only {n - off} remain")
         items.append(bytes(blob[off : off + length]))
         off += length
     if len(items) != count:
@@ -351,9 +356,7 @@ def _parse_tensors(
             data = _json_data(obj["data"], datatype, dtype, count, label, err)
         else:
             raise err(f"{label}: needs either 'data' or parameters.binary_data_size")
-        tensors.append(
-            Tensor(name=name, datatype=datatype, shape=shape, data=data.reshape(shape), parameters=params)
-        )
+        tensors.append(Tensor(name=name, datatype=datatype, shape=shape, data=data.reshape(shape), parameters=params))
     return tensors, offset, any_binary
 
 
@@ -361,7 +364,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     """Parse an inference request body (JSON, or JSON header + binary blobs)."""
     err = InvalidRequestError
     header, blobs = _split_body(body, header_length, "request", err)
-    obj = _load_json_object(header, "the inference request", err)
+    obj = _load_json_object(header, "the inference request", err, header_length is not None)
     inputs = obj.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise err("the inference request needs a non-empty 'inputs' array")
@@ -375,9 +378,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     if not isinstance(params, dict):
         raise err(f"'parameters' must be a JSON object, got {type(params).__name__}")
     outputs = _parse_requested_outputs(obj.get("outputs"), err)
-    return InferRequest(
-        inputs=tensors, id=req_id, outputs=outputs, parameters=dict(params), binary_input=any_binary
-    )
+    return InferRequest(inputs=tensors, id=req_id, outputs=outputs, parameters=dict(params), binary_input=any_binary)
 
 
 def _parse_requested_outputs(items: Any, err: type[TierserveError]) -> list[RequestedOutput]:
@@ -415,7 +416,7 @@ def decode_response(body: bytes, header_length: int | None = None) -> InferRespo
     """Parse an inference response body; :class:`InferenceError` when it is malformed or an error."""
     err = InferenceError
     header, blobs = _split_body(body, header_length, "response", err)
-    obj = _load_json_object(header, "the inference response", err)
+    obj = _load_json_object(header, "the inference response", err, header_length is not None)
     if "error" in obj and "outputs" not in obj:
         raise err(str(obj["error"]))
     tensors, used, _ = _parse_tensors(obj.get("outputs", []), "output", blobs, header_length is not None, err)
@@ -459,9 +460,7 @@ def _encode_tensors(
     blobs: list[bytes] = []
     for tensor, binary in tensors:
         arr = _as_array(tensor, err)
-        params = {
-            k: v for k, v in tensor.parameters.items() if k != "binary_data_size" and k not in _SHM_KEYS
-        }
+        params = {k: v for k, v in tensor.parameters.items() if k != "binary_data_size" and k not in _SHM_KEYS}
         entry: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
@@ -526,9 +525,7 @@ def _wants_binary(out: RequestedOutput | None, request: InferRequest | None) -> 
     return request.parameters.get("binary_data_output") is True
 
 
-def encode_response(
-    response: InferResponse, request: InferRequest | None = None
-) -> tuple[bytes, dict[str, str]]:
+def encode_response(response: InferResponse, request: InferRequest | None = None) -> tuple[bytes, dict[str, str]]:
     """Serialize a response for the client that sent ``request``; returns (body, HTTP headers).
 
     BYTES outputs that are not valid utf-8 go as binary data even where JSON was asked for:
@@ -578,14 +575,12 @@ def validate_request(request: InferRequest, model: ModelVersion) -> None:
     unknown = [t.name for t in request.inputs if model.input_spec(t.name) is None]
     if unknown:
         raise InvalidRequestError(
-            f"unknown input(s) {', '.join(repr(n) for n in unknown)} for {where}; "
-            f"expected inputs: {expected_list}"
+            f"unknown input(s) {', '.join(repr(n) for n in unknown)} for {where}; expected inputs: {expected_list}"
         )
     missing = [n for n in expected_names if n not in given]
     if missing:
         raise InvalidRequestError(
-            f"missing input(s) {', '.join(repr(n) for n in missing)} for {where}; "
-            f"expected inputs: {expected_list}"
+            f"missing input(s) {', '.join(repr(n) for n in missing)} for {where}; expected inputs: {expected_list}"
         )
     batch: tuple[str, int] | None = None
     for spec in model.inputs:

@@ -1,0 +1,667 @@
+"""Open Inference Protocol codec: round trips against the real tritonclient, and every error path."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tierserve.codec import (
+    DATATYPE_TO_DTYPE,
+    datatype_to_dtype,
+    decode_request,
+    decode_response,
+    dtype_to_datatype,
+    encode_request,
+    encode_response,
+    error_body,
+    model_metadata,
+    tensor_from_numpy,
+    validate_request,
+)
+from tierserve.errors import InferenceError, InvalidRequestError
+from tierserve.manifest import ModelVersion, TensorSpec, Variant
+from tierserve.types import InferRequest, InferResponse, RequestedOutput, Tensor
+
+NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+ALL_DATATYPES = [*NUMERIC, "BYTES"]
+
+
+def sample(datatype: str, shape: tuple[int, ...], seed: int = 0, utf8: bool = True) -> np.ndarray:
+    """A seeded random array of the datatype (BYTES: object array of bytes)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if datatype == "BOOL":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if datatype == "BYTES":
+        if utf8:
+            words = [f"w{i}-{rng.integers(0, 10**6)}-é✓" for i in range(n)]
+            items = [w.encode("utf-8") for w in words]
+        else:
+            items = [rng.integers(0, 256, size=int(rng.integers(0, 9)), dtype=np.uint8).tobytes() for _ in range(n)]
+        arr = np.empty(n, dtype=object)
+        arr[:] = items
+        return arr.reshape(shape)
+    dtype = DATATYPE_TO_DTYPE[datatype]
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return (rng.standard_normal(size=shape) * 100).astype(dtype)
+
+
+def client_request(arrays: dict[str, np.ndarray], binary: bool, outputs=None, request_id: str = ""):
+    """Body and header length exactly as tritonclient.http builds them."""
+    inputs = []
+    for name, arr in arrays.items():
+        inp = httpclient.InferInput(name, list(arr.shape), dtype_to_datatype(arr.dtype))
+        inp.set_data_from_numpy(arr, binary_data=binary)
+        inputs.append(inp)
+    return httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs, request_id=request_id)
+
+
+def client_result(body: bytes, headers: dict[str, str]) -> httpclient.InferResult:
+    hl = headers.get("inference-header-content-length")
+    return httpclient.InferResult.from_response_body(body, header_length=int(hl) if hl is not None else None)
+
+
+def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    if expected.dtype == object:
+        assert [bytes(x) if not isinstance(x, str) else x.encode() for x in actual.ravel()] == list(expected.ravel())
+    else:
+        assert actual.dtype == expected.dtype
+        np.testing.assert_array_equal(actual, expected)
+
+
+def model(inputs, outputs=(("out", "FP32", (-1, 2)),), max_batch_size: int = 8) -> ModelVersion:
+    return ModelVersion(
+        name="m",
+        version="1",
+        inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
+        outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
+        variants={"fp32": Variant("m/1/model.onnx", "0" * 64, 1)},
+        selected_variant="fp32",
+        max_batch_size=max_batch_size,
+    )
+
+
+def raw_request(inputs: list[dict], **extra) -> bytes:
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+def fp32_input(**overrides) -> dict:
+    return {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0], **overrides}
+
+
+# --- datatypes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_datatype_mapping_round_trips_and_matches_tritonclient(datatype):
+    # Given a protocol datatype
+    # When it is mapped to numpy and back
+    dtype = datatype_to_dtype(datatype)
+    # Then it is the same datatype, and tritonclient agrees on the numpy dtype
+    assert dtype_to_datatype(dtype) == datatype
+    assert np.dtype(httpclient.triton_to_np_dtype(datatype)) == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.str_, np.bytes_, object, "U5", "S3"])
+def test_strings_and_objects_are_bytes(dtype):
+    assert dtype_to_datatype(dtype) == "BYTES"
+
+
+def test_bf16_is_refused_as_unsupported():
+    with pytest.raises(InvalidRequestError, match="BF16 is not supported"):
+        datatype_to_dtype("BF16")
+
+
+def test_unknown_datatype_lists_the_known_ones():
+    with pytest.raises(InvalidRequestError, match=r"unknown datatype 'FLOAT'.*FP32"):
+        datatype_to_dtype("FLOAT")
+
+
+def test_complex_numpy_dtype_has_no_datatype():
+    with pytest.raises(InvalidRequestError, match="complex"):
+        dtype_to_datatype(np.complex64)
+
+
+def test_tensor_from_numpy_encodes_strings_to_bytes():
+    # Given a numpy array of str
+    # When it becomes a Tensor
+    t = tensor_from_numpy("s", np.array([["a", "é"]]), {"k": 1})
+    # Then it is BYTES, an object array of utf-8 bytes, with the shape and parameters kept
+    assert (t.datatype, t.shape, t.parameters) == ("BYTES", (1, 2), {"k": 1})
+    assert t.data.dtype == object and list(t.data.ravel()) == [b"a", "é".encode()]
+
+
+# --- requests from tritonclient ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_decode_request_built_by_tritonclient(datatype, binary):
+    # Given a request built by tritonclient.http for this datatype, with a second input and outputs
+    arr = sample(datatype, (3, 4), seed=len(datatype))
+    other = sample("INT64", (3,), seed=1)
+    outputs = [httpclient.InferRequestedOutput("y", binary_data=binary), httpclient.InferRequestedOutput("z")]
+    body, json_size = client_request({"x": arr, "k": other}, binary, outputs=outputs, request_id="req-7")
+    # When the codec decodes it
+    req = decode_request(body, json_size)
+    # Then every input, the id and the requested outputs come back exactly
+    assert [t.name for t in req.inputs] == ["x", "k"]
+    x = req.inputs[0]
+    assert (x.datatype, x.shape) == (datatype, (3, 4))
+    assert_same(x.data, arr)
+    assert_same(req.inputs[1].data, other)
+    assert req.id == "req-7"
+    assert req.binary_input is binary
+    assert [(o.name, o.binary_data) for o in req.outputs] == [("y", binary), ("z", True)]
+    assert "binary_data_size" not in x.parameters
+
+
+def test_decode_request_keeps_binary_bytes_that_are_not_utf8():
+    # Given arbitrary (non-utf-8) BYTES sent with the binary extension
+    arr = sample("BYTES", (2, 5), seed=3, utf8=False)
+    body, json_size = client_request({"b": arr}, binary=True)
+    # When decoded
+    req = decode_request(body, json_size)
+    # Then the bytes are exact, including empty elements and NULs
+    assert_same(req.inputs[0].data, arr)
+
+
+def test_decode_request_without_outputs_defaults_to_binary_output():
+    # Given tritonclient's request with no outputs, which sets binary_data_output
+    body, json_size = client_request({"x": sample("FP32", (2, 2))}, binary=False)
+    # When decoded
+    req = decode_request(body, json_size)
+    # Then the parameter is kept and no outputs are requested
+    assert json_size is None
+    assert req.parameters == {"binary_data_output": True}
+    assert req.outputs == []
+    assert req.id is None
+
+
+def test_decode_request_flattens_nested_json_lists_row_major():
+    body = raw_request([{"name": "x", "datatype": "INT32", "shape": [2, 3], "data": [[1, 2, 3], [4, 5, 6]]}])
+    req = decode_request(body)
+    np.testing.assert_array_equal(req.inputs[0].data, np.arange(1, 7, dtype=np.int32).reshape(2, 3))
+
+
+def test_decode_request_flattens_nested_bytes_lists():
+    body = raw_request([{"name": "s", "datatype": "BYTES", "shape": [2, 2], "data": [["a", "b"], ["c", "d"]]}])
+    assert list(decode_request(body).inputs[0].data.ravel()) == [b"a", b"b", b"c", b"d"]
+
+
+def test_decode_request_accepts_scalars_and_empty_tensors():
+    body = raw_request(
+        [
+            {"name": "s", "datatype": "FP32", "shape": [], "data": [1.5]},
+            {"name": "e", "datatype": "INT64", "shape": [0, 3], "data": []},
+        ]
+    )
+    s, e = decode_request(body).inputs
+    assert s.data.shape == () and float(s.data) == 1.5
+    assert e.data.shape == (0, 3) and e.data.dtype == np.int64
+
+
+# --- encode_request is the inverse of decode_request ---------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_encode_request_round_trips(datatype, binary):
+    # Given a request with every field set
+    arr = sample(datatype, (2, 3), seed=11)
+    request = InferRequest(
+        inputs=[tensor_from_numpy("x", arr, {"note": "kept"})],
+        id="abc",
+        outputs=[RequestedOutput("y", binary_data=True), RequestedOutput("z")],
+        parameters={"binary_data_output": False, "target": "cpu"},
+    )
+    # When encoded and decoded again
+    body, header_length = encode_request(request, binary=binary)
+    decoded = decode_request(body, header_length)
+    # Then it is the same request
+    assert (header_length is not None) is binary
+    assert decoded.id == "abc" and decoded.parameters == request.parameters
+    assert [(o.name, o.binary_data) for o in decoded.outputs] == [("y", True), ("z", None)]
+    assert decoded.inputs[0].parameters == {"note": "kept"}
+    assert_same(decoded.inputs[0].data, arr)
+    assert decoded.target_hint == "cpu"
+
+
+def test_encode_request_refuses_non_utf8_bytes_as_json():
+    request = InferRequest(inputs=[tensor_from_numpy("b", np.array([b"\xff"], dtype=object))])
+    with pytest.raises(InvalidRequestError, match=r"'b'.*not valid utf-8.*binary"):
+        encode_request(request, binary=False)
+
+
+# --- responses read by tritonclient --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_encode_response_is_read_by_tritonclient(datatype, binary):
+    # Given a model response and a request asking for the output in JSON or binary
+    arr = sample(datatype, (4, 3), seed=5 + len(datatype))
+    response = InferResponse("m", "1", [tensor_from_numpy("y", arr)], id="r1")
+    request = InferRequest(inputs=[], id="r1", outputs=[RequestedOutput("y", binary_data=binary)])
+    # When encoded
+    body, headers = encode_response(response, request)
+    # Then tritonclient.http reads back the same array, id and model
+    result = client_result(body, headers)
+    got = result.as_numpy("y")
+    assert_same(got, arr)
+    if datatype == "FP16":
+        assert got.dtype == np.float16
+    resp = result.get_response()
+    assert (resp["model_name"], resp["model_version"], resp["id"]) == ("m", "1", "r1")
+    if binary:
+        assert headers["content-type"] == "application/octet-stream"
+        assert int(headers["inference-header-content-length"]) < len(body)
+    else:
+        assert headers == {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_encode_response_follows_binary_data_output_when_outputs_omitted(binary):
+    # Given a request naming no outputs, with binary_data_output set
+    a, b = sample("FP32", (2, 2), seed=1), sample("INT64", (2,), seed=2)
+    response = InferResponse("m", "1", [tensor_from_numpy("a", a), tensor_from_numpy("b", b)])
+    request = InferRequest(inputs=[], parameters={"binary_data_output": binary})
+    # When encoded
+    body, headers = encode_response(response, request)
+    # Then every output is returned, binary or JSON as asked
+    result = client_result(body, headers)
+    assert_same(result.as_numpy("a"), a)
+    assert_same(result.as_numpy("b"), b)
+    sizes = [o.get("parameters", {}).get("binary_data_size") for o in result.get_response()["outputs"]]
+    assert all((s is not None) is binary for s in sizes)
+
+
+def test_encode_response_filters_and_mixes_json_and_binary_outputs():
+    # Given three outputs, a request for two of them: one binary, one defaulting to JSON
+    arrs = {n: sample("FP32", (2, 2), seed=i) for i, n in enumerate("abc")}
+    response = InferResponse("m", "1", [tensor_from_numpy(n, a) for n, a in arrs.items()])
+    request = InferRequest(
+        inputs=[], outputs=[RequestedOutput("c", binary_data=True), RequestedOutput("a")], parameters={}
+    )
+    # When encoded
+    body, headers = encode_response(response, request)
+    # Then only the requested outputs come back, c binary and a JSON
+    result = client_result(body, headers)
+    outs = {o["name"]: o for o in result.get_response()["outputs"]}
+    assert set(outs) == {"a", "c"}
+    assert "data" in outs["a"] and outs["c"]["parameters"]["binary_data_size"] == 16
+    assert_same(result.as_numpy("a"), arrs["a"])
+    assert_same(result.as_numpy("c"), arrs["c"])
+    assert result.as_numpy("b") is None
+
+
+def test_encode_response_without_request_is_json_and_omits_empty_fields():
+    body, headers = encode_response(InferResponse("m", "2", [tensor_from_numpy("y", np.array([True, False]))]))
+    obj = json.loads(body)
+    assert headers == {"content-type": "application/json"}
+    assert obj == {
+        "model_name": "m",
+        "model_version": "2",
+        "outputs": [{"name": "y", "datatype": "BOOL", "shape": [2], "data": [True, False]}],
+    }
+
+
+def test_encode_response_sends_non_utf8_bytes_as_binary_even_in_json_mode():
+    # Given BYTES outputs that are not utf-8, and a client that asked for JSON
+    arr = sample("BYTES", (3,), seed=9, utf8=False)
+    arr[0] = b"\xff\xfe"
+    response = InferResponse("m", "1", [tensor_from_numpy("y", arr)])
+    request = InferRequest(inputs=[], outputs=[RequestedOutput("y", binary_data=False)])
+    # When encoded
+    body, headers = encode_response(response, request)
+    # Then the output goes binary, and tritonclient still reads the exact bytes
+    assert headers["content-type"] == "application/octet-stream"
+    assert_same(client_result(body, headers).as_numpy("y"), arr)
+
+
+def test_encode_response_keeps_non_finite_floats_readable_by_tritonclient():
+    arr = np.array([np.nan, np.inf, -np.inf, 1.0], dtype=np.float32)
+    body, headers = encode_response(InferResponse("m", "1", [tensor_from_numpy("y", arr)]))
+    np.testing.assert_array_equal(client_result(body, headers).as_numpy("y"), arr)
+
+
+def test_encode_response_refuses_data_that_does_not_fit_the_shape():
+    bad = Tensor("y", "FP32", (3,), np.zeros(2, dtype=np.float32))
+    with pytest.raises(InferenceError, match=r"'y'.*shape \[3\] needs 3 elements, data has 2"):
+        encode_response(InferResponse("m", "1", [bad]))
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_decode_response_is_the_inverse_of_encode_response(binary):
+    arrays = {dt: sample(dt, (2, 2), seed=i) for i, dt in enumerate(ALL_DATATYPES)}
+    response = InferResponse(
+        "m", "3", [tensor_from_numpy(dt, a) for dt, a in arrays.items()], id="q", parameters={"p": 1}
+    )
+    request = InferRequest(inputs=[], parameters={"binary_data_output": binary})
+    body, headers = encode_response(response, request)
+    hl = headers.get("inference-header-content-length")
+    decoded = decode_response(body, int(hl) if hl else None)
+    assert (decoded.model_name, decoded.model_version, decoded.id, decoded.parameters) == ("m", "3", "q", {"p": 1})
+    for t in decoded.outputs:
+        assert_same(t.data, arrays[t.name])
+
+
+def test_decode_response_raises_the_error_body_message():
+    with pytest.raises(InferenceError, match="model exploded"):
+        decode_response(error_body("model exploded"))
+
+
+def test_decode_response_refuses_truncated_binary():
+    body, headers = encode_response(
+        InferResponse("m", "1", [tensor_from_numpy("y", np.ones(4, np.float32))]),
+        InferRequest(inputs=[], parameters={"binary_data_output": True}),
+    )
+    with pytest.raises(InferenceError, match="exceeds"):
+        decode_response(body[:-1], int(headers["inference-header-content-length"]))
+
+
+def test_error_body_is_the_triton_error_object():
+    assert json.loads(error_body("bad input 'x'")) == {"error": "bad input 'x'"}
+
+
+# --- request errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe\x00", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, got list"),
+        (b"{}", "non-empty 'inputs' array"),
+        (b'{"inputs": []}', "non-empty 'inputs' array"),
+        (b'{"inputs": {"name": "x"}}', "non-empty 'inputs' array"),
+        (b'{"inputs": [3]}', "input #0 must be a JSON object"),
+        (b"[" * 100000, "not valid JSON"),
+    ],
+)
+def test_malformed_request_bodies(body, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        decode_request(body)
+
+
+@pytest.mark.parametrize(
+    ("inp", "message"),
+    [
+        ({"datatype": "FP32", "shape": [1], "data": [1]}, r"input #0: 'name' must be a non-empty string"),
+        ({"name": "x", "shape": [1], "data": [1]}, r"input 'x': 'datatype' is missing"),
+        ({"name": "x", "datatype": "FP32", "data": [1]}, r"input 'x': 'shape' is missing"),
+        ({"name": "x", "datatype": "FP32", "shape": [1]}, r"input 'x': needs either 'data' or parameters"),
+        (fp32_input(datatype="FLOAT32"), r"input 'x': unknown datatype 'FLOAT32'"),
+        (fp32_input(datatype="BF16"), r"input 'x': BF16 is not supported"),
+        (fp32_input(shape=[2.0]), r"input 'x': shape \[2.0\] has an invalid dimension 2.0"),
+        (fp32_input(shape=[-1]), r"input 'x': shape \[-1\] has an invalid dimension -1"),
+        (fp32_input(shape=[True, 2]), r"invalid dimension True"),
+        (fp32_input(shape="2"), r"input 'x': 'shape' must be a list"),
+        (fp32_input(shape=[3]), r"input 'x': shape needs 3 elements, data has 2"),
+        (fp32_input(shape=[2, 2]), r"input 'x': shape needs 4 elements, data has 2"),
+        (fp32_input(data=[1.0, "2.0"]), r"input 'x': FP32 data must be numbers"),
+        (fp32_input(data=[1.0, None]), r"input 'x': FP32 data must be numbers"),
+        (fp32_input(data=[[1.0], [2.0, 3.0]]), r"input 'x': data is not a regular"),
+        (fp32_input(data=1.0), r"input 'x': 'data' must be a JSON array, got float"),
+        (fp32_input(data=[{"a": 1}, 2]), r"input 'x': FP32 data must be numbers"),
+        (fp32_input(datatype="INT64", data=[1.5, 2]), r"input 'x': INT64 data must be integers"),
+        (fp32_input(datatype="INT64", data=[1, "NaN"]), r"input 'x': INT64 data must be integers"),
+        (fp32_input(datatype="UINT8", data=[1, 256]), r"input 'x': value 256 is out of range for UINT8"),
+        (fp32_input(datatype="UINT32", data=[-1, 2]), r"input 'x': value -1 is out of range for UINT32"),
+        (
+            fp32_input(datatype="INT64", data=[1, 2**64]),
+            r"input 'x': value 18446744073709551616 is out of range for INT64",
+        ),
+        (fp32_input(datatype="INT32", data=[True, False]), r"input 'x': INT32 data must be integers"),
+        (fp32_input(datatype="BOOL", data=[1, 0]), r"input 'x': BOOL data must be true/false"),
+        (fp32_input(datatype="BYTES", data=["a", 1]), r"input 'x': BYTES data must be JSON strings, got 1"),
+        (fp32_input(datatype="BYTES", data=["a"]), r"input 'x': shape needs 2 elements, data has 1"),
+        (fp32_input(parameters=[1]), r"input 'x': 'parameters' must be a JSON object"),
+        (
+            {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"shared_memory_region": "r"}},
+            r"input 'x': the shared-memory extension \(shared_memory_region\) is not supported",
+        ),
+        (
+            fp32_input(parameters={"binary_data_size": 8}),
+            r"input 'x': give either 'data' or parameters.binary_data_size, not both",
+        ),
+    ],
+)
+def test_invalid_inputs_name_the_input_and_the_problem(inp, message):
+    # Given a request whose only input is wrong in one way
+    body = raw_request([inp])
+    # When decoded, Then the error names the input and what was expected
+    with pytest.raises(InvalidRequestError, match=message):
+        decode_request(body)
+
+
+def test_nan_in_float_json_data_is_accepted_as_python_json_allows():
+    body = b'{"inputs":[{"name":"x","datatype":"FP64","shape":[2],"data":[NaN, 1]}]}'
+    assert np.isnan(decode_request(body).inputs[0].data[0])
+
+
+def test_duplicate_input_names_are_refused():
+    with pytest.raises(InvalidRequestError, match=r"input 'x' is given more than once"):
+        decode_request(raw_request([fp32_input(), fp32_input()]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"id": 5}, r"'id' must be a string, got 5"),
+        ({"parameters": [1]}, r"'parameters' must be a JSON object"),
+        ({"outputs": {"name": "y"}}, r"'outputs' must be a JSON array"),
+        ({"outputs": [{"nom": "y"}]}, r"requested output #0 must be an object with a non-empty string 'name'"),
+        ({"outputs": [{"name": "y"}, {"name": "y"}]}, r"output 'y' is requested more than once"),
+        ({"outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, r"output 'y': binary_data must be"),
+        (
+            {"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}]},
+            r"output 'y': the shared-memory extension",
+        ),
+        ({"outputs": [{"name": "y", "parameters": {"classification": 3}}]}, r"classification extension"),
+    ],
+)
+def test_invalid_request_fields(extra, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        decode_request(raw_request([fp32_input()], **extra))
+
+
+def test_tritonclient_classification_output_is_refused():
+    body, size = client_request(
+        {"x": sample("FP32", (1, 2))}, True, outputs=[httpclient.InferRequestedOutput("y", class_count=2)]
+    )
+    with pytest.raises(InvalidRequestError, match="classification"):
+        decode_request(body, size)
+
+
+# --- binary extension errors ---------------------------------------------------------------------
+
+
+def binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    body, size = client_request(arrays, binary=True)
+    assert size is not None
+    return body, size
+
+
+def test_truncated_binary_body_is_refused():
+    body, size = binary_body({"x": sample("FP32", (2, 3))})
+    with pytest.raises(InvalidRequestError, match=r"input 'x': binary_data_size 24 exceeds the 23 bytes left"):
+        decode_request(body[:-1], size)
+
+
+def test_trailing_bytes_are_refused():
+    body, size = binary_body({"x": sample("FP32", (2, 3))})
+    with pytest.raises(InvalidRequestError, match="3 unexpected trailing bytes"):
+        decode_request(body + b"abc", size)
+
+
+def test_trailing_bytes_after_a_json_only_header_are_refused():
+    body = raw_request([fp32_input()])
+    with pytest.raises(InvalidRequestError, match="2 unexpected trailing bytes"):
+        decode_request(body + b"\x00\x00", len(body))
+
+
+def test_binary_size_that_does_not_match_the_shape_is_refused():
+    # Given a header whose binary_data_size disagrees with shape x itemsize
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 20}}]}
+    ).encode()
+    # When decoded, Then the error gives the expected byte count
+    with pytest.raises(InvalidRequestError, match=r"input 'x': binary_data_size is 20 bytes, expected 24"):
+        decode_request(header + b"\x00" * 20, len(header))
+
+
+def test_binary_body_without_header_length_says_the_header_is_needed():
+    # Given a tritonclient binary request whose Inference-Header-Content-Length was lost
+    body, _ = binary_body({"x": sample("FP32", (1,))})
+    # When decoded as plain JSON, Then the error points at the missing header
+    with pytest.raises(InvalidRequestError, match="needs the Inference-Header-Content-Length header"):
+        decode_request(body)
+
+
+def test_binary_data_size_without_a_binary_section_is_refused():
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]}
+    ).encode()
+    with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length header is missing"):
+        decode_request(header)
+
+
+@pytest.mark.parametrize("header_length", [-1, 10**9, "abc"])
+def test_header_length_outside_the_body_is_refused(header_length):
+    body, _ = binary_body({"x": sample("FP32", (1,))})
+    with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length"):
+        decode_request(body, header_length)
+
+
+def test_header_length_cutting_the_json_is_refused():
+    body, size = binary_body({"x": sample("FP32", (1,))})
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        decode_request(body, size - 5)
+
+
+def test_binary_size_must_be_a_non_negative_integer():
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": -4}}]}
+    ).encode()
+    with pytest.raises(InvalidRequestError, match="binary_data_size must be a non-negative integer, got -4"):
+        decode_request(header, len(header))
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (struct.pack("<I", 1) + b"a" + b"\x02\x00", r"BYTES element 1 is truncated: its 4-byte length prefix"),
+        (struct.pack("<I", 9) + b"abc", r"BYTES element 0 declares 9 bytes but only 3 remain"),
+        (struct.pack("<I", 1) + b"a", r"shape needs 2 elements, binary BYTES data has 1"),
+        ((struct.pack("<I", 1) + b"a") * 3, r"binary BYTES data holds more than the 2 elements"),
+    ],
+)
+def test_malformed_binary_bytes_elements_are_refused(blob, message):
+    header = json.dumps(
+        {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(blob)}}]}
+    ).encode()
+    with pytest.raises(InvalidRequestError, match=rf"input 's': {message}"):
+        decode_request(header + blob, len(header))
+
+
+def test_binary_bool_must_be_zero_or_one():
+    header = json.dumps(
+        {"inputs": [{"name": "b", "datatype": "BOOL", "shape": [2], "parameters": {"binary_data_size": 2}}]}
+    ).encode()
+    with pytest.raises(InvalidRequestError, match=r"input 'b': binary BOOL data must hold only 0 or 1"):
+        decode_request(header + b"\x01\x07", len(header))
+
+
+# --- validation against the model ----------------------------------------------------------------
+
+
+def request_of(**arrays: np.ndarray) -> InferRequest:
+    return InferRequest(inputs=[tensor_from_numpy(n, a) for n, a in arrays.items()])
+
+
+TWO_INPUTS = (("input", "FP32", (-1, 4)), ("mask", "INT64", (-1,)))
+
+
+def test_a_fitting_request_passes_validation():
+    req = request_of(input=np.zeros((3, 4), np.float32), mask=np.zeros(3, np.int64))
+    req.outputs = [RequestedOutput("out")]
+    validate_request(req, model(TWO_INPUTS))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (
+            {"input": np.zeros((3, 4), np.float32)},
+            r"missing input\(s\) 'mask' for model 'm' v1; expected inputs: 'input', 'mask'",
+        ),
+        (
+            {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(3, np.int64), "extra": np.zeros(1)},
+            r"unknown input\(s\) 'extra'.*expected inputs: 'input', 'mask'",
+        ),
+        (
+            {"input": np.zeros((3, 4), np.int64), "mask": np.zeros(3, np.int64)},
+            r"input 'input': expected datatype FP32, got INT64",
+        ),
+        (
+            {"input": np.zeros((3, 4, 1), np.float32), "mask": np.zeros(3, np.int64)},
+            r"input 'input': expected rank 2 \(shape \[-1, 4\]\), got rank 3 \(shape \[3, 4, 1\]\)",
+        ),
+        (
+            {"input": np.zeros((3, 5), np.float32), "mask": np.zeros(3, np.int64)},
+            r"input 'input': dimension 1 must be 4 \(shape \[-1, 4\]\), got 5 \(shape \[3, 5\]\)",
+        ),
+        (
+            {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(2, np.int64)},
+            r"input 'mask': batch size \(dim 0\) 2 differs from input 'input''s 3",
+        ),
+        (
+            {"input": np.zeros((9, 4), np.float32), "mask": np.zeros(9, np.int64)},
+            r"input 'input': batch size 9 exceeds the max_batch_size 8 of model 'm' v1",
+        ),
+    ],
+)
+def test_validation_errors_name_the_input_and_expected_vs_actual(arrays, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        validate_request(request_of(**arrays), model(TWO_INPUTS))
+
+
+def test_unknown_requested_output_lists_the_model_outputs():
+    req = request_of(input=np.zeros((1, 4), np.float32), mask=np.zeros(1, np.int64))
+    req.outputs = [RequestedOutput("logits")]
+    with pytest.raises(InvalidRequestError, match=r"unknown requested output 'logits'.*outputs: 'out'"):
+        validate_request(req, model(TWO_INPUTS))
+
+
+def test_non_batching_model_with_fixed_dims_does_not_compare_batch_sizes():
+    # Given a model without batching whose inputs have different fixed first dims
+    mv = model((("a", "FP32", (2, 2)), ("b", "FP32", (3,))), max_batch_size=0)
+    # When a fitting request is validated, Then it passes
+    validate_request(request_of(a=np.zeros((2, 2), np.float32), b=np.zeros(3, np.float32)), mv)
+
+
+def test_decoded_tritonclient_request_validates_against_the_model():
+    body, size = client_request({"input": sample("FP32", (2, 4)), "mask": sample("INT64", (2,))}, binary=True)
+    validate_request(decode_request(body, size), model(TWO_INPUTS))
+
+
+def test_model_metadata_is_kserve_v2():
+    meta = model_metadata(model(TWO_INPUTS), ["1", "2"])
+    assert meta == {
+        "name": "m",
+        "versions": ["1", "2"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "mask", "datatype": "INT64", "shape": [-1]},
+        ],
+        "outputs": [{"name": "out", "datatype": "FP32", "shape": [-1, 2]}],
+    }
