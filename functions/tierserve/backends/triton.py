@@ -1,0 +1,359 @@
+"""The GPU tier: NVIDIA Triton Inference Server over KServe v2 HTTP or gRPC.
+
+Cold start: this module imports neither numpy nor tritonclient at import time; they are imported
+on the first call.
+
+Connections are reused across warm invocations:
+
+* ``protocol="grpc"``: one ``tritonclient.grpc.InferenceServerClient`` shared by all threads
+  (the gRPC client is thread-safe).
+* ``protocol="http"``: ``tritonclient.http.InferenceServerClient`` is built on gevent and is NOT
+  thread-safe, so each thread gets its own clients (``threading.local``). Its timeouts are fixed at
+  construction, so each thread keeps one client per *timeout bucket* (see below).
+
+Timeouts, honestly:
+
+* The effective timeout of a call is ``min(timeout_s argument, configured timeout_s)``; a budget
+  of zero or less fails at once with ``BackendTimeoutError`` without touching the network.
+* gRPC: enforced as a real end-to-end deadline (``client_timeout``) on every call.
+* HTTP: enforced by geventhttpclient's ``connection_timeout`` (connect) and ``network_timeout``,
+  which bound *each socket operation* (connect, each send, each read), not the whole exchange. The
+  value used is the largest bucket in ``HTTP_TIMEOUT_BUCKETS`` not above the effective timeout (the
+  configured timeout itself is always a bucket), so a call never waits longer per operation than
+  its budget, but a server trickling a large response could in theory exceed it in total.
+* Both: the remaining budget is also sent to Triton as the request's server-side ``timeout``
+  (microseconds). Triton honours it only for models with dynamic batching (a request still queued
+  after the deadline is rejected); it does not interrupt a running execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+from tierserve.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigurationError,
+    InferenceError,
+    InvalidRequestError,
+    TierserveError,
+)
+from tierserve.manifest import ModelVersion
+from tierserve.types import InferRequest, InferResponse, Tensor
+
+#: Timeout values (seconds) the HTTP clients are built with; budgets are rounded down to one of them.
+HTTP_TIMEOUT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+#: Protocol datatype -> numpy dtype name (BYTES -> object).
+_NP_DTYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
+}  # fmt: skip
+
+_UNAVAILABLE_HINTS = ("unknown model", "is not found", "not ready", "unavailable", "is not loaded", "no model")
+_TIMEOUT_HINTS = ("timeout", "timed out", "deadline")
+
+
+def _bucket(timeout_s: float, configured_s: float) -> float:
+    if timeout_s >= configured_s:
+        return configured_s
+    below = [b for b in HTTP_TIMEOUT_BUCKETS if b <= timeout_s]
+    return below[-1] if below else HTTP_TIMEOUT_BUCKETS[0]
+
+
+def _grpc_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's default channel options, plus fast reconnects.
+
+    By default a gRPC channel that lost its server backs off reconnecting for up to 2 minutes,
+    and channels to the same target share subchannels (and their backoff) process-wide, so a
+    restarted Triton stays "unavailable" long after it is back. A private subchannel pool and a
+    short reconnect backoff make the next call after a restart reach the new server.
+    """
+    int32_max = 2**31 - 1
+    return [
+        ("grpc.max_send_message_length", int32_max),
+        ("grpc.max_receive_message_length", int32_max),
+        ("grpc.keepalive_time_ms", int32_max),
+        ("grpc.keepalive_timeout_ms", 20000),
+        ("grpc.keepalive_permit_without_calls", False),
+        ("grpc.http2.max_pings_without_data", 2),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
+def _split_url(url: str, protocol: str) -> tuple[str, bool]:
+    """``host:port`` for tritonclient, and whether to use TLS (``https://`` / ``grpcs://``)."""
+    url = url.strip().rstrip("/")
+    ssl = False
+    for scheme in ("https://", "grpcs://"):
+        if url.startswith(scheme):
+            url, ssl = url[len(scheme) :], True
+    for scheme in ("http://", "grpc://"):
+        if url.startswith(scheme):
+            url = url[len(scheme) :]
+    if not url:
+        raise ConfigurationError("TRITON_URL is empty: set it to host:port of the Triton server")
+    if "/" in url:
+        raise ConfigurationError(f"TRITON_URL {url!r} must be host:port (no path)")
+    return url, ssl
+
+
+def map_exception(exc: BaseException, what: str) -> TierserveError:
+    """Translate a tritonclient / transport exception into a tierserve error (never leaks it)."""
+    if isinstance(exc, TierserveError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    status = None
+    message = str(exc)
+    if hasattr(exc, "status") and hasattr(exc, "message") and callable(exc.status):
+        try:
+            status = exc.status()
+            message = exc.message() or message
+        except Exception:  # noqa: S110 - best effort introspection
+            pass
+    status_s = str(status or "")
+    low = message.lower()
+
+    if status_s:
+        if status_s in ("StatusCode.DEADLINE_EXCEEDED", "504", "408") or (
+            status_s in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED") and "timeout" in low
+        ):
+            return BackendTimeoutError(f"Triton did not answer {what} in time: {message}")
+        if status_s in ("StatusCode.UNAVAILABLE", "503", "502"):
+            return BackendUnavailableError(f"Triton is unreachable for {what}: {message}")
+        if status_s in ("StatusCode.NOT_FOUND", "404") or any(h in low for h in _UNAVAILABLE_HINTS):
+            return BackendUnavailableError(f"Triton cannot serve {what}: {message}")
+        if status_s in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE"):
+            return InvalidRequestError(f"Triton rejected {what}: {message}")
+        return InferenceError(f"Triton failed to run {what}: {message}")
+
+    # Transport-level errors (geventhttpclient / sockets) and client-side errors without a status.
+    if (
+        isinstance(exc, TimeoutError)
+        or "timeout" in type(exc).__name__.lower()
+        or any(h in low for h in _TIMEOUT_HINTS)
+    ):
+        return BackendTimeoutError(f"Triton did not answer {what} in time ({text})")
+    if isinstance(exc, (ConnectionError, OSError, EOFError)) or any(
+        h in low for h in ("connection refused", "failed to connect", "connection reset", "unreachable")
+    ):
+        return BackendUnavailableError(f"Triton is unreachable for {what} ({text})")
+    return InferenceError(f"Triton call for {what} failed ({text})")
+
+
+class TritonBackend:
+    """A Backend that forwards requests to Triton (see the module docstring for the guarantees)."""
+
+    tier = "gpu"
+
+    def __init__(self, url: str, protocol: str = "http", timeout_s: float = 10.0, ready_timeout_s: float = 1.0) -> None:
+        if protocol not in ("http", "grpc"):
+            raise ConfigurationError(f"TRITON_PROTOCOL must be 'http' or 'grpc', not {protocol!r}")
+        if timeout_s <= 0:
+            raise ConfigurationError(f"Triton timeout must be positive, not {timeout_s!r}")
+        self.url, self._ssl = _split_url(url, protocol)
+        self.protocol = protocol
+        self.timeout_s = float(timeout_s)
+        self.ready_timeout_s = min(float(ready_timeout_s), self.timeout_s)
+        self._local = threading.local()
+        self._grpc: Any = None
+        self._grpc_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> TritonBackend:
+        return cls(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"TritonBackend({self.url!r}, protocol={self.protocol!r}, timeout_s={self.timeout_s})"
+
+    # --- clients ---------------------------------------------------------------------------------
+
+    def _http_client(self, timeout_s: float) -> Any:
+        bucket = _bucket(timeout_s, self.timeout_s)
+        clients: dict[float, Any] | None = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(bucket)
+        if client is None:
+            import tritonclient.http as httpclient
+
+            client = httpclient.InferenceServerClient(
+                self.url,
+                concurrency=1,
+                connection_timeout=bucket,
+                network_timeout=bucket,
+                ssl=self._ssl,
+            )
+            clients[bucket] = client
+        return client
+
+    def _drop_http_client(self, timeout_s: float) -> None:
+        """Forget this thread's client after a transport error (its connection may be broken)."""
+        clients = getattr(self._local, "clients", None) or {}
+        client = clients.pop(_bucket(timeout_s, self.timeout_s), None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def _grpc_client(self) -> Any:
+        client = self._grpc
+        if client is None:
+            with self._grpc_lock:
+                client = self._grpc
+                if client is None:
+                    import tritonclient.grpc as grpcclient
+
+                    client = self._grpc = grpcclient.InferenceServerClient(
+                        self.url, ssl=self._ssl, channel_args=_grpc_channel_args()
+                    )
+        return client
+
+    def _discard_grpc(self, client: Any) -> None:
+        """Forget a shared gRPC client whose channel failed (it would sit in reconnect backoff for
+        up to minutes after a Triton restart); the next call opens a fresh channel. It is not
+        closed here: other threads may still be using it, and it closes when they let go."""
+        with self._grpc_lock:
+            if self._grpc is client:
+                self._grpc = None
+
+    def close(self) -> None:
+        """Close the shared gRPC client and this thread's HTTP clients."""
+        for client in (getattr(self._local, "clients", None) or {}).values():
+            with contextlib.suppress(Exception):
+                client.close()
+        self._local.clients = {}
+        with self._grpc_lock:
+            if self._grpc is not None:
+                with contextlib.suppress(Exception):
+                    self._grpc.close()
+                self._grpc = None
+
+    def _effective_timeout(self, timeout_s: float | None) -> float:
+        t = self.timeout_s if timeout_s is None else min(float(timeout_s), self.timeout_s)
+        if t <= 0:
+            raise BackendTimeoutError("no time left in the request's budget to call Triton")
+        return t
+
+    # --- Backend ---------------------------------------------------------------------------------
+
+    def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        timeout = self._effective_timeout(timeout_s)
+        what = f"model {model.name!r} version {model.version!r}"
+        try:
+            inputs, outputs = self._build(model, request)
+        except TierserveError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(f"cannot encode the request for Triton ({what}): {exc}") from None
+
+        kwargs = {
+            "model_name": model.name,
+            "inputs": inputs,
+            "model_version": str(model.version),
+            "outputs": outputs,
+            "request_id": request.id or "",
+            "timeout": max(1, int(timeout * 1_000_000)),  # server-side, microseconds
+        }
+        client = None
+        try:
+            if self.protocol == "grpc":
+                client = self._grpc_client()
+                result = client.infer(**kwargs, client_timeout=timeout)
+            else:
+                result = self._http_client(timeout).infer(**kwargs)
+        except Exception as exc:
+            if self.protocol == "http" and not hasattr(exc, "status"):
+                self._drop_http_client(timeout)
+            err = map_exception(exc, what)
+            if self.protocol == "grpc" and client is not None and isinstance(err, BackendUnavailableError):
+                self._discard_grpc(client)
+            raise err from None
+
+        try:
+            return self._response(model, request, result, [o.name() for o in outputs])
+        except TierserveError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"cannot decode Triton's response for {what}: {exc}") from None
+
+    def _build(self, model: ModelVersion, request: InferRequest) -> tuple[list[Any], list[Any]]:
+        import numpy as np
+
+        if self.protocol == "grpc":
+            import tritonclient.grpc as client_mod
+        else:
+            import tritonclient.http as client_mod  # type: ignore[no-redef]
+
+        inputs = []
+        for t in request.inputs:
+            np_dtype = _NP_DTYPES.get(t.datatype)
+            if np_dtype is None:
+                raise InvalidRequestError(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
+            arr = np.asarray(t.data, dtype=np_dtype)
+            if t.shape and tuple(arr.shape) != tuple(t.shape):
+                arr = arr.reshape(t.shape)
+            arr = np.ascontiguousarray(arr)
+            inp = client_mod.InferInput(t.name, list(arr.shape), t.datatype)
+            if self.protocol == "grpc":
+                inp.set_data_from_numpy(arr)  # gRPC always sends raw (binary) contents
+            else:
+                inp.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(inp)
+
+        names = [o.name for o in request.outputs] or [s.name for s in model.outputs]
+        if self.protocol == "grpc":
+            outputs = [client_mod.InferRequestedOutput(n) for n in names]
+        else:
+            outputs = [client_mod.InferRequestedOutput(n, binary_data=True) for n in names]
+        return inputs, outputs
+
+    def _response(self, model: ModelVersion, request: InferRequest, result: Any, names: list[str]) -> InferResponse:
+        tensors = []
+        for name in names:
+            arr = result.as_numpy(name)
+            meta = result.get_output(name)
+            if arr is None or meta is None:
+                raise InferenceError(f"Triton's response for model {model.name!r} lacks output {name!r}")
+            datatype = meta["datatype"] if isinstance(meta, dict) else meta.datatype
+            tensors.append(Tensor(name=name, datatype=str(datatype), shape=tuple(int(d) for d in arr.shape), data=arr))
+        raw = result.get_response()
+        if isinstance(raw, dict):
+            model_name, model_version, rid = raw.get("model_name"), raw.get("model_version"), raw.get("id")
+        else:
+            model_name, model_version, rid = raw.model_name, raw.model_version, raw.id
+        return InferResponse(
+            model_name=model_name or model.name,
+            model_version=str(model_version or model.version),
+            outputs=tensors,
+            id=rid or request.id,
+        )
+
+    def ready(self, model: ModelVersion | None = None) -> bool:
+        """Server readiness (or the model's, when given), within ``ready_timeout_s``; never raises."""
+        try:
+            t = self.ready_timeout_s
+            if self.protocol == "grpc":
+                client = self._grpc_client()
+                try:
+                    if model is None:
+                        return bool(client.is_server_ready(client_timeout=t))
+                    return bool(client.is_model_ready(model.name, str(model.version), client_timeout=t))
+                except Exception:
+                    self._discard_grpc(client)
+                    return False
+            client = self._http_client(t)
+            try:
+                if model is None:
+                    return bool(client.is_server_ready())
+                return bool(client.is_model_ready(model.name, str(model.version)))
+            except Exception:
+                self._drop_http_client(t)
+                return False
+        except Exception:
+            return False

@@ -1,0 +1,155 @@
+"""TritonBackend without a server: error mapping, timeouts, lazy imports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from tierserve.backends.triton import HTTP_TIMEOUT_BUCKETS, TritonBackend, _bucket, _split_url, map_exception
+from tierserve.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigurationError,
+    InferenceError,
+    InvalidRequestError,
+)
+from tierserve.manifest import ModelVersion, TensorSpec
+from tierserve.types import InferRequest, Tensor
+
+MODEL = ModelVersion(
+    name="m",
+    version="1",
+    inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+    outputs=(TensorSpec("y", "FP32", (-1, 3)),),
+    variants={},
+    selected_variant="fp32",
+    targets=("gpu",),
+    max_batch_size=8,
+)
+
+
+def _request() -> InferRequest:
+    x = np.ones((2, 4), np.float32)
+    return InferRequest(inputs=[Tensor("x", "FP32", (2, 4), x)], id="r1")
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed when the with block ends: nothing listens there
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_connection_refused_maps_to_unavailable(closed_port, protocol):
+    backend = TritonBackend(f"127.0.0.1:{closed_port}", protocol=protocol, timeout_s=5)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as info:
+        backend.infer(MODEL, _request(), timeout_s=2)
+    assert time.monotonic() - t0 < 3
+    assert "Triton" in str(info.value)
+    assert info.value.__cause__ is None  # nothing from tritonclient leaks
+    assert backend.ready() is False
+    assert backend.ready(MODEL) is False
+    backend.close()
+
+
+def test_blackhole_times_out():
+    # A listening socket that never accepts/answers: the HTTP read must time out, not hang.
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        backend = TritonBackend(f"127.0.0.1:{port}", protocol="http", timeout_s=5)
+        t0 = time.monotonic()
+        with pytest.raises(BackendTimeoutError):
+            backend.infer(MODEL, _request(), timeout_s=0.3)
+        assert time.monotonic() - t0 < 2
+        assert backend.ready() is False
+
+
+def test_no_budget_left_fails_without_network():
+    backend = TritonBackend("127.0.0.1:1", timeout_s=5)
+    with pytest.raises(BackendTimeoutError):
+        backend.infer(MODEL, _request(), timeout_s=0)
+
+
+def test_bad_input_is_invalid_request(closed_port):
+    backend = TritonBackend(f"127.0.0.1:{closed_port}")
+    bad = InferRequest(inputs=[Tensor("x", "FP32", (2, 4), np.array([["a"] * 4] * 2, dtype=object))])
+    with pytest.raises(InvalidRequestError):
+        backend.infer(MODEL, bad)
+    unknown = InferRequest(inputs=[Tensor("x", "BF17", (1,), np.zeros(1))])
+    with pytest.raises(InvalidRequestError):
+        backend.infer(MODEL, unknown)
+
+
+def test_constructor_validation():
+    with pytest.raises(ConfigurationError):
+        TritonBackend("127.0.0.1:8000", protocol="tcp")
+    with pytest.raises(ConfigurationError):
+        TritonBackend("", protocol="http")
+    with pytest.raises(ConfigurationError):
+        TritonBackend("127.0.0.1:8000", timeout_s=0)
+    assert TritonBackend("http://h:8000/").url == "h:8000"
+    assert _split_url("https://h:443", "http") == ("h:443", True)
+    assert TritonBackend("h:1").tier == "gpu"
+
+
+def test_timeout_buckets_round_down_and_keep_configured():
+    assert _bucket(10.0, 10.0) == 10.0
+    assert _bucket(99.0, 7.5) == 7.5
+    assert _bucket(3.0, 10.0) == 2.0
+    assert _bucket(0.01, 10.0) == HTTP_TIMEOUT_BUCKETS[0]
+
+
+class _FakeTritonError(Exception):
+    def __init__(self, msg, status):
+        super().__init__(msg)
+        self._msg, self._status = msg, status
+
+    def status(self):
+        return self._status
+
+    def message(self):
+        return self._msg
+
+
+@pytest.mark.parametrize(
+    ("status", "msg", "expected"),
+    [
+        ("404", "Request for unknown model: 'nope' is not found", BackendUnavailableError),
+        ("StatusCode.NOT_FOUND", "Request for unknown model: 'nope' is not found", BackendUnavailableError),
+        ("400", "Request for unknown model: 'nope' version 3 is not found", BackendUnavailableError),
+        ("400", "unexpected shape for input 'x'", InvalidRequestError),
+        ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'x'", InvalidRequestError),
+        ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", BackendUnavailableError),
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", BackendTimeoutError),
+        ("503", "Server not ready", BackendUnavailableError),
+        ("500", "onnxruntime failed: boom", InferenceError),
+        ("StatusCode.INTERNAL", "onnxruntime failed: boom", InferenceError),
+    ],
+)
+def test_map_triton_status(status, msg, expected):
+    err = map_exception(_FakeTritonError(msg, status), "model 'm'")
+    assert type(err) is expected
+    assert msg in str(err)
+
+
+def test_map_transport_errors():
+    assert type(map_exception(ConnectionRefusedError(111, "refused"), "x")) is BackendUnavailableError
+    assert type(map_exception(TimeoutError("timed out"), "x")) is BackendTimeoutError
+    assert type(map_exception(ValueError("weird"), "x")) is InferenceError
+
+
+def test_import_does_not_import_tritonclient():
+    code = (
+        "import sys, tierserve.backends.triton; "
+        "assert 'tritonclient' not in sys.modules, 'tritonclient imported'; "
+        "assert 'numpy' not in sys.modules, 'numpy imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
