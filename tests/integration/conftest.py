@@ -69,6 +69,9 @@ model_warmup [
 """
 
 
+_SESSIONS: dict[Path, object] = {}  # onnxruntime sessions are thread-safe for run()
+
+
 @dataclass(frozen=True)
 class TinyModel:
     name: str
@@ -81,7 +84,11 @@ class TinyModel:
         """onnxruntime on the same ONNX file, in this process."""
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(self.onnx_path), providers=["CPUExecutionProvider"])
+        sess = _SESSIONS.get(self.onnx_path)
+        if sess is None:
+            sess = _SESSIONS[self.onnx_path] = ort.InferenceSession(
+                str(self.onnx_path), providers=["CPUExecutionProvider"]
+            )
         return sess.run(["y"], {"x": x})[0]
 
     def model_version(self):

@@ -222,3 +222,32 @@ def test_kill_then_restart(triton_local_repo, triton_tiny_model, tmp_path):
         server.stop()
         server.stop()  # idempotent
     assert not server.is_running()
+
+
+def _metric_sum(metrics_url: str, name: str) -> float:
+    import re
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M))
+
+
+def test_dynamic_batching_groups_concurrent_requests(triton_server, triton_tiny_model):
+    """8 threads of 1-row requests: the shim runs several requests per execution (Triton's metrics)."""
+    backend = TritonBackend(triton_server.http_url, protocol="http", timeout_s=20)
+    model = triton_tiny_model.model_version()
+    before = [_metric_sum(triton_server.metrics_url, k) for k in ("nv_inference_count", "nv_inference_exec_count")]
+
+    def work(i: int) -> None:
+        for j in range(25):
+            x = _x(1, seed=5000 + 100 * i + j)
+            y = backend.infer(model, _request(x)).outputs[0].data
+            np.testing.assert_allclose(y, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-6)
+
+    with ThreadPoolExecutor(8) as pool:
+        for f in [pool.submit(work, i) for i in range(8)]:
+            f.result(timeout=60)
+    after = [_metric_sum(triton_server.metrics_url, k) for k in ("nv_inference_count", "nv_inference_exec_count")]
+    rows, executions = after[0] - before[0], after[1] - before[1]
+    assert rows == 200
+    assert executions < rows, f"no request was batched: {executions} executions for {rows} rows"

@@ -194,7 +194,9 @@ def prepare_backend_dir(root: Path | None = None, cache_dir: Path | None = None)
     if not stub.is_file():
         raise TritonServerError(f"nvidia-pytriton has no Python-backend stub for Python {pyver} ({stub})")
     cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierserve"
-    key = f"{hashlib.sha256(str(root).encode()).hexdigest()[:12]}-py{pyver}"
+    lib = root / "backends" / "python" / "libtriton_python.so"
+    fingerprint = f"{root}:{lib.stat().st_size if lib.exists() else 0}:{stub.stat().st_mtime_ns}"
+    key = f"{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}-py{pyver}"
     backend_dir = cache_dir / "triton-backends" / key
     if (backend_dir / "python" / "triton_python_backend_stub").is_file():
         return backend_dir
