@@ -52,27 +52,21 @@ def sha256_file(path: Path) -> str:
 
 def check_external_data(path: Path) -> None:
     """Refuse an ONNX model whose external-data locations leave the model's folder."""
-    import onnx  # lazy: only when a model is loaded
-    from onnx.external_data_helper import uses_external_data
+    import mmap
+
+    from tierserve.onnx_scan import ScanError, external_data_locations
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            locations = external_data_locations(mm)
+    except (ScanError, ValueError) as exc:
         raise ArtifactError(f"{path.name} is not a readable ONNX model ({exc}); recompile it") from exc
     folder = path.parent.resolve()
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-    for tensor in tensors:
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    for tensor, location in locations:
         target = (folder / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(folder):
+        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
             raise UnsafeModelError(
-                f"model {path.name} stores tensor {tensor.name!r} in external file {location!r}, which is "
+                f"model {path.name} stores tensor {tensor!r} in external file {location!r}, which is "
                 "outside the model's folder; refusing to load it. Re-export the model with its data inside."
             )
 

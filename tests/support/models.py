@@ -1,0 +1,73 @@
+"""Tiny models built inside tests, written to a model store with a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from tierserve.manifest import Manifest, ModelVersion, TensorSpec, Variant
+
+
+def write_model(root: Path, name: str, version: str, onnx_bytes: bytes, inputs: tuple[TensorSpec, ...],
+                outputs: tuple[TensorSpec, ...], targets: tuple[str, ...] = ("cpu",), max_batch_size: int = 0,
+                routing: dict | None = None) -> ModelVersion:
+    """Write ``onnx_bytes`` as NAME/VERSION/model.onnx under ``root`` and add it to root/manifest.json."""
+    rel = f"{name}/{version}/model.onnx"
+    (root / name / version).mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(onnx_bytes)
+    mv = ModelVersion(
+        name=name, version=version, inputs=inputs, outputs=outputs,
+        variants={"fp32": Variant(rel, hashlib.sha256(onnx_bytes).hexdigest(), len(onnx_bytes))},
+        selected_variant="fp32", targets=targets, max_batch_size=max_batch_size, routing=routing or {},
+    )
+    manifest_path = root / "manifest.json"
+    manifest = Manifest.loads(manifest_path.read_text()) if manifest_path.exists() else Manifest.empty()
+    manifest_path.write_text(manifest.with_version(mv).dumps())
+    return mv
+
+
+def digits_classifier_onnx(seed: int = 0) -> tuple[bytes, object]:
+    """StandardScaler + LogisticRegression on load_digits, exported with skl2onnx (no ZipMap)."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_digits(return_X_y=True)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=seed)).fit(x, y)
+    onx = to_onnx(model, initial_types=[("input", FloatTensorType([None, 64]))],
+                  options={LogisticRegression: {"zipmap": False}})
+    return onx.SerializeToString(), model
+
+
+def write_digits(root: Path, version: str = "1") -> ModelVersion:
+    data, _ = digits_classifier_onnx()
+    return write_model(
+        root, "digits", version, data,
+        (TensorSpec("input", "FP32", (-1, 64)),),
+        (TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 10))),
+    )
+
+
+def linear_onnx(in_dim: int = 4, out_dim: int = 3, seed: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """y = x @ W + b as an ONNX graph with a dynamic batch axis."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((in_dim, out_dim)).astype(np.float32)
+    b = rng.standard_normal(out_dim).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_dim])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), w, b
