@@ -23,12 +23,13 @@ import contextlib
 import json
 import os
 import sys
+from typing import Any
 
 SITE_PACKAGES_PARAM = "tierserve_site_packages"
 THREADS_PARAM = "tierserve_ort_threads"
 
-pb_utils = None  # triton_python_backend_utils, imported in initialize()
-np = None  # numpy, imported in initialize() once sys.path is set
+pb_utils: Any = None  # triton_python_backend_utils, imported in initialize()
+np: Any = None  # numpy, imported in initialize() once sys.path is set
 
 
 def _param(cfg: dict, key: str) -> str | None:
