@@ -233,9 +233,10 @@ class Manifest:
             if default not in versions:
                 raise ManifestError(f"model {name!r}: default_version {default!r} is not one of its versions")
             canary = m.get("canary")
-            if canary is not None:
-                if str(canary.get("version")) not in versions or not 0 <= float(canary.get("percent", -1)) <= 100:
-                    raise ManifestError(f"model {name!r}: canary needs a listed version and 0 <= percent <= 100")
+            if canary is not None and (
+                str(canary.get("version")) not in versions or not 0 <= float(canary.get("percent", -1)) <= 100
+            ):
+                raise ManifestError(f"model {name!r}: canary needs a listed version and 0 <= percent <= 100")
             models[name] = ModelEntry(name=name, default_version=default, versions=versions, canary=canary)
         return cls(models=models)
 

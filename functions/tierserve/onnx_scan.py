@@ -8,6 +8,7 @@ serving functions do not ship onnx (and ml_dtypes): about 57 MB less per Lambda 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 # Field numbers from onnx.proto3.
@@ -124,7 +125,7 @@ def _graph(buf: memoryview, depth: int) -> Iterator[tuple[str, str]]:
             yield from _nodes(value, depth)  # type: ignore[arg-type]
 
 
-def external_data_locations(model_bytes: bytes | memoryview) -> list[tuple[str, str]]:
+def external_data_locations(model_bytes: bytes | memoryview | mmap.mmap) -> list[tuple[str, str]]:
     """(tensor name, location) for every tensor stored outside the model file."""
     buf = memoryview(model_bytes)
     found: list[tuple[str, str]] = []

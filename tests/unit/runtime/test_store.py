@@ -109,7 +109,7 @@ def test_s3_fetch_verifies_caches_by_hash_and_refuses_mismatch(tmp_path):
     assert not any((tmp_path / "cache2").iterdir())
     # And a missing object is a not-found error naming the key
     s3.delete_object(Bucket="tierserve-models-test", Key="models/lin/1/model.onnx")
-    with pytest.raises(ArtifactNotFoundError, match="models/lin/1/model.onnx"):
+    with pytest.raises(ArtifactNotFoundError, match=r"models/lin/1/model\.onnx"):
         ModelStore("s3://tierserve-models-test/models", tmp_path / "cache3", s3_client=s3).fetch(got.cpu_artifact)
 
 
