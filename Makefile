@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
-        compile-minilm invoke serve triton bench validate build events clean
+        compile-minilm invoke serve triton bench validate build package events clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -81,3 +81,9 @@ events: $(STAMP) ## regenerate events/*.json from the sam generate-event shapes
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .aws-sam .pytest_cache .ruff_cache .mypy_cache
+
+package: ## build the three Lambda packages for arm64/py3.12 into build/lambda (no SAM needed) and print sizes
+	for f in RouterFunction CpuInferenceFunction BatchInferenceFunction; do \
+	  rm -rf build/lambda/$$f && mkdir -p build/lambda/$$f && \
+	  $(MAKE) -s -C functions build-$$f ARTIFACTS_DIR=$(CURDIR)/build/lambda/$$f PIP="$(CURDIR)/$(PY) -m pip" || exit 1; \
+	done; du -sm build/lambda/* | awk '{print $$2": "$$1" MB unzipped (Lambda limit 250 MB)"}'
