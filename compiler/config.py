@@ -1,0 +1,189 @@
+"""Configuration dataclasses and named presets for ``compile_model``.
+
+Everything a compile step needs is in :class:`CompileConfig`; the CLI only builds one.
+Presets are plain dicts of field overrides (see :data:`PRESETS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierserve_compiler.errors import ConfigError
+
+QUANTIZE_MODES = ("auto", "none", "dynamic", "static", "fp16")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("auto", "cpu", "gpu", "both")
+VARIANT_KEYS = ("fp32", "int8_dynamic", "int8_static", "fp16")
+
+PRICES_FILE = Path(__file__).with_name("prices.json")
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LambdaLimits:
+    """AWS Lambda quotas (https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html).
+
+    The defaults are the real quotas; tests pass smaller ones to exercise the rules cheaply.
+    """
+
+    package_unzipped_mb: float = 250.0  # zip deployment: code + layers, unzipped
+    container_image_mb: float = 10 * 1024.0  # container image deployment, uncompressed
+    max_memory_mb: int = 10_240
+    min_memory_mb: int = 128
+    mb_per_vcpu: int = 1_769  # Lambda allocates 1 vCPU per 1,769 MB
+    max_vcpus: int = 6
+    sync_payload_mb: float = 6.0  # synchronous invoke request/response
+    timeout_s: float = 900.0
+    tmp_mb: float = 10 * 1024.0  # ephemeral /tmp, where models downloaded from S3 land
+    # Unzipped size of the runtime the CPU function ships besides the model: onnxruntime 1.32 +
+    # numpy 2.x manylinux_2_28 aarch64 wheels + powertools + handler code. Measured from the
+    # wheels (onnxruntime ~ 50 MB, numpy ~ 35 MB unzipped); rounded up for safety.
+    runtime_deps_mb: float = 100.0
+    # Session memory overhead over the model file size (weights are loaded once, plus arena).
+    memory_overhead_mb: float = 160.0
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    iterations: int = 30
+    warmup: int = 3
+    threads: tuple[int, ...] = (1, 2)  # intra-op threads measured; 1 thread models 1 vCPU
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What "within the accuracy budget" means for ``--quantize auto``."""
+
+    max_rel_drop: float = 0.01  # <= 1 % relative drop of accuracy / relative error of regressors
+    min_cosine: float = 0.99
+    min_label_agreement: float = 0.995
+
+
+@dataclass
+class CompileConfig:
+    source: str
+    name: str
+    version: str | None = None
+    out_dir: Path = Path("build/models")
+    validation: Path | None = None
+    calibration: Path | None = None
+    example_inputs: Path | None = None
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    quantize: str = "auto"
+    per_channel: bool = False
+    calibration_method: str | None = None  # None = minmax, and "not given" for combo checks
+    metrics: tuple[str, ...] = ()
+    slo_ms: float | None = None
+    target: str = "auto"
+    prices: Path | None = None
+    preset: str = "default"
+    gate_tolerance: float = 1e-4
+    optimization_level: str = "basic"  # offline ORT level for model.onnx: basic|extended
+    max_batch_size: int = 64
+    task: str | None = None  # classifier|regressor|embedding; None = detect from the outputs
+    budget: Budget = field(default_factory=Budget)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    limits: LambdaLimits = field(default_factory=LambdaLimits)
+    tensorrt_fp16: bool = True
+    model_warmup: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> CompileConfig:
+        """Refuse impossible combinations, with a message that says what to do instead."""
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"--quantize {self.quantize!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target {self.target!r} is unknown; use one of cpu, gpu, both (or omit it)")
+        if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"--calibration-method {self.calibration_method!r} is unknown; use one of "
+                f"{', '.join(CALIBRATION_METHODS)}"
+            )
+        if self.quantize == "static" and self.calibration is None:
+            raise ConfigError(
+                "static int8 quantization needs calibration data: pass --calibration FILE.npz "
+                "or use --quantize dynamic"
+            )
+        if self.per_channel and self.quantize in ("none", "fp16"):
+            raise ConfigError(
+                f"--per-channel applies to int8 quantization, not --quantize {self.quantize}; "
+                "drop --per-channel or use --quantize dynamic|static|auto"
+            )
+        if self.calibration_method is not None and self.quantize in ("none", "dynamic", "fp16"):
+            raise ConfigError(
+                f"--calibration-method only applies to static quantization, not --quantize {self.quantize}; "
+                "drop it or use --quantize static|auto with --calibration FILE.npz"
+            )
+        if self.quantize == "fp16" and self.target == "cpu":
+            raise ConfigError(
+                "--quantize fp16 with --target cpu: onnxruntime's CPU kernels mostly lack fp16 and "
+                "insert casts, so fp16 is slower on CPU; use --quantize dynamic|static for CPU or --target gpu"
+            )
+        if self.quantize == "dynamic" and self.target == "gpu":
+            raise ConfigError(
+                "--quantize dynamic with --target gpu: dynamic int8 (MatMulInteger) only speeds up CPUs and "
+                "the GPU tier serves fp32/fp16; use --quantize fp16 for GPU or --target cpu|both"
+            )
+        if self.slo_ms is not None and self.slo_ms <= 0:
+            raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
+        if self.optimization_level not in ("basic", "extended"):
+            raise ConfigError("optimization_level must be 'basic' or 'extended'")
+        if self.max_batch_size < 0:
+            raise ConfigError("max_batch_size must be >= 0")
+        for name, path in (("--validation", self.validation), ("--calibration", self.calibration),
+                           ("--example-inputs", self.example_inputs), ("--prices", self.prices)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name} {path}: no such file; check the path")
+        return self
+
+
+#: Named presets: field overrides applied before the user's own options.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Quick look: few profiling iterations, one thread count.
+    "fast": {"profile": ProfileConfig(iterations=8, warmup=1, threads=(1,))},
+    # Unit tests: tiny, deterministic work; no progress bars.
+    "test": {"profile": ProfileConfig(batch_sizes=(1, 8, 32), iterations=3, warmup=1, threads=(1,)),
+             "progress": False},
+    # Transformers / embeddings: cosine budget, seq axis dynamic.
+    "embedding": {"task": "embedding", "dynamic_axes": {"input_ids": [1], "attention_mask": [1]},
+                  "gate_tolerance": 1e-3},
+    # Published latency-critical models: more iterations for stable p95.
+    "thorough": {"profile": ProfileConfig(iterations=100, warmup=10, threads=(1, 2))},
+}
+
+
+def make_config(source: str, name: str, preset: str = "default", **overrides: Any) -> CompileConfig:
+    """A :class:`CompileConfig` from a named preset plus explicit overrides (overrides win)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(CompileConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown config fields {sorted(unknown)}; known: {sorted(known)}")
+    return CompileConfig(source=source, name=name, preset=preset, **values)
+
+
+def load_prices(path: Path | None = None) -> dict[str, Any]:
+    """Prices for the cost model: ``compiler/prices.json`` unless a file is given."""
+    p = Path(path) if path else PRICES_FILE
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read prices file {p}: {exc}; fix the JSON or omit --prices") from exc
+    defaults = json.loads(PRICES_FILE.read_text())
+    merged = {**defaults, **data}
+    for key in ("lambda_gb_s_usd", "lambda_request_usd", "gpu_hourly_usd", "gpu_utilisation"):
+        if not isinstance(merged.get(key), int | float) or merged[key] < 0:
+            raise ConfigError(f"prices file {p}: {key!r} must be a non-negative number")
+    return merged

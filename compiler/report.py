@@ -1,0 +1,90 @@
+"""report.json (everything), report.md (for people) and report.png (size, latency, accuracy per variant)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vs = {k: v for k, v in report["variants"].items() if v.get("profile")}
+    keys = list(vs)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = ["tab:green" if k == report["selected_variant"] else "tab:blue" for k in keys]
+    axes[0].bar(keys, [vs[k]["size_bytes"] / 2**20 for k in keys], color=colors)
+    axes[0].set_title("size on disk (MB)")
+    batches = list(next(iter(vs[keys[0]]["profile"]["threads"].values()))["batches"]) if keys else []
+    width = 0.8 / max(1, len(batches))
+    for i, b in enumerate(batches):
+        vals = [next(iter(vs[k]["profile"]["threads"].values()))["batches"][b]["p50_ms"] for k in keys]
+        axes[1].bar([j + i * width for j in range(len(keys))], vals, width, label=f"batch {b}")
+    axes[1].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(keys))], keys)
+    axes[1].set_title("p50 latency (ms), 1 thread")
+    axes[1].legend(fontsize=7)
+    metric = report["metrics"][0] if report["metrics"] else None
+    if metric:
+        axes[2].bar(keys, [vs[k]["metrics"].get(metric) or 0 for k in keys], color=colors)
+        axes[2].set_title(f"{metric} vs fp32")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{report['name']} v{report['version']} (green = selected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    p = r["placement"]
+    out = [f"# {r['name']} version {r['version']}", "",
+           f"- source: `{r['source']}` ({r['source_kind']}), task: **{r['task']}**",
+           f"- selected variant (CPU tier): **{r['selected_variant']}**; GPU (Triton) variant: "
+           f"**{r.get('triton_variant') or '-'}**",
+           f"- targets: **{', '.join(p['targets'])}**" + (" (forced by --target)" if p["forced"] else ""),
+           f"- Lambda: {p['cpu']['memory_mb']:,} MB, {p['cpu']['threads']} thread(s), {p['deployment']} deployment",
+           f"- routing: GPU from {p['routing']['gpu_min_rows']} rows or {p['routing']['gpu_min_bytes']:,} bytes",
+           f"- created: {r['created_at']}", "", "![report](report.png)", "", "## Export accuracy gate", ""]
+    g = r["gate"]
+    if g.get("checked"):
+        out.append(f"Tolerance {g['tolerance']:g} on {g['rows']} rows:")
+        out += [f"- `{k}`: error {v['error']:.3g} ({v['detail']})" for k, v in g["outputs"].items()]
+    else:
+        out.append(f"Not compared: {g.get('reason')}")
+    out += ["", "## Variants", "", "| variant | size (MB) | load (s) | p50/p95 b1 (ms) | p50 b32 (ms) | metrics | decision |",
+            "|---|---|---|---|---|---|---|"]
+    for k, v in r["variants"].items():
+        prof = v.get("profile")
+        if prof:
+            th = next(iter(prof["threads"].values()))["batches"]
+            bl = list(th)
+            lat = f"{th[bl[0]]['p50_ms']:.3f} / {th[bl[0]]['p95_ms']:.3f}"
+            lat32 = f"{th[bl[-1]]['p50_ms']:.3f}"
+            load = f"{prof['load_s']:.3f}"
+        else:
+            lat = lat32 = load = "-"
+        mets = ", ".join(f"{m}={x:.4g}" for m, x in (v.get("metrics") or {}).items() if x is not None)
+        size = f"{v['size_bytes'] / 2**20:.3f}" if v.get("size_bytes") else "-"
+        out.append(f"| {k} | {size} | {load} | {lat} | {lat32} | {mets or '-'} | {v['decision']}: {v['reason']} |")
+    out += ["", "## Placement rules", ""]
+    out += [f"- {'✅' if x['ok'] else '❌'} **{x['rule']}**: {x['detail']}" for x in p["reasons"]]
+    out += ["", "Latencies were measured on the build machine, one fresh process per variant; Lambda figures",
+            "scale them to the vCPUs of the memory size (1,769 MB = 1 vCPU). See report.json for every number.", ""]
+    return "\n".join(out)
+
+
+def write_report(version_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    """Write report.json, report.md and report.png into ``version_dir``."""
+    version_dir = Path(version_dir)
+    paths = {"json": version_dir / "report.json", "md": version_dir / "report.md", "png": version_dir / "report.png"}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, paths["json"])
+    _chart(report, paths["png"])
+    paths["md"].write_text(_markdown(report))
+    return paths
