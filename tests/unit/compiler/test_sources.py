@@ -1,0 +1,156 @@
+"""Every source kind: ONNX file, sklearn estimator, sklearn factory, torch module; and the accuracy gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierserve_compiler.errors import AccuracyGateError, SourceError
+from tierserve_compiler.pipeline import compile_model
+
+from compiler_testlib import make_mlp_onnx, save_npz
+
+
+def test_onnx_file_compiles_to_a_manifest_entry(mlp_onnx, mlp_data, cfg_for, tmp_path):
+    # Given a tiny ONNX regressor and validation data
+    val, _ = mlp_data
+    # When it is compiled without quantization
+    res = compile_model(cfg_for(mlp_onnx, "mlp", validation=val, quantize="none"))
+    # Then fp32 is written, checked, and described in the manifest
+    mv = res.model_version
+    assert mv.selected_variant == "fp32"
+    assert (tmp_path / "models" / "mlp" / "1" / "model.onnx").is_file()
+    assert [s.name for s in mv.inputs] == ["x"] and mv.inputs[0].shape == (-1, 16)
+    assert res.report["source_kind"] == "onnx" and res.report["task"] == "regressor"
+    assert res.report["gate"]["checked"] is False
+
+
+def test_onnx_external_data_outside_the_folder_is_refused(tmp_path, cfg_for):
+    # Given an ONNX file whose initializer points at ../secret.bin
+    import onnx
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    path = make_mlp_onnx(model_dir / "mlp.onnx")
+    model = onnx.load(str(path))
+    t = model.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="../secret.bin")
+    onnx.save(model, str(path))
+    # When it is compiled / Then it is refused, naming the location
+    with pytest.raises(SourceError, match=r"outside the model's folder"):
+        compile_model(cfg_for(path, "bad"))
+    assert not (tmp_path / "models" / "manifest.json").exists()
+
+
+def test_sklearn_estimator_object(user_module, cfg_for):
+    # Given a module attribute holding a fitted classifier
+    mod = user_module(
+        """
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((120, 5)).astype("float32")
+        y = (X[:, 0] + X[:, 1] > 0).astype(int) + (X[:, 2] > 1).astype(int)
+        CLF = LogisticRegression(max_iter=500).fit(X, y)
+        """
+    )
+    # When it is compiled
+    res = compile_model(cfg_for(f"{mod}:CLF", "clf", quantize="none"))
+    # Then the ONNX has `input` FP32 [-1, 5] and outputs `label` INT64 + `probabilities` FP32
+    mv = res.model_version
+    assert [(s.name, s.datatype, s.shape) for s in mv.inputs] == [("input", "FP32", (-1, 5))]
+    assert [(s.name, s.datatype) for s in mv.outputs] == [("label", "INT64"), ("probabilities", "FP32")]
+    assert res.report["task"] == "classifier" and res.report["gate"]["checked"]
+
+
+def test_sklearn_zero_arg_factory_with_labels(tmp_path, cfg_for):
+    # Given the bundled breast-cancer factory and its held-out split with labels
+    from tierserve_compiler.demo import write_breast_cancer_validation
+
+    val = write_breast_cancer_validation(tmp_path / "bc.npz")
+    # When it is compiled
+    res = compile_model(cfg_for("tierserve_compiler.demo:breast_cancer_classifier", "bc", validation=val,
+                                quantize="none"))
+    # Then accuracy is reported against the labels and the gate passed on both outputs
+    fp32 = res.report["variants"]["fp32"]
+    assert fp32["metrics"]["accuracy"] > 0.9
+    assert set(res.report["gate"]["outputs"]) == {"label", "probabilities"}
+
+
+def test_torch_module_multi_input_output(user_module, cfg_for, tmp_path):
+    # Given a torch module with two inputs (one with a dynamic 2nd axis) and two outputs
+    pytest.importorskip("torch")
+    mod = user_module(
+        """
+        import torch
+        class Two(torch.nn.Module):
+            output_names = ("tokens", "pooled")
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.lin = torch.nn.Linear(8, 6)
+            def forward(self, feats, mask):
+                h = torch.relu(self.lin(feats))
+                m = mask.unsqueeze(-1).to(h.dtype)
+                return h, (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        def make():
+            return Two()
+        """
+    )
+    rng = np.random.default_rng(0)
+    ex = save_npz(tmp_path / "ex.npz", feats=rng.standard_normal((2, 5, 8)).astype(np.float32),
+                  mask=np.ones((2, 5), dtype=np.int64))
+    val = save_npz(tmp_path / "v.npz", feats=rng.standard_normal((3, 7, 8)).astype(np.float32),
+                   mask=np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=np.int64))
+    # When it is compiled with the sequence axis dynamic
+    res = compile_model(cfg_for(f"{mod}:make", "two", example_inputs=ex, validation=val, quantize="none",
+                                dynamic_axes={"feats": [1], "mask": [1]}))
+    # Then both axes are dynamic, both outputs exist and the gate compared them to torch
+    mv = res.model_version
+    assert [s.shape for s in mv.inputs] == [(-1, -1, 8), (-1, -1)]
+    assert [s.name for s in mv.outputs] == ["tokens", "pooled"]
+    assert res.report["gate"]["checked"] and res.report["source_kind"] == "torch"
+    assert "non-padding" in res.report["gate"]["outputs"]["tokens"]["detail"]
+
+
+def test_gate_refuses_a_graph_that_computes_something_else(mlp_onnx, cfg_for, monkeypatch, tmp_path):
+    # Given a source whose ONNX graph runs but differs from the framework's output (reference + 0.5)
+    from tierserve_compiler import sources
+
+    def wrong_export(path, cfg, workdir):
+        exp = sources.export_onnx_file(path, cfg, workdir)
+        exp.reference = lambda feed: {"y": sources.run_onnx(path, feed)["y"] + 0.5}
+        exp.source_kind = "fake"
+        return exp
+
+    monkeypatch.setitem(sources.SOURCES, "onnx", sources.SourceKind(sources._is_onnx_path, wrong_export))
+    # When it is compiled / Then the gate fails naming the output and the error, and nothing is written
+    with pytest.raises(AccuracyGateError, match=r"output 'y': error 0\.5") as err:
+        compile_model(cfg_for(mlp_onnx, "wrong"))
+    assert "Nothing was written" in str(err.value)
+    models = tmp_path / "models"
+    assert not (models / "manifest.json").exists() and not (models / "wrong").exists()
+
+
+def test_unknown_source_kind_is_refused(user_module, cfg_for):
+    # Given a module attribute that is not a model
+    mod = user_module("THING = 42\n")
+    # When / Then
+    with pytest.raises(SourceError, match="supported: .onnx files"):
+        compile_model(cfg_for(f"{mod}:THING", "x"))
+
+
+def test_report_files_exist(mlp_onnx, cfg_for, tmp_path):
+    # Given / When a compile
+    res = compile_model(cfg_for(mlp_onnx, "r", quantize="none"))
+    # Then report.json, report.md and a PNG are written
+    for f in ("report.json", "report.md", "report.png"):
+        assert (res.version_dir / f).stat().st_size > 0
+    assert json.loads((res.version_dir / "report.json").read_text())["name"] == "r"
+    assert (res.version_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Placement rules" in Path(res.version_dir / "report.md").read_text()
