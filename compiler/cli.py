@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--dynamic-axis", type=_axis, action="append", default=[], metavar="INPUT:AXIS",
                    help="extra dynamic axis besides the batch axis, e.g. input_ids:1 (repeatable)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="variant choice (default auto)")
-    p.add_argument("--per-channel", action="store_true", default=None, help="per-channel int8 weights")
+    p.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
+                   help="per-channel int8 weights (the default for int8 variants; refused with none/fp16)")
+    p.add_argument("--per-tensor", dest="per_channel", action="store_false", help="per-tensor int8 weights")
     p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="static calibration (default minmax)")
     p.add_argument("--metric", action="append", default=[], help="accuracy metric(s) overriding the task default: "
                    "label_agreement, accuracy, max_abs, mean_rel, cosine")

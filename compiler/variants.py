@@ -6,7 +6,7 @@
   fusions, which load faster on CPU but are provider specific. Sessions still apply all
   optimisations at load time, so serving speed is the same either way.
 * ``int8_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
-  quantised on the fly); optional per-channel.
+  quantised on the fly); per-channel weights unless ``per_channel=False`` (``--per-tensor``).
 * ``int8_static``: ``quant_pre_process`` then ``quantize_static`` in QDQ format, calibrated on
   ``--calibration`` with MinMax, Entropy or Percentile.
 * ``fp16``: float16 weights and compute with fp32 inputs/outputs (``keep_io_types``), via
@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +66,31 @@ def build_fp32(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -
     return {"method": f"onnxruntime offline optimisation, level {cfg.optimization_level}"}
 
 
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """onnxruntime.quantization logs advice on the root logger; keep the CLI output readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def build_int8_dynamic(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -> dict[str, Any]:
     require("onnxruntime", "compiler")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        quantize_dynamic(str(src), str(dst), per_channel=cfg.per_channel, weight_type=QuantType.QInt8)
+        with _quiet_logs():
+            quantize_dynamic(str(src), str(dst), per_channel=cfg.per_channel is not False,
+                             weight_type=QuantType.QInt8)
     except Exception as exc:
         raise VariantError(f"int8_dynamic: quantize_dynamic failed ({exc}); try --quantize static or none") from exc
     n = _require_quantized(dst, "int8_dynamic")
-    return {"method": "quantize_dynamic, QInt8 weights", "per_channel": cfg.per_channel, "quantized_nodes": n}
+    return {"method": "quantize_dynamic, QInt8 weights", "per_channel": cfg.per_channel is not False,
+            "quantized_nodes": n}
 
 
 class _Reader:
@@ -99,11 +116,11 @@ def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if data is None:
-        raise VariantError("int8_static needs calibration data: pass --calibration FILE.npz or use --quantize dynamic")
+        raise VariantError("int8_static needs calibration data: pass --calibration or use --quantize dynamic")
     method = cfg.calibration_method or "minmax"
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    with tempfile.TemporaryDirectory() as td:
+    with tempfile.TemporaryDirectory() as td, _quiet_logs():
         pre = Path(td) / "pre.onnx"
         try:
             quant_pre_process(str(src), str(pre))
@@ -114,7 +131,8 @@ def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | 
 
         reader = type("NpzReader", (_Reader, CalibrationDataReader), {})(data)
         try:
-            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=cfg.per_channel is not False,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=methods[method],
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
@@ -123,7 +141,7 @@ def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | 
                                "or --quantize dynamic") from exc
     n = _require_quantized(dst, "int8_static")
     return {"method": "quant_pre_process + quantize_static (QDQ, int8 activations and weights)",
-            "calibration_method": method, "calibration_rows": data.rows, "per_channel": cfg.per_channel,
+            "calibration_method": method, "calibration_rows": data.rows, "per_channel": cfg.per_channel is not False,
             "quantized_nodes": n}
 
 

@@ -1,0 +1,84 @@
+"""The CLI, the metrics registry, presets and cheap imports."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tierserve.manifest import TensorSpec
+from tierserve_compiler import PRESETS, make_config
+from tierserve_compiler.cli import main, register
+from tierserve_compiler.errors import ConfigError
+from tierserve_compiler.metrics import METRICS, detect_task, evaluate_outputs
+
+
+def test_register_adds_compile_subcommand():
+    # Given a top-level parser / When compile is registered
+    parser = argparse.ArgumentParser(prog="tierserve")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compile", "m.onnx", "--name", "m", "--dynamic-axis", "input_ids:1",
+                              "--quantize", "static", "--calibration-method", "percentile", "--slo-ms", "20"])
+    # Then the options land where compile expects them
+    assert args.func.__name__ == "run_compile" and args.dynamic_axis == [("input_ids", 1)]
+    assert args.per_channel is None and str(args.out) == "build/models"
+
+
+def test_cli_compiles_the_digits_demo(tmp_path, capsys):
+    # Given the bundled digits demo and its validation split
+    from tierserve_compiler.demo import write_digits_validation
+
+    val = write_digits_validation(tmp_path / "digits.npz")
+    # When compiled through the CLI
+    rc = main(["compile", "tierserve_compiler.demo:digits_classifier", "--name", "digits", "--validation", str(val),
+               "--calibration", str(val), "--preset", "test", "--out", str(tmp_path / "models")])
+    # Then it succeeds and reports the selection
+    assert rc == 0
+    assert "digits v1 written" in capsys.readouterr().out
+    assert (tmp_path / "models" / "digits" / "1" / "int8_dynamic.onnx").is_file()
+
+
+def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
+    rc = main(["compile", str(tmp_path / "x.onnx"), "--name", "x", "--quantize", "static", "--quiet",
+               "--out", str(tmp_path)])
+    assert rc == 2
+    assert "pass --calibration or use --quantize dynamic" in capsys.readouterr().err
+
+
+def test_bad_dynamic_axis_is_refused():
+    with pytest.raises(SystemExit):
+        main(["compile", "m.onnx", "--name", "m", "--dynamic-axis", "input_ids"])
+
+
+def test_metrics_by_task():
+    # Given classifier outputs where one of four labels differs
+    outs = [TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 3))]
+    task = detect_task(outs)
+    ref = {"label": np.array([0, 1, 2, 1]), "probabilities": np.eye(3)[[0, 1, 2, 1]]}
+    got = {"label": np.array([0, 1, 2, 2]), "probabilities": np.eye(3)[[0, 1, 2, 2]]}
+    # When evaluated / Then agreement and accuracy follow
+    vals = evaluate_outputs(ref, got, task, ("label_agreement", "accuracy", "cosine"), np.array([0, 1, 2, 2]))
+    assert task.kind == "classifier" and vals["label_agreement"] == 0.75 and vals["accuracy"] == 1.0
+    assert detect_task([TensorSpec("sentence_embedding", "FP32", (-1, 4))]).kind == "embedding"
+    assert detect_task([TensorSpec("y", "FP32", (-1, 1))]).kind == "regressor"
+    assert set(METRICS) == {"label_agreement", "accuracy", "max_abs", "mean_rel", "cosine"}
+
+
+def test_presets_and_unknown_fields():
+    assert {"default", "fast", "test", "embedding"} <= set(PRESETS)
+    assert make_config("a.onnx", "a", preset="embedding", quantize="none").task == "embedding"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        make_config("a.onnx", "a", preset="nope")
+    with pytest.raises(ConfigError, match="unknown config fields"):
+        make_config("a.onnx", "a", colour="red")
+
+
+def test_import_is_cheap():
+    # Given a fresh interpreter / When the package is imported / Then no heavy library is loaded
+    code = ("import sys, tierserve_compiler, tierserve_compiler.cli; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'sklearn', 'skl2onnx', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
