@@ -11,14 +11,15 @@ import time
 
 
 def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as fh:
+        spec = json.loads(fh.read())
     import numpy as np
     import onnxruntime as ort
 
     with np.load(spec["data"], allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
     base_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"baseline_rss_mb": base_rss_mb, "threads": {}}
+    result: dict = {"baseline_rss_mb": base_rss_mb, "threads": {}}
     for i, threads in enumerate(spec["threads"]):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -37,8 +38,11 @@ def main() -> None:
                 t = time.perf_counter()
                 sess.run(None, feed)
                 times.append((time.perf_counter() - t) * 1000)
-            per_batch[str(b)] = {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
-                                 "mean_ms": float(np.mean(times))}
+            per_batch[str(b)] = {
+                "p50_ms": float(np.percentile(times, 50)),
+                "p95_ms": float(np.percentile(times, 95)),
+                "mean_ms": float(np.mean(times)),
+            }
         result["threads"][str(threads)] = {"load_s": load_s, "batches": per_batch}
         if i == 0:
             result["load_s"] = load_s

@@ -140,8 +140,12 @@ class CompileConfig:
             raise ConfigError("optimization_level must be 'basic' or 'extended'")
         if self.max_batch_size < 0:
             raise ConfigError("max_batch_size must be >= 0")
-        for name, path in (("--validation", self.validation), ("--calibration", self.calibration),
-                           ("--example-inputs", self.example_inputs), ("--prices", self.prices)):
+        for name, path in (
+            ("--validation", self.validation),
+            ("--calibration", self.calibration),
+            ("--example-inputs", self.example_inputs),
+            ("--prices", self.prices),
+        ):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{name} {path}: no such file; check the path")
         return self
@@ -153,11 +157,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Quick look: few profiling iterations, one thread count.
     "fast": {"profile": ProfileConfig(iterations=8, warmup=1, threads=(1,))},
     # Unit tests: tiny, deterministic work; no progress bars.
-    "test": {"profile": ProfileConfig(batch_sizes=(1, 8, 32), iterations=3, warmup=1, threads=(1,)),
-             "progress": False},
+    "test": {"profile": ProfileConfig(batch_sizes=(1, 8, 32), iterations=3, warmup=1, threads=(1,)), "progress": False},
     # Transformers / embeddings: cosine budget, seq axis dynamic.
-    "embedding": {"task": "embedding", "dynamic_axes": {"input_ids": [1], "attention_mask": [1]},
-                  "gate_tolerance": 1e-3},
+    "embedding": {
+        "task": "embedding",
+        "dynamic_axes": {"input_ids": [1], "attention_mask": [1]},
+        "gate_tolerance": 1e-3,
+    },
     # Published latency-critical models: more iterations for stable p95.
     "thorough": {"profile": ProfileConfig(iterations=100, warmup=10, threads=(1, 2))},
 }

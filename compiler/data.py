@@ -57,8 +57,9 @@ class Dataset:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def take(self, n: int) -> Dataset:
-        return Dataset({k: v[:n] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[:n], self.source)
+        return Dataset(
+            {k: v[:n] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[:n], self.source
+        )
 
     def batch(self, n: int) -> dict[str, np.ndarray]:
         """``n`` rows, repeating the data when it has fewer."""
@@ -77,8 +78,9 @@ def load_npz(path: Path, inputs: list[TensorSpec], what: str) -> Dataset:
     return make_dataset(arrays, inputs, what=f"{what} file {path}", labels=labels)
 
 
-def make_dataset(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, what: str,
-                 labels: np.ndarray | None = None) -> Dataset:
+def make_dataset(
+    arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, what: str, labels: np.ndarray | None = None
+) -> Dataset:
     names = [s.name for s in inputs]
     if len(inputs) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}

@@ -29,7 +29,8 @@ def _fit(loader: Any) -> Any:
     from sklearn.preprocessing import StandardScaler
 
     x_train, _, y_train, _ = _split(loader)
-    model = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=2000, random_state=RANDOM_STATE))])
+    clf = LogisticRegression(max_iter=2000, random_state=RANDOM_STATE)
+    model = Pipeline([("scale", StandardScaler()), ("clf", clf)])
     return model.fit(x_train, y_train)
 
 

@@ -93,7 +93,8 @@ def _check_agreement(v: float, f: float, b: Budget) -> tuple[bool, str]:
 
 def _check_accuracy(v: float, f: float, b: Budget) -> tuple[bool, str]:
     drop = (f - v) / f if f > 0 else 0.0
-    return drop <= b.max_rel_drop, f"accuracy {v:.2%} vs fp32 {f:.2%} (relative drop {drop:.2%}, max {b.max_rel_drop:.0%})"
+    text = f"accuracy {v:.2%} vs fp32 {f:.2%} (relative drop {drop:.2%}, max {b.max_rel_drop:.0%})"
+    return drop <= b.max_rel_drop, text
 
 
 def _check_rel(v: float, f: float, b: Budget) -> tuple[bool, str]:
@@ -127,13 +128,15 @@ def choose_metrics(task: Task, override: tuple[str, ...] = ()) -> tuple[str, ...
     return tuple(override) or TASK_METRICS[task.kind]
 
 
-def evaluate_outputs(ref: Outputs, got: Outputs, task: Task, names: tuple[str, ...],
-                     labels: np.ndarray | None) -> dict[str, float | None]:
+def evaluate_outputs(
+    ref: Outputs, got: Outputs, task: Task, names: tuple[str, ...], labels: np.ndarray | None
+) -> dict[str, float | None]:
     return {n: METRICS[n].fn(ref, got, task, labels) for n in names}
 
 
-def within_budget(values: dict[str, float | None], fp32: dict[str, float | None],
-                  budget: Budget) -> tuple[bool, list[str]]:
+def within_budget(
+    values: dict[str, float | None], fp32: dict[str, float | None], budget: Budget
+) -> tuple[bool, list[str]]:
     ok, why = True, []
     for name, v in values.items():
         chk = METRICS[name].check

@@ -142,8 +142,9 @@ def optimize(exported: Exported, cfg: CompileConfig, workdir: Path, data: Datase
     res = compare_outputs(run_onnx(dst, feed), run_onnx(exported.onnx_path, feed), feed, cfg.gate_tolerance)
     bad = {k: v["error"] for k, v in res.items() if not v["ok"]}
     if bad:
-        raise VariantError(f"the optimised fp32 graph differs from the export on outputs {bad}; "
-                           "use optimization_level='basic'")
+        raise VariantError(
+            f"the optimised fp32 graph differs from the export on outputs {bad}; use optimization_level='basic'"
+        )
     info["check_vs_export"] = {k: v["error"] for k, v in res.items()}
     return BuiltVariant("fp32", dst, info)
 
@@ -154,8 +155,11 @@ def quantize(cfg: CompileConfig, fp32: Path, workdir: Path, calibration: Dataset
     explicit = cfg.quantize != "auto"
     for key in MODE_VARIANTS[cfg.quantize][1:]:
         if key == "int8_static" and calibration is None:
-            out.append(BuiltVariant(key, None, decision="skipped",
-                                    reason="no --calibration data: static int8 needs calibration"))
+            out.append(
+                BuiltVariant(
+                    key, None, decision="skipped", reason="no --calibration data: static int8 needs calibration"
+                )
+            )
             continue
         if key == "int8_dynamic" and cfg.target == "gpu":
             out.append(BuiltVariant(key, None, decision="skipped", reason="--target gpu serves no CPU variant"))
@@ -170,13 +174,17 @@ def quantize(cfg: CompileConfig, fp32: Path, workdir: Path, calibration: Dataset
         except VariantError as exc:
             if explicit:
                 raise
-            out.append(BuiltVariant(key, None, decision="rejected", reason=f"could not be built: {exc.message}",
-                                    error=exc.message))
+            out.append(
+                BuiltVariant(
+                    key, None, decision="rejected", reason=f"could not be built: {exc.message}", error=exc.message
+                )
+            )
     return out
 
 
-def evaluate(variants: list[BuiltVariant], data: Dataset, task: Task, names: tuple[str, ...],
-             cfg: CompileConfig) -> None:
+def evaluate(
+    variants: list[BuiltVariant], data: Dataset, task: Task, names: tuple[str, ...], cfg: CompileConfig
+) -> None:
     """Metrics of every built variant against fp32 on the validation data."""
     fp32 = next(v for v in variants if v.key == "fp32")
     assert fp32.path is not None
@@ -219,8 +227,10 @@ def select(variants: list[BuiltVariant], cfg: CompileConfig) -> tuple[str, str]:
         speed = f"p50 b{b1} {l1:.3f} ms vs fp32 {f1:.3f}; b{bmax} {lmax:.3f} vs {fmax:.3f}"
         budget = "; ".join(v.budget_reasons)
         if v.key == "fp16":
-            v.decision, v.reason = ("kept" if v.within_budget else "rejected",
-                                    f"GPU variant only ({'within' if v.within_budget else 'over'} budget: {budget})")
+            v.decision, v.reason = (
+                "kept" if v.within_budget else "rejected",
+                f"GPU variant only ({'within' if v.within_budget else 'over'} budget: {budget})",
+            )
         elif not v.within_budget:
             v.decision, v.reason = "rejected", f"over the accuracy budget: {budget}"
         elif l1 > f1 or lmax > fmax:
@@ -241,22 +251,29 @@ def select(variants: list[BuiltVariant], cfg: CompileConfig) -> tuple[str, str]:
         selected = min(candidates, key=lambda k: latency(by[k].profile or {}, int(b1), stat="p50_ms"))
         by[selected].decision = "selected"
     f16 = by.get("fp16")
-    triton = "fp16" if f16 is not None and f16.path is not None and (f16.within_budget or cfg.quantize == "fp16") \
-        else "fp32"
+    triton = (
+        "fp16" if f16 is not None and f16.path is not None and (f16.within_budget or cfg.quantize == "fp16") else "fp32"
+    )
     return selected, triton
 
 
 def place(cpu_variant: BuiltVariant, data: Dataset, cfg: CompileConfig, prices: dict[str, Any]) -> Placement:
     assert cpu_variant.profile is not None and cpu_variant.path is not None
-    return _place(size_bytes=cpu_variant.path.stat().st_size, profile=cpu_variant.profile,
-                  row_bytes=row_nbytes(data), cfg=cfg, prices=prices)
+    return _place(
+        size_bytes=cpu_variant.path.stat().st_size,
+        profile=cpu_variant.profile,
+        row_bytes=row_nbytes(data),
+        cfg=cfg,
+        prices=prices,
+    )
 
 
 # --- the whole thing -----------------------------------------------------------------------------
 
 
-def _existing_noop(manifest: Manifest, out_dir: Path, name: str, version: str, sha: str,
-                   explicit: bool) -> ModelVersion | None:
+def _existing_noop(
+    manifest: Manifest, out_dir: Path, name: str, version: str, sha: str, explicit: bool
+) -> ModelVersion | None:
     entry = manifest.models.get(name)
     mv = entry.versions.get(version) if entry else None
     if mv is None and not explicit and entry:
@@ -265,15 +282,18 @@ def _existing_noop(manifest: Manifest, out_dir: Path, name: str, version: str, s
     if mv is None:
         vdir = out_dir / name / version
         if vdir.exists() and any(vdir.iterdir()):
-            raise ArtifactExistsError(f"{vdir} exists but is not in the manifest (an interrupted compile?); "
-                                      "artifacts are immutable: delete that folder or compile another --version")
+            raise ArtifactExistsError(
+                f"{vdir} exists but is not in the manifest (an interrupted compile?); "
+                "artifacts are immutable: delete that folder or compile another --version"
+            )
         return None
     if mv.variants["fp32"].sha256 == sha:
         return mv
     raise ArtifactExistsError(
         f"{name} version {version} already exists with different content (fp32 sha256 "
         f"{mv.variants['fp32'].sha256[:12]}... != {sha[:12]}...); artifacts are immutable: omit --version "
-        f"to get version {next_version(manifest, name)}, or pick an unused --version")
+        f"to get version {next_version(manifest, name)}, or pick an unused --version"
+    )
 
 
 def compile_model(cfg: CompileConfig) -> CompileResult:
@@ -305,8 +325,15 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
             rep = vdir / "report.json"
             import json
 
-            return CompileResult(name, existing.version, out_dir, vdir, existing,
-                                 json.loads(rep.read_text()) if rep.exists() else {}, noop=True)
+            return CompileResult(
+                name,
+                existing.version,
+                out_dir,
+                vdir,
+                existing,
+                json.loads(rep.read_text()) if rep.exists() else {},
+                noop=True,
+            )
         with prog.step(f"quantize ({cfg.quantize})"):
             variants = [fp32, *quantize(cfg, fp32.path, work, calibration)]
         with prog.step(f"evaluate {', '.join(metric_names)}"):
@@ -331,24 +358,43 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
             final = vdir / v.path.name
             os.replace(v.path, final)
             v.path = final
-            entries[v.key] = Variant(path=f"{name}/{version}/{final.name}", sha256=sha256_file(final),
-                                     size_bytes=final.stat().st_size)
+            entries[v.key] = Variant(
+                path=f"{name}/{version}/{final.name}", sha256=sha256_file(final), size_bytes=final.stat().st_size
+            )
         max_batch = cfg.max_batch_size if exported.inputs and exported.inputs[0].shape[:1] == (-1,) else 0
         created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         mv = ModelVersion(
-            name=name, version=version, inputs=tuple(exported.inputs), outputs=tuple(exported.outputs),
-            variants=entries, selected_variant=selected, targets=tuple(placement.targets),
-            cpu_variant=cpu_key if "cpu" in placement.targets else None, max_batch_size=max_batch,
-            routing=placement.routing, cpu=placement.cpu, created_at=created)
+            name=name,
+            version=version,
+            inputs=tuple(exported.inputs),
+            outputs=tuple(exported.outputs),
+            variants=entries,
+            selected_variant=selected,
+            targets=tuple(placement.targets),
+            cpu_variant=cpu_key if "cpu" in placement.targets else None,
+            max_batch_size=max_batch,
+            routing=placement.routing,
+            cpu=placement.cpu,
+            created_at=created,
+        )
         triton_dir = None
         if "gpu" in placement.targets:
             tv = by[triton_variant]
             assert tv.path is not None
-            triton_dir = write_triton_repo(out_dir, name, version, tv.path, list(exported.inputs),
-                                           list(exported.outputs), max_batch, tensorrt_fp16=cfg.tensorrt_fp16,
-                                           warmup=cfg.model_warmup)
-        report = build_report(cfg, exported, task, metric_names, variants, selected, triton_variant, placement,
-                              mv, data)
+            triton_dir = write_triton_repo(
+                out_dir,
+                name,
+                version,
+                tv.path,
+                list(exported.inputs),
+                list(exported.outputs),
+                max_batch,
+                tensorrt_fp16=cfg.tensorrt_fp16,
+                warmup=cfg.model_warmup,
+            )
+        report = build_report(
+            cfg, exported, task, metric_names, variants, selected, triton_variant, placement, mv, data
+        )
         with prog.step("write report"):
             write_report(vdir, report)
         write_manifest_entry(out_dir, mv)
@@ -356,36 +402,81 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
     return CompileResult(name, version, out_dir, vdir, mv, report, triton_dir=triton_dir)
 
 
-def build_report(cfg: CompileConfig, exported: Exported, task: Task, metric_names: tuple[str, ...],
-                 variants: list[BuiltVariant], selected: str, triton_variant: str, placement: Placement,
-                 mv: ModelVersion, data: Dataset) -> dict[str, Any]:
+def build_report(
+    cfg: CompileConfig,
+    exported: Exported,
+    task: Task,
+    metric_names: tuple[str, ...],
+    variants: list[BuiltVariant],
+    selected: str,
+    triton_variant: str,
+    placement: Placement,
+    mv: ModelVersion,
+    data: Dataset,
+) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
     return {
-        "name": mv.name, "version": mv.version, "created_at": mv.created_at, "source": cfg.source,
-        "source_kind": exported.source_kind, "task": task.kind, "metrics": list(metric_names),
-        "notes": exported.notes, "gate": exported.gate,
+        "name": mv.name,
+        "version": mv.version,
+        "created_at": mv.created_at,
+        "source": cfg.source,
+        "source_kind": exported.source_kind,
+        "task": task.kind,
+        "metrics": list(metric_names),
+        "notes": exported.notes,
+        "gate": exported.gate,
         "evaluation_data": {"source": data.source, "rows": data.rows, "labels": data.labels is not None},
-        "selected_variant": selected, "cpu_variant": mv.cpu_variant,
+        "selected_variant": selected,
+        "cpu_variant": mv.cpu_variant,
         "triton_variant": triton_variant if "gpu" in placement.targets else None,
-        "variants": {v.key: {"file": v.path.name if v.path else None,
-                             "size_bytes": v.path.stat().st_size if v.path and v.path.exists() else None,
-                             "build": v.build, "metrics": v.metrics, "within_budget": v.within_budget,
-                             "budget": v.budget_reasons, "profile": v.profile, "decision": v.decision,
-                             "reason": v.reason} for v in variants},
+        "variants": {
+            v.key: {
+                "file": v.path.name if v.path else None,
+                "size_bytes": v.path.stat().st_size if v.path and v.path.exists() else None,
+                "build": v.build,
+                "metrics": v.metrics,
+                "within_budget": v.within_budget,
+                "budget": v.budget_reasons,
+                "profile": v.profile,
+                "decision": v.decision,
+                "reason": v.reason,
+            }
+            for v in variants
+        },
         "placement": placement.to_json(),
-        "config": {"quantize": cfg.quantize, "per_channel": cfg.per_channel,
-                   "calibration_method": cfg.calibration_method, "slo_ms": cfg.slo_ms, "target": cfg.target,
-                   "preset": cfg.preset, "gate_tolerance": cfg.gate_tolerance, "budget": vars(cfg.budget),
-                   "profile": vars(cfg.profile), "limits": vars(cfg.limits),
-                   "optimization_level": cfg.optimization_level},
-        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                     "numpy": np.__version__},
+        "config": {
+            "quantize": cfg.quantize,
+            "per_channel": cfg.per_channel,
+            "calibration_method": cfg.calibration_method,
+            "slo_ms": cfg.slo_ms,
+            "target": cfg.target,
+            "preset": cfg.preset,
+            "gate_tolerance": cfg.gate_tolerance,
+            "budget": vars(cfg.budget),
+            "profile": vars(cfg.profile),
+            "limits": vars(cfg.limits),
+            "optimization_level": cfg.optimization_level,
+        },
+        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
     }
 
 
-__all__ = ["BuiltVariant", "CompileResult", "CompilerError", "compile_model", "evaluate", "export_step",
-           "optimize", "place", "profile", "quantize", "read_manifest", "select", "write_manifest_entry",
-           "write_report", "write_triton_repo"]
-
+__all__ = [
+    "BuiltVariant",
+    "CompileResult",
+    "CompilerError",
+    "compile_model",
+    "evaluate",
+    "export_step",
+    "optimize",
+    "place",
+    "profile",
+    "quantize",
+    "read_manifest",
+    "select",
+    "write_manifest_entry",
+    "write_report",
+    "write_triton_repo",
+]

@@ -60,8 +60,15 @@ class Placement:
         return asdict(self)
 
 
-def place(*, size_bytes: int, profile: dict[str, Any], row_bytes: int, cfg: CompileConfig,
-          prices: dict[str, Any], limits: LambdaLimits | None = None) -> Placement:
+def place(
+    *,
+    size_bytes: int,
+    profile: dict[str, Any],
+    row_bytes: int,
+    cfg: CompileConfig,
+    prices: dict[str, Any],
+    limits: LambdaLimits | None = None,
+) -> Placement:
     """Apply the rules above to the CPU variant's size and profile."""
     lim = limits or cfg.limits
     reasons: list[Reason] = []
@@ -73,30 +80,66 @@ def place(*, size_bytes: int, profile: dict[str, Any], row_bytes: int, cfg: Comp
     pkg = size_mb + lim.runtime_deps_mb
     deployment = "zip"
     if pkg <= lim.package_unzipped_mb:
-        reasons.append(Reason("lambda_package", True, f"model {size_mb:.1f} MB + runtime {lim.runtime_deps_mb:.0f} MB "
-                                                      f"= {pkg:.1f} MB fits the {lim.package_unzipped_mb:.0f} MB "
-                                                      "unzipped zip-package limit"))
+        reasons.append(
+            Reason(
+                "lambda_package",
+                True,
+                f"model {size_mb:.1f} MB + runtime {lim.runtime_deps_mb:.0f} MB "
+                f"= {pkg:.1f} MB fits the {lim.package_unzipped_mb:.0f} MB "
+                "unzipped zip-package limit",
+            )
+        )
     elif pkg <= lim.container_image_mb:
         deployment = "container image"
-        reasons.append(Reason("lambda_package", True, f"{pkg:.1f} MB exceeds the {lim.package_unzipped_mb:.0f} MB "
-                                                      "zip-package limit; fits the "
-                                                      f"{lim.container_image_mb / 1024:.0f} GB container image limit"))
+        reasons.append(
+            Reason(
+                "lambda_package",
+                True,
+                f"{pkg:.1f} MB exceeds the {lim.package_unzipped_mb:.0f} MB "
+                "zip-package limit; fits the "
+                f"{lim.container_image_mb / 1024:.0f} GB container image limit",
+            )
+        )
     else:
-        reasons.append(Reason("lambda_package", False, f"{pkg:.1f} MB exceeds the {lim.container_image_mb / 1024:.0f} GB "
-                                                       "Lambda container image limit"))
-    reasons.append(Reason("lambda_tmp", size_mb <= lim.tmp_mb,
-                          f"model {size_mb:.1f} MB vs the {lim.tmp_mb / 1024:.0f} GB Lambda /tmp limit"))
+        reasons.append(
+            Reason(
+                "lambda_package",
+                False,
+                f"{pkg:.1f} MB exceeds the {lim.container_image_mb / 1024:.0f} GB Lambda container image limit",
+            )
+        )
+    reasons.append(
+        Reason(
+            "lambda_tmp",
+            size_mb <= lim.tmp_mb,
+            f"model {size_mb:.1f} MB vs the {lim.tmp_mb / 1024:.0f} GB Lambda /tmp limit",
+        )
+    )
     needed = max(float(profile.get("peak_rss_mb", 0.0)), 1.5 * size_mb + lim.memory_overhead_mb)
-    reasons.append(Reason("lambda_memory", needed <= lim.max_memory_mb,
-                          f"needs ~{needed:.0f} MB (peak RSS {profile.get('peak_rss_mb', 0):.0f} MB measured) vs the "
-                          f"{lim.max_memory_mb:,} MB Lambda memory limit"))
+    reasons.append(
+        Reason(
+            "lambda_memory",
+            needed <= lim.max_memory_mb,
+            f"needs ~{needed:.0f} MB (peak RSS {profile.get('peak_rss_mb', 0):.0f} MB measured) vs the "
+            f"{lim.max_memory_mb:,} MB Lambda memory limit",
+        )
+    )
     payload_mb = row_bytes * JSON_INFLATION / 2**20
-    reasons.append(Reason("lambda_payload", payload_mb <= lim.sync_payload_mb,
-                          f"one row is ~{payload_mb:.3f} MB as JSON vs the {lim.sync_payload_mb:.0f} MB synchronous "
-                          "payload limit"))
+    reasons.append(
+        Reason(
+            "lambda_payload",
+            payload_mb <= lim.sync_payload_mb,
+            f"one row is ~{payload_mb:.3f} MB as JSON vs the {lim.sync_payload_mb:.0f} MB synchronous payload limit",
+        )
+    )
     t_max = scaled_latency(profile, bmax, 1) / 1000
-    reasons.append(Reason("lambda_timeout", t_max <= lim.timeout_s,
-                          f"p95 at batch {bmax} is {t_max:.3f} s on 1 vCPU vs the {lim.timeout_s:.0f} s timeout"))
+    reasons.append(
+        Reason(
+            "lambda_timeout",
+            t_max <= lim.timeout_s,
+            f"p95 at batch {bmax} is {t_max:.3f} s on 1 vCPU vs the {lim.timeout_s:.0f} s timeout",
+        )
+    )
     hard_ok = all(r.ok for r in reasons)
 
     # 6: memory size / SLO
@@ -111,12 +154,24 @@ def place(*, size_bytes: int, profile: dict[str, Any], row_bytes: int, cfg: Comp
         memory = fits[0] if fits else steps[-1]
         est = scaled_latency(profile, 1, vcpus(memory))
         slo_ok = bool(fits)
-        reasons.append(Reason("slo", slo_ok, f"estimated p95 at batch 1 is {est:.2f} ms at {memory:,} MB "
-                                             f"({vcpus(memory):.2f} vCPU) vs SLO {cfg.slo_ms:g} ms"))
+        reasons.append(
+            Reason(
+                "slo",
+                slo_ok,
+                f"estimated p95 at batch 1 is {est:.2f} ms at {memory:,} MB "
+                f"({vcpus(memory):.2f} vCPU) vs SLO {cfg.slo_ms:g} ms",
+            )
+        )
     else:
         memory = next((m for m in steps if m >= lim.mb_per_vcpu), steps[-1])
-        reasons.append(Reason("slo", True, f"no --slo-ms given: {memory:,} MB ({vcpus(memory):.2f} vCPU), estimated "
-                                           f"p95 at batch 1 {scaled_latency(profile, 1, vcpus(memory)):.2f} ms"))
+        reasons.append(
+            Reason(
+                "slo",
+                True,
+                f"no --slo-ms given: {memory:,} MB ({vcpus(memory):.2f} vCPU), estimated "
+                f"p95 at batch 1 {scaled_latency(profile, 1, vcpus(memory)):.2f} ms",
+            )
+        )
     threads = max(1, min(lim.max_vcpus, math.floor(vcpus(memory))))
 
     # 7: cost
@@ -128,12 +183,22 @@ def place(*, size_bytes: int, profile: dict[str, Any], row_bytes: int, cfg: Comp
     gpu_month = prices["gpu_hourly_usd"] * HOURS_PER_MONTH * max(1, math.ceil(volume / max(capacity, 1e-9)))
     lam_month = lam_per_m * volume / 1e6
     gpu_cheaper = gpu_month < lam_month
-    reasons.append(Reason("cost", not gpu_cheaper,
-                          f"at {volume:,.0f} requests/month: Lambda ${lam_per_m:.2f}/1M requests "
-                          f"(${lam_month:,.2f}/month, {memory:,} MB x {dur_ms} ms) vs GPU {prices.get('gpu_instance', '')} "
-                          f"${gpu_month:,.2f}/month"))
-    costs = {"lambda_usd_per_million": lam_per_m, "lambda_usd_per_month": lam_month, "gpu_usd_per_month": gpu_month,
-             "expected_requests_per_month": volume}
+    reasons.append(
+        Reason(
+            "cost",
+            not gpu_cheaper,
+            f"at {volume:,.0f} requests/month: Lambda ${lam_per_m:.2f}/1M requests "
+            f"(${lam_month:,.2f}/month, {memory:,} MB x {dur_ms} ms) vs GPU "
+            f"{prices.get('gpu_instance', '')} "
+            f"${gpu_month:,.2f}/month",
+        )
+    )
+    costs = {
+        "lambda_usd_per_million": lam_per_m,
+        "lambda_usd_per_month": lam_month,
+        "gpu_usd_per_month": gpu_month,
+        "expected_requests_per_month": volume,
+    }
 
     # routing thresholds
     budget = cfg.slo_ms or DEFAULT_LATENCY_BUDGET_MS
@@ -148,9 +213,9 @@ def place(*, size_bytes: int, profile: dict[str, Any], row_bytes: int, cfg: Comp
         note = f" (rules that failed and were overridden: {', '.join(failed)})" if failed and "cpu" in targets else ""
         reasons.append(Reason("forced", True, f"targets forced to {targets} by --target {cfg.target}{note}"))
     elif not hard_ok:
-        failed = "; ".join(r.detail for r in reasons if not r.ok and r.rule.startswith("lambda"))
+        limits_hit = "; ".join(r.detail for r in reasons if not r.ok and r.rule.startswith("lambda"))
         targets = ["gpu"]
-        reasons.append(Reason("decision", True, f"gpu: too large for Lambda ({failed})"))
+        reasons.append(Reason("decision", True, f"gpu: too large for Lambda ({limits_hit})"))
     elif not slo_ok:
         targets = ["gpu"]
         reasons.append(Reason("decision", True, "gpu: the CPU tier cannot meet the SLO at any Lambda memory size"))
@@ -160,5 +225,6 @@ def place(*, size_bytes: int, profile: dict[str, Any], row_bytes: int, cfg: Comp
     else:
         targets = ["cpu"]
         reasons.append(Reason("decision", True, "cpu: fits every Lambda limit, meets the SLO and is cheaper"))
-    return Placement(targets, {"memory_mb": int(memory), "threads": int(threads)}, routing, reasons, forced,
-                     deployment, costs)
+    return Placement(
+        targets, {"memory_mb": int(memory), "threads": int(threads)}, routing, reasons, forced, deployment, costs
+    )

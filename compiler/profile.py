@@ -26,14 +26,27 @@ def profile_variant(model: Path, data: Dataset, cfg: ProfileConfig, workdir: Pat
     feed = workdir / f"profile-{model.stem}.npz"
     np.savez(feed, **data.batch(max(cfg.batch_sizes)))
     spec = workdir / f"profile-{model.stem}.json"
-    spec.write_text(json.dumps({"model": str(model), "data": str(feed), "batch_sizes": list(cfg.batch_sizes),
-                                "iterations": cfg.iterations, "warmup": cfg.warmup, "threads": list(cfg.threads)}))
+    spec.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "data": str(feed),
+                "batch_sizes": list(cfg.batch_sizes),
+                "iterations": cfg.iterations,
+                "warmup": cfg.warmup,
+                "threads": list(cfg.threads),
+            }
+        )
+    )
     try:
-        proc = subprocess.run([sys.executable, str(WORKER), str(spec)], capture_output=True, text=True,
-                              timeout=cfg.timeout_s, check=False)
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), str(spec)], capture_output=True, text=True, timeout=cfg.timeout_s, check=False
+        )
     except subprocess.TimeoutExpired as exc:
-        raise CompilerError(f"profiling {model.name} took longer than {cfg.timeout_s:.0f} s; use --preset fast "
-                            "or fewer profile iterations") from exc
+        raise CompilerError(
+            f"profiling {model.name} took longer than {cfg.timeout_s:.0f} s; use --preset fast "
+            "or fewer profile iterations"
+        ) from exc
     if proc.returncode != 0:
         raise CompilerError(f"profiling {model.name} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
     res: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -42,22 +42,35 @@ def _chart(report: dict[str, Any], path: Path) -> None:
 
 def _markdown(r: dict[str, Any]) -> str:
     p = r["placement"]
-    out = [f"# {r['name']} version {r['version']}", "",
-           f"- source: `{r['source']}` ({r['source_kind']}), task: **{r['task']}**",
-           f"- selected variant (CPU tier): **{r['selected_variant']}**; GPU (Triton) variant: "
-           f"**{r.get('triton_variant') or '-'}**",
-           f"- targets: **{', '.join(p['targets'])}**" + (" (forced by --target)" if p["forced"] else ""),
-           f"- Lambda: {p['cpu']['memory_mb']:,} MB, {p['cpu']['threads']} thread(s), {p['deployment']} deployment",
-           f"- routing: GPU from {p['routing']['gpu_min_rows']} rows or {p['routing']['gpu_min_bytes']:,} bytes",
-           f"- created: {r['created_at']}", "", "![report](report.png)", "", "## Export accuracy gate", ""]
+    out = [
+        f"# {r['name']} version {r['version']}",
+        "",
+        f"- source: `{r['source']}` ({r['source_kind']}), task: **{r['task']}**",
+        f"- selected variant (CPU tier): **{r['selected_variant']}**; GPU (Triton) variant: "
+        f"**{r.get('triton_variant') or '-'}**",
+        f"- targets: **{', '.join(p['targets'])}**" + (" (forced by --target)" if p["forced"] else ""),
+        f"- Lambda: {p['cpu']['memory_mb']:,} MB, {p['cpu']['threads']} thread(s), {p['deployment']} deployment",
+        f"- routing: GPU from {p['routing']['gpu_min_rows']} rows or {p['routing']['gpu_min_bytes']:,} bytes",
+        f"- created: {r['created_at']}",
+        "",
+        "![report](report.png)",
+        "",
+        "## Export accuracy gate",
+        "",
+    ]
     g = r["gate"]
     if g.get("checked"):
         out.append(f"Tolerance {g['tolerance']:g} on {g['rows']} rows:")
         out += [f"- `{k}`: error {v['error']:.3g} ({v['detail']})" for k, v in g["outputs"].items()]
     else:
         out.append(f"Not compared: {g.get('reason')}")
-    out += ["", "## Variants", "", "| variant | size (MB) | load (s) | p50/p95 b1 (ms) | p50 b32 (ms) | metrics | decision |",
-            "|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "## Variants",
+        "",
+        "| variant | size (MB) | load (s) | p50/p95 b1 (ms) | p50 b32 (ms) | metrics | decision |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, v in r["variants"].items():
         prof = v.get("profile")
         if prof:
@@ -73,8 +86,12 @@ def _markdown(r: dict[str, Any]) -> str:
         out.append(f"| {k} | {size} | {load} | {lat} | {lat32} | {mets or '-'} | {v['decision']}: {v['reason']} |")
     out += ["", "## Placement rules", ""]
     out += [f"- {'✅' if x['ok'] else '❌'} **{x['rule']}**: {x['detail']}" for x in p["reasons"]]
-    out += ["", "Latencies were measured on the build machine, one fresh process per variant; Lambda figures",
-            "scale them to the vCPUs of the memory size (1,769 MB = 1 vCPU). See report.json for every number.", ""]
+    out += [
+        "",
+        "Latencies were measured on the build machine, one fresh process per variant; Lambda figures",
+        "scale them to the vCPUs of the memory size (1,769 MB = 1 vCPU). See report.json for every number.",
+        "",
+    ]
     return "\n".join(out)
 
 

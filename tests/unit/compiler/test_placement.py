@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tierserve_compiler.config import LambdaLimits, load_prices, make_config
 from tierserve_compiler.pipeline import compile_model
 from tierserve_compiler.placement import place
@@ -12,8 +11,9 @@ GB = 1024**3
 
 
 def fake_profile(p50_ms: float = 2.0, rss_mb: float = 200.0, per_row: float = 0.5) -> dict:
-    batches = {str(b): {"p50_ms": p50_ms + per_row * (b - 1), "p95_ms": 1.2 * (p50_ms + per_row * (b - 1))}
-               for b in (1, 8, 32)}
+    batches = {
+        str(b): {"p50_ms": p50_ms + per_row * (b - 1), "p95_ms": 1.2 * (p50_ms + per_row * (b - 1))} for b in (1, 8, 32)
+    }
     return {"threads": {"1": {"load_s": 0.1, "batches": batches}}, "peak_rss_mb": rss_mb, "load_s": 0.1}
 
 
@@ -30,15 +30,22 @@ def test_small_model_lands_on_cpu_with_every_reason():
     p = place(size_bytes=5 * 2**20, profile=fake_profile(), row_bytes=256, cfg=cfg(), prices=load_prices())
     # Then it serves on CPU at 1,769 MB (1 vCPU, 1 thread), and every rule has a recorded reason
     assert p.targets == ["cpu"] and p.cpu == {"memory_mb": 1769, "threads": 1}
-    assert {"lambda_package", "lambda_tmp", "lambda_memory", "lambda_payload", "lambda_timeout", "slo", "cost",
-            "decision"} <= set(rules(p))
+    assert {
+        "lambda_package",
+        "lambda_tmp",
+        "lambda_memory",
+        "lambda_payload",
+        "lambda_timeout",
+        "slo",
+        "cost",
+        "decision",
+    } <= set(rules(p))
     assert p.deployment == "zip"
 
 
 def test_too_large_for_lambda_lands_on_gpu_naming_the_limit():
     # Given an 11 GB model with the real Lambda limits
-    p = place(size_bytes=11 * GB, profile=fake_profile(rss_mb=12000), row_bytes=256, cfg=cfg(),
-              prices=load_prices())
+    p = place(size_bytes=11 * GB, profile=fake_profile(rss_mb=12000), row_bytes=256, cfg=cfg(), prices=load_prices())
     # Then it goes to the GPU, and the reasons name the container-image and memory limits
     assert p.targets == ["gpu"]
     r = rules(p)
@@ -49,8 +56,7 @@ def test_too_large_for_lambda_lands_on_gpu_naming_the_limit():
 
 def test_over_250_mb_uses_a_container_image():
     # Given a 300 MB model / Then it still fits Lambda, as a container image
-    p = place(size_bytes=300 * 2**20, profile=fake_profile(rss_mb=900), row_bytes=256, cfg=cfg(),
-              prices=load_prices())
+    p = place(size_bytes=300 * 2**20, profile=fake_profile(rss_mb=900), row_bytes=256, cfg=cfg(), prices=load_prices())
     assert p.targets == ["cpu"] and p.deployment == "container image"
     assert "250 MB" in rules(p)["lambda_package"].detail
 
@@ -63,8 +69,10 @@ def test_payload_over_6_mb_goes_to_gpu():
 def test_slo_picks_more_memory_then_gpu_when_unreachable():
     # Given a 30 ms model with 10 % serial work (measured at 1 and 2 threads)
     prof = fake_profile(p50_ms=30.0)
-    prof["threads"]["2"] = {"load_s": 0.1, "batches": {b: {k: v * 0.55 for k, v in d.items()}
-                                                        for b, d in prof["threads"]["1"]["batches"].items()}}
+    prof["threads"]["2"] = {
+        "load_s": 0.1,
+        "batches": {b: {k: v * 0.55 for k, v in d.items()} for b, d in prof["threads"]["1"]["batches"].items()},
+    }
     # When the SLO needs ~2+ vCPUs / Then a larger memory size with more threads is recommended
     p = place(size_bytes=2**20, profile=prof, row_bytes=64, cfg=cfg(slo_ms=25.0), prices=load_prices())
     assert p.targets == ["cpu"] and p.cpu["memory_mb"] > 1769 and p.cpu["threads"] >= 2
@@ -91,8 +99,9 @@ def test_target_forces_and_says_so(target, expected):
 
 def test_routing_thresholds_from_profile():
     # Given 0.5 ms per extra row and a 100 ms budget (no SLO)
-    p = place(size_bytes=2**20, profile=fake_profile(p50_ms=2.0, per_row=0.5), row_bytes=100, cfg=cfg(),
-              prices=load_prices())
+    p = place(
+        size_bytes=2**20, profile=fake_profile(p50_ms=2.0, per_row=0.5), row_bytes=100, cfg=cfg(), prices=load_prices()
+    )
     # Then the GPU is preferred from ~100 / (17.5 / 32) rows on, and bytes = rows x row size
     assert 150 <= p.routing["gpu_min_rows"] <= 200
     assert p.routing["gpu_min_bytes"] == p.routing["gpu_min_rows"] * 100
@@ -101,15 +110,15 @@ def test_routing_thresholds_from_profile():
 def test_end_to_end_too_large_for_small_limits_writes_triton_repo(mlp_onnx, tmp_path):
     # Given limits so small that the tiny MLP exceeds them (the real ones are the defaults)
     limits = LambdaLimits(package_unzipped_mb=0.001, container_image_mb=0.002, runtime_deps_mb=0.0)
-    c = make_config(str(mlp_onnx), "big", preset="test", out_dir=tmp_path / "models", limits=limits,
-                    quantize="none")
+    c = make_config(str(mlp_onnx), "big", preset="test", out_dir=tmp_path / "models", limits=limits, quantize="none")
     # When compiled
     res = compile_model(c)
     # Then it lands on gpu, the limit is named in report.json and report.md, and Triton gets the model
     assert list(res.model_version.targets) == ["gpu"] and res.model_version.cpu_variant is None
     reasons = res.report["placement"]["reasons"]
-    assert any(r["rule"] == "lambda_package" and not r["ok"] and "container image limit" in r["detail"]
-               for r in reasons)
+    assert any(
+        r["rule"] == "lambda_package" and not r["ok"] and "container image limit" in r["detail"] for r in reasons
+    )
     assert "container image limit" in (res.version_dir / "report.md").read_text()
     assert (tmp_path / "models" / "triton" / "big" / "1" / "model.onnx").is_file()
 

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from compiler_testlib import make_mlp_onnx, save_npz
 from tierserve_compiler.errors import AccuracyGateError, SourceError
 from tierserve_compiler.pipeline import compile_model
-
-from compiler_testlib import make_mlp_onnx, save_npz
 
 
 def test_onnx_file_compiles_to_a_manifest_entry(mlp_onnx, mlp_data, cfg_for, tmp_path):
@@ -74,8 +72,9 @@ def test_sklearn_zero_arg_factory_with_labels(tmp_path, cfg_for):
 
     val = write_breast_cancer_validation(tmp_path / "bc.npz")
     # When it is compiled
-    res = compile_model(cfg_for("tierserve_compiler.demo:breast_cancer_classifier", "bc", validation=val,
-                                quantize="none"))
+    res = compile_model(
+        cfg_for("tierserve_compiler.demo:breast_cancer_classifier", "bc", validation=val, quantize="none")
+    )
     # Then accuracy is reported against the labels and the gate passed on both outputs
     fp32 = res.report["variants"]["fp32"]
     assert fp32["metrics"]["accuracy"] > 0.9
@@ -103,13 +102,27 @@ def test_torch_module_multi_input_output(user_module, cfg_for, tmp_path):
         """
     )
     rng = np.random.default_rng(0)
-    ex = save_npz(tmp_path / "ex.npz", feats=rng.standard_normal((2, 5, 8)).astype(np.float32),
-                  mask=np.ones((2, 5), dtype=np.int64))
-    val = save_npz(tmp_path / "v.npz", feats=rng.standard_normal((3, 7, 8)).astype(np.float32),
-                   mask=np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=np.int64))
+    ex = save_npz(
+        tmp_path / "ex.npz",
+        feats=rng.standard_normal((2, 5, 8)).astype(np.float32),
+        mask=np.ones((2, 5), dtype=np.int64),
+    )
+    val = save_npz(
+        tmp_path / "v.npz",
+        feats=rng.standard_normal((3, 7, 8)).astype(np.float32),
+        mask=np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=np.int64),
+    )
     # When it is compiled with the sequence axis dynamic
-    res = compile_model(cfg_for(f"{mod}:make", "two", example_inputs=ex, validation=val, quantize="none",
-                                dynamic_axes={"feats": [1], "mask": [1]}))
+    res = compile_model(
+        cfg_for(
+            f"{mod}:make",
+            "two",
+            example_inputs=ex,
+            validation=val,
+            quantize="none",
+            dynamic_axes={"feats": [1], "mask": [1]},
+        )
+    )
     # Then both axes are dynamic, both outputs exist and the gate compared them to torch
     mv = res.model_version
     assert [s.shape for s in mv.inputs] == [(-1, -1, 8), (-1, -1)]
@@ -141,7 +154,7 @@ def test_unknown_source_kind_is_refused(user_module, cfg_for):
     # Given a module attribute that is not a model
     mod = user_module("THING = 42\n")
     # When / Then
-    with pytest.raises(SourceError, match="supported: .onnx files"):
+    with pytest.raises(SourceError, match=r"supported: \.onnx files"):
         compile_model(cfg_for(f"{mod}:THING", "x"))
 
 

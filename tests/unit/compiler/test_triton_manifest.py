@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from google.protobuf import text_format
-
 from compiler_testlib import make_mlp_onnx
+from google.protobuf import text_format
 from tierserve.manifest import Manifest, TensorSpec
 from tierserve_compiler.errors import ArtifactExistsError
 from tierserve_compiler.pipeline import compile_model
@@ -39,8 +38,16 @@ def test_config_pbtxt_round_trips_into_model_config():
 
 
 def test_config_without_batching_keeps_full_dims():
-    cfg = parse(config_pbtxt("fixed", [TensorSpec("x", "FP32", (1, 3))], [TensorSpec("y", "FP32", (1, 2))], 0,
-                             tensorrt_fp16=False, warmup=False))
+    cfg = parse(
+        config_pbtxt(
+            "fixed",
+            [TensorSpec("x", "FP32", (1, 3))],
+            [TensorSpec("y", "FP32", (1, 2))],
+            0,
+            tensorrt_fp16=False,
+            warmup=False,
+        )
+    )
     assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [1, 3]
     assert not cfg.HasField("dynamic_batching") and not cfg.HasField("optimization")
 
@@ -72,8 +79,17 @@ def test_manifest_contents_and_other_models_kept(mlp_onnx, mlp_data, cfg_for, tm
     man = Manifest.loads(text)
     assert set(man.models) == {"alpha", "beta"}
     raw = json.loads(text)["models"]["beta"]["versions"]["1"]
-    assert {"inputs", "outputs", "variants", "selected_variant", "targets", "max_batch_size", "routing", "cpu",
-            "created_at"} <= set(raw)
+    assert {
+        "inputs",
+        "outputs",
+        "variants",
+        "selected_variant",
+        "targets",
+        "max_batch_size",
+        "routing",
+        "cpu",
+        "created_at",
+    } <= set(raw)
     assert raw["cpu"]["memory_mb"] >= 128 and raw["cpu"]["threads"] >= 1
     assert set(raw["routing"]) == {"gpu_min_rows", "gpu_min_bytes"}
     assert raw["max_batch_size"] == 64 and raw["created_at"].endswith("Z")
@@ -104,6 +120,6 @@ def test_recompiling_a_version_with_different_content_is_refused(mlp_onnx, tmp_p
     before = (tmp_path / "models" / "m" / "1" / "model.onnx").read_bytes()
     # When other content is compiled as v1 / Then it is refused and v1 is untouched
     other = make_mlp_onnx(tmp_path / "other.onnx", seed=3)
-    with pytest.raises(ArtifactExistsError, match="immutable.*omit --version to get version 2"):
+    with pytest.raises(ArtifactExistsError, match=r"immutable.*omit --version to get version 2"):
         compile_model(cfg_for(other, "m", quantize="none", version="1"))
     assert (tmp_path / "models" / "m" / "1" / "model.onnx").read_bytes() == before

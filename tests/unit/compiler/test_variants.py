@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tierserve_compiler.config import make_config
 from tierserve_compiler.data import sha256_file
 from tierserve_compiler.errors import ConfigError, VariantError
@@ -51,9 +50,14 @@ def test_auto_never_selects_an_int8_slower_than_fp32(mlp_onnx, mlp_data, cfg_for
             assert key.startswith("int8")
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("none", {"fp32"}), ("dynamic", {"fp32", "int8_dynamic"}), ("fp16", {"fp32", "fp16"}),
-])
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("none", {"fp32"}),
+        ("dynamic", {"fp32", "int8_dynamic"}),
+        ("fp16", {"fp32", "fp16"}),
+    ],
+)
 def test_explicit_modes_build_that_variant(mode, expected, mlp_onnx, cfg_for):
     # Given / When an explicit --quantize mode
     res = compile_model(cfg_for(mlp_onnx, f"m{mode}", quantize=mode))
@@ -67,25 +71,37 @@ def test_static_with_calibration_methods(mlp_onnx, mlp_data, cfg_for):
     # Given calibration data
     val, cal = mlp_data
     # When static quantization uses entropy calibration, per-tensor
-    res = compile_model(cfg_for(mlp_onnx, "st", validation=val, calibration=cal, quantize="static",
-                                calibration_method="entropy", per_channel=False))
+    res = compile_model(
+        cfg_for(
+            mlp_onnx,
+            "st",
+            validation=val,
+            calibration=cal,
+            quantize="static",
+            calibration_method="entropy",
+            per_channel=False,
+        )
+    )
     # Then the QDQ variant was built with that method and selected
     build = res.report["variants"]["int8_static"]["build"]
     assert build["calibration_method"] == "entropy" and build["per_channel"] is False
     assert res.model_version.selected_variant == "int8_static"
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"quantize": "static"}, "pass --calibration or use --quantize dynamic"),
-    ({"quantize": "none", "per_channel": True}, "drop --per-channel"),
-    ({"quantize": "fp16", "per_channel": True}, "drop --per-channel"),
-    ({"quantize": "dynamic", "calibration_method": "entropy"}, "only applies to static"),
-    ({"quantize": "fp16", "target": "cpu"}, "use --quantize dynamic|static for CPU or --target gpu"),
-    ({"quantize": "dynamic", "target": "gpu"}, "use --quantize fp16 for GPU"),
-    ({"quantize": "int4"}, "use one of"),
-    ({"slo_ms": -1.0}, "must be positive"),
-    ({"validation": "missing.npz"}, "no such file"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"quantize": "static"}, "pass --calibration or use --quantize dynamic"),
+        ({"quantize": "none", "per_channel": True}, "drop --per-channel"),
+        ({"quantize": "fp16", "per_channel": True}, "drop --per-channel"),
+        ({"quantize": "dynamic", "calibration_method": "entropy"}, "only applies to static"),
+        ({"quantize": "fp16", "target": "cpu"}, "use --quantize dynamic|static for CPU or --target gpu"),
+        ({"quantize": "dynamic", "target": "gpu"}, "use --quantize fp16 for GPU"),
+        ({"quantize": "int4"}, "use one of"),
+        ({"slo_ms": -1.0}, "must be positive"),
+        ({"validation": "missing.npz"}, "no such file"),
+    ],
+)
 def test_impossible_combinations_are_refused(overrides, message, mlp_onnx, tmp_path):
     # Given an impossible combination of options
     cfg = make_config(str(mlp_onnx), "m", preset="test", out_dir=tmp_path / "models", **overrides)
@@ -97,21 +113,23 @@ def test_impossible_combinations_are_refused(overrides, message, mlp_onnx, tmp_p
 
 def test_explicit_int8_on_a_graph_without_weights_is_refused(tmp_path, cfg_for):
     # Given a graph with nothing to quantize (x * 2)
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    import numpy as np
-
-    g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-                          [numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")],
+    )
     path = tmp_path / "mul.onnx"
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, str(path))
     # When --quantize dynamic is asked for / Then the error says so and what to do
-    with pytest.raises(VariantError, match="nothing was quantized.*use --quantize none"):
+    with pytest.raises(VariantError, match=r"nothing was quantized.*use --quantize none"):
         compile_model(cfg_for(path, "mul", quantize="dynamic"))
 
 
