@@ -167,3 +167,20 @@ def test_report_files_exist(mlp_onnx, cfg_for, tmp_path):
     assert json.loads((res.version_dir / "report.json").read_text())["name"] == "r"
     assert (res.version_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "Placement rules" in Path(res.version_dir / "report.md").read_text()
+
+
+def test_sklearn_regressor(user_module, cfg_for):
+    # Given a fitted linear regressor
+    mod = user_module(
+        """
+        import numpy as np
+        from sklearn.linear_model import Ridge
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((80, 4)).astype("float32")
+        REG = Ridge().fit(X, X @ np.array([1.0, -2.0, 3.0, 0.5]) + 100.0)
+        """
+    )
+    # When compiled / Then it is a regressor with relative-error metrics and a passed gate
+    res = compile_model(cfg_for(f"{mod}:REG", "reg", quantize="none"))
+    assert res.report["task"] == "regressor" and res.report["metrics"] == ["max_abs", "mean_rel"]
+    assert all(o["ok"] for o in res.report["gate"]["outputs"].values())
