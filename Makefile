@@ -49,11 +49,9 @@ typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy
 
 compile-demo: $(STAMP) ## compile the bundled digits classifier into $(MODELS)
+	$(PY) -m tierserve_compiler.demo $(MODELS)/.data
 	$(BIN)/tierserve compile tierserve_compiler.demo:digits_classifier --name digits --version 1 \
-	  --validation $(MODELS)/.data/digits_validation.npz --quantize auto --out $(MODELS) \
-	  || { $(PY) -m tierserve_compiler.demo write-data --out $(MODELS)/.data && \
-	       $(BIN)/tierserve compile tierserve_compiler.demo:digits_classifier --name digits --version 1 \
-	       --validation $(MODELS)/.data/digits_validation.npz --quantize auto --out $(MODELS); }
+	  --validation $(MODELS)/.data/digits_val.npz --quantize auto --out $(MODELS)
 
 demo: $(STAMP) ## compile the demo model, invoke it through the router, print predictions + accuracy
 	$(PY) -m tierserve.local.demo --models $(MODELS)

@@ -596,7 +596,9 @@ def validate_request(request: InferRequest, model: ModelVersion) -> None:
                     f"input {batch[0]!r}'s {batch[1]}; "
                     "all inputs must have the same batch size"
                 )
-            if model.max_batch_size > 0 and rows > model.max_batch_size:
+            # max_batch_size is the Triton server's limit: it binds GPU-only models. A model with a
+            # CPU variant takes larger batches there (the payload limit bounds them instead).
+            if model.max_batch_size > 0 and rows > model.max_batch_size and not model.serves_cpu:
                 raise InvalidRequestError(
                     f"input {spec.name!r}: batch size {rows} exceeds the "
                     f"max_batch_size {model.max_batch_size} "

@@ -623,15 +623,24 @@ def test_a_fitting_request_passes_validation():
             {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(2, np.int64)},
             r"input 'mask': batch size \(dim 0\) 2 differs from input 'input''s 3",
         ),
-        (
-            {"input": np.zeros((9, 4), np.float32), "mask": np.zeros(9, np.int64)},
-            r"input 'input': batch size 9 exceeds the max_batch_size 8 of model 'm' v1",
-        ),
     ],
 )
 def test_validation_errors_name_the_input_and_expected_vs_actual(arrays, message):
     with pytest.raises(InvalidRequestError, match=message):
         validate_request(request_of(**arrays), model(TWO_INPUTS))
+
+
+def test_max_batch_size_binds_gpu_only_models_but_not_models_with_a_cpu_variant():
+    # Given a 9-row request and models whose Triton max_batch_size is 8
+    import dataclasses
+
+    req = request_of(input=np.zeros((9, 4), np.float32), mask=np.zeros(9, np.int64))
+    cpu_model = model(TWO_INPUTS)
+    gpu_only = dataclasses.replace(cpu_model, targets=("gpu",))
+    # When validated, Then the CPU-capable model accepts it and the GPU-only one refuses it clearly
+    validate_request(req, cpu_model)
+    with pytest.raises(InvalidRequestError, match=r"input 'input': batch size 9 exceeds the max_batch_size 8"):
+        validate_request(req, gpu_only)
 
 
 def test_unknown_requested_output_lists_the_model_outputs():
