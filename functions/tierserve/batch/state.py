@@ -1,0 +1,120 @@
+"""Job state in the JobTable (partition key ``id``, TTL attribute ``expiration``).
+
+One item per job, ``id = "job#<sha256 of the job key>"``, beside Powertools' idempotency
+records (whose ids never start with ``job#``). A checkpoint is a conditional put: it only
+succeeds when the stored ``next_part`` is the one this runner started from, so two runners
+of the same job can never interleave their checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from tierserve.errors import BackendUnavailableError, ConfigurationError
+
+JOB_TTL_S = 30 * 86_400
+
+
+class JobConflictError(BackendUnavailableError):
+    """Another invocation checkpointed the same job first; retry later (SQS does)."""
+
+    code = "job_conflict"
+
+
+@dataclass
+class JobState:
+    job_key: str
+    status: str = "running"  # running | completed
+    model: str = ""
+    version: str = ""
+    variant_sha256: str = ""
+    input_version: dict[str, str] = field(default_factory=dict)
+    input_size: int = 0
+    next_part: int = 0
+    next_offset: int = 0  # JSONL: byte offset; NPZ: row index
+    next_line: int = 1
+    chunk_rows: int = 0  # pinned at the job's start: part boundaries never move
+    lines: int = 0  # input lines (records) consumed
+    lines_ok: int = 0  # output lines written
+    rows_ok: int = 0  # tensor rows scored
+    lines_error: int = 0
+    lines_blank: int = 0
+    invocations: int = 0
+    read_s: float = 0.0
+    infer_s: float = 0.0
+    write_s: float = 0.0
+    started_at: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def item_id(self) -> str:
+        return job_item_id(self.job_key)
+
+
+def job_item_id(job_key: str) -> str:
+    return "job#" + hashlib.sha256(job_key.encode()).hexdigest()
+
+
+def _to_dynamo(v: Any) -> Any:
+    if isinstance(v, float):
+        return Decimal(repr(v))
+    if isinstance(v, dict):
+        return {k: _to_dynamo(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_to_dynamo(x) for x in v]
+    return v
+
+
+def _from_dynamo(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, dict):
+        return {k: _from_dynamo(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_from_dynamo(x) for x in v]
+    return v
+
+
+class JobStore:
+    def __init__(self, table_name: str, dynamodb: Any = None) -> None:
+        if not table_name:
+            raise ConfigurationError("JOB_TABLE is not set: batch jobs need the JobTable for idempotency and "
+                                     "job state (template.yaml sets it; locally, create a table with key 'id')")
+        if dynamodb is None:
+            import boto3
+
+            dynamodb = boto3.resource("dynamodb")
+        self.table = dynamodb.Table(table_name)
+
+    def load(self, job_key: str) -> JobState | None:
+        item = self.table.get_item(Key={"id": job_item_id(job_key)}, ConsistentRead=True).get("Item")
+        if item is None:
+            return None
+        data = _from_dynamo(item)
+        known = set(JobState.__dataclass_fields__)
+        return JobState(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, state: JobState, expected_next_part: int | None) -> None:
+        """Write ``state``; ``expected_next_part`` None: the item must not exist yet."""
+        from botocore.exceptions import ClientError
+
+        item = _to_dynamo(asdict(state))
+        item["id"] = state.item_id
+        item["expiration"] = int(time.time()) + JOB_TTL_S
+        if expected_next_part is None:
+            cond: dict[str, Any] = {"ConditionExpression": "attribute_not_exists(id)"}
+        else:
+            cond = {"ConditionExpression": "next_part = :p AND #s = :running",
+                    "ExpressionAttributeValues": {":p": expected_next_part, ":running": "running"},
+                    "ExpressionAttributeNames": {"#s": "status"}}
+        try:
+            self.table.put_item(Item=item, **cond)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise JobConflictError(f"job {state.job_key!r} was advanced by another invocation; "
+                                       "this delivery will be retried", retry_after_s=30) from exc
+            raise
