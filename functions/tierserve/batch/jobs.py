@@ -147,6 +147,11 @@ def client(name: str) -> Any:
     return c
 
 
+def reset_clients() -> None:
+    """Forget cached clients (tests switch between moto in-process and moto_server)."""
+    _clients.clear()
+
+
 # --- running a job ----------------------------------------------------------------------------------
 
 

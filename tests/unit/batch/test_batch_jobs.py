@@ -1,0 +1,198 @@
+"""Job parsing, job state, the runner and the SQS entry point, on in-process moto (mock_aws)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from tierserve.batch import jobs as batch_jobs
+from tierserve.batch.io import BatchInputError
+from tierserve.batch.jobs import infer_arrays, job_from_message, job_from_s3_record
+from tierserve.batch.local import sqs_event
+from tierserve.batch.service import specs_from_body
+from tierserve.batch.state import JobConflictError, JobState, JobStore
+from tierserve.errors import InvalidNameError, ModelNotFoundError
+from tierserve.handlers import batch_inference
+
+from tests.support.make_batch_events import s3_put_event
+from tests.unit.batch.conftest import BUCKET, TABLE
+
+ROWS = np.random.default_rng(3).integers(0, 17, size=(10, 64)).astype(np.float32)
+
+
+def _event(*bodies: dict) -> dict:
+    msgs = [{"MessageId": f"m{i}", "ReceiptHandle": f"r{i}", "Body": json.dumps(b)} for i, b in enumerate(bodies)]
+    return sqs_event(msgs, "arn:aws:sqs:us-east-1:123456789012:q", "us-east-1")
+
+
+def _put_jsonl(aws, name: str, n: int = 10) -> str:
+    key = f"batch/in/digits/{name}.jsonl"
+    body = "".join(json.dumps({"id": f"{name}-{i}", "inputs": {"input": ROWS[i].tolist()}}) + "\n" for i in range(n))
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=body.encode())
+    return key
+
+
+def _outputs(aws, prefix: str) -> dict[str, bytes]:
+    listed = aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return {o["Key"][len(prefix) + 1:]: aws["s3"].get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+            for o in listed}
+
+
+def test_s3_records_and_job_messages_become_validated_jobs():
+    # Given an S3 record (URL-encoded key) and a job message
+    rec = s3_put_event(key="batch/in/digits/night%2D1.jsonl", etag="abc", size=1)["Records"][0]
+    # When they are parsed
+    s3_job = job_from_s3_record(rec)
+    msg_job = job_from_message({"model": "digits", "version": "1", "input": f"s3://{BUCKET}/any/where/x.npz"})
+    # Then both name their model, input and default output; redeliveries share an idempotency key
+    assert s3_job.input.key == "batch/in/digits/night-1.jsonl" and s3_job.output.key == "batch/out/digits/night-1"
+    assert s3_job.input_version == {"etag": "abc"}
+    assert job_from_s3_record(rec).idempotency_key == s3_job.idempotency_key
+    assert msg_job.output.key == "batch/out/digits/x" and msg_job.version == "1"
+    assert job_from_message({"model": "digits", "input": f"s3://{BUCKET}/a.jsonl", "continuation": 3}
+                            ).idempotency_key != job_from_message({"model": "digits", "input": f"s3://{BUCKET}/a.jsonl"}
+                                                                  ).idempotency_key
+    # And bad names, keys and shapes are refused with a reason
+    with pytest.raises(InvalidNameError):
+        job_from_message({"model": "../etc", "input": f"s3://{BUCKET}/a.jsonl"})
+    with pytest.raises(BatchInputError, match="not batch/in"):
+        job_from_s3_record(s3_put_event(key="batch/in/x.jsonl", etag="e", size=1)["Records"][0])
+    with pytest.raises(BatchInputError, match="job message"):
+        job_from_message({"input": "s3://b/a.jsonl"})
+
+
+def test_s3_test_event_is_acknowledged_without_a_job():
+    assert specs_from_body(json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": BUCKET})) == []
+
+
+def test_checkpoints_refuse_a_runner_that_fell_behind(aws):
+    # Given a job state at part 2
+    store = JobStore(TABLE)
+    state = JobState(job_key="k", next_part=0)
+    store.save(state, None)
+    state.next_part = 2
+    store.save(state, 0)
+    # When a stale runner (which started from part 0) checkpoints, or the job is created twice
+    # Then both are refused as conflicts, and the stored state is intact
+    with pytest.raises(JobConflictError):
+        store.save(JobState(job_key="k", next_part=1), 0)
+    with pytest.raises(JobConflictError):
+        store.save(JobState(job_key="k"), None)
+    assert store.load("k").next_part == 2
+
+
+def test_poison_records_are_reported_alone(aws, lambda_context):
+    # Given a batch: a good job, an unknown model, a missing object, non-JSON, and S3's test event
+    key = _put_jsonl(aws, "good")
+    event = _event({"model": "digits", "input": f"s3://{BUCKET}/{key}"},
+                   {"model": "nope", "input": f"s3://{BUCKET}/{key}", "output": f"s3://{BUCKET}/batch/out/n"},
+                   {"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/missing.jsonl"},
+                   {"Event": "s3:TestEvent"})
+    event["Records"].insert(3, {**event["Records"][0], "messageId": "m-raw", "body": "not json"})
+    # When the handler processes it
+    result = batch_inference.lambda_handler(event, lambda_context)
+    # Then exactly the three poison messages are failed items, and the good job completed
+    assert sorted(f["itemIdentifier"] for f in result["batchItemFailures"]) == ["m-raw", "m1", "m2"]
+    assert json.loads(_outputs(aws, "batch/out/digits/good")["_SUCCESS"])["counts"]["output_lines"] == 10
+
+
+def test_duplicate_delivery_while_the_first_runs_is_a_failed_item(aws, lambda_context):
+    # Given a job whose first delivery is still running when a second one arrives
+    key = _put_jsonl(aws, "dup")
+    event = _event({"model": "digits", "input": f"s3://{BUCKET}/{key}"})
+    inner = []
+
+    def redeliver(stage: str, part: int) -> None:
+        if stage == "checkpointed" and part == 0 and not inner:
+            inner.append(batch_inference.lambda_handler(event, lambda_context))
+
+    batch_jobs.after_part_hook = redeliver
+    # When both are handled
+    outer = batch_inference.lambda_handler(event, lambda_context)
+    # Then the duplicate is reported as failed (SQS retries it later) and the first one completes
+    assert inner == [{"batchItemFailures": [{"itemIdentifier": "m0"}]}]
+    assert outer == {"batchItemFailures": []}
+    assert len(_outputs(aws, "batch/out/digits/dup")) == 5  # 3 parts, errors.jsonl, _SUCCESS
+
+
+def test_npz_job_crashing_after_a_checkpoint_resumes_to_identical_parts(aws, lambda_context):
+    # Given a 10-row .npz with ids, read in chunks of 4 rows, and a reference run of it
+    buf = io.BytesIO()
+    np.savez(buf, input=ROWS, id=np.array([f"n{i}" for i in range(10)]))
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/arr.npz", Body=buf.getvalue())
+    body = {"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/arr.npz"}
+    assert batch_inference.lambda_handler(_event(body), lambda_context) == {"batchItemFailures": []}
+
+    def crash(stage: str, part: int) -> None:
+        if stage == "checkpointed" and part == 1:
+            raise RuntimeError("simulated crash")
+
+    # When another run of it crashes after part 1 and is retried
+    out = {**body, "output": f"s3://{BUCKET}/batch/out/crash-npz"}
+    batch_jobs.after_part_hook = crash
+    assert batch_inference.lambda_handler(_event(out), lambda_context)["batchItemFailures"] == [{"itemIdentifier": "m0"}]
+    batch_jobs.after_part_hook = None
+    assert batch_inference.lambda_handler(_event(out), lambda_context) == {"batchItemFailures": []}
+    # Then its parts equal the reference run's, with the ids from the archive
+    ref, got = _outputs(aws, "batch/out/digits/arr"), _outputs(aws, "batch/out/crash-npz")
+    assert [k for k in sorted(got) if k.startswith("part-")] == ["part-00000.jsonl", "part-00001.jsonl",
+                                                               "part-00002.jsonl"]
+    assert {k: v for k, v in got.items() if k != "_SUCCESS"} == {k: v for k, v in ref.items() if k != "_SUCCESS"}
+    assert [json.loads(x)["id"] for x in got["part-00000.jsonl"].splitlines()] == ["n0", "n1", "n2", "n3"]
+    assert json.loads(got["_SUCCESS"])["invocations"] == 2
+
+
+def test_direct_s3_event_runs_the_job_and_a_replaced_object_is_refused(aws, lambda_context):
+    # Given an object, and an S3 event for it with its real eTag
+    key = _put_jsonl(aws, "direct")
+    etag = aws["s3"].head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
+    # When the event is invoked directly (tierserve invoke -e events/s3_put.json)
+    result = batch_inference.lambda_handler(s3_put_event(key=key, etag=etag, size=1), lambda_context)
+    # Then the job's summary comes back
+    assert result["jobs"][0]["status"] == "completed" and result["jobs"][0]["counts"]["rows"] == 10
+    # And an event for an older version of a replaced object is refused, not run on the new content
+    with pytest.raises(BatchInputError, match="replaced"):
+        batch_inference.lambda_handler(s3_put_event(key=key, etag="0" * 32, size=1), lambda_context)
+
+
+def test_unknown_model_message_names_the_models_served(aws, lambda_context):
+    key = _put_jsonl(aws, "unknown")
+    with pytest.raises(ModelNotFoundError, match="models served here: digits"):
+        batch_jobs.run_job(job_from_message({"model": "nope", "input": f"s3://{BUCKET}/{key}"}), lambda_context)
+
+
+class _Gpu:
+    def __init__(self):
+        self.batches = []
+
+    def infer(self, model, request, timeout_s=None):
+        from tierserve.codec import tensor_from_numpy
+        from tierserve.types import InferResponse
+
+        x = request.inputs[0].data
+        self.batches.append(x.shape[0])
+        return InferResponse(model.name, model.version, [tensor_from_numpy("y", x.sum(axis=1, keepdims=True))])
+
+    def ready(self, model=None):
+        return True
+
+
+def test_gpu_models_go_through_the_router_in_batches_of_max_batch_size():
+    # Given a GPU-only model (max_batch_size 4) and a router whose GPU tier is up
+    from types import SimpleNamespace
+
+    from tierserve.manifest import ModelVersion, TensorSpec
+    from tierserve.router import Router
+    from tierserve.routing import size_aware
+
+    gpu = _Gpu()
+    mv = ModelVersion("g", "1", (TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "FP32", (-1, 1)),), {}, "fp32",
+                      targets=("gpu",), max_batch_size=4)
+    app = SimpleNamespace(router=Router(cpu=None, gpu=gpu, policy=size_aware))
+    # When a 10-row chunk is scored
+    out = infer_arrays(app, mv, {"x": np.ones((10, 3), dtype=np.float32)})
+    # Then Triton saw batches of at most 4 rows, and the outputs are reassembled in order
+    assert gpu.batches == [4, 4, 2]
+    assert out["y"].shape == (10, 1) and np.all(out["y"] == 3)
