@@ -98,7 +98,7 @@ def test_keys_and_uris_are_checked_against_the_allowlists():
     for bad in ("batch/in/digits/../x.jsonl", "batch/in/di gits/x.jsonl", "/abs.jsonl"):
         with pytest.raises(InvalidNameError):
             split_input_key(bad)
-    with pytest.raises(BatchInputError, match=".jsonl or .npz"):
+    with pytest.raises(BatchInputError, match=r"\.jsonl or \.npz"):
         split_input_key("batch/in/digits/x.csv")
     with pytest.raises(BatchInputError, match="s3://"):
         parse_s3_uri("https://bucket/key", "input")

@@ -132,7 +132,8 @@ def test_npz_job_crashing_after_a_checkpoint_resumes_to_identical_parts(aws, lam
     # When another run of it crashes after part 1 and is retried
     out = {**body, "output": f"s3://{BUCKET}/batch/out/crash-npz"}
     batch_jobs.after_part_hook = crash
-    assert batch_inference.lambda_handler(_event(out), lambda_context)["batchItemFailures"] == [{"itemIdentifier": "m0"}]
+    crashed = batch_inference.lambda_handler(_event(out), lambda_context)
+    assert crashed["batchItemFailures"] == [{"itemIdentifier": "m0"}]
     batch_jobs.after_part_hook = None
     assert batch_inference.lambda_handler(_event(out), lambda_context) == {"batchItemFailures": []}
     # Then its parts equal the reference run's, with the ids from the archive
