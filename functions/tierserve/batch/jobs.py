@@ -202,7 +202,9 @@ def _head(s3: Any, spec: JobSpec) -> dict[str, Any]:
     etag = spec.input_version.get("etag")
     if etag and not kwargs.get("VersionId") and head.get("ETag", "").strip('"') != etag.strip('"'):
         raise BatchInputError(f"{spec.input.uri} was replaced since the event (etag {head.get('ETag')} != "
-                              f"{etag}); the newer object has its own event")
+                              f"{etag}); the newer object has its own event. To invoke by hand, use the object's "
+                              "current eTag "
+                              "(tests/support/make_batch_events.py builds events/s3_put.json for its demo input)")
     return head
 
 

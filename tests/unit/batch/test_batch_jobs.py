@@ -197,3 +197,30 @@ def test_gpu_models_go_through_the_router_in_batches_of_max_batch_size():
     # Then Triton saw batches of at most 4 rows, and the outputs are reassembled in order
     assert gpu.batches == [4, 4, 2]
     assert out["y"].shape == (10, 1) and np.all(out["y"] == 3)
+
+
+def test_poll_queue_forever_plays_the_sqs_trigger_until_stopped(aws):
+    # Given a job message and a poison message in the events queue
+    import threading
+    import time
+
+    from tierserve.batch.local import poll_queue_forever
+
+    key = _put_jsonl(aws, "polled")
+    aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody=json.dumps({"model": "digits",
+                                                                               "input": f"s3://{BUCKET}/{key}"}))
+    aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody="not json")
+    stop = threading.Event()
+    # When the poller runs in a thread until the job's _SUCCESS appears
+    t = threading.Thread(target=poll_queue_forever, args=(aws["queue_url"], batch_inference.lambda_handler, stop),
+                         kwargs={"sqs_client": aws["sqs"], "wait_s": 0}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while "_SUCCESS" not in _outputs(aws, "batch/out/digits/polled") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    t.join(timeout=10)
+    # Then it stopped, the good message was deleted, and the poison one is still in flight (not deleted)
+    assert not t.is_alive()
+    attrs = aws["sqs"].get_queue_attributes(QueueUrl=aws["queue_url"], AttributeNames=["All"])["Attributes"]
+    assert int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]) == 1
