@@ -180,13 +180,21 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     if state is None:
         model = app.store.manifest().resolve(spec.model, spec.version)
         state = JobState(job_key=spec.job_key, model=model.name, version=model.version,
-                         variant_sha256=model.cpu_artifact.sha256 if model.serves_cpu else "",
+                         variant_sha256=_variant_sha256(model),
                          input_version=dict(spec.input_version), input_size=int(head["ContentLength"]),
                          chunk_rows=settings.chunk_rows, started_at=time.time())
         jobs.save(state, None)
     else:
         model = app.store.manifest().resolve(state.model, state.version)
     return _Runner(app, s3, jobs, spec, model, state, context).run()
+
+
+def _variant_sha256(model: ModelVersion) -> str:
+    """The artifact that scores the job: the CPU variant, or the selected one for GPU-only models."""
+    if model.serves_cpu:
+        return model.cpu_artifact.sha256
+    selected = model.variants.get(model.selected_variant)
+    return selected.sha256 if selected else ""
 
 
 def _head(s3: Any, spec: JobSpec) -> dict[str, Any]:

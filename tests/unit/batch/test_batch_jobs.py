@@ -224,3 +224,18 @@ def test_poll_queue_forever_plays_the_sqs_trigger_until_stopped(aws):
     assert not t.is_alive()
     attrs = aws["sqs"].get_queue_attributes(QueueUrl=aws["queue_url"], AttributeNames=["All"])["Attributes"]
     assert int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]) == 1
+
+
+def test_versioned_bucket_scores_the_version_the_event_names(aws, lambda_context):
+    # Given a versioned bucket (as template.yaml's) where the input was overwritten after its event
+    aws["s3"].put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    key = _put_jsonl(aws, "versioned", n=3)
+    first = aws["s3"].head_object(Bucket=BUCKET, Key=key)
+    _put_jsonl(aws, "versioned", n=9)
+    event = s3_put_event(key=key, etag=first["ETag"].strip('"'), size=1)
+    event["Records"][0]["s3"]["object"]["versionId"] = first["VersionId"]
+    # When the first version's event is handled
+    result = batch_inference.lambda_handler(event, lambda_context)
+    # Then the job scored that version (3 rows), not the newer object
+    assert result["jobs"][0]["counts"]["rows"] == 3
+    assert result["jobs"][0]["input_version"]["version_id"] == first["VersionId"]
