@@ -69,8 +69,8 @@ def upload(stack, tmp_path: Path, name: str, rows: int, **kw) -> str:
     return key
 
 
-def job_event(stack, key: str, output: str | None = None) -> dict:
-    body = {"model": "digits", "input": f"s3://{BUCKET}/{key}"}
+def job_event(stack, key: str, output: str | None = None, model: str = "digits") -> dict:
+    body = {"model": model, "input": f"s3://{BUCKET}/{key}"}
     if output:
         body["output"] = f"s3://{BUCKET}/{output}"
     return sqs_event([{"MessageId": f"msg-{key}-{output}", "ReceiptHandle": "rh", "Body": json.dumps(body)}],
@@ -232,3 +232,38 @@ def test_peak_memory_stays_flat_when_the_input_grows_10x(env, stack, tmp_path):
     # Then the peak RSS barely moves: it is bounded by the chunk, not the file
     assert m_big["summary"]["counts"]["rows"] == 150_000
     assert m_big["peak_rss_mb"] / m_small["peak_rss_mb"] < 1.15, (m_small, m_big)
+
+
+def test_gpu_model_chunks_run_on_a_real_tritonserver(env, stack, tmp_path, lambda_context, triton_server,
+                                                      triton_tiny_model):
+    # Given a GPU-only model (max_batch_size 16) in the store, served by a real local tritonserver
+    import hashlib
+
+    import numpy as np
+    from tierserve.manifest import Manifest, ModelVersion, TensorSpec, Variant
+
+    s3 = stack["s3"]
+    onnx_bytes = triton_tiny_model.onnx_path.read_bytes()
+    manifest = Manifest.loads(s3.get_object(Bucket=BUCKET, Key="models/manifest.json")["Body"].read())
+    mv = ModelVersion(triton_tiny_model.name, "1", (TensorSpec("x", "FP32", (-1, 4)),),
+                      (TensorSpec("y", "FP32", (-1, 3)),),
+                      {"fp32": Variant("tiny_linear/1/model.onnx", hashlib.sha256(onnx_bytes).hexdigest(),
+                                       len(onnx_bytes))}, "fp32", targets=("gpu",), max_batch_size=16)
+    s3.put_object(Bucket=BUCKET, Key="models/tiny_linear/1/model.onnx", Body=onnx_bytes)
+    s3.put_object(Bucket=BUCKET, Key="models/manifest.json", Body=manifest.with_version(mv).dumps().encode())
+    env.setenv("TRITON_URL", triton_server.http_url)
+    env.setenv("TRITON_PROTOCOL", "http")
+    env.setenv("CHUNK_ROWS", "40")
+    x = np.random.default_rng(5).standard_normal((100, 4)).astype(np.float32)
+    body = "".join(json.dumps({"id": i, "inputs": {"x": row}}) + "\n" for i, row in enumerate(x.tolist()))
+    s3.put_object(Bucket=BUCKET, Key="batch/in/tiny_linear/gpu-job.jsonl", Body=body.encode())
+    # When the job runs (chunks of 40 rows, sent to Triton in batches of at most 16)
+    event = job_event(stack, "batch/in/tiny_linear/gpu-job.jsonl", model="tiny_linear")
+    assert batch_inference.lambda_handler(event, lambda_context) == {"batchItemFailures": []}
+    # Then every row was scored by Triton, in order, matching onnxruntime on the same file
+    files = outputs(stack, "batch/out/tiny_linear/gpu-job")
+    assert files["errors.jsonl"] == b"", files["errors.jsonl"][:600]
+    lines = part_lines(files)
+    assert [x_["id"] for x_ in lines] == list(range(100))
+    y = np.array([x_["outputs"][0]["data"] for x_ in lines], dtype=np.float32)
+    np.testing.assert_allclose(y, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-5)
