@@ -366,7 +366,7 @@ class _Runner:
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as f:
             for key in self._work_keys():
                 body = self.s3.get_object(Bucket=out.bucket, Key=key)["Body"]
-                for block in iter(lambda b=body: b.read(1 << 20), b""):
+                while block := body.read(1 << 20):
                     f.write(block)
             f.seek(0)
             self.s3.upload_fileobj(f, out.bucket, f"{out.key}/errors.jsonl",

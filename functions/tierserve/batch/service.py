@@ -104,5 +104,5 @@ def handle_event(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         return results
 
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor,
-                                     context=context)
+    return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor,
+                                          context=context))
