@@ -343,6 +343,12 @@ class TritonServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    # The python-backend stub imports numpy as it starts, before model.py can touch
+                    # sys.path, and it ignores PYTHONPATH (isolated init); its sys.path[0] is its
+                    # working directory. Run it from this interpreter's site-packages so that it
+                    # gets the numpy the wheel was built for (nvidia-pytriton pins numpy<2), not
+                    # a global numpy 2.x, whose ABI silently yields empty output tensors.
+                    cwd=default_site_packages().split(os.pathsep)[0],
                     start_new_session=True,
                     preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
                 )
