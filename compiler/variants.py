@@ -150,7 +150,10 @@ def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | 
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    with tempfile.TemporaryDirectory() as td, _quiet_logs():
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    # quant_pre_process and the calibrator write scratch files (sym_shape_infer_temp.onnx,
+    # <uuid>.data) into the working directory: keep them inside the temp dir.
+    with tempfile.TemporaryDirectory() as td, _quiet_logs(), contextlib.chdir(td):
         pre = Path(td) / "pre.onnx"
         try:
             quant_pre_process(str(src), str(pre))
