@@ -596,14 +596,6 @@ def validate_request(request: InferRequest, model: ModelVersion) -> None:
                     f"input {batch[0]!r}'s {batch[1]}; "
                     "all inputs must have the same batch size"
                 )
-            # max_batch_size is the Triton server's limit: it binds GPU-only models. A model with a
-            # CPU variant takes larger batches there (the payload limit bounds them instead).
-            if model.max_batch_size > 0 and rows > model.max_batch_size and not model.serves_cpu:
-                raise InvalidRequestError(
-                    f"input {spec.name!r}: batch size {rows} exceeds the "
-                    f"max_batch_size {model.max_batch_size} "
-                    f"of {where}; split the request"
-                )
     known_outputs = [s.name for s in model.outputs]
     for out in request.outputs:
         if out.name not in known_outputs:

@@ -76,7 +76,9 @@ def test_backend_infer_matches_onnxruntime(triton_server, triton_tiny_model, pro
     model = triton_tiny_model.model_version()
     try:
         assert backend.ready() and backend.ready(model)
-        for rows in (1, 5, 16):
+        # 40 rows exceed the model's max_batch_size of 16: the backend splits them into 16+16+8
+        assert triton_tiny_model.model_version().max_batch_size == 16
+        for rows in (1, 5, 16, 40):
             x = _x(rows, seed=rows)
             resp = backend.infer(model, _request(x, rid=f"req-{rows}"), timeout_s=5)
             assert resp.model_name == "tiny_linear" and resp.model_version == "1"

@@ -243,6 +243,20 @@ class TritonBackend:
     # --- Backend ---------------------------------------------------------------------------------
 
     def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        """Run ``request`` on Triton. A batch over the model's ``max_batch_size`` (which Triton would
+        refuse) is split along dim 0 into sub-batches that run concurrently, so Triton's dynamic
+        batcher can pack them, and the outputs are concatenated back in order."""
+        limit = model.max_batch_size
+        if limit <= 0 or request.rows <= limit or not all(t.shape for t in request.inputs):
+            return self._infer_one(model, request, timeout_s)
+        parts = [_slice_request(request, start, min(start + limit, request.rows))
+                 for start in range(0, request.rows, limit)]
+        futures = [_split_pool().submit(self._infer_one, model, part, timeout_s) for part in parts]
+        responses = [f.result() for f in futures]  # re-raises the first failure, mapped
+        return _concat_responses(responses)
+
+    def _infer_one(self, model: ModelVersion, request: InferRequest,
+                   timeout_s: float | None = None) -> InferResponse:
         timeout = self._effective_timeout(timeout_s)
         what = f"model {model.name!r} version {model.version!r}"
         try:
@@ -357,3 +371,40 @@ class TritonBackend:
                 return False
         except Exception:
             return False
+
+
+# --- splitting batches over max_batch_size -----------------------------------------------------
+
+_pool: Any = None
+_pool_lock = threading.Lock()
+SPLIT_CONCURRENCY = 4
+
+
+def _split_pool() -> Any:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _pool = ThreadPoolExecutor(max_workers=SPLIT_CONCURRENCY, thread_name_prefix="triton-split")
+    return _pool
+
+
+def _slice_request(request: InferRequest, start: int, stop: int) -> InferRequest:
+    inputs = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.data[start:stop], dict(t.parameters))
+              for t in request.inputs]
+    return InferRequest(inputs=inputs, id=request.id, outputs=list(request.outputs),
+                        parameters=dict(request.parameters), binary_input=request.binary_input)
+
+
+def _concat_responses(responses: list[InferResponse]) -> InferResponse:
+    import numpy as np
+
+    first = responses[0]
+    outputs = []
+    for i, tensor in enumerate(first.outputs):
+        data = np.concatenate([r.outputs[i].data for r in responses], axis=0)
+        outputs.append(Tensor(tensor.name, tensor.datatype, tuple(data.shape), data, dict(tensor.parameters)))
+    return InferResponse(model_name=first.model_name, model_version=first.model_version, outputs=outputs,
+                         id=first.id, parameters=dict(first.parameters))

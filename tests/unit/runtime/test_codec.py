@@ -630,17 +630,14 @@ def test_validation_errors_name_the_input_and_expected_vs_actual(arrays, message
         validate_request(request_of(**arrays), model(TWO_INPUTS))
 
 
-def test_max_batch_size_binds_gpu_only_models_but_not_models_with_a_cpu_variant():
+def test_batches_over_max_batch_size_are_valid_the_gpu_backend_splits_them():
     # Given a 9-row request and models whose Triton max_batch_size is 8
     import dataclasses
 
     req = request_of(input=np.zeros((9, 4), np.float32), mask=np.zeros(9, np.int64))
-    cpu_model = model(TWO_INPUTS)
-    gpu_only = dataclasses.replace(cpu_model, targets=("gpu",))
-    # When validated, Then the CPU-capable model accepts it and the GPU-only one refuses it clearly
-    validate_request(req, cpu_model)
-    with pytest.raises(InvalidRequestError, match=r"input 'input': batch size 9 exceeds the max_batch_size 8"):
-        validate_request(req, gpu_only)
+    # When validated, Then neither the CPU-capable nor the GPU-only model refuses it
+    validate_request(req, model(TWO_INPUTS))
+    validate_request(req, dataclasses.replace(model(TWO_INPUTS), targets=("gpu",)))
 
 
 def test_unknown_requested_output_lists_the_model_outputs():
