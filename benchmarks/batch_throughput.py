@@ -50,6 +50,9 @@ def main() -> int:
 
     import boto3
     import onnxruntime as ort
+
+    from tests.support.models import write_digits
+    from tests.support.moto_server import aws_test_env, running_moto_server
     from tierserve.api import reset_app
     from tierserve.batch.jobs import reset_clients
     from tierserve.batch.local import create_local_stack
@@ -58,9 +61,6 @@ def main() -> int:
     from tierserve.local._child import LocalContext
     from tierserve.settings import reset_settings
 
-    from tests.support.models import write_digits
-    from tests.support.moto_server import aws_test_env, running_moto_server
-
     with tempfile.TemporaryDirectory() as tmp_s, running_moto_server(Path(tmp_s) / "moto.log") as url:
         tmp = Path(tmp_s)
         os.environ.update(aws_test_env(url))
@@ -68,7 +68,9 @@ def main() -> int:
                            "JOB_TABLE": TABLE, "CHUNK_ROWS": str(args.chunk_rows), "ORT_THREADS": "1",
                            "CHECKPOINT_MARGIN_MS": "1000", "POWERTOOLS_TRACE_DISABLED": "true",
                            "POWERTOOLS_METRICS_NAMESPACE": "tierserve-bench"})
-        reset_settings(), reset_app(), reset_clients()
+        reset_settings()
+        reset_app()
+        reset_clients()
         s3 = boto3.client("s3")
         create_local_stack(s3, boto3.client("dynamodb"), boto3.client("sqs"), BUCKET, TABLE)
         store = tmp / "store"

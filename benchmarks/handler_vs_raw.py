@@ -42,6 +42,7 @@ def main() -> int:
     import io
 
     import onnxruntime as ort
+
     from tierserve.handlers import router
     from tierserve.local._child import LocalContext
     from tierserve.manifest import Manifest

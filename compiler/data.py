@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tierserve.manifest import TensorSpec
 from tierserve_compiler.errors import InputDataError
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from tierserve.manifest import TensorSpec
 from tierserve_compiler.config import Budget
 from tierserve_compiler.errors import ConfigError
@@ -33,10 +34,10 @@ def detect_task(outputs: list[TensorSpec], hint: str | None = None) -> Task:
     probs = [n for n in floats if n.lower().startswith("prob")]
     kind = hint or ("classifier" if ints and floats else "embedding" if emb else "regressor")
     if kind == "classifier":
-        return Task(kind, ints[0] if ints else None, (probs or floats or [None])[0])
+        return Task(kind, ints[0] if ints else None, next(iter(probs or floats), None))
     if kind == "embedding":
-        return Task(kind, None, (emb or floats[-1:] or [None])[0])
-    return Task("regressor", None, (floats or [None])[0])
+        return Task(kind, None, next(iter(emb or floats[-1:]), None))
+    return Task("regressor", None, next(iter(floats), None))
 
 
 def _labels_of(out: Outputs, task: Task) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tierserve.manifest import MANIFEST_FILE, Manifest, ModelVersion, Variant, check_model_name, check_version
 from tierserve_compiler.config import CompileConfig, load_prices
 from tierserve_compiler.data import Dataset, load_npz, row_nbytes, sha256_file, synthetic_dataset

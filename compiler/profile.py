@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tierserve_compiler.config import ProfileConfig
 from tierserve_compiler.data import Dataset
 from tierserve_compiler.errors import CompilerError

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tierserve.manifest import TensorSpec
 from tierserve_compiler.config import CompileConfig
 from tierserve_compiler.data import Dataset, load_npz, make_dataset, specs_from_onnx, synthetic_dataset

@@ -118,6 +118,7 @@ def build_minilm(
 ) -> dict[str, Any]:
     """Compile MiniLM end to end and check the acceptance figures against PyTorch fp32."""
     import numpy as np
+
     from tierserve_compiler.config import make_config
     from tierserve_compiler.pipeline import compile_model
     from tierserve_compiler.sources import run_onnx

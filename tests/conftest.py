@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tierserve.api import reset_app
 from tierserve.sessions import clear_sessions
 from tierserve.settings import reset_settings

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tierserve.batch import jobs as batch_jobs
-from tierserve.handlers import batch_inference
 
 from tests.conftest import load_event
 from tests.support.make_batch_events import BUCKET, INPUT_KEY, demo_jsonl
+from tierserve.batch import jobs as batch_jobs
+from tierserve.handlers import batch_inference
 
 TABLE = "tierserve-jobs"
 
@@ -18,6 +18,7 @@ TABLE = "tierserve-jobs"
 def aws(runtime_env, digits_store):
     import boto3
     from moto import mock_aws
+
     from tierserve.batch.local import create_local_stack
 
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from tierserve.handlers import router
 
 from tests.conftest import load_event
+from tierserve.handlers import router
 
 
 def test_breast_cancer_pipeline_served_through_the_router_agrees_with_sklearn(runtime_env, tmp_path,

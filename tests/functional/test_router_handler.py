@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from tierserve.handlers import cpu_inference, router
 
 from tests.conftest import load_event
+from tierserve.handlers import cpu_inference, router
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import boto3
 import pytest
+
+from tests.support.moto_server import aws_test_env, running_moto_server
 from tierserve.batch import jobs as batch_jobs
 from tierserve.batch.local import create_local_stack, poll_once, sqs_event, wire_local_notifications
 from tierserve.batch.measure import write_digits_jsonl
 from tierserve.handlers import batch_inference
-
-from tests.support.moto_server import aws_test_env, running_moto_server
 
 pytestmark = pytest.mark.integration
 BUCKET = "tierserve-models-123456789012-us-east-1"
@@ -240,6 +240,7 @@ def test_gpu_model_chunks_run_on_a_real_tritonserver(env, stack, tmp_path, lambd
     import hashlib
 
     import numpy as np
+
     from tierserve.manifest import Manifest, ModelVersion, TensorSpec, Variant
 
     s3 = stack["s3"]

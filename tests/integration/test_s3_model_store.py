@@ -6,10 +6,10 @@ import json
 
 import boto3
 import pytest
-from tierserve.handlers import router
 
 from tests.conftest import load_event
 from tests.support.moto_server import aws_test_env, running_moto_server
+from tierserve.handlers import router
 
 pytestmark = pytest.mark.integration
 BUCKET = "tierserve-models-123456789012-us-east-1"

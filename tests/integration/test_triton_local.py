@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
 from tierserve.backends.triton import TritonBackend
 from tierserve.errors import BackendUnavailableError, InvalidRequestError
 from tierserve.types import InferRequest, RequestedOutput, Tensor

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+
 from tierserve.manifest import Manifest, ModelVersion, TensorSpec, Variant
 
 

@@ -54,7 +54,7 @@ def running_moto_server(log_path: Path | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if log is not subprocess.DEVNULL:
+        if not isinstance(log, int):
             log.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tierserve.batch import jobs as batch_jobs
 
 BUCKET = "tierserve-models-123456789012-us-east-1"
@@ -13,6 +14,7 @@ TABLE = "tierserve-jobs"
 def aws(runtime_env, digits_store):
     import boto3
     from moto import mock_aws
+
     from tierserve.batch.local import create_local_stack
 
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",

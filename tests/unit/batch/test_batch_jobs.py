@@ -7,6 +7,9 @@ import json
 
 import numpy as np
 import pytest
+
+from tests.support.make_batch_events import s3_put_event
+from tests.unit.batch.conftest import BUCKET, TABLE
 from tierserve.batch import jobs as batch_jobs
 from tierserve.batch.io import BatchInputError
 from tierserve.batch.jobs import infer_arrays, job_from_message, job_from_s3_record
@@ -15,9 +18,6 @@ from tierserve.batch.service import specs_from_body
 from tierserve.batch.state import JobConflictError, JobState, JobStore
 from tierserve.errors import InvalidNameError, ModelNotFoundError
 from tierserve.handlers import batch_inference
-
-from tests.support.make_batch_events import s3_put_event
-from tests.unit.batch.conftest import BUCKET, TABLE
 
 ROWS = np.random.default_rng(3).integers(0, 17, size=(10, 64)).astype(np.float32)
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from tierserve.manifest import TensorSpec
 from tierserve_compiler import PRESETS, make_config
 from tierserve_compiler.cli import main, register

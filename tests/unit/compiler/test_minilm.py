@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tierserve_compiler.config import ProfileConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tierserve_compiler.config import LambdaLimits, load_prices, make_config
 from tierserve_compiler.pipeline import compile_model
 from tierserve_compiler.placement import place

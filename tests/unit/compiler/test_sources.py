@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from compiler_testlib import make_mlp_onnx, save_npz
+
 from tierserve_compiler.errors import AccuracyGateError, SourceError
 from tierserve_compiler.pipeline import compile_model
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from compiler_testlib import make_mlp_onnx
 from google.protobuf import text_format
+
 from tierserve.manifest import Manifest, TensorSpec
 from tierserve_compiler.errors import ArtifactExistsError
 from tierserve_compiler.pipeline import compile_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tierserve_compiler.config import make_config
 from tierserve_compiler.data import sha256_file
 from tierserve_compiler.errors import ConfigError, VariantError

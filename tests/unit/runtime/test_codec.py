@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+
 from tierserve.codec import (
     DATATYPE_TO_DTYPE,
     datatype_to_dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tierserve import errors
 from tierserve.http import STATUS_BY_ERROR, error_response, parse_http_event, status_for
 from tierserve.manifest import Manifest, check_model_name, check_version

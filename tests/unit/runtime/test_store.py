@@ -8,11 +8,11 @@ from pathlib import Path
 import boto3
 import pytest
 from moto import mock_aws
+
+from tests.support.models import linear_onnx, write_model
 from tierserve.errors import ArtifactNotFoundError, IntegrityError, InvalidNameError, ManifestError, UnsafeModelError
 from tierserve.manifest import TensorSpec, Variant
 from tierserve.store import ModelStore, check_s3_key
-
-from tests.support.models import linear_onnx, write_model
 
 X = (TensorSpec("x", "FP32", (-1, 4)),)
 Y = (TensorSpec("y", "FP32", (-1, 3)),)
@@ -116,6 +116,7 @@ def test_s3_fetch_verifies_caches_by_hash_and_refuses_mismatch(tmp_path):
 def test_scanner_agrees_with_onnx_on_a_model_saved_with_external_data(tmp_path):
     # Given a model saved by onnx itself with its weights in an external file beside it
     import onnx
+
     from tierserve.onnx_scan import external_data_locations
 
     data, _, _ = linear_onnx(in_dim=64, out_dim=64)

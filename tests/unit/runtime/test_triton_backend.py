@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+
 from tierserve.backends.triton import HTTP_TIMEOUT_BUCKETS, TritonBackend, _bucket, _split_url, map_exception
 from tierserve.errors import (
     BackendTimeoutError,
