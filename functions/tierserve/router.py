@@ -73,7 +73,19 @@ class Router:
             return False
         if self.breaker.state == "open":
             return False
-        return self.health.get(f"{model.name}/{model.version}", lambda: gpu.ready(model))
+        return self.health.get(f"{model.name}/{model.version}", lambda: self._probe(gpu, model))
+
+    def _probe(self, gpu: Backend, model: ModelVersion) -> bool:
+        """Model-ready; when it is not, a server-ready check tells a dead tier from an unloaded model.
+
+        A dead tier (server not ready or unreachable) counts as a breaker failure, so the circuit
+        opens on probes too, not only on failed calls. The probe runs at most once per TTL per
+        model (HealthCache's single flight), so this never counts one outage more than once a TTL."""
+        if gpu.ready(model):
+            return True
+        if not gpu.ready(None):
+            self.breaker.record_failure()
+        return False
 
     def decide(self, model: ModelVersion, request: InferRequest, payload_bytes: int,
                hint: str | None, remaining_ms: float | None) -> Decision:
