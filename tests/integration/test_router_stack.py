@@ -1,0 +1,167 @@
+"""Issue 4 acceptance: the router over `tierserve serve`'s whole local stack and the real Triton.
+
+Routing by batch size, the x-target hint, the circuit opening after Triton is killed with CPU
+fallback, a fast 503 for a GPU-only model, recovery after Triton restarts, and the binary tensor
+extension through an unchanged tritonclient.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.support.models import linear_onnx, write_model
+from tierserve.manifest import TensorSpec
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("pytriton", reason="the nvidia-pytriton wheel provides the local tritonserver")
+
+X = (TensorSpec("x", "FP32", (-1, 4)),)
+Y = (TensorSpec("y", "FP32", (-1, 3)),)
+COOLDOWN_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Two models on the real stack: 'lin' on GPU with CPU fallback, 'lin-gpu' on the GPU only."""
+    from tierserve.local.serve import LocalStack
+    from tierserve_compiler.triton import write_triton_repo
+
+    root = tmp_path_factory.mktemp("models")
+    data, w, b = linear_onnx(seed=7)
+    for name, targets in (("lin", ("gpu", "cpu")), ("lin-gpu", ("gpu",))):
+        write_model(root, name, "1", data, X, Y, targets=targets, max_batch_size=16,
+                    routing={"gpu_min_rows": 8, "gpu_min_bytes": 1 << 30})
+        write_triton_repo(root, name, "1", root / name / "1" / "model.onnx", list(X), list(Y), 16,
+                          tensorrt_fp16=False, warmup=False)
+    overrides = {"RouterFunction": {"BREAKER_FAILURE_THRESHOLD": "2", "BREAKER_COOLDOWN_S": str(COOLDOWN_S),
+                                    "BREAKER_SUCCESS_THRESHOLD": "1", "HEALTH_TTL_S": "0.2",
+                                    "TRITON_TIMEOUT_S": "2"}}
+    with LocalStack(root, port=0, batch=False, workdir=tmp_path_factory.mktemp("serve"),
+                    env_overrides=overrides) as s:
+        s.weights = (w, b)
+        yield s
+
+
+def _infer(stack, model: str, rows: int, headers: dict | None = None, seed: int = 0):
+    x = np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    req = urllib.request.Request(f"{stack.url}/v2/models/{model}/infer", data=body, method="POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
+            return resp.status, dict(resp.headers), json.loads(resp.read()), x
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read()), x
+
+
+def _check_values(stack, body, x):
+    w, b = stack.weights
+    y = np.asarray(body["outputs"][0]["data"], dtype=np.float32).reshape(len(x), 3)
+    np.testing.assert_allclose(y, x @ w + b, rtol=1e-4, atol=1e-5)
+
+
+def _wait_served_by(stack, tier: str, deadline_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s:
+        status, headers, _, _ = _infer(stack, "lin", 32)
+        if status == 200 and headers.get("x-served-by") == tier and "x-fallback" not in headers:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise AssertionError(f"not served by {tier} within {deadline_s} s")
+
+
+def test_small_batches_go_to_cpu_and_large_batches_to_the_gpu(stack):
+    # Given a model on both tiers with gpu_min_rows 8
+    # When a 2-row and a 32-row request arrive (32 > max_batch_size 16: the GPU backend splits it)
+    small = _infer(stack, "lin", 2)
+    large = _infer(stack, "lin", 32, seed=1)
+    # Then the small one is served by the CPU function and the large one by Triton, both correctly
+    assert small[0] == 200 and small[1]["x-served-by"] == "cpu" and "x-fallback" not in small[1]
+    assert large[0] == 200 and large[1]["x-served-by"] == "gpu"
+    _check_values(stack, small[2], small[3])
+    _check_values(stack, large[2], large[3])
+
+
+def test_the_x_target_hint_overrides_the_size_rule(stack):
+    status, headers, body, x = _infer(stack, "lin", 2, {"x-target": "gpu"})
+    assert status == 200 and headers["x-served-by"] == "gpu"
+    _check_values(stack, body, x)
+    status, headers, _, _ = _infer(stack, "lin", 32, {"x-target": "cpu"})
+    assert status == 200 and headers["x-served-by"] == "cpu"
+    status, _, body, _ = _infer(stack, "lin-gpu", 2, {"x-target": "cpu"})
+    assert status == 400 and "not deployed on cpu" in body["error"]
+
+
+def test_binary_tensor_extension_through_an_unchanged_tritonclient(stack):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(stack.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("lin")
+    meta = client.get_model_metadata("lin")
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    x = np.random.default_rng(3).standard_normal((32, 4)).astype(np.float32)
+    w, b = stack.weights
+    for binary in (False, True):
+        inp = httpclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput("y", binary_data=binary)
+        result = client.infer("lin", [inp], outputs=[out], request_id=f"bin-{binary}")
+        np.testing.assert_allclose(result.as_numpy("y"), x @ w + b, rtol=1e-4, atol=1e-5)
+        assert result.get_response()["id"] == f"bin-{binary}"
+        has_size = "binary_data_size" in result.get_response()["outputs"][0].get("parameters", {})
+        assert has_size == binary
+    client.close()
+
+
+def test_killed_triton_opens_the_circuit_falls_back_and_recovers_after_restart(stack):
+    # Given Triton serving large batches
+    _wait_served_by(stack, "gpu", 10)
+    # When Triton is killed
+    stack.triton.kill()
+    # Then the next requests fall back to the CPU copy of the model, marked as fallbacks
+    for i in range(4):
+        status, headers, body, x = _infer(stack, "lin", 32, seed=10 + i)
+        assert status == 200 and headers["x-served-by"] == "cpu"
+        assert headers["x-fallback"] == "gpu-unavailable"
+        _check_values(stack, body, x)
+    # And a GPU-only model gets a fast 503 with Retry-After, not a hang or a 500
+    t0 = time.monotonic()
+    status, headers, body, _ = _infer(stack, "lin-gpu", 2)
+    elapsed = time.monotonic() - t0
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert "GPU tier only" in body["error"]
+    assert elapsed < 5, f"503 took {elapsed:.2f} s"
+    # When Triton comes back while the circuit is open
+    stack.triton.restart()
+    status, headers, _, _ = _infer(stack, "lin", 32)
+    # Then requests keep falling back until the cool-down ends (no wasted GPU attempts)...
+    assert status == 200 and headers["x-served-by"] == "cpu" and headers["x-fallback"] == "gpu-unavailable"
+    # ...and the GPU serves again within the cool-down plus the health TTL
+    waited = _wait_served_by(stack, "gpu", COOLDOWN_S + 10)
+    assert waited <= COOLDOWN_S + 10
+    status, headers, body, x = _infer(stack, "lin-gpu", 2)
+    assert status == 200 and headers["x-served-by"] == "gpu"
+    _check_values(stack, body, x)
+
+
+def test_lambda_invoke_endpoint_serves_the_cpu_function_as_boto3_calls_it(stack):
+    import boto3
+
+    client = boto3.client("lambda", endpoint_url=stack.url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+    payload = {"model_name": "lin", "inference_request": {"inputs": [
+        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}}
+    out = client.invoke(FunctionName="CpuInferenceFunction", Payload=json.dumps(payload).encode())
+    reply = json.loads(out["Payload"].read())
+    assert out["StatusCode"] == 200 and "FunctionError" not in out
+    assert reply["statusCode"] == 200 and reply["headers"]["x-served-by"] == "cpu"
+    w, b = stack.weights
+    y = np.asarray(json.loads(reply["body"])["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(y, np.array([1.0, 2.0, 3.0, 4.0], np.float32) @ w + b, rtol=1e-5)
