@@ -53,6 +53,9 @@ compile-demo: $(STAMP) ## compile the bundled digits classifier into $(MODELS)
 	$(BIN)/tierserve compile tierserve_compiler.demo:digits_classifier --name digits --version 1 \
 	  --validation $(MODELS)/.data/digits_val.npz --quantize auto --out $(MODELS)
 
+compile-minilm: $(STAMP) ## compile all-MiniLM-L6-v2 (PyTorch path) for the GPU tier with a CPU fallback
+	$(PY) -m tierserve_compiler.zoo build-minilm --out $(MODELS) --target both
+
 demo: $(STAMP) ## compile the demo model, invoke it through the router, print predictions + accuracy
 	$(PY) -m tierserve.local.demo --models $(MODELS)
 

@@ -3,7 +3,10 @@
 1. compile the bundled digits classifier (scikit-learn, load_digits) with `tierserve compile`;
 2. invoke it through RouterFunction with `tierserve invoke` on an HTTP API event holding the
    held-out rows, and print the predictions, their accuracy and the x-served-by header.
-Later steps (the local stack over HTTP, the GPU tier, batch jobs) run when their parts exist.
+3. compile all-MiniLM-L6-v2 (PyTorch -> ONNX, int8) for both tiers, start `tierserve serve`
+   (API Gateway emulation, CPU function, the real local Triton, moto_server) and, over HTTP:
+   one sentence (CPU tier), 128 sentences (GPU tier), then Triton stopped mid-run (CPU fallback);
+4. drop a JSONL file into the local bucket and print the batch job's _SUCCESS manifest.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def compile_digits(models: Path) -> None:
     manifest = models / "manifest.json"
     if manifest.is_file() and "1" in (json.loads(manifest.read_text())["models"].get("digits", {})
                                       .get("versions", {})):
-        print(f"\n[1/2] digits v1 is already compiled in {models} (versions are immutable); skipping compile")
+        print(f"\n[1/4] digits v1 is already compiled in {models} (versions are immutable); skipping compile")
         return
-    print("\n[1/2] compile the bundled digits classifier")
+    print("\n[1/4] compile the bundled digits classifier")
     run([tierserve(), "compile", "tierserve_compiler.demo:digits_classifier", "--name", "digits", "--version", "1",
          "--validation", str(val), "--quantize", "auto", "--out", str(models)])
 
@@ -63,7 +66,7 @@ def print_variants(models: Path) -> None:
 
 
 def invoke_holdout(models: Path, rows: int) -> None:
-    print("\n[2/2] invoke it through RouterFunction, locally, as API Gateway would")
+    print("\n[2/4] invoke it through RouterFunction, locally, as API Gateway would")
     data = np.load(models / ".data" / "digits_val.npz")
     x, labels = data["input"][:rows], data["_labels"][:rows]
     event = json.loads((ROOT / "events" / "http_infer.json").read_text())
@@ -88,15 +91,97 @@ def invoke_holdout(models: Path, rows: int) -> None:
     print(f"accuracy on {len(labels)} held-out digits: {float((pred == labels).mean()):.4f}")
 
 
+def http_infer(url: str, model: str, arrays: dict, headers: dict | None = None) -> tuple[int, dict, dict]:
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": "INT64",
+                                   "data": v.ravel().tolist()} for k, v in arrays.items()],
+                       "outputs": [{"name": "sentence_embedding"}]}).encode()
+    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=body, method="POST",  # noqa: S310
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read())
+
+
+def compile_minilm(models: Path) -> None:
+    manifest = json.loads((models / "manifest.json").read_text())
+    if "minilm" in manifest["models"]:
+        print(f"\n[3/4] minilm is already compiled in {models}; skipping compile")
+        return
+    print("\n[3/4] compile all-MiniLM-L6-v2 through the PyTorch path, for the GPU tier with a CPU fallback")
+    run([sys.executable, "-m", "tierserve_compiler.zoo", "build-minilm", "--out", str(models), "--target", "both"])
+
+
+def serve_story(models: Path) -> None:
+    from tierserve.local.serve import LocalStack
+    from tierserve_compiler.zoo import SENTENCES, tokenize
+
+    print("\n$ tierserve serve --models", models, " (started in-process for the demo)")
+    with LocalStack(models, port=0, workdir=models.parent / "serve") as stack:
+        print(stack.describe())
+        one = tokenize(SENTENCES[:1])
+        many = tokenize([SENTENCES[i % len(SENTENCES)] for i in range(128)])
+
+        def show(label: str, status: int, headers: dict, body: dict) -> None:
+            lower = {k.lower(): v for k, v in headers.items()}
+            out = (body.get("outputs") or [{}])[0]
+            print(f"  {label:<44} status {status}  x-served-by: {lower.get('x-served-by')}"
+                  f"{'  x-fallback: ' + lower['x-fallback'] if 'x-fallback' in lower else ''}"
+                  f"  shape {out.get('shape', body.get('error'))}")
+
+        show("1 sentence", *http_infer(stack.url, "minilm", one))
+        show("128 sentences", *http_infer(stack.url, "minilm", many))
+        if stack.triton is not None:
+            print("  -- stopping Triton mid-run --")
+            stack.triton.stop()
+            for i in range(3):
+                show(f"128 sentences after Triton stopped (#{i + 1})", *http_infer(stack.url, "minilm", many))
+        batch_story(stack)
+
+
+def batch_story(stack: object) -> None:
+    import time
+
+    print("\n[4/4] drop a file into the local bucket: s3://BUCKET/batch/in/digits/demo-job.jsonl")
+    s3 = stack.client("s3")  # type: ignore[attr-defined]
+    from tierserve.local.serve import BUCKET
+
+    s3.put_object(Bucket=BUCKET, Key="batch/in/digits/demo-job.jsonl",
+                  Body=(ROOT / "events" / "demo-job.jsonl").read_bytes())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            success = s3.get_object(Bucket=BUCKET, Key="batch/out/digits/demo-job/_SUCCESS")["Body"].read()
+            break
+        except s3.exceptions.NoSuchKey:
+            time.sleep(0.5)
+    else:
+        raise SystemExit("demo: the batch job did not finish within 60 s; see build/serve/BatchInferenceFunction.log")
+    print("_SUCCESS:")
+    print(json.dumps(json.loads(success), indent=2))
+    part = s3.get_object(Bucket=BUCKET, Key="batch/out/digits/demo-job/part-00000.jsonl")["Body"].read()
+    print("part-00000.jsonl (first 2 lines):")
+    for line in part.decode().splitlines()[:2]:
+        print(" ", line[:160])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", type=Path, default=Path("build/models"))
     ap.add_argument("--rows", type=int, default=450)
+    ap.add_argument("--quick", action="store_true", help="only steps 1-2 (no MiniLM, no local stack)")
     args = ap.parse_args()
     models = args.models.resolve()
     compile_digits(models)
     print_variants(models)
     invoke_holdout(models, args.rows)
+    if not args.quick:
+        compile_minilm(models)
+        serve_story(models)
     return 0
 
 
