@@ -1,145 +1,108 @@
-"""`tierserve serve`: the whole stack on loopback, no Docker, no AWS account.
+"""`tierserve serve`: the whole stack on loopback, with no Docker and no AWS account.
 
-- **API Gateway HTTP API emulation** on ``--port``: each HTTP request becomes a real HTTP API
-  payload-2.0 event (binary bodies base64-encoded, as API Gateway does) handed to RouterFunction.
-- **A Lambda Invoke endpoint** on the same port (``POST /2015-03-31/functions/{name}/invocations``):
-  the router reaches CpuInferenceFunction through boto3 and ``AWS_ENDPOINT_URL_LAMBDA``, the same
-  code path as in AWS.
-- **Each function runs in its own warm worker process** (``tierserve.local.worker``) with the
-  environment template.yaml gives it, so settings and caches are per function, as in Lambda.
-- **moto_server** for S3, SQS and DynamoDB: the model store is uploaded to the model bucket, and the
-  bucket's ``batch/in/`` ObjectCreated notifications go to an SQS queue that a poller delivers to
-  BatchInferenceFunction (as the template's event source mapping does).
-- **The real tritonserver** (nvidia-pytriton wheel) over ``MODELS/triton`` when it exists.
+* **API Gateway HTTP API** (``tierserve.local.apigw``): every HTTP request becomes a real
+  payload-format-2.0 event and is handed to RouterFunction's handler, in this process, with a
+  LambdaContext-like object (30 s, API Gateway's integration limit).
+* **Lambda Invoke endpoint** (``tierserve.local.lambda_endpoint``): CpuInferenceFunction (and
+  BatchInferenceFunction) in warm worker processes, each with its own environment from
+  template.yaml. The router runs with ``CPU_BACKEND=lambda`` and reaches it with boto3 ``Invoke``
+  through ``AWS_ENDPOINT_URL_LAMBDA``, the same code path as in AWS.
+* **Triton**: the real ``tritonserver`` from the nvidia-pytriton wheel over ``MODELS/triton``
+  (converted for the local Python backend by ``tierserve.local.triton``), when both exist.
+* **S3** (optional, ``--s3``): a ``moto_server``; the models folder is uploaded to a bucket and
+  every function reads ``MODEL_STORE_URI=s3://...``. When ``tierserve.batch.local`` exists, the
+  batch queues are created, S3 notifications wired, and a poller feeds BatchInferenceFunction.
+
+Function environments come from template.yaml (``tierserve.local.sam.function_spec``) with
+``events/local-env.json``-style overrides, then the local endpoints. ``LocalStack`` is the same
+stack as a context manager for tests; each component is optional.
 """
 
 from __future__ import annotations
 
-import base64
+import argparse
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tierserve.local.moto import MotoServer
-from tierserve.local.sam import function_spec, load_template
+from tierserve.errors import ConfigurationError, TierserveError
+from tierserve.local.apigw import INTEGRATION_TIMEOUT_S, ApiGatewayServer, context_factory
+from tierserve.local.lambda_endpoint import FunctionError, LambdaEndpoint, LocalFunction
+from tierserve.local.sam import FunctionSpec, function_spec, load_env_vars, load_template
 
+ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
+FUNCTIONS = (ROUTER, CPU, BATCH)
+#: The model bucket's name as template.yaml gives it for account 123456789012 in us-east-1.
 BUCKET = "tierserve-models-123456789012-us-east-1"
 MODEL_PREFIX = "models"
 JOB_TABLE = "tierserve-jobs"
-FUNCTIONS = ("RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction")
-_INVOKE_RE = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations$")
-_TEXT_TYPES = ("application/json", "text/", "application/x-www-form-urlencoded")
-AWS_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-
-
-class FunctionWorker:
-    """One warm execution environment: a worker process; one invocation at a time (like Lambda)."""
-
-    def __init__(self, logical_id: str, handler: str, env: dict[str, str], timeout_s: int, log: Any) -> None:
-        self.logical_id = logical_id
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tierserve.local.worker", handler], env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-            start_new_session=True,  # Ctrl-C reaches `tierserve serve`, which stops workers in order;
-        )                            # a worker also exits on its own when its stdin closes
-        assert self._proc.stdout is not None
-        ready = self._proc.stdout.readline()
-        if not ready:
-            raise RuntimeError(f"{logical_id} worker failed to start; see its log")
-
-    def invoke(self, event: Any) -> dict[str, Any]:
-        with self._lock:
-            assert self._proc.stdin is not None and self._proc.stdout is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"{self.logical_id} worker exited with {self._proc.returncode}")
-            self._proc.stdin.write(json.dumps({"event": event, "timeout_s": self.timeout_s}) + "\n")
-            self._proc.stdin.flush()
-            line = self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.logical_id} worker died during the invocation; see its log")
-        return json.loads(line)
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            if self._proc.stdin:
-                self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-
-def http_api_event(method: str, raw_path: str, query: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
-    """An API Gateway HTTP API payload-format-2.0 event, as API Gateway builds it."""
-    from urllib.parse import parse_qsl
-
-    lowered = {k.lower(): v for k, v in headers.items()}
-    ctype = lowered.get("content-type", "")
-    is_text = not body or ctype.startswith(_TEXT_TYPES)
-    now = time.time()
-    event: dict[str, Any] = {
-        "version": "2.0",
-        "routeKey": "$default",
-        "rawPath": raw_path,
-        "rawQueryString": query,
-        "headers": lowered,
-        "requestContext": {
-            "accountId": "123456789012", "apiId": "local", "domainName": "localhost", "domainPrefix": "localhost",
-            "http": {"method": method, "path": raw_path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
-                     "userAgent": lowered.get("user-agent", "")},
-            "requestId": str(uuid.uuid4()), "routeKey": "$default", "stage": "$default",
-            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)), "timeEpoch": int(now * 1000),
-        },
-        "isBase64Encoded": not is_text,
-    }
-    if query:
-        event["queryStringParameters"] = dict(parse_qsl(query))
-    if body:
-        event["body"] = body.decode("utf-8") if is_text else base64.b64encode(body).decode()
-    return event
+#: Env vars stripped from the serve process before a function environment is layered on top.
+_LAMBDA_PREFIXES = ("POWERTOOLS_", "AWS_LAMBDA_")
+_AWS_LOCAL = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+    "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+}  # fmt: skip
 
 
 class LocalStack:
-    """The local stack; a context manager. Each component is optional."""
+    """The local tierserve stack; ``with LocalStack(DIR, port=0) as stack: stack.url``.
 
-    def __init__(self, models: Path, port: int = 3000, host: str = "127.0.0.1", triton: bool = True,
-                 batch: bool = True, template: Path = Path("template.yaml"), workdir: Path | None = None,
-                 env_overrides: dict[str, dict[str, str]] | None = None) -> None:
+    Parameters (every component is optional):
+        models: the compiler's output folder (``manifest.json``, ``NAME/VERSION/*.onnx``, ``triton/``).
+        port, host: where the API (and the Invoke API, on the same port) listens; port 0 = a free port.
+        triton: True = a local tritonserver over ``models/triton`` when it exists and the wheel is
+            installed; False = no GPU tier; a started ``TritonServer`` = use that one (the caller's).
+        s3: serve the models from a moto_server bucket (as in AWS) instead of the folder.
+        batch: with ``s3``, the batch queues, the S3 -> SQS wiring and pollers for BatchInferenceFunction.
+        env_overrides: SAM ``--env-vars`` format ({"Parameters": {...}, "<LogicalId>": {...}}), applied
+            over template.yaml, ``env_vars`` (a file; default events/local-env.json) and the local wiring.
+        env: extra variables for every function (e.g. {"BREAKER_COOLDOWN_S": "2"}).
+        router_inprocess: call RouterFunction's handler in this process (default, as the API
+            emulation does); False = in a worker process like the other functions.
+        cpu_workers: concurrent execution environments for CpuInferenceFunction.
+    """
+
+    def __init__(self, models: Path | str = Path("build/models"), port: int = 3000, host: str = "127.0.0.1",
+                 triton: Any = True, batch: bool = True, template: Path | str = Path("template.yaml"),
+                 workdir: Path | None = None, env_overrides: dict[str, dict[str, str]] | None = None, *,
+                 s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
+                 router_inprocess: bool = True, cpu_workers: int = 2) -> None:
         self.models = Path(models).resolve()
         self.host, self.port = host, port
-        self.want_triton, self.want_batch = triton, batch
-        self.template = template
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tierserve-serve-"))
+        self.triton_option = triton
+        self.s3 = s3
+        self.want_batch = batch and s3
+        self.template = Path(template).resolve()
+        self._tmp_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tierserve-serve-"))
         self.env_overrides = env_overrides or {}
-        self.moto: MotoServer | None = None
+        self.extra_env = {k: str(v) for k, v in (env or {}).items()}
+        default_env = Path("events/local-env.json")
+        self.env_vars = Path(env_vars) if env_vars else (default_env if default_env.is_file() else None)
+        self.router_inprocess = router_inprocess
+        self.cpu_workers = cpu_workers
         self.triton: Any = None
-        self.workers: dict[str, FunctionWorker] = {}
-        self.httpd: ThreadingHTTPServer | None = None
+        self.moto: Any = None
+        self.lambda_endpoint: LambdaEndpoint | None = None
+        self.api: ApiGatewayServer | None = None
         self.queues: dict[str, str] = {}
+        self.model_store_uri = ""
+        self.env_file: Path | None = None
+        self.notes: list[str] = []
+        self._own_triton = False
+        self._saved_env: dict[str, str] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._logs: list[Any] = []
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    # --- lifecycle -----------------------------------------------------------------------------------
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -155,212 +118,324 @@ class LocalStack:
             raise
         return self
 
+    # --- start ---------------------------------------------------------------------------------------
+
     def _start(self) -> None:
         if not (self.models / "manifest.json").is_file():
-            raise RuntimeError(f"no manifest.json in {self.models}; compile a model first (tierserve compile)")
+            raise ConfigurationError(f"no manifest.json in {self.models}; compile a model first (tierserve compile)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.moto = MotoServer(self.workdir / "moto.log").start()
-        self._provision_aws()
-        if self.want_triton and (self.models / "triton").is_dir() and any((self.models / "triton").iterdir()):
-            from tierserve.local.triton import TritonServer, build_local_repository
-
-            repo = build_local_repository(self.models / "triton", self.workdir / "triton-repo")
-            self.triton = TritonServer(repo, log_path=self.workdir / "triton.log").start()
-        self.httpd = ThreadingHTTPServer((self.host, self.port), _handler_class(self))
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._spawn(threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True))
-        self.env_file = self._write_env_file()
-        for fn in FUNCTIONS:
-            if fn == "BatchInferenceFunction" and not self.want_batch:
-                continue
-            self.workers[fn] = self._worker(fn)
+        template = load_template(self.template)
+        file_overrides = load_env_vars(self.env_vars)
+        self._start_triton()
+        self.model_store_uri = str(self.models)
+        if self.s3:
+            self._start_moto()
+        # Bind the port first: the functions need AWS_ENDPOINT_URL_LAMBDA before they start.
+        self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._invoke_api)
+        self.port = self.api.port
+        envs = {fn: self.function_env(fn) for fn in FUNCTIONS}
+        self.env_file = self.workdir / "env.json"
+        self.env_file.write_text(json.dumps(envs, indent=2))
+        specs = {fn: self._spec(template, file_overrides, fn, envs[fn]) for fn in FUNCTIONS}
+        functions = [self._local_function(specs[CPU], max_workers=self.cpu_workers)]
         if self.want_batch:
-            self._start_batch_poller()
+            functions.append(self._local_function(specs[BATCH], max_workers=1))
+        if not self.router_inprocess:
+            functions.append(self._local_function(specs[ROUTER], max_workers=4))
+        self.lambda_endpoint = LambdaEndpoint(functions, host=self.host)
+        if self.router_inprocess:
+            self._router = self._inprocess_router(specs[ROUTER])
+        self.api.start()
+        if self.want_batch:
+            self._start_batch_pollers()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
-        for t in self._threads:
-            t.join(timeout=10)
-        for w in self.workers.values():
-            w.stop()
-        self.workers.clear()
-        if self.triton is not None:
-            self.triton.stop()
-            self.triton = None
+    def function_env(self, logical_id: str) -> dict[str, str]:
+        """What `tierserve serve` sets for a function, over template.yaml (also written to env.json)."""
+        env = {
+            "MODEL_STORE_URI": self.model_store_uri,
+            "MODEL_CACHE_DIR": str(self.workdir / "cache" / logical_id),
+            "TRITON_URL": self.triton.http_url if self.triton is not None else "",
+            "TRITON_PROTOCOL": "http",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+        }
+        if logical_id == ROUTER:
+            env.update({"CPU_BACKEND": "lambda", "CPU_FUNCTION_NAME": CPU, "AWS_ENDPOINT_URL_LAMBDA": self.url,
+                        **_AWS_LOCAL})
+        else:
+            env["CPU_BACKEND"] = "inprocess"
         if self.moto is not None:
-            self.moto.stop()
-            self.moto = None
-        for f in self._logs:
-            f.close()
-        self._logs.clear()
+            env.update({**_AWS_LOCAL, "AWS_ENDPOINT_URL_S3": self.moto.url, "AWS_ENDPOINT_URL_SQS": self.moto.url,
+                        "AWS_ENDPOINT_URL_DYNAMODB": self.moto.url})
+        if logical_id == BATCH and self.queues:
+            env.update({"JOB_TABLE": JOB_TABLE, "CONTINUATION_QUEUE_URL": self.queues["jobs_queue_url"]})
+        env.update(self.extra_env)
+        env.update(self.env_overrides.get("Parameters", {}))
+        env.update(self.env_overrides.get(logical_id, {}))
+        return {k: str(v) for k, v in env.items()}
 
-    def _spawn(self, thread: threading.Thread) -> None:
-        self._threads.append(thread)
-        thread.start()
+    def _spec(self, template: dict[str, Any], file_overrides: dict[str, Any], logical_id: str,
+              local: dict[str, str]) -> FunctionSpec:
+        spec = function_spec(template, logical_id, self.template.parent, file_overrides)
+        spec.environment = {**spec.environment, **local}
+        return spec
 
-    # --- AWS resources in moto_server ------------------------------------------------------------------
+    def _local_function(self, spec: FunctionSpec, max_workers: int) -> LocalFunction:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_LAMBDA_PREFIXES)}
+        env.update(_lambda_env(spec))
+        env.update(spec.environment)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(spec.code_uri), os.environ.get("PYTHONPATH", "")]))
+        return LocalFunction(spec.logical_id, spec.handler, env, spec.memory_mb, spec.timeout_s, max_workers,
+                             log_path=str(self.workdir / f"{spec.logical_id}.log"))
+
+    def _inprocess_router(self, spec: FunctionSpec) -> Any:
+        """RouterFunction in this process: its environment goes into os.environ (restored by stop())."""
+        from importlib import import_module
+
+        from tierserve.api import reset_app
+        from tierserve.settings import reset_settings
+
+        self._saved_env = dict(os.environ)
+        for k in [k for k in os.environ if k.startswith(_LAMBDA_PREFIXES)]:
+            del os.environ[k]
+        os.environ.update(_lambda_env(spec))
+        os.environ.update(spec.environment)
+        reset_settings()
+        reset_app()
+        module_name, _, func = spec.handler.rpartition(".")
+        handler = getattr(import_module(module_name), func)
+        make_ctx = context_factory(ROUTER, spec.memory_mb, min(spec.timeout_s, INTEGRATION_TIMEOUT_S))
+        return lambda event: handler(event, make_ctx())
+
+    def _route_http(self, event: dict[str, Any], _context: Any) -> Any:
+        """API Gateway's integration: RouterFunction, in-process or through its worker."""
+        if self.router_inprocess:
+            return self._router(event)
+        assert self.lambda_endpoint is not None
+        return self.lambda_endpoint.functions[ROUTER].invoke(event)
+
+    def _invoke_api(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+        if self.lambda_endpoint is None:
+            return None
+        return self.lambda_endpoint.handle(method, target, headers, body)
+
+    def _start_triton(self) -> None:
+        opt = self.triton_option
+        if opt is False or opt is None:
+            self.notes.append("gpu: none")
+            return
+        if opt is not True:  # a TritonServer the caller started and manages
+            self.triton = opt
+            self.notes.append(f"gpu: triton {opt.http_url}")
+            return
+        from tierserve.local.triton import TritonServer, build_local_repository, pytriton_available
+
+        prod = self.models / "triton"
+        if not prod.is_dir() or not any(prod.glob("*/config.pbtxt")):
+            self.notes.append(f"gpu: none (no {prod})")
+            return
+        if not pytriton_available():
+            self.notes.append("gpu: none (nvidia-pytriton not installed)")
+            return
+        repo_dir = self.workdir / "triton-repo"
+        shutil.rmtree(repo_dir, ignore_errors=True)
+        repo = build_local_repository(prod, repo_dir)
+        self.triton = TritonServer(repo, log_path=self.workdir / "triton.log").start()
+        self._own_triton = True
+        self.notes.append(f"gpu: triton {self.triton.http_url}")
 
     def client(self, service: str) -> Any:
+        """A boto3 client for the stack's moto_server."""
         import boto3
 
-        assert self.moto is not None
-        return boto3.client(service, endpoint_url=self.moto.url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+        assert self.moto is not None, "this stack runs without moto_server (s3=False)"
+        return boto3.client(service, endpoint_url=self.moto.url, **_creds())
 
-    def _provision_aws(self) -> None:
-        from tierserve.batch.local import create_local_stack, wire_local_notifications
+    def _start_moto(self) -> None:
+        from tierserve.local.moto import MotoServer
 
+        self.moto = MotoServer(self.workdir / "moto.log").start()
         s3 = self.client("s3")
-        self.queues = create_local_stack(s3, self.client("dynamodb"), self.client("sqs"), BUCKET, JOB_TABLE)
+        batch_local = None
+        if self.want_batch:
+            try:
+                from tierserve.batch import local as batch_local
+            except ImportError:
+                self.want_batch = False
+                self.notes.append("batch: not available")
+        if batch_local is not None:
+            self.queues = batch_local.create_local_stack(s3, self.client("dynamodb"), self.client("sqs"), BUCKET,
+                                                         JOB_TABLE)
+        else:
+            s3.create_bucket(Bucket=BUCKET)
         for path in sorted(self.models.rglob("*")):
             rel = path.relative_to(self.models).as_posix()
             if path.is_file() and not rel.startswith(("triton/", ".")) and "/." not in rel:
                 s3.upload_file(str(path), BUCKET, f"{MODEL_PREFIX}/{rel}")
-        wire_local_notifications(s3, self.client("sqs"), BUCKET, self.queues["queue_url"])
+        if batch_local is not None:
+            batch_local.wire_local_notifications(s3, self.client("sqs"), BUCKET, self.queues["queue_url"])
+            self.notes.append(f"batch: s3://{BUCKET}/batch/in/ -> {BATCH}")
+        self.model_store_uri = f"s3://{BUCKET}/{MODEL_PREFIX}"
+        self.notes.append(f"s3: moto {self.moto.url} ({self.model_store_uri})")
 
-    def function_env(self, logical_id: str) -> dict[str, str]:
-        assert self.moto is not None
-        common = {
-            **AWS_TEST_CREDENTIALS,
-            "MODEL_STORE_URI": f"s3://{BUCKET}/{MODEL_PREFIX}",
-            "MODEL_CACHE_DIR": str(self.workdir / "cache" / logical_id),
-            "AWS_ENDPOINT_URL": self.moto.url,
-            "AWS_ENDPOINT_URL_LAMBDA": self.url,
-            "CPU_FUNCTION_NAME": "CpuInferenceFunction",
-            "TRITON_URL": self.triton.http_url if self.triton is not None else "",
-            "JOB_TABLE": JOB_TABLE,
-            "CONTINUATION_QUEUE_URL": self.queues.get("jobs_queue_url", ""),
-            "POWERTOOLS_TRACE_DISABLED": "true",
-        }
-        return {**common, **self.env_overrides.get("Parameters", {}), **self.env_overrides.get(logical_id, {})}
-
-    def _write_env_file(self) -> Path:
-        """SAM `--env-vars` format, so `tierserve invoke FN -e EVENT --env-vars FILE` uses this stack."""
-        path = self.workdir / "env.json"
-        path.write_text(json.dumps({fn: self.function_env(fn) for fn in FUNCTIONS}, indent=2))
-        return path
-
-    def _worker(self, logical_id: str) -> FunctionWorker:
-        template = load_template(self.template)
-        spec = function_spec(template, logical_id, self.template.parent, {logical_id: self.function_env(logical_id)})
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERTOOLS_", "AWS_"))}
-        env.update({"AWS_LAMBDA_FUNCTION_NAME": logical_id, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
-                    "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout_s), "AWS_SAM_LOCAL": "true"})
-        env.update(spec.environment)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(spec.code_uri), os.environ.get("PYTHONPATH", "")]))
-        log = open(self.workdir / f"{logical_id}.log", "ab")  # noqa: SIM115 - closed in stop()
-        self._logs.append(log)
-        return FunctionWorker(logical_id, spec.handler, env, spec.timeout_s, log)
-
-    def _start_batch_poller(self) -> None:
+    def _start_batch_pollers(self) -> None:
         from tierserve.batch.local import poll_queue_forever
 
-        worker = self.workers["BatchInferenceFunction"]
+        assert self.lambda_endpoint is not None
+        fn = self.lambda_endpoint.functions[BATCH]
 
-        def handler(event: dict, context: Any) -> Any:
-            reply = worker.invoke(event)
-            if "error" in reply:
-                raise RuntimeError(reply["error"]["errorMessage"])
-            return reply["result"]
+        def handler(event: dict[str, Any], _context: Any) -> Any:
+            try:
+                return fn.invoke(event)
+            except FunctionError as exc:  # the event source mapping sees a failed invocation
+                raise RuntimeError(exc.payload.get("errorMessage", "BatchInferenceFunction failed")) from None
 
         for key in ("queue_url", "jobs_queue_url"):
-            self._spawn(threading.Thread(
-                target=poll_queue_forever, args=(self.queues[key], handler, self._stop),
-                kwargs={"sqs_client": self.client("sqs")}, name=f"serve-poll-{key}", daemon=True))
+            t = threading.Thread(target=poll_queue_forever, args=(self.queues[key], handler, self._stop),
+                                 kwargs={"sqs_client": self.client("sqs")}, name=f"serve-poll-{key}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
-    # --- request handling -------------------------------------------------------------------------
+    # --- use and stop ----------------------------------------------------------------------------------
 
     def invoke(self, logical_id: str, event: Any) -> dict[str, Any]:
-        worker = self.workers.get(logical_id)
-        if worker is None:
-            raise KeyError(logical_id)
-        return worker.invoke(event)
+        """Invoke a function as Lambda would: {"result": ...} or {"error": {...}} (KeyError if unknown)."""
+        if logical_id == ROUTER and self.router_inprocess:
+            return {"result": self._router(event)}
+        assert self.lambda_endpoint is not None
+        fn = self.lambda_endpoint.functions[logical_id]
+        try:
+            return {"result": fn.invoke(event)}
+        except FunctionError as exc:
+            return {"error": exc.payload}
+
+    def stop(self) -> None:
+        """Stop everything this stack started, in order (idempotent); a caller's Triton is left running.
+
+        Every step runs even when an earlier one fails, so a failure never leaves orphans."""
+        self._stop.set()
+        errors: list[BaseException] = []
+        for step in (self._stop_api, self._stop_pollers, self._stop_functions, self._stop_triton,
+                     self._stop_moto, self._restore_env):
+            try:
+                step()
+            except Exception as exc:  # keep stopping the rest
+                errors.append(exc)
+        if self._tmp_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+    def _stop_api(self) -> None:
+        api, self.api = self.api, None
+        if api is not None:
+            api.stop()
+
+    def _stop_pollers(self) -> None:
+        for t in self._threads:
+            t.join(timeout=10)
+        self._threads = []
+
+    def _stop_functions(self) -> None:
+        endpoint, self.lambda_endpoint = self.lambda_endpoint, None
+        if endpoint is not None:
+            endpoint.stop()
+
+    def _stop_triton(self) -> None:
+        if self.triton is not None and self._own_triton:
+            triton, self.triton = self.triton, None
+            triton.stop(grace_s=5.0)
+
+    def _stop_moto(self) -> None:
+        moto, self.moto = self.moto, None
+        if moto is not None:
+            moto.stop()
+
+    def _restore_env(self) -> None:
+        if self._saved_env is None:
+            return
+        from tierserve.api import reset_app
+        from tierserve.settings import reset_settings
+
+        os.environ.clear()
+        os.environ.update(self._saved_env)
+        self._saved_env = None
+        reset_settings()
+        reset_app()
 
     def describe(self) -> str:
-        triton = f"triton {self.triton.http_url}" if self.triton is not None else "none"
-        return (f"tierserve serve: ready on {self.url} (cpu: lambda-invoke CpuInferenceFunction, gpu: {triton}, "
-                f"s3/sqs/dynamodb: moto {self.moto.url if self.moto else '-'}, bucket {BUCKET}, "
-                f"env for tierserve invoke: {self.env_file})")
+        """The one ready line."""
+        where = "in-process" if self.router_inprocess else "worker"
+        cpu = f"cpu: lambda-invoke {CPU} at {self.url}/2015-03-31/functions/{CPU}/invocations"
+        return (f"tierserve serve: ready on {self.url} (router: {where}; {cpu}; {'; '.join(self.notes)}; "
+                f"logs and env.json in {self.workdir})")
+
+    ready_line = describe
 
 
-def _handler_class(stack: LocalStack) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "tierserve-local"
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet: functions log to their own files
-            pass
-
-        def _body(self) -> bytes:
-            length = int(self.headers.get("content-length") or 0)
-            return self.rfile.read(length) if length else b""
-
-        def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
-            self.send_response(status)
-            for k, v in headers.items():
-                if k.lower() not in ("content-length", "connection", "transfer-encoding"):
-                    self.send_header(k, v)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _dispatch(self) -> None:
-            path, _, query = self.path.partition("?")
-            body = self._body()
-            m = _INVOKE_RE.match(path)
-            if m and self.command == "POST":
-                return self._lambda_invoke(m.group("name"), body)
-            reply = stack.invoke("RouterFunction", http_api_event(self.command, path, query, dict(self.headers), body))
-            if "error" in reply:  # API Gateway answers 500 when the integration fails
-                return self._send(500, {"content-type": "application/json"}, b'{"message":"Internal Server Error"}')
-            resp = reply["result"]
-            raw = resp.get("body") or ""
-            payload = base64.b64decode(raw) if resp.get("isBase64Encoded") else raw.encode("utf-8")
-            return self._send(int(resp.get("statusCode", 200)), dict(resp.get("headers") or {}), payload)
-
-        def _lambda_invoke(self, name: str, body: bytes) -> None:
-            name = name.rsplit(":", 1)[-1]  # accept ARNs
-            try:
-                reply = stack.invoke(name, json.loads(body or b"{}"))
-            except KeyError:
-                msg = {"Type": "User", "message": f"Function not found: {name}"}
-                return self._send(404, {"x-amzn-errortype": "ResourceNotFoundException"}, json.dumps(msg).encode())
-            headers = {"content-type": "application/json", "x-amz-executed-version": "$LATEST"}
-            if "error" in reply:
-                headers["x-amz-function-error"] = "Unhandled"
-                return self._send(200, headers, json.dumps(reply["error"]).encode())
-            return self._send(200, headers, json.dumps(reply["result"]).encode())
-
-        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch  # noqa: N815
-
-    return Handler
+def _creds() -> dict[str, str]:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+            "region_name": "us-east-1"}
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("serve", help="run the whole stack on loopback (API, functions, Triton, moto)")
+def _lambda_env(spec: FunctionSpec) -> dict[str, str]:
+    return {
+        "AWS_LAMBDA_FUNCTION_NAME": spec.logical_id,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
+        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout_s),
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_SAM_LOCAL": "true",
+        "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    }
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:  # type: ignore[no-untyped-def]
+    p = subparsers.add_parser("serve", help="run the whole stack on loopback: API, CPU Lambda, Triton, S3")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--models", type=Path, default=Path("build/models"))
-    p.add_argument("--no-triton", action="store_true", help="do not start the local tritonserver")
-    p.add_argument("--no-batch", action="store_true", help="no BatchInferenceFunction or queue poller")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output folder")
+    p.add_argument("--no-triton", action="store_true", help="no GPU tier")
+    p.add_argument("--no-s3", action="store_true", help="read models from the folder; no moto_server, no batch")
+    p.add_argument("--no-batch", action="store_true", help="no BatchInferenceFunction or queue pollers")
+    p.add_argument("--router-worker", action="store_true",
+                   help="run RouterFunction in a worker process instead of in-process")
     p.add_argument("--workdir", type=Path, default=Path("build/serve"), help="logs, caches, env.json")
-    p.set_defaults(func=run)
+    p.add_argument("-t", "--template", type=Path, default=Path("template.yaml"))
+    p.add_argument("-n", "--env-vars", type=Path, default=None, help="SAM-format environment overrides file")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for every function (repeatable), e.g. BREAKER_COOLDOWN_S=5")
+    p.set_defaults(func=run_cli)
 
 
-def run(args: Any) -> int:
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir / "triton-repo", ignore_errors=True)
+def run_cli(args: argparse.Namespace) -> int:
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(args.models, port=args.port, host=args.host, triton=not args.no_triton,
-                    batch=not args.no_batch, workdir=args.workdir) as stack:
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    extra = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
+    stack = LocalStack(args.models, port=args.port, host=args.host, triton=not args.no_triton,
+                       batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
+                       env=extra, env_vars=args.env_vars, router_inprocess=not args.router_worker)
+    try:
+        stack.start()
         print(stack.describe(), flush=True)
-        stop.wait()
-        print("tierserve serve: shutting down", file=sys.stderr, flush=True)
-    return 0
+        warned = False
+        while not stop.wait(0.5):
+            if stack._own_triton and stack.triton is not None and not stack.triton.is_running() and not warned:
+                print("tierserve serve: tritonserver is not running; GPU requests fall back (see the log)",
+                      file=sys.stderr, flush=True)
+                warned = True
+        return 0
+    except (TierserveError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        stack.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        print("tierserve serve: stopped", file=sys.stderr, flush=True)

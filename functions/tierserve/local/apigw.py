@@ -1,0 +1,224 @@
+"""API Gateway HTTP API emulation: real HTTP requests in, payload-format-2.0 events to a handler.
+
+``http_api_event`` builds the event exactly as API Gateway does for a ``$default`` route
+(version 2.0, routeKey, rawPath, rawQueryString, lower-cased headers with repeated values
+comma-joined, cookies, queryStringParameters, requestContext.http, requestId/time, body
+base64-encoded with ``isBase64Encoded: true`` unless the content type is text). ``write_result``
+turns the handler's result back into an HTTP response (a dict with statusCode/headers/body, or
+any other JSON value, which API Gateway serves as a 200 application/json body).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl
+
+#: Content types API Gateway passes through as text; every other body is base64-encoded.
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
+               "application/x-www-form-urlencoded", "+json", "+xml")
+#: Lambda's synchronous invocation payload limit: a bigger event never reaches the function.
+MAX_EVENT_BYTES = 6 * 1024 * 1024
+#: API Gateway's maximum integration timeout.
+INTEGRATION_TIMEOUT_S = 30
+
+Handler = Callable[[dict[str, Any], Any], Any]
+ContextFactory = Callable[[], Any]
+#: (method, target, headers, body) -> (status, headers, body), or None when the request is not its.
+Extra = Callable[[str, str, dict[str, str], bytes], "tuple[int, dict[str, str], bytes] | None"]
+
+
+def _is_text(content_type: str | None, body: bytes) -> bool:
+    if not body:
+        return True
+    ct = (content_type or "").lower()
+    if not any(t in ct for t in _TEXT_TYPES):
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def http_api_event(method: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                   source_ip: str = "127.0.0.1", stage: str = "$default") -> dict[str, Any]:
+    """An HTTP API (payload format 2.0) event for one request, as API Gateway builds it."""
+    path, _, raw_query = target.partition("?")
+    merged: dict[str, str] = {}
+    cookies: list[str] = []
+    for k, v in headers:
+        key = k.lower()
+        if key == "cookie":
+            cookies.extend(c.strip() for c in v.split(";") if c.strip())
+            continue
+        merged[key] = f"{merged[key]},{v}" if key in merged else v
+    query: dict[str, str] = {}
+    for k, v in parse_qsl(raw_query, keep_blank_values=True):
+        query[k] = f"{query[k]},{v}" if k in query else v
+    now = datetime.now(UTC)
+    request_id = base64.b32encode(uuid.uuid4().bytes)[:16].decode().rstrip("=")
+    text = _is_text(merged.get("content-type"), body)
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": raw_query,
+        "headers": merged,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "local",
+            "domainName": merged.get("host", "localhost"),
+            "domainPrefix": merged.get("host", "localhost").split(".")[0],
+            "http": {
+                "method": method.upper(),
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": source_ip,
+                "userAgent": merged.get("user-agent", ""),
+            },
+            "requestId": request_id,
+            "routeKey": "$default",
+            "stage": stage,
+            "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+            "timeEpoch": int(now.timestamp() * 1000),
+        },
+        "isBase64Encoded": not text,
+    }
+    if cookies:
+        event["cookies"] = cookies
+    if query:
+        event["queryStringParameters"] = query
+    if body:
+        event["body"] = body.decode("utf-8") if text else base64.b64encode(body).decode()
+    return event
+
+
+def result_to_http(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+    """(status, headers, body) for a handler's result, interpreted as API Gateway does (format 2.0)."""
+    if not isinstance(result, dict) or "statusCode" not in result:
+        body = json.dumps(result).encode() if not isinstance(result, str) else result.encode()
+        return 200, [("content-type", "application/json")], body
+    status = int(result["statusCode"])
+    headers = [(str(k), str(v)) for k, v in (result.get("headers") or {}).items()]
+    for k, values in (result.get("multiValueHeaders") or {}).items():
+        headers.extend((str(k), str(v)) for v in values)
+    headers.extend(("set-cookie", str(c)) for c in result.get("cookies") or [])
+    raw = result.get("body")
+    if raw is None:
+        body = b""
+    elif result.get("isBase64Encoded"):
+        body = base64.b64decode(raw)
+    else:
+        body = (raw if isinstance(raw, str) else json.dumps(raw)).encode()
+    return status, headers, body
+
+
+class ApiGatewayServer:
+    """A ``ThreadingHTTPServer`` that serves every request through ``handler(event, context)``."""
+
+    def __init__(self, handler: Handler, context_factory: ContextFactory, host: str = "127.0.0.1",
+                 port: int = 0, extra: Extra | None = None) -> None:
+        self.handler = handler
+        self.context_factory = context_factory
+        self.also = extra  # other APIs on the same port (the Lambda Invoke API); None = not theirs
+        self._server = ThreadingHTTPServer((host, port), _make_request_handler(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ApiGatewayServer:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="apigw", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+    def invoke(self, event: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+        try:
+            result = self.handler(event, self.context_factory())
+        except Exception:  # Lambda reports an unhandled error; API Gateway answers 500
+            import logging
+
+            logging.getLogger("tierserve.local").exception("RouterFunction raised")
+            return 500, [("content-type", "application/json")], b'{"message":"Internal Server Error"}'
+        return result_to_http(result)
+
+
+def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
+    class RequestHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "tierserve-apigw-local"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            apigw_id = str(uuid.uuid4())
+            if gw.also is not None:
+                other = gw.also(self.command, self.path, dict(self.headers.items()), body)
+                if other is not None:
+                    self._send(other[0], list(other[1].items()), other[2], "")
+                    return
+            if len(body) * 4 // 3 > MAX_EVENT_BYTES:
+                self._send(413, [("content-type", "application/json")], b'{"message":"Request Entity Too Large"}',
+                           apigw_id)
+                return
+            event = http_api_event(self.command, self.path, list(self.headers.items()), body,
+                                   self.client_address[0])
+            status, headers, payload = gw.invoke(event)
+            self._send(status, headers, payload, event["requestContext"]["requestId"])
+
+        def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, request_id: str) -> None:
+            self.send_response(status)
+            skip = {"content-length", "connection", "transfer-encoding", "date", "server"}
+            for k, v in headers:
+                if k.lower() not in skip:
+                    self.send_header(k, v)
+            if request_id:
+                self.send_header("apigw-requestid", request_id)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
+
+    return RequestHandler
+
+
+def context_factory(function_name: str, memory_mb: int, timeout_s: float) -> ContextFactory:
+    """A LambdaContext-like object per invocation (remaining time counts down from ``timeout_s``)."""
+    from tierserve.local._child import LocalContext
+
+    def make() -> Any:
+        return LocalContext(function_name, memory_mb, int(timeout_s))
+
+    return make
+
+
+__all__ = ["ApiGatewayServer", "context_factory", "http_api_event", "result_to_http"]

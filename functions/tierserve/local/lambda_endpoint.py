@@ -1,0 +1,354 @@
+"""A local Lambda Invoke endpoint: ``POST /2015-03-31/functions/{name}/invocations``, as boto3 calls it.
+
+Each function runs in warm worker processes (one execution environment = one process, one
+invocation at a time, like Lambda), with the function's own environment from template.yaml.
+The handler module is imported once per worker (cold start) and reused (warm). Replies follow
+the Lambda Invoke API: 200 with the handler's JSON result; an unhandled exception is a 200 with
+``X-Amz-Function-Error: Unhandled`` and ``{"errorMessage", "errorType"}``; an unknown function is
+404 ``ResourceNotFoundException``. boto3 with ``AWS_ENDPOINT_URL_LAMBDA`` pointed here works as
+against AWS. ``python -m tierserve.local.lambda_endpoint HANDLER`` is the worker itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import traceback
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$")
+#: Lambda's synchronous invocation payload limit (request and response).
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+
+
+class FunctionError(Exception):
+    """The function raised (Lambda's ``Unhandled`` function error)."""
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        super().__init__(payload.get("errorMessage", ""))
+        self.payload = payload
+
+
+@dataclass(eq=False)
+class LocalFunction:
+    """One function from template.yaml: its handler, environment, memory and timeout."""
+
+    name: str
+    handler: str
+    environment: dict[str, str]
+    memory_mb: int = 128
+    timeout_s: int = 3
+    max_workers: int = 4
+    aliases: tuple[str, ...] = ()
+    log_path: str | None = None  # the workers' stderr (the function's logs); None = inherit
+    _idle: list[_Worker] = field(default_factory=list, repr=False)
+    _all: list[_Worker] = field(default_factory=list, repr=False)
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _closed: bool = False
+
+    def invoke(self, event: Any) -> Any:
+        """Run the handler on a warm worker (starting one if none is idle); FunctionError if it raised."""
+        worker = self._acquire()
+        ok = False
+        try:
+            result = worker.call(event, self.timeout_s)
+            ok = True
+            return result
+        except FunctionError:
+            ok = True  # the worker is healthy; the handler raised
+            raise
+        finally:
+            self._release(worker, healthy=ok)
+
+    def _acquire(self) -> _Worker:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise RuntimeError(f"function {self.name} is shut down")
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._all) < self.max_workers:
+                    break
+                self._cond.wait()
+            placeholder = _Worker.placeholder()
+            self._all.append(placeholder)
+        try:
+            worker = _Worker.start(self)
+        except BaseException:
+            with self._cond:
+                self._all.remove(placeholder)
+                self._cond.notify()
+            raise
+        with self._cond:
+            self._all[self._all.index(placeholder)] = worker
+        return worker
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
+        with self._cond:
+            if healthy and not self._closed and worker.alive():
+                self._idle.append(worker)
+            else:
+                worker.stop()
+                with contextlib.suppress(ValueError):
+                    self._all.remove(worker)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            workers, self._all, self._idle = list(self._all), [], []
+            self._cond.notify_all()
+        for w in workers:
+            w.stop()
+
+
+class _Worker:
+    """A warm execution environment: a child process running ``main()`` below."""
+
+    def __init__(self, proc: subprocess.Popen | None) -> None:
+        self.proc = proc
+
+    @classmethod
+    def placeholder(cls) -> _Worker:
+        return cls(None)
+
+    @classmethod
+    def start(cls, fn: LocalFunction) -> _Worker:
+        env = dict(fn.environment)
+        log = open(fn.log_path, "ab") if fn.log_path else None  # noqa: SIM115 - the child keeps its copy
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tierserve.local.lambda_endpoint", fn.handler],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                start_new_session=True,  # Ctrl-C goes to `tierserve serve`, which stops workers in order
+            )
+        finally:
+            if log is not None:
+                log.close()
+        worker = cls(proc)
+        line = proc.stdout.readline() if proc.stdout else b""
+        if not line:
+            worker.stop()
+            raise RuntimeError(f"{fn.name}: worker exited before it was ready (rc={proc.poll()}); see stderr")
+        return worker
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def call(self, event: Any, timeout_s: float) -> Any:
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"event": event, "timeout_s": timeout_s}).encode() + b"\n")
+        proc.stdin.flush()
+        timer = threading.Timer(timeout_s + 1.0, self._timeout_kill)
+        timer.start()
+        try:
+            line = proc.stdout.readline()
+        finally:
+            timer.cancel()
+        if not line:
+            raise FunctionError({"errorMessage": f"Task timed out after {timeout_s:.2f} seconds"
+                                 if proc.poll() == -9 else "Runtime exited without providing a reason",
+                                 "errorType": "Runtime.ExitError"})
+        reply = json.loads(line)
+        if "error" in reply:
+            raise FunctionError(reply["error"])
+        return reply["result"]
+
+    def _timeout_kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(Exception):
+            if proc.stdin:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+class LambdaEndpoint:
+    """``ThreadingHTTPServer`` serving the Invoke API for ``functions``; a context manager."""
+
+    def __init__(self, functions: list[LocalFunction], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.functions: dict[str, LocalFunction] = {}
+        for fn in functions:
+            for key in (fn.name, *fn.aliases):
+                self.functions[key] = fn
+        self.host, self.port = host, port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply | None:
+        """Serve an Invoke request (used by this endpoint's server and by `tierserve serve`'s port)."""
+        return handle_invoke(self, method, target, headers, body)
+
+    def lookup(self, name: str) -> LocalFunction | None:
+        name = unquote(name)
+        # FunctionName may be a name, an ARN, or a partial ARN, optionally with :qualifier.
+        if ":function:" in f":{name}":
+            name = f":{name}".split(":function:", 1)[1]
+        return self.functions.get(name.split(":", 1)[0])
+
+    def start(self) -> LambdaEndpoint:
+        """Serve the Invoke API on its own port (``tierserve serve`` shares the API's port instead)."""
+        self._server = ThreadingHTTPServer((self.host, self.port), _make_handler(self))
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="lambda-endpoint", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (if started) and every warm worker."""
+        if self._server is not None:
+            self._server.shutdown()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._server.server_close()
+            self._server, self._thread = None, None
+        for fn in {id(f): f for f in self.functions.values()}.values():
+            fn.close()
+
+    def __enter__(self) -> LambdaEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _make_handler(endpoint: LambdaEndpoint) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "tierserve-lambda-local"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            reply = endpoint.handle("POST", self.path, dict(self.headers.items()), raw)
+            status, headers, body = reply or _error(404, "ResourceNotFoundException", f"no such API: {self.path}")
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def _reply(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Reply:
+    return status, {"Content-Type": "application/json", "x-amzn-RequestId": str(uuid.uuid4()), **(headers or {})}, body
+
+
+def _error(status: int, error_type: str, message: str) -> Reply:
+    return _reply(status, json.dumps({"Type": "User", "message": message}).encode(), {"x-amzn-ErrorType": error_type})
+
+
+def handle_invoke(endpoint: LambdaEndpoint, method: str, target: str, headers: Mapping[str, str],
+                  raw: bytes) -> Reply | None:
+    """The Invoke API for one HTTP request; None when the path is not an Invoke path."""
+    path = target.split("?", 1)[0]
+    m = INVOKE_PATH.match(path)
+    if m is None or method != "POST":
+        return None
+    lower = {k.lower(): v for k, v in headers.items()}
+    fn = endpoint.lookup(m.group("name"))
+    if fn is None:
+        known = ", ".join(sorted(endpoint.functions))
+        return _error(404, "ResourceNotFoundException", f"Function not found: {m.group('name')} (local: {known})")
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        return _error(413, "RequestTooLargeException",
+                      f"Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation")
+    try:
+        event = json.loads(raw or b"{}")
+    except ValueError:
+        return _error(400, "InvalidRequestContentException", "Could not parse request body into json")
+    invocation_type = lower.get("x-amz-invocation-type", "RequestResponse")
+    if invocation_type == "Event":
+        threading.Thread(target=_swallow, args=(fn, event), daemon=True).start()
+        return _reply(202, b"")
+    if invocation_type == "DryRun":
+        return _reply(204, b"")
+    try:
+        result = fn.invoke(event)
+    except FunctionError as exc:
+        return _reply(200, json.dumps(exc.payload).encode(),
+                      {"X-Amz-Function-Error": "Unhandled", "X-Amz-Executed-Version": "$LATEST"})
+    except Exception as exc:  # the worker could not start: a service error
+        return _error(500, "ServiceException", f"{type(exc).__name__}: {exc}")
+    body = json.dumps(result).encode()
+    if len(body) > MAX_PAYLOAD_BYTES:
+        payload = {"errorMessage": f"Response payload size ({len(body)} bytes) exceeded maximum allowed "
+                                   f"payload size ({MAX_PAYLOAD_BYTES} bytes).",
+                   "errorType": "Function.ResponseSizeTooLarge"}
+        return _reply(200, json.dumps(payload).encode(), {"X-Amz-Function-Error": "Unhandled"})
+    return _reply(200, body, {"X-Amz-Executed-Version": "$LATEST"})
+
+
+def _swallow(fn: LocalFunction, event: Any) -> None:
+    with contextlib.suppress(Exception):
+        fn.invoke(event)
+
+
+# --- the worker process --------------------------------------------------------------------------
+
+
+def main() -> int:
+    """Worker: import the handler once, then serve one JSON request per stdin line."""
+    handler_path = sys.argv[1]
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the function's prints and logs go to stderr, as in Lambda
+    sys.stdout = sys.stderr
+    module_name, _, func_name = handler_path.rpartition(".")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    from tierserve.local._child import LocalContext
+
+    name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "function")
+    memory = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"))
+    out.write('{"ready": true}\n')
+    for line in sys.stdin:
+        req = json.loads(line)
+        ctx = LocalContext(name, memory, int(float(req.get("timeout_s") or 3)))
+        try:
+            reply: dict[str, Any] = {"result": handler(req["event"], ctx)}
+        except Exception as exc:
+            traceback.print_exc()
+            reply = {"error": {"errorMessage": str(exc), "errorType": type(exc).__name__,
+                               "stackTrace": traceback.format_exception(exc)[-5:]}}
+        out.write(json.dumps(reply) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
