@@ -55,7 +55,10 @@ class LambdaInvokeBackend:
                     from botocore.config import Config
 
                     # No automatic retries: a retried Invoke could run the same request twice.
-                    cfg = Config(read_timeout=self.timeout_s, connect_timeout=2, retries={"max_attempts": 1})
+                    # (botocore's "max_attempts" counts retries, so 1 meant one retry; the total is what
+                    # must be 1.)
+                    cfg = Config(read_timeout=self.timeout_s, connect_timeout=2,
+                                 retries={"total_max_attempts": 1, "mode": "standard"})
                     self._client = boto3.client("lambda", config=cfg)
         return self._client
 
