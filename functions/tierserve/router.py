@@ -127,6 +127,11 @@ class Router:
             self.breaker.record_failure()
             self.health.invalidate(f"{model.name}/{model.version}")
             return self._fallback(model, request, decision, timeout, exc.message)
+        except BaseException:
+            # Anything else (a backend bug, ModelNotFoundError, KeyboardInterrupt) still ends the call:
+            # release a half-open trial, or the breaker would refuse every later trial for good.
+            self.breaker.record_failure()
+            raise
         self.breaker.record_success()
         return Routed(resp, "gpu", decision)
 
