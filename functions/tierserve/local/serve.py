@@ -204,7 +204,16 @@ class LocalStack:
         module_name, _, func = spec.handler.rpartition(".")
         handler = getattr(import_module(module_name), func)
         make_ctx = context_factory(ROUTER, spec.memory_mb, min(spec.timeout_s, INTEGRATION_TIMEOUT_S))
-        return lambda event: handler(event, make_ctx())
+        # One execution environment runs one invocation at a time, as in Lambda; Powertools' Logger
+        # and Metrics are per-process singletons that concurrent invocations would mix up. For
+        # concurrent router invocations use router_inprocess=False (a pool of worker processes).
+        lock = threading.Lock()
+
+        def invoke(event: dict[str, Any]) -> Any:
+            with lock:
+                return handler(event, make_ctx())
+
+        return invoke
 
     def _route_http(self, event: dict[str, Any], _context: Any) -> Any:
         """API Gateway's integration: RouterFunction, in-process or through its worker."""
