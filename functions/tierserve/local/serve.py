@@ -21,7 +21,9 @@ stack as a context manager for tests; each component is optional.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -97,6 +99,8 @@ class LocalStack:
         self.notes: list[str] = []
         self._own_triton = False
         self._saved_env: dict[str, str] | None = None
+        self._router_log: Any = None
+        self._router_log_restore: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -208,9 +212,18 @@ class LocalStack:
         # and Metrics are per-process singletons that concurrent invocations would mix up. For
         # concurrent router invocations use router_inprocess=False (a pool of worker processes).
         lock = threading.Lock()
+        # Its logs and EMF metrics go to RouterFunction.log like every other function's, so that
+        # stdout carries only the ready line (and callers' own output).
+        log = open(self.workdir / f"{ROUTER}.log", "a", buffering=1)  # noqa: SIM115 - closed in stop()
+        self._router_log = log
+        from tierserve.observability import logger as function_logger
+
+        stream_handler = getattr(function_logger, "registered_handler", None)
+        if isinstance(stream_handler, logging.StreamHandler):
+            self._router_log_restore = (stream_handler, stream_handler.setStream(log))
 
         def invoke(event: dict[str, Any]) -> Any:
-            with lock:
+            with lock, contextlib.redirect_stdout(log):
                 return handler(event, make_ctx())
 
         return invoke
@@ -360,6 +373,12 @@ class LocalStack:
             moto.stop()
 
     def _restore_env(self) -> None:
+        restore, self._router_log_restore = self._router_log_restore, None
+        if restore is not None:
+            restore[0].setStream(restore[1])
+        log, self._router_log = self._router_log, None
+        if log is not None:
+            log.close()
         if self._saved_env is None:
             return
         from tierserve.api import reset_app
