@@ -26,6 +26,10 @@ _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
 }
 
 
+#: Read timeouts (s) the router picks from for an Invoke, by the request's remaining budget.
+TIMEOUT_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
+
+
 def direct_payload(model: ModelVersion, request: InferRequest) -> dict[str, Any]:
     from tierserve.codec import encode_request
 
@@ -44,34 +48,54 @@ class LambdaInvokeBackend:
     def __init__(self, function_name: str, timeout_s: float = 30.0, client: Any = None) -> None:
         self.function_name = function_name
         self.timeout_s = timeout_s
-        self._client = client
+        self._client = client  # injected (tests): used for every timeout
+        self._clients: dict[float, Any] = {}
         self._lock = threading.Lock()
 
-    def client(self) -> Any:
-        if self._client is None:
+    def _bucket(self, timeout_s: float | None) -> float:
+        """The smallest read timeout in TIMEOUT_BUCKETS_S covering ``timeout_s`` (at most ``self.timeout_s``)."""
+        if timeout_s is None or timeout_s >= self.timeout_s:
+            return self.timeout_s
+        return next((b for b in TIMEOUT_BUCKETS_S if b >= timeout_s), self.timeout_s)
+
+    def client(self, timeout_s: float | None = None) -> Any:
+        """A boto3 Lambda client whose read timeout fits the request's remaining budget.
+
+        boto3 clients are thread-safe and keep their connection pools; there is one per bucket."""
+        if self._client is not None:
+            return self._client
+        bucket = self._bucket(timeout_s)
+        client = self._clients.get(bucket)
+        if client is None:
             with self._lock:
-                if self._client is None:
+                client = self._clients.get(bucket)
+                if client is None:
                     import boto3
                     from botocore.config import Config
 
                     # No automatic retries: a retried Invoke could run the same request twice.
                     # (botocore's "max_attempts" counts retries, so 1 meant one retry; the total is what
                     # must be 1.)
-                    cfg = Config(read_timeout=self.timeout_s, connect_timeout=2,
+                    cfg = Config(read_timeout=bucket, connect_timeout=min(2.0, bucket),
                                  retries={"total_max_attempts": 1, "mode": "standard"})
-                    self._client = boto3.client("lambda", config=cfg)
-        return self._client
+                    client = self._clients[bucket] = boto3.client("lambda", config=cfg)
+        return client
 
     def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         from tierserve.codec import decode_response
 
         payload = json.dumps(direct_payload(model, request)).encode()
         try:
-            out = self.client().invoke(
+            out = self.client(timeout_s).invoke(
                 FunctionName=self.function_name, InvocationType="RequestResponse", Payload=payload
             )
             reply = json.loads(out["Payload"].read() or b"{}")
         except Exception as exc:
+            if type(exc).__name__ in ("ReadTimeoutError", "ReadTimeout"):
+                # The function may still be running it: never retried, reported as a timeout (504).
+                raise errors.BackendTimeoutError(
+                    f"{self.function_name} did not answer within {self._bucket(timeout_s):g} s"
+                ) from exc
             raise errors.BackendUnavailableError(
                 f"cannot invoke {self.function_name}: {type(exc).__name__}: {exc}"
             ) from exc

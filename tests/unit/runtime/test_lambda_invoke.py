@@ -141,3 +141,21 @@ def test_round_trip_through_the_cpu_functions_own_handler(runtime_env, tmp_path)
     req = _request(5)
     resp = LambdaInvokeBackend("CpuInferenceFunction", client=Loopback()).infer(mv, req)
     np.testing.assert_allclose(resp.outputs[0].data, req.inputs[0].data @ w + b, rtol=1e-5)
+
+
+def test_read_timeout_follows_the_budget_in_buckets(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    backend = LambdaInvokeBackend("f", timeout_s=30)
+    assert backend.client(0.3).meta.config.read_timeout == 1.0
+    assert backend.client(4.0).meta.config.read_timeout == 5.0
+    assert backend.client(None).meta.config.read_timeout == 30
+    assert backend.client(45).meta.config.read_timeout == 30
+    assert backend.client(4.5) is backend.client(3.0)  # one client per bucket, reused
+
+
+def test_read_timeout_is_a_504_not_a_503() -> None:
+    from botocore.exceptions import ReadTimeoutError
+
+    fake = FakeLambda(exc=ReadTimeoutError(endpoint_url="http://x"))
+    with pytest.raises(errors.BackendTimeoutError, match="did not answer within 2 s"):
+        LambdaInvokeBackend("f", client=fake).infer(MODEL, _request(), timeout_s=1.5)

@@ -183,10 +183,11 @@ def test_invalid_request_on_gpu_is_a_400_not_a_breaker_failure(rig) -> None:
 
 def test_timeouts_come_from_the_remaining_budget(rig) -> None:
     router, _, gpu, _ = rig
+    # TRITON_TIMEOUT_S (5 here), or less when the budget (minus the response margin) is shorter
     router.infer(_mv(), _req(32), remaining_ms=2000)
     router.infer(_mv(), _req(32), remaining_ms=None)
     router.infer(_mv(), _req(32), remaining_ms=10)
-    assert gpu.timeouts == [pytest.approx(1.75), 5.0, 0.05]
+    assert gpu.timeouts == [pytest.approx(1.75, abs=0.01), 5.0, 0.05]
 
 
 def test_no_gpu_tier_serves_cpu_or_503(rig) -> None:
