@@ -171,6 +171,9 @@ def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
     class RequestHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "tierserve-apigw-local"
+        # Headers and body are separate writes: without TCP_NODELAY, Nagle + the client's delayed ACK
+        # stall each small response by ~40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

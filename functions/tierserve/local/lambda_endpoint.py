@@ -245,6 +245,9 @@ def _make_handler(endpoint: LambdaEndpoint) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "tierserve-lambda-local"
+        # Headers and body are separate writes: without TCP_NODELAY, Nagle + the client's delayed ACK
+        # stall each small response by ~40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
