@@ -1,4 +1,4 @@
-"""Issue 4 acceptance, router side: RouterFunction's handle_http in this process against a REAL
+"""Issue 4 acceptance, router side: RouterFunction's handler in this process against a REAL
 local tritonserver (tierserve.local.triton.TritonServer), with the CPU tier in-process.
 
 Models, built here: ``lin`` (GPU with a CPU fallback, gpu_min_rows 8) and ``lin-gpu`` (GPU only),
@@ -80,14 +80,16 @@ def router(models, triton, monkeypatch, tmp_path):
 
 
 def call(model: str, rows: int, headers: dict | None = None, seed: int = 0):
-    """POST /v2/models/{model}/infer through handle_http with a real HTTP API v2 event."""
-    from tierserve.api import handle_http
+    """POST /v2/models/{model}/infer through RouterFunction's handler with a real HTTP API v2 event."""
+    from tierserve.handlers.router import lambda_handler
+    from tierserve.local._child import LocalContext
 
     x = np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)
     body = json.dumps({"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
     hdrs = [("Content-Type", "application/json"), *((headers or {}).items())]
-    resp = handle_http(http_api_event("POST", f"/v2/models/{model}/infer", hdrs, body), None)
+    event = http_api_event("POST", f"/v2/models/{model}/infer", hdrs, body)
+    resp = lambda_handler(event, LocalContext("RouterFunction", 1024, 30))
     return resp["statusCode"], resp["headers"], json.loads(resp["body"]), x
 
 
