@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -277,10 +278,10 @@ class LocalStack:
 
         self.moto = MotoServer(self.workdir / "moto.log").start()
         s3 = self.client("s3")
-        batch_local = None
+        batch_local: Any = None
         if self.want_batch:
             try:
-                from tierserve.batch import local as batch_local
+                batch_local = importlib.import_module("tierserve.batch.local")
             except ImportError:
                 self.want_batch = False
                 self.notes.append("batch: not available")
