@@ -134,13 +134,15 @@ def main() -> int:
             for name in MODELS:  # warm each model
                 run_round(server.http_url, name, args.concurrency, 1.0, x)
             before = counters(server.metrics_url)
-            totals = {name: [0, 0.0, []] for name in MODELS}  # requests, seconds, latencies
+            counts = dict.fromkeys(MODELS, 0)
+            seconds = dict.fromkeys(MODELS, 0.0)
+            latencies: dict[str, list[float]] = {name: [] for name in MODELS}
             for _ in range(args.rounds):
                 for name in MODELS:
                     n, lat = run_round(server.http_url, name, args.concurrency, args.seconds, x)
-                    totals[name][0] += n
-                    totals[name][1] += args.seconds
-                    totals[name][2] += lat
+                    counts[name] += n
+                    seconds[name] += args.seconds
+                    latencies[name] += lat
             after = counters(server.metrics_url)
         print(f"dynamic batching, local tritonserver 2.51 (python-backend onnxruntime shim, CPU) | concurrency "
               f"{args.concurrency}, single-row binary HTTP requests, {args.rounds} x {args.seconds:.0f} s per model, "
@@ -148,7 +150,8 @@ def main() -> int:
               f"{os.cpu_count()} cores")
         print(f"{'model':<20}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'rows/exec':>11}")
         rates = {}
-        for name, (n, secs, lat) in totals.items():
+        for name in MODELS:
+            n, secs, lat = counts[name], seconds[name], latencies[name]
             execs = after.get(("nv_inference_exec_count", name), 0) - before.get(("nv_inference_exec_count", name), 0)
             reqs = after.get(("nv_inference_request_success", name), 0) - before.get(
                 ("nv_inference_request_success", name), 0)

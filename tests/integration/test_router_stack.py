@@ -55,7 +55,7 @@ def _infer(stack, model: str, rows: int, headers: dict | None = None, seed: int 
     req = urllib.request.Request(f"{stack.url}/v2/models/{model}/infer", data=body, method="POST",
                                  headers={"content-type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read()), x
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), json.loads(err.read()), x
@@ -155,7 +155,7 @@ def test_lambda_invoke_endpoint_serves_the_cpu_function_as_boto3_calls_it(stack)
     import boto3
 
     client = boto3.client("lambda", endpoint_url=stack.url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
     payload = {"model_name": "lin", "inference_request": {"inputs": [
         {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}}
     out = client.invoke(FunctionName="CpuInferenceFunction", Payload=json.dumps(payload).encode())
