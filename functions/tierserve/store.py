@@ -9,7 +9,6 @@ manifest's sha256 before anything loads it, and cached under ``MODEL_CACHE_DIR``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -210,6 +209,3 @@ def _aws_reason(exc: Exception) -> str:
         return f"{err.get('Code', 'error')} ({err.get('Message', '')})".strip()
     return f"{type(exc).__name__}: {exc}"
 
-
-def manifest_json(store: ModelStore) -> dict[str, Any]:
-    return json.loads(store.manifest().dumps())

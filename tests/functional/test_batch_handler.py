@@ -7,35 +7,16 @@ import json
 import pytest
 
 from tests.conftest import load_event
+from tests.support.batch_aws import mocked_batch_aws
 from tests.support.make_batch_events import BUCKET, INPUT_KEY, demo_jsonl
-from tierserve.batch import jobs as batch_jobs
 from tierserve.handlers import batch_inference
-
-TABLE = "tierserve-jobs"
 
 
 @pytest.fixture
 def aws(runtime_env, digits_store):
-    import boto3
-    from moto import mock_aws
-
-    from tierserve.batch.local import create_local_stack
-
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        runtime_env.setenv(k, v)
-    runtime_env.delenv("AWS_ENDPOINT_URL", raising=False)
-    runtime_env.setenv("MODEL_STORE_URI", str(digits_store))
-    runtime_env.setenv("JOB_TABLE", TABLE)
-    runtime_env.setenv("CHECKPOINT_MARGIN_MS", "1000")
-    batch_jobs.reset_clients()
-    with mock_aws():
-        s3 = boto3.client("s3")
-        urls = create_local_stack(s3, boto3.client("dynamodb"), boto3.client("sqs"), BUCKET, TABLE)
-        runtime_env.setenv("CONTINUATION_QUEUE_URL", urls["jobs_queue_url"])
-        s3.put_object(Bucket=BUCKET, Key=INPUT_KEY, Body=demo_jsonl())  # the object events/ describe
-        yield s3
-    batch_jobs.reset_clients()
+    with mocked_batch_aws(runtime_env, digits_store) as clients:
+        clients["s3"].put_object(Bucket=BUCKET, Key=INPUT_KEY, Body=demo_jsonl())  # the object events/ describe
+        yield clients["s3"]
 
 
 def _read(s3, key: str) -> bytes:

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from tierserve.errors import ConfigurationError, TierserveError
 from tierserve.local.apigw import INTEGRATION_TIMEOUT_S, ApiGatewayServer, context_factory
 from tierserve.local.lambda_endpoint import FunctionError, LambdaEndpoint, LocalFunction
 from tierserve.local.sam import FunctionSpec, function_spec, load_env_vars, load_template
+from tierserve.local.signals import stop_on_signals
 
 ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
 FUNCTIONS = (ROUTER, CPU, BATCH)
@@ -440,12 +440,11 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    stop = threading.Event()
+    with stop_on_signals() as stop:
+        return _serve(args, stop)
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop.set()
 
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     extra = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
     stack = LocalStack(args.models, port=args.port, host=args.host, triton=not args.no_triton,
                        batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
@@ -465,6 +464,4 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     finally:
         stack.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
         print("tierserve serve: stopped", file=sys.stderr, flush=True)

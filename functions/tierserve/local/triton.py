@@ -470,12 +470,13 @@ def register(subparsers) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    stop = threading.Event()
+    from tierserve.local.signals import stop_on_signals
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop.set()
+    with stop_on_signals() as stop:
+        return _run_foreground(args, stop)
 
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+def _run_foreground(args: argparse.Namespace, stop: threading.Event) -> int:
     tmp = None
     try:
         if args.work_dir is None:
@@ -512,7 +513,5 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
