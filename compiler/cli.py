@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tierserve_compiler.config import CALIBRATION_METHODS, PRESETS, QUANTIZE_MODES, make_config
+from tierserve_compiler.config import CALIBRATION_METHODS, PRESETS, make_config
 from tierserve_compiler.errors import CompilerError
+from tierserve_compiler.variants import QUANTIZE_MODES
 
 
 def _axis(text: str) -> tuple[str, int]:

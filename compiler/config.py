@@ -14,10 +14,8 @@ from typing import Any
 
 from tierserve_compiler.errors import ConfigError
 
-QUANTIZE_MODES = ("auto", "none", "dynamic", "static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("auto", "cpu", "gpu", "both")
-VARIANT_KEYS = ("fp32", "int8_dynamic", "int8_static", "fp16")
 
 PRICES_FILE = Path(__file__).with_name("prices.json")
 
@@ -59,7 +57,10 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class Budget:
-    """What "within the accuracy budget" means for ``--quantize auto``."""
+    """What "within the accuracy budget" means for ``--quantize auto``.
+
+    Each variant's record (``variants.VARIANTS``) carries its default budget; ``CompileConfig.budget``
+    overrides it for every variant."""
 
     max_rel_drop: float = 0.01  # <= 1 % relative drop of accuracy / relative error of regressors
     min_cosine: float = 0.99
@@ -90,7 +91,7 @@ class CompileConfig:
     optimization_level: str = "basic"  # offline ORT level for model.onnx: basic|extended
     max_batch_size: int = 64
     task: str | None = None  # classifier|regressor|embedding; None = detect from the outputs
-    budget: Budget = field(default_factory=Budget)
+    budget: Budget | None = None  # None = each variant's own default budget (variants.VARIANTS)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     limits: LambdaLimits = field(default_factory=LambdaLimits)
     tensorrt_fp16: bool = True
@@ -100,8 +101,8 @@ class CompileConfig:
 
     def validate(self) -> CompileConfig:
         """Refuse impossible combinations, with a message that says what to do instead."""
-        if self.quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"--quantize {self.quantize!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}")
+        from tierserve_compiler.variants import check_options  # the variant rules live with the variants
+
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target!r} is unknown; use one of cpu, gpu, both (or omit it)")
         if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
@@ -109,31 +110,7 @@ class CompileConfig:
                 f"--calibration-method {self.calibration_method!r} is unknown; use one of "
                 f"{', '.join(CALIBRATION_METHODS)}"
             )
-        if self.quantize == "static" and self.calibration is None:
-            raise ConfigError(
-                "static int8 quantization needs calibration data: pass --calibration or use --quantize dynamic "
-                "(--calibration takes an .npz of model inputs keyed by input name)"
-            )
-        if self.per_channel is True and self.quantize in ("none", "fp16"):
-            raise ConfigError(
-                f"--per-channel applies to int8 quantization, not --quantize {self.quantize}; "
-                "drop --per-channel or use --quantize dynamic|static|auto"
-            )
-        if self.calibration_method is not None and self.quantize in ("none", "dynamic", "fp16"):
-            raise ConfigError(
-                f"--calibration-method only applies to static quantization, not --quantize {self.quantize}; "
-                "drop it or use --quantize static|auto with --calibration FILE.npz"
-            )
-        if self.quantize == "fp16" and self.target == "cpu":
-            raise ConfigError(
-                "--quantize fp16 with --target cpu: onnxruntime's CPU kernels mostly lack fp16 and "
-                "insert casts, so fp16 is slower on CPU; use --quantize dynamic|static for CPU or --target gpu"
-            )
-        if self.quantize == "dynamic" and self.target == "gpu":
-            raise ConfigError(
-                "--quantize dynamic with --target gpu: dynamic int8 (MatMulInteger) only speeds up CPUs and "
-                "the GPU tier serves fp32/fp16; use --quantize fp16 for GPU or --target cpu|both"
-            )
+        check_options(self)
         if self.slo_ms is not None and self.slo_ms <= 0:
             raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
         if self.optimization_level not in ("basic", "extended"):

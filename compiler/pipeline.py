@@ -1,38 +1,46 @@
-"""``compile_model(config)``: export -> optimize -> quantize -> evaluate -> profile -> place ->
-write artifacts, Triton repository, reports and the manifest entry.
+"""``compile_model(config)``: export -> gate -> optimize -> quantize -> evaluate -> profile -> select ->
+place -> publish.
 
-Each step has one entry point here; ``compile_model`` runs them in order. Artifacts are built in a
-staging folder under DIR and moved into ``DIR/NAME/VERSION`` only when every step succeeded.
+Each step has one entry point here and ``compile_model`` runs them in order. What a variant is lives
+in ``variants.VARIANTS`` (one record per variant), the accuracy gate in ``gate.py``, and every write
+into the model store in ``publish.py``. Artifacts are built in a staging folder under DIR and
+published into ``DIR/NAME/VERSION`` only when every step succeeded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import fcntl
-import os
+import json
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
-
-from tierserve.manifest import MANIFEST_FILE, Manifest, ModelVersion, Variant, check_model_name, check_version
+from tierserve.manifest import ModelVersion, check_model_name, check_version
 from tierserve_compiler.config import CompileConfig, load_prices
 from tierserve_compiler.data import Dataset, load_npz, row_nbytes, sha256_file, synthetic_dataset
-from tierserve_compiler.errors import ArtifactExistsError, CompilerError, VariantError
+from tierserve_compiler.errors import CompilerError, VariantError
+from tierserve_compiler.gate import compare_outputs, gate, gate_datasets, run_onnx
 from tierserve_compiler.metrics import Task, choose_metrics, detect_task, evaluate_outputs, within_budget
 from tierserve_compiler.placement import Placement
 from tierserve_compiler.placement import place as _place
 from tierserve_compiler.profile import latency, profile_variant
-from tierserve_compiler.report import write_report
-from tierserve_compiler.sources import Exported, compare_outputs, gate, gate_datasets, run_onnx
+from tierserve_compiler.publish import (
+    existing_version,
+    next_version,
+    now_utc,
+    publish,
+    read_manifest,
+    variant_entries,
+    write_manifest_entry,
+)
+from tierserve_compiler.report import build_report, write_report
+from tierserve_compiler.sources import Exported
 from tierserve_compiler.sources import export as _export
 from tierserve_compiler.triton import write_triton_repo
-from tierserve_compiler.variants import MODE_VARIANTS, VARIANTS, filename
+from tierserve_compiler.variants import CPU, GPU, REFERENCE, VARIANTS, filename, mode_variants, serves
 
 
 @dataclass
@@ -47,6 +55,15 @@ class BuiltVariant:
     profile: dict[str, Any] | None = None
     decision: str = "built"
     reason: str = ""
+
+
+class Selection(NamedTuple):
+    """``selected``: what ``--quantize`` chose (the manifest's ``selected_variant``); ``cpu``: what the
+    CPU tier serves; ``triton``: what the GPU tier serves."""
+
+    selected: str
+    cpu: str
+    triton: str
 
 
 @dataclass
@@ -89,41 +106,6 @@ class Progress:
             self.console.print(f"  {text}")
 
 
-# --- manifest ------------------------------------------------------------------------------------
-
-
-def read_manifest(out_dir: Path) -> Manifest:
-    p = Path(out_dir) / MANIFEST_FILE
-    return Manifest.loads(p.read_text()) if p.exists() else Manifest.empty()
-
-
-def next_version(manifest: Manifest, name: str) -> str:
-    entry = manifest.models.get(name)
-    return str(max((int(v) for v in entry.versions), default=0) + 1) if entry else "1"
-
-
-@contextlib.contextmanager
-def _manifest_lock(out_dir: Path) -> Iterator[None]:
-    with open(Path(out_dir) / ".manifest.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def write_manifest_entry(out_dir: Path, mv: ModelVersion) -> Path:
-    """Add ``mv`` to ``DIR/manifest.json`` atomically (temp file + os.replace), keeping other models."""
-    out_dir = Path(out_dir)
-    with _manifest_lock(out_dir):
-        manifest = read_manifest(out_dir).with_version(mv)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(manifest.dumps())
-        os.replace(tmp, out_dir / MANIFEST_FILE)
-    return out_dir / MANIFEST_FILE
-
-
 # --- steps ---------------------------------------------------------------------------------------
 
 
@@ -137,8 +119,8 @@ def export_step(cfg: CompileConfig, workdir: Path) -> tuple[Exported, Dataset | 
 
 def optimize(exported: Exported, cfg: CompileConfig, workdir: Path, data: Dataset) -> BuiltVariant:
     """Build fp32 ``model.onnx`` (offline ORT optimisation) and check it still matches the export."""
-    dst = workdir / filename("fp32")
-    info = VARIANTS["fp32"](exported.onnx_path, dst, cfg, None)
+    dst = workdir / filename(REFERENCE)
+    info = VARIANTS[REFERENCE].build(exported.onnx_path, dst, cfg, None)
     feed = data.take(64).inputs
     res = compare_outputs(run_onnx(dst, feed), run_onnx(exported.onnx_path, feed), feed, cfg.gate_tolerance)
     bad = {k: v["error"] for k, v in res.items() if not v["ok"]}
@@ -147,57 +129,57 @@ def optimize(exported: Exported, cfg: CompileConfig, workdir: Path, data: Datase
             f"the optimised fp32 graph differs from the export on outputs {bad}; use optimization_level='basic'"
         )
     info["check_vs_export"] = {k: v["error"] for k, v in res.items()}
-    return BuiltVariant("fp32", dst, info)
+    return BuiltVariant(REFERENCE, dst, info)
+
+
+def _skip_reason(key: str, cfg: CompileConfig, calibration: Dataset | None) -> str | None:
+    """Why ``key`` is not built in this compile (``auto`` mode; explicit modes were checked up front)."""
+    spec = VARIANTS[key]
+    if spec.needs_calibration and calibration is None:
+        return f"no --calibration data: {key} needs calibration"
+    if cfg.target == GPU and not serves(key, GPU):
+        return f"--target gpu serves no CPU-only variant ({spec.why_tiers})"
+    if cfg.target == CPU and not serves(key, CPU):
+        return f"{key} does not serve the CPU tier ({spec.why_tiers}); --target cpu"
+    return None
 
 
 def quantize(cfg: CompileConfig, fp32: Path, workdir: Path, calibration: Dataset | None) -> list[BuiltVariant]:
     """Build the variants the ``--quantize`` mode asks for (besides fp32)."""
     out: list[BuiltVariant] = []
     explicit = cfg.quantize != "auto"
-    for key in MODE_VARIANTS[cfg.quantize][1:]:
-        if key == "int8_static" and calibration is None:
-            out.append(
-                BuiltVariant(
-                    key, None, decision="skipped", reason="no --calibration data: static int8 needs calibration"
-                )
-            )
-            continue
-        if key == "int8_dynamic" and cfg.target == "gpu":
-            out.append(BuiltVariant(key, None, decision="skipped", reason="--target gpu serves no CPU variant"))
-            continue
-        if key == "fp16" and cfg.target == "cpu":
-            out.append(BuiltVariant(key, None, decision="skipped", reason="fp16 is a GPU variant; --target cpu"))
+    for key in mode_variants(cfg.quantize)[1:]:
+        skip = _skip_reason(key, cfg, calibration)
+        if skip is not None:
+            out.append(BuiltVariant(key, None, decision="skipped", reason=skip))
             continue
         dst = workdir / filename(key)
         try:
-            info = VARIANTS[key](fp32, dst, cfg, calibration)
-            out.append(BuiltVariant(key, dst, info))
+            out.append(BuiltVariant(key, dst, VARIANTS[key].build(fp32, dst, cfg, calibration)))
         except VariantError as exc:
             if explicit:
                 raise
-            out.append(
-                BuiltVariant(
-                    key, None, decision="rejected", reason=f"could not be built: {exc.message}", error=exc.message
-                )
-            )
+            reason = f"could not be built: {exc.message}"
+            out.append(BuiltVariant(key, None, decision="rejected", reason=reason, error=exc.message))
     return out
 
 
 def evaluate(
     variants: list[BuiltVariant], data: Dataset, task: Task, names: tuple[str, ...], cfg: CompileConfig
 ) -> None:
-    """Metrics of every built variant against fp32 on the validation data."""
-    fp32 = next(v for v in variants if v.key == "fp32")
+    """Metrics of every built variant against fp32 on the validation data, and each variant's budget."""
+    fp32 = next(v for v in variants if v.key == REFERENCE)
     assert fp32.path is not None
     ref = run_onnx(fp32.path, data.inputs)
     for v in variants:
         if v.path is None:
             continue
-        got = ref if v.key == "fp32" else run_onnx(v.path, data.inputs)
+        got = ref if v.key == REFERENCE else run_onnx(v.path, data.inputs)
         v.metrics = evaluate_outputs(ref, got, task, names, data.labels)
     for v in variants:
-        if v.path is not None and v.key != "fp32":
-            v.within_budget, v.budget_reasons = within_budget(v.metrics, fp32.metrics, cfg.budget)
+        if v.path is not None and v.key != REFERENCE:
+            budget = cfg.budget or VARIANTS[v.key].budget
+            v.within_budget, v.budget_reasons = within_budget(v.metrics, fp32.metrics, budget)
 
 
 def profile(variants: list[BuiltVariant], data: Dataset, cfg: CompileConfig, workdir: Path) -> None:
@@ -206,32 +188,30 @@ def profile(variants: list[BuiltVariant], data: Dataset, cfg: CompileConfig, wor
             v.profile = profile_variant(v.path, data, cfg.profile, workdir)
 
 
-def select(variants: list[BuiltVariant], cfg: CompileConfig) -> tuple[str, str]:
+def select(variants: list[BuiltVariant], cfg: CompileConfig) -> Selection:
     """Pick the CPU variant and the GPU (Triton) variant; record why each variant was kept or rejected.
 
-    ``auto``: the fastest (p50 at batch 1, 1 thread) CPU variant within the accuracy budget that is
-    also no slower than fp32 at the largest batch; never an int8 slower than fp32. fp16 is only ever
-    the GPU variant (onnxruntime's CPU kernels lack fp16). Explicit modes select what was asked.
+    ``auto``: the fastest (p50 at batch 1, 1 thread) CPU-tier variant within its accuracy budget that
+    is also no slower than fp32 at the largest batch; never one slower than fp32. A variant that does
+    not serve the CPU tier is only ever the GPU variant (the first such variant within budget, else
+    fp32). Explicit modes select what was asked.
     """
     by = {v.key: v for v in variants}
-    fp32 = by["fp32"]
+    fp32 = by[REFERENCE]
     assert fp32.profile is not None
-    bmax = str(max(cfg.profile.batch_sizes))
-    b1 = str(min(cfg.profile.batch_sizes))
-    f1, fmax = latency(fp32.profile, int(b1), stat="p50_ms"), latency(fp32.profile, int(bmax), stat="p50_ms")
+    b1, bmax = min(cfg.profile.batch_sizes), max(cfg.profile.batch_sizes)
+    f1, fmax = latency(fp32.profile, b1, stat="p50_ms"), latency(fp32.profile, bmax, stat="p50_ms")
     fp32.decision, fp32.reason = "kept", f"reference; p50 b{b1} {f1:.3f} ms, b{bmax} {fmax:.3f} ms"
-    candidates = ["fp32"]
+    candidates = [REFERENCE]
     for v in variants:
-        if v.key == "fp32" or v.path is None or v.profile is None:
+        if v.key == REFERENCE or v.path is None or v.profile is None:
             continue
-        l1, lmax = latency(v.profile, int(b1), stat="p50_ms"), latency(v.profile, int(bmax), stat="p50_ms")
+        l1, lmax = latency(v.profile, b1, stat="p50_ms"), latency(v.profile, bmax, stat="p50_ms")
         speed = f"p50 b{b1} {l1:.3f} ms vs fp32 {f1:.3f}; b{bmax} {lmax:.3f} vs {fmax:.3f}"
         budget = "; ".join(v.budget_reasons)
-        if v.key == "fp16":
-            v.decision, v.reason = (
-                "kept" if v.within_budget else "rejected",
-                f"GPU variant only ({'within' if v.within_budget else 'over'} budget: {budget})",
-            )
+        if not serves(v.key, CPU):
+            v.decision = "kept" if v.within_budget else "rejected"
+            v.reason = f"GPU variant only ({'within' if v.within_budget else 'over'} budget: {budget})"
         elif not v.within_budget:
             v.decision, v.reason = "rejected", f"over the accuracy budget: {budget}"
         elif l1 > f1 or lmax > fmax:
@@ -239,23 +219,21 @@ def select(variants: list[BuiltVariant], cfg: CompileConfig) -> tuple[str, str]:
         else:
             v.decision, v.reason = "kept", f"within budget ({budget}); {speed}"
             candidates.append(v.key)
-    if cfg.quantize in ("dynamic", "static"):
-        key = "int8_dynamic" if cfg.quantize == "dynamic" else "int8_static"
-        if by[key].decision == "rejected":
-            by[key].reason += f"; selected anyway because --quantize {cfg.quantize} was requested"
-        by[key].decision = "selected"
-        selected = key
-    elif cfg.quantize == "fp16":
-        selected = "fp16"
-        by["fp16"].decision = "selected"
+    asked = [k for k in mode_variants(cfg.quantize)[1:] if k in by and by[k].path is not None]
+    if cfg.quantize != "auto" and asked:
+        selected = asked[0]
+        if by[selected].decision == "rejected":
+            by[selected].reason += f"; selected anyway because --quantize {cfg.quantize} was requested"
     else:
-        selected = min(candidates, key=lambda k: latency(by[k].profile or {}, int(b1), stat="p50_ms"))
-        by[selected].decision = "selected"
-    f16 = by.get("fp16")
-    triton = (
-        "fp16" if f16 is not None and f16.path is not None and (f16.within_budget or cfg.quantize == "fp16") else "fp32"
-    )
-    return selected, triton
+        selected = min(candidates, key=lambda k: latency(by[k].profile or {}, b1, stat="p50_ms"))
+    by[selected].decision = "selected"
+    gpu = [
+        v.key
+        for v in variants
+        if v.key != REFERENCE and serves(v.key, GPU) and v.path is not None
+        and (v.within_budget or v.key == selected)
+    ]  # fmt: skip
+    return Selection(selected, selected if serves(selected, CPU) else REFERENCE, gpu[0] if gpu else REFERENCE)
 
 
 def place(cpu_variant: BuiltVariant, data: Dataset, cfg: CompileConfig, prices: dict[str, Any]) -> Placement:
@@ -269,32 +247,30 @@ def place(cpu_variant: BuiltVariant, data: Dataset, cfg: CompileConfig, prices: 
     )
 
 
-# --- the whole thing -----------------------------------------------------------------------------
-
-
-def _existing_noop(
-    manifest: Manifest, out_dir: Path, name: str, version: str, sha: str, explicit: bool
-) -> ModelVersion | None:
-    entry = manifest.models.get(name)
-    mv = entry.versions.get(version) if entry else None
-    if mv is None and not explicit and entry:
-        latest = entry.versions[max(entry.versions, key=int)]
-        return latest if latest.variants["fp32"].sha256 == sha else None
-    if mv is None:
-        vdir = out_dir / name / version
-        if vdir.exists() and any(vdir.iterdir()):
-            raise ArtifactExistsError(
-                f"{vdir} exists but is not in the manifest (an interrupted compile?); "
-                "artifacts are immutable: delete that folder or compile another --version"
-            )
-        return None
-    if mv.variants["fp32"].sha256 == sha:
-        return mv
-    raise ArtifactExistsError(
-        f"{name} version {version} already exists with different content (fp32 sha256 "
-        f"{mv.variants['fp32'].sha256[:12]}... != {sha[:12]}...); artifacts are immutable: omit --version "
-        f"to get version {next_version(manifest, name)}, or pick an unused --version"
+def model_version(
+    name: str, version: str, exported: Exported, variants: list[BuiltVariant], sel: Selection, placement: Placement,
+    cfg: CompileConfig,
+) -> ModelVersion:  # fmt: skip
+    """The manifest entry, describing every built variant (rejected ones too: operators may switch)."""
+    staged = {v.key: v.path for v in variants if v.path is not None}
+    batched = bool(exported.inputs) and exported.inputs[0].shape[:1] == (-1,)
+    return ModelVersion(
+        name=name,
+        version=version,
+        inputs=tuple(exported.inputs),
+        outputs=tuple(exported.outputs),
+        variants=variant_entries(name, version, staged),
+        selected_variant=sel.selected,
+        targets=tuple(placement.targets),
+        cpu_variant=sel.cpu if CPU in placement.targets else None,
+        max_batch_size=cfg.max_batch_size if batched else 0,
+        routing=placement.routing,
+        cpu=placement.cpu,
+        created_at=now_utc(),
     )
+
+
+# --- the whole thing -----------------------------------------------------------------------------
 
 
 def compile_model(cfg: CompileConfig) -> CompileResult:
@@ -318,156 +294,52 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
         with prog.step("optimize fp32"):
             fp32 = optimize(exported, cfg, work, data)
         assert fp32.path is not None
-        sha = sha256_file(fp32.path)
-        existing = _existing_noop(manifest, out_dir, name, version, sha, explicit=cfg.version is not None)
+        existing = existing_version(
+            manifest, out_dir, name, version, sha256_file(fp32.path), explicit=cfg.version is not None
+        )
         if existing is not None:
             prog.note(f"{name} v{existing.version} already holds this model: nothing to do")
-            vdir = out_dir / name / existing.version
-            rep = vdir / "report.json"
-            import json
-
-            return CompileResult(
-                name,
-                existing.version,
-                out_dir,
-                vdir,
-                existing,
-                json.loads(rep.read_text()) if rep.exists() else {},
-                noop=True,
-            )
+            return _unchanged(out_dir, existing)
         with prog.step(f"quantize ({cfg.quantize})"):
             variants = [fp32, *quantize(cfg, fp32.path, work, calibration)]
         with prog.step(f"evaluate {', '.join(metric_names)}"):
             evaluate(variants, data, task, metric_names, cfg)
         with prog.step("profile each variant in a subprocess"):
             profile(variants, data, cfg, work)
-        selected, triton_variant = select(variants, cfg)
+        sel = select(variants, cfg)
         by = {v.key: v for v in variants}
-        cpu_key = selected if selected != "fp16" else "fp32"
         with prog.step("place"):
-            placement = place(by[cpu_key], data, cfg, prices)
+            placement = place(by[sel.cpu], data, cfg, prices)
         for r in placement.reasons:
             prog.note(f"{'ok ' if r.ok else 'NO '} {r.rule}: {r.detail}")
-
-        # commit: move the artifacts into DIR/NAME/VERSION
-        vdir = out_dir / name / version
-        vdir.mkdir(parents=True, exist_ok=True)
-        built = [v for v in variants if v.path is not None]  # rejected ones too: operators may switch
-        entries: dict[str, Variant] = {}
-        for v in built:
-            assert v.path is not None
-            final = vdir / v.path.name
-            os.replace(v.path, final)
-            v.path = final
-            entries[v.key] = Variant(
-                path=f"{name}/{version}/{final.name}", sha256=sha256_file(final), size_bytes=final.stat().st_size
-            )
-        max_batch = cfg.max_batch_size if exported.inputs and exported.inputs[0].shape[:1] == (-1,) else 0
-        created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        mv = ModelVersion(
-            name=name,
-            version=version,
-            inputs=tuple(exported.inputs),
-            outputs=tuple(exported.outputs),
-            variants=entries,
-            selected_variant=selected,
-            targets=tuple(placement.targets),
-            cpu_variant=cpu_key if "cpu" in placement.targets else None,
-            max_batch_size=max_batch,
-            routing=placement.routing,
-            cpu=placement.cpu,
-            created_at=created,
-        )
-        triton_dir = None
-        if "gpu" in placement.targets:
-            tv = by[triton_variant]
-            assert tv.path is not None
-            triton_dir = write_triton_repo(
+        mv = model_version(name, version, exported, variants, sel, placement, cfg)
+        report = build_report(cfg, exported, task, metric_names, variants, sel.triton, placement, mv, data)
+        with prog.step("publish"):
+            vdir, triton_dir = publish(
                 out_dir,
-                name,
-                version,
-                tv.path,
-                list(exported.inputs),
-                list(exported.outputs),
-                max_batch,
+                mv,
+                {v.key: v.path for v in variants if v.path is not None},
+                report,
+                sel.triton if GPU in placement.targets else None,
                 tensorrt_fp16=cfg.tensorrt_fp16,
                 warmup=cfg.model_warmup,
             )
-        report = build_report(
-            cfg, exported, task, metric_names, variants, selected, triton_variant, placement, mv, data
-        )
-        with prog.step("write report"):
-            write_report(vdir, report)
-        write_manifest_entry(out_dir, mv)
-    prog.note(f"{name} v{version}: selected {selected}, targets {list(placement.targets)} -> {vdir}")
+    prog.note(f"{name} v{version}: selected {sel.selected}, targets {list(placement.targets)} -> {vdir}")
     return CompileResult(name, version, out_dir, vdir, mv, report, triton_dir=triton_dir)
 
 
-def build_report(
-    cfg: CompileConfig,
-    exported: Exported,
-    task: Task,
-    metric_names: tuple[str, ...],
-    variants: list[BuiltVariant],
-    selected: str,
-    triton_variant: str,
-    placement: Placement,
-    mv: ModelVersion,
-    data: Dataset,
-) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-
-    return {
-        "name": mv.name,
-        "version": mv.version,
-        "created_at": mv.created_at,
-        "source": cfg.source,
-        "source_kind": exported.source_kind,
-        "task": task.kind,
-        "metrics": list(metric_names),
-        "notes": exported.notes,
-        "gate": exported.gate,
-        "evaluation_data": {"source": data.source, "rows": data.rows, "labels": data.labels is not None},
-        "selected_variant": selected,
-        "cpu_variant": mv.cpu_variant,
-        "triton_variant": triton_variant if "gpu" in placement.targets else None,
-        "variants": {
-            v.key: {
-                "file": v.path.name if v.path else None,
-                "size_bytes": v.path.stat().st_size if v.path and v.path.exists() else None,
-                "build": v.build,
-                "metrics": v.metrics,
-                "within_budget": v.within_budget,
-                "budget": v.budget_reasons,
-                "profile": v.profile,
-                "decision": v.decision,
-                "reason": v.reason,
-            }
-            for v in variants
-        },
-        "placement": placement.to_json(),
-        "config": {
-            "quantize": cfg.quantize,
-            "per_channel": cfg.per_channel,
-            "calibration_method": cfg.calibration_method,
-            "slo_ms": cfg.slo_ms,
-            "target": cfg.target,
-            "preset": cfg.preset,
-            "gate_tolerance": cfg.gate_tolerance,
-            "budget": vars(cfg.budget),
-            "profile": vars(cfg.profile),
-            "limits": vars(cfg.limits),
-            "optimization_level": cfg.optimization_level,
-        },
-        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-    }
+def _unchanged(out_dir: Path, mv: ModelVersion) -> CompileResult:
+    vdir = out_dir / mv.name / mv.version
+    rep = vdir / "report.json"
+    report = json.loads(rep.read_text()) if rep.exists() else {}
+    return CompileResult(mv.name, mv.version, out_dir, vdir, mv, report, noop=True)
 
 
 __all__ = [
     "BuiltVariant",
     "CompileResult",
     "CompilerError",
+    "Selection",
     "compile_model",
     "evaluate",
     "export_step",

@@ -5,7 +5,81 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tierserve.manifest import ModelVersion
+    from tierserve_compiler.config import CompileConfig
+    from tierserve_compiler.data import Dataset
+    from tierserve_compiler.metrics import Task
+    from tierserve_compiler.pipeline import BuiltVariant
+    from tierserve_compiler.placement import Placement
+    from tierserve_compiler.sources import Exported
+
+
+def build_report(
+    cfg: CompileConfig,
+    exported: Exported,
+    task: Task,
+    metric_names: tuple[str, ...],
+    variants: list[BuiltVariant],
+    triton_variant: str,
+    placement: Placement,
+    mv: ModelVersion,
+    data: Dataset,
+) -> dict[str, Any]:
+    """Everything a compile decided and measured, for report.json (and the markdown and chart)."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from tierserve_compiler.variants import VARIANTS
+
+    return {
+        "name": mv.name,
+        "version": mv.version,
+        "created_at": mv.created_at,
+        "source": cfg.source,
+        "source_kind": exported.source_kind,
+        "task": task.kind,
+        "metrics": list(metric_names),
+        "notes": exported.notes,
+        "gate": exported.gate,
+        "evaluation_data": {"source": data.source, "rows": data.rows, "labels": data.labels is not None},
+        "selected_variant": mv.selected_variant,
+        "cpu_variant": mv.cpu_variant,
+        "triton_variant": triton_variant if "gpu" in placement.targets else None,
+        "variants": {
+            v.key: {
+                "file": v.path.name if v.path else None,
+                "size_bytes": v.path.stat().st_size if v.path and v.path.exists() else None,
+                "build": v.build,
+                "metrics": v.metrics,
+                "within_budget": v.within_budget,
+                "budget": v.budget_reasons,
+                "budget_limits": vars(cfg.budget or VARIANTS[v.key].budget),
+                "profile": v.profile,
+                "decision": v.decision,
+                "reason": v.reason,
+            }
+            for v in variants
+        },
+        "placement": placement.to_json(),
+        "config": {
+            "quantize": cfg.quantize,
+            "per_channel": cfg.per_channel,
+            "calibration_method": cfg.calibration_method,
+            "slo_ms": cfg.slo_ms,
+            "target": cfg.target,
+            "preset": cfg.preset,
+            "gate_tolerance": cfg.gate_tolerance,
+            "budget": vars(cfg.budget) if cfg.budget else "each variant's default (variants.*.budget_limits)",
+            "profile": vars(cfg.profile),
+            "limits": vars(cfg.limits),
+            "optimization_level": cfg.optimization_level,
+        },
+        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+    }
 
 
 def _chart(report: dict[str, Any], path: Path) -> None:

@@ -1,10 +1,14 @@
 """Triton model repository for models whose targets include ``gpu``::
 
     DIR/triton/NAME/config.pbtxt
-    DIR/triton/NAME/VERSION/model.onnx      (the fp32 or fp16 variant)
+    DIR/triton/NAME/VERSION/model.onnx      (the GPU variant: fp32 or fp16)
 
-``config.pbtxt`` uses ``platform: "onnxruntime_onnx"``; with ``max_batch_size > 0`` dims exclude the
-batch axis. It parses into ``tritonclient.grpc.model_config_pb2.ModelConfig``.
+``config.pbtxt`` is a ``tritonclient.grpc.model_config_pb2.ModelConfig`` written with
+``google.protobuf.text_format``, so it is valid by construction and the datatype names are Triton's
+own (BYTES is ``TYPE_STRING``). It uses ``platform: "onnxruntime_onnx"`` on ``KIND_GPU`` instances,
+dynamic batching when ``max_batch_size > 0`` (dims then exclude the batch axis), the TensorRT fp16
+accelerator and a zero-data warm-up request. ``tierserve.local.triton.localize_config`` parses the
+same file for the local CPU server.
 """
 
 from __future__ import annotations
@@ -12,22 +16,28 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tierserve.manifest import TensorSpec
 
 TRITON_DIR = "triton"
 
+#: Open Inference Protocol datatype -> Triton ``DataType`` enum name (``model_config.proto``).
+TRITON_DATATYPES = {
+    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64", "BYTES": "TYPE_STRING",
+}  # fmt: skip
+PROTOCOL_DATATYPES = {v: k for k, v in TRITON_DATATYPES.items()}
 
-def _tensor(spec: TensorSpec, batched: bool) -> str:
-    dims = list(spec.shape[1:] if batched else spec.shape) or [1]
-    dtype = "STRING" if spec.datatype == "BYTES" else spec.datatype
-    return (
-        f'  {{\n    name: "{spec.name}"\n    data_type: TYPE_{dtype}\n'
-        f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
-    )
+
+def _dims(spec: TensorSpec, batched: bool, fill: list[int] | None = None) -> list[int]:
+    """Config dims: without the batch axis when batching; ``fill`` replaces dynamic dims (warm-up)."""
+    dims = [d if d > 0 or fill is None else max(1, fill[i]) for i, d in enumerate(spec.shape)]
+    return dims[1:] if batched else dims
 
 
-def config_pbtxt(
+def model_config(
     name: str,
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
@@ -37,43 +47,43 @@ def config_pbtxt(
     warmup: bool = True,
     queue_delay_us: int = 100,
     warmup_dims: dict[str, list[int]] | None = None,
-) -> str:
+) -> Any:
+    """The production ``ModelConfig`` for the GPU tier."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
     batched = max_batch_size > 0
-    lines = [
-        f'name: "{name}"',
-        'platform: "onnxruntime_onnx"',
-        f"max_batch_size: {max_batch_size}",
-        "version_policy: { all { } }",
-        "input [\n" + ",\n".join(_tensor(s, batched) for s in inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor(s, batched) for s in outputs) + "\n]",
-    ]
+    cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    cfg.version_policy.all.SetInParent()
+    for specs, section in ((inputs, cfg.input), (outputs, cfg.output)):
+        for s in specs:
+            section.add(name=s.name, data_type=mc.DataType.Value(TRITON_DATATYPES[s.datatype]))
+            section[-1].dims.extend(_dims(s, batched) or [1])
     if batched:
         preferred = [b for b in (8, 16, 32, 64) if b <= max_batch_size] or [max_batch_size]
-        lines.append(
-            f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-            f"  max_queue_delay_microseconds: {queue_delay_us}\n}}"
-        )
-    lines.append("instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]")
+        cfg.dynamic_batching.preferred_batch_size.extend(preferred)
+        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
     if tensorrt_fp16:
-        lines.append(
-            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator [\n    {\n"
-            '      name: "tensorrt"\n      parameters { key: "precision_mode" value: "FP16" }\n'
-            '      parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n    }\n    ]\n  }\n}'
-        )
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        acc.parameters["precision_mode"] = "FP16"
+        acc.parameters["max_workspace_size_bytes"] = "1073741824"
     if warmup:
-        ins = []
+        sample = cfg.model_warmup.add(name="zeros", batch_size=1)
         for s in inputs:
-            dims = [
-                d if d > 0 else (warmup_dims or {}).get(s.name, [1] * len(s.shape))[i] for i, d in enumerate(s.shape)
-            ]
-            dims = dims[1:] if batched else dims
-            ins.append(
-                f'    inputs {{\n      key: "{s.name}"\n      value: {{\n        data_type: TYPE_{s.datatype}\n'
-                f"        dims: [ {', '.join(str(max(1, d)) for d in dims) or '1'} ]\n        zero_data: true\n"
-                "      }\n    }"
-            )
-        lines.append('model_warmup [\n  {\n    name: "zeros"\n    batch_size: 1\n' + "\n".join(ins) + "\n  }\n]")
-    return "\n".join(lines) + "\n"
+            fill = (warmup_dims or {}).get(s.name, [1] * len(s.shape))
+            sample.inputs[s.name].data_type = mc.DataType.Value(TRITON_DATATYPES[s.datatype])
+            sample.inputs[s.name].dims.extend(_dims(s, batched, fill) or [1])
+            sample.inputs[s.name].zero_data = True
+    return cfg
+
+
+def config_pbtxt(
+    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int, **options: Any
+) -> str:
+    """:func:`model_config` (same arguments) as protobuf text, the format Triton reads from ``config.pbtxt``."""
+    from google.protobuf import text_format
+
+    return str(text_format.MessageToString(model_config(name, inputs, outputs, max_batch_size, **options)))
 
 
 def write_triton_repo(

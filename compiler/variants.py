@@ -12,6 +12,11 @@
 * ``fp16``: float16 weights and compute with fp32 inputs/outputs (``keep_io_types``), via
   ``onnxconverter_common`` when installed, else ``onnxruntime.transformers.float16`` (ships with
   onnxruntime); numerically sensitive ops and ``ai.onnx.ml`` ops stay fp32.
+
+Each variant is ONE :class:`VariantSpec` record in :data:`VARIANTS` (builder, file name, the tiers
+it serves, its ``--quantize`` mode, whether it needs calibration, its default accuracy budget). The
+``--quantize`` modes, :data:`MODE_VARIANTS`, the option checks and the pipeline's skip and selection
+rules read the records, so adding a variant means adding a builder and a record here, nothing else.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tierserve_compiler.config import CompileConfig
-from tierserve_compiler.data import Dataset
-from tierserve_compiler.errors import VariantError, require
+from tierserve_compiler.config import Budget, CompileConfig
+from tierserve_compiler.errors import ConfigError, VariantError, require
+
+if TYPE_CHECKING:
+    from tierserve_compiler.data import Dataset
 
 VariantBuilder = Callable[[Path, Path, CompileConfig, "Dataset | None"], dict[str, Any]]
 
@@ -216,23 +224,125 @@ def build_fp16(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -
     return {"method": f"{lib}.convert_float_to_float16(keep_io_types=True)", "op_block_list": block}
 
 
-#: Variant key -> builder. Keys are exactly the manifest's variant keys.
-VARIANTS: dict[str, VariantBuilder] = {
-    "fp32": build_fp32,
-    "int8_dynamic": build_int8_dynamic,
-    "int8_static": build_int8_static,
-    "fp16": build_fp16,
+# --- the registry ---------------------------------------------------------------------------------
+
+CPU, GPU = "cpu", "gpu"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Everything the pipeline knows about one variant. ``quantize``, ``select``, the option checks
+    and ``MODE_VARIANTS`` read these fields; none of them names a variant."""
+
+    build: VariantBuilder
+    filename: str  # inside NAME/VERSION/
+    tiers: tuple[str, ...]  # which tiers may serve it: "cpu" (Lambda, onnxruntime) and/or "gpu" (Triton)
+    mode: str  # the --quantize mode that asks for exactly this variant (``auto`` builds every variant)
+    needs_calibration: bool = False  # built from --calibration data
+    per_channel: bool = False  # honours --per-channel / --per-tensor
+    budget: Budget = field(default_factory=Budget)  # default accuracy budget against fp32 (``cfg.budget`` wins)
+    why_tiers: str = ""  # one line: why it serves only ``tiers`` (shown when an option contradicts them)
+
+
+#: The fp32 variant: the reference the others are measured against, and the GPU tier's fallback.
+REFERENCE = "fp32"
+
+#: Variant key -> its record. Keys are exactly the manifest's variant keys; order is build order.
+VARIANTS: dict[str, VariantSpec] = {
+    REFERENCE: VariantSpec(build_fp32, "model.onnx", (CPU, GPU), "none"),
+    "int8_dynamic": VariantSpec(
+        build_int8_dynamic,
+        "int8_dynamic.onnx",
+        (CPU,),
+        "dynamic",
+        per_channel=True,
+        why_tiers="dynamic int8 (MatMulInteger) only speeds up CPUs and the GPU tier serves float variants",
+    ),
+    "int8_static": VariantSpec(
+        build_int8_static,
+        "int8_static.onnx",
+        (CPU,),
+        "static",
+        needs_calibration=True,
+        per_channel=True,
+        why_tiers="static QDQ int8 is tuned and measured for onnxruntime on CPU; the GPU tier serves float variants",
+    ),
+    "fp16": VariantSpec(
+        build_fp16,
+        "fp16.onnx",
+        (GPU,),
+        "fp16",
+        why_tiers="onnxruntime's CPU kernels mostly lack fp16 and insert casts, so fp16 is slower on CPU",
+    ),
 }
 
-#: Which variants each ``--quantize`` mode builds (fp32 always comes first).
-MODE_VARIANTS: dict[str, tuple[str, ...]] = {
-    "none": ("fp32",),
-    "dynamic": ("fp32", "int8_dynamic"),
-    "static": ("fp32", "int8_static"),
-    "fp16": ("fp32", "fp16"),
-    "auto": ("fp32", "int8_dynamic", "int8_static", "fp16"),
-}
+
+def quantize_modes() -> tuple[str, ...]:
+    """``auto`` plus the mode of every registered variant (``none`` = fp32 only)."""
+    return ("auto", *dict.fromkeys(s.mode for s in VARIANTS.values()))
+
+
+def mode_variants(mode: str) -> tuple[str, ...]:
+    """The variants a ``--quantize`` mode builds: fp32 first, then the mode's own (all for ``auto``)."""
+    others = [k for k, s in VARIANTS.items() if k != REFERENCE and (mode == "auto" or s.mode == mode)]
+    return (REFERENCE, *others)
+
+
+#: ``--quantize`` modes (the CLI's choices), derived from the registry at import.
+QUANTIZE_MODES: tuple[str, ...] = quantize_modes()
+#: Which variants each ``--quantize`` mode builds (fp32 first), derived from the registry at import; the
+#: pipeline calls :func:`mode_variants`, so a variant registered later (a plug-in, a test) is seen too.
+MODE_VARIANTS: dict[str, tuple[str, ...]] = {m: mode_variants(m) for m in QUANTIZE_MODES}
 
 
 def filename(key: str) -> str:
-    return "model.onnx" if key == "fp32" else f"{key}.onnx"
+    return VARIANTS[key].filename
+
+
+def serves(key: str, tier: str) -> bool:
+    return tier in VARIANTS[key].tiers
+
+
+def _modes(pred: Callable[[VariantSpec], bool]) -> str:
+    """``a|b``: the --quantize modes of the (non-reference) variants for which ``pred`` holds."""
+    return "|".join(dict.fromkeys(s.mode for k, s in VARIANTS.items() if k != REFERENCE and pred(s)))
+
+
+def _check_explicit(key: str, spec: VariantSpec, cfg: CompileConfig) -> None:
+    """An explicitly asked variant needs its calibration data and a --target among its tiers."""
+    mode = f"--quantize {cfg.quantize}"
+    if cfg.target in (CPU, GPU) and cfg.target not in spec.tiers:
+        raise ConfigError(
+            f"{mode} with --target {cfg.target}: {spec.why_tiers}; use --quantize "
+            f"{_modes(lambda s: cfg.target in s.tiers)} for {cfg.target.upper()} or --target "
+            f"{'|'.join((*spec.tiers, 'both'))}"
+        )
+    if spec.needs_calibration and cfg.calibration is None:
+        alt = _modes(lambda s: not s.needs_calibration and bool(set(spec.tiers) & set(s.tiers)))
+        raise ConfigError(
+            f"{mode} builds {key}, which needs calibration data: pass --calibration or use --quantize {alt} "
+            "(--calibration takes an .npz of model inputs keyed by input name)"
+        )
+
+
+def check_options(cfg: CompileConfig) -> None:
+    """Refuse option combinations that contradict the asked variants' records (before any work)."""
+    modes = quantize_modes()
+    if cfg.quantize not in modes:
+        raise ConfigError(f"--quantize {cfg.quantize!r} is unknown; use one of {', '.join(modes)}")
+    asked = {k: VARIANTS[k] for k in mode_variants(cfg.quantize) if k != REFERENCE}
+    mode = f"--quantize {cfg.quantize}"
+    for key, spec in asked.items() if cfg.quantize != "auto" else ():
+        _check_explicit(key, spec, cfg)
+    if cfg.per_channel is True and not any(s.per_channel for s in asked.values()):
+        keys = ", ".join(k for k, s in VARIANTS.items() if s.per_channel)
+        raise ConfigError(
+            f"--per-channel applies to variants with quantized weights ({keys}), not {mode}; "
+            f"drop --per-channel or use --quantize {_modes(lambda s: s.per_channel)}|auto"
+        )
+    if cfg.calibration_method is not None and not any(s.needs_calibration for s in asked.values()):
+        keys = ", ".join(k for k, s in VARIANTS.items() if s.needs_calibration)
+        raise ConfigError(
+            f"--calibration-method only applies to calibrated variants ({keys}), not {mode}; drop it or use "
+            f"--quantize {_modes(lambda s: s.needs_calibration)}|auto with --calibration FILE.npz"
+        )

@@ -120,27 +120,18 @@ def build_minilm(
     import numpy as np
 
     from tierserve_compiler.config import make_config
+    from tierserve_compiler.gate import run_onnx
     from tierserve_compiler.pipeline import compile_model
-    from tierserve_compiler.sources import run_onnx
 
     out = Path(out)
     data_dir = out.parent / "minilm-data"
-    val = write_tokenized(SENTENCES, data_dir / "validation.npz")
-    cal = write_tokenized(CALIBRATION_SENTENCES, data_dir / "calibration.npz")
-    ex = write_tokenized(SENTENCES[:4], data_dir / "example.npz")
-    cfg = make_config(
-        "tierserve_compiler.zoo:minilm",
-        name,
-        preset=preset,
-        version=version,
-        out_dir=out,
-        validation=val,
-        calibration=cal,
-        example_inputs=ex,
-        slo_ms=slo_ms,
-        target=target,
-        **overrides,
-    )
+    files = {
+        "validation": write_tokenized(SENTENCES, data_dir / "validation.npz"),
+        "calibration": write_tokenized(CALIBRATION_SENTENCES, data_dir / "calibration.npz"),
+        "example_inputs": write_tokenized(SENTENCES[:4], data_dir / "example.npz"),
+    }
+    options = {"version": version, "out_dir": out, "slo_ms": slo_ms, "target": target, **files, **overrides}
+    cfg = make_config("tierserve_compiler.zoo:minilm", name, preset=preset, **options)
     res = compile_model(cfg)
     torch = require("torch", "torch")
     model = minilm()

@@ -123,10 +123,3 @@ def test_end_to_end_too_large_for_small_limits_writes_triton_repo(mlp_onnx, tmp_
     assert "container image limit" in (res.version_dir / "report.md").read_text()
     assert (tmp_path / "models" / "triton" / "big" / "1" / "model.onnx").is_file()
 
-
-def test_prices_file_is_editable(tmp_path):
-    # Given a prices file overriding one price / Then the others keep their documented defaults
-    f = tmp_path / "p.json"
-    f.write_text('{"gpu_hourly_usd": 0.5}')
-    prices = load_prices(f)
-    assert prices["gpu_hourly_usd"] == 0.5 and prices["lambda_request_usd"] == 2e-7

@@ -1,4 +1,4 @@
-"""Triton repository layout and config.pbtxt round-trip; manifest contents; immutability."""
+"""Publishing: the version folder, the Triton repository, the manifest entry and immutability."""
 
 from __future__ import annotations
 
@@ -8,49 +8,15 @@ import pytest
 from compiler_testlib import make_mlp_onnx
 from google.protobuf import text_format
 
-from tierserve.manifest import Manifest, TensorSpec
+from tierserve.manifest import Manifest
 from tierserve_compiler.errors import ArtifactExistsError
 from tierserve_compiler.pipeline import compile_model
-from tierserve_compiler.triton import config_pbtxt
 
 
 def parse(text: str):
     from tritonclient.grpc import model_config_pb2
 
     return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def test_config_pbtxt_round_trips_into_model_config():
-    # Given a two-input, two-output model with a dynamic sequence axis
-    ins = [TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1))]
-    outs = [TensorSpec("last_hidden_state", "FP32", (-1, -1, 384)), TensorSpec("sentence_embedding", "FP32", (-1, 384))]
-    # When the config is rendered with batching, TensorRT fp16 and warm-up
-    cfg = parse(config_pbtxt("minilm", ins, outs, 64))
-    # Then it parses into ModelConfig with batch-less dims and every section
-    assert cfg.name == "minilm" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 64
-    assert [(i.name, list(i.dims)) for i in cfg.input] == [("input_ids", [-1]), ("attention_mask", [-1])]
-    assert [list(o.dims) for o in cfg.output] == [[-1, 384], [384]]
-    assert cfg.input[0].data_type == 9 and cfg.output[0].data_type == 11  # TYPE_INT64, TYPE_FP32
-    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
-    assert cfg.instance_group[0].kind == 1 and cfg.instance_group[0].count == 1  # KIND_GPU
-    acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
-    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
-    assert cfg.model_warmup[0].inputs["input_ids"].zero_data
-
-
-def test_config_without_batching_keeps_full_dims():
-    cfg = parse(
-        config_pbtxt(
-            "fixed",
-            [TensorSpec("x", "FP32", (1, 3))],
-            [TensorSpec("y", "FP32", (1, 2))],
-            0,
-            tensorrt_fp16=False,
-            warmup=False,
-        )
-    )
-    assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [1, 3]
-    assert not cfg.HasField("dynamic_batching") and not cfg.HasField("optimization")
 
 
 def test_gpu_target_writes_the_triton_repository(mlp_onnx, cfg_for, tmp_path):

@@ -1,4 +1,4 @@
-"""The CLI, the metrics registry, presets and cheap imports."""
+"""tierserve compile: argument parsing, exit codes and messages, and a cheap import."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ import argparse
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from tierserve.manifest import TensorSpec
-from tierserve_compiler import PRESETS, make_config
 from tierserve_compiler.cli import main, register
-from tierserve_compiler.errors import ConfigError
-from tierserve_compiler.metrics import METRICS, detect_task, evaluate_outputs
 
 
 def test_register_adds_compile_subcommand():
@@ -80,29 +75,6 @@ def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
 def test_bad_dynamic_axis_is_refused():
     with pytest.raises(SystemExit):
         main(["compile", "m.onnx", "--name", "m", "--dynamic-axis", "input_ids"])
-
-
-def test_metrics_by_task():
-    # Given classifier outputs where one of four labels differs
-    outs = [TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 3))]
-    task = detect_task(outs)
-    ref = {"label": np.array([0, 1, 2, 1]), "probabilities": np.eye(3)[[0, 1, 2, 1]]}
-    got = {"label": np.array([0, 1, 2, 2]), "probabilities": np.eye(3)[[0, 1, 2, 2]]}
-    # When evaluated / Then agreement and accuracy follow
-    vals = evaluate_outputs(ref, got, task, ("label_agreement", "accuracy", "cosine"), np.array([0, 1, 2, 2]))
-    assert task.kind == "classifier" and vals["label_agreement"] == 0.75 and vals["accuracy"] == 1.0
-    assert detect_task([TensorSpec("sentence_embedding", "FP32", (-1, 4))]).kind == "embedding"
-    assert detect_task([TensorSpec("y", "FP32", (-1, 1))]).kind == "regressor"
-    assert set(METRICS) == {"label_agreement", "accuracy", "max_abs", "mean_rel", "cosine"}
-
-
-def test_presets_and_unknown_fields():
-    assert {"default", "fast", "test", "embedding"} <= set(PRESETS)
-    assert make_config("a.onnx", "a", preset="embedding", quantize="none").task == "embedding"
-    with pytest.raises(ConfigError, match="unknown preset"):
-        make_config("a.onnx", "a", preset="nope")
-    with pytest.raises(ConfigError, match="unknown config fields"):
-        make_config("a.onnx", "a", colour="red")
 
 
 def test_import_is_cheap():

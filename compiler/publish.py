@@ -1,0 +1,136 @@
+"""Publishing a compiled version: the only code that writes into the model store.
+
+Order matters, so that a reader of the store never sees a half-written version: the artifacts
+move from the staging folder into ``DIR/NAME/VERSION``, then the Triton repository and the reports
+are written, and the manifest entry comes last (under a lock, temp file + ``os.replace``). A
+version is immutable: :func:`existing_version` answers "already there" for the same content and
+refuses different content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tierserve.manifest import MANIFEST_FILE, Manifest, ModelVersion, Variant
+from tierserve_compiler.data import sha256_file
+from tierserve_compiler.errors import ArtifactExistsError
+from tierserve_compiler.report import write_report
+from tierserve_compiler.triton import write_triton_repo
+from tierserve_compiler.variants import REFERENCE
+
+
+def read_manifest(out_dir: Path) -> Manifest:
+    p = Path(out_dir) / MANIFEST_FILE
+    return Manifest.loads(p.read_text()) if p.exists() else Manifest.empty()
+
+
+def next_version(manifest: Manifest, name: str) -> str:
+    entry = manifest.models.get(name)
+    return str(max((int(v) for v in entry.versions), default=0) + 1) if entry else "1"
+
+
+@contextlib.contextmanager
+def _manifest_lock(out_dir: Path) -> Iterator[None]:
+    with open(Path(out_dir) / ".manifest.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_manifest_entry(out_dir: Path, mv: ModelVersion) -> Path:
+    """Add ``mv`` to ``DIR/manifest.json`` atomically (temp file + os.replace), keeping other models."""
+    out_dir = Path(out_dir)
+    with _manifest_lock(out_dir):
+        manifest = read_manifest(out_dir).with_version(mv)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(manifest.dumps())
+        os.replace(tmp, out_dir / MANIFEST_FILE)
+    return out_dir / MANIFEST_FILE
+
+
+def existing_version(
+    manifest: Manifest, out_dir: Path, name: str, version: str, sha: str, explicit: bool
+) -> ModelVersion | None:
+    """The version that already holds this fp32 content (a no-op compile), or None to write a new one.
+
+    Raises :class:`ArtifactExistsError` when the version exists with other content, or when its
+    folder exists without a manifest entry (an interrupted compile).
+    """
+    entry = manifest.models.get(name)
+    mv = entry.versions.get(version) if entry else None
+    if mv is None and not explicit and entry:
+        latest = entry.versions[max(entry.versions, key=int)]
+        return latest if latest.variants[REFERENCE].sha256 == sha else None
+    if mv is None:
+        vdir = out_dir / name / version
+        if vdir.exists() and any(vdir.iterdir()):
+            raise ArtifactExistsError(
+                f"{vdir} exists but is not in the manifest (an interrupted compile?); "
+                "artifacts are immutable: delete that folder or compile another --version"
+            )
+        return None
+    if mv.variants[REFERENCE].sha256 == sha:
+        return mv
+    raise ArtifactExistsError(
+        f"{name} version {version} already exists with different content (fp32 sha256 "
+        f"{mv.variants[REFERENCE].sha256[:12]}... != {sha[:12]}...); artifacts are immutable: omit --version "
+        f"to get version {next_version(manifest, name)}, or pick an unused --version"
+    )
+
+
+def variant_entries(name: str, version: str, staged: dict[str, Path]) -> dict[str, Variant]:
+    """Manifest records for the staged variant files, with the paths they will have in the store."""
+    return {
+        key: Variant(path=f"{name}/{version}/{p.name}", sha256=sha256_file(p), size_bytes=p.stat().st_size)
+        for key, p in staged.items()
+    }
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def publish(
+    out_dir: Path,
+    mv: ModelVersion,
+    staged: dict[str, Path],
+    report: dict[str, Any],
+    triton_variant: str | None,
+    *,
+    tensorrt_fp16: bool = True,
+    warmup: bool = True,
+) -> tuple[Path, Path | None]:
+    """Move the ``staged`` variant files into ``DIR/NAME/VERSION``; write the Triton repository for
+    ``triton_variant`` (None: the model does not serve the GPU tier) and the reports; add the manifest
+    entry last. Returns the version folder and the Triton model folder."""
+    vdir = Path(out_dir) / mv.name / mv.version
+    vdir.mkdir(parents=True, exist_ok=True)
+    final = {key: vdir / p.name for key, p in staged.items()}
+    for key, p in staged.items():
+        os.replace(p, final[key])
+    triton_dir = None
+    if triton_variant is not None:
+        triton_dir = write_triton_repo(
+            out_dir,
+            mv.name,
+            mv.version,
+            final[triton_variant],
+            list(mv.inputs),
+            list(mv.outputs),
+            mv.max_batch_size,
+            tensorrt_fp16=tensorrt_fp16,
+            warmup=warmup,
+        )
+    write_report(vdir, report)
+    write_manifest_entry(out_dir, mv)
+    return vdir, triton_dir
