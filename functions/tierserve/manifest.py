@@ -14,7 +14,9 @@
               "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
               "max_batch_size": 64,
               "variants": {
-                "fp32":         {"path": "<name>/1/model.onnx", "sha256": "...", "size_bytes": 1234},
+                "fp32":         {"path": "<name>/1/model.onnx", "sha256": "...", "size_bytes": 1234,
+                                 "external_data": [                # optional: weights kept outside the .onnx
+                                   {"path": "<name>/1/model.onnx.data", "sha256": "...", "size_bytes": 9876}]},
                 "int8_dynamic": {"path": "<name>/1/int8_dynamic.onnx", "sha256": "...", "size_bytes": 456}
               },
               "selected_variant": "int8_dynamic",   # what the CPU tier serves
@@ -29,29 +31,42 @@
       }
     }
 
-Artifact paths are relative to the store root, use ``/`` and never leave it. Versions are
-positive integers, as in a Triton model repository. This module is pure Python (no numpy),
-so that the router and the compiler can both import it cheaply.
+Artifact paths are relative to the store root, use ``/`` and never leave it; a variant's external-data
+files sit in its folder (or below it). Versions are positive integers, as in a Triton model repository.
+Every allowlist is matched with ``re.fullmatch`` (``$`` would accept a trailing newline).
+
+One bad model entry takes down only that model: :meth:`Manifest.from_json` keeps it in
+``Manifest.broken`` with the reason, :meth:`Manifest.resolve` answers that reason for it, and the other
+models keep serving. This module is pure Python (no numpy), so that the router and the compiler can both
+import it cheaply.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from tierserve.errors import InvalidNameError, ManifestError, ModelNotFoundError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
+# Every pattern below is used with ``fullmatch``: never ``match`` with ``$``, which also matches before a
+# final newline (``"nl\n"`` would pass).
 #: Model names: letters, digits, ``_``, ``-``, ``.``; start with a letter or digit; at most 64.
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: Versions: a positive integer, as Triton requires for its version folders.
-VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
 #: Artifact paths inside a store: relative, ``/``-separated, no ``..``, no absolute paths.
-ARTIFACT_PATH_RE = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9_.\-/]{1,512}$")
+ARTIFACT_PATH_RE = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|\Z))[A-Za-z0-9_.\-/]{1,512}")
+#: Lower-case hex sha256.
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 TARGETS = ("cpu", "gpu")
 
@@ -62,8 +77,12 @@ DATATYPES = (
 )  # fmt: skip
 
 
+def _allowed(pattern: re.Pattern[str], value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+    if not _allowed(MODEL_NAME_RE, name) or ".." in name:
         raise InvalidNameError(
             f"invalid model name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
@@ -72,18 +91,26 @@ def check_model_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
+    if not _allowed(VERSION_RE, version):
         raise InvalidNameError(f"invalid model version {version!r}: versions are positive integers, e.g. '1'")
     return version
 
 
 def check_artifact_path(path: str) -> str:
-    if not isinstance(path, str) or not ARTIFACT_PATH_RE.match(path):
+    if not _allowed(ARTIFACT_PATH_RE, path):
         raise ManifestError(
             f"artifact path {path!r} is not a safe relative path inside the model store; "
             "recompile the model with tierserve compile"
         )
     return path
+
+
+def _fields(what: str, d: Any, parse: Callable[[Any], T]) -> T:
+    """``parse(d)``, with any missing key or wrong type reported as a :class:`ManifestError` on ``what``."""
+    try:
+        return parse(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"bad {what} {d!r}: {exc!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -97,29 +124,70 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
-        try:
-            spec = cls(name=str(d["name"]), datatype=str(d["datatype"]), shape=tuple(int(x) for x in d["shape"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"bad tensor spec {d!r}: {exc}") from exc
-        if spec.datatype not in DATATYPES:
-            raise ManifestError(f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}")
-        return spec
+        spec = _fields(
+            "tensor spec", d, lambda d: cls(str(d["name"]), str(d["datatype"]), tuple(int(x) for x in d["shape"]))
+        )
+        if spec.datatype in DATATYPES:
+            return spec
+        raise ManifestError(f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}; use one of {DATATYPES}")
 
 
 @dataclass(frozen=True)
-class Variant:
+class ExternalFile:
+    """One external-data file of a variant (weights kept outside the ``.onnx``), verified like the model."""
+
     path: str
     sha256: str
     size_bytes: int
 
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ExternalFile:
+        f = _fields("artifact entry", d, lambda d: cls(str(d["path"]), str(d["sha256"]), int(d["size_bytes"])))
+        check_artifact_path(f.path)
+        if not _allowed(SHA256_RE, f.sha256):
+            raise ManifestError(f"artifact {f.path!r} has an invalid sha256 {f.sha256!r}")
+        if f.size_bytes < 0:
+            raise ManifestError(f"artifact {f.path!r} has a negative size {f.size_bytes}")
+        return f
+
+
+@dataclass(frozen=True)
+class Variant(ExternalFile):
+    """A model file (``path``) and the external-data files it reads (none for most models)."""
+
+    external_data: tuple[ExternalFile, ...] = ()
+
+    @property
+    def folder(self) -> str:
+        return posixpath.dirname(self.path)
+
+    def location(self, ext: ExternalFile) -> str:
+        """Where the model refers to ``ext``: its path relative to the model's folder."""
+        return posixpath.relpath(ext.path, self.folder) if self.folder else ext.path
+
+    def files(self) -> tuple[ExternalFile, ...]:
+        """The model and its external data: every file a session needs."""
+        return (ExternalFile(self.path, self.sha256, self.size_bytes), *self.external_data)
+
+    def to_json(self) -> dict[str, Any]:
+        d = super().to_json()
+        if self.external_data:
+            d["external_data"] = [e.to_json() for e in self.external_data]
+        return d
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Variant:
-        try:
-            v = cls(path=check_artifact_path(d["path"]), sha256=str(d["sha256"]), size_bytes=int(d["size_bytes"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"bad variant entry {d!r}: {exc}") from exc
-        if not re.fullmatch(r"[0-9a-f]{64}", v.sha256):
-            raise ManifestError(f"variant {v.path!r} has an invalid sha256 {v.sha256!r}")
+        model = ExternalFile.from_json(d)
+        exts = _fields("external_data", d, lambda d: tuple(d.get("external_data") or ()))
+        v = cls(model.path, model.sha256, model.size_bytes, tuple(ExternalFile.from_json(e) for e in exts))
+        for e in v.external_data:
+            if not e.path.startswith(f"{v.folder}/") or e.path == v.path:
+                raise ManifestError(
+                    f"external data {e.path!r} of {v.path!r} is not in the model's folder {v.folder!r}"
+                )
         return v
 
 
@@ -159,7 +227,7 @@ class ModelVersion:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "max_batch_size": self.max_batch_size,
-            "variants": {k: asdict(v) for k, v in self.variants.items()},
+            "variants": {k: v.to_json() for k, v in self.variants.items()},
             "selected_variant": self.selected_variant,
             "targets": list(self.targets),
             "routing": dict(self.routing),
@@ -173,13 +241,12 @@ class ModelVersion:
     @classmethod
     def from_json(cls, name: str, version: str, d: dict[str, Any]) -> ModelVersion:
         try:
-            variants = {str(k): Variant.from_json(v) for k, v in d["variants"].items()}
             mv = cls(
                 name=check_model_name(name),
                 version=check_version(version),
                 inputs=tuple(TensorSpec.from_json(x) for x in d["inputs"]),
                 outputs=tuple(TensorSpec.from_json(x) for x in d["outputs"]),
-                variants=variants,
+                variants={str(k): Variant.from_json(v) for k, v in d["variants"].items()},
                 selected_variant=str(d["selected_variant"]),
                 targets=tuple(d.get("targets") or ("cpu",)),
                 cpu_variant=d.get("cpu_variant"),
@@ -191,27 +258,61 @@ class ModelVersion:
         except ManifestError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, InvalidNameError) as exc:
-            raise ManifestError(f"model {name!r} version {version!r}: bad manifest entry ({exc})") from exc
+            raise ManifestError(f"version {version!r}: bad manifest entry ({exc})") from exc
         if mv.selected_variant not in mv.variants:
-            raise ManifestError(f"model {name!r} v{version}: selected variant {mv.selected_variant!r} is not listed")
+            raise ManifestError(f"v{version}: selected variant {mv.selected_variant!r} is not listed")
         if mv.cpu_variant and mv.cpu_variant not in mv.variants:
-            raise ManifestError(f"model {name!r} v{version}: cpu variant {mv.cpu_variant!r} is not listed")
+            raise ManifestError(f"v{version}: cpu variant {mv.cpu_variant!r} is not listed")
         if not mv.targets or any(t not in TARGETS for t in mv.targets):
-            raise ManifestError(f"model {name!r} v{version}: targets {mv.targets!r} must be a subset of {TARGETS}")
+            raise ManifestError(f"v{version}: targets {mv.targets!r} must be a subset of {TARGETS}")
         return mv
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One model: its versions, which one requests get by default, and an optional canary split."""
+
     name: str
     default_version: str
     versions: dict[str, ModelVersion]
     canary: dict[str, Any] | None = None  # {"version": "2", "percent": 10}
 
+    @classmethod
+    def from_json(cls, name: str, m: dict[str, Any]) -> ModelEntry:
+        """One model's entry; raises :class:`ManifestError` saying what is wrong with it."""
+        check_model_name(name)
+
+        def parse(m: dict[str, Any]) -> dict[str, ModelVersion]:
+            return {str(v): ModelVersion.from_json(name, str(v), body) for v, body in m["versions"].items()}
+
+        versions = _fields("model entry", m, parse)
+        if not versions:
+            raise ManifestError("it lists no versions")
+        default = str(m.get("default_version") or max(versions, key=int))
+        if default not in versions:
+            raise ManifestError(f"default_version {default!r} is not one of its versions")
+        canary = m.get("canary")
+        if canary is not None and not (
+            isinstance(canary, dict)
+            and str(canary.get("version")) in versions
+            and _fields("canary", canary, lambda c: 0 <= float(c.get("percent", -1)) <= 100)
+        ):
+            raise ManifestError("canary needs a listed version and 0 <= percent <= 100")
+        return cls(name=name, default_version=default, versions=versions, canary=canary)
+
+
+@dataclass(frozen=True)
+class Broken:
+    """A model entry that cannot be served: why, and its JSON as it was (written back unchanged)."""
+
+    reason: str
+    raw: Any
+
 
 @dataclass(frozen=True)
 class Manifest:
     models: dict[str, ModelEntry]
+    broken: dict[str, Broken] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Manifest:
@@ -219,26 +320,23 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """Parse the manifest. A bad model entry lands in ``broken`` with its reason; only a bad
+        document (not an object, wrong schema version) fails the whole manifest."""
         if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
             raise ManifestError(
                 f"manifest schema_version must be {SCHEMA_VERSION}; recompile the models with this tierserve"
             )
+        entries = d.get("models") or {}
+        if not isinstance(entries, dict):
+            raise ManifestError("manifest 'models' must be an object of model name -> entry")
         models: dict[str, ModelEntry] = {}
-        for name, m in (d.get("models") or {}).items():
+        broken: dict[str, Broken] = {}
+        for name, m in entries.items():
             try:
-                versions = {str(v): ModelVersion.from_json(name, str(v), body) for v, body in m["versions"].items()}
-                default = str(m.get("default_version") or max(versions, key=int))
-            except (KeyError, TypeError, AttributeError) as exc:
-                raise ManifestError(f"model {name!r}: bad manifest entry ({exc})") from exc
-            if default not in versions:
-                raise ManifestError(f"model {name!r}: default_version {default!r} is not one of its versions")
-            canary = m.get("canary")
-            if canary is not None and (
-                str(canary.get("version")) not in versions or not 0 <= float(canary.get("percent", -1)) <= 100
-            ):
-                raise ManifestError(f"model {name!r}: canary needs a listed version and 0 <= percent <= 100")
-            models[name] = ModelEntry(name=name, default_version=default, versions=versions, canary=canary)
-        return cls(models=models)
+                models[name] = ModelEntry.from_json(name, m)
+            except (ManifestError, InvalidNameError) as exc:
+                broken[name] = Broken(exc.message, m)
+        return cls(models=models, broken=broken)
 
     @classmethod
     def loads(cls, text: str | bytes) -> Manifest:
@@ -257,6 +355,8 @@ class Manifest:
             if entry.canary:
                 m["canary"] = entry.canary
             out["models"][name] = m
+        for name, bad in sorted(self.broken.items()):
+            out["models"].setdefault(name, bad.raw)
         return out
 
     def dumps(self) -> str:
@@ -265,6 +365,11 @@ class Manifest:
     def resolve(self, name: str, version: str | None = None) -> ModelVersion:
         """The model version a request names; without a version, the model's default version."""
         check_model_name(name)
+        if name in self.broken:
+            raise ManifestError(
+                f"model {name!r} cannot be served: its manifest entry is invalid ({self.broken[name].reason}); "
+                "recompile it with tierserve compile (the other models are not affected)"
+            )
         entry = self.models.get(name)
         if entry is None:
             known = ", ".join(sorted(self.models)) or "none"
@@ -287,4 +392,5 @@ class Manifest:
         versions[mv.version] = mv
         default = mv.version if make_default or entry is None else entry.default_version
         models[mv.name] = ModelEntry(mv.name, default, versions, entry.canary if entry else None)
-        return Manifest(models=models)
+        broken = {k: v for k, v in self.broken.items() if k != mv.name}  # a recompile replaces a bad entry
+        return Manifest(models=models, broken=broken)

@@ -139,3 +139,25 @@ def external_data_locations(model_bytes: bytes | memoryview | mmap.mmap) -> list
                 if f2 == _FUNCTION_NODE and w2 == 2:
                     found.extend(_nodes(v2, 1))  # type: ignore[arg-type]
     return found
+
+
+def unsafe_location(location: str) -> str | None:
+    """Why an external-data ``location`` may not be read (None when it is a plain relative path).
+
+    The runtime and the compiler both ask this before touching the file: a NUL byte (which would
+    otherwise raise deep inside ``os``), an absolute path (``/proc/self/environ``, ``C:\\...``), a ``..``
+    component, or a path that is not in normal form. Symbolic links are the caller's business: they
+    depend on the file system, not on the string.
+    """
+    if not location:
+        return "is empty"
+    if "\x00" in location:
+        return "contains a NUL byte"
+    if location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        return "is an absolute path"
+    parts = location.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "leaves the model's folder through '..'"
+    if any(p in ("", ".") for p in parts) or any(ord(c) < 32 for c in location):
+        return "is not a plain relative path (empty or '.' components, control characters)"
+    return None

@@ -1,21 +1,35 @@
 """The model store: read the manifest, fetch artifacts, verify them, cache them.
 
 A store is a local folder or an ``s3://bucket/prefix``; ``manifest.json`` sits at its root
-and artifact paths in it are relative to that root. Every artifact is verified against the
-manifest's sha256 before anything loads it, and cached under ``MODEL_CACHE_DIR`` by its hash
-(content-addressed), so a warm Lambda never downloads or hashes the same artifact twice.
+and artifact paths in it are relative to that root. :meth:`ModelStore.fetch` copies every file a
+model needs (the ``.onnx`` and each external-data file the manifest lists) into a cache folder of
+its own, ``MODEL_CACHE_DIR/<sha256 of the model>/``, hashing as it copies, and only then hands
+out the path, so onnxruntime finds the external data next to the model and never reads a byte that
+was not verified. The folder is built under a temporary name and renamed into place (atomic: a
+failed or concurrent fetch never leaves a half-written model). A warm Lambda reuses it; a new
+process re-verifies it once and fetches it again if anything changed.
+
+Refused before anything reads them: a sha256 or size that does not match the manifest
+(:class:`IntegrityError`), external data the manifest does not list (IntegrityError), a source file
+that is a hard link (``st_nlink > 1``), a symbolic link or not a regular file, and an external-data
+location that is unsafe (NUL byte, absolute, ``..``, ...) anywhere in the graph, Constant nodes and
+subgraphs included (:class:`UnsafeModelError`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
+import shutil
+import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tierserve.errors import (
     ArtifactError,
@@ -26,15 +40,22 @@ from tierserve.errors import (
     ManifestError,
     UnsafeModelError,
 )
-from tierserve.manifest import MANIFEST_FILE, Manifest, Variant, check_artifact_path
+from tierserve.manifest import MANIFEST_FILE, ExternalFile, Manifest, Variant, check_artifact_path
 
-#: S3 keys the store will read: the same safe alphabet as artifact paths.
-S3_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,1024}$")
+#: S3 keys the store will read: the same safe alphabet as artifact paths (matched with fullmatch).
+S3_KEY_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,1024}")
+#: The model's file name inside its cache folder.
+MODEL_FILE = "model.onnx"
 _CHUNK = 1 << 20
 
 
 def check_s3_key(key: str) -> str:
-    if not S3_KEY_RE.match(key) or key.startswith("/") or any(p == ".." for p in key.split("/")):
+    if (
+        not isinstance(key, str)
+        or not S3_KEY_RE.fullmatch(key)
+        or key.startswith("/")
+        or any(p == ".." for p in key.split("/"))
+    ):
         raise InvalidNameError(
             f"S3 key {key!r} is not allowed: use letters, digits, '_', '-', '.', '/' and no '..' segments"
         )
@@ -49,24 +70,51 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_external_data(path: Path) -> None:
-    """Refuse an ONNX model whose external-data locations leave the model's folder."""
-    import mmap
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file with one link (not a symlink, FIFO,
+    device, directory or hard link): checked on the open descriptor, so nothing can swap it in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a symlink; others: not readable
+        raise UnsafeModelError(
+            f"{what} is not a regular file ({exc.strerror}: symbolic links are not followed); refusing to load it. "
+            "Recompile the model or restore the file"
+        ) from exc
+    st = os.fstat(fd)
+    reason = None if stat.S_ISREG(st.st_mode) else "is not a regular file"
+    if reason is None and st.st_nlink > 1:
+        reason = f"is a hard link ({st.st_nlink} names for the same data)"
+    if reason is not None:
+        os.close(fd)
+        raise UnsafeModelError(f"{what} {reason}; refusing to load it. Recompile the model or restore the file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
-    from tierserve.onnx_scan import ScanError, external_data_locations
+
+def check_external_data(path: Path, variant: Variant) -> None:
+    """Refuse a model whose external-data locations are unsafe or not listed (with a sha256) in the manifest."""
+    from tierserve.onnx_scan import ScanError, external_data_locations, unsafe_location
 
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             locations = external_data_locations(mm)
     except (ScanError, ValueError) as exc:
-        raise ArtifactError(f"{path.name} is not a readable ONNX model ({exc}); recompile it") from exc
-    folder = path.parent.resolve()
+        raise ArtifactError(f"{variant.path} is not a readable ONNX model ({exc}); recompile it") from exc
+    listed = {variant.location(e) for e in variant.external_data}
     for tensor, location in locations:
-        target = (folder / location).resolve()
-        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
+        reason = unsafe_location(location)
+        if reason is not None:
             raise UnsafeModelError(
-                f"model {path.name} stores tensor {tensor!r} in external file {location!r}, which is "
-                "outside the model's folder; refusing to load it. Re-export the model with its data inside."
+                f"model {variant.path} stores tensor {tensor!r} in external file {location!r}, which {reason}; "
+                "refusing to load it. Re-export the model with its data in files next to it and recompile"
+            )
+        if location not in listed:
+            raise IntegrityError(
+                f"model {variant.path} reads tensor {tensor!r} from external file {location!r}, which the manifest "
+                "does not list with a sha256, so nothing vouches for it; refusing to load it. Recompile the model "
+                "with tierserve compile (it records every external-data file)"
             )
 
 
@@ -126,7 +174,7 @@ class ModelStore:
     # --- artifacts --------------------------------------------------------------------------------
 
     def fetch(self, variant: Variant) -> Path:
-        """A verified local path for ``variant``: sha256 checked before anyone loads it."""
+        """A verified local path for ``variant``'s model, with its external data beside it."""
         cached = self._verified.get(variant.sha256)
         if cached is not None and cached.exists():
             return cached
@@ -134,63 +182,81 @@ class ModelStore:
             cached = self._verified.get(variant.sha256)
             if cached is not None and cached.exists():
                 return cached
-            path = self._fetch_local(variant) if self.root is not None else self._fetch_s3(variant)
-            check_external_data(path)
+            path = self._materialize(variant)
             self._verified[variant.sha256] = path
             return path
 
-    def _fetch_local(self, variant: Variant) -> Path:
+    def _materialize(self, variant: Variant) -> Path:
+        """``cache/<sha256>/model.onnx`` plus external data: reused when it verifies, else fetched anew."""
+        folder = self.cache_dir / variant.sha256
+        if folder.is_dir():
+            try:
+                self._verify_folder(variant, folder)
+                return folder / MODEL_FILE
+            except (ArtifactError, OSError):
+                shutil.rmtree(folder, ignore_errors=True)  # corrupted or half-deleted: fetch it again
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".fetch-{variant.sha256[:12]}-"))
+        try:
+            self._copy(variant.files()[0], tmp / MODEL_FILE)
+            check_external_data(tmp / MODEL_FILE, variant)
+            for ext in variant.external_data:
+                dst = tmp / variant.location(ext)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                self._copy(ext, dst)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process published the same folder first: use it if it verifies
+                self._verify_folder(variant, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder / MODEL_FILE
+
+    def _verify_folder(self, variant: Variant, folder: Path) -> None:
+        targets = [folder / MODEL_FILE, *(folder / variant.location(e) for e in variant.external_data)]
+        for artifact, path in zip(variant.files(), targets, strict=True):
+            with open_regular(path, f"cached {artifact.path}") as src:
+                _check_digest(artifact, _digest(src, None), f"cached copy of {artifact.path}")
+        check_external_data(folder / MODEL_FILE, variant)
+
+    def _copy(self, artifact: ExternalFile, dst: Path) -> None:
+        """Copy one artifact from the store to ``dst`` (a new file), verifying size and sha256 on the way."""
+        check_artifact_path(artifact.path)
+        with open(dst, "xb") as out:
+            if self.root is not None:
+                with self._open_local(artifact) as src:
+                    digest, size = _digest(src, out)
+                where = artifact.path
+            else:
+                key = self._key(artifact.path)
+                digest, size = _digest(self._s3_body(key), out)
+                where = f"s3://{self.bucket}/{key}"
+        _check_digest(artifact, (digest, size), where)
+
+    def _open_local(self, artifact: ExternalFile) -> BinaryIO:
         assert self.root is not None
         root = self.root.resolve()
-        path = (root / check_artifact_path(variant.path)).resolve()
-        if not path.is_relative_to(root):
-            raise ArtifactError(f"artifact {variant.path!r} resolves outside the model store {root}")
-        if not path.is_file():
-            raise ArtifactNotFoundError(
-                f"artifact {variant.path!r} is listed in the manifest but missing from {root}; "
-                "recompile the model or restore the file"
-            )
-        actual = sha256_file(path)
-        if actual != variant.sha256:
-            raise IntegrityError(
-                f"artifact {variant.path!r} has sha256 {actual[:12]}..., the manifest expects "
-                f"{variant.sha256[:12]}...; refusing to load it. Recompile or re-upload the model."
-            )
-        return path
-
-    def _fetch_s3(self, variant: Variant) -> Path:
-        key = self._key(check_artifact_path(variant.path))
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        final = self.cache_dir / f"{variant.sha256}.onnx"
-        if final.is_file() and sha256_file(final) == variant.sha256:
-            return final
-        fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, suffix=".part")
-        tmp = Path(tmp_name)
-        h = hashlib.sha256()
+        path = root / artifact.path
+        if not path.parent.resolve().is_relative_to(root):
+            raise UnsafeModelError(f"artifact {artifact.path!r} resolves outside the model store {root}")
         try:
-            try:
-                body = self._s3_client().get_object(Bucket=self.bucket, Key=key)["Body"]
-            except Exception as exc:
-                reason = _aws_reason(exc)
-                cls = ArtifactNotFoundError if "NoSuchKey" in reason or "404" in reason else ArtifactError
-                raise cls(
-                    f"cannot fetch s3://{self.bucket}/{key}: {reason}; check the object exists "
-                    "and the function may read it"
-                ) from exc
-            with os.fdopen(fd, "wb") as f:
-                for chunk in iter(lambda: body.read(_CHUNK), b""):
-                    h.update(chunk)
-                    f.write(chunk)
-            actual = h.hexdigest()
-            if actual != variant.sha256:
-                raise IntegrityError(
-                    f"s3://{self.bucket}/{key} has sha256 {actual[:12]}..., the manifest expects "
-                    f"{variant.sha256[:12]}...; refusing to load it. Re-upload the compiled artifacts."
-                )
-            os.replace(tmp, final)
-            return final
-        finally:
-            tmp.unlink(missing_ok=True)
+            return open_regular(path, f"artifact {artifact.path!r}")
+        except FileNotFoundError as exc:
+            raise ArtifactNotFoundError(
+                f"artifact {artifact.path!r} is listed in the manifest but missing from {root}; "
+                "recompile the model or restore the file"
+            ) from exc
+
+    def _s3_body(self, key: str) -> Any:
+        try:
+            return self._s3_client().get_object(Bucket=self.bucket, Key=key)["Body"]
+        except Exception as exc:
+            reason = _aws_reason(exc)
+            cls = ArtifactNotFoundError if "NoSuchKey" in reason or "404" in reason else ArtifactError
+            raise cls(
+                f"cannot fetch s3://{self.bucket}/{key}: {reason}; check the object exists "
+                "and the function may read it"
+            ) from exc
 
     def _key(self, relative: str) -> str:
         return check_s3_key(f"{self.prefix}/{relative}" if self.prefix else relative)
@@ -209,3 +275,27 @@ def _aws_reason(exc: Exception) -> str:
         return f"{err.get('Code', 'error')} ({err.get('Message', '')})".strip()
     return f"{type(exc).__name__}: {exc}"
 
+
+def _chunks(src: Any) -> Iterator[bytes]:
+    while chunk := src.read(_CHUNK):
+        yield chunk
+
+
+def _digest(src: Any, out: BinaryIO | None) -> tuple[str, int]:
+    """(sha256, size) of everything ``src`` yields, written to ``out`` too when given."""
+    h, size = hashlib.sha256(), 0
+    for chunk in _chunks(src):
+        h.update(chunk)
+        size += len(chunk)
+        if out is not None:
+            out.write(chunk)
+    return h.hexdigest(), size
+
+
+def _check_digest(artifact: ExternalFile, got: tuple[str, int], where: str) -> None:
+    sha, size = got
+    if sha != artifact.sha256 or size != artifact.size_bytes:
+        raise IntegrityError(
+            f"{where} has sha256 {sha[:12]}... ({size} bytes), the manifest expects {artifact.sha256[:12]}... "
+            f"({artifact.size_bytes} bytes) for {artifact.path}; refusing to load it. Recompile or re-upload the model."
+        )

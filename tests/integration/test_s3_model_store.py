@@ -34,12 +34,12 @@ def test_router_serves_a_model_fetched_from_s3(runtime_env, digits_store, moto_u
     runtime_env.setenv("CPU_BACKEND", "inprocess")
     # When the router serves the sample infer event
     resp = router.lambda_handler(load_event("http_infer.json"), lambda_context)
-    # Then it answers from the model it downloaded, cached under its sha256 in MODEL_CACHE_DIR
+    # Then it answers from the model it downloaded, cached in MODEL_CACHE_DIR/<its sha256>/
     assert resp["statusCode"] == 200, resp["body"]
     assert [o["name"] for o in json.loads(resp["body"])["outputs"]] == ["label", "probabilities"]
     manifest = json.loads((digits_store / "manifest.json").read_text())
     sha = manifest["models"]["digits"]["versions"]["1"]["variants"]["fp32"]["sha256"]
-    assert (tmp_path / "cache" / f"{sha}.onnx").is_file()
+    assert (tmp_path / "cache" / sha / "model.onnx").is_file()
 
 
 def test_tampered_s3_object_is_refused_with_500_and_no_stack_trace(runtime_env, digits_store, moto_url,

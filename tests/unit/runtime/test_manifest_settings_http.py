@@ -1,4 +1,4 @@
-"""Manifest schema, typed settings, and the single error -> HTTP status mapping."""
+"""Typed settings, and the single error -> HTTP status mapping (manifest tests: test_manifest.py)."""
 
 from __future__ import annotations
 
@@ -8,54 +8,7 @@ import pytest
 
 from tierserve import errors
 from tierserve.http import STATUS_BY_ERROR, error_response, parse_http_event, status_for
-from tierserve.manifest import Manifest, check_model_name, check_version
 from tierserve.settings import parse_settings
-
-
-def _manifest(**overrides) -> dict:
-    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
-            "variants": {"fp32": {"path": "m/1/model.onnx", "sha256": "a" * 64, "size_bytes": 10}},
-            "selected_variant": "fp32", "targets": ["cpu"]}
-    body.update(overrides)
-    return {"schema_version": 1, "models": {"m": {"default_version": "1", "versions": {"1": body}}}}
-
-
-def test_manifest_round_trips_and_resolves_default_version():
-    m = Manifest.from_json(_manifest())
-    assert Manifest.loads(m.dumps()).to_json() == m.to_json()
-    assert m.resolve("m").version == "1"
-
-
-@pytest.mark.parametrize("bad", [
-    {"variants": {"fp32": {"path": "../../etc/passwd", "sha256": "a" * 64, "size_bytes": 1}}},
-    {"variants": {"fp32": {"path": "m/1/model.onnx", "sha256": "nothex", "size_bytes": 1}}},
-    {"selected_variant": "int8_dynamic"},
-    {"targets": ["tpu"]},
-])
-def test_manifest_refuses_unsafe_or_inconsistent_entries(bad):
-    with pytest.raises(errors.ManifestError):
-        Manifest.from_json(_manifest(**bad))
-
-
-def test_unknown_model_and_version_are_not_found_with_the_alternatives():
-    m = Manifest.from_json(_manifest())
-    with pytest.raises(errors.ModelNotFoundError, match="models served here: m"):
-        m.resolve("other")
-    with pytest.raises(errors.ModelNotFoundError, match="versions: 1"):
-        m.resolve("m", "2")
-
-
-@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 65, "-lead", "a b"])
-def test_model_names_outside_the_allowlist_are_refused(name):
-    with pytest.raises(errors.InvalidNameError):
-        check_model_name(name)
-
-
-@pytest.mark.parametrize("version", ["0", "01", "v1", "1.0", "../1"])
-def test_versions_must_be_positive_integers(version):
-    with pytest.raises(errors.InvalidNameError):
-        check_version(version)
 
 
 def test_settings_parse_types_and_derive_threads_from_memory():

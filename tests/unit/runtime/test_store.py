@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 from moto import mock_aws
 
 from tests.support.models import linear_onnx, write_model
+from tests.support.onnx_external import external_linear, with_location, write_entry
 from tierserve.errors import ArtifactNotFoundError, IntegrityError, InvalidNameError, ManifestError, UnsafeModelError
 from tierserve.manifest import TensorSpec, Variant
 from tierserve.store import ModelStore, check_s3_key
 
 X = (TensorSpec("x", "FP32", (-1, 4)),)
 Y = (TensorSpec("y", "FP32", (-1, 3)),)
+
+
+def _upload(root: Path):
+    """A boto3 S3 client (mocked) with ``root`` uploaded under s3://tierserve-models-test/models/."""
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="tierserve-models-test")
+    for f in root.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "tierserve-models-test", f"models/{f.relative_to(root).as_posix()}")
+    return s3
 
 
 def _store(tmp_path: Path) -> tuple[ModelStore, Variant]:
@@ -79,7 +92,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     mv = write_model(tmp_path / "models", "evil", "1", data, X, Y)
     store = ModelStore(str(tmp_path / "models"), tmp_path / "cache")
     # When it is fetched, Then it is refused before onnxruntime ever sees it
-    with pytest.raises(UnsafeModelError, match="outside the model's folder"):
+    with pytest.raises(UnsafeModelError, match="leaves the model's folder"):
         store.fetch(mv.cpu_artifact)
 
 
@@ -89,17 +102,13 @@ def test_s3_fetch_verifies_caches_by_hash_and_refuses_mismatch(tmp_path):
     local = tmp_path / "models"
     data, _, _ = linear_onnx()
     mv = write_model(local, "lin", "1", data, X, Y)
-    s3 = boto3.client("s3", region_name="us-east-1")
-    s3.create_bucket(Bucket="tierserve-models-test")
-    for f in local.rglob("*"):
-        if f.is_file():
-            s3.upload_file(str(f), "tierserve-models-test", f"models/{f.relative_to(local).as_posix()}")
+    s3 = _upload(local)
     store = ModelStore("s3://tierserve-models-test/models", tmp_path / "cache", s3_client=s3)
     # When the manifest and artifact are fetched
     got = store.manifest().resolve("lin")
     path = store.fetch(got.cpu_artifact)
-    # Then the artifact is cached under its content hash
-    assert path.name == f"{mv.cpu_artifact.sha256}.onnx"
+    # Then the artifact is cached in a folder named after its content hash
+    assert path.parent.name == mv.cpu_artifact.sha256 and path.name == "model.onnx"
     assert path.read_bytes() == data
     # And a tampered object is refused and leaves nothing behind in the cache
     s3.put_object(Bucket="tierserve-models-test", Key="models/lin/1/model.onnx", Body=b"evil")
@@ -152,3 +161,139 @@ def test_external_data_hidden_in_a_subgraph_is_refused(tmp_path):
     # When it is fetched, Then it is refused and the message names the tensor and the path
     with pytest.raises(UnsafeModelError, match="/etc/shadow"):
         ModelStore(str(tmp_path / "models"), tmp_path / "cache").fetch(mv.cpu_artifact)
+
+
+# --- external data: integrity (issue 8 defect 6), serving (8), unsafe locations (9) ----------------
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+
+
+def _external_store(tmp_path: Path, name: str = "ext") -> tuple[Path, np.ndarray]:
+    """A local store with one model whose W and B live in NAME/1/weights.bin; returns (root, expected y)."""
+    root = tmp_path / "models"
+    _, w, b = external_linear(root / name / "1")
+    write_entry(root, name)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    return root, x @ w + b
+
+
+def test_model_with_external_data_is_fetched_into_its_own_cache_folder_and_runs(tmp_path):
+    # Given a store whose model keeps its weights in weights.bin, listed in the manifest with its sha256
+    root, expected = _external_store(tmp_path)
+    store = ModelStore(str(root), tmp_path / "cache")
+    variant = store.manifest().resolve("ext").cpu_artifact
+    # When it is fetched
+    path = store.fetch(variant)
+    # Then model and weights sit together in a cache folder named after the model's sha256, and it runs
+    assert path.parent == tmp_path / "cache" / variant.sha256
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "weights.bin"]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(_run(path, x), expected, rtol=1e-6)
+
+
+def test_replaced_weights_next_to_a_verified_model_are_refused(tmp_path):
+    # Given a compiled store, then weights.bin replaced by other numbers of the same size
+    root, _ = _external_store(tmp_path)
+    weights = root / "ext" / "1" / "weights.bin"
+    weights.write_bytes(np.frombuffer(weights.read_bytes(), np.float32).__mul__(1000).tobytes())
+    store = ModelStore(str(root), tmp_path / "cache")
+    # When it is fetched / Then the unchanged model.onnx does not vouch for the weights: integrity error
+    with pytest.raises(IntegrityError, match=r"ext/1/weights\.bin.*sha256"):
+        store.fetch(store.manifest().resolve("ext").cpu_artifact)
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+
+
+def test_external_data_the_manifest_does_not_list_is_refused(tmp_path):
+    # Given an older manifest entry without external_data for a model that has some
+    root = tmp_path / "models"
+    external_linear(root / "old" / "1")
+    write_entry(root, "old", external=())
+    store = ModelStore(str(root), tmp_path / "cache")
+    # When it is fetched / Then nothing vouches for weights.bin, so it is refused, saying what to do
+    with pytest.raises(IntegrityError, match=r"weights\.bin.*does not list.*(?i:recompile)"):
+        store.fetch(store.manifest().resolve("old").cpu_artifact)
+
+
+@pytest.mark.parametrize("which", ["model.onnx", "weights.bin"])
+def test_hardlinked_model_or_weights_are_refused(tmp_path, which):
+    # Given a store where the file is a hardlink (st_nlink 2) to a file outside it
+    root, _ = _external_store(tmp_path)
+    target = root / "ext" / "1" / which
+    outside = tmp_path / f"outside-{which}"
+    target.rename(outside)
+    os.link(outside, target)
+    store = ModelStore(str(root), tmp_path / "cache")
+    # When it is fetched / Then it is refused before anything reads it
+    with pytest.raises(UnsafeModelError, match="hard link"):
+        store.fetch(store.manifest().resolve("ext").cpu_artifact)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_weights_that_are_not_regular_files_are_refused(tmp_path, kind):
+    # Given weights.bin replaced by a symlink (to the same bytes), a FIFO or a directory
+    root, _ = _external_store(tmp_path)
+    weights = root / "ext" / "1" / "weights.bin"
+    kept = tmp_path / "kept.bin"
+    weights.rename(kept)
+    {"symlink": lambda: weights.symlink_to(kept), "fifo": lambda: os.mkfifo(weights),
+     "directory": weights.mkdir}[kind]()
+    store = ModelStore(str(root), tmp_path / "cache")
+    # When it is fetched / Then it is refused (a FIFO does not hang the fetch)
+    with pytest.raises(UnsafeModelError, match="not a regular file"):
+        store.fetch(store.manifest().resolve("ext").cpu_artifact)
+
+
+@pytest.mark.parametrize("in_constant", [False, True], ids=["initializer", "constant"])
+@pytest.mark.parametrize("location", ["w\x00eights.bin", "/proc/self/environ", "../../etc/passwd", "/etc/passwd",
+                                      "sub/../../w.bin"])
+def test_unsafe_external_data_locations_are_an_unsafe_model(tmp_path, location, in_constant):
+    # Given a model with one tensor at an unsafe location (NUL byte, absolute, /proc, '..'),
+    # as an initializer or inside a Constant node
+    root, _ = _external_store(tmp_path)
+    with_location(root / "ext" / "1" / "model.onnx", location, in_constant=in_constant)
+    write_entry(root, "ext")
+    store = ModelStore(str(root), tmp_path / "cache")
+    # When it is fetched / Then it is a clear unsafe_model refusal naming the location
+    with pytest.raises(UnsafeModelError, match="refusing to load it") as err:
+        store.fetch(store.manifest().resolve("ext").cpu_artifact)
+    assert err.value.code == "unsafe_model" and repr(location)[1:-1] in str(err.value)
+
+
+@mock_aws
+def test_s3_fetches_and_verifies_every_file_a_model_needs(tmp_path):
+    # Given a store with external data uploaded to S3
+    root, expected = _external_store(tmp_path)
+    s3 = _upload(root)
+    store = ModelStore("s3://tierserve-models-test/models", tmp_path / "cache", s3_client=s3)
+    variant = store.manifest().resolve("ext").cpu_artifact
+    # When it is fetched / Then weights.bin came too, verified, next to the model, and the model runs
+    path = store.fetch(variant)
+    assert (path.parent / "weights.bin").is_file()
+    np.testing.assert_allclose(_run(path, np.arange(8, dtype=np.float32).reshape(2, 4)), expected, rtol=1e-6)
+    # And a tampered weights object is refused, leaving no partial cache folder behind
+    s3.put_object(Bucket="tierserve-models-test", Key="models/ext/1/weights.bin", Body=b"\0" * 60)
+    fresh = ModelStore("s3://tierserve-models-test/models", tmp_path / "cache2", s3_client=s3)
+    with pytest.raises(IntegrityError, match=r"weights\.bin"):
+        fresh.fetch(variant)
+    assert not list((tmp_path / "cache2").iterdir())
+
+
+def test_a_corrupted_cache_is_fetched_again(tmp_path):
+    # Given a model fetched into the cache, whose cached weights are then corrupted
+    root, expected = _external_store(tmp_path)
+    variant = ModelStore(str(root), tmp_path / "cache").manifest().resolve("ext").cpu_artifact
+    cached = ModelStore(str(root), tmp_path / "cache").fetch(variant)
+    (cached.parent / "weights.bin").write_bytes(b"\0" * 60)
+    # When a new process (store) fetches it / Then the cache is verified, refetched and right again
+    path = ModelStore(str(root), tmp_path / "cache").fetch(variant)
+    np.testing.assert_allclose(_run(path, np.arange(8, dtype=np.float32).reshape(2, 4)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["models/m\n", "models/m/1/model.onnx\n"])
+def test_s3_keys_with_a_trailing_newline_are_refused(key):
+    with pytest.raises(InvalidNameError):
+        check_s3_key(key)

@@ -1,0 +1,116 @@
+"""The manifest: schema, allowlists (names, versions, paths; no trailing newline), per-model isolation
+of bad entries, and the external-data records (issue 8, defects 6 and 7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tierserve import errors
+from tierserve.manifest import Manifest, check_artifact_path, check_model_name, check_version
+
+
+def _manifest(**overrides) -> dict:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+            "variants": {"fp32": {"path": "m/1/model.onnx", "sha256": "a" * 64, "size_bytes": 10}},
+            "selected_variant": "fp32", "targets": ["cpu"]}
+    body.update(overrides)
+    return {"schema_version": 1, "models": {"m": {"default_version": "1", "versions": {"1": body}}}}
+
+
+def test_manifest_round_trips_and_resolves_default_version():
+    m = Manifest.from_json(_manifest())
+    assert Manifest.loads(m.dumps()).to_json() == m.to_json()
+    assert m.resolve("m").version == "1"
+
+
+@pytest.mark.parametrize("bad", [
+    {"variants": {"fp32": {"path": "../../etc/passwd", "sha256": "a" * 64, "size_bytes": 1}}},
+    {"variants": {"fp32": {"path": "m/1/model.onnx", "sha256": "nothex", "size_bytes": 1}}},
+    {"selected_variant": "int8_dynamic"},
+    {"targets": ["tpu"]},
+])
+def test_manifest_refuses_unsafe_or_inconsistent_entries(bad):
+    with pytest.raises(errors.ManifestError):
+        Manifest.from_json(_manifest(**bad)).resolve("m")
+
+
+def test_unknown_model_and_version_are_not_found_with_the_alternatives():
+    m = Manifest.from_json(_manifest())
+    with pytest.raises(errors.ModelNotFoundError, match="models served here: m"):
+        m.resolve("other")
+    with pytest.raises(errors.ModelNotFoundError, match="versions: 1"):
+        m.resolve("m", "2")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 65, "-lead", "a b"])
+def test_model_names_outside_the_allowlist_are_refused(name):
+    with pytest.raises(errors.InvalidNameError):
+        check_model_name(name)
+
+
+@pytest.mark.parametrize("version", ["0", "01", "v1", "1.0", "../1"])
+def test_versions_must_be_positive_integers(version):
+    with pytest.raises(errors.InvalidNameError):
+        check_version(version)
+
+
+@pytest.mark.parametrize(("check", "value"), [
+    (check_model_name, "nl\n"), (check_version, "1\n"), (check_artifact_path, "m/1/model.onnx\n"),
+    (check_model_name, "ok\n\n"), (check_artifact_path, "m/1/model.onnx\nx"),
+])
+def test_a_trailing_newline_is_never_accepted(check, value):
+    with pytest.raises((errors.InvalidNameError, errors.ManifestError)):
+        check(value)
+
+
+def test_one_bad_entry_takes_down_only_that_model():
+    # Given a manifest with a good model, a model whose variant has a bad sha256, and a name with a newline
+    raw = _manifest()
+    good = raw["models"]["m"]
+    raw["models"]["bad"] = json.loads(json.dumps(good).replace("m/1/", "bad/1/").replace("a" * 64, "nothex"))
+    raw["models"]["nl\n"] = json.loads(json.dumps(good).replace("m/1/", "nl/1/"))
+    # When it is loaded
+    m = Manifest.from_json(raw)
+    # Then the good model still resolves
+    assert m.resolve("m").version == "1"
+    # And the bad one answers a clear manifest error naming itself and the problem
+    with pytest.raises(errors.ManifestError, match=r"model 'bad' cannot be served.*invalid sha256.*recompile"):
+        m.resolve("bad")
+    # And the one with an invalid name cannot even be asked for, and takes nothing else down
+    with pytest.raises(errors.InvalidNameError):
+        m.resolve("nl\n")
+    assert set(m.models) == {"m"} and set(m.broken) == {"bad", "nl\n"}
+    # And writing the manifest back (the compiler adds a model) keeps the bad entries as they were
+    assert Manifest.loads(m.dumps()).to_json()["models"]["bad"] == raw["models"]["bad"]
+
+
+def test_external_data_records_round_trip_and_are_optional():
+    # Given a variant with one external-data file, and one without the field (older manifests)
+    ext = [{"path": "m/1/weights.bin", "sha256": "b" * 64, "size_bytes": 48}]
+    with_ext = _manifest(variants={"fp32": {"path": "m/1/model.onnx", "sha256": "a" * 64, "size_bytes": 10,
+                                            "external_data": ext}})
+    # When loaded and written back
+    m = Manifest.from_json(with_ext)
+    v = m.resolve("m").cpu_artifact
+    # Then the record survives, and a variant without it has none and writes none
+    assert [(e.path, e.sha256, e.size_bytes) for e in v.external_data] == [("m/1/weights.bin", "b" * 64, 48)]
+    assert Manifest.loads(m.dumps()).to_json() == m.to_json()
+    plain = Manifest.from_json(_manifest())
+    assert plain.resolve("m").cpu_artifact.external_data == ()
+    assert "external_data" not in plain.to_json()["models"]["m"]["versions"]["1"]["variants"]["fp32"]
+
+
+@pytest.mark.parametrize("ext", [
+    {"path": "other/1/weights.bin", "sha256": "b" * 64, "size_bytes": 1},   # outside the variant's folder
+    {"path": "m/1/../../w.bin", "sha256": "b" * 64, "size_bytes": 1},
+    {"path": "m/1/weights.bin", "sha256": "B" * 64, "size_bytes": 1},
+    {"path": "m/1/weights.bin", "sha256": "b" * 64},
+])
+def test_bad_external_data_records_take_down_their_model(ext):
+    raw = _manifest(variants={"fp32": {"path": "m/1/model.onnx", "sha256": "a" * 64, "size_bytes": 10,
+                                       "external_data": [ext]}})
+    with pytest.raises(errors.ManifestError, match="model 'm' cannot be served"):
+        Manifest.from_json(raw).resolve("m")
