@@ -18,18 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tierserve.manifest import ModelVersion, check_model_name, check_version
+from tierserve.manifest import ModelVersion
 from tierserve_compiler.config import CompileConfig, load_prices
-from tierserve_compiler.data import Dataset, load_npz, row_nbytes, sha256_file, synthetic_dataset
+from tierserve_compiler.data import Dataset, load_npz, row_nbytes, synthetic_dataset
 from tierserve_compiler.errors import CompilerError, VariantError
+from tierserve_compiler.external_data import consolidate
 from tierserve_compiler.gate import compare_outputs, gate, gate_datasets, run_onnx
 from tierserve_compiler.metrics import Task, choose_metrics, detect_task, evaluate_outputs, within_budget
 from tierserve_compiler.placement import Placement
 from tierserve_compiler.placement import place as _place
 from tierserve_compiler.profile import latency, profile_variant
 from tierserve_compiler.publish import (
+    checked_name_version,
     existing_version,
-    next_version,
     now_utc,
     publish,
     read_manifest,
@@ -121,6 +122,7 @@ def optimize(exported: Exported, cfg: CompileConfig, workdir: Path, data: Datase
     """Build fp32 ``model.onnx`` (offline ORT optimisation) and check it still matches the export."""
     dst = workdir / filename(REFERENCE)
     info = VARIANTS[REFERENCE].build(exported.onnx_path, dst, cfg, None)
+    consolidate(dst)
     feed = data.take(64).inputs
     res = compare_outputs(run_onnx(dst, feed), run_onnx(exported.onnx_path, feed), feed, cfg.gate_tolerance)
     bad = {k: v["error"] for k, v in res.items() if not v["ok"]}
@@ -155,7 +157,9 @@ def quantize(cfg: CompileConfig, fp32: Path, workdir: Path, calibration: Dataset
             continue
         dst = workdir / filename(key)
         try:
-            out.append(BuiltVariant(key, dst, VARIANTS[key].build(fp32, dst, cfg, calibration)))
+            info = VARIANTS[key].build(fp32, dst, cfg, calibration)
+            consolidate(dst)
+            out.append(BuiltVariant(key, dst, info))
         except VariantError as exc:
             if explicit:
                 raise
@@ -276,11 +280,10 @@ def model_version(
 def compile_model(cfg: CompileConfig) -> CompileResult:
     """Run every step; returns the manifest entry and the report. Raises :class:`CompilerError`."""
     cfg.validate()
-    name = check_model_name(cfg.name)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)
-    version = check_version(str(cfg.version)) if cfg.version else next_version(manifest, name)
+    name, version = checked_name_version(cfg, manifest)
     prices = load_prices(cfg.prices)
     prog = Progress(cfg.progress)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as td:
@@ -294,9 +297,8 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
         with prog.step("optimize fp32"):
             fp32 = optimize(exported, cfg, work, data)
         assert fp32.path is not None
-        existing = existing_version(
-            manifest, out_dir, name, version, sha256_file(fp32.path), explicit=cfg.version is not None
-        )
+        identity = variant_entries(name, version, {REFERENCE: fp32.path})[REFERENCE]
+        existing = existing_version(manifest, out_dir, name, version, identity, explicit=cfg.version is not None)
         if existing is not None:
             prog.note(f"{name} v{existing.version} already holds this model: nothing to do")
             return _unchanged(out_dir, existing)

@@ -18,9 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tierserve.manifest import MANIFEST_FILE, Manifest, ModelVersion, Variant
+from tierserve.errors import InvalidNameError
+from tierserve.manifest import (
+    MANIFEST_FILE,
+    ExternalFile,
+    Manifest,
+    ModelVersion,
+    Variant,
+    check_model_name,
+    check_version,
+)
+from tierserve_compiler.config import CompileConfig
 from tierserve_compiler.data import sha256_file
-from tierserve_compiler.errors import ArtifactExistsError
+from tierserve_compiler.errors import ArtifactExistsError, ConfigError
+from tierserve_compiler.external_data import locations
 from tierserve_compiler.report import write_report
 from tierserve_compiler.triton import write_triton_repo
 from tierserve_compiler.variants import REFERENCE
@@ -58,10 +69,26 @@ def write_manifest_entry(out_dir: Path, mv: ModelVersion) -> Path:
     return out_dir / MANIFEST_FILE
 
 
+def checked_name_version(cfg: CompileConfig, manifest: Manifest) -> tuple[str, str]:
+    """NAME and VERSION through the runtime's own allowlists (a trailing newline included), or the next
+    version after the highest one; a bad one is a :class:`ConfigError` before any work."""
+    try:
+        name = check_model_name(cfg.name)
+        return name, check_version(str(cfg.version)) if cfg.version else next_version(manifest, name)
+    except InvalidNameError as exc:
+        raise ConfigError(f"{exc.message} (--name / --version)") from exc
+
+
+def _content(v: Variant) -> tuple[str, tuple[str, ...]]:
+    """What identifies a variant's content: the model's sha256 and each external file's."""
+    return v.sha256, tuple(e.sha256 for e in v.external_data)
+
+
 def existing_version(
-    manifest: Manifest, out_dir: Path, name: str, version: str, sha: str, explicit: bool
+    manifest: Manifest, out_dir: Path, name: str, version: str, fp32: Variant, explicit: bool
 ) -> ModelVersion | None:
-    """The version that already holds this fp32 content (a no-op compile), or None to write a new one.
+    """The version that already holds this fp32 content, external data included (a no-op compile), or
+    None to write a new one.
 
     Raises :class:`ArtifactExistsError` when the version exists with other content, or when its
     folder exists without a manifest entry (an interrupted compile).
@@ -70,7 +97,7 @@ def existing_version(
     mv = entry.versions.get(version) if entry else None
     if mv is None and not explicit and entry:
         latest = entry.versions[max(entry.versions, key=int)]
-        return latest if latest.variants[REFERENCE].sha256 == sha else None
+        return latest if _content(latest.variants[REFERENCE]) == _content(fp32) else None
     if mv is None:
         vdir = out_dir / name / version
         if vdir.exists() and any(vdir.iterdir()):
@@ -79,21 +106,29 @@ def existing_version(
                 "artifacts are immutable: delete that folder or compile another --version"
             )
         return None
-    if mv.variants[REFERENCE].sha256 == sha:
+    if _content(mv.variants[REFERENCE]) == _content(fp32):
         return mv
     raise ArtifactExistsError(
         f"{name} version {version} already exists with different content (fp32 sha256 "
-        f"{mv.variants[REFERENCE].sha256[:12]}... != {sha[:12]}...); artifacts are immutable: omit --version "
+        f"{mv.variants[REFERENCE].sha256[:12]}... != {fp32.sha256[:12]}..., or other external data); "
+        "artifacts are immutable: omit --version "
         f"to get version {next_version(manifest, name)}, or pick an unused --version"
     )
 
 
+def _record(path: Path, store_path: str) -> ExternalFile:
+    return ExternalFile(store_path, sha256_file(path), path.stat().st_size)
+
+
 def variant_entries(name: str, version: str, staged: dict[str, Path]) -> dict[str, Variant]:
-    """Manifest records for the staged variant files, with the paths they will have in the store."""
-    return {
-        key: Variant(path=f"{name}/{version}/{p.name}", sha256=sha256_file(p), size_bytes=p.stat().st_size)
-        for key, p in staged.items()
-    }
+    """Manifest records for the staged variant files and their external data (sha256 and size of each),
+    with the paths they will have in the store."""
+    out = {}
+    for key, p in staged.items():
+        model = _record(p, f"{name}/{version}/{p.name}")
+        ext = tuple(_record(p.parent / loc, f"{name}/{version}/{loc}") for loc in locations(p))
+        out[key] = Variant(model.path, model.sha256, model.size_bytes, ext)
+    return out
 
 
 def now_utc() -> str:
@@ -117,6 +152,9 @@ def publish(
     vdir.mkdir(parents=True, exist_ok=True)
     final = {key: vdir / p.name for key, p in staged.items()}
     for key, p in staged.items():
+        for loc in locations(p):  # external data first: the model is never there without it
+            (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p.parent / loc, vdir / loc)
         os.replace(p, final[key])
     triton_dir = None
     if triton_variant is not None:

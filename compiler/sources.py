@@ -21,6 +21,7 @@ from tierserve.manifest import TensorSpec
 from tierserve_compiler.config import CompileConfig
 from tierserve_compiler.data import Dataset, make_dataset, specs_from_onnx, synthetic_dataset
 from tierserve_compiler.errors import ExportError, SourceError, require
+from tierserve_compiler.external_data import check_source, save_external
 from tierserve_compiler.gate import compare_outputs, run_onnx
 
 Reference = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -57,7 +58,7 @@ def _is_onnx_path(obj: Any) -> bool:
 
 
 def export_onnx_file(path: Path, cfg: CompileConfig, workdir: Path) -> Exported:
-    """Check an ``.onnx`` file (checker, shape inference, external data inside its folder)."""
+    """Check an ``.onnx`` file (checker, shape inference, safe external data inside its folder)."""
     onnx = require("onnx", "compiler")
     path = Path(path)
     if not path.is_file():
@@ -66,28 +67,18 @@ def export_onnx_file(path: Path, cfg: CompileConfig, workdir: Path) -> Exported:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise SourceError(f"{path} is not a readable ONNX model ({exc}); re-export it") from exc
-    folder = path.resolve().parent
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), "")
-            target = (folder / loc).resolve()
-            if not target.is_relative_to(folder) or Path(loc).is_absolute():
-                raise SourceError(
-                    f"{path}: initializer {t.name!r} points at external data {loc!r} outside the model's folder; "
-                    "refusing to read it. Keep external data files next to the .onnx file"
-                )
+    external = check_source(path)
     try:
         onnx.checker.check_model(str(path), full_check=False)
-        onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+        full = onnx.load(str(path))  # with its external data
+        onnx.shape_inference.infer_shapes(full, strict_mode=True)
     except Exception as exc:
         raise SourceError(f"{path} fails onnx.checker/shape inference: {exc}; fix or re-export the model") from exc
     copy = workdir / "exported.onnx"
-    shutil.copyfile(path, copy)
-    for t in model.graph.initializer:  # external data travels with the copy
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next(e.value for e in t.external_data if e.key == "location")
-            (workdir / loc).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / loc, workdir / loc)
+    if external:  # re-saved, with one external file of our own naming
+        save_external(full, copy)
+    else:
+        shutil.copyfile(path, copy)
     inputs, outputs = specs_from_onnx(model)
     return Exported(
         copy,

@@ -2,6 +2,7 @@
 
     DIR/triton/NAME/config.pbtxt
     DIR/triton/NAME/VERSION/model.onnx      (the GPU variant: fp32 or fp16)
+    DIR/triton/NAME/VERSION/<file>.data     (its external data, if it has any)
 
 ``config.pbtxt`` is a ``tritonclient.grpc.model_config_pb2.ModelConfig`` written with
 ``google.protobuf.text_format``, so it is valid by construction and the datatype names are Triton's
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tierserve.manifest import TensorSpec
+from tierserve_compiler.external_data import locations
 
 TRITON_DIR = "triton"
 
@@ -102,6 +104,9 @@ def write_triton_repo(
     root = Path(out_dir) / TRITON_DIR / name
     vdir = root / version
     vdir.mkdir(parents=True, exist_ok=True)
+    for loc in locations(model_file):  # external data keeps its name: model.onnx refers to it by that
+        (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(model_file).parent / loc, vdir / loc)
     shutil.copyfile(model_file, vdir / "model.onnx")
     text = config_pbtxt(name, inputs, outputs, max_batch_size, tensorrt_fp16=tensorrt_fp16, warmup=warmup)
     tmp = root / ".config.pbtxt.tmp"

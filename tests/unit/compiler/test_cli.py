@@ -86,3 +86,28 @@ def test_import_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_unsafe_model_is_a_clear_error_without_a_traceback(tmp_path, capsys):
+    # Given an ONNX file whose external data location holds a NUL byte
+    from tests.support.onnx_external import external_linear, with_location
+
+    src, _, _ = external_linear(tmp_path / "src")
+    with_location(src, "w\x00.bin")
+    # When it is compiled through the CLI / Then exit 2 and one line saying what is wrong
+    rc = main(["compile", str(src), "--name", "bad", "--quiet", "--out", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NUL byte" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("name", "version"), [("nl\n", None), ("ok", "1\n")])
+def test_names_and_versions_with_a_trailing_newline_are_refused(tmp_path, capsys, name, version):
+    # Given the bundled MLP / When compiled with a name or version ending in a newline
+    from compiler_testlib import make_mlp_onnx
+
+    src = make_mlp_onnx(tmp_path / "mlp.onnx")
+    argv = ["compile", str(src), "--name", name, "--quiet", "--out", str(tmp_path / "models")]
+    rc = main(argv + (["--version", version] if version else []))
+    # Then it is refused up front, and the store is untouched
+    assert rc == 2 and "invalid model" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "manifest.json").exists()

@@ -90,3 +90,17 @@ def test_recompiling_a_version_with_different_content_is_refused(mlp_onnx, tmp_p
     with pytest.raises(ArtifactExistsError, match=r"immutable.*omit --version to get version 2"):
         compile_model(cfg_for(other, "m", quantize="none", version="1"))
     assert (tmp_path / "models" / "m" / "1" / "model.onnx").read_bytes() == before
+
+
+def test_other_external_weights_under_the_same_graph_are_a_new_version(tmp_path, cfg_for):
+    # Given a model with external weights compiled as v1
+    from tests.support.onnx_external import external_linear
+
+    first, _, _ = external_linear(tmp_path / "a", seed=1)
+    compile_model(cfg_for(first, "w", quantize="none"))
+    # When the same graph with other weights in weights.bin is compiled (model.onnx bytes identical)
+    second, _, _ = external_linear(tmp_path / "b", seed=2)
+    assert first.read_bytes() == second.read_bytes()
+    res = compile_model(cfg_for(second, "w", quantize="none"))
+    # Then it is new content: version 2, not a no-op
+    assert not res.noop and res.version == "2"

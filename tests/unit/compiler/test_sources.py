@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from compiler_testlib import make_mlp_onnx, save_npz
+import hashlib
+import re
 
+import numpy as np
+import onnxruntime as ort
+import pytest
+from compiler_testlib import save_npz
+
+from tests.support.onnx_external import external_linear, with_location
+from tierserve.store import ModelStore
 from tierserve_compiler.errors import SourceError
 from tierserve_compiler.pipeline import compile_model
 
@@ -22,25 +28,6 @@ def test_onnx_file_compiles_to_a_manifest_entry(mlp_onnx, mlp_data, cfg_for, tmp
     assert [s.name for s in mv.inputs] == ["x"] and mv.inputs[0].shape == (-1, 16)
     assert res.report["source_kind"] == "onnx" and res.report["task"] == "regressor"
     assert res.report["gate"]["checked"] is False
-
-
-def test_onnx_external_data_outside_the_folder_is_refused(tmp_path, cfg_for):
-    # Given an ONNX file whose initializer points at ../secret.bin
-    import onnx
-
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    path = make_mlp_onnx(model_dir / "mlp.onnx")
-    model = onnx.load(str(path))
-    t = model.graph.initializer[0]
-    t.ClearField("raw_data")
-    t.data_location = onnx.TensorProto.EXTERNAL
-    t.external_data.add(key="location", value="../secret.bin")
-    onnx.save(model, str(path))
-    # When it is compiled / Then it is refused, naming the location
-    with pytest.raises(SourceError, match=r"outside the model's folder"):
-        compile_model(cfg_for(path, "bad"))
-    assert not (tmp_path / "models" / "manifest.json").exists()
 
 
 def test_sklearn_estimator_object(user_module, cfg_for):
@@ -152,3 +139,48 @@ def test_unknown_source_kind_is_refused(user_module, cfg_for):
     # When / Then
     with pytest.raises(SourceError, match=r"supported: \.onnx files"):
         compile_model(cfg_for(f"{mod}:THING", "x"))
+
+
+# --- external data (issue 8, defects 8 and 9) ------------------------------------------------------
+
+
+def test_onnx_with_external_data_compiles_and_is_served_from_the_store(tmp_path, cfg_for):
+    # Given an ONNX file whose weights are in weights.bin next to it
+    src, w, b = external_linear(tmp_path / "src", model="lin.onnx")
+    # When it is compiled (every variant)
+    res = compile_model(cfg_for(src, "ext", target="both"))
+    # Then each variant's external data is in the version folder and in the manifest with sha256 and size
+    root = tmp_path / "models"
+    fp32 = res.model_version.variants["fp32"]
+    assert fp32.external_data, "fp32 keeps its weights outside model.onnx"
+    for var in res.model_version.variants.values():
+        for ext in var.external_data:
+            data = (root / ext.path).read_bytes()
+            assert ext.path.startswith("ext/1/") and ext.size_bytes == len(data)
+            assert ext.sha256 == hashlib.sha256(data).hexdigest()
+    # And the runtime's store fetches and verifies every file, and the model computes x @ W + b
+    store = ModelStore(str(root), tmp_path / "cache")
+    path = store.fetch(store.manifest().resolve("ext").cpu_artifact)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w + b, rtol=1e-2, atol=1e-2)
+    # And when fp32 is the GPU variant, the Triton version folder holds its external data next to model.onnx
+    compile_model(cfg_for(src, "ext32", target="both", quantize="none"))
+    assert sorted(p.name for p in (root / "triton" / "ext32" / "1").iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+@pytest.mark.parametrize("in_constant", [False, True], ids=["initializer", "constant"])
+@pytest.mark.parametrize(("location", "reason"), [
+    ("w\x00eights.bin", "NUL byte"), ("/proc/self/environ", "absolute"), ("/etc/passwd", "absolute"),
+    ("../secret.bin", "'..'"), ("link.bin", "symbolic link that leaves"),
+])
+def test_unsafe_external_data_locations_are_refused_by_compile(tmp_path, cfg_for, location, reason, in_constant):
+    # Given an ONNX file with one tensor at an unsafe location (or a symlink leaving its folder)
+    src, _, _ = external_linear(tmp_path / "src")
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 12)
+    (tmp_path / "src" / "link.bin").symlink_to(tmp_path / "secret.bin")
+    with_location(src, location, in_constant=in_constant)
+    # When it is compiled / Then it is refused with a clear error naming the location, and nothing is written
+    with pytest.raises(SourceError, match=f"external data.*{re.escape(repr(location))}.*{re.escape(reason)}"):
+        compile_model(cfg_for(src, "bad"))
+    assert not (tmp_path / "models" / "manifest.json").exists()
