@@ -7,7 +7,7 @@ One run, one moto_server (S3, SQS, DynamoDB over HTTP), the digits classifier:
    (a small job runs first): S3 streaming read, JSON parsing, validation, batched onnxruntime,
    JSON encoding, part uploads, DynamoDB checkpoints, errors.jsonl and _SUCCESS;
 2. raw: ``session.run`` over the same rows, already in a numpy array, in the same chunk size;
-3. peak RSS: the pipeline in a fresh process (``python -m tierserve.batch.measure``) on
+3. peak RSS: the pipeline in a fresh process (``python -m benchmarks.batch_measure``) on
    ``--rows`` and on ``--big-rows`` rows.
 """
 
@@ -51,15 +51,13 @@ def main() -> int:
     import boto3
     import onnxruntime as ort
 
+    from benchmarks.batch_measure import write_digits_jsonl
     from tests.support.models import write_digits
     from tests.support.moto_server import aws_test_env, running_moto_server
-    from tierserve.api import reset_app
-    from tierserve.batch.jobs import reset_clients
-    from tierserve.batch.local import create_local_stack
-    from tierserve.batch.measure import write_digits_jsonl
+    from tierserve.app import reset_runtime
     from tierserve.batch.service import handle_event
-    from tierserve.local._child import LocalContext
-    from tierserve.settings import reset_settings
+    from tierserve.local.batch import create_local_stack
+    from tierserve.local.emulation import LocalContext
 
     with tempfile.TemporaryDirectory() as tmp_s, running_moto_server(Path(tmp_s) / "moto.log") as url:
         tmp = Path(tmp_s)
@@ -68,9 +66,7 @@ def main() -> int:
                            "JOB_TABLE": TABLE, "CHUNK_ROWS": str(args.chunk_rows), "ORT_THREADS": "1",
                            "CHECKPOINT_MARGIN_MS": "1000", "POWERTOOLS_TRACE_DISABLED": "true",
                            "POWERTOOLS_METRICS_NAMESPACE": "tierserve-bench"})
-        reset_settings()
-        reset_app()
-        reset_clients()
+        reset_runtime()
         s3 = boto3.client("s3")
         create_local_stack(s3, boto3.client("dynamodb"), boto3.client("sqs"), BUCKET, TABLE)
         store = tmp / "store"
@@ -112,7 +108,7 @@ def main() -> int:
         rss = {}
         for name, rows in (("rss-small", args.rows), ("rss-big", args.big_rows)):
             k = put(name, rows)
-            proc = subprocess.run([sys.executable, "-m", "tierserve.batch.measure", f"s3://{BUCKET}/{k}"],
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_measure", f"s3://{BUCKET}/{k}"],
                                   capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), check=True)
             rss[rows] = json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -44,7 +44,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from tierserve.handlers import router
-    from tierserve.local._child import LocalContext
+    from tierserve.local.emulation import LocalContext
     from tierserve.manifest import Manifest
     from tierserve.sessions import session_options
 

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.api import reset_app
-from tierserve.sessions import clear_sessions
-from tierserve.settings import reset_settings
+from tierserve.app import reset_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "events"
@@ -30,13 +28,9 @@ def runtime_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pyt
     monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "tierserve-test")
     monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "tierserve")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    reset_settings()
-    reset_app()
-    clear_sessions()
+    reset_runtime()
     yield monkeypatch
-    reset_settings()
-    reset_app()
-    clear_sessions()
+    reset_runtime()
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +45,6 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def lambda_context():
-    from tierserve.local._child import LocalContext
+    from tierserve.local.emulation import LocalContext
 
     return LocalContext("test-function", 1769, 30)

@@ -47,6 +47,9 @@ class HttpRequest:
     body: bytes
     query: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
+    #: The body as the event carried it (JSON text, or base64 when ``is_base64``): forwarded untouched.
+    event_text: str | None = None
+    is_base64: bool = False
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -78,7 +81,7 @@ def parse_http_event(event: dict[str, Any], max_body_bytes: int) -> HttpRequest:
     except ValueError as exc:
         raise errors.InvalidRequestError(f"body is flagged isBase64Encoded but is not valid base64: {exc}") from exc
     query = {str(k): str(v) for k, v in (event.get("queryStringParameters") or {}).items()}
-    return HttpRequest(method, path, headers, body, query, str(ctx.get("requestId") or ""))
+    return HttpRequest(method, path, headers, body, query, str(ctx.get("requestId") or ""), raw, is_b64)
 
 
 def response(

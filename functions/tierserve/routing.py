@@ -1,27 +1,28 @@
 """Routing policies: a registry of named, pure functions from a request's context to a target.
 
-A policy sees only facts (the model's targets and thresholds from the compiler's profile,
-the request's rows and bytes, the client's hint, the time left, and whether the GPU tier
-is usable right now) and returns a ``Decision``. The router carries it out, including the
-fallback. Add a policy by adding a function to ``POLICIES``; pick it with ``ROUTING_POLICY``.
+A policy sees only facts (the model's targets and thresholds from the compiler's profile, the
+request's rows and tensor bytes, read from the header whatever the encoding, the client's hint and
+the time left) and returns the tier it prefers as a ``Decision``. The tier dispatcher
+(``tierserve.tiering``) carries it out, and it alone turns a GPU decision into the CPU fallback
+when the GPU tier is unusable. A policy that wants the GPU's health asks ``ctx.gpu_usable()``,
+which probes lazily; none of the built-in ones does. Add a policy by adding a function to
+``POLICIES``; pick it with ``ROUTING_POLICY``.
 
 ``size-aware`` (the default), in order:
 1. a client hint (``x-target`` header or ``parameters.target``) wins, if the model is
    deployed on that tier; a hint for a tier the model is not on is a 400;
 2. a model deployed on one tier goes there;
 3. a model on both tiers goes to the GPU when the batch has at least ``gpu_min_rows`` rows
-   or ``gpu_min_bytes`` bytes (thresholds the compiler derived from its profile), else CPU;
+   or ``gpu_min_bytes`` bytes of tensor data (thresholds the compiler derived from its
+   profile), else CPU;
 4. when the time left is below the CPU's measured p95 for a batch this size (``cpu_p95_ms``
-   in the manifest's routing block, if present) the GPU is preferred;
-5. a GPU decision while the GPU tier is unusable (unhealthy or circuit open) becomes CPU
-   with ``fallback="gpu-unavailable"`` when the model has a CPU variant; the router answers
-   503 otherwise.
+   in the manifest's routing block, if present) the GPU is preferred.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tierserve.errors import ConfigurationError, InvalidRequestError
 from tierserve.manifest import ModelVersion
@@ -30,14 +31,19 @@ DEFAULT_GPU_MIN_ROWS = 64
 DEFAULT_GPU_MIN_BYTES = 1 << 20
 
 
+def _unknown_health() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class RouteContext:
     model: ModelVersion
     rows: int
-    payload_bytes: int
+    tensor_bytes: int  # tensor data, from the header: the same for JSON and binary encodings
     hint: str | None = None
     remaining_ms: float | None = None
-    gpu_usable: bool = True
+    #: Probes the GPU tier's health (cached, single flight) only when a policy calls it.
+    gpu_usable: Callable[[], bool] = field(default=_unknown_health, compare=False)
 
 
 @dataclass(frozen=True)
@@ -64,16 +70,10 @@ def _check_hint(ctx: RouteContext) -> str | None:
     return hint
 
 
-def _with_gpu_health(ctx: RouteContext, decision: Decision) -> Decision:
-    if decision.target == "gpu" and not ctx.gpu_usable and ctx.model.serves_cpu:
-        return Decision("cpu", f"{decision.reason}; GPU tier unavailable", fallback="gpu-unavailable")
-    return decision
-
-
 def size_aware(ctx: RouteContext) -> Decision:
     hint = _check_hint(ctx)
     if hint is not None:
-        return _with_gpu_health(ctx, Decision(hint, f"client hint {hint}"))
+        return Decision(hint, f"client hint {hint}")
     if ctx.model.targets == ("cpu",):
         return Decision("cpu", "model is deployed on cpu only")
     if ctx.model.targets == ("gpu",):
@@ -82,14 +82,12 @@ def size_aware(ctx: RouteContext) -> Decision:
     min_rows = int(routing.get("gpu_min_rows", DEFAULT_GPU_MIN_ROWS))
     min_bytes = int(routing.get("gpu_min_bytes", DEFAULT_GPU_MIN_BYTES))
     if ctx.rows >= min_rows:
-        return _with_gpu_health(ctx, Decision("gpu", f"{ctx.rows} rows >= gpu_min_rows {min_rows}"))
-    if ctx.payload_bytes >= min_bytes:
-        return _with_gpu_health(ctx, Decision("gpu", f"{ctx.payload_bytes} bytes >= gpu_min_bytes {min_bytes}"))
+        return Decision("gpu", f"{ctx.rows} rows >= gpu_min_rows {min_rows}")
+    if ctx.tensor_bytes >= min_bytes:
+        return Decision("gpu", f"{ctx.tensor_bytes} tensor bytes >= gpu_min_bytes {min_bytes}")
     cpu_p95 = routing.get("cpu_p95_ms")
     if ctx.remaining_ms is not None and cpu_p95 is not None and ctx.remaining_ms < float(cpu_p95):
-        return _with_gpu_health(
-            ctx, Decision("gpu", f"{ctx.remaining_ms:.0f} ms left < cpu p95 {float(cpu_p95):.0f} ms")
-        )
+        return Decision("gpu", f"{ctx.remaining_ms:.0f} ms left < cpu p95 {float(cpu_p95):.0f} ms")
     return Decision("cpu", f"{ctx.rows} rows < gpu_min_rows {min_rows}")
 
 
@@ -97,7 +95,7 @@ def cpu_first(ctx: RouteContext) -> Decision:
     """Serve on CPU whenever the model has a CPU variant; GPU only for GPU-only models or hints."""
     hint = _check_hint(ctx)
     if hint is not None:
-        return _with_gpu_health(ctx, Decision(hint, f"client hint {hint}"))
+        return Decision(hint, f"client hint {hint}")
     if ctx.model.serves_cpu:
         return Decision("cpu", "cpu-first policy")
     return Decision("gpu", "model is deployed on gpu only")
@@ -107,9 +105,9 @@ def gpu_first(ctx: RouteContext) -> Decision:
     """Serve on GPU whenever the model is there and the GPU is usable; CPU as the fallback."""
     hint = _check_hint(ctx)
     if hint is not None:
-        return _with_gpu_health(ctx, Decision(hint, f"client hint {hint}"))
+        return Decision(hint, f"client hint {hint}")
     if ctx.model.serves_gpu:
-        return _with_gpu_health(ctx, Decision("gpu", "gpu-first policy"))
+        return Decision("gpu", "gpu-first policy")
     return Decision("cpu", "model is deployed on cpu only")
 
 

@@ -82,7 +82,7 @@ def router(models, triton, monkeypatch, tmp_path):
 def call(model: str, rows: int, headers: dict | None = None, seed: int = 0):
     """POST /v2/models/{model}/infer through RouterFunction's handler with a real HTTP API v2 event."""
     from tierserve.handlers.router import lambda_handler
-    from tierserve.local._child import LocalContext
+    from tierserve.local.emulation import LocalContext
 
     x = np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)
     body = json.dumps({"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32",

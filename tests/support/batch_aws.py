@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tierserve.batch import jobs as batch_jobs
+from tierserve.app import reset_runtime
 
 BUCKET = "tierserve-models-123456789012-us-east-1"
 TABLE = "tierserve-jobs"
@@ -21,7 +21,7 @@ def mocked_batch_aws(env: pytest.MonkeyPatch, store: Path, **extra_env: str) -> 
     import boto3
     from moto import mock_aws
 
-    from tierserve.batch.local import create_local_stack
+    from tierserve.local.batch import create_local_stack
 
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -32,7 +32,7 @@ def mocked_batch_aws(env: pytest.MonkeyPatch, store: Path, **extra_env: str) -> 
     env.setenv("CHECKPOINT_MARGIN_MS", "1000")
     for k, v in extra_env.items():
         env.setenv(k, v)
-    batch_jobs.reset_clients()
+    reset_runtime()
     try:
         with mock_aws():
             s3, sqs, ddb = boto3.client("s3"), boto3.client("sqs"), boto3.client("dynamodb")
@@ -40,4 +40,4 @@ def mocked_batch_aws(env: pytest.MonkeyPatch, store: Path, **extra_env: str) -> 
             env.setenv("CONTINUATION_QUEUE_URL", urls["jobs_queue_url"])
             yield {"s3": s3, "sqs": sqs, "ddb": ddb, **urls}
     finally:
-        batch_jobs.reset_clients()
+        reset_runtime()

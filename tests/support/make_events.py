@@ -65,7 +65,10 @@ def main() -> None:
     write("http_model_metadata.json", http_event("GET", f"/v2/models/{DEMO_MODEL}", "GET /v2/models/{name}",
                                                  None, {"name": DEMO_MODEL}))
     write("http_health_ready.json", http_event("GET", "/v2/health/ready", "GET /v2/health/ready"))
-    write("cpu_direct_infer.json", {"model_name": DEMO_MODEL, "model_version": "1", "inference_request": infer})
+    # The router's Invoke payload (tierserve.direct): the client's body as API Gateway handed it over.
+    write("cpu_direct_infer.json", {"model_name": DEMO_MODEL, "model_version": "1",
+                                    "headers": {"content-type": "application/json"},
+                                    "body": json.dumps(infer), "isBase64Encoded": False})
 
 
 def write(name: str, obj: dict) -> None:

@@ -1,25 +1,27 @@
-"""The interface every backend implements (onnxruntime in-process, Triton, Lambda-invoke)."""
+"""The interface every backend implements (onnxruntime in-process, Lambda Invoke, Triton)."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import ModelVersion
-from tierserve.types import InferRequest, InferResponse
 
 
 class Backend(Protocol):
-    #: "cpu" or "gpu": what the response's x-served-by header says.
+    #: "cpu" or "gpu": the tier it serves, what the response's x-served-by header says.
     tier: str
 
-    def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
-        """Run ``request`` (already validated against ``model``) and return the response.
+    def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float) -> Reply:
+        """Run ``call`` (already checked against ``model``) within ``timeout_s`` and return the reply.
 
-        Raises tierserve.errors.BackendUnavailableError / BackendTimeoutError when the backend
-        cannot be reached in time, InferenceError when it ran and failed.
+        Each backend takes the form of the request it needs from ``call``: the client's body as it
+        came (Lambda Invoke) or numpy arrays (onnxruntime, Triton). Raises
+        tierserve.errors.BackendUnavailableError / BackendTimeoutError when the tier cannot be reached
+        in time, InvalidRequestError when the tier refused the input, InferenceError when it ran and failed.
         """
         ...
 
     def ready(self, model: ModelVersion | None = None) -> bool:
-        """Server readiness, or the model's readiness when ``model`` is given."""
+        """Server readiness, or the model's readiness when ``model`` is given; never raises."""
         ...

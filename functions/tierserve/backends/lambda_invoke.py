@@ -1,8 +1,10 @@
 """The router's CPU backend in AWS: a synchronous Lambda Invoke of CpuInferenceFunction.
 
 Locally the same boto3 code path points at ``tierserve serve``'s Lambda-invoke endpoint
-through ``AWS_ENDPOINT_URL_LAMBDA``. The payload is the ``cpu_direct_infer`` event: the
-request re-encoded with the binary tensor extension (compact), base64 in JSON.
+through ``AWS_ENDPOINT_URL_LAMBDA``. The payload (``tierserve.direct.payload``) carries the
+client's body as API Gateway handed it to the router, and the CPU function's HTTP response
+comes back as the reply, to be returned to the client untouched: the router neither decodes
+nor re-encodes a tensor on this path. An error reply keeps the CPU tier's status and code.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import threading
 from typing import Any
 
 from tierserve import errors
+from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import ModelVersion
-from tierserve.types import InferRequest, InferResponse
 
 #: HTTP status in the CPU function's reply -> the error the router re-raises.
 _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
@@ -28,18 +30,6 @@ _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
 
 #: Read timeouts (s) the router picks from for an Invoke, by the request's remaining budget.
 TIMEOUT_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
-
-
-def direct_payload(model: ModelVersion, request: InferRequest) -> dict[str, Any]:
-    from tierserve.codec import encode_request
-
-    body, header_length = encode_request(request, binary=True)
-    return {
-        "model_name": model.name,
-        "model_version": model.version,
-        "inference_header_content_length": header_length,
-        "body_base64": base64.b64encode(body).decode(),
-    }
 
 
 class LambdaInvokeBackend:
@@ -81,13 +71,13 @@ class LambdaInvokeBackend:
                     client = self._clients[bucket] = boto3.client("lambda", config=cfg)
         return client
 
-    def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
-        from tierserve.codec import decode_response
+    def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
+        from tierserve.direct import payload
 
-        payload = json.dumps(direct_payload(model, request)).encode()
+        data = json.dumps(payload(model, call)).encode()
         try:
             out = self.client(timeout_s).invoke(
-                FunctionName=self.function_name, InvocationType="RequestResponse", Payload=payload
+                FunctionName=self.function_name, InvocationType="RequestResponse", Payload=data
             )
             reply = json.loads(out["Payload"].read() or b"{}")
         except Exception as exc:
@@ -103,18 +93,30 @@ class LambdaInvokeBackend:
             raise errors.InferenceError(
                 f"{self.function_name} failed: {reply.get('errorMessage', reply)}; see its logs"
             )
-        status = int(reply.get("statusCode", 500))
-        body = base64.b64decode(reply.get("body", "")) if reply.get("isBase64Encoded") else \
-            str(reply.get("body", "")).encode()
-        if status != 200:
-            try:
-                message = json.loads(body).get("error", "")
-            except ValueError:
-                message = body[:200].decode("utf-8", "replace")
-            raise _ERROR_BY_STATUS.get(status, errors.InferenceError)(message or f"CPU tier answered {status}")
-        headers = {k.lower(): v for k, v in (reply.get("headers") or {}).items()}
-        length = headers.get("inference-header-content-length")
-        return decode_response(body, int(length) if length else None)
+        status = int(reply.get("statusCode", 500)) if isinstance(reply, dict) else 500
+        if status == 200:
+            return Reply(http=reply)
+        raise _tier_error(self.function_name, status, reply)
 
     def ready(self, model: ModelVersion | None = None) -> bool:
         return True
+
+
+def _tier_error(function_name: str, status: int, reply: dict) -> errors.TierserveError:
+    """The CPU tier's error, as it answered it: the class its status maps to, and its own code."""
+    raw = reply.get("body", "") if isinstance(reply, dict) else ""
+    body = base64.b64decode(raw) if reply.get("isBase64Encoded") else str(raw).encode()
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = {}
+    if not isinstance(obj, dict):
+        obj = {}
+    message = str(obj.get("error") or body[:200].decode("utf-8", "replace") or f"CPU tier answered {status}")
+    exc = _ERROR_BY_STATUS.get(status, errors.InferenceError)(message)
+    if isinstance(obj.get("code"), str):
+        exc.code = obj["code"]  # the tier's own code survives the hop (e.g. integrity_error)
+    retry = (reply.get("headers") or {}).get("retry-after") if isinstance(reply, dict) else None
+    if isinstance(exc, errors.BackendUnavailableError) and retry:
+        exc.retry_after_s = float(retry)
+    return exc

@@ -4,52 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
+from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import InferenceError, InvalidRequestError
 from tierserve.manifest import ModelVersion
-from tierserve.settings import Settings
 from tierserve.store import ModelStore
-from tierserve.types import InferRequest, InferResponse
+from tierserve.types import InferResponse
+
+#: onnxruntime's messages for inputs it refuses (INVALID_ARGUMENT and shape checks): the caller's fault.
+_INPUT_ERRORS = ("INVALID_ARGUMENT", "Invalid rank", "Got invalid dimensions")
 
 
 class OnnxBackend:
     tier = "cpu"
 
-    def __init__(self, store: ModelStore, settings: Settings) -> None:
+    def __init__(self, store: ModelStore, threads: int = 1) -> None:
         self.store = store
-        self.settings = settings
+        self.threads = threads
 
     def session(self, model: ModelVersion) -> Any:
         from tierserve.sessions import get_session
 
         variant = model.cpu_artifact
         path = self.store.fetch(variant)
-        return get_session(path, variant.sha256, self.settings.intra_op_threads)
+        return get_session(path, variant.sha256, self.threads)
 
-    def run_arrays(self, model: ModelVersion, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict:
-        """Run raw numpy feeds; return {output name: array}. The batch path uses this directly."""
+    def run(self, model: ModelVersion, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict:
+        """Run numpy feeds; return {output name: array}."""
         sess = self.session(model)
         names = output_names or [o.name for o in sess.get_outputs()]
         try:
             results = sess.run(names, feeds)
         except Exception as exc:
             msg = str(exc)
-            if "INVALID_ARGUMENT" in msg or "Invalid rank" in msg or "Got invalid dimensions" in msg:
+            if any(m in msg for m in _INPUT_ERRORS):
                 raise InvalidRequestError(f"model {model.name!r} rejected the inputs: {msg}") from exc
             raise InferenceError(f"model {model.name!r} v{model.version} failed to run: {msg}") from exc
         return dict(zip(names, results, strict=True))
 
-    def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+    def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
         from tierserve.codec import tensor_from_numpy
 
-        feeds = {t.name: t.data for t in request.inputs}
-        wanted = [o.name for o in request.outputs] or None
-        arrays = self.run_arrays(model, feeds, wanted)
-        return InferResponse(
+        request = call.request()
+        arrays = self.run(model, {t.name: t.data for t in request.inputs}, [o.name for o in request.outputs] or None)
+        return Reply(InferResponse(
             model_name=model.name,
             model_version=model.version,
             id=request.id,
             outputs=[tensor_from_numpy(name, arr) for name, arr in arrays.items()],
-        )
+        ))
 
     def ready(self, model: ModelVersion | None = None) -> bool:
         if model is None:

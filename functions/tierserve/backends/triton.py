@@ -32,6 +32,7 @@ import contextlib
 import threading
 from typing import Any
 
+from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -45,13 +46,6 @@ from tierserve.types import InferRequest, InferResponse, Tensor
 
 #: Timeout values (seconds) the HTTP clients are built with; budgets are rounded down to one of them.
 HTTP_TIMEOUT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-#: Protocol datatype -> numpy dtype name (BYTES -> object).
-_NP_DTYPES = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
-}  # fmt: skip
 
 _UNAVAILABLE_HINTS = ("unknown model", "is not found", "not ready", "unavailable", "is not loaded", "no model")
 _TIMEOUT_HINTS = ("timeout", "timed out", "deadline")
@@ -242,18 +236,20 @@ class TritonBackend:
 
     # --- Backend ---------------------------------------------------------------------------------
 
-    def infer(self, model: ModelVersion, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
-        """Run ``request`` on Triton. A batch over the model's ``max_batch_size`` (which Triton would
+    def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
+        """Run ``call`` on Triton. A batch over the model's ``max_batch_size`` (which Triton would
         refuse) is split along dim 0 into sub-batches that run concurrently, so Triton's dynamic
-        batcher can pack them, and the outputs are concatenated back in order."""
+        batcher can pack them, and the outputs are concatenated back in order. This is the one
+        place a batch is split by ``max_batch_size``."""
+        request = call.request()
         limit = model.max_batch_size
         if limit <= 0 or request.rows <= limit or not all(t.shape for t in request.inputs):
-            return self._infer_one(model, request, timeout_s)
+            return Reply(self._infer_one(model, request, timeout_s))
         parts = [_slice_request(request, start, min(start + limit, request.rows))
                  for start in range(0, request.rows, limit)]
         futures = [_split_pool().submit(self._infer_one, model, part, timeout_s) for part in parts]
         responses = [f.result() for f in futures]  # re-raises the first failure, mapped
-        return _concat_responses(responses)
+        return Reply(_concat_responses(responses))
 
     def _infer_one(self, model: ModelVersion, request: InferRequest,
                    timeout_s: float | None = None) -> InferResponse:
@@ -299,6 +295,8 @@ class TritonBackend:
     def _build(self, model: ModelVersion, request: InferRequest) -> tuple[list[Any], list[Any]]:
         import numpy as np
 
+        from tierserve.codec import DATATYPE_TO_DTYPE
+
         if self.protocol == "grpc":
             import tritonclient.grpc as client_mod
         else:
@@ -306,7 +304,7 @@ class TritonBackend:
 
         inputs = []
         for t in request.inputs:
-            np_dtype = _NP_DTYPES.get(t.datatype)
+            np_dtype = DATATYPE_TO_DTYPE.get(t.datatype)
             if np_dtype is None:
                 raise InvalidRequestError(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
             arr = np.asarray(t.data, dtype=np_dtype)

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from tierserve.codec import datatype_to_dtype
+from tierserve import wire
+from tierserve.codec import datatype_to_dtype, json_array, json_values, materialize
 from tierserve.errors import InvalidNameError, InvalidRequestError
 from tierserve.manifest import ModelVersion, check_model_name
 from tierserve.store import check_s3_key
+from tierserve.types import Tensor
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 #: A job's name: the input object's file name without its extension.
@@ -123,54 +125,33 @@ def parse_line(raw: bytes, line: int, end: int, model: ModelVersion) -> Record:
 
 
 def _feeds(inputs: Any, model: ModelVersion) -> tuple[dict[str, np.ndarray], int]:
-    feeds: dict[str, np.ndarray] = {}
-    if isinstance(inputs, dict):
-        items = [(name, None, None, data) for name, data in inputs.items()]
-    elif isinstance(inputs, list):
-        items = []
-        for t in inputs:
-            if not isinstance(t, dict) or "name" not in t or "data" not in t:
-                raise InvalidRequestError("each input needs 'name', 'datatype', 'shape' and 'data'")
-            items.append((t["name"], t.get("datatype"), t.get("shape"), t["data"]))
+    """numpy feeds for one line, through the same parser and checks as the HTTP API.
+
+    Protocol form: a list of tensors (``name``, ``datatype``, ``shape``, ``data``), exactly as in a
+    request body. Shorthand: ``{name: data}``; the datatype comes from the manifest and the shape
+    from the data's nesting, a single row (rank one less than the model's) gaining its batch axis."""
+    if isinstance(inputs, list):
+        header = wire.Header(wire.tensor_headers(inputs, "input", None, InvalidRequestError), memoryview(b""), None)
+        wire.check_request(header.tensors, [], model)  # names, datatypes, shapes: before any data is read
+        tensors = materialize(header, "input", InvalidRequestError)
+    elif isinstance(inputs, dict):
+        wire.check_names([str(n) for n in inputs], model)
+        tensors = []
+        for name, data in inputs.items():
+            spec = model.input_spec(str(name))
+            assert spec is not None
+            shape = wire.json_shape(data)
+            flat = json_array(data, spec.datatype, None, f"input {name!r}")
+            if len(shape) == len(spec.shape) - 1:
+                shape = (1, *shape)  # the shorthand's single row
+            tensors.append(Tensor(spec.name, spec.datatype, shape, flat.reshape(shape)))
     else:
         raise InvalidRequestError("'inputs' must be a list of tensors or an object {name: data}")
-    rows: int | None = None
-    for name, datatype, shape, data in items:
-        spec = model.input_spec(str(name))
-        if spec is None:
-            raise InvalidRequestError(
-                f"unknown input {name!r}; model {model.name!r} takes {', '.join(s.name for s in model.inputs)}"
-            )
-        if datatype is not None and datatype != spec.datatype:
-            raise InvalidRequestError(f"input {name!r} has datatype {datatype}, the model expects {spec.datatype}")
-        dtype = datatype_to_dtype(spec.datatype)
-        try:
-            arr = np.asarray(data, dtype=object if dtype.kind == "O" else dtype)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidRequestError(f"input {name!r}: data cannot be converted to {spec.datatype} ({exc})") from None
-        if shape is not None:
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise InvalidRequestError(f"input {name!r}: shape must be a list of non-negative integers")
-            if arr.size != math.prod(shape):
-                raise InvalidRequestError(f"input {name!r}: shape {shape} needs {math.prod(shape)} elements, "
-                                          f"data has {arr.size}")
-            arr = arr.reshape(shape)
-        elif arr.ndim == len(spec.shape) - 1:
-            arr = arr[np.newaxis, ...]  # the shorthand's single row
-        if arr.ndim != len(spec.shape) or any(s not in (-1, d) for s, d in zip(spec.shape[1:], arr.shape[1:],
-                                                                                 strict=True)):
-            raise InvalidRequestError(f"input {name!r} has shape {list(arr.shape)}, the model expects "
-                                      f"{list(spec.shape)} (-1: any)")
-        if rows is not None and arr.shape[0] != rows:
-            raise InvalidRequestError(f"input {name!r} has {arr.shape[0]} rows, other inputs have {rows}")
-        rows = int(arr.shape[0])
-        feeds[spec.name] = arr
-    missing = [s.name for s in model.inputs if s.name not in feeds]
-    if missing:
-        raise InvalidRequestError(f"missing input(s) {', '.join(missing)}")
+    wire.check_request(tensors, [], model)
+    rows = int(tensors[0].shape[0]) if tensors and tensors[0].shape else 1
     if not rows:
         raise InvalidRequestError("a line must hold at least one row")
-    return feeds, rows
+    return {t.name: t.data for t in tensors}, rows
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -305,20 +286,12 @@ class _NpyRows:
 # --- outputs ------------------------------------------------------------------------------------
 
 
-def _json_values(arr: np.ndarray) -> list[Any]:
-    if arr.dtype.kind == "O" or arr.dtype.kind == "S":
-        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.ravel()]
-    if arr.dtype == np.bool_:
-        return arr.ravel().tolist()
-    return arr.ravel().tolist()
-
-
 def encode_part(records: list[Record], outputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> bytes:
     """One JSON line per record, in order: ``{"id", "line", "outputs": [{name, datatype, shape, data}]}``.
 
     Deterministic: the same records and outputs always give the same bytes."""
     lines = []
-    flat = {name: _json_values(arr) for name, arr in outputs.items()}
+    flat = {name: json_values(arr, datatypes[name]) for name, arr in outputs.items()}
     per_row = {name: int(math.prod(arr.shape[1:])) for name, arr in outputs.items()}
     row = 0
     for rec in records:

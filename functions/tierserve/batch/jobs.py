@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tierserve import errors
+from tierserve.app import Runtime, get_runtime
 from tierserve.batch.io import (
     OUTPUT_PREFIX,
     WORK_PREFIX,
@@ -45,6 +45,7 @@ from tierserve.batch.io import (
 from tierserve.batch.state import JobState, JobStore
 from tierserve.manifest import ModelVersion, check_model_name, check_version
 from tierserve.observability import MetricUnit, logger, metrics
+from tierserve.tiering import Deadline
 
 #: Test seam: called as hook(stage, part) with stage "written" (part object written, not yet
 #: checkpointed) or "checkpointed". Tests raise from it to simulate a crash.
@@ -131,27 +132,6 @@ def job_from_message(body: dict[str, Any]) -> JobSpec:
     return JobSpec(model, loc, out, version, {k: str(v) for k, v in pin.items()}, cont, idem)
 
 
-# --- AWS clients ----------------------------------------------------------------------------------
-
-_clients: dict[tuple[str, str | None], Any] = {}
-
-
-def client(name: str) -> Any:
-    """A boto3 client per service and endpoint (tests point AWS_ENDPOINT_URL at moto_server)."""
-    key = (name, os.environ.get("AWS_ENDPOINT_URL"))
-    c = _clients.get(key)
-    if c is None:
-        import boto3
-
-        c = _clients[key] = boto3.resource("dynamodb") if name == "dynamodb-resource" else boto3.client(name)
-    return c
-
-
-def reset_clients() -> None:
-    """Forget cached clients (tests switch between moto in-process and moto_server)."""
-    _clients.clear()
-
-
 # --- running a job ----------------------------------------------------------------------------------
 
 
@@ -162,12 +142,10 @@ def _remaining_ms(context: Any) -> float | None:
 
 def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     """Run (or resume, or recognise as finished) one job; return its summary."""
-    from tierserve.api import get_app
-
-    app = get_app()
+    app = get_runtime()
     settings = app.settings
-    s3 = client("s3")
-    jobs = JobStore(settings.job_table, client("dynamodb-resource"))
+    s3 = app.aws("s3")
+    jobs = JobStore(settings.job_table, app.aws("dynamodb-resource"))
     head = _head(s3, spec)
     if not spec.input_version:  # a job message names an object: pin the version it has now
         pin = {k: v for k, v in (("version_id", head.get("VersionId")), ("etag", head.get("ETag"))) if v}
@@ -217,7 +195,7 @@ def _head(s3: Any, spec: JobSpec) -> dict[str, Any]:
 
 
 class _Runner:
-    def __init__(self, app: Any, s3: Any, jobs: JobStore, spec: JobSpec, model: ModelVersion,
+    def __init__(self, app: Runtime, s3: Any, jobs: JobStore, spec: JobSpec, model: ModelVersion,
                  state: JobState, context: Any) -> None:
         self.app, self.s3, self.jobs, self.spec, self.model = app, s3, jobs, spec, model
         self.state, self.context = state, context
@@ -290,7 +268,7 @@ class _Runner:
     def _infer(self, good: list[Record]) -> dict[str, np.ndarray] | None:
         feeds = {s.name: np.concatenate([r.feeds[s.name] for r in good]) for s in self.model.inputs}  # type: ignore[index]
         try:
-            return infer_arrays(self.app, self.model, feeds, _remaining_ms(self.context))
+            return self._score(feeds)
         except errors.InvalidRequestError:
             if len(good) == 1:
                 raise
@@ -300,13 +278,18 @@ class _Runner:
         parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.model.outputs}
         for r in good:
             try:
-                out = infer_arrays(self.app, self.model, r.feeds or {}, _remaining_ms(self.context))
+                out = self._score(r.feeds or {})
             except errors.InvalidRequestError as exc:
                 r.error = exc.message
                 continue
             for name, arr in out.items():
                 parts[name].append(arr)
         return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+    def _score(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batched inference through the tier dispatcher: onnxruntime here, or Triton (with its
+        CPU fallback) for GPU models when a GPU tier is configured."""
+        return self.app.dispatcher.score(self.model, feeds, Deadline.from_context(self.context))
 
     def _put(self, key: str, body: bytes) -> None:
         self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body,
@@ -316,7 +299,7 @@ class _Runner:
         st = self.state
         msg = {"model": st.model, "version": st.version, "input": self.spec.input.uri,
                "output": self.spec.output.uri, "input_version": st.input_version, "continuation": st.next_part}
-        client("sqs").send_message(QueueUrl=self.app.settings.continuation_queue_url,
+        self.app.aws("sqs").send_message(QueueUrl=self.app.settings.continuation_queue_url,
                                    MessageBody=json.dumps(msg, sort_keys=True))
         logger.info("batch job continues in a new invocation", extra={"job": st.job_key, "next_part": st.next_part})
         return {"status": "continued", "job": st.job_key, "next_part": st.next_part, "lines": st.lines}
@@ -377,39 +360,3 @@ class _Runner:
         for i in range(0, len(keys), 1000):
             self.s3.delete_objects(Bucket=self.spec.output.bucket,
                                    Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
-
-
-def infer_arrays(app: Any, model: ModelVersion, feeds: dict[str, np.ndarray],
-                 remaining_ms: float | None = None) -> dict[str, np.ndarray]:
-    """One batched inference: on Triton through the router (its policy, breaker and CPU fallback)
-    for GPU models when a GPU tier is configured, else onnxruntime in this function."""
-    from tierserve.backends.onnx import OnnxBackend
-
-    names = [o.name for o in model.outputs]
-    if model.serves_gpu and app.router.gpu is not None:
-        return _infer_routed(app, model, feeds, names, remaining_ms)
-    if not model.serves_cpu:
-        raise errors.BackendUnavailableError(
-            f"model {model.name!r} v{model.version} runs on the GPU tier only and TRITON_URL is not set; "
-            "set it or recompile the model with a CPU variant (--target both)", retry_after_s=60)
-    cpu = app.router.cpu if isinstance(app.router.cpu, OnnxBackend) else OnnxBackend(app.store, app.settings)
-    return cpu.run_arrays(model, feeds, names)
-
-
-def _infer_routed(app: Any, model: ModelVersion, feeds: dict[str, np.ndarray], names: list[str],
-                  remaining_ms: float | None) -> dict[str, np.ndarray]:
-    from tierserve.codec import tensor_from_numpy
-    from tierserve.types import InferRequest, RequestedOutput
-
-    rows = next(iter(feeds.values())).shape[0]
-    step = model.max_batch_size if model.max_batch_size > 0 else rows
-    pieces: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for lo in range(0, rows, step):
-        req = InferRequest(inputs=[tensor_from_numpy(k, v[lo:lo + step]) for k, v in feeds.items()],
-                           outputs=[RequestedOutput(n) for n in names])
-        nbytes = sum(int(v[lo:lo + step].nbytes) for v in feeds.values())
-        routed = app.router.infer(model, req, nbytes, None, remaining_ms)
-        got = {t.name: np.asarray(t.data).reshape(t.shape) for t in routed.response.outputs}
-        for n in names:
-            pieces[n].append(got[n])
-    return {n: np.concatenate(v) for n, v in pieces.items()}

@@ -23,11 +23,12 @@ from typing import Any
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from tierserve.app import get_runtime
 from tierserve.batch.io import BatchInputError
-from tierserve.batch.jobs import JobSpec, client, job_from_message, job_from_s3_record, run_job
+from tierserve.batch.jobs import JobSpec, job_from_message, job_from_s3_record, run_job
 from tierserve.errors import ConfigurationError
 from tierserve.observability import logger
-from tierserve.settings import Settings, get_settings
+from tierserve.settings import Settings
 
 _idem: tuple[Settings, Any, Any] | None = None  # (settings, idempotent runner, config)
 
@@ -35,7 +36,8 @@ _idem: tuple[Settings, Any, Any] | None = None  # (settings, idempotent runner, 
 def _idempotent_runner() -> tuple[Any, Any]:
     """The idempotent job runner for the current settings (built once per execution environment)."""
     global _idem
-    settings = get_settings()
+    runtime = get_runtime()
+    settings = runtime.settings
     if _idem is not None and _idem[0] is settings:
         return _idem[1], _idem[2]
     if not settings.job_table:
@@ -47,7 +49,7 @@ def _idempotent_runner() -> tuple[Any, Any]:
     )
 
     persistence = DynamoDBPersistenceLayer(table_name=settings.job_table, key_attr="id",
-                                           expiry_attr="expiration", boto3_client=client("dynamodb"))
+                                           expiry_attr="expiration", boto3_client=runtime.aws("dynamodb"))
     config = IdempotencyConfig(event_key_jmespath="idempotency_key", raise_on_no_idempotency_key=True,
                                expires_after_seconds=settings.idempotency_expiry_s)
 

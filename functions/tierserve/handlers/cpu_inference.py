@@ -9,7 +9,7 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from tierserve.api import handle_direct
+from tierserve.direct import handle_direct
 from tierserve.observability import logger, metrics, tracer
 
 

@@ -216,10 +216,10 @@ def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
 
 def context_factory(function_name: str, memory_mb: int, timeout_s: float) -> ContextFactory:
     """A LambdaContext-like object per invocation (remaining time counts down from ``timeout_s``)."""
-    from tierserve.local._child import LocalContext
+    from tierserve.local.emulation import LocalContext
 
     def make() -> Any:
-        return LocalContext(function_name, memory_mb, int(timeout_s))
+        return LocalContext(function_name, memory_mb, timeout_s)
 
     return make
 

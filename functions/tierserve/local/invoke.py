@@ -7,11 +7,11 @@ handler's JSON response on stdout and the function's logs on stderr.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tierserve.local.emulation import lambda_environment
 from tierserve.local.sam import function_spec, load_env_vars, load_template
 
 DEFAULT_LOCAL_ENV = Path("events/local-env.json")
@@ -24,20 +24,9 @@ def invoke(function_id: str, event_path: Path, template_path: Path = Path("templ
     if env_vars is None and DEFAULT_LOCAL_ENV.is_file():
         env_vars = DEFAULT_LOCAL_ENV
     spec = function_spec(template, function_id, template_path.parent, load_env_vars(env_vars))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERTOOLS_", "AWS_LAMBDA_"))}
-    env.update({
-        "AWS_LAMBDA_FUNCTION_NAME": spec.logical_id,
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
-        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout_s),
-        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-        "AWS_SAM_LOCAL": "true",  # Powertools Tracer disables itself locally
-        "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
-        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    })
-    env.update(spec.environment)
-    env.update(extra_env or {})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(spec.code_uri), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "tierserve.local._child", spec.handler, str(event_path)]
+    env = lambda_environment(spec.logical_id, spec.memory_mb, spec.timeout_s,
+                             {**spec.environment, **(extra_env or {})}, spec.code_uri)
+    cmd = [sys.executable, "-m", "tierserve.local.worker", spec.handler, "--event", str(event_path)]
     return subprocess.run(cmd, env=env, capture_output=capture, text=True, check=False)
 
 

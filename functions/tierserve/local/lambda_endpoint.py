@@ -6,20 +6,17 @@ The handler module is imported once per worker (cold start) and reused (warm). R
 the Lambda Invoke API: 200 with the handler's JSON result; an unhandled exception is a 200 with
 ``X-Amz-Function-Error: Unhandled`` and ``{"errorMessage", "errorType"}``; an unknown function is
 404 ``ResourceNotFoundException``. boto3 with ``AWS_ENDPOINT_URL_LAMBDA`` pointed here works as
-against AWS. ``python -m tierserve.local.lambda_endpoint HANDLER`` is the worker itself.
+against AWS. Each worker is ``python -m tierserve.local.worker HANDLER`` (``tierserve.local.worker``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
-import os
 import re
 import subprocess
 import sys
 import threading
-import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,7 +126,7 @@ class _Worker:
         log = open(fn.log_path, "ab") if fn.log_path else None  # noqa: SIM115 - the child keeps its copy
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tierserve.local.lambda_endpoint", fn.handler],
+                [sys.executable, "-m", "tierserve.local.worker", fn.handler],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
                 start_new_session=True,  # Ctrl-C goes to `tierserve serve`, which stops workers in order
             )
@@ -322,36 +319,3 @@ def handle_invoke(endpoint: LambdaEndpoint, method: str, target: str, headers: M
 def _swallow(fn: LocalFunction, event: Any) -> None:
     with contextlib.suppress(Exception):
         fn.invoke(event)
-
-
-# --- the worker process --------------------------------------------------------------------------
-
-
-def main() -> int:
-    """Worker: import the handler once, then serve one JSON request per stdin line."""
-    handler_path = sys.argv[1]
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # the function's prints and logs go to stderr, as in Lambda
-    sys.stdout = sys.stderr
-    module_name, _, func_name = handler_path.rpartition(".")
-    handler = getattr(importlib.import_module(module_name), func_name)
-    from tierserve.local._child import LocalContext
-
-    name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "function")
-    memory = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"))
-    out.write('{"ready": true}\n')
-    for line in sys.stdin:
-        req = json.loads(line)
-        ctx = LocalContext(name, memory, int(float(req.get("timeout_s") or 3)))
-        try:
-            reply: dict[str, Any] = {"result": handler(req["event"], ctx)}
-        except Exception as exc:
-            traceback.print_exc()
-            reply = {"error": {"errorMessage": str(exc), "errorType": type(exc).__name__,
-                               "stackTrace": traceback.format_exception(exc)[-5:]}}
-        out.write(json.dumps(reply) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,8 +10,9 @@
 * **Triton**: the real ``tritonserver`` from the nvidia-pytriton wheel over ``MODELS/triton``
   (converted for the local Python backend by ``tierserve.local.triton``), when both exist.
 * **S3** (optional, ``--s3``): a ``moto_server``; the models folder is uploaded to a bucket and
-  every function reads ``MODEL_STORE_URI=s3://...``. When ``tierserve.batch.local`` exists, the
-  batch queues are created, S3 notifications wired, and a poller feeds BatchInferenceFunction.
+  every function reads ``MODEL_STORE_URI=s3://...``. With batch (the default), the batch queues
+  are created, S3 notifications wired (``tierserve.local.batch``), and a poller feeds
+  BatchInferenceFunction.
 
 Function environments come from template.yaml (``tierserve.local.sam.function_spec``) with
 ``events/local-env.json``-style overrides, then the local endpoints. ``LocalStack`` is the same
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from tierserve.errors import ConfigurationError, TierserveError
+from tierserve.local import batch as batch_local
 from tierserve.local.apigw import INTEGRATION_TIMEOUT_S, ApiGatewayServer, context_factory
+from tierserve.local.emulation import lambda_environment
 from tierserve.local.lambda_endpoint import FunctionError, LambdaEndpoint, LocalFunction
 from tierserve.local.sam import FunctionSpec, function_spec, load_env_vars, load_template
 from tierserve.local.signals import stop_on_signals
@@ -45,8 +47,6 @@ FUNCTIONS = (ROUTER, CPU, BATCH)
 BUCKET = "tierserve-models-123456789012-us-east-1"
 MODEL_PREFIX = "models"
 JOB_TABLE = "tierserve-jobs"
-#: Env vars stripped from the serve process before a function environment is layered on top.
-_LAMBDA_PREFIXES = ("POWERTOOLS_", "AWS_LAMBDA_")
 _AWS_LOCAL = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
     "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
@@ -185,10 +185,7 @@ class LocalStack:
         return spec
 
     def _local_function(self, spec: FunctionSpec, max_workers: int) -> LocalFunction:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_LAMBDA_PREFIXES)}
-        env.update(_lambda_env(spec))
-        env.update(spec.environment)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(spec.code_uri), os.environ.get("PYTHONPATH", "")]))
+        env = lambda_environment(spec.logical_id, spec.memory_mb, spec.timeout_s, spec.environment, spec.code_uri)
         return LocalFunction(spec.logical_id, spec.handler, env, spec.memory_mb, spec.timeout_s, max_workers,
                              log_path=str(self.workdir / f"{spec.logical_id}.log"))
 
@@ -196,16 +193,13 @@ class LocalStack:
         """RouterFunction in this process: its environment goes into os.environ (restored by stop())."""
         from importlib import import_module
 
-        from tierserve.api import reset_app
-        from tierserve.settings import reset_settings
+        from tierserve.app import reset_runtime
 
         self._saved_env = dict(os.environ)
-        for k in [k for k in os.environ if k.startswith(_LAMBDA_PREFIXES)]:
-            del os.environ[k]
-        os.environ.update(_lambda_env(spec))
-        os.environ.update(spec.environment)
-        reset_settings()
-        reset_app()
+        env = lambda_environment(spec.logical_id, spec.memory_mb, spec.timeout_s, spec.environment)
+        os.environ.clear()
+        os.environ.update(env)
+        reset_runtime()
         module_name, _, func = spec.handler.rpartition(".")
         handler = getattr(import_module(module_name), func)
         make_ctx = context_factory(ROUTER, spec.memory_mb, min(spec.timeout_s, INTEGRATION_TIMEOUT_S))
@@ -278,14 +272,7 @@ class LocalStack:
 
         self.moto = MotoServer(self.workdir / "moto.log").start()
         s3 = self.client("s3")
-        batch_local: Any = None
         if self.want_batch:
-            try:
-                batch_local = importlib.import_module("tierserve.batch.local")
-            except ImportError:
-                self.want_batch = False
-                self.notes.append("batch: not available")
-        if batch_local is not None:
             self.queues = batch_local.create_local_stack(s3, self.client("dynamodb"), self.client("sqs"), BUCKET,
                                                          JOB_TABLE)
         else:
@@ -294,15 +281,13 @@ class LocalStack:
             rel = path.relative_to(self.models).as_posix()
             if path.is_file() and not rel.startswith(("triton/", ".")) and "/." not in rel:
                 s3.upload_file(str(path), BUCKET, f"{MODEL_PREFIX}/{rel}")
-        if batch_local is not None:
+        if self.want_batch:
             batch_local.wire_local_notifications(s3, self.client("sqs"), BUCKET, self.queues["queue_url"])
             self.notes.append(f"batch: s3://{BUCKET}/batch/in/ -> {BATCH}")
         self.model_store_uri = f"s3://{BUCKET}/{MODEL_PREFIX}"
         self.notes.append(f"s3: moto {self.moto.url} ({self.model_store_uri})")
 
     def _start_batch_pollers(self) -> None:
-        from tierserve.batch.local import poll_queue_forever
-
         assert self.lambda_endpoint is not None
         fn = self.lambda_endpoint.functions[BATCH]
 
@@ -313,7 +298,7 @@ class LocalStack:
                 raise RuntimeError(exc.payload.get("errorMessage", "BatchInferenceFunction failed")) from None
 
         for key in ("queue_url", "jobs_queue_url"):
-            t = threading.Thread(target=poll_queue_forever, args=(self.queues[key], handler, self._stop),
+            t = threading.Thread(target=batch_local.poll_queue_forever, args=(self.queues[key], handler, self._stop),
                                  kwargs={"sqs_client": self.client("sqs")}, name=f"serve-poll-{key}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -382,14 +367,12 @@ class LocalStack:
             log.close()
         if self._saved_env is None:
             return
-        from tierserve.api import reset_app
-        from tierserve.settings import reset_settings
+        from tierserve.app import reset_runtime
 
         os.environ.clear()
         os.environ.update(self._saved_env)
         self._saved_env = None
-        reset_settings()
-        reset_app()
+        reset_runtime()
 
     def describe(self) -> str:
         """The one ready line."""
@@ -404,18 +387,6 @@ class LocalStack:
 def _creds() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
             "region_name": "us-east-1"}
-
-
-def _lambda_env(spec: FunctionSpec) -> dict[str, str]:
-    return {
-        "AWS_LAMBDA_FUNCTION_NAME": spec.logical_id,
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
-        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout_s),
-        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-        "AWS_SAM_LOCAL": "true",
-        "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
-        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    }
 
 
 # --- CLI -----------------------------------------------------------------------------------------

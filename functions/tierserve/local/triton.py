@@ -23,7 +23,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from tierserve.errors import ConfigurationError, TierserveError
+from tierserve.local.emulation import free_port
 
 SHIM_SOURCE = Path(__file__).with_name("triton_shim.py")
 SITE_PACKAGES_PARAM = "tierserve_site_packages"
@@ -214,12 +214,6 @@ def prepare_backend_dir(root: Path | None = None, cache_dir: Path | None = None)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return backend_dir
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -63,10 +63,13 @@ def test_parse_line_accepts_the_shorthand_and_the_protocol_form(digits):
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (b'{"id": 1}', "'inputs' must be"),
-    (b'{"inputs": {"pixels": [1]}}', "unknown input 'pixels'"),
-    (b'{"inputs": {"input": [1, 2, 3]}}', "has shape [1, 3]"),
-    (b'{"inputs": {"input": "abc"}}', "cannot be converted"),
-    (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [0]}]}', "datatype INT64"),
+    # the same parser and messages as the HTTP API
+    (b'{"inputs": {"pixels": [1]}}', "unknown input(s) 'pixels'"),
+    (b'{"inputs": {"input": [1, 2, 3]}}', "got 3 (shape [1, 3])"),
+    (b'{"inputs": {"input": "abc"}}', "'data' must be a JSON array"),
+    (b'{"inputs": {"input": [[1, 2], [3]]}}', "not a regular (nested) array"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 64], "data": [0]}]}', "'datatype' is missing"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [0]}]}', "got INT64"),
     (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0]}]}', "needs 64 elements"),
 ])
 def test_malformed_lines_become_record_errors_with_a_reason(digits, line, reason):

@@ -12,12 +12,12 @@ from tests.support.make_batch_events import s3_put_event
 from tests.unit.batch.conftest import BUCKET, TABLE
 from tierserve.batch import jobs as batch_jobs
 from tierserve.batch.io import BatchInputError
-from tierserve.batch.jobs import infer_arrays, job_from_message, job_from_s3_record
-from tierserve.batch.local import sqs_event
+from tierserve.batch.jobs import job_from_message, job_from_s3_record
 from tierserve.batch.service import specs_from_body
 from tierserve.batch.state import JobConflictError, JobState, JobStore
 from tierserve.errors import InvalidNameError, ModelNotFoundError
 from tierserve.handlers import batch_inference
+from tierserve.local.batch import sqs_event
 
 ROWS = np.random.default_rng(3).integers(0, 17, size=(10, 64)).astype(np.float32)
 
@@ -165,38 +165,39 @@ def test_unknown_model_message_names_the_models_served(aws, lambda_context):
 
 
 class _Gpu:
+    tier = "gpu"
+
     def __init__(self):
         self.batches = []
 
-    def infer(self, model, request, timeout_s=None):
+    def infer(self, model, call, timeout_s=None):
+        from tierserve.calls import Reply
         from tierserve.codec import tensor_from_numpy
         from tierserve.types import InferResponse
 
-        x = request.inputs[0].data
+        x = call.request().inputs[0].data
         self.batches.append(x.shape[0])
-        return InferResponse(model.name, model.version, [tensor_from_numpy("y", x.sum(axis=1, keepdims=True))])
+        return Reply(InferResponse(model.name, model.version, [tensor_from_numpy("y", x.sum(axis=1, keepdims=True))]))
 
     def ready(self, model=None):
         return True
 
 
-def test_gpu_models_go_through_the_router_in_batches_of_max_batch_size():
-    # Given a GPU-only model (max_batch_size 4) and a router whose GPU tier is up
-    from types import SimpleNamespace
-
+def test_gpu_models_are_scored_on_the_gpu_tier_through_the_dispatcher():
+    # Given a GPU-only model and a dispatcher whose GPU tier is up
     from tierserve.manifest import ModelVersion, TensorSpec
-    from tierserve.router import Router
     from tierserve.routing import size_aware
+    from tierserve.tiering import TierDispatcher
 
     gpu = _Gpu()
     mv = ModelVersion("g", "1", (TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "FP32", (-1, 1)),), {}, "fp32",
                       targets=("gpu",), max_batch_size=4)
-    app = SimpleNamespace(router=Router(cpu=None, gpu=gpu, policy=size_aware))
+    dispatcher = TierDispatcher(cpu=None, gpu=gpu, policy=size_aware)
     # When a 10-row chunk is scored
-    out = infer_arrays(app, mv, {"x": np.ones((10, 3), dtype=np.float32)})
-    # Then Triton saw batches of at most 4 rows, and the outputs are reassembled in order
-    assert gpu.batches == [4, 4, 2]
-    assert out["y"].shape == (10, 1) and np.all(out["y"] == 3)
+    out = dispatcher.score(mv, {"x": np.arange(30, dtype=np.float32).reshape(10, 3)})
+    # Then the GPU tier got the chunk (Triton's backend splits it by max_batch_size), outputs in row order
+    assert gpu.batches == [10]
+    np.testing.assert_array_equal(out["y"][:, 0], np.arange(30, dtype=np.float32).reshape(10, 3).sum(axis=1))
 
 
 def test_poll_queue_forever_plays_the_sqs_trigger_until_stopped(aws):
@@ -204,7 +205,7 @@ def test_poll_queue_forever_plays_the_sqs_trigger_until_stopped(aws):
     import threading
     import time
 
-    from tierserve.batch.local import poll_queue_forever
+    from tierserve.local.batch import poll_queue_forever
 
     key = _put_jsonl(aws, "polled")
     aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody=json.dumps({"model": "digits",

@@ -86,7 +86,7 @@ def poll_queue_forever(queue_url: str, handler: Callable[[dict, Any], Any], stop
 
         sqs_client = boto3.client("sqs")
     if context_factory is None:
-        from tierserve.local._child import LocalContext
+        from tierserve.local.emulation import LocalContext
 
         def context_factory() -> Any:
             return LocalContext("BatchInferenceFunction", 3538, 900)

@@ -1,6 +1,6 @@
 """Measure one batch job in a fresh process: rows/s and peak RSS (tests and benchmarks use it).
 
-    python -m tierserve.batch.measure s3://BUCKET/batch/in/MODEL/JOB.jsonl
+    python -m benchmarks.batch_measure s3://BUCKET/batch/in/MODEL/JOB.jsonl
 
 The environment names the stack (AWS_ENDPOINT_URL, JOB_TABLE, MODEL_STORE_URI, CHUNK_ROWS...).
 Prints one JSON object: {"summary", "seconds", "peak_rss_mb", "rows_per_s"}.
@@ -38,13 +38,13 @@ def write_digits_jsonl(path: Path, rows: int, seed: int = 0, malformed_lines: tu
 
 
 def main(argv: list[str]) -> int:
+    from tierserve.app import get_runtime
     from tierserve.batch.io import parse_s3_uri
-    from tierserve.batch.jobs import client
     from tierserve.batch.service import handle_event
-    from tierserve.local._child import LocalContext
+    from tierserve.local.emulation import LocalContext
 
     loc = parse_s3_uri(argv[0], "input")
-    head = client("s3").head_object(Bucket=loc.bucket, Key=loc.key)
+    head = get_runtime().aws("s3").head_object(Bucket=loc.bucket, Key=loc.key)
     event = {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
                           "s3": {"bucket": {"name": loc.bucket},
                                  "object": {"key": loc.key, "eTag": head["ETag"].strip('"'),

@@ -1,0 +1,121 @@
+"""The composition root: every dependency of the serving runtime is built here, once, from Settings.
+
+Why one place: the three functions (router, CPU, batch) and the local emulator differ only in
+their settings, not in how the parts fit together. ``build_runtime`` wires the model store, the
+CPU and GPU backends, the routing policy, the GPU circuit breaker and health cache into one
+``TierDispatcher``, plus the AWS clients the batch path uses. HTTP (``tierserve.api``), the CPU
+function's Invoke entry (``tierserve.direct``) and batch (``tierserve.batch``) all take their
+dependencies from ``get_runtime()`` and never build or inspect parts themselves.
+
+Which backend serves the CPU tier follows ``CPU_BACKEND``: ``lambda`` (the router in AWS: a
+synchronous Invoke of CpuInferenceFunction, forwarding the client's body untouched) or
+``inprocess`` (onnxruntime in this function: the CPU function, the batch function, and the
+router under ``tierserve invoke``). The GPU tier exists when ``TRITON_URL`` is set.
+
+``reset_runtime()`` is the one reset: settings, runtime, AWS clients and onnxruntime sessions
+(tests and the local emulator change the environment between invocations).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierserve.backends.base import Backend
+from tierserve.breaker import CircuitBreaker, HealthCache
+from tierserve.routing import get_policy
+from tierserve.settings import Settings, get_settings, reset_settings
+from tierserve.store import ModelStore
+from tierserve.tiering import TierDispatcher
+
+
+@dataclass
+class Runtime:
+    """What one execution environment holds while warm."""
+
+    settings: Settings
+    store: ModelStore
+    dispatcher: TierDispatcher
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def aws(self, service: str) -> Any:
+        """A boto3 client (``"dynamodb-resource"``: the resource) built once per execution environment.
+
+        Endpoints come from boto3's own variables (``AWS_ENDPOINT_URL_S3`` ...), so the local
+        emulator and moto_server use the same code path as AWS."""
+        client = self._clients.get(service)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(service)
+                if client is None:
+                    import boto3
+
+                    client = boto3.resource("dynamodb") if service == "dynamodb-resource" else boto3.client(service)
+                    self._clients[service] = client
+        return client
+
+
+def build_cpu_backend(settings: Settings, store: ModelStore) -> Backend:
+    if settings.cpu_backend == "lambda":
+        from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+
+        return LambdaInvokeBackend(settings.cpu_function_name)
+    from tierserve.backends.onnx import OnnxBackend
+
+    return OnnxBackend(store, settings.intra_op_threads)
+
+
+def build_gpu_backend(settings: Settings) -> Backend | None:
+    if not settings.triton_url:
+        return None
+    from tierserve.backends.triton import TritonBackend
+
+    return TritonBackend(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
+
+
+def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backend | None = None,
+                  store: ModelStore | None = None) -> Runtime:
+    """A runtime from ``settings``; tests may pass their own backends or store (the seams)."""
+    store = store or ModelStore(settings.model_store_uri, settings.model_cache_dir, settings.manifest_ttl_s)
+    dispatcher = TierDispatcher(
+        cpu=cpu if cpu is not None else build_cpu_backend(settings, store),
+        gpu=gpu if gpu is not None else build_gpu_backend(settings),
+        policy=get_policy(settings.routing_policy),
+        breaker=CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s,
+                               settings.breaker_success_threshold),
+        health=HealthCache(settings.health_ttl_s),
+        gpu_timeout_s=settings.triton_timeout_s,
+    )
+    return Runtime(settings, store, dispatcher)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The execution environment's runtime: built on the first invocation, reused while warm."""
+    global _runtime
+    if _runtime is None:
+        with _runtime_lock:
+            if _runtime is None:
+                _runtime = build_runtime(get_settings())
+    return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime built elsewhere (tests, benchmarks, the local emulator)."""
+    global _runtime
+    _runtime = runtime
+
+
+def reset_runtime() -> None:
+    """Forget settings, runtime, AWS clients and onnxruntime sessions: the next call rebuilds them."""
+    global _runtime
+    _runtime = None
+    reset_settings()
+    from tierserve.sessions import clear_sessions
+
+    clear_sessions()

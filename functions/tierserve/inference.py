@@ -1,0 +1,88 @@
+"""One inference, from a protocol body to an HTTP API response: shared by the router and the CPU function.
+
+The router (``tierserve.api``) and the CPU function (``tierserve.direct``) run the same steps; only
+where the model name and the body come from differs:
+
+1. the model must exist (404) before its body is read;
+2. the body's header is parsed (names, datatypes, shapes, sizes; no tensor is materialised) and
+   checked against the manifest (400);
+3. the version is picked (named, default, or the canary's share, stable per request id);
+4. the tier dispatcher runs it within the request's deadline;
+5. the reply goes back as the client asked: an encoded reply from the CPU function untouched, or
+   decoded outputs encoded once (JSON or binary, per output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tierserve import errors, wire
+from tierserve.app import Runtime
+from tierserve.calls import Body, InferenceCall
+from tierserve.http import response
+from tierserve.manifest import ModelVersion, check_model_name, check_version
+from tierserve.observability import MetricUnit, logger, metrics
+from tierserve.tiering import Deadline, Dispatched, pick_version
+
+
+def resolve_name(runtime: Runtime, name: str, version: str | None) -> tuple[str, str | None]:
+    """Check the model name and version and that the model exists (404), before any body is read."""
+    name = check_model_name(name)
+    if version is not None:
+        check_version(version)
+    runtime.store.manifest().resolve(name, version)
+    return name, version
+
+
+def infer(runtime: Runtime, name: str, version: str | None, body: Body, hint: str | None,
+          context: Any) -> dict[str, Any]:
+    """Serve one inference; returns the HTTP API response (errors raise; the caller renders them)."""
+    name, version = resolve_name(runtime, name, version)
+    call = InferenceCall.from_body(body)
+    model = pick_version(runtime.store.manifest(), name, version, call.id)
+    wire.check_request(call.inputs, call.outputs, model)
+    done = runtime.dispatcher.dispatch(model, call, hint, Deadline.from_context(context))
+    record(model, done, call.rows, runtime.dispatcher.state())
+    return render(done, call)
+
+
+def render(done: Dispatched, call: InferenceCall) -> dict[str, Any]:
+    """The HTTP API response for a dispatched call, with ``x-served-by`` (and ``x-fallback``)."""
+    extra = {"x-served-by": done.served_by}
+    if done.fallback:
+        extra["x-fallback"] = done.fallback
+    if done.reply.http is not None:  # encoded by the CPU function for this very request: pass it through
+        out = dict(done.reply.http)
+        out["headers"] = {**(out.get("headers") or {}), **extra}
+        return out
+    from tierserve.codec import encode_response
+
+    assert done.reply.response is not None
+    body, headers = encode_response(done.reply.response, call.header or call.request())
+    return response(200, body, {**headers, **extra})
+
+
+def record(model: ModelVersion, done: Dispatched, rows: int, state: dict[str, str]) -> None:
+    """Per-request metrics (EMF) and one structured log line."""
+    metrics.add_dimension("model", model.name)
+    metrics.add_dimension("target", done.served_by)
+    metrics.add_metric("InferenceLatency", MetricUnit.Milliseconds, done.latency_ms)
+    metrics.add_metric("Requests", MetricUnit.Count, 1)
+    metrics.add_metric("Rows", MetricUnit.Count, rows)
+    if done.fallback:
+        metrics.add_metric("Fallbacks", MetricUnit.Count, 1)
+    metrics.add_metadata("circuit_state", state.get("gpu", "none"))
+    metrics.add_metadata("model_version", model.version)
+    logger.info("routed", extra={"model": model.name, "version": model.version, "target": done.served_by,
+                                 "reason": done.decision.reason, "rows": rows, "fallback": done.fallback,
+                                 "latency_ms": round(done.latency_ms, 3)})
+
+
+def header_length(value: str | None) -> int | None:
+    """The Inference-Header-Content-Length header as an int (400 when it is not one)."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.InvalidRequestError(f"Inference-Header-Content-Length must be an integer, got {value!r}") from None

@@ -1,0 +1,227 @@
+"""The tier dispatcher: which tier serves a request, carried out within its deadline, with one fallback.
+
+``TierDispatcher`` is the only object that knows the tiers' backends, the GPU circuit breaker and
+the health cache. Everything else asks it three questions: ``ready(model)``, ``state()`` and, to
+run a model, ``dispatch(model, call)`` (a protocol request) or ``score(model, arrays)`` (batch).
+
+Order of a dispatch:
+
+1. the routing policy (``tierserve.routing.POLICIES``) names the preferred tier from facts alone:
+   targets, rows and tensor bytes (from the header, whatever the encoding), the client's hint and
+   the time left; it never pays for a health probe unless it asks for one;
+2. a GPU decision consults the breaker and the cached health probe, lazily, only then;
+3. a GPU failure that is the tier's fault (unreachable, timeout, server error) counts against the
+   breaker; an input error never does: the GPU answered, the request was wrong;
+4. ``_fallback`` is the single place a GPU decision becomes CPU: the model's CPU copy gets what is
+   left of the request's deadline, or a GPU-only model gets a fast 503 with Retry-After.
+
+A GPU call is never retried on the GPU: it may already have run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tierserve import errors
+from tierserve.backends.base import Backend
+from tierserve.breaker import CircuitBreaker, HealthCache
+from tierserve.calls import InferenceCall, Reply
+from tierserve.manifest import Manifest, ModelVersion
+from tierserve.routing import Decision, Policy, RouteContext
+from tierserve.types import InferRequest, RequestedOutput
+
+#: Time kept back from the caller's remaining budget for encoding and the response's way out.
+RESPONSE_MARGIN_S = 0.25
+#: The least time a call is given; below it the deadline has passed.
+MIN_CALL_S = 0.05
+
+
+class Deadline:
+    """A request's total time budget on a monotonic clock: each tier gets what is left, not a fresh timeout."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._at = None if seconds is None else clock() + seconds
+
+    @classmethod
+    def from_context(cls, context: Any, margin_s: float = RESPONSE_MARGIN_S) -> Deadline:
+        """What a Lambda context has left, less a margin for the response's way out (None: no limit)."""
+        fn: Callable[[], int] | None = getattr(context, "get_remaining_time_in_millis", None)
+        return cls(None if fn is None else fn() / 1000 - margin_s)
+
+    def remaining(self) -> float | None:
+        return None if self._at is None else self._at - self._clock()
+
+    def remaining_ms(self) -> float | None:
+        r = self.remaining()
+        return None if r is None else r * 1000
+
+    def budget(self, cap_s: float) -> float:
+        """The timeout for the next call: what is left, at most ``cap_s``; BackendTimeoutError when spent."""
+        left = self.remaining()
+        t = cap_s if left is None else min(cap_s, left)
+        if t < MIN_CALL_S:
+            raise errors.BackendTimeoutError("the request's deadline has passed; no time is left to call a tier")
+        return t
+
+
+@dataclass
+class Dispatched:
+    reply: Reply
+    served_by: str
+    decision: Decision
+    fallback: str | None = None
+    latency_ms: float = 0.0
+
+
+def pick_version(manifest: Manifest, name: str, version: str | None, request_id: str | None) -> ModelVersion:
+    """The version a request gets: the named one, else the default, or the canary for its share.
+
+    The canary split is stable per request id (the same id always lands on the same version)."""
+    if version:
+        return manifest.resolve(name, version)
+    default = manifest.resolve(name)
+    canary = manifest.models[name].canary
+    if not canary:
+        return default
+    key = (request_id or f"{time.time_ns()}").encode()
+    bucket = int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % 10_000
+    if bucket < float(canary["percent"]) * 100:
+        return manifest.resolve(name, str(canary["version"]))
+    return default
+
+
+class TierDispatcher:
+    def __init__(
+        self,
+        cpu: Backend | None,
+        gpu: Backend | None,
+        policy: Policy,
+        breaker: CircuitBreaker | None = None,
+        health: HealthCache | None = None,
+        gpu_timeout_s: float = 10.0,
+        cpu_timeout_s: float = 30.0,
+    ) -> None:
+        self.cpu = cpu
+        self.gpu = gpu
+        self.policy = policy
+        self.breaker = breaker or CircuitBreaker()
+        self.health = health or HealthCache()
+        self.gpu_timeout_s = gpu_timeout_s
+        self.cpu_timeout_s = cpu_timeout_s
+
+    # --- what the rest of the runtime asks -----------------------------------------------------------
+
+    def gpu_usable(self, model: ModelVersion) -> bool:
+        """Cheap: the breaker's state, then a cached model-ready probe (one in flight at a time)."""
+        gpu = self.gpu
+        if gpu is None or not model.serves_gpu or self.breaker.state == "open":
+            return False
+        return self.health.get(f"{model.name}/{model.version}", lambda: self._probe(gpu, model))
+
+    def _probe(self, gpu: Backend, model: ModelVersion) -> bool:
+        """Model-ready; when it is not, a server-ready check tells a dead tier from an unloaded model.
+
+        A dead tier counts as a breaker failure, so the circuit opens on probes too, not only on failed
+        calls; the health cache runs at most one probe per TTL per model, so one outage is not counted
+        more than once a TTL."""
+        if gpu.ready(model):
+            return True
+        if not gpu.ready(None):
+            self.breaker.record_failure()
+        return False
+
+    def ready(self, model: ModelVersion) -> bool:
+        """Whether some tier can serve ``model`` now: its CPU copy loads, or the GPU tier is usable."""
+        if model.serves_cpu and self.cpu is not None and self.cpu.ready(model):
+            return True
+        return self.gpu_usable(model)
+
+    def state(self) -> dict[str, str]:
+        """The tiers as operators see them: which are configured, and the GPU circuit's state."""
+        return {"cpu": "configured" if self.cpu is not None else "none",
+                "gpu": self.breaker.state if self.gpu is not None else "none"}
+
+    def decide(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
+               deadline: Deadline | None = None) -> Decision:
+        ctx = RouteContext(
+            model=model, rows=call.rows, tensor_bytes=call.tensor_bytes,
+            hint=hint if hint is not None else call.target_hint,
+            remaining_ms=deadline.remaining_ms() if deadline is not None else None,
+            gpu_usable=lambda: self.gpu_usable(model),
+        )
+        return self.policy(ctx)
+
+    # --- running a model ------------------------------------------------------------------------------
+
+    def dispatch(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
+                 deadline: Deadline | None = None) -> Dispatched:
+        """Run ``call`` (already checked against ``model``) on the tier the policy picks; fall back once."""
+        start = time.perf_counter()
+        deadline = deadline or Deadline(None)
+        decision = self.decide(model, call, hint, deadline)
+        if decision.target == "gpu":
+            done = self._gpu(model, call, decision, deadline)
+        else:
+            done = Dispatched(self._cpu(model, call, deadline), "cpu", decision)
+        done.latency_ms = (time.perf_counter() - start) * 1000
+        return done
+
+    def score(self, model: ModelVersion, arrays: dict[str, Any], deadline: Deadline | None = None) -> dict[str, Any]:
+        """Batch scoring: numpy feeds in, every output as a numpy array out, through the same tiers."""
+        from tierserve.codec import tensor_from_numpy
+
+        request = InferRequest(inputs=[tensor_from_numpy(k, v) for k, v in arrays.items()],
+                               outputs=[RequestedOutput(o.name, binary_data=True) for o in model.outputs])
+        return self.dispatch(model, InferenceCall.from_request(request), deadline=deadline).reply.arrays()
+
+    def _cpu(self, model: ModelVersion, call: InferenceCall, deadline: Deadline) -> Reply:
+        if self.cpu is None or not model.serves_cpu:
+            raise errors.BackendUnavailableError(
+                f"model {model.name!r} v{model.version} has no CPU variant and no GPU tier can serve it here",
+                retry_after_s=60)
+        return self.cpu.infer(model, call, deadline.budget(self.cpu_timeout_s))
+
+    def _gpu(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline) -> Dispatched:
+        gpu = self.gpu
+        if gpu is None:
+            return self._fallback(model, call, decision, deadline, "no GPU tier is configured")
+        if not self.gpu_usable(model):
+            why = "circuit open" if self.breaker.state == "open" else "not ready"
+            return self._fallback(model, call, decision, deadline, why)
+        if not self.breaker.allow():
+            return self._fallback(model, call, decision, deadline, "circuit open")
+        try:
+            reply = gpu.infer(model, call, deadline.budget(self.gpu_timeout_s))
+        except errors.InvalidRequestError:
+            self.breaker.record_success()  # the GPU answered; the request was wrong
+            raise
+        except (errors.BackendUnavailableError, errors.InferenceError) as exc:
+            self.breaker.record_failure()
+            self.health.invalidate(f"{model.name}/{model.version}")
+            return self._fallback(model, call, decision, deadline, exc.message)
+        except BaseException:
+            # Anything else (a backend bug, KeyboardInterrupt) still ends the call: release a half-open
+            # trial, or the breaker would refuse every later trial for good.
+            self.breaker.record_failure()
+            raise
+        self.breaker.record_success()
+        return Dispatched(reply, "gpu", decision)
+
+    def _fallback(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline,
+                  why: str) -> Dispatched:
+        """The one place a GPU decision becomes CPU (or a fast 503 for a GPU-only model)."""
+        if not model.serves_cpu or self.cpu is None:
+            retry = self.breaker.retry_after_s() or self.breaker.cooldown_s
+            raise errors.BackendUnavailableError(
+                f"model {model.name!r} v{model.version} runs on the GPU tier only, which is unavailable "
+                f"({why}); retry later, or recompile it with a CPU variant (--target both)",
+                retry_after_s=retry,
+            )
+        reply = self._cpu(model, call, deadline)
+        fallback = Decision("cpu", f"{decision.reason}; GPU tier unavailable ({why})", "gpu-unavailable")
+        return Dispatched(reply, "cpu", fallback, "gpu-unavailable")
