@@ -1,19 +1,21 @@
-"""Router decision overhead, in-process, measured in ONE run against a REAL onnxruntime backend.
+"""The router's overhead on the CPU leg, as a ratio to a raw ``InferenceSession.run``, in ONE run.
 
-Timed, interleaved in one loop so that machine noise hits every path alike:
+For each request kind (1 row as JSON; 1M elements as binary tensors; 1M elements as JSON), timed
+interleaved in one loop so that machine noise hits every path alike:
 
-* ``raw``: ``InferenceSession.run`` on the same request (the floor);
-* ``decide``: ``Router.decide`` alone (size-aware policy, breaker state, cached GPU health probe);
-* ``handle_http``: RouterFunction's entry point for an HTTP API v2 event (parse, JSON decode,
-  validate, version pick, decide, in-process onnxruntime backend, encode, metrics/log calls);
-  the backend's own time is measured inside the same call and subtracted, giving the
-  router's overhead per request.
+* ``raw``: ``InferenceSession.run`` on the same input (the floor);
+* ``decide``: the tier dispatcher's decision alone (size-aware policy, from the header);
+* ``router + cpu function``: RouterFunction's ``handle_http`` for an HTTP API v2 event with
+  ``CPU_BACKEND=lambda``; its Lambda client invokes CpuInferenceFunction's ``handle_direct`` in
+  this process, through the same JSON serialisation of payload and reply that Lambda applies
+  (no network, no Powertools decorators). The CPU function's own time is measured inside the
+  call, so ``router alone`` = total - CPU function.
 
-The model is y = x @ W + b (FP32, 4 -> 3), on both tiers, with a fake GPU whose ready() is True
-(cached by the HealthCache) so decide() takes the full size-aware path. Logs and EMF output are
-discarded so stdout I/O is not counted.
+The model is the digits classifier (StandardScaler + LogisticRegression, FP32 [-1, 64]), built
+here with scikit-learn; 1M elements = 15,625 rows x 64 pixel values (integers 0-16, so the JSON
+form fits the 4 MiB payload limit). onnxruntime runs with 1 intra-op thread everywhere.
 
-    python benchmarks/router_overhead.py [--n 5000] [--rows 1]
+    python -m benchmarks.router_overhead [--n-small 400] [--n-large 15]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,114 +42,102 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-class TimedBackend:
-    """Wraps the in-process onnxruntime backend and records the time each infer() takes."""
+class InProcessLambda:
+    """A boto3 Lambda client whose Invoke runs CpuInferenceFunction's handler in this process, with the
+    JSON round trips of a real Invoke; it records the function's own time."""
 
-    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
-        self.inner = inner
-        self.tier = inner.tier
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
         self.last_ms = 0.0
 
-    def infer(self, model, request, timeout_s=None):  # type: ignore[no-untyped-def]
+    def invoke(self, FunctionName: str, InvocationType: str, Payload: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
-        try:
-            return self.inner.infer(model, request, timeout_s)
-        finally:
-            self.last_ms = (time.perf_counter() - t0) * 1e3
-
-    def ready(self, model=None) -> bool:  # type: ignore[no-untyped-def]
-        return True
+        reply = json.dumps(self.handler(json.loads(Payload))).encode()
+        self.last_ms = (time.perf_counter() - t0) * 1e3
+        return {"StatusCode": 200, "Payload": io.BytesIO(reply)}
 
 
-class ReadyGpu:
-    tier = "gpu"
+def http_event(x: np.ndarray, binary: bool) -> dict[str, Any]:
+    from tierserve.local.apigw import http_api_event
 
-    def infer(self, model, request, timeout_s=None):  # type: ignore[no-untyped-def]
-        raise AssertionError("not reached: small batches go to the CPU")
-
-    def ready(self, model=None) -> bool:  # type: ignore[no-untyped-def]
-        return True
+    if binary:
+        header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}).encode()
+        return http_api_event("POST", "/v2/models/digits/infer",
+                              [("content-type", "application/octet-stream"),
+                               ("inference-header-content-length", str(len(header)))], header + x.tobytes())
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.astype(np.int64).ravel().tolist()}],
+                       "outputs": [{"name": "label"}]}).encode()
+    return http_api_event("POST", "/v2/models/digits/infer", [("content-type", "application/json")], body)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=5000)
-    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--n-small", type=int, default=400, help="iterations for the 1-row request")
+    ap.add_argument("--n-large", type=int, default=15, help="iterations for the 1M-element requests")
     args = ap.parse_args()
-
-    from tests.support.models import linear_onnx, write_model
-    from tierserve.local.apigw import http_api_event
-    from tierserve.manifest import TensorSpec
-
-    work = Path(tempfile.mkdtemp(prefix="router-overhead-"))
-    data, _, _ = linear_onnx(seed=0)
-    mv = write_model(work, "lin", "1", data, (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),),
-                     targets=("gpu", "cpu"), routing={"gpu_min_rows": 64})
-    os.environ.update({"MODEL_STORE_URI": str(work), "MODEL_CACHE_DIR": str(work / "cache"), "CPU_BACKEND": "inprocess",
-                       "TRITON_URL": "", "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_LOG_LEVEL": "ERROR",
-                       "POWERTOOLS_METRICS_NAMESPACE": "bench", "ORT_THREADS": "1"})
-    from tierserve import api
-    from tierserve.codec import decode_request
-    from tierserve.settings import reset_settings
-
-    reset_settings()
-    api.reset_app()
-    app = api.get_app()
-    timed = TimedBackend(app.router.cpu)
-    app.router.cpu = timed
-    app.router.gpu = ReadyGpu()
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.rows, 4)).astype(np.float32)
-    body = json.dumps({"id": "b", "inputs": [{"name": "x", "shape": [args.rows, 4], "datatype": "FP32",
-                                              "data": x.ravel().tolist()}]}).encode()
-    event = http_api_event("POST", "/v2/models/lin/infer", [("content-type", "application/json")], body)
-    request = decode_request(body)
+    os.environ.update({"POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_LOG_LEVEL": "ERROR",
+                       "POWERTOOLS_METRICS_NAMESPACE": "bench"})
 
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    raw = ort.InferenceSession(str(work / "lin/1/model.onnx"), opts, providers=["CPUExecutionProvider"])
+    from tests.support.models import write_digits
+    from tierserve.api import handle_http
+    from tierserve.app import build_runtime
+    from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+    from tierserve.calls import Body, InferenceCall
+    from tierserve.direct import handle_direct
+    from tierserve.sessions import session_options
+    from tierserve.settings import Settings
 
-    handler = api.handle_http
+    work = Path(tempfile.mkdtemp(prefix="router-overhead-"))
+    mv = write_digits(work)
+    settings = Settings(model_store_uri=str(work), model_cache_dir=str(work / "cache"), ort_threads=1)
+    cpu_runtime = build_runtime(settings)
+    lam = InProcessLambda(lambda event: handle_direct(event, None, cpu_runtime))
+    router_runtime = build_runtime(settings, cpu=LambdaInvokeBackend("CpuInferenceFunction", client=lam))
+    raw = ort.InferenceSession(str(work / mv.cpu_artifact.path), session_options(1),
+                               providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    cases = [("1 row, JSON", rng.integers(0, 17, (1, 64)).astype(np.float32), False, args.n_small),
+             ("1M elements, binary", rng.integers(0, 17, (15_625, 64)).astype(np.float32), True, args.n_large),
+             ("1M elements, JSON", rng.integers(0, 17, (15_625, 64)).astype(np.float32), False, args.n_large)]
+    print(f"router overhead on the CPU leg | Python {platform.python_version()}, {os.cpu_count()} cores, "
+          f"onnxruntime {ort.__version__} 1 thread | digits LR, FP32 [-1, 64] | p50 ms (p99 for the 1-row case)")
+    print(f"{'request':<22}{'body MB':>8}{'raw':>9}{'decide':>9}{'router+cpu':>12}{'cpu fn':>9}{'router':>9}"
+          f"{'ratio':>8}")
     sink = io.StringIO()
-    t_raw, t_decide, t_handler, t_overhead = [], [], [], []
-    with contextlib.redirect_stdout(sink):
-        for _ in range(200):  # warm: session load, caches, health probe
-            assert handler(event, None)["statusCode"] == 200
-            app.router.decide(mv, request, len(body), None, None)
-            raw.run(None, {"x": x})
-        for i in range(args.n):
-            t0 = time.perf_counter()
-            raw.run(None, {"x": x})
-            t1 = time.perf_counter()
-            decision = app.router.decide(mv, request, len(body), None, None)
-            t2 = time.perf_counter()
-            resp = handler(event, None)
-            t3 = time.perf_counter()
-            t_raw.append((t1 - t0) * 1e3)
-            t_decide.append((t2 - t1) * 1e3)
-            t_handler.append((t3 - t2) * 1e3)
-            t_overhead.append((t3 - t2) * 1e3 - timed.last_ms)
-            if i % 1000 == 0:
+    for label, x, binary, n in cases:
+        event = http_event(x, binary)
+        text = event["body"]
+        header_length = int(event["headers"]["inference-header-content-length"]) if binary else None
+        call = InferenceCall.from_body(Body.from_event_text(text, event["isBase64Encoded"], header_length))
+        t_raw, t_dec, t_tot, t_cpu = [], [], [], []
+        with contextlib.redirect_stdout(sink):
+            for i in range(n + 3):
+                t0 = time.perf_counter()
+                raw.run(["label"], {"input": x})
+                t1 = time.perf_counter()
+                router_runtime.dispatcher.decide(mv, call)
+                t2 = time.perf_counter()
+                resp = handle_http(event, None, router_runtime)
+                t3 = time.perf_counter()
+                assert resp["statusCode"] == 200, resp["body"][:300]
+                if i >= 3:  # warm-up: session load, first parse
+                    t_raw.append((t1 - t0) * 1e3)
+                    t_dec.append((t2 - t1) * 1e3)
+                    t_tot.append((t3 - t2) * 1e3)
+                    t_cpu.append(lam.last_ms)
                 sink.seek(0)
                 sink.truncate()
-    assert decision.target == "cpu" and resp["statusCode"] == 200 and resp["headers"]["x-served-by"] == "cpu"
-
-    print(f"router overhead, in-process | n={args.n} rows={args.rows} | Python {platform.python_version()}, "
-          f"{os.cpu_count()} cores, onnxruntime {ort.__version__} 1 thread | model y = x@W+b FP32 4->3")
-    print(f"{'path':<52}{'p50 ms':>10}{'p99 ms':>10}")
-    rows = [
-        ("raw InferenceSession.run", t_raw),
-        ("Router.decide (size-aware, cached GPU health)", t_decide),
-        ("handle_http, whole request (in-process CPU tier)", t_handler),
-        ("handle_http minus backend time = router overhead", t_overhead),
-    ]
-    for name, xs in rows:
-        print(f"{name:<52}{pct(xs, 50):>10.4f}{pct(xs, 99):>10.4f}")
-    print(f"handle_http / raw p50 ratio: {pct(t_handler, 50) / pct(t_raw, 50):.1f}x; "
-          f"decide is {100 * pct(t_decide, 50) / pct(t_handler, 50):.1f}% of handle_http p50")
+        router_only = [a - b for a, b in zip(t_tot, t_cpu, strict=True)]
+        print(f"{label:<22}{len(text) / 1e6:>8.2f}{pct(t_raw, 50):>9.3f}{pct(t_dec, 50):>9.4f}{pct(t_tot, 50):>12.3f}"
+              f"{pct(t_cpu, 50):>9.3f}{pct(router_only, 50):>9.3f}{pct(t_tot, 50) / pct(t_raw, 50):>7.1f}x"
+              f"   (n={n})")
+    print("ratio = (router + CPU function) p50 / raw p50; 'router' = router + cpu - CPU function's own time")
     return 0
 
 

@@ -109,12 +109,12 @@ def endpoint(req: HttpRequest) -> tuple[Operation, dict[str, str]]:
     )
 
 
-def handle_http(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """Serve one API Gateway HTTP API event; never raises."""
+def handle_http(event: dict[str, Any], context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Serve one API Gateway HTTP API event (with the environment's runtime unless one is given); never raises."""
     base_headers = {"x-served-by": "cpu"}
     request_id = ""
     try:
-        rt = get_runtime()
+        rt = runtime or get_runtime()
         req = parse_http_event(event, rt.settings.max_payload_bytes)
         request_id = req.request_id
         op, params = endpoint(req)

@@ -21,31 +21,34 @@ from tierserve.types import InferRequest, InferResponse, RequestedOutput
 
 @dataclass
 class Body:
-    """A protocol body: its bytes, its header length, and how a Lambda event carries it.
+    """A protocol body, its header length, and how a Lambda event carries it.
 
+    ``data`` is bytes, or a :class:`wire.Base64Body` that stays undecoded until a tensor is read.
     ``event_text`` is the body as API Gateway's event held it (JSON text, or base64 when
-    ``is_base64``); forwarding it saves decoding and re-encoding megabytes."""
+    ``is_base64``): forwarding it saves decoding and re-encoding megabytes."""
 
-    data: bytes | memoryview
+    data: wire.BodyBytes
     header_length: int | None = None
     event_text: str | None = None
     is_base64: bool = False
 
     @classmethod
     def from_event_text(cls, text: str, is_base64: bool, header_length: int | None) -> Body:
-        data = base64.b64decode(text, validate=True) if is_base64 else text.encode("utf-8")
+        """A body from a Lambda event's text; ValueError when base64 text has an impossible length."""
+        data: wire.BodyBytes = wire.Base64Body(text) if is_base64 else text.encode("utf-8")
         return cls(data, header_length, text, is_base64)
 
     def as_event(self) -> tuple[str, bool]:
         """(text, is_base64) for a JSON event: the original text when known, else encoded once."""
         if self.event_text is None:
+            raw = bytes(wire.body_view(self.data))
             if self.header_length is None:
                 try:
-                    self.event_text, self.is_base64 = bytes(self.data).decode("utf-8"), False
+                    self.event_text, self.is_base64 = raw.decode("utf-8"), False
                 except UnicodeDecodeError:
-                    self.event_text, self.is_base64 = base64.b64encode(self.data).decode(), True
+                    self.event_text, self.is_base64 = base64.b64encode(raw).decode(), True
             else:
-                self.event_text, self.is_base64 = base64.b64encode(self.data).decode(), True
+                self.event_text, self.is_base64 = base64.b64encode(raw).decode(), True
         return self.event_text, self.is_base64
 
     @property
@@ -78,31 +81,39 @@ class InferenceCall:
     # --- what routing and validation read (never materialises) -----------------------------------------
 
     @property
+    def _meta(self) -> wire.Header | InferRequest:
+        meta = self.header if self.header is not None else self._request
+        assert meta is not None
+        return meta
+
+    @property
     def inputs(self) -> list[Any]:
         """Name, datatype and shape of every input (headers or materialised tensors)."""
-        return self.header.tensors if self.header is not None else list(self._request.inputs)  # type: ignore[union-attr]
+        meta = self._meta
+        return meta.tensors if isinstance(meta, wire.Header) else list(meta.inputs)
 
     @property
     def outputs(self) -> list[RequestedOutput]:
-        return self.header.outputs if self.header is not None else list(self._request.outputs)  # type: ignore[union-attr]
+        return self._meta.outputs
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return self.header.parameters if self.header is not None else self._request.parameters  # type: ignore[union-attr]
+        return self._meta.parameters
 
     @property
     def id(self) -> str | None:
-        return self.header.id if self.header is not None else self._request.id  # type: ignore[union-attr]
+        return self._meta.id
 
     @property
     def rows(self) -> int:
-        return self.header.rows if self.header is not None else self._request.rows  # type: ignore[union-attr]
+        return self._meta.rows
 
     @property
     def tensor_bytes(self) -> int:
-        if self.header is not None:
-            return self.header.tensor_bytes
-        return sum(int(getattr(t.data, "nbytes", 0)) for t in self._request.inputs)  # type: ignore[union-attr]
+        meta = self._meta
+        if isinstance(meta, wire.Header):
+            return meta.tensor_bytes
+        return sum(int(getattr(t.data, "nbytes", 0)) for t in meta.inputs)
 
     @property
     def target_hint(self) -> str | None:

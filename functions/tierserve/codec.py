@@ -15,7 +15,6 @@ decoding (the router reading a backend's answer) raises :class:`InferenceError`.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Iterable
@@ -33,7 +32,6 @@ from tierserve.types import InferRequest, InferResponse, RequestedOutput, Tensor
 DATATYPE_TO_DTYPE: dict[str, np.dtype] = {name: np.dtype(dt) for name, (dt, _) in DATATYPES.items()}
 
 _LEN = struct.Struct("<I")
-_JSON_SEPARATORS = (",", ":")
 _SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -204,7 +202,11 @@ def materialize(header: wire.Header, kind: str, err: type[TierserveError]) -> li
     for t in header.tensors:
         label = f"{kind} {t.name!r}"
         if t.binary is not None:
-            flat = _binary_array(header.blob(t), t.datatype, t.elements, label, err)
+            try:
+                blob = header.blob(t)
+            except ValueError as exc:  # binascii.Error: a base64 body that does not decode
+                raise err(f"the body is flagged isBase64Encoded but is not valid base64: {exc}") from exc
+            flat = _binary_array(blob, t.datatype, t.elements, label, err)
         else:
             flat = json_array(t.data, t.datatype, t.elements, label, err)
         tensors.append(Tensor(t.name, t.datatype, t.shape, flat.reshape(t.shape), dict(t.parameters)))
@@ -284,7 +286,7 @@ def _encode_tensors(
 
 
 def _assemble(obj: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
-    header = json.dumps(obj, separators=_JSON_SEPARATORS).encode("utf-8")
+    header = wire.json_dumps(obj)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
@@ -354,7 +356,7 @@ def encode_response(response: InferResponse, request: InferRequest | wire.Header
 
 def error_body(message: str) -> bytes:
     """The error body Triton and KServe send: ``{"error": message}``."""
-    return json.dumps({"error": str(message)}, separators=_JSON_SEPARATORS).encode("utf-8")
+    return wire.json_dumps({"error": str(message)})
 
 
 # --- validation against the manifest ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from tierserve import errors, inference
-from tierserve.app import get_runtime
+from tierserve.app import Runtime, get_runtime
 from tierserve.calls import Body, InferenceCall
 from tierserve.http import error_response
 from tierserve.manifest import ModelVersion
@@ -39,11 +39,11 @@ def payload(model: ModelVersion, call: InferenceCall) -> dict[str, Any]:
             "body": text, "isBase64Encoded": is_base64}
 
 
-def handle_direct(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+def handle_direct(event: dict[str, Any], context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
     """Serve the router's Invoke payload on this function's own CPU tier; never raises."""
     served = {"x-served-by": "cpu"}
     try:
-        runtime = get_runtime()
+        runtime = runtime or get_runtime()
         if not isinstance(event, dict) or "model_name" not in event or not isinstance(event.get("body"), str):
             raise errors.InvalidRequestError(_SHAPE)
         headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}

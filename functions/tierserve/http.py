@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierserve import errors
+from tierserve.wire import Base64Body, BodyBytes
 
 #: Exception class -> HTTP status. Looked up along the exception's MRO, most specific first.
 STATUS_BY_ERROR: dict[type[errors.TierserveError], int] = {
@@ -44,7 +45,7 @@ class HttpRequest:
     method: str
     path: str
     headers: dict[str, str]
-    body: bytes
+    body: BodyBytes
     query: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
     #: The body as the event carried it (JSON text, or base64 when ``is_base64``): forwarded untouched.
@@ -70,16 +71,22 @@ def parse_http_event(event: dict[str, Any], max_body_bytes: int) -> HttpRequest:
     raw = event.get("body") or ""
     is_b64 = bool(event.get("isBase64Encoded"))
     # Cheap size check first: never decode or parse a body over the limit.
-    approx = math.ceil(len(raw) * 3 / 4) - raw[-2:].count("=") if is_b64 else len(raw.encode("utf-8"))
+    approx = math.ceil(len(raw) * 3 / 4) - raw[-2:].count("=") if is_b64 else len(raw)
     if approx > max_body_bytes:
         raise errors.PayloadTooLargeError(
             f"request body is {approx} bytes; the limit is {max_body_bytes} bytes. Split the batch into "
             "smaller requests, or use batch inference from S3 for large jobs"
         )
+    # A binary body stays base64: only its JSON header is decoded to route it (wire.Base64Body).
     try:
-        body = base64.b64decode(raw, validate=True) if is_b64 else raw.encode("utf-8")
+        body: BodyBytes = Base64Body(raw) if is_b64 else raw.encode("utf-8")
     except ValueError as exc:
         raise errors.InvalidRequestError(f"body is flagged isBase64Encoded but is not valid base64: {exc}") from exc
+    if not is_b64 and len(body) > max_body_bytes:
+        raise errors.PayloadTooLargeError(
+            f"request body is {len(body)} bytes; the limit is {max_body_bytes} bytes. Split the batch into "
+            "smaller requests, or use batch inference from S3 for large jobs"
+        )
     query = {str(k): str(v) for k, v in (event.get("queryStringParameters") or {}).items()}
     return HttpRequest(method, path, headers, body, query, str(ctx.get("requestId") or ""), raw, is_b64)
 

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 
 from tierserve.backends.triton import TritonBackend
+from tierserve.calls import InferenceCall
 from tierserve.errors import BackendUnavailableError, InvalidRequestError
 from tierserve.types import InferRequest, RequestedOutput, Tensor
 
 pytestmark = pytest.mark.integration
 
 
-def _request(x: np.ndarray, rid: str | None = None) -> InferRequest:
-    return InferRequest(inputs=[Tensor("x", "FP32", tuple(x.shape), x)], id=rid)
+def _request(x: np.ndarray, rid: str | None = None, outputs: list[str] | None = None) -> InferenceCall:
+    return InferenceCall.from_request(InferRequest(inputs=[Tensor("x", "FP32", tuple(x.shape), x)], id=rid,
+                                                   outputs=[RequestedOutput(n) for n in outputs or []]))
 
 
 def _x(rows: int, seed: int = 0) -> np.ndarray:
@@ -81,7 +83,7 @@ def test_backend_infer_matches_onnxruntime(triton_server, triton_tiny_model, pro
         assert triton_tiny_model.model_version().max_batch_size == 16
         for rows in (1, 5, 16, 40):
             x = _x(rows, seed=rows)
-            resp = backend.infer(model, _request(x, rid=f"req-{rows}"), timeout_s=5)
+            resp = backend.infer(model, _request(x, rid=f"req-{rows}"), timeout_s=5).decoded()
             assert resp.model_name == "tiny_linear" and resp.model_version == "1"
             assert resp.id == f"req-{rows}"
             [y] = resp.outputs
@@ -89,9 +91,8 @@ def test_backend_infer_matches_onnxruntime(triton_server, triton_tiny_model, pro
             assert y.data.dtype == np.float32
             np.testing.assert_allclose(y.data, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-6)
         # an explicit output subset works too
-        req = _request(_x(2))
-        req.outputs = [RequestedOutput("y")]
-        assert [t.name for t in backend.infer(model, req).outputs] == ["y"]
+        req = _request(_x(2), outputs=["y"])
+        assert [t.name for t in backend.infer(model, req).decoded().outputs] == ["y"]
     finally:
         backend.close()
 
@@ -147,7 +148,7 @@ def test_concurrent_infer_from_8_threads(triton_server, triton_tiny_model):
         for j in range(10):
             x = _x(1 + (i + j) % 4, seed=100 * i + j)
             t0 = time.perf_counter()
-            y = backend.infer(model, _request(x)).outputs[0].data
+            y = backend.infer(model, _request(x)).decoded().outputs[0].data
             worst = max(worst, time.perf_counter() - t0)
             np.testing.assert_allclose(y, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-6)
         return worst
@@ -171,7 +172,7 @@ def test_grpc_backend_shared_client_is_thread_safe(triton_server, triton_tiny_mo
         barrier.wait()
         for j in range(5):
             x = _x(2, seed=1000 + 10 * i + j)
-            y = backend.infer(model, _request(x)).outputs[0].data
+            y = backend.infer(model, _request(x)).decoded().outputs[0].data
             np.testing.assert_allclose(y, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-6)
 
     try:
@@ -217,7 +218,7 @@ def test_kill_then_restart(triton_local_repo, triton_tiny_model, tmp_path):
         assert server.is_running()
         for b in (http, grpc):
             assert b.ready(model)
-            y = b.infer(model, _request(x)).outputs[0].data
+            y = b.infer(model, _request(x)).decoded().outputs[0].data
             np.testing.assert_allclose(y, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-6)
         http.close()
         grpc.close()
@@ -244,7 +245,7 @@ def test_dynamic_batching_groups_concurrent_requests(triton_server, triton_tiny_
     def work(i: int) -> None:
         for j in range(25):
             x = _x(1, seed=5000 + 100 * i + j)
-            y = backend.infer(model, _request(x)).outputs[0].data
+            y = backend.infer(model, _request(x)).decoded().outputs[0].data
             np.testing.assert_allclose(y, triton_tiny_model.reference(x), rtol=1e-5, atol=1e-6)
 
     with ThreadPoolExecutor(8) as pool:

@@ -73,13 +73,14 @@ class LambdaInvokeBackend:
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
         from tierserve.direct import payload
+        from tierserve.wire import json_dumps, json_loads
 
-        data = json.dumps(payload(model, call)).encode()
+        data = json_dumps(payload(model, call))
         try:
             out = self.client(timeout_s).invoke(
                 FunctionName=self.function_name, InvocationType="RequestResponse", Payload=data
             )
-            reply = json.loads(out["Payload"].read() or b"{}")
+            reply = json_loads(out["Payload"].read() or b"{}")
         except Exception as exc:
             if type(exc).__name__ in ("ReadTimeoutError", "ReadTimeout"):
                 # The function may still be running it: never retried, reported as a timeout (504).
