@@ -68,8 +68,10 @@ serve: $(STAMP) ## the whole stack on loopback (API, CPU function, Triton, moto)
 triton: $(STAMP) ## the real local tritonserver over $(MODELS)/triton
 	$(BIN)/tierserve triton --repository $(MODELS)/triton
 
+BENCHMARKS := handler_vs_raw router_overhead router_vs_triton dynamic_batching batch_throughput
+
 bench: $(STAMP) ## every benchmark; figures for the closing notes
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(BENCHMARKS); do echo "== benchmarks.$$b"; $(PY) -m benchmarks.$$b || exit 1; done
 
 validate: ## sam validate --lint (needs the SAM CLI: pip install aws-sam-cli)
 	sam validate --lint

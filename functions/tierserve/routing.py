@@ -91,24 +91,27 @@ def size_aware(ctx: RouteContext) -> Decision:
     return Decision("cpu", f"{ctx.rows} rows < gpu_min_rows {min_rows}")
 
 
-def cpu_first(ctx: RouteContext) -> Decision:
-    """Serve on CPU whenever the model has a CPU variant; GPU only for GPU-only models or hints."""
-    hint = _check_hint(ctx)
-    if hint is not None:
-        return Decision(hint, f"client hint {hint}")
-    if ctx.model.serves_cpu:
-        return Decision("cpu", "cpu-first policy")
-    return Decision("gpu", "model is deployed on gpu only")
+def _first(tier: str) -> Policy:
+    """A policy that serves on ``tier`` whenever the model is deployed there, else on the other tier."""
+    other = "gpu" if tier == "cpu" else "cpu"
+
+    def policy(ctx: RouteContext) -> Decision:
+        hint = _check_hint(ctx)
+        if hint is not None:
+            return Decision(hint, f"client hint {hint}")
+        if tier in ctx.model.targets:
+            return Decision(tier, f"{tier}-first policy")
+        return Decision(other, f"model is deployed on {other} only")
+
+    policy.__name__ = f"{tier}_first"
+    policy.__doc__ = f"Serve on {tier.upper()} whenever the model is deployed there; {other.upper()} otherwise."
+    return policy
 
 
-def gpu_first(ctx: RouteContext) -> Decision:
-    """Serve on GPU whenever the model is there and the GPU is usable; CPU as the fallback."""
-    hint = _check_hint(ctx)
-    if hint is not None:
-        return Decision(hint, f"client hint {hint}")
-    if ctx.model.serves_gpu:
-        return Decision("gpu", "gpu-first policy")
-    return Decision("cpu", "model is deployed on cpu only")
+#: CPU whenever the model has a CPU variant; GPU only for GPU-only models or hints.
+cpu_first = _first("cpu")
+#: GPU whenever the model is there (the dispatcher falls back to CPU when the GPU is unusable).
+gpu_first = _first("gpu")
 
 
 POLICIES: dict[str, Policy] = {

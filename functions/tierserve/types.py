@@ -5,8 +5,16 @@ Kept free of heavy imports: numpy is imported by the codec, not here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def batch_rows(tensors: Sequence[Any]) -> int:
+    """Rows in a batch: the first dimension of the first tensor (1 for scalars or no tensors)."""
+    if not tensors or not tensors[0].shape:
+        return 1
+    return int(tensors[0].shape[0])
 
 
 @dataclass
@@ -37,15 +45,7 @@ class InferRequest:
 
     @property
     def rows(self) -> int:
-        """Rows in the batch: the first dimension of the first input (1 for scalars)."""
-        if not self.inputs or not self.inputs[0].shape:
-            return 1
-        return int(self.inputs[0].shape[0])
-
-    @property
-    def target_hint(self) -> str | None:
-        t = self.parameters.get("target")
-        return str(t) if t is not None else None
+        return batch_rows(self.inputs)
 
 
 @dataclass

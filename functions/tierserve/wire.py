@@ -29,7 +29,7 @@ import orjson
 from tierserve.datatypes import DATATYPES, UNSUPPORTED
 from tierserve.errors import InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion, TensorSpec
-from tierserve.types import RequestedOutput
+from tierserve.types import RequestedOutput, batch_rows
 
 ErrorType = type[TierserveError]
 
@@ -142,10 +142,7 @@ class Header:
 
     @property
     def rows(self) -> int:
-        """Rows in the batch: the first dimension of the first tensor (1 for scalars)."""
-        if not self.tensors or not self.tensors[0].shape:
-            return 1
-        return int(self.tensors[0].shape[0])
+        return batch_rows(self.tensors)
 
     @property
     def tensor_bytes(self) -> int:
@@ -155,11 +152,6 @@ class Header:
     @property
     def binary_input(self) -> bool:
         return self.binary_start is not None and any(t.binary is not None for t in self.tensors)
-
-    @property
-    def target_hint(self) -> str | None:
-        t = self.parameters.get("target")
-        return str(t) if t is not None else None
 
     def blob(self, tensor: TensorHeader) -> memoryview:
         """The binary bytes of ``tensor`` (a view into the body, not a copy)."""
