@@ -113,7 +113,7 @@ class InferenceCall:
         meta = self._meta
         if isinstance(meta, wire.Header):
             return meta.tensor_bytes
-        return sum(int(getattr(t.data, "nbytes", 0)) for t in meta.inputs)
+        return sum(_nbytes(t) for t in meta.inputs)
 
     @property
     def target_hint(self) -> str | None:
@@ -143,6 +143,13 @@ class InferenceCall:
     @property
     def materialized(self) -> bool:
         return self._request is not None
+
+
+def _nbytes(tensor: Any) -> int:
+    """A materialised tensor's bytes as the wire counts them (BYTES: 4-byte length + data per element)."""
+    if tensor.datatype == "BYTES":
+        return sum(4 + len(x) for x in tensor.data.ravel())
+    return int(tensor.data.nbytes)
 
 
 @dataclass

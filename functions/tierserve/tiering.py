@@ -193,10 +193,11 @@ class TierDispatcher:
         if not self.gpu_usable(model):
             why = "circuit open" if self.breaker.state == "open" else "not ready"
             return self._fallback(model, call, decision, deadline, why)
+        timeout = deadline.budget(self.gpu_timeout_s)  # a spent deadline is the request's, not the tier's
         if not self.breaker.allow():
             return self._fallback(model, call, decision, deadline, "circuit open")
         try:
-            reply = gpu.infer(model, call, deadline.budget(self.gpu_timeout_s))
+            reply = gpu.infer(model, call, timeout)
         except errors.InvalidRequestError:
             self.breaker.record_success()  # the GPU answered; the request was wrong
             raise

@@ -91,10 +91,13 @@ class LambdaInvokeBackend:
                 f"cannot invoke {self.function_name}: {type(exc).__name__}: {exc}"
             ) from exc
         if out.get("FunctionError"):
+            detail = reply.get("errorMessage", reply) if isinstance(reply, dict) else reply
+            raise errors.InferenceError(f"{self.function_name} failed: {detail}; see its logs")
+        if not isinstance(reply, dict):
             raise errors.InferenceError(
-                f"{self.function_name} failed: {reply.get('errorMessage', reply)}; see its logs"
-            )
-        status = int(reply.get("statusCode", 500)) if isinstance(reply, dict) else 500
+                f"{self.function_name} answered {type(reply).__name__}, not an HTTP API response object; "
+                "check that CPU_FUNCTION_NAME names CpuInferenceFunction")
+        status = int(reply.get("statusCode", 500))
         if status == 200:
             return Reply(http=reply)
         raise _tier_error(self.function_name, status, reply)
