@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tierserve.backends.triton import HTTP_TIMEOUT_BUCKETS, TritonBackend, _bucket, _split_url, map_exception
+from tierserve.calls import InferenceCall
 from tierserve.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -33,9 +34,9 @@ MODEL = ModelVersion(
 )
 
 
-def _request() -> InferRequest:
+def _request() -> InferenceCall:
     x = np.ones((2, 4), np.float32)
-    return InferRequest(inputs=[Tensor("x", "FP32", (2, 4), x)], id="r1")
+    return InferenceCall.from_request(InferRequest(inputs=[Tensor("x", "FP32", (2, 4), x)], id="r1"))
 
 
 @pytest.fixture
@@ -83,10 +84,10 @@ def test_bad_input_is_invalid_request(closed_port):
     backend = TritonBackend(f"127.0.0.1:{closed_port}")
     bad = InferRequest(inputs=[Tensor("x", "FP32", (2, 4), np.array([["a"] * 4] * 2, dtype=object))])
     with pytest.raises(InvalidRequestError):
-        backend.infer(MODEL, bad)
+        backend.infer(MODEL, InferenceCall.from_request(bad))
     unknown = InferRequest(inputs=[Tensor("x", "BF17", (1,), np.zeros(1))])
     with pytest.raises(InvalidRequestError):
-        backend.infer(MODEL, unknown)
+        backend.infer(MODEL, InferenceCall.from_request(unknown))
 
 
 def test_constructor_validation():
