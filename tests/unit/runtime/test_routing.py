@@ -1,7 +1,7 @@
-"""Routing policies as a registry: properties every registered policy keeps, and pluggability.
+"""Routing policies: pure functions from a RouteContext to a Decision, and the registry that names them.
 
-Policy-by-policy rules are in test_routing_policy.py; here every policy in POLICIES is checked over
-a seeded grid of contexts, and a new policy is plugged in through ROUTING_POLICY.
+Each rule of each policy is checked on its own, then every registered policy over a seeded grid of
+contexts; none of them may probe the GPU (falling back is the tier dispatcher's job, in test_tiering.py).
 """
 
 from __future__ import annotations
@@ -11,31 +11,195 @@ import itertools
 import numpy as np
 import pytest
 
+from tests.support.fakes import model_version
 from tierserve import routing
 from tierserve.errors import ConfigurationError, InvalidRequestError
-from tierserve.manifest import ModelVersion, TensorSpec, Variant
-from tierserve.routing import POLICIES, Decision, RouteContext, get_policy
+from tierserve.routing import (
+    DEFAULT_GPU_MIN_BYTES,
+    DEFAULT_GPU_MIN_ROWS,
+    POLICIES,
+    Decision,
+    RouteContext,
+    cpu_first,
+    get_policy,
+    gpu_first,
+    size_aware,
+)
 
-TARGET_SETS = [("cpu",), ("gpu",), ("gpu", "cpu")]
+BOTH = ("gpu", "cpu")
+TARGET_SETS = [("cpu",), ("gpu",), BOTH]
 
 
-def _mv(targets: tuple[str, ...], routing_block: dict | None = None) -> ModelVersion:
-    return ModelVersion("m", "1", (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),),
-                        {"fp32": Variant("m/1/model.onnx", "0" * 64, 1)}, "fp32", targets,
-                        routing=routing_block or {})
+def never_probed() -> bool:
+    raise AssertionError("the policy probed the GPU's health")
 
 
-def _grid(seed: int = 0, n: int = 400) -> list[RouteContext]:
+def ctx(targets: tuple[str, ...] = BOTH, routing: dict | None = None, **kw) -> RouteContext:
+    kw.setdefault("rows", 1)
+    kw.setdefault("tensor_bytes", 100)
+    kw.setdefault("gpu_usable", never_probed)
+    return RouteContext(model=model_version("m", targets, routing=routing), **kw)
+
+
+# --- hints -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("hint", ["cpu", "gpu", "GPU", "Cpu"])
+def test_hint_wins_over_every_other_rule(policy: str, hint: str) -> None:
+    # Given a model on both tiers and a batch that every rule would send the other way
+    rows = 1 if hint.lower() == "gpu" else 10_000
+    c = ctx(rows=rows, tensor_bytes=rows * 16, hint=hint)
+    # When the policy decides
+    d = POLICIES[policy](c)
+    # Then the hinted tier is chosen, without a fallback
+    assert d == Decision(hint.lower(), f"client hint {hint.lower()}")
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_empty_hint_is_no_hint(policy: str) -> None:
+    # Given an empty x-target header on a CPU-only model
+    # When the policy decides
+    d = POLICIES[policy](ctx(("cpu",), hint=""))
+    # Then it routes as if there were no hint
+    assert d.target == "cpu"
+    assert "hint" not in d.reason
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_bad_hint_is_400_naming_the_valid_values(policy: str) -> None:
+    # Given a hint that names no tier
+    # When the policy decides
+    with pytest.raises(InvalidRequestError) as info:
+        POLICIES[policy](ctx(hint="tpu"))
+    # Then the message quotes the bad value and says what is valid
+    assert "'tpu'" in info.value.message
+    assert "use 'cpu' or 'gpu'" in info.value.message
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize(("targets", "hint"), [(("cpu",), "gpu"), (("gpu",), "cpu")])
+def test_hint_for_a_tier_the_model_is_not_on_is_400(policy: str, targets: tuple[str, ...], hint: str) -> None:
+    # Given a single-tier model and a hint for the other tier
+    # When the policy decides
+    with pytest.raises(InvalidRequestError) as info:
+        POLICIES[policy](ctx(targets, hint=hint))
+    # Then the 400 names the model, the tier and its real targets, and how to fix it
+    msg = info.value.message
+    assert "model 'm' v1 is not deployed on " + hint in msg
+    assert f"its targets are {targets[0]}" in msg
+    assert "--target" in msg
+
+
+# --- single-target models ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("rows", [1, DEFAULT_GPU_MIN_ROWS, 10_000])
+def test_single_target_models_go_to_their_tier(policy: str, rows: int) -> None:
+    # Given a CPU-only and a GPU-only model, with any batch size
+    # When the policy decides
+    cpu = POLICIES[policy](ctx(("cpu",), rows=rows))
+    gpu = POLICIES[policy](ctx(("gpu",), rows=rows))
+    # Then each goes to the only tier it is on
+    assert (cpu.target, cpu.fallback) == ("cpu", None)
+    assert (gpu.target, gpu.fallback) == ("gpu", None)
+
+
+# --- size-aware thresholds ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "target"), [(1, "cpu"), (63, "cpu"), (64, "gpu"), (65, "gpu"), (4096, "gpu")])
+def test_rows_at_or_over_default_gpu_min_rows_go_to_gpu(rows: int, target: str) -> None:
+    # Given a two-tier model without routing thresholds in its manifest
+    # When size-aware decides for a small payload of `rows` rows
+    d = size_aware(ctx(rows=rows, tensor_bytes=10))
+    # Then rows >= 64 (the default) goes to the GPU
+    assert d.target == target
+    assert d.fallback is None
+
+
+@pytest.mark.parametrize(("rows", "target"), [(7, "cpu"), (8, "gpu")])
+def test_manifest_gpu_min_rows_overrides_the_default(rows: int, target: str) -> None:
+    # Given a model whose profile says the GPU pays off from 8 rows
+    # When size-aware decides
+    d = size_aware(ctx(routing={"gpu_min_rows": 8}, rows=rows))
+    # Then the manifest threshold is used and named in the reason
+    assert d.target == target
+    assert "gpu_min_rows 8" in d.reason
+
+
+@pytest.mark.parametrize(("nbytes", "target"), [(DEFAULT_GPU_MIN_BYTES - 1, "cpu"), (DEFAULT_GPU_MIN_BYTES, "gpu")])
+def test_tensor_bytes_threshold(nbytes: int, target: str) -> None:
+    # Given a one-row request carrying around 1 MiB of tensor data (e.g. an image)
+    # When size-aware decides
+    d = size_aware(ctx(rows=1, tensor_bytes=nbytes))
+    # Then tensor bytes >= gpu_min_bytes goes to the GPU
+    assert d.target == target
+
+
+def test_manifest_gpu_min_bytes_overrides_the_default() -> None:
+    # Given a model with gpu_min_bytes 1000
+    # When size-aware decides for 1000 and 999 tensor bytes
+    over = size_aware(ctx(routing={"gpu_min_bytes": 1000}, tensor_bytes=1000))
+    under = size_aware(ctx(routing={"gpu_min_bytes": 1000}, tensor_bytes=999))
+    # Then the threshold is inclusive
+    assert (over.target, under.target) == ("gpu", "cpu")
+    assert "1000 tensor bytes >= gpu_min_bytes 1000" in over.reason
+
+
+@pytest.mark.parametrize(("remaining_ms", "target"), [(49.0, "gpu"), (50.0, "cpu"), (5000.0, "cpu"), (None, "cpu")])
+def test_latency_budget_rule_uses_cpu_p95(remaining_ms: float | None, target: str) -> None:
+    # Given a small batch on a model whose CPU p95 is 50 ms
+    # When size-aware decides with `remaining_ms` left in the invocation
+    d = size_aware(ctx(routing={"cpu_p95_ms": 50}, rows=1, remaining_ms=remaining_ms))
+    # Then less time than the CPU's p95 sends it to the GPU
+    assert d.target == target
+    if target == "gpu":
+        assert "49 ms left < cpu p95 50 ms" in d.reason
+
+
+def test_latency_budget_rule_needs_cpu_p95_in_the_manifest() -> None:
+    # Given a model without cpu_p95_ms and almost no time left
+    # When size-aware decides
+    d = size_aware(ctx(rows=1, remaining_ms=1.0))
+    # Then the rule does not apply
+    assert d.target == "cpu"
+
+
+# --- cpu-first / gpu-first ------------------------------------------------------------------------
+
+
+def test_cpu_first_prefers_cpu_even_for_big_batches() -> None:
+    # Given a big batch on a two-tier model
+    # When cpu-first decides
+    d = cpu_first(ctx(rows=10_000, tensor_bytes=DEFAULT_GPU_MIN_BYTES * 4))
+    # Then it stays on CPU
+    assert (d.target, d.reason, d.fallback) == ("cpu", "cpu-first policy", None)
+
+
+def test_gpu_first_prefers_gpu_even_for_one_row() -> None:
+    # Given a one-row request on a two-tier model
+    # When gpu-first decides
+    d = gpu_first(ctx(rows=1))
+    # Then it goes to the GPU (whether the GPU is usable is the dispatcher's question)
+    assert (d.target, d.reason, d.fallback) == ("gpu", "gpu-first policy", None)
+
+
+# --- every registered policy ------------------------------------------------------------------------
+
+
+def grid(seed: int = 0, n: int = 400) -> list[RouteContext]:
+    """A seeded grid of contexts: every target set, thresholds, sizes, hints and times left."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        targets = TARGET_SETS[rng.integers(len(TARGET_SETS))]
         block = {"gpu_min_rows": int(rng.integers(1, 128)), "gpu_min_bytes": int(rng.integers(1, 1 << 22))}
         if rng.random() < 0.5:
             block["cpu_p95_ms"] = float(rng.uniform(1, 500))
-        out.append(RouteContext(
-            model=_mv(targets, block), rows=int(rng.integers(1, 512)), payload_bytes=int(rng.integers(0, 1 << 23)),
-            hint=[None, "", "cpu", "gpu", "CPU"][rng.integers(5)], gpu_usable=bool(rng.random() < 0.5),
+        out.append(ctx(
+            TARGET_SETS[rng.integers(len(TARGET_SETS))], block, rows=int(rng.integers(1, 512)),
+            tensor_bytes=int(rng.integers(0, 1 << 23)), hint=[None, "", "cpu", "gpu", "CPU"][rng.integers(5)],
             remaining_ms=[None, float(rng.uniform(0, 30_000))][rng.integers(2)],
         ))
     return out
@@ -44,58 +208,74 @@ def _grid(seed: int = 0, n: int = 400) -> list[RouteContext]:
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_picks_a_deployed_tier_or_refuses_the_hint(name: str) -> None:
     policy = get_policy(name)
-    for ctx in _grid():
+    for c in grid():
         try:
-            d = policy(ctx)
+            d = policy(c)
         except InvalidRequestError:
             # Given a hint for a tier the model is not on, Then the only way out is a 400
-            assert ctx.hint and ctx.hint.lower() not in ctx.model.targets
+            assert c.hint and c.hint.lower() not in c.model.targets
             continue
+        # Then the decision names a tier the model is deployed on, with a reason, and never a fallback
         assert isinstance(d, Decision) and d.reason
-        assert d.target in ctx.model.targets, (name, ctx, d)
-        # A fallback is only ever to the CPU, only for a model that has it, only when the GPU is unusable
-        if d.fallback is not None:
-            assert (d.target, d.fallback, ctx.gpu_usable) == ("cpu", "gpu-unavailable", False)
-            assert ctx.model.serves_cpu
+        assert d.target in c.model.targets, (name, c, d)
+        assert d.fallback is None
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_is_a_pure_function_of_its_context(name: str) -> None:
     policy = get_policy(name)
-    for ctx in _grid(seed=1, n=100):
+    for c in grid(seed=1, n=100):
         try:
-            first = policy(ctx)
+            first = policy(c)
         except InvalidRequestError:
             continue
-        assert all(policy(ctx) == first for _ in range(3))
+        assert all(policy(c) == first for _ in range(3))
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_an_unusable_gpu_never_gets_a_request_for_a_model_with_a_cpu_variant(name: str) -> None:
+def test_no_built_in_policy_pays_for_a_gpu_health_probe(name: str) -> None:
+    # Given contexts whose gpu_usable() fails the test if called, including GPU-sized batches and GPU hints
     policy = get_policy(name)
-    for rows, hint in itertools.product((1, 63, 64, 10_000), (None, "gpu")):
-        d = policy(RouteContext(_mv(("gpu", "cpu")), rows, 0, hint, None, gpu_usable=False))
-        assert d.target == "cpu"
-        # flagged as a fallback exactly when the policy wanted the GPU
-        assert (d.fallback == "gpu-unavailable") == ("GPU tier unavailable" in d.reason)
+    for targets, rows, hint in itertools.product(TARGET_SETS, (1, 63, 64, 10_000), (None, "gpu")):
+        try:
+            # When the policy decides, Then it does so without asking
+            policy(ctx(targets, rows=rows, hint=hint))
+        except InvalidRequestError:
+            assert "gpu" not in targets
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+def test_registry_names() -> None:
+    # Given the registry
+    # When each name is looked up
+    # Then it returns the function registered under it
+    assert set(POLICIES) == {"size-aware", "cpu-first", "gpu-first"}
+    for name, fn in POLICIES.items():
+        assert get_policy(name) is fn
+
+
+def test_unknown_policy_is_a_configuration_error_listing_the_names() -> None:
+    # Given a misspelt ROUTING_POLICY
+    # When it is looked up
+    with pytest.raises(ConfigurationError) as info:
+        get_policy("sizeaware")
+    # Then the message names the bad value and every known policy
+    assert "ROUTING_POLICY='sizeaware'" in info.value.message
+    assert "cpu-first, gpu-first, size-aware" in info.value.message
 
 
 def test_a_new_policy_plugs_in_through_the_registry_and_routing_policy(monkeypatch, tmp_path) -> None:
-    from tests.support.models import linear_onnx, write_model
-    from tierserve.api import build_app
+    from tierserve.app import build_runtime
     from tierserve.settings import parse_settings
 
     # Given a policy registered under a new name
-    def always_cpu_when_possible(ctx: RouteContext) -> Decision:
-        return Decision("cpu" if ctx.model.serves_cpu else "gpu", "house rule")
+    def always_cpu_when_possible(c: RouteContext) -> Decision:
+        return Decision("cpu" if c.model.serves_cpu else "gpu", "house rule")
 
     monkeypatch.setitem(routing.POLICIES, "house", always_cpu_when_possible)
-    data, _, _ = linear_onnx()
-    write_model(tmp_path, "lin", "1", data, (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),))
-    # When the app is built with ROUTING_POLICY=house
-    app = build_app(parse_settings({"MODEL_STORE_URI": str(tmp_path), "ROUTING_POLICY": "house"}))
-    # Then the router uses it
-    assert app.router.policy is always_cpu_when_possible
-    # And an unknown name is a configuration error naming the registered ones
-    with pytest.raises(ConfigurationError, match="house"):
-        get_policy("nope")
+    # When the runtime is built with ROUTING_POLICY=house
+    runtime = build_runtime(parse_settings({"MODEL_STORE_URI": str(tmp_path), "ROUTING_POLICY": "house"}))
+    # Then the tier dispatcher uses it
+    assert runtime.dispatcher.policy is always_cpu_when_possible
