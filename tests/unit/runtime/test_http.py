@@ -1,4 +1,4 @@
-"""Typed settings, and the single error -> HTTP status mapping (manifest tests: test_manifest.py)."""
+"""The single error -> HTTP status mapping, error bodies, and API Gateway event parsing."""
 
 from __future__ import annotations
 
@@ -8,25 +8,6 @@ import pytest
 
 from tierserve import errors
 from tierserve.http import STATUS_BY_ERROR, error_response, parse_http_event, status_for
-from tierserve.settings import parse_settings
-
-
-def test_settings_parse_types_and_derive_threads_from_memory():
-    s = parse_settings({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3538", "MAX_PAYLOAD_BYTES": "1000",
-                        "TRITON_TIMEOUT_S": "2.5"})
-    assert (s.memory_mb, s.max_payload_bytes, s.triton_timeout_s, s.intra_op_threads) == (3538, 1000, 2.5, 2)
-    assert parse_settings({}).intra_op_threads == 1
-
-
-@pytest.mark.parametrize("env,needle", [
-    ({"MAX_PAYLOAD_BYTES": "lots"}, "MAX_PAYLOAD_BYTES"),
-    ({"MAX_PAYLOAD_BYTES": "-1"}, "must be positive"),
-    ({"CPU_BACKEND": "gpu"}, "expected one of lambda, inprocess"),
-    ({"CPU_BACKEND": "lambda"}, "CPU_FUNCTION_NAME"),
-])
-def test_bad_settings_name_the_variable(env, needle):
-    with pytest.raises(errors.ConfigurationError, match=needle):
-        parse_settings(env)
 
 
 def test_every_error_class_maps_to_a_status_in_the_one_table():
