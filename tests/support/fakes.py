@@ -237,3 +237,17 @@ def client_request(arrays: dict[str, np.ndarray], binary: bool, outputs: list | 
         inp.set_data_from_numpy(arr, binary_data=binary)
         inputs.append(inp)
     return httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs, request_id=request_id)
+
+
+NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+ALL_DATATYPES = [*NUMERIC, "BYTES"]
+
+
+def raw_request(inputs: list[dict], **extra: Any) -> bytes:
+    """A JSON request body with these ``inputs`` entries as given (valid or not)."""
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+def fp32_input(**overrides: Any) -> dict:
+    """A valid JSON input entry ``x`` (FP32, shape [2]); ``overrides`` break it one field at a time."""
+    return {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0], **overrides}

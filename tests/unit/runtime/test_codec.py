@@ -1,4 +1,8 @@
-"""Open Inference Protocol codec: round trips against the real tritonclient, and every error path."""
+"""Open Inference Protocol codec: numpy tensors to and from the wire, round trips against the real
+tritonclient, and every error found while materialising data.
+
+Header-level parsing and the checks against the manifest are tierserve.wire's (test_wire.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from tests.support.fakes import ALL_DATATYPES, client_request, fp32_input, raw_request, sample
 from tierserve.codec import (
-    DATATYPE_TO_DTYPE,
     datatype_to_dtype,
     decode_request,
     decode_response,
@@ -18,48 +22,10 @@ from tierserve.codec import (
     encode_request,
     encode_response,
     error_body,
-    model_metadata,
     tensor_from_numpy,
-    validate_request,
 )
 from tierserve.errors import InferenceError, InvalidRequestError
-from tierserve.manifest import ModelVersion, TensorSpec, Variant
 from tierserve.types import InferRequest, InferResponse, RequestedOutput, Tensor
-
-NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
-ALL_DATATYPES = [*NUMERIC, "BYTES"]
-
-
-def sample(datatype: str, shape: tuple[int, ...], seed: int = 0, utf8: bool = True) -> np.ndarray:
-    """A seeded random array of the datatype (BYTES: object array of bytes)."""
-    rng = np.random.default_rng(seed)
-    n = int(np.prod(shape))
-    if datatype == "BOOL":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    if datatype == "BYTES":
-        if utf8:
-            words = [f"w{i}-{rng.integers(0, 10**6)}-é✓" for i in range(n)]
-            items = [w.encode("utf-8") for w in words]
-        else:
-            items = [rng.integers(0, 256, size=int(rng.integers(0, 9)), dtype=np.uint8).tobytes() for _ in range(n)]
-        arr = np.empty(n, dtype=object)
-        arr[:] = items
-        return arr.reshape(shape)
-    dtype = DATATYPE_TO_DTYPE[datatype]
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-    return (rng.standard_normal(size=shape) * 100).astype(dtype)
-
-
-def client_request(arrays: dict[str, np.ndarray], binary: bool, outputs=None, request_id: str = ""):
-    """Body and header length exactly as tritonclient.http builds them."""
-    inputs = []
-    for name, arr in arrays.items():
-        inp = httpclient.InferInput(name, list(arr.shape), dtype_to_datatype(arr.dtype))
-        inp.set_data_from_numpy(arr, binary_data=binary)
-        inputs.append(inp)
-    return httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs, request_id=request_id)
 
 
 def client_result(body: bytes, headers: dict[str, str]) -> httpclient.InferResult:
@@ -74,26 +40,6 @@ def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
     else:
         assert actual.dtype == expected.dtype
         np.testing.assert_array_equal(actual, expected)
-
-
-def model(inputs, outputs=(("out", "FP32", (-1, 2)),), max_batch_size: int = 8) -> ModelVersion:
-    return ModelVersion(
-        name="m",
-        version="1",
-        inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
-        outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
-        variants={"fp32": Variant("m/1/model.onnx", "0" * 64, 1)},
-        selected_variant="fp32",
-        max_batch_size=max_batch_size,
-    )
-
-
-def raw_request(inputs: list[dict], **extra) -> bytes:
-    return json.dumps({"inputs": inputs, **extra}).encode()
-
-
-def fp32_input(**overrides) -> dict:
-    return {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0], **overrides}
 
 
 # --- datatypes -----------------------------------------------------------------------------------
@@ -371,40 +317,12 @@ def test_error_body_is_the_triton_error_object():
     assert json.loads(error_body("bad input 'x'")) == {"error": "bad input 'x'"}
 
 
-# --- request errors ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        (b"{not json", "not valid JSON"),
-        (b"\xff\xfe\x00", "not valid JSON"),
-        (b"[1, 2]", "must be a JSON object, got list"),
-        (b"{}", "non-empty 'inputs' array"),
-        (b'{"inputs": []}', "non-empty 'inputs' array"),
-        (b'{"inputs": {"name": "x"}}', "non-empty 'inputs' array"),
-        (b'{"inputs": [3]}', "input #0 must be a JSON object"),
-        (b"[" * 100000, "not valid JSON"),
-    ],
-)
-def test_malformed_request_bodies(body, message):
-    with pytest.raises(InvalidRequestError, match=message):
-        decode_request(body)
+# --- materialising JSON and binary data: errors -----------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("inp", "message"),
     [
-        ({"datatype": "FP32", "shape": [1], "data": [1]}, r"input #0: 'name' must be a non-empty string"),
-        ({"name": "x", "shape": [1], "data": [1]}, r"input 'x': 'datatype' is missing"),
-        ({"name": "x", "datatype": "FP32", "data": [1]}, r"input 'x': 'shape' is missing"),
-        ({"name": "x", "datatype": "FP32", "shape": [1]}, r"input 'x': needs either 'data' or parameters"),
-        (fp32_input(datatype="FLOAT32"), r"input 'x': unknown datatype 'FLOAT32'"),
-        (fp32_input(datatype="BF16"), r"input 'x': BF16 is not supported"),
-        (fp32_input(shape=[2.0]), r"input 'x': shape \[2.0\] has an invalid dimension 2.0"),
-        (fp32_input(shape=[-1]), r"input 'x': shape \[-1\] has an invalid dimension -1"),
-        (fp32_input(shape=[True, 2]), r"invalid dimension True"),
-        (fp32_input(shape="2"), r"input 'x': 'shape' must be a list"),
         (fp32_input(shape=[3]), r"input 'x': shape needs 3 elements, data has 2"),
         (fp32_input(shape=[2, 2]), r"input 'x': shape needs 4 elements, data has 2"),
         (fp32_input(data=[1.0, "2.0"]), r"input 'x': FP32 data must be numbers"),
@@ -424,19 +342,10 @@ def test_malformed_request_bodies(body, message):
         (fp32_input(datatype="BOOL", data=[1, 0]), r"input 'x': BOOL data must be true/false"),
         (fp32_input(datatype="BYTES", data=["a", 1]), r"input 'x': BYTES data must be JSON strings, got 1"),
         (fp32_input(datatype="BYTES", data=["a"]), r"input 'x': shape needs 2 elements, data has 1"),
-        (fp32_input(parameters=[1]), r"input 'x': 'parameters' must be a JSON object"),
-        (
-            {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"shared_memory_region": "r"}},
-            r"input 'x': the shared-memory extension \(shared_memory_region\) is not supported",
-        ),
-        (
-            fp32_input(parameters={"binary_data_size": 8}),
-            r"input 'x': give either 'data' or parameters.binary_data_size, not both",
-        ),
     ],
 )
-def test_invalid_inputs_name_the_input_and_the_problem(inp, message):
-    # Given a request whose only input is wrong in one way
+def test_invalid_data_names_the_input_and_the_problem(inp, message):
+    # Given a request whose only input has a well-formed header but data that does not fit it
     body = raw_request([inp])
     # When decoded, Then the error names the input and what was expected
     with pytest.raises(InvalidRequestError, match=message):
@@ -446,114 +355,6 @@ def test_invalid_inputs_name_the_input_and_the_problem(inp, message):
 def test_nan_in_float_json_data_is_accepted_as_python_json_allows():
     body = b'{"inputs":[{"name":"x","datatype":"FP64","shape":[2],"data":[NaN, 1]}]}'
     assert np.isnan(decode_request(body).inputs[0].data[0])
-
-
-def test_duplicate_input_names_are_refused():
-    with pytest.raises(InvalidRequestError, match=r"input 'x' is given more than once"):
-        decode_request(raw_request([fp32_input(), fp32_input()]))
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ({"id": 5}, r"'id' must be a string, got 5"),
-        ({"parameters": [1]}, r"'parameters' must be a JSON object"),
-        ({"outputs": {"name": "y"}}, r"'outputs' must be a JSON array"),
-        ({"outputs": [{"nom": "y"}]}, r"requested output #0 must be an object with a non-empty string 'name'"),
-        ({"outputs": [{"name": "y"}, {"name": "y"}]}, r"output 'y' is requested more than once"),
-        ({"outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, r"output 'y': binary_data must be"),
-        (
-            {"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}]},
-            r"output 'y': the shared-memory extension",
-        ),
-        ({"outputs": [{"name": "y", "parameters": {"classification": 3}}]}, r"classification extension"),
-    ],
-)
-def test_invalid_request_fields(extra, message):
-    with pytest.raises(InvalidRequestError, match=message):
-        decode_request(raw_request([fp32_input()], **extra))
-
-
-def test_tritonclient_classification_output_is_refused():
-    body, size = client_request(
-        {"x": sample("FP32", (1, 2))}, True, outputs=[httpclient.InferRequestedOutput("y", class_count=2)]
-    )
-    with pytest.raises(InvalidRequestError, match="classification"):
-        decode_request(body, size)
-
-
-# --- binary extension errors ---------------------------------------------------------------------
-
-
-def binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, int]:
-    body, size = client_request(arrays, binary=True)
-    assert size is not None
-    return body, size
-
-
-def test_truncated_binary_body_is_refused():
-    body, size = binary_body({"x": sample("FP32", (2, 3))})
-    with pytest.raises(InvalidRequestError, match=r"input 'x': binary_data_size 24 exceeds the 23 bytes left"):
-        decode_request(body[:-1], size)
-
-
-def test_trailing_bytes_are_refused():
-    body, size = binary_body({"x": sample("FP32", (2, 3))})
-    with pytest.raises(InvalidRequestError, match="3 unexpected trailing bytes"):
-        decode_request(body + b"abc", size)
-
-
-def test_trailing_bytes_after_a_json_only_header_are_refused():
-    body = raw_request([fp32_input()])
-    with pytest.raises(InvalidRequestError, match="2 unexpected trailing bytes"):
-        decode_request(body + b"\x00\x00", len(body))
-
-
-def test_binary_size_that_does_not_match_the_shape_is_refused():
-    # Given a header whose binary_data_size disagrees with shape x itemsize
-    header = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 20}}]}
-    ).encode()
-    # When decoded, Then the error gives the expected byte count
-    with pytest.raises(InvalidRequestError, match=r"input 'x': binary_data_size is 20 bytes, expected 24"):
-        decode_request(header + b"\x00" * 20, len(header))
-
-
-def test_binary_body_without_header_length_says_the_header_is_needed():
-    # Given a tritonclient binary request whose Inference-Header-Content-Length was lost
-    body, _ = binary_body({"x": sample("FP32", (1,))})
-    # When decoded as plain JSON, Then the error points at the missing header
-    with pytest.raises(InvalidRequestError, match="needs the Inference-Header-Content-Length header"):
-        decode_request(body)
-
-
-def test_binary_data_size_without_a_binary_section_is_refused():
-    header = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]}
-    ).encode()
-    with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length header is missing"):
-        decode_request(header)
-
-
-@pytest.mark.parametrize("header_length", [-1, 10**9, "abc"])
-def test_header_length_outside_the_body_is_refused(header_length):
-    body, _ = binary_body({"x": sample("FP32", (1,))})
-    with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length"):
-        decode_request(body, header_length)
-
-
-def test_header_length_cutting_the_json_is_refused():
-    body, size = binary_body({"x": sample("FP32", (1,))})
-    with pytest.raises(InvalidRequestError, match="not valid JSON"):
-        decode_request(body, size - 5)
-
-
-def test_binary_size_must_be_a_non_negative_integer():
-    header = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": -4}}]}
-    ).encode()
-    with pytest.raises(InvalidRequestError, match="binary_data_size must be a non-negative integer, got -4"):
-        decode_request(header, len(header))
 
 
 @pytest.mark.parametrize(
@@ -579,96 +380,3 @@ def test_binary_bool_must_be_zero_or_one():
     ).encode()
     with pytest.raises(InvalidRequestError, match=r"input 'b': binary BOOL data must hold only 0 or 1"):
         decode_request(header + b"\x01\x07", len(header))
-
-
-# --- validation against the model ----------------------------------------------------------------
-
-
-def request_of(**arrays: np.ndarray) -> InferRequest:
-    return InferRequest(inputs=[tensor_from_numpy(n, a) for n, a in arrays.items()])
-
-
-TWO_INPUTS = (("input", "FP32", (-1, 4)), ("mask", "INT64", (-1,)))
-
-
-def test_a_fitting_request_passes_validation():
-    req = request_of(input=np.zeros((3, 4), np.float32), mask=np.zeros(3, np.int64))
-    req.outputs = [RequestedOutput("out")]
-    validate_request(req, model(TWO_INPUTS))
-
-
-@pytest.mark.parametrize(
-    ("arrays", "message"),
-    [
-        (
-            {"input": np.zeros((3, 4), np.float32)},
-            r"missing input\(s\) 'mask' for model 'm' v1; expected inputs: 'input', 'mask'",
-        ),
-        (
-            {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(3, np.int64), "extra": np.zeros(1)},
-            r"unknown input\(s\) 'extra'.*expected inputs: 'input', 'mask'",
-        ),
-        (
-            {"input": np.zeros((3, 4), np.int64), "mask": np.zeros(3, np.int64)},
-            r"input 'input': expected datatype FP32, got INT64",
-        ),
-        (
-            {"input": np.zeros((3, 4, 1), np.float32), "mask": np.zeros(3, np.int64)},
-            r"input 'input': expected rank 2 \(shape \[-1, 4\]\), got rank 3 \(shape \[3, 4, 1\]\)",
-        ),
-        (
-            {"input": np.zeros((3, 5), np.float32), "mask": np.zeros(3, np.int64)},
-            r"input 'input': dimension 1 must be 4 \(shape \[-1, 4\]\), got 5 \(shape \[3, 5\]\)",
-        ),
-        (
-            {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(2, np.int64)},
-            r"input 'mask': batch size \(dim 0\) 2 differs from input 'input''s 3",
-        ),
-    ],
-)
-def test_validation_errors_name_the_input_and_expected_vs_actual(arrays, message):
-    with pytest.raises(InvalidRequestError, match=message):
-        validate_request(request_of(**arrays), model(TWO_INPUTS))
-
-
-def test_batches_over_max_batch_size_are_valid_the_gpu_backend_splits_them():
-    # Given a 9-row request and models whose Triton max_batch_size is 8
-    import dataclasses
-
-    req = request_of(input=np.zeros((9, 4), np.float32), mask=np.zeros(9, np.int64))
-    # When validated, Then neither the CPU-capable nor the GPU-only model refuses it
-    validate_request(req, model(TWO_INPUTS))
-    validate_request(req, dataclasses.replace(model(TWO_INPUTS), targets=("gpu",)))
-
-
-def test_unknown_requested_output_lists_the_model_outputs():
-    req = request_of(input=np.zeros((1, 4), np.float32), mask=np.zeros(1, np.int64))
-    req.outputs = [RequestedOutput("logits")]
-    with pytest.raises(InvalidRequestError, match=r"unknown requested output 'logits'.*outputs: 'out'"):
-        validate_request(req, model(TWO_INPUTS))
-
-
-def test_non_batching_model_with_fixed_dims_does_not_compare_batch_sizes():
-    # Given a model without batching whose inputs have different fixed first dims
-    mv = model((("a", "FP32", (2, 2)), ("b", "FP32", (3,))), max_batch_size=0)
-    # When a fitting request is validated, Then it passes
-    validate_request(request_of(a=np.zeros((2, 2), np.float32), b=np.zeros(3, np.float32)), mv)
-
-
-def test_decoded_tritonclient_request_validates_against_the_model():
-    body, size = client_request({"input": sample("FP32", (2, 4)), "mask": sample("INT64", (2,))}, binary=True)
-    validate_request(decode_request(body, size), model(TWO_INPUTS))
-
-
-def test_model_metadata_is_kserve_v2():
-    meta = model_metadata(model(TWO_INPUTS), ["1", "2"])
-    assert meta == {
-        "name": "m",
-        "versions": ["1", "2"],
-        "platform": "onnxruntime_onnx",
-        "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [-1, 4]},
-            {"name": "mask", "datatype": "INT64", "shape": [-1]},
-        ],
-        "outputs": [{"name": "out", "datatype": "FP32", "shape": [-1, 2]}],
-    }

@@ -1,0 +1,343 @@
+"""tierserve.wire: request headers read without numpy (names, datatypes, shapes, where the data is),
+every malformed header refused with what to send instead, and the checks against the manifest.
+
+What the header's data turns into (numpy arrays) and its data errors are the codec's (test_codec.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from tests.support.fakes import ALL_DATATYPES, client_request, fp32_input, raw_request, sample
+from tierserve.codec import tensor_from_numpy
+from tierserve.errors import InvalidRequestError
+from tierserve.manifest import ModelVersion, TensorSpec, Variant
+from tierserve.types import InferRequest, RequestedOutput
+from tierserve.wire import check_request, parse_request
+
+
+def model(inputs, outputs=(("out", "FP32", (-1, 2)),), max_batch_size: int = 8) -> ModelVersion:
+    return ModelVersion(
+        name="m",
+        version="1",
+        inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
+        outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
+        variants={"fp32": Variant("m/1/model.onnx", "0" * 64, 1)},
+        selected_variant="fp32",
+        max_batch_size=max_batch_size,
+    )
+
+
+# --- what a header says, without numpy ----------------------------------------------------------------
+
+NUMPY_FREE = """
+import json, struct, sys
+from tierserve.wire import parse_request
+
+header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2],
+                                 "parameters": {"binary_data_size": 8}}]}).encode()
+binary = parse_request(header + struct.pack("<2f", 1.0, 2.0), len(header))
+plain = parse_request(json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2],
+                                              "data": [1.0, 2.0]}]}).encode())
+assert (binary.tensor_bytes, plain.tensor_bytes, binary.rows, plain.rows) == (8, 8, 1, 1)
+print(json.dumps("numpy" in sys.modules))
+"""
+
+
+def test_parsing_a_json_and_a_binary_request_never_imports_numpy():
+    # Given a fresh interpreter that imports only tierserve.wire
+    # When it parses a JSON body and a binary body
+    out = subprocess.run([sys.executable, "-c", NUMPY_FREE], capture_output=True, text=True, check=True)
+    # Then numpy was never imported
+    assert json.loads(out.stdout) is False
+
+
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_tensor_bytes_are_the_same_for_the_json_and_the_binary_encoding(datatype):
+    # Given the same tensor sent by tritonclient as JSON and as binary data
+    arrays = {"x": sample(datatype, (3, 5), seed=len(datatype))}
+    json_form, binary_form = (parse_request(*client_request(arrays, binary=b)) for b in (False, True))
+    # When routing reads their sizes from the headers
+    # Then both say the same number of tensor bytes (the model's, whatever the wire form)
+    assert json_form.tensor_bytes == binary_form.tensor_bytes
+    if datatype != "BYTES":
+        assert json_form.tensor_bytes == arrays["x"].nbytes
+
+
+def test_a_binary_header_locates_each_tensor_in_the_body_without_copying_it():
+    # Given a binary request with two inputs
+    x, k = sample("FP32", (3, 4), seed=1), sample("INT64", (3,), seed=2)
+    body, size = client_request({"x": x, "k": k}, binary=True, request_id="b-1")
+    # When its header is parsed
+    header = parse_request(body, size)
+    # Then each tensor is located in the binary section, as a view into the body
+    tx, tk = header.tensors
+    assert (tx.binary, tk.binary) == ((0, 48), (48, 24))
+    assert (tx.data, tk.data) == (None, None)
+    assert isinstance(header.blob(tk), memoryview) and bytes(header.blob(tk)) == k.tobytes()
+    assert (header.id, header.rows, header.binary_input, header.tensor_bytes) == ("b-1", 3, True, 72)
+
+
+def test_a_json_header_keeps_the_parsed_data_and_the_requests_fields():
+    # Given a JSON request with a target hint and a requested output
+    body = raw_request([fp32_input(shape=[1, 2])], id="j-1", parameters={"target": "gpu"},
+                       outputs=[{"name": "y", "parameters": {"binary_data": True}}])
+    # When its header is parsed
+    header = parse_request(body)
+    # Then the data stays the parsed JSON list, and the request's fields are read
+    [t] = header.tensors
+    assert (t.data, t.binary, t.shape, t.nbytes) == ([1.0, 2.0], None, (1, 2), 8)
+    assert (header.id, header.target_hint, header.binary_input) == ("j-1", "gpu", False)
+    assert [(o.name, o.binary_data) for o in header.outputs] == [("y", True)]
+
+
+# --- malformed headers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe\x00", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, got list"),
+        (b"{}", "non-empty 'inputs' array"),
+        (b'{"inputs": []}', "non-empty 'inputs' array"),
+        (b'{"inputs": {"name": "x"}}', "non-empty 'inputs' array"),
+        (b'{"inputs": [3]}', "input #0 must be a JSON object"),
+        (b"[" * 100000, "not valid JSON"),
+    ],
+)
+def test_malformed_request_bodies(body, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_request(body)
+
+
+@pytest.mark.parametrize(
+    ("inp", "message"),
+    [
+        ({"datatype": "FP32", "shape": [1], "data": [1]}, r"input #0: 'name' must be a non-empty string"),
+        ({"name": "x", "shape": [1], "data": [1]}, r"input 'x': 'datatype' is missing"),
+        ({"name": "x", "datatype": "FP32", "data": [1]}, r"input 'x': 'shape' is missing"),
+        ({"name": "x", "datatype": "FP32", "shape": [1]}, r"input 'x': needs either 'data' or parameters"),
+        (fp32_input(datatype="FLOAT32"), r"input 'x': unknown datatype 'FLOAT32'"),
+        (fp32_input(datatype="BF16"), r"input 'x': BF16 is not supported"),
+        (fp32_input(shape=[2.0]), r"input 'x': shape \[2.0\] has an invalid dimension 2.0"),
+        (fp32_input(shape=[-1]), r"input 'x': shape \[-1\] has an invalid dimension -1"),
+        (fp32_input(shape=[True, 2]), r"invalid dimension True"),
+        (fp32_input(shape="2"), r"input 'x': 'shape' must be a list"),
+        (fp32_input(parameters=[1]), r"input 'x': 'parameters' must be a JSON object"),
+        (
+            {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"shared_memory_region": "r"}},
+            r"input 'x': the shared-memory extension \(shared_memory_region\) is not supported",
+        ),
+        (
+            fp32_input(parameters={"binary_data_size": 8}),
+            r"input 'x': give either 'data' or parameters.binary_data_size, not both",
+        ),
+    ],
+)
+def test_invalid_input_headers_name_the_input_and_the_problem(inp, message):
+    # Given a request whose only input header is wrong in one way
+    body = raw_request([inp])
+    # When parsed, Then the error names the input and what was expected
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_request(body)
+
+
+def test_duplicate_input_names_are_refused():
+    with pytest.raises(InvalidRequestError, match=r"input 'x' is given more than once"):
+        parse_request(raw_request([fp32_input(), fp32_input()]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"id": 5}, r"'id' must be a string, got 5"),
+        ({"parameters": [1]}, r"'parameters' must be a JSON object"),
+        ({"outputs": {"name": "y"}}, r"'outputs' must be a JSON array"),
+        ({"outputs": [{"nom": "y"}]}, r"requested output #0 must be an object with a non-empty string 'name'"),
+        ({"outputs": [{"name": "y"}, {"name": "y"}]}, r"output 'y' is requested more than once"),
+        ({"outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, r"output 'y': binary_data must be"),
+        (
+            {"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}]},
+            r"output 'y': the shared-memory extension",
+        ),
+        ({"outputs": [{"name": "y", "parameters": {"classification": 3}}]}, r"classification extension"),
+    ],
+)
+def test_invalid_request_fields(extra, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_request(raw_request([fp32_input()], **extra))
+
+
+def test_tritonclient_classification_output_is_refused():
+    body, size = client_request(
+        {"x": sample("FP32", (1, 2))}, True, outputs=[httpclient.InferRequestedOutput("y", class_count=2)]
+    )
+    with pytest.raises(InvalidRequestError, match="classification"):
+        parse_request(body, size)
+
+
+# --- binary extension errors ---------------------------------------------------------------------
+
+
+def binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    body, size = client_request(arrays, binary=True)
+    assert size is not None
+    return body, size
+
+
+def test_truncated_binary_body_is_refused():
+    body, size = binary_body({"x": sample("FP32", (2, 3))})
+    with pytest.raises(InvalidRequestError, match=r"input 'x': binary_data_size 24 exceeds the 23 bytes left"):
+        parse_request(body[:-1], size)
+
+
+def test_trailing_bytes_are_refused():
+    body, size = binary_body({"x": sample("FP32", (2, 3))})
+    with pytest.raises(InvalidRequestError, match="3 unexpected trailing bytes"):
+        parse_request(body + b"abc", size)
+
+
+def test_trailing_bytes_after_a_json_only_header_are_refused():
+    body = raw_request([fp32_input()])
+    with pytest.raises(InvalidRequestError, match="2 unexpected trailing bytes"):
+        parse_request(body + b"\x00\x00", len(body))
+
+
+def test_binary_size_that_does_not_match_the_shape_is_refused():
+    # Given a header whose binary_data_size disagrees with shape x itemsize
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 20}}]}
+    ).encode()
+    # When parsed, Then the error gives the expected byte count
+    with pytest.raises(InvalidRequestError, match=r"input 'x': binary_data_size is 20 bytes, expected 24"):
+        parse_request(header + b"\x00" * 20, len(header))
+
+
+def test_binary_body_without_header_length_says_the_header_is_needed():
+    # Given a tritonclient binary request whose Inference-Header-Content-Length was lost
+    body, _ = binary_body({"x": sample("FP32", (1,))})
+    # When parsed as plain JSON, Then the error points at the missing header
+    with pytest.raises(InvalidRequestError, match="needs the Inference-Header-Content-Length header"):
+        parse_request(body)
+
+
+def test_binary_data_size_without_a_binary_section_is_refused():
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]}
+    ).encode()
+    with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length header is missing"):
+        parse_request(header)
+
+
+@pytest.mark.parametrize("header_length", [-1, 10**9, "abc"])
+def test_header_length_outside_the_body_is_refused(header_length):
+    body, _ = binary_body({"x": sample("FP32", (1,))})
+    with pytest.raises(InvalidRequestError, match="Inference-Header-Content-Length"):
+        parse_request(body, header_length)
+
+
+def test_header_length_cutting_the_json_is_refused():
+    body, size = binary_body({"x": sample("FP32", (1,))})
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        parse_request(body, size - 5)
+
+
+def test_binary_size_must_be_a_non_negative_integer():
+    header = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": -4}}]}
+    ).encode()
+    with pytest.raises(InvalidRequestError, match="binary_data_size must be a non-negative integer, got -4"):
+        parse_request(header, len(header))
+
+
+# --- validation against the model ----------------------------------------------------------------
+
+
+def request_of(**arrays: np.ndarray) -> InferRequest:
+    return InferRequest(inputs=[tensor_from_numpy(n, a) for n, a in arrays.items()])
+
+
+TWO_INPUTS = (("input", "FP32", (-1, 4)), ("mask", "INT64", (-1,)))
+
+
+def test_a_fitting_request_passes_validation():
+    req = request_of(input=np.zeros((3, 4), np.float32), mask=np.zeros(3, np.int64))
+    req.outputs = [RequestedOutput("out")]
+    check_request(req.inputs, req.outputs, model(TWO_INPUTS))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (
+            {"input": np.zeros((3, 4), np.float32)},
+            r"missing input\(s\) 'mask' for model 'm' v1; expected inputs: 'input', 'mask'",
+        ),
+        (
+            {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(3, np.int64), "extra": np.zeros(1)},
+            r"unknown input\(s\) 'extra'.*expected inputs: 'input', 'mask'",
+        ),
+        (
+            {"input": np.zeros((3, 4), np.int64), "mask": np.zeros(3, np.int64)},
+            r"input 'input': expected datatype FP32, got INT64",
+        ),
+        (
+            {"input": np.zeros((3, 4, 1), np.float32), "mask": np.zeros(3, np.int64)},
+            r"input 'input': expected rank 2 \(shape \[-1, 4\]\), got rank 3 \(shape \[3, 4, 1\]\)",
+        ),
+        (
+            {"input": np.zeros((3, 5), np.float32), "mask": np.zeros(3, np.int64)},
+            r"input 'input': dimension 1 must be 4 \(shape \[-1, 4\]\), got 5 \(shape \[3, 5\]\)",
+        ),
+        (
+            {"input": np.zeros((3, 4), np.float32), "mask": np.zeros(2, np.int64)},
+            r"input 'mask': batch size \(dim 0\) 2 differs from input 'input''s 3",
+        ),
+    ],
+)
+def test_validation_errors_name_the_input_and_expected_vs_actual(arrays, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        req = request_of(**arrays)
+        check_request(req.inputs, req.outputs, model(TWO_INPUTS))
+
+
+def test_batches_over_max_batch_size_are_valid_the_gpu_backend_splits_them():
+    # Given a 9-row request and models whose Triton max_batch_size is 8
+    import dataclasses
+
+    req = request_of(input=np.zeros((9, 4), np.float32), mask=np.zeros(9, np.int64))
+    # When validated, Then neither the CPU-capable nor the GPU-only model refuses it
+    check_request(req.inputs, req.outputs, model(TWO_INPUTS))
+    check_request(req.inputs, req.outputs, dataclasses.replace(model(TWO_INPUTS), targets=("gpu",)))
+
+
+def test_unknown_requested_output_lists_the_model_outputs():
+    req = request_of(input=np.zeros((1, 4), np.float32), mask=np.zeros(1, np.int64))
+    req.outputs = [RequestedOutput("logits")]
+    with pytest.raises(InvalidRequestError, match=r"unknown requested output 'logits'.*outputs: 'out'"):
+        check_request(req.inputs, req.outputs, model(TWO_INPUTS))
+
+
+def test_non_batching_model_with_fixed_dims_does_not_compare_batch_sizes():
+    # Given a model without batching whose inputs have different fixed first dims
+    mv = model((("a", "FP32", (2, 2)), ("b", "FP32", (3,))), max_batch_size=0)
+    # When a fitting request is validated, Then it passes
+    req = request_of(a=np.zeros((2, 2), np.float32), b=np.zeros(3, np.float32))
+    check_request(req.inputs, req.outputs, mv)
+
+
+def test_a_tritonclient_request_validates_from_its_header_alone():
+    # Given a binary request built by tritonclient
+    body, size = client_request({"input": sample("FP32", (2, 4)), "mask": sample("INT64", (2,))}, binary=True)
+    # When its header is checked against the model, Then it fits, and no tensor was materialised for it
+    header = parse_request(body, size)
+    check_request(header.tensors, header.outputs, model(TWO_INPUTS))
+    assert all(t.data is None and t.binary is not None for t in header.tensors)
