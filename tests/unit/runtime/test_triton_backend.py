@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.support.fakes import model_version
 from tierserve.backends.triton import HTTP_TIMEOUT_BUCKETS, TritonBackend, _bucket, _split_url, map_exception
 from tierserve.calls import InferenceCall
 from tierserve.errors import (
@@ -19,19 +20,9 @@ from tierserve.errors import (
     InferenceError,
     InvalidRequestError,
 )
-from tierserve.manifest import ModelVersion, TensorSpec
 from tierserve.types import InferRequest, Tensor
 
-MODEL = ModelVersion(
-    name="m",
-    version="1",
-    inputs=(TensorSpec("x", "FP32", (-1, 4)),),
-    outputs=(TensorSpec("y", "FP32", (-1, 3)),),
-    variants={},
-    selected_variant="fp32",
-    targets=("gpu",),
-    max_batch_size=8,
-)
+MODEL = model_version("m", ("gpu",), max_batch_size=8)
 
 
 def _request() -> InferenceCall:
