@@ -204,8 +204,6 @@ def test_an_error_body_that_is_not_json_keeps_a_readable_message(reply: dict, er
     assert info.value.message == message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: backends/lambda_invoke._tier_error calls reply.get() on a reply that "
-                                      "is not a JSON object (AttributeError instead of an InferenceError)")
 def test_a_reply_that_is_not_a_json_object_is_an_inference_error() -> None:
     # Given a function that returns a JSON string instead of an HTTP API response
     # When the backend runs a request

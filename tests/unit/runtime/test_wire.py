@@ -93,7 +93,7 @@ def test_a_json_header_keeps_the_parsed_data_and_the_requests_fields():
     # Then the data stays the parsed JSON list, and the request's fields are read
     [t] = header.tensors
     assert (t.data, t.binary, t.shape, t.nbytes) == ([1.0, 2.0], None, (1, 2), 8)
-    assert (header.id, header.target_hint, header.binary_input) == ("j-1", "gpu", False)
+    assert (header.id, header.parameters, header.binary_input) == ("j-1", {"target": "gpu"}, False)
     assert [(o.name, o.binary_data) for o in header.outputs] == [("y", True)]
 
 
