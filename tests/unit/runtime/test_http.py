@@ -37,3 +37,12 @@ def test_oversized_body_is_refused_before_decoding():
           "body": "A" * 4000, "isBase64Encoded": True}
     with pytest.raises(errors.PayloadTooLargeError, match="limit is 1000 bytes"):
         parse_http_event(ev, max_body_bytes=1000)
+
+
+def test_a_body_flagged_base64_that_cannot_be_base64_is_a_400():
+    # Given an event whose body is flagged isBase64Encoded but has an impossible length
+    ev = {"requestContext": {"http": {"method": "POST"}}, "rawPath": "/v2/models/m/infer",
+          "body": "abcde", "isBase64Encoded": True}
+    # When it is parsed, Then it is the client's error, saying why
+    with pytest.raises(errors.InvalidRequestError, match="not valid base64"):
+        parse_http_event(ev, max_body_bytes=1000)
