@@ -147,6 +147,10 @@ def json_array(data: Any, datatype: str, count: int | None, label: str,
             # Python ints that numpy could not hold in one integer dtype (e.g. UINT64 values above
             # the INT64 range mixed with small ones) come out as float64 or object: check them exactly.
             flat = wire.flatten(data)
+            for x in flat:
+                if isinstance(x, float) and x.is_integer() and not info.min <= x <= info.max:
+                    # orjson reads an integer past 64 bits as a float: report it as the integer it was
+                    raise err(f"{label}: value {int(x)} is out of range for {datatype} [{info.min}, {info.max}]")
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
                 raise err(f"{label}: {datatype} data must be integers, got {_describe(data)}")
             raw = np.asarray(flat, dtype=object)

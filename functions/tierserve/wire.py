@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,13 +36,18 @@ ErrorType = type[TierserveError]
 
 
 # --- JSON ----------------------------------------------------------------------------------------------
-# orjson: 2-4x faster than the standard library on the large bodies the router reads and forwards,
-# and strictly standard JSON both ways (no bare NaN/Infinity tokens in, non-finite floats out as null).
+# orjson: 2-4x faster than the standard library on the large bodies the router reads and forwards.
+# What orjson refuses but clients send (tritonclient's JSON mode writes bare NaN/Infinity tokens;
+# integers past 64 bits) is parsed again by the standard library, so that the codec can name the
+# tensor and the value; JSON that neither accepts raises the standard library's error.
 
 
 def json_loads(raw: bytes | bytearray | memoryview | str) -> Any:
-    """Parse standard JSON (``orjson.JSONDecodeError``, a ``ValueError``, when it is not)."""
-    return orjson.loads(raw)
+    """Parse JSON (``json.JSONDecodeError``, a ``ValueError``, when it is not JSON at all)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw)
 
 
 def json_dumps(obj: Any) -> bytes:
@@ -188,7 +194,7 @@ def load_json_object(raw: bytes, what: str, err: ErrorType, header_length_given:
         obj = json_loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         hint = ""
-        if "trailing characters" in str(exc) and not header_length_given:
+        if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data" and not header_length_given:
             hint = " (binary tensor data needs the Inference-Header-Content-Length header)"
         raise err(f"{what} is not valid JSON: {exc}{hint}") from exc
     if not isinstance(obj, dict):

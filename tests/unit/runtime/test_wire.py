@@ -246,9 +246,6 @@ def test_binary_size_that_does_not_match_the_shape_is_refused():
         parse_request(header + b"\x00" * 20, len(header))
 
 
-@pytest.mark.xfail(strict=True, reason="regression in 0d1a4fc (orjson): wire.load_json_object looks for 'trailing "
-                                      "characters' but orjson says 'unexpected content after document', so the hint "
-                                      "about the missing header is lost")
 def test_binary_body_without_header_length_says_the_header_is_needed():
     # Given a tritonclient binary request whose Inference-Header-Content-Length was lost
     body, _ = binary_body({"x": sample("FP32", (1,))})
