@@ -271,8 +271,9 @@ def test_encode_response_sends_non_utf8_bytes_as_binary_even_in_json_mode():
     assert_same(client_result(body, headers).as_numpy("y"), arr)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 #5 (open): standard JSON has no inf; a non-finite float output "
-                                      "is written as null in JSON mode, so tritonclient reads inf and -inf back as NaN; binary keeps them")
+@pytest.mark.xfail(strict=True, reason="issue 8 #5 (open): standard JSON has no inf; a non-finite float "
+                   "output is written as null in JSON mode, so tritonclient reads inf and -inf back as NaN; "
+                   "binary keeps them")
 def test_encode_response_keeps_non_finite_floats_readable_by_tritonclient():
     # Given an output holding NaN, +inf and -inf, for a client that asked for JSON
     arr = np.array([np.nan, np.inf, -np.inf, 1.0], dtype=np.float32)
