@@ -15,9 +15,19 @@ from typing import Any
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
 from tierserve.calls import Body
-from tierserve.http import HttpRequest, error_response, parse_http_event, response
+from tierserve.http import (
+    HttpRequest,
+    accepted_coding,
+    decode_content,
+    encode_content,
+    error_response,
+    parse_http_event,
+    response,
+)
 from tierserve.manifest import ModelVersion
+from tierserve.model_config import model_config, repository_index
 from tierserve.observability import logger
+from tierserve.wire import body_view, json_loads
 
 SERVER_NAME = "tierserve"
 SERVER_VERSION = "0.1.0"
@@ -75,9 +85,47 @@ def _model_ready(rt: Runtime, req: HttpRequest, params: dict[str, str], context:
     return response(200, {"name": mv.name, "version": mv.version, "ready": True}, headers)
 
 
+def _model_config(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
+    return response(200, model_config(_model(rt, params)), {"x-served-by": "cpu"})
+
+
+def _stats(rt: Runtime, versions: list[tuple[str, str]]) -> dict[str, Any]:
+    return response(200, rt.stats.to_triton(versions), {"x-served-by": "cpu"})
+
+
+def _model_stats(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
+    mv = _model(rt, params)
+    named = params.get("version")
+    versions = [named] if named else sorted(rt.store.manifest().models[mv.name].versions, key=int)
+    return _stats(rt, [(mv.name, v) for v in versions])
+
+
+def _all_stats(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
+    models = rt.store.manifest().models
+    return _stats(rt, [(n, v) for n in sorted(models) for v in sorted(models[n].versions, key=int)])
+
+
+def _repository_index(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
+    raw = bytes(body_view(req.body)).strip()
+    try:
+        options = json_loads(raw) if raw else {}
+    except ValueError as exc:
+        raise errors.InvalidRequestError(f"the repository index request is not valid JSON: {exc}") from exc
+    if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+        raise errors.InvalidRequestError('the repository index request is {"ready": true|false} or empty')
+    index = repository_index(rt.store.manifest(), rt.dispatcher.gpu is not None, options.get("ready", False))
+    return response(200, index, {"x-served-by": "cpu"})
+
+
 def _infer(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    body = Body(req.body, inference.header_length(req.header("inference-header-content-length")),
-                req.event_text, req.is_base64)
+    inference.resolve_name(rt, params["name"], params.get("version"))  # 404 before the body is looked at
+    header_length = inference.header_length(req.header("inference-header-content-length"))
+    coding = req.header("content-encoding")
+    if coding and coding.strip().lower() != "identity":
+        data = decode_content(body_view(req.body), coding, rt.settings.max_payload_bytes)
+        body = Body(data, header_length)
+    else:
+        body = Body(req.body, header_length, req.event_text, req.is_base64)
     return inference.infer(rt, params["name"], params.get("version"), body, req.header("x-target"), context)
 
 
@@ -86,6 +134,10 @@ ENDPOINTS: list[tuple[str, re.Pattern[str], Operation]] = [
     ("GET", re.compile(r"^/v2/health/live$"), _live),
     ("GET", re.compile(r"^/v2/health/ready$"), _ready),
     ("GET", re.compile(r"^/v2/?$"), _server_metadata),
+    ("GET", re.compile(r"^/v2/models/stats$"), _all_stats),  # before the model routes: never a model name
+    ("POST", re.compile(r"^/v2/repository/index$"), _repository_index),
+    ("GET", re.compile(rf"^{_MODEL}/config$"), _model_config),
+    ("GET", re.compile(rf"^{_MODEL}/stats$"), _model_stats),
     ("GET", re.compile(rf"^{_MODEL}/ready$"), _model_ready),
     ("POST", re.compile(rf"^{_MODEL}/infer$"), _infer),
     ("GET", re.compile(rf"^{_MODEL}/?$"), _model_metadata),
@@ -118,7 +170,11 @@ def handle_http(event: dict[str, Any], context: Any = None, runtime: Runtime | N
         req = parse_http_event(event, rt.settings.max_payload_bytes)
         request_id = req.request_id
         op, params = endpoint(req)
-        return op(rt, req, params, context)
+        resp = op(rt, req, params, context)
+        coding = accepted_coding(req.header("accept-encoding"))
+        if coding is not None and resp["statusCode"] == 200 and resp.get("body"):
+            resp = encode_content(resp, coding)  # errors stay plain: clients read them before any decoding
+        return resp
     except errors.TierserveError as exc:
         logger.info("request refused", extra={"error": exc.code, "detail": exc.message})
         return error_response(exc, base_headers, request_id)

@@ -26,6 +26,7 @@ from tierserve.backends.base import Backend
 from tierserve.breaker import CircuitBreaker, HealthCache
 from tierserve.routing import get_policy
 from tierserve.settings import Settings, get_settings, reset_settings
+from tierserve.stats import InferenceStats
 from tierserve.store import ModelStore
 from tierserve.tiering import TierDispatcher
 
@@ -37,6 +38,8 @@ class Runtime:
     settings: Settings
     store: ModelStore
     dispatcher: TierDispatcher
+    #: This execution environment's inference counters (``GET /v2/models/stats``); they live as long as it.
+    stats: InferenceStats = field(default_factory=InferenceStats)
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -49,6 +49,12 @@ class MethodNotAllowedError(TierserveError):
     code = "method_not_allowed"
 
 
+class UnsupportedEncodingError(TierserveError):
+    """The request's Content-Encoding is not one the API decodes (gzip, deflate, identity)."""
+
+    code = "unsupported_content_encoding"
+
+
 class InvalidNameError(InvalidRequestError):
     """A model name, version or S3 key fails the allowlist pattern."""
 

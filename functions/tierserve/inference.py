@@ -14,6 +14,7 @@ where the model name and the body come from differs:
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tierserve import errors, wire
@@ -36,14 +37,27 @@ def resolve_name(runtime: Runtime, name: str, version: str | None) -> tuple[str,
 
 def infer(runtime: Runtime, name: str, version: str | None, body: Body, hint: str | None,
           context: Any) -> dict[str, Any]:
-    """Serve one inference; returns the HTTP API response (errors raise; the caller renders them)."""
+    """Serve one inference; returns the HTTP API response (errors raise; the caller renders them).
+
+    Each request the model was found for is counted in ``runtime.stats`` (Triton's statistics)."""
     name, version = resolve_name(runtime, name, version)
-    call = InferenceCall.from_body(body)
-    model = pick_version(runtime.store.manifest(), name, version, call.id)
-    wire.check_request(call.inputs, call.outputs, model)
-    done = runtime.dispatcher.dispatch(model, call, hint, Deadline.from_context(context))
-    record(model, done, call.rows, runtime.dispatcher.state())
-    return render(done, call)
+    t0 = time.perf_counter_ns()
+    counted = (name, version or runtime.store.manifest().models[name].default_version)
+    try:
+        call = InferenceCall.from_body(body)
+        model = pick_version(runtime.store.manifest(), name, version, call.id)
+        counted = (model.name, model.version)
+        wire.check_request(call.inputs, call.outputs, model)
+        t1 = time.perf_counter_ns()
+        done = runtime.dispatcher.dispatch(model, call, hint, Deadline.from_context(context))
+        t2 = time.perf_counter_ns()
+        record(model, done, call.rows, runtime.dispatcher.state())
+        out = render(done, call)
+    except Exception:
+        runtime.stats.failure(*counted, time.perf_counter_ns() - t0)
+        raise
+    runtime.stats.success(model.name, model.version, call.rows, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+    return out
 
 
 def render(done: Dispatched, call: InferenceCall) -> dict[str, Any]:

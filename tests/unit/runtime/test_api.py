@@ -183,3 +183,226 @@ def test_model_metadata_is_kserve_v2() -> None:
                    {"name": "mask", "datatype": "INT64", "shape": [-1]}],
         "outputs": [{"name": "out", "datatype": "FP32", "shape": [-1, 2]}],
     }
+
+
+# --- Triton's model config, statistics and repository index --------------------------------------------
+
+
+def test_model_config_is_tritons_json_built_from_the_manifest(rig: Rig) -> None:
+    # When the config of a batched model on both tiers is asked, with and without a version
+    resp = handle_http(get_event("/v2/models/both/config"))
+    versioned = handle_http(get_event("/v2/models/both/versions/1/config"))
+    # Then it is Triton's configuration JSON: dims without the batch axis, Triton's datatype names
+    assert resp["statusCode"] == 200 and body_of(versioned) == body_of(resp)
+    cfg = body_of(resp)
+    assert (cfg["name"], cfg["platform"], cfg["max_batch_size"]) == ("both", "onnxruntime_onnx", 64)
+    assert cfg["input"][0] | {"name": "x", "data_type": "TYPE_FP32", "dims": [4]} == cfg["input"][0]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in cfg["output"]] == [("y", "TYPE_FP32", [3])]
+    assert cfg["instance_group"][0]["kind"] == "KIND_GPU"
+    assert cfg["parameters"]["tierserve_targets"] == {"string_value": "gpu,cpu"}
+    # And an unknown model or version is a 404, not an empty config
+    assert handle_http(get_event("/v2/models/nope/config"))["statusCode"] == 404
+    assert handle_http(get_event("/v2/models/both/versions/9/config"))["statusCode"] == 404
+
+
+def test_an_unbatched_models_config_keeps_every_dim(tmp_path: Path, runtime_env: pytest.MonkeyPatch) -> None:
+    # Given a CPU model without batching (max_batch_size 0)
+    write_linear(tmp_path / "s", "plain")
+    set_runtime(build_runtime(Settings(model_store_uri=str(tmp_path / "s"), model_cache_dir=str(tmp_path / "c")),
+                              cpu=FakeBackend("cpu")))
+    # When its config is asked
+    cfg = body_of(handle_http(get_event("/v2/models/plain/config")))
+    # Then dims are the whole shape, on CPU instances
+    assert (cfg["max_batch_size"], cfg["input"][0]["dims"], cfg["instance_group"][0]["kind"]) == (0, [-1, 4],
+                                                                                                   "KIND_CPU")
+
+
+def _stats_of(path: str) -> list[dict]:
+    resp = handle_http(get_event(path))
+    assert resp["statusCode"] == 200, decode_body(resp)
+    return body_of(resp)["model_stats"]
+
+
+def test_stats_count_this_runtimes_requests_in_tritons_format(rig: Rig) -> None:
+    # Given two answered requests (1 and 4 rows) and one refused (wrong input name) for model 'both'
+    for body in (json_body(rows_of(1)), json_body(rows_of(4)), json_body(rows_of(1), name="nope")):
+        handle_http(infer_event("both", body))
+    # When its statistics are asked
+    (stats,) = _stats_of("/v2/models/both/stats")
+    # Then they are Triton's: successes, failures, inferences (rows) and executions (requests), per batch size
+    inf = stats["inference_stats"]
+    assert (stats["name"], stats["version"]) == ("both", "1")
+    assert (inf["success"]["count"], inf["fail"]["count"]) == (2, 1)
+    assert (stats["inference_count"], stats["execution_count"]) == (5, 2)
+    assert [b["batch_size"] for b in stats["batch_stats"]] == [1, 4]
+    assert all(inf[p]["count"] == 2 and inf[p]["ns"] > 0 for p in ("compute_input", "compute_infer",
+                                                                   "compute_output"))
+    assert inf["success"]["ns"] >= inf["compute_infer"]["ns"] and stats["last_inference"] > 0
+    # And the versioned route answers the same version alone
+    assert [s["version"] for s in _stats_of("/v2/models/both/versions/1/stats")] == ["1"]
+
+
+def test_all_stats_list_every_model_and_are_never_read_as_a_model_named_stats(rig: Rig) -> None:
+    # When the server-wide statistics are asked
+    stats = _stats_of("/v2/models/stats")
+    # Then every model version is listed, with zero counters for ones never called
+    assert [(s["name"], s["version"], s["execution_count"]) for s in stats] == [("both", "1", 0),
+                                                                               ("gpuonly", "1", 0)]
+    # And another method on that route is a 405, not "unknown model 'stats'"
+    event = get_event("/v2/models/stats")
+    event["requestContext"]["http"]["method"] = "POST"
+    resp = handle_http(event)
+    assert (resp["statusCode"], body_of(resp)["code"]) == (405, "method_not_allowed")
+
+
+def test_counters_belong_to_the_runtime_not_the_module(rig: Rig, tmp_path: Path) -> None:
+    # Given a request counted by the installed runtime
+    handle_http(infer_event("both", json_body(rows_of(1))))
+    # When a fresh runtime is built from the same settings (a new execution environment)
+    settings = Settings(model_store_uri=str(tmp_path / "store"), model_cache_dir=str(tmp_path / "cache"))
+    fresh = build_runtime(settings, cpu=FakeBackend("cpu"))
+    # Then it starts from zero, while the first keeps its count
+    resp = handle_http(get_event("/v2/models/both/stats"), runtime=fresh)
+    assert body_of(resp)["model_stats"][0]["execution_count"] == 0
+    assert _stats_of("/v2/models/both/stats")[0]["execution_count"] == 1
+
+
+def _index(body: str = "", runtime=None) -> dict:
+    event = http_event("POST", "/v2/repository/index", "POST /v2/repository/index", "")
+    event["body"] = body
+    return handle_http(event, runtime=runtime)
+
+
+def test_repository_index_lists_every_version_with_its_state(rig: Rig, tmp_path: Path) -> None:
+    # When the index is asked of a runtime with a GPU tier
+    resp = _index()
+    # Then every model version is READY
+    assert (resp["statusCode"], body_of(resp)) == (200, [{"name": "both", "version": "1", "state": "READY"},
+                                                         {"name": "gpuonly", "version": "1", "state": "READY"}])
+    # Given a runtime without a GPU tier and a broken manifest entry
+    store_dir = tmp_path / "store"
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["models"]["broken"] = {"versions": {"1": {"inputs": "nonsense"}}}
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    cpu_only = build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "c2")),
+                             cpu=FakeBackend("cpu"))
+    # When the index is asked, and then only the ready ones
+    index = {e["name"]: e for e in body_of(_index(runtime=cpu_only))}
+    ready = body_of(_index('{"ready": true}', runtime=cpu_only))
+    # Then the GPU-only model and the broken entry are UNAVAILABLE, saying why; ready=true leaves them out
+    assert index["both"]["state"] == "READY"
+    assert index["gpuonly"]["state"] == "UNAVAILABLE" and "no GPU tier" in index["gpuonly"]["reason"]
+    assert index["broken"]["state"] == "UNAVAILABLE" and "invalid manifest entry" in index["broken"]["reason"]
+    assert [e["name"] for e in ready] == ["both"]
+    # And a body that is not the protocol's is a 400
+    assert _index('{"ready": "yes"}')["statusCode"] == 400 and _index("[1")["statusCode"] == 400
+
+
+# --- the order of checks, content codings ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    {"body": "{not json", "headers": {}},
+    {"body": "{}", "headers": {"inference-header-content-length": "many"}},
+    {"body": "abc", "headers": {}, "isBase64Encoded": True},
+    {"body": "abc", "headers": {"content-encoding": "br"}},
+], ids=["not-json", "bad-header-length", "bad-base64", "unknown-coding"])
+def test_an_unknown_model_is_a_404_before_its_body_is_looked_at(rig: Rig, bad: dict) -> None:
+    # Given a request for a model that does not exist, whose body is wrong in some way
+    event = infer_event("nope", bad["body"].encode(), bad["headers"])
+    event["isBase64Encoded"] = bad.get("isBase64Encoded", False)
+    # When it is served
+    resp = handle_http(event)
+    # Then it is a 404 naming the model
+    assert (resp["statusCode"], body_of(resp)["code"]) == (404, "model_not_found")
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "deflate-raw", "gzip, identity"])
+def test_a_compressed_request_body_is_decoded(rig: Rig, coding: str) -> None:
+    import gzip
+    import zlib
+
+    # Given a JSON request compressed as the client says
+    raw = json_body(rows_of(3), "z-1")
+    data = {"gzip": gzip.compress, "deflate": zlib.compress, "gzip, identity": gzip.compress,
+            "deflate-raw": lambda b: zlib.compress(b)[2:-4]}[coding](raw)
+    header = "deflate" if coding == "deflate-raw" else coding
+    # When it arrives base64-encoded (a compressed body is binary to API Gateway)
+    resp = handle_http(infer_event("both", data, {"content-encoding": header}, binary=True))
+    # Then it is served as if it came plain, and the CPU tier gets the plain body
+    assert resp["statusCode"] == 200, decode_body(resp)
+    assert body_of(resp)["id"] == "z-1" and body_of(resp)["outputs"][0]["shape"] == [3, 3]
+    assert bytes(rig.cpu.calls[0].call.body().data) == raw
+
+
+def test_a_decompression_bomb_is_a_413_without_inflating_it(rig: Rig) -> None:
+    import gzip
+
+    # Given a 16 KB gzip body that inflates to 16 MB (the limit is 4 MiB)
+    bomb = gzip.compress(b"0" * (16 << 20), 9)
+    assert len(bomb) < 64 << 10
+    # When it is served
+    resp = handle_http(infer_event("both", bomb, {"content-encoding": "gzip"}, binary=True))
+    # Then it is a 413 that says what happened, and no tier was called
+    assert (resp["statusCode"], body_of(resp)["code"]) == (413, "payload_too_large")
+    assert "inflates to more than" in body_of(resp)["error"]
+    assert rig.cpu.calls == [] and rig.gpu.calls == []
+
+
+@pytest.mark.parametrize(("coding", "data", "status"), [
+    ("br", b"whatever", 415),
+    ("gzip", b"not gzip at all", 400),
+    ("gzip", "truncated", 400),
+], ids=["unknown-coding", "corrupt", "truncated"])
+def test_a_body_that_does_not_decode_is_the_clients_error(rig: Rig, coding: str, data, status: int) -> None:
+    import gzip
+
+    if data == "truncated":
+        data = gzip.compress(json_body(rows_of(2)))[:-12]
+    resp = handle_http(infer_event("both", data, {"content-encoding": coding}, binary=True))
+    assert resp["statusCode"] == status and body_of(resp)["error"]
+
+
+@pytest.mark.parametrize(("accept", "coding"), [
+    ("gzip", "gzip"), ("deflate", "deflate"), ("gzip;q=0.2, deflate;q=0.8", "deflate"), ("*", "gzip"),
+    ("gzip;q=0, identity", None), ("br", None), (None, None),
+])
+def test_accept_encoding_is_honoured(rig: Rig, accept: str | None, coding: str | None) -> None:
+    import zlib
+
+    # When a request says which codings it accepts
+    headers = {"accept-encoding": accept} if accept else {}
+    resp = handle_http(infer_event("both", json_body(rows_of(2), "acc"), headers))
+    # Then the answer is in the best one it accepts (or plain), and decodes to the same outputs
+    assert resp["statusCode"] == 200 and resp["headers"].get("content-encoding") == coding
+    raw = decode_body(resp)
+    if coding is not None:
+        raw = zlib.decompress(raw, 16 + zlib.MAX_WBITS if coding == "gzip" else zlib.MAX_WBITS)
+    assert json.loads(raw)["id"] == "acc"
+
+
+def test_errors_are_never_compressed(rig: Rig) -> None:
+    resp = handle_http(infer_event("both", b"{bad", {"accept-encoding": "gzip"}))
+    assert resp["statusCode"] == 400 and "content-encoding" not in resp["headers"]
+    assert body_of(resp)["code"] == "invalid_request"
+
+
+def test_template_routes_and_endpoints_are_in_step() -> None:
+    from tierserve.api import ENDPOINTS
+    from tierserve.local.sam import load_template
+
+    # Given RouterFunction's HttpApi events in template.yaml (API Gateway's routes)
+    root = Path(__file__).resolve().parents[3]
+    events = load_template(root / "template.yaml")["Resources"]["RouterFunction"]["Properties"]["Events"]
+    routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in events.values() if e["Type"] == "HttpApi"}
+
+    def served(method: str, path: str) -> bool:
+        return any(m == method and p.fullmatch(path) for m, p, _ in ENDPOINTS)
+
+    # Then every route reaches an endpoint (with its path parameters filled in)...
+    for method, path in routes:
+        assert served(method, path.replace("{name}", "m").replace("{version}", "1")), (method, path)
+    # ...and every endpoint has a route, or API Gateway would answer 404 before the router sees it
+    for method, pattern, op in ENDPOINTS:
+        assert any(m == method and pattern.fullmatch(p.replace("{name}", "m").replace("{version}", "1"))
+                   for m, p in routes), f"no HttpApi event in template.yaml for {method} {pattern.pattern} ({op})"
