@@ -124,10 +124,11 @@ class ApiGatewayServer:
     """A ``ThreadingHTTPServer`` that serves every request through ``handler(event, context)``."""
 
     def __init__(self, handler: Handler, context_factory: ContextFactory, host: str = "127.0.0.1",
-                 port: int = 0, extra: Extra | None = None) -> None:
+                 port: int = 0, extra: Extra | None = None, authorizer: Extra | None = None) -> None:
         self.handler = handler
         self.context_factory = context_factory
         self.also = extra  # other APIs on the same port (the Lambda Invoke API); None = not theirs
+        self.authorizer = authorizer  # IAM auth (tierserve.local.sigv4): None = allowed, else the refusal
         self._server = ThreadingHTTPServer((host, port), _make_request_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -186,6 +187,11 @@ def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
                 other = gw.also(self.command, self.path, dict(self.headers.items()), body)
                 if other is not None:
                     self._send(other[0], list(other[1].items()), other[2], "")
+                    return
+            if gw.authorizer is not None:
+                denied = gw.authorizer(self.command, self.path, dict(self.headers.items()), body)
+                if denied is not None:
+                    self._send(denied[0], list(denied[1].items()), denied[2], apigw_id)
                     return
             if len(body) * 4 // 3 > MAX_EVENT_BYTES:
                 self._send(413, [("content-type", "application/json")], b'{"message":"Request Entity Too Large"}',

@@ -69,13 +69,15 @@ class LocalStack:
         router_inprocess: call RouterFunction's handler in this process (default, as the API
             emulation does); False = in a worker process like the other functions.
         cpu_workers: concurrent execution environments for CpuInferenceFunction.
+        auth: "iam" = the API verifies SigV4 signatures made with the local credentials (403 otherwise),
+            as the deployed API does; "none" (default) = no authorization, for plain tritonclient.
     """
 
     def __init__(self, models: Path | str = Path("build/models"), port: int = 3000, host: str = "127.0.0.1",
                  triton: Any = True, batch: bool = True, template: Path | str = Path("template.yaml"),
                  workdir: Path | None = None, env_overrides: dict[str, dict[str, str]] | None = None, *,
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
-                 router_inprocess: bool = True, cpu_workers: int = 2) -> None:
+                 router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none") -> None:
         self.models = Path(models).resolve()
         self.host, self.port = host, port
         self.triton_option = triton
@@ -90,6 +92,9 @@ class LocalStack:
         self.env_vars = Path(env_vars) if env_vars else (default_env if default_env.is_file() else None)
         self.router_inprocess = router_inprocess
         self.cpu_workers = cpu_workers
+        if auth not in ("none", "iam"):
+            raise ConfigurationError(f"auth {auth!r} is not known; use 'none' or 'iam'")
+        self.auth = auth
         self.triton: Any = None
         self.moto: Any = None
         self.lambda_endpoint: LambdaEndpoint | None = None
@@ -136,7 +141,8 @@ class LocalStack:
         if self.s3:
             self._start_moto()
         # Bind the port first: the functions need AWS_ENDPOINT_URL_LAMBDA before they start.
-        self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._invoke_api)
+        self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._invoke_api,
+                                    authorizer=self._authorizer())
         self.port = self.api.port
         envs = {fn: self.function_env(fn) for fn in FUNCTIONS}
         self.env_file = self.workdir / "env.json"
@@ -153,6 +159,15 @@ class LocalStack:
         self.api.start()
         if self.want_batch:
             self._start_batch_pollers()
+
+    def _authorizer(self) -> Any:
+        if self.auth != "iam":
+            return None
+        from tierserve.local.sigv4 import iam_authorizer
+
+        self.notes.append("auth: iam (SigV4, local credentials)")
+        return iam_authorizer({_AWS_LOCAL["AWS_ACCESS_KEY_ID"]: _AWS_LOCAL["AWS_SECRET_ACCESS_KEY"]},
+                              _AWS_LOCAL["AWS_REGION"])
 
     def function_env(self, logical_id: str) -> dict[str, str]:
         """What `tierserve serve` sets for a function, over template.yaml (also written to env.json)."""
@@ -403,6 +418,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--router-worker", action="store_true",
                    help="run RouterFunction in a worker process instead of in-process")
     p.add_argument("--workdir", type=Path, default=Path("build/serve"), help="logs, caches, env.json")
+    p.add_argument("--auth", choices=("none", "iam"), default="none",
+                   help="iam: verify SigV4 signatures made with the local credentials (AWS_ACCESS_KEY_ID=testing), "
+                        "403 otherwise, as the deployed API does")
     p.add_argument("-t", "--template", type=Path, default=Path("template.yaml"))
     p.add_argument("-n", "--env-vars", type=Path, default=None, help="SAM-format environment overrides file")
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
@@ -419,7 +437,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     extra = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
     stack = LocalStack(args.models, port=args.port, host=args.host, triton=not args.no_triton,
                        batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
-                       env=extra, env_vars=args.env_vars, router_inprocess=not args.router_worker)
+                       env=extra, env_vars=args.env_vars, router_inprocess=not args.router_worker, auth=args.auth)
     try:
         stack.start()
         print(stack.describe(), flush=True)

@@ -1,0 +1,313 @@
+"""A client for the deployed Open Inference Protocol API: it signs (SigV4) or carries a bearer JWT.
+
+Why it exists: the deployed HTTP API sits behind API Gateway with IAM (SigV4) authorization by
+default, or a JWT authorizer (``template.yaml``'s ``JwtIssuer``), and ``tritonclient`` signs nothing,
+so against AWS it gets 403. This client keeps tritonclient's objects (``InferInput``,
+``InferRequestedOutput``, ``InferResult``) and adds the one thing missing: authentication.
+
+* ``SigV4()`` signs each request with the standard AWS credential chain (environment, shared
+  files, SSO, container or instance role; on a Greengrass device the Token Exchange Service), for
+  the ``execute-api`` service, in the region named in the API's host name unless told otherwise.
+* ``Bearer(token)`` sends ``Authorization: Bearer <token>``; ``token`` may be a callable, so a
+  token that expires can be refreshed (a Cognito client-credentials flow, for example).
+
+Two layers, so that callers pay only for what they use:
+
+* ``Client.request(method, path, body, headers)`` -> :class:`Response`: the raw, signed HTTP call on
+  a pooled keep-alive connection; any HTTP answer comes back as it is. The edge runtime forwards a
+  client's body untouched with it (no tritonclient, no numpy). Transport failures raise
+  :class:`~tierserve.errors.BackendUnavailableError` / :class:`~tierserve.errors.BackendTimeoutError`.
+* ``Client.infer(model, inputs, outputs)`` and the health and metadata calls build requests with
+  tritonclient's objects (JSON or binary tensors) and raise :class:`ApiError` for an error answer.
+
+Example::
+
+    import numpy as np
+    import tritonclient.http as httpclient
+    from tierserve.client import Client, SigV4
+
+    api = Client("https://abc123.execute-api.us-east-1.amazonaws.com", auth=SigV4())
+    x = httpclient.InferInput("input", [1, 64], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 64), np.float32), binary_data=True)
+    result = api.infer("digits", [x], [httpclient.InferRequestedOutput("label", binary_data=True)])
+    print(result.as_numpy("label"), result.served_by)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+from tierserve import errors
+
+#: The service name API Gateway verifies SigV4 signatures for.
+EXECUTE_API = "execute-api"
+#: ``{api-id}.execute-api.{region}.amazonaws.com`` (and .com.cn): the region is in the host name.
+_EXECUTE_API_HOST = re.compile(r"[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
+
+
+class Auth(Protocol):
+    """Adds authentication headers to one request (they are sent with it, nothing else is changed)."""
+
+    def headers(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> dict[str, str]: ...
+
+
+class NoAuth:
+    """No authentication: the local stack without IAM, or a device's own edge runtime."""
+
+    def headers(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> dict[str, str]:
+        return {}
+
+
+class Bearer:
+    """``Authorization: Bearer <token>`` for an API behind a JWT authorizer (issuer and audience checked there)."""
+
+    def __init__(self, token: str | Callable[[], str]) -> None:
+        if isinstance(token, str) and not token.strip():
+            raise errors.ConfigurationError("the bearer token is empty; pass the JWT the identity provider issued")
+        self._token = token
+
+    def headers(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> dict[str, str]:
+        token = self._token() if callable(self._token) else self._token
+        return {"Authorization": f"Bearer {token.strip()}"}
+
+
+class SigV4:
+    """Signs with AWS Signature Version 4 from the standard credential chain (botocore's).
+
+    ``region``: by default the one in an ``execute-api`` host name, else the session's region.
+    Credentials are resolved once and refreshed by botocore when they are temporary; each request is
+    signed with a frozen copy, so a refresh never mixes a key with another key's secret."""
+
+    def __init__(self, region: str | None = None, service: str = EXECUTE_API, session: Any = None) -> None:
+        import botocore.session  # lazy: only signing clients pay for botocore
+
+        self._session = session or botocore.session.get_session()
+        self.region = region
+        self.service = service
+        self._credentials: Any = None
+        self._lock = threading.Lock()
+
+    def _frozen(self) -> Any:
+        with self._lock:
+            if self._credentials is None:
+                self._credentials = self._session.get_credentials()
+            if self._credentials is None:
+                raise errors.ConfigurationError(
+                    "no AWS credentials found for SigV4 signing; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                    "AWS_PROFILE, or run with a role (on Greengrass: depend on aws.greengrass.TokenExchangeService)")
+            return self._credentials.get_frozen_credentials()
+
+    def region_for(self, url: str) -> str:
+        if self.region:
+            return self.region
+        host = (urlsplit(url).hostname or "").lower()
+        m = _EXECUTE_API_HOST.fullmatch(host)
+        region = m.group(1) if m else self._session.get_config_variable("region")
+        if not region:
+            raise errors.ConfigurationError(
+                f"cannot tell the AWS region to sign for from {host!r}; pass SigV4(region=...) or set AWS_REGION")
+        return str(region)
+
+    def headers(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> dict[str, str]:
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        request = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
+        SigV4Auth(self._frozen(), self.service, self.region_for(url)).add_auth(request)
+        # Only what signing added: Authorization, X-Amz-Date and (temporary credentials) the session token.
+        return {k: v for k, v in request.headers.items() if k not in headers}
+
+
+@dataclass
+class Response:
+    """One HTTP answer, as it came: status, lower-cased headers, body bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def served_by(self) -> str | None:
+        """``x-served-by``: edge, cpu or gpu."""
+        return self.header("x-served-by")
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+class ApiError(errors.TierserveError):
+    """The API answered with an error: its HTTP status, the protocol's ``error`` and ``code``, and Retry-After."""
+
+    def __init__(self, status: int, message: str, code: str = "http_error", retry_after_s: float | None = None,
+                 served_by: str | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.code = code
+        self.retry_after_s = retry_after_s
+        self.served_by = served_by
+
+    @classmethod
+    def from_response(cls, resp: Response) -> ApiError:
+        try:
+            obj = resp.json()
+        except ValueError:
+            obj = None
+        obj = obj if isinstance(obj, dict) else {}
+        # Protocol errors carry {"error", "code"}; API Gateway's own (403, 429, 5xx) carry {"message"}.
+        message = str(obj.get("error") or obj.get("message") or resp.body[:200].decode("utf-8", "replace")
+                      or f"HTTP {resp.status}")
+        retry = resp.header("retry-after")
+        return cls(resp.status, message, str(obj.get("code") or "http_error"),
+                   float(retry) if retry and retry.replace(".", "", 1).isdigit() else None, resp.served_by)
+
+
+@dataclass
+class InferResult:
+    """tritonclient's ``InferResult`` (``as_numpy``, ``get_output``, ``get_response``) plus the tier that served it."""
+
+    result: Any
+    served_by: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def as_numpy(self, name: str) -> Any:
+        return self.result.as_numpy(name)
+
+    def get_output(self, name: str) -> Any:
+        return self.result.get_output(name)
+
+    def get_response(self) -> Any:
+        return self.result.get_response()
+
+
+class Client:
+    """The deployed API (or the local stack, or an edge runtime) at ``url``, signed with ``auth``.
+
+    Thread-safe: one pool of keep-alive connections (``pool_size`` per host) shared by all threads."""
+
+    def __init__(self, url: str, auth: Auth | None = None, timeout_s: float = 30.0, connect_timeout_s: float = 5.0,
+                 pool_size: int = 8) -> None:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise errors.ConfigurationError(
+                f"API URL {url!r} must be http(s)://host[:port][/stage], e.g. the stack's ApiUrl output")
+        import urllib3  # botocore's own HTTP library: no new dependency
+
+        self.url = url.strip().rstrip("/")
+        self.auth: Auth = auth or NoAuth()
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._http = urllib3.PoolManager(num_pools=4, maxsize=pool_size, block=False, retries=False)
+
+    def close(self) -> None:
+        self._http.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the raw, signed call ---------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
+                timeout_s: float | None = None) -> Response:
+        """Send one signed request; every HTTP answer is returned as it is (never retried: an inference
+        may already have run). Unreachable -> BackendUnavailableError; no answer in time -> BackendTimeoutError."""
+        import urllib3
+
+        url = f"{self.url}{path}"
+        sent = {k: v for k, v in (headers or {}).items()}
+        sent.update(self.auth.headers(method, url, sent, body))
+        read = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
+        timeout = urllib3.Timeout(connect=min(self.connect_timeout_s, read), read=read)
+        try:
+            r = self._http.request(method, url, body=body or None, headers=sent, timeout=timeout, retries=False,
+                                   redirect=False)
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, DNS (a ConnectTimeoutError subclass)
+            raise errors.BackendUnavailableError(f"cannot reach {self.url}: {exc}") from exc
+        except urllib3.exceptions.TimeoutError as exc:  # connect or read timeout
+            raise errors.BackendTimeoutError(f"{self.url} did not answer {method} {path} within {read:g} s") from exc
+        except urllib3.exceptions.HTTPError as exc:  # reset, protocol, TLS
+            reason = getattr(exc, "reason", None) or exc
+            raise errors.BackendUnavailableError(f"cannot reach {self.url}: {reason}") from exc
+        return Response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.data)
+
+    def _ok(self, resp: Response) -> Response:
+        if resp.status >= 400:
+            raise ApiError.from_response(resp)
+        return resp
+
+    # --- the protocol, with tritonclient's objects ------------------------------------------------------
+
+    def live(self) -> bool:
+        return self.request("GET", "/v2/health/live").status == 200
+
+    def ready(self) -> bool:
+        return self.request("GET", "/v2/health/ready").status == 200
+
+    def server_metadata(self) -> Any:
+        return self._ok(self.request("GET", "/v2")).json()
+
+    def model_metadata(self, model_name: str, model_version: str = "") -> Any:
+        return self._ok(self.request("GET", _model_path(model_name, model_version))).json()
+
+    def model_ready(self, model_name: str, model_version: str = "") -> bool:
+        return self.request("GET", f"{_model_path(model_name, model_version)}/ready").status == 200
+
+    def infer(self, model_name: str, inputs: list[Any], outputs: list[Any] | None = None, model_version: str = "",
+              request_id: str = "", parameters: dict[str, Any] | None = None, target: str | None = None,
+              timeout_s: float | None = None) -> InferResult:
+        """Run an inference from tritonclient.http ``InferInput`` / ``InferRequestedOutput`` objects.
+
+        ``target`` is the client hint (``x-target: cpu|gpu|edge``). Raises :class:`ApiError` on an error answer."""
+        import tritonclient.http as httpclient
+
+        body, json_size = httpclient.InferenceServerClient.generate_request_body(
+            inputs, outputs=outputs, request_id=request_id, parameters=parameters)
+        body = body.encode() if isinstance(body, str) else body
+        headers = {"Content-Type": "application/json" if json_size is None else "application/octet-stream"}
+        if json_size is not None:
+            headers["Inference-Header-Content-Length"] = str(json_size)
+        if target:
+            headers["x-target"] = target
+        resp = self._ok(self.request("POST", f"{_model_path(model_name, model_version)}/infer", body, headers,
+                                     timeout_s))
+        length = resp.header("inference-header-content-length")
+        result = httpclient.InferenceServerClient.parse_response_body(
+            resp.body, header_length=int(length) if length else None)
+        return InferResult(result, resp.served_by, resp.headers)
+
+
+def _model_path(name: str, version: str = "") -> str:
+    path = f"/v2/models/{quote(name, safe='')}"
+    return f"{path}/versions/{quote(str(version), safe='')}" if version else path
+
+
+def auth_from(kind: str, *, region: str | None = None, token: str | None = None,
+              token_file: str | None = None) -> Auth:
+    """The Auth for ``kind`` (``none``, ``iam``, ``jwt``): what a command line or a recipe names.
+
+    ``jwt`` takes the token itself or a file re-read on every request (a sidecar can rotate it)."""
+    if kind == "none":
+        return NoAuth()
+    if kind == "iam":
+        return SigV4(region=region)
+    if kind == "jwt":
+        if token_file:
+            from pathlib import Path
+
+            path = Path(token_file)
+            return Bearer(lambda: path.read_text().strip())
+        if token:
+            return Bearer(token)
+        raise errors.ConfigurationError("jwt auth needs a token or a token file (--cloud-token-file)")
+    raise errors.ConfigurationError(f"auth {kind!r} is not known; use none, iam or jwt")
