@@ -38,7 +38,11 @@ def test_a_jwt_issuer_adds_the_same_routes_behind_a_jwt_authorizer(template: dic
     # Every route needs it, and together they cover the protocol's paths (RouterFunction answers 404 for others)
     routes = {v["Properties"]["RouteKey"]: v["Properties"]
               for v in jwt.values() if v["Type"] == "AWS::ApiGatewayV2::Route"}
-    assert set(routes) == {"GET /v2", "GET /v2/{proxy+}", "POST /v2/models/{proxy+}"}
+    assert set(routes) == {"GET /v2", "GET /v2/{proxy+}", "POST /v2/{proxy+}"}
+    # ... every route of the IAM API included (RouterFunction's HttpApi events)
+    iam_routes = {f"{e['Properties']['Method']} {e['Properties']['Path']}"
+                  for e in resources["RouterFunction"]["Properties"]["Events"].values() if e["Type"] == "HttpApi"}
+    assert all(_covered(r, set(routes)) for r in iam_routes), iam_routes
     assert all(r["AuthorizationType"] == "JWT" and r["AuthorizerId"] == {"Ref": "InferenceJwtAuthorizer"}
                for r in routes.values())
     # They reach RouterFunction with the same payload format as the IAM API
@@ -54,3 +58,8 @@ def test_cfn_lint_passes_with_and_without_the_jwt_authorizer() -> None:
     # cfn-lint transforms the SAM template and checks every condition's combination
     out = subprocess.run(["cfn-lint", str(ROOT / "template.yaml")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _covered(route: str, jwt_routes: set[str]) -> bool:
+    method, path = route.split(" ", 1)
+    return route in jwt_routes or (path.startswith("/v2/") and f"{method} /v2/{{proxy+}}" in jwt_routes)
