@@ -116,3 +116,19 @@ class BackendUnavailableError(TierserveError):
 
 class BackendTimeoutError(BackendUnavailableError):
     code = "backend_timeout"
+
+
+# --- model lifecycle (publish, canary, promote, rollback, retire, rollout) ---------------------
+
+
+class LifecycleError(TierserveError):
+    """A lifecycle change was refused: the message says why and what to do instead."""
+
+    code = "lifecycle_error"
+
+
+class ConflictError(LifecycleError):
+    """A conditional write lost a race (S3 412 PreconditionFailed / 409 ConditionalRequestConflict, or the
+    folder store's ETag moved): re-read, merge and retry."""
+
+    code = "conflict"

@@ -24,16 +24,29 @@
               "cpu_variant": "int8_dynamic",        # optional, defaults to selected_variant
               "routing": {"gpu_min_rows": 64, "gpu_min_bytes": 1048576},
               "cpu": {"memory_mb": 1769, "threads": 1},
-              "created_at": "2026-11-24T12:00:00Z"
+              "created_at": "2026-11-24T12:00:00Z",
+              "published_at": "2026-11-24T12:05:00Z",   # optional: set by `tierserve models publish`
+              "published_by": "arn:aws:sts::123456789012:assumed-role/deployer/alice",
+              "retired_at": ""                          # optional: set by `tierserve models retire`
             }
-          }
+          },
+          "previous_default": "1"                       # optional: what `rollback` returns to
         }
-      }
+      },
+      "revision": 7,                                    # optional: bumped by every lifecycle change
+      "change": {...}                                   # optional: the change that made this revision
     }
 
 Artifact paths are relative to the store root, use ``/`` and never leave it; a variant's external-data
 files sit in its folder (or below it). Versions are positive integers, as in a Triton model repository.
 Every allowlist is matched with ``re.fullmatch`` (``$`` would accept a trailing newline).
+
+``revision`` and ``change`` belong to the lifecycle (``tierserve.lifecycle``): every change to a model's
+routing (publish, canary, promote, rollback, retire) is one conditional write of the whole document that
+bumps ``revision`` and records itself in ``change``, and the same record is kept in the store's append-only
+history. A retired version stays in the manifest as a tombstone: it is neither listed nor served by name,
+except to a request pinned to it within :data:`RETIRE_GRACE_S` of its retirement (a router whose manifest is
+still the older one may be sending it to the CPU function), so retiring never breaks a request in flight.
 
 One bad model entry takes down only that model: :meth:`Manifest.from_json` keeps it in
 ``Manifest.broken`` with the reason, :meth:`Manifest.resolve` answers that reason for it, and the other
@@ -43,9 +56,11 @@ import it cheaply.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import posixpath
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -69,6 +84,9 @@ ARTIFACT_PATH_RE = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|\Z))[A-Za-z0-9_.\-/]{1
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 TARGETS = ("cpu", "gpu")
+#: How long a retired version still answers requests pinned to it: longer than any manifest cache
+#: (MANIFEST_TTL_S, at most 60 s) plus a request's time in flight (API Gateway's 30 s).
+RETIRE_GRACE_S = 120.0
 
 #: Protocol datatypes (Open Inference Protocol / KServe v2).
 DATATYPES = (
@@ -205,6 +223,17 @@ class ModelVersion:
     routing: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    published_at: str = ""
+    published_by: str = ""
+    retired_at: str = ""
+
+    @property
+    def retired(self) -> bool:
+        return bool(self.retired_at)
+
+    def signature(self) -> tuple[Any, ...]:
+        """What a client and the GPU tier's config see of this version: names, datatypes, shapes, batch."""
+        return (tuple(self.inputs), tuple(self.outputs), self.max_batch_size)
 
     @property
     def serves_cpu(self) -> bool:
@@ -236,6 +265,9 @@ class ModelVersion:
         }
         if self.cpu_variant:
             d["cpu_variant"] = self.cpu_variant
+        for key in ("published_at", "published_by", "retired_at"):
+            if getattr(self, key):
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
@@ -254,6 +286,9 @@ class ModelVersion:
                 routing=dict(d.get("routing") or {}),
                 cpu=dict(d.get("cpu") or {}),
                 created_at=str(d.get("created_at", "")),
+                published_at=str(d.get("published_at") or ""),
+                published_by=str(d.get("published_by") or ""),
+                retired_at=str(d.get("retired_at") or ""),
             )
         except ManifestError:
             raise
@@ -276,6 +311,22 @@ class ModelEntry:
     default_version: str
     versions: dict[str, ModelVersion]
     canary: dict[str, Any] | None = None  # {"version": "2", "percent": 10}
+    previous_default: str | None = None  # the default before the last promote (what `rollback` returns to)
+
+    def listed(self) -> dict[str, ModelVersion]:
+        """The versions served (not retired), by version."""
+        return {v: mv for v, mv in self.versions.items() if not mv.retired}
+
+    def to_json(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "default_version": self.default_version,
+            "versions": {v: mv.to_json() for v, mv in sorted(self.versions.items(), key=lambda kv: int(kv[0]))},
+        }
+        if self.canary:
+            m["canary"] = self.canary
+        if self.previous_default:
+            m["previous_default"] = self.previous_default
+        return m
 
     @classmethod
     def from_json(cls, name: str, m: dict[str, Any]) -> ModelEntry:
@@ -298,7 +349,11 @@ class ModelEntry:
             and _fields("canary", canary, lambda c: 0 <= float(c.get("percent", -1)) <= 100)
         ):
             raise ManifestError("canary needs a listed version and 0 <= percent <= 100")
-        return cls(name=name, default_version=default, versions=versions, canary=canary)
+        if versions[default].retired or (canary is not None and versions[str(canary["version"])].retired):
+            raise ManifestError("the default version and the canary cannot be retired versions")
+        previous = m.get("previous_default")
+        return cls(name=name, default_version=default, versions=versions, canary=canary,
+                   previous_default=str(previous) if previous else None)
 
 
 @dataclass(frozen=True)
@@ -313,6 +368,8 @@ class Broken:
 class Manifest:
     models: dict[str, ModelEntry]
     broken: dict[str, Broken] = field(default_factory=dict)
+    revision: int = 0
+    change: dict[str, Any] | None = None
 
     @classmethod
     def empty(cls) -> Manifest:
@@ -336,7 +393,12 @@ class Manifest:
                 models[name] = ModelEntry.from_json(name, m)
             except (ManifestError, InvalidNameError) as exc:
                 broken[name] = Broken(exc.message, m)
-        return cls(models=models, broken=broken)
+        change = d.get("change")
+        revision = d.get("revision", 0)
+        if not isinstance(revision, int) or revision < 0:
+            raise ManifestError(f"manifest 'revision' must be a non-negative integer, got {revision!r}")
+        return cls(models=models, broken=broken, revision=revision,
+                   change=change if isinstance(change, dict) else None)
 
     @classmethod
     def loads(cls, text: str | bytes) -> Manifest:
@@ -348,15 +410,13 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "models": {}}
         for name, entry in sorted(self.models.items()):
-            m: dict[str, Any] = {
-                "default_version": entry.default_version,
-                "versions": {v: mv.to_json() for v, mv in sorted(entry.versions.items(), key=lambda kv: int(kv[0]))},
-            }
-            if entry.canary:
-                m["canary"] = entry.canary
-            out["models"][name] = m
+            out["models"][name] = entry.to_json()
         for name, bad in sorted(self.broken.items()):
             out["models"].setdefault(name, bad.raw)
+        if self.revision:
+            out["revision"] = self.revision
+        if self.change:
+            out["change"] = self.change
         return out
 
     def dumps(self) -> str:
@@ -378,19 +438,48 @@ class Manifest:
             version = entry.default_version
         check_version(version)
         mv = entry.versions.get(version)
+        if mv is not None and mv.retired and not _within_grace(mv.retired_at):
+            mv = None
         if mv is None:
             raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; versions: {', '.join(sorted(entry.versions, key=int))}"
+                f"model {name!r} has no version {version!r}; versions: {', '.join(sorted(entry.listed(), key=int))}"
             )
         return mv
 
     def with_version(self, mv: ModelVersion, *, make_default: bool = True) -> Manifest:
-        """A new manifest with ``mv`` added (the compiler's write path)."""
-        models = dict(self.models)
-        entry = models.get(mv.name)
+        """A new manifest with ``mv`` added (the compiler's write path). The first version of a model is
+        always its default; a later one only with ``make_default``."""
+        entry = self.models.get(mv.name)
         versions = dict(entry.versions) if entry else {}
         versions[mv.version] = mv
-        default = mv.version if make_default or entry is None else entry.default_version
-        models[mv.name] = ModelEntry(mv.name, default, versions, entry.canary if entry else None)
-        broken = {k: v for k, v in self.broken.items() if k != mv.name}  # a recompile replaces a bad entry
-        return Manifest(models=models, broken=broken)
+        if entry is None:
+            return self.with_entry(ModelEntry(mv.name, mv.version, versions))
+        default = mv.version if make_default else entry.default_version
+        previous = entry.default_version if default != entry.default_version else entry.previous_default
+        return self.with_entry(ModelEntry(mv.name, default, versions, entry.canary, previous))
+
+    def with_entry(self, entry: ModelEntry | None, name: str | None = None, *, revision: int | None = None,
+                   change: dict[str, Any] | None = None) -> Manifest:
+        """A new manifest with ``entry`` in place of its model's entry (None: ``name`` removed); a lifecycle
+        change also sets the new ``revision`` and its ``change`` record."""
+        name = entry.name if entry is not None else name
+        assert name is not None
+        models = {k: v for k, v in self.models.items() if k != name}
+        if entry is not None:
+            models[name] = entry
+        broken = {k: v for k, v in self.broken.items() if k != name}  # a new entry replaces a bad one
+        return Manifest(models=models, broken=broken, revision=self.revision if revision is None else revision,
+                        change=self.change if revision is None else change)
+
+
+def parse_time(text: str) -> float | None:
+    """Seconds since the epoch for an ISO-8601 UTC time as the manifest writes it, or None."""
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+
+
+def _within_grace(retired_at: str) -> bool:
+    at = parse_time(retired_at)
+    return at is not None and time.time() - at < RETIRE_GRACE_S

@@ -1,0 +1,78 @@
+"""Lifecycle test helpers: manifest versions without artifacts, and the concurrent-writers scenario shared by
+the folder (unit) and moto_server (integration) tests."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tierserve.errors import LifecycleError
+from tierserve.lifecycle.registry import Registry, state_of
+from tierserve.manifest import ModelVersion, TensorSpec, Variant
+
+X = (TensorSpec("x", "FP32", (-1, 4)),)
+Y = (TensorSpec("y", "FP32", (-1, 3)),)
+
+
+def version(name: str, v: str, content: str = "", targets: tuple[str, ...] = ("cpu",),
+            inputs: tuple[TensorSpec, ...] = X, max_batch_size: int = 0) -> ModelVersion:
+    """A manifest version whose artifact sha256 follows ``content`` (default: the version)."""
+    sha = hashlib.sha256((content or f"{name}/{v}").encode()).hexdigest()
+    return ModelVersion(name=name, version=v, inputs=inputs, outputs=Y,
+                        variants={"fp32": Variant(f"{name}/{v}/model.onnx", sha, 10)}, selected_variant="fp32",
+                        targets=targets, max_batch_size=max_batch_size)
+
+
+def concurrent_writers(make_registry: Callable[[int], Registry], n: int = 20) -> dict[str, Any]:
+    """Given model 'm' with versions 1-4 (default 1), ``n`` writers at once, each its own Registry: even
+    ones canary v3 or v4 at i+1 percent (always valid), odd ones promote v1 or v2 (refused when that version
+    is already the default by then). Returns what happened and the history."""
+    setup = make_registry(-1)
+    for v in ("1", "2", "3", "4"):
+        setup.publish(version("m", v))
+    start = threading.Barrier(n)
+    done: dict[int, dict[str, Any]] = {}
+    refused: dict[int, str] = {}
+    registries = [make_registry(i) for i in range(n)]
+
+    def write(i: int) -> None:
+        reg = registries[i]
+        start.wait()
+        try:
+            if i % 2 == 0:
+                done[i] = reg.canary("m", str(3 + i // 2 % 2), i + 1, why=f"writer {i}")
+            else:
+                done[i] = reg.promote("m", str(1 + i // 2 % 2), why=f"writer {i}")
+        except LifecycleError as exc:
+            refused[i] = exc.message
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    manifest = setup.manifest()
+    return {"done": done, "refused": refused, "manifest": manifest, "history": setup.history("m"),
+            "attempts": sum(r.attempts for r in registries), "state": state_of(manifest.models["m"])}
+
+
+def check_history_agrees(outcome: dict[str, Any], n: int = 20) -> None:
+    """The history is gap-free, each change starts from the state the previous one left, every successful
+    writer's change is in it exactly once, and the last one is the final manifest's state."""
+    history, done, manifest = outcome["history"], outcome["done"], outcome["manifest"]
+    assert len(done) + len(outcome["refused"]) == n
+    assert all(i % 2 == 1 and "already the default" in why for i, why in outcome["refused"].items())
+    revisions = [r["revision"] for r in history]
+    assert revisions == list(range(1, manifest.revision + 1))
+    for prev, nxt in itertools.pairwise(history):
+        assert nxt["from"] == prev["to"], f"revision {nxt['revision']} did not start from revision {prev['revision']}"
+    by_revision = {r["revision"]: r for r in history}
+    assert sorted(r["revision"] for r in done.values()) == sorted(set(r["revision"] for r in done.values()))
+    for rec in done.values():
+        assert by_revision[rec["revision"]] == rec
+    assert len(history) == 4 + len(done)  # the four publishes, then one change per successful writer
+    assert history[-1]["to"] == outcome["state"]
+    assert manifest.change == history[-1]
