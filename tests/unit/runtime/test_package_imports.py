@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,14 @@ PACKAGE = Path(tierserve.__file__).parent
 LOCAL = "tierserve.local"
 
 
-def _modules_after_import(module: str) -> set[str]:
-    code = (f"import sys, json, {module}; "
+def _modules_after_import(module: str, env: dict[str, str] | None = None, then: str = "") -> set[str]:
+    code = (f"import sys, json, {module}; {then}"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return set(json.loads(out.stdout))
+    base = {k: v for k, v in os.environ.items() if k not in ("LAMBDA_TASK_ROOT", "POWERTOOLS_TRACE_DISABLED",
+                                                               "AWS_SAM_LOCAL", "AWS_CHALICE_CLI_MODE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**base, **(env or {})})
+    return set(json.loads(out.stdout.splitlines()[-1]))
 
 
 @pytest.mark.parametrize("handler", ["tierserve.handlers.router", "tierserve.handlers.cpu_inference"])
@@ -34,6 +38,33 @@ def test_importing_a_handler_pulls_in_no_heavy_library(handler):
     # When the handler module is imported cold, Then none of the heavy libraries is loaded yet
     loaded = _modules_after_import(handler)
     assert not (HEAVY & loaded), f"{handler} imports {sorted(HEAVY & loaded)} at import time"
+
+
+@pytest.mark.parametrize(("env", "xray"), [
+    ({}, False),                                                                 # outside Lambda
+    ({"LAMBDA_TASK_ROOT": "/var/task", "POWERTOOLS_TRACE_DISABLED": "true"}, False),  # Tracing: Disabled
+    ({"LAMBDA_TASK_ROOT": "/var/task", "AWS_SAM_LOCAL": "true"}, False),           # sam local / tierserve invoke
+    ({"LAMBDA_TASK_ROOT": "/var/task", "POWERTOOLS_TRACE_DISABLED": "false"}, True),  # Tracing: Active in AWS
+], ids=["local", "disabled", "sam-local", "lambda-active"])
+def test_the_xray_sdk_is_imported_only_when_tracing_is_on(env: dict[str, str], xray: bool) -> None:
+    # Given the router handler imported cold in an environment (about 175 ms of X-Ray SDK when it loads)
+    # When its tracer is looked at
+    loaded = _modules_after_import("tierserve.handlers.router", env,
+                                   "from tierserve.observability import tracer; print(type(tracer).__name__); ")
+    # Then Powertools' Tracer, and the X-Ray SDK with it, is there only when tracing is on
+    assert ("aws_xray_sdk" in loaded) is xray
+
+
+def test_the_stand_in_tracer_leaves_the_handler_as_it_is() -> None:
+    from tierserve.observability import NoTracer
+
+    def handler(event, context):
+        return event
+
+    tracer = NoTracer()
+    assert tracer.capture_lambda_handler(handler) is handler
+    assert tracer.capture_lambda_handler(capture_response=False)(handler) is handler
+    assert tracer.capture_method(handler) is handler
 
 
 def imported_names(source: str, package: str) -> list[tuple[int, str]]:
