@@ -29,7 +29,7 @@ def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 1) -> dict[
     return dict(zip(names, sess.run(names, feed), strict=True))
 
 
-def _mask_for(out: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+def mask_for(out: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray | None:
     """Padding mask for [batch, seq, ...] outputs when an input named *mask* has shape [batch, seq]."""
     for name, v in feed.items():
         if "mask" in name and v.ndim == 2 and out.ndim >= 3 and out.shape[:2] == v.shape:
@@ -52,7 +52,7 @@ def compare_outputs(
             mism = float(np.mean(g != r)) if r.size else 0.0
             res[name] = {"error": mism, "ok": mism == 0.0, "detail": "fraction of differing values"}
             continue
-        m = _mask_for(g, feed)
+        m = mask_for(g, feed)
         a, b = g.astype(np.float64), r.astype(np.float64)
         if m is not None:
             a, b = a[m], b[m]

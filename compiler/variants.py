@@ -8,7 +8,9 @@
 * ``int8_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
   quantised on the fly); per-channel weights unless ``per_channel=False`` (``--per-tensor``).
 * ``int8_static``: ``quant_pre_process`` then ``quantize_static`` in QDQ format, calibrated on
-  ``--calibration`` with MinMax, Entropy or Percentile.
+  ``--calibration`` (MinMax by default, or Entropy / Percentile), with the recipe measured in
+  :mod:`tierserve_compiler.static_int8` (uint8 activations, float MatMul outputs, the most
+  sensitive MatMuls kept float).
 * ``fp16``: float16 weights and compute with fp32 inputs/outputs (``keep_io_types``), via
   ``onnxconverter_common`` when installed, else ``onnxruntime.transformers.float16`` (ships with
   onnxruntime); numerically sensitive ops and ``ai.onnx.ml`` ops stay fp32.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,7 @@ def build_fp32(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -
 
 
 @contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
+def quiet_logs() -> Iterator[None]:
     """onnxruntime.quantization logs advice on the root logger; keep the CLI output readable."""
     root = logging.getLogger()
     level = root.level
@@ -116,7 +117,7 @@ def build_int8_dynamic(src: Path, dst: Path, cfg: CompileConfig, data: Dataset |
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        with _quiet_logs():
+        with quiet_logs():
             quantize_dynamic(str(src), str(dst), per_channel=cfg.per_channel is not False, weight_type=QuantType.QInt8)
     except Exception as exc:
         raise VariantError(f"int8_dynamic: quantize_dynamic failed ({exc}); try --quantize static or none") from exc
@@ -128,73 +129,17 @@ def build_int8_dynamic(src: Path, dst: Path, cfg: CompileConfig, data: Dataset |
     }
 
 
-class _Reader:
-    """A ``CalibrationDataReader`` over a :class:`Dataset`, in small batches."""
-
-    def __init__(self, data: Dataset, batch: int = 8) -> None:
-        self._feeds = [{k: v[i : i + batch] for k, v in data.inputs.items()} for i in range(0, data.rows, batch)]
-        self._i = 0
-
-    def get_next(self) -> dict[str, Any] | None:
-        if self._i >= len(self._feeds):
-            return None
-        self._i += 1
-        return self._feeds[self._i - 1]
-
-    def rewind(self) -> None:
-        self._i = 0
-
-
 def build_int8_static(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -> dict[str, Any]:
-    require("onnxruntime", "compiler")
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """Calibrated int8 with the measured recipe of :mod:`tierserve_compiler.static_int8`."""
+    from tierserve_compiler.static_int8 import quantize_static_recipe, recipe_for
 
     if data is None:
         raise VariantError("int8_static needs calibration data: pass --calibration or use --quantize dynamic")
-    method = cfg.calibration_method or "minmax"
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    # quant_pre_process and the calibrator write scratch files (sym_shape_infer_temp.onnx,
-    # <uuid>.data) into the working directory: keep them inside the temp dir.
-    with tempfile.TemporaryDirectory() as td, _quiet_logs(), contextlib.chdir(td):
-        pre = Path(td) / "pre.onnx"
-        try:
-            quant_pre_process(str(src), str(pre))
-        except Exception:
-            # symbolic shape inference does not know every op (e.g. ai.onnx.ml); ONNX inference is enough
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        from onnxruntime.quantization import CalibrationDataReader
-
-        reader = type("NpzReader", (_Reader, CalibrationDataReader), {})(data)
-        try:
-            quantize_static(
-                str(pre),
-                str(dst),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=cfg.per_channel is not False,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=methods[method],
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        except Exception as exc:
-            raise VariantError(
-                f"int8_static: quantize_static failed ({exc}); try --calibration-method minmax or --quantize dynamic"
-            ) from exc
-    n = _require_quantized(dst, "int8_static")
-    return {
-        "method": "quant_pre_process + quantize_static (QDQ, int8 activations and weights)",
-        "calibration_method": method,
-        "calibration_rows": data.rows,
-        "per_channel": cfg.per_channel is not False,
-        "quantized_nodes": n,
-    }
+    budget = cfg.budget or VARIANTS["int8_static"].budget
+    recipe = recipe_for(cfg.per_channel, cfg.calibration_method, budget.min_cosine)
+    info = quantize_static_recipe(src, dst, data, recipe)
+    info["quantized_nodes"] = _require_quantized(dst, "int8_static")
+    return {"method": "quant_pre_process + quantize_static (QDQ, uint8 activations, int8 weights)", **info}
 
 
 def build_fp16(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -> dict[str, Any]:

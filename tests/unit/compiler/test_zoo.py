@@ -24,6 +24,8 @@ def test_minilm_int8_is_small_and_faithful(tmp_path):
     v = figs["variants"]
     assert v["int8_dynamic"]["shrink_vs_fp32"] >= 3.5
     assert v["int8_dynamic"]["cosine_vs_torch_mean"] >= 0.99
+    # And static int8 (issue 10) is within the same cosine budget, at least 2.5x smaller than fp32
+    assert v["int8_static"]["cosine_vs_torch_mean"] >= 0.99 and v["int8_static"]["shrink_vs_fp32"] >= 2.5
     assert v["fp32"]["cosine_vs_torch_min"] >= 0.9999
     assert figs["placement"]
     assert set(figs["targets"]) <= {"cpu", "gpu"} and figs["targets"]
