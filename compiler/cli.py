@@ -119,6 +119,7 @@ def run_compile(args: argparse.Namespace) -> int:
         f"{res.name} v{res.version} {state}: selected {mv.selected_variant}, targets {list(mv.targets)}, "
         f"report {res.version_dir / 'report.md'}"
     )
+    print(res.next_steps)
     return 0
 
 

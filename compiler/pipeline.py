@@ -78,6 +78,17 @@ class CompileResult:
     noop: bool = False
     triton_dir: Path | None = None
 
+    @property
+    def next_steps(self) -> str:
+        """How to serve it: compiling lists a version but never makes it the default by itself."""
+        vdir = self.out_dir / self.name / self.version
+        entry = read_manifest(self.out_dir).models.get(self.name)
+        if entry is not None and entry.default_version == self.version:
+            return f"to serve it: tierserve models publish {vdir} --store URI (the model's default: its first version)"
+        return (f"v{self.version} is listed, not the default; to serve it: tierserve models publish {vdir} "
+                f"--store URI [--canary PERCENT | --promote], then tierserve models promote {self.name} "
+                f"{self.version} (or tierserve models rollout)")
+
 
 # --- progress ------------------------------------------------------------------------------------
 
@@ -327,7 +338,9 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
                 warmup=cfg.model_warmup,
             )
     prog.note(f"{name} v{version}: selected {sel.selected}, targets {list(placement.targets)} -> {vdir}")
-    return CompileResult(name, version, out_dir, vdir, mv, report, triton_dir=triton_dir)
+    result = CompileResult(name, version, out_dir, vdir, mv, report, triton_dir=triton_dir)
+    prog.note(result.next_steps)
+    return result
 
 
 def _unchanged(out_dir: Path, mv: ModelVersion) -> CompileResult:

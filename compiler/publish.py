@@ -5,6 +5,12 @@ move from the staging folder into ``DIR/NAME/VERSION``, then the Triton reposito
 are written, and the manifest entry comes last (under a lock, temp file + ``os.replace``). A
 version is immutable: :func:`existing_version` answers "already there" for the same content and
 refuses different content.
+
+Compiling does not change what is served: a new version of an existing model is listed in the manifest
+but is not made its default (the first version of a model is its default, there being no other). Publishing
+to a store and promoting are `tierserve models publish` / `promote` (``tierserve.lifecycle``). A GPU-placed
+version keeps its own Triton config in ``triton/NAME/VERSION/config.pbtxt``; the model's config lists the
+listed GPU versions (``version_policy: specific``, ``tierserve.lifecycle.triton_repo``).
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tierserve.errors import InvalidNameError
+from tierserve.lifecycle.triton_repo import gpu_versions, model_config_text
 from tierserve.manifest import (
     MANIFEST_FILE,
     ExternalFile,
@@ -58,10 +66,11 @@ def _manifest_lock(out_dir: Path) -> Iterator[None]:
 
 
 def write_manifest_entry(out_dir: Path, mv: ModelVersion) -> Path:
-    """Add ``mv`` to ``DIR/manifest.json`` atomically (temp file + os.replace), keeping other models."""
+    """Add ``mv`` to ``DIR/manifest.json`` atomically (temp file + os.replace), keeping other models; a new
+    version of an existing model is listed, not made the default."""
     out_dir = Path(out_dir)
     with _manifest_lock(out_dir):
-        manifest = read_manifest(out_dir).with_version(mv)
+        manifest = read_manifest(out_dir).with_version(mv, make_default=False)
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest-", suffix=".json")
         with os.fdopen(fd, "w") as fh:
             fh.write(manifest.dumps())
@@ -169,6 +178,24 @@ def publish(
             tensorrt_fp16=tensorrt_fp16,
             warmup=warmup,
         )
+        shutil.copyfile(triton_dir / "config.pbtxt", triton_dir / mv.version / "config.pbtxt")  # its own config
     write_report(vdir, report)
     write_manifest_entry(out_dir, mv)
+    if triton_dir is not None:
+        write_triton_model_config(out_dir, mv.name)
     return vdir, triton_dir
+
+
+def write_triton_model_config(out_dir: Path, name: str) -> list[str]:
+    """``DIR/triton/NAME/config.pbtxt`` serving the model's listed GPU versions, from their own configs;
+    returns the versions left out (another signature than the newest's)."""
+    root = Path(out_dir) / "triton" / name
+    configs = {v: (root / v / "config.pbtxt").read_text() for v in gpu_versions(read_manifest(out_dir), name)
+               if (root / v / "config.pbtxt").is_file()}
+    if not configs:
+        return []
+    text, left_out = model_config_text(name, configs, read_manifest(out_dir).revision)
+    tmp = root / ".config.pbtxt.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, root / "config.pbtxt")
+    return left_out

@@ -76,3 +76,22 @@ def check_history_agrees(outcome: dict[str, Any], n: int = 20) -> None:
     assert len(history) == 4 + len(done)  # the four publishes, then one change per successful writer
     assert history[-1]["to"] == outcome["state"]
     assert manifest.change == history[-1]
+
+
+def compiled(root, name: str, v: str, seed: int = 0, gpu: bool = False, in_dim: int = 4) -> ModelVersion:
+    """A version as `tierserve compile` leaves it in ``root``: NAME/VERSION/model.onnx and its manifest entry,
+    plus, for a GPU version, triton/NAME/VERSION/{model.onnx,config.pbtxt} (the version's own config)."""
+    from tests.support.models import linear_onnx, write_model
+
+    data, _, _ = linear_onnx(in_dim=in_dim, seed=seed)
+    inputs = (TensorSpec("x", "FP32", (-1, in_dim)),)
+    mv = write_model(root, name, v, data, inputs, Y, targets=("gpu", "cpu") if gpu else ("cpu",),
+                     max_batch_size=8 if gpu else 0)
+    if gpu:
+        from tierserve_compiler.triton import config_pbtxt
+
+        vdir = root / "triton" / name / v
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / "model.onnx").write_bytes(data)
+        (vdir / "config.pbtxt").write_text(config_pbtxt(name, list(inputs), list(Y), 8, tensorrt_fp16=False))
+    return mv

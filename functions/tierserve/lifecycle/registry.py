@@ -103,8 +103,8 @@ class Registry:
     def manifest(self) -> Manifest:
         return self.read()[0]
 
-    def entry(self, name: str) -> ModelEntry:
-        manifest = self.manifest()
+    def entry(self, name: str, manifest: Manifest | None = None) -> ModelEntry:
+        manifest = manifest or self.manifest()
         check_model_name(name)
         if name in manifest.broken:
             raise ManifestError(f"model {name!r} has an invalid manifest entry: {manifest.broken[name].reason}")
@@ -207,10 +207,11 @@ class Registry:
         return self.apply(mv.name, "publish", mutate, why, {"version": mv.version, "promote": promote,
                                                             "canary": canary})
 
-    def canary(self, name: str, version: str, percent: float, why: str = "") -> dict[str, Any]:
+    def canary(self, name: str, version: str, percent: float, why: str = "",
+               details: dict[str, Any] | None = None) -> dict[str, Any]:
         check_version(version)
         return self.apply(name, "canary", lambda e: _canary(_existing(name, e), version, percent), why,
-                          {"version": version, "percent": percent})
+                          {"version": version, "percent": percent, **(details or {})})
 
     def promote(self, name: str, version: str, why: str = "", details: dict[str, Any] | None = None) -> dict[str, Any]:
         check_version(version)

@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, str] = {
     "invoke": "tierserve.local.invoke",
     "triton": "tierserve.local.triton",
     "serve": "tierserve.local.serve",
+    "models": "tierserve.local.models_cli",
 }
 
 

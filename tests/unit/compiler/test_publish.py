@@ -29,6 +29,9 @@ def test_gpu_target_writes_the_triton_repository(mlp_onnx, cfg_for, tmp_path):
     assert (root / "1" / "model.onnx").read_bytes() == (res.version_dir / "fp16.onnx").read_bytes()
     mv = res.model_version
     assert list(mv.targets) == ["gpu", "cpu"] and mv.cpu_variant == "fp32" and res.report["triton_variant"] == "fp16"
+    # And the version keeps its own config, and the model's config serves exactly the listed GPU versions
+    assert parse((root / "1" / "config.pbtxt").read_text()).name == "tri"
+    assert list(cfg.version_policy.specific.versions) == [1]
 
 
 def test_cpu_only_model_has_no_triton_folder(mlp_onnx, cfg_for, tmp_path):
@@ -74,11 +77,14 @@ def test_versions_increment_and_same_content_is_a_noop(mlp_onnx, tmp_path, cfg_f
     implicit = compile_model(cfg_for(mlp_onnx, "m", quantize="none"))
     # Then nothing changes
     assert again.noop and implicit.noop and implicit.version == "1"
-    # When different content is compiled without --version / Then it becomes v2 and the default
+    # When different content is compiled without --version / Then it becomes v2, listed but not the default
+    # (compiling never changes what is served; `tierserve models promote` does)
     other = make_mlp_onnx(tmp_path / "other.onnx", seed=7)
     second = compile_model(cfg_for(other, "m", quantize="none"))
     assert second.version == "2"
-    assert Manifest.loads((tmp_path / "models" / "manifest.json").read_text()).models["m"].default_version == "2"
+    entry = Manifest.loads((tmp_path / "models" / "manifest.json").read_text()).models["m"]
+    assert entry.default_version == "1" and sorted(entry.listed()) == ["1", "2"]
+    assert "v2 is listed, not the default" in second.next_steps and "models promote m 2" in second.next_steps
 
 
 def test_recompiling_a_version_with_different_content_is_refused(mlp_onnx, tmp_path, cfg_for):

@@ -166,7 +166,8 @@ def test_onnx_with_external_data_compiles_and_is_served_from_the_store(tmp_path,
     np.testing.assert_allclose(got, x @ w + b, rtol=1e-2, atol=1e-2)
     # And when fp32 is the GPU variant, the Triton version folder holds its external data next to model.onnx
     compile_model(cfg_for(src, "ext32", target="both", quantize="none"))
-    assert sorted(p.name for p in (root / "triton" / "ext32" / "1").iterdir()) == ["model.onnx", "model.onnx.data"]
+    files = sorted(p.name for p in (root / "triton" / "ext32" / "1").iterdir())
+    assert files == ["config.pbtxt", "model.onnx", "model.onnx.data"]  # and the version's own Triton config
 
 
 @pytest.mark.parametrize("in_constant", [False, True], ids=["initializer", "constant"])
