@@ -1,19 +1,24 @@
-"""Batch inference throughput: the real pipeline against a raw onnxruntime loop, and peak RSS.
+"""Batch inference throughput: the real pipeline against a raw onnxruntime loop over the same rows.
 
-    python -m benchmarks.batch_throughput [--rows 100000] [--big-rows 1000000] [--chunk-rows 4096]
+    python -m benchmarks.batch_throughput [--models build/models] [--quick] [--rss]
 
-One run, one moto_server (S3, SQS, DynamoDB over HTTP), the digits classifier:
-1. pipeline: BatchInferenceFunction's handler on a ``--rows`` JSONL job, in this process, warm
-   (a small job runs first): S3 streaming read, JSON parsing, validation, batched onnxruntime,
-   JSON encoding, part uploads, DynamoDB checkpoints, errors.jsonl and _SUCCESS;
-2. raw: ``session.run`` over the same rows, already in a numpy array, in the same chunk size;
-3. peak RSS: the pipeline in a fresh process (``python -m benchmarks.batch_measure``) on
-   ``--rows`` and on ``--big-rows`` rows.
+One moto_server (S3, SQS, DynamoDB over HTTP) holding the compiled store; BatchInferenceFunction's
+handler runs in this process, warm (a small job first), each job timed end to end: S3 streaming read,
+parsing, chunk assembly, onnxruntime, encoding, part uploads, DynamoDB checkpoints, ``_SUCCESS``.
+The raw loop is ``session.run`` over the same rows, already in numpy, in the same chunk size, one thread,
+on the variant the CPU tier serves. Pipeline and raw alternate round by round (``rounds``).
+
+* digits (scikit-learn pipeline, FP32 [-1, 64]) from JSONL (the shorthand, one row a line) and from
+  Parquet (a list column); goals: JSONL >= 5x the rows/s before issue 10 (about 35,000 rows/s on an
+  idle machine: compare ``before_rows_per_s`` in the notes) and Parquet >= 0.3x raw;
+* MiniLM int8 (16 tokens a row) from JSONL; goal >= 0.85x raw.
+* ``--rss``: peak RSS of the pipeline in a fresh process on 100k vs 1M digits rows (memory is bounded
+  by CHUNK_ROWS, not by the file).
 """
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import os
 import subprocess
@@ -21,110 +26,231 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import Context, Figure, Series, Skip
+
+SUITE = "batch"
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "tierserve-models-123456789012-us-east-1"
 TABLE = "tierserve-jobs"
+TOKENS = 16
 
 
-def _rows(path: Path) -> np.ndarray:
-    """The rows of a write_digits_jsonl file, as the raw loop gets them (parsed outside the timing)."""
-    with open(path) as f:
-        n = sum(1 for _ in f)
-    out = np.empty((n, 64), dtype=np.float32)
-    with open(path) as f:
-        for i, line in enumerate(f):
-            out[i] = json.loads(line)["inputs"]["input"]
-    return out
+def digits_rows(n: int, seed: int = 11) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 17, size=(n, 64))
+
+
+def digits_jsonl(rows: np.ndarray) -> bytes:
+    return b"".join(b'{"id":"r%d","inputs":{"input":%s}}\n' % (i, json.dumps(r, separators=(",", ":")).encode())
+                    for i, r in enumerate(rows.tolist()))
+
+
+def parquet_bytes(columns: dict[str, np.ndarray], ids: list[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, Any] = {}
+    for name, arr in columns.items():
+        width = int(np.prod(arr.shape[1:]))
+        cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), width)
+    cols["id"] = pa.array(ids)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf, row_group_size=65_536)
+    return buf.getvalue()
+
+
+def minilm_rows(n: int, seed: int = 5) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(1000, 20000, size=(n, TOKENS))
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {"input_ids": ids, "attention_mask": np.ones((n, TOKENS), dtype=np.int64)}
+
+
+def minilm_jsonl(cols: dict[str, np.ndarray]) -> bytes:
+    ids, mask = cols["input_ids"].tolist(), cols["attention_mask"].tolist()
+    pairs = enumerate(zip(ids, mask, strict=True))
+    return b"".join(json.dumps({"id": f"m{i}", "inputs": {"input_ids": a, "attention_mask": m}},
+                               separators=(",", ":")).encode() + b"\n" for i, (a, m) in pairs)
+
+
+class Stack:
+    """moto_server with the store uploaded and the batch resources created; jobs run in this process."""
+
+    def __init__(self, models: Path, workdir: Path, chunk_rows: int) -> None:
+        self.models, self.workdir, self.chunk_rows = models, workdir, chunk_rows
+
+    def __enter__(self) -> Stack:
+        import boto3
+
+        from tests.support.moto_server import aws_test_env, running_moto_server
+        from tierserve.app import reset_runtime
+        from tierserve.local.batch import create_local_stack
+
+        self._moto = running_moto_server(self.workdir / "moto.log")
+        url = self._moto.__enter__()
+        self._saved = dict(os.environ)
+        os.environ.update(aws_test_env(url))
+        os.environ.update({"MODEL_STORE_URI": f"s3://{BUCKET}/models", "MODEL_CACHE_DIR": str(self.workdir / "cache"),
+                           "JOB_TABLE": TABLE, "CHUNK_ROWS": str(self.chunk_rows), "ORT_THREADS": "1",
+                           "CHECKPOINT_MARGIN_MS": "1000", "POWERTOOLS_TRACE_DISABLED": "true",
+                           "POWERTOOLS_LOG_LEVEL": "ERROR", "POWERTOOLS_METRICS_NAMESPACE": "tierserve-bench",
+                           "TRITON_URL": ""})
+        reset_runtime()
+        from tierserve.observability import logger
+
+        logger.setLevel("ERROR")  # built before this environment was set
+        self.s3 = boto3.client("s3")
+        create_local_stack(self.s3, boto3.client("dynamodb"), boto3.client("sqs"), BUCKET, TABLE)
+        for f in sorted(self.models.rglob("*")):
+            rel = f.relative_to(self.models).as_posix()
+            if f.is_file() and not rel.startswith(("triton/", ".")) and f.suffix in (".json", ".onnx", ".data"):
+                self.s3.upload_file(str(f), BUCKET, f"models/{rel}")
+        self.n = 0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from tierserve.app import reset_runtime
+
+        os.environ.clear()
+        os.environ.update(self._saved)
+        reset_runtime()
+        self._moto.__exit__(*exc)
+
+    def put(self, model: str, name: str, body: bytes, ext: str) -> str:
+        key = f"batch/in/{model}/{name}.{ext}"
+        self.s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+        return key
+
+    def run(self, key: str) -> tuple[float, dict[str, Any]]:
+        """Seconds for one job on ``key`` (a fresh output each time: no idempotent shortcut)."""
+        from tierserve.batch.service import handle_event
+        from tierserve.local.emulation import LocalContext
+
+        self.n += 1
+        msg = {"model": key.split("/")[2], "input": f"s3://{BUCKET}/{key}",
+               "output": f"s3://{BUCKET}/batch/out/bench/{self.n}"}
+        event = {"Records": [{"messageId": f"m{self.n}", "receiptHandle": "r", "body": json.dumps(msg),
+                              "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+                              "attributes": {"ApproximateReceiveCount": "1"}, "awsRegion": "us-east-1"}]}
+        t0 = time.perf_counter()
+        result = handle_event(event, LocalContext("BatchInferenceFunction", 3538, 900))
+        seconds = time.perf_counter() - t0
+        assert result.get("batchItemFailures") in (None, []), result
+        return seconds, result
+
+
+def _raw_loop(session: Any, feeds: dict[str, np.ndarray], chunk: int) -> float:
+    n = len(next(iter(feeds.values())))
+    t0 = time.perf_counter()
+    for lo in range(0, n, chunk):
+        session.run(None, {k: v[lo:lo + chunk] for k, v in feeds.items()})
+    return time.perf_counter() - t0
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    from tierserve.sessions import session_options
+
+    return ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+
+
+def _compare(ctx: Context, stack: Stack, label: str, key: str, session: Any, feeds: dict[str, np.ndarray],
+             rows: int, rounds: int, goal: float | None, cond: str) -> Figure:
+    stack.run(key)  # warm: model download, session, clients, this object's first read
+    pipe, raw = [], []
+    for _ in range(rounds):
+        seconds, _ = stack.run(key)
+        pipe.append(seconds)
+        raw.append(_raw_loop(session, feeds, stack.chunk_rows))
+    rate = [rows / s for s in pipe]
+    raw_rate = [rows / s for s in raw]
+    return ctx.add(Figure(
+        SUITE, label,
+        Series("pipeline rows/s", unit="rows/s", rate=float(np.median(rate)), count=rows * rounds),
+        Series("raw onnxruntime loop rows/s", unit="rows/s", rate=float(np.median(raw_rate)), count=rows * rounds),
+        better="higher", goal=goal, conditions=cond,
+        extra={"pipeline_s": pipe, "raw_s": raw, "rows": rows}))
+
+
+def run(ctx: Context) -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"pyarrow is not installed ({exc}): pip install -e '.[batch]'") from exc
+    from tierserve.manifest import Manifest
+
+    if not (ctx.models / "manifest.json").is_file():
+        raise Skip(f"no manifest in {ctx.models}: run `make demo` (or make compile-demo compile-minilm) first")
+    manifest = Manifest.loads((ctx.models / "manifest.json").read_text())
+    chunk = 4096
+    rounds = ctx.n(3, 2)
+    cond = (f"in-process BatchInferenceFunction handler, moto_server over HTTP for S3/SQS/DynamoDB, CHUNK_ROWS "
+            f"{chunk}, 1 ORT thread, median of {rounds} rounds alternating with the raw loop")
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp, Stack(ctx.models, Path(tmp), chunk) as stack:
+        if "digits" in manifest.models:
+            mv = manifest.resolve("digits")
+            n = ctx.n(200_000, 40_000)
+            rows = digits_rows(n)
+            ctx.progress(f"digits: {n:,} rows from JSONL and Parquet")
+            session = _session(ctx.models / mv.cpu_artifact.path)
+            feeds = {"input": rows.astype(np.float32)}
+            jsonl = stack.put("digits", "bench", digits_jsonl(rows), "jsonl")
+            ids = [f"r{i}" for i in range(n)]
+            parquet = stack.put("digits", "bench", parquet_bytes({"input": rows.astype(np.float32)}, ids), "parquet")
+            _compare(ctx, stack, "digits from JSONL vs raw onnxruntime", jsonl, session, feeds, n, rounds, None,
+                     f"{cond}; {n:,} rows, the shorthand form, one row a line")
+            _compare(ctx, stack, "digits from Parquet vs raw onnxruntime", parquet, session, feeds, n, rounds, 0.3,
+                     f"{cond}; {n:,} rows, a fixed-size-list column, Parquet parts out")
+        if "minilm" in manifest.models:
+            mv = manifest.resolve("minilm")
+            n = ctx.n(2048, 512)
+            cols = minilm_rows(n)
+            ctx.progress(f"minilm ({mv.cpu_variant or mv.selected_variant}): {n:,} rows of {TOKENS} tokens")
+            session = _session(ctx.models / mv.cpu_artifact.path)
+            key = stack.put("minilm", "bench", minilm_jsonl(cols), "jsonl")
+            pkey = stack.put("minilm", "bench", parquet_bytes(cols, [f"m{i}" for i in range(n)]), "parquet")
+            _compare(ctx, stack, "MiniLM int8 from Parquet vs raw onnxruntime", pkey, session, cols, n, rounds, 0.85,
+                     f"{cond}; {n:,} rows of {TOKENS} tokens, both outputs written as Parquet")
+            _compare(ctx, stack, "MiniLM int8 from JSONL vs raw onnxruntime", key, session, cols, n, rounds, 0.85,
+                     f"{cond}; {n:,} rows of {TOKENS} tokens, both outputs written as JSON "
+                     f"({TOKENS * 384 + 384:,} floats a row)")
+    if ctx.notes.get("rss"):
+        _rss(ctx)
+
+
+def _rss(ctx: Context) -> None:
+    """Peak RSS of the pipeline in a fresh process: 100k vs 1M digits rows (bounded by CHUNK_ROWS)."""
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp, Stack(ctx.models, Path(tmp), 4096) as stack:
+        out = {}
+        for rows in (100_000, 1_000_000):
+            ctx.progress(f"peak RSS on {rows:,} rows (fresh process)")
+            key = stack.put("digits", f"rss{rows}", digits_jsonl(digits_rows(rows)), "jsonl")
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_measure", f"s3://{BUCKET}/{key}"],
+                                  capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), check=True)
+            out[rows] = json.loads(proc.stdout.strip().splitlines()[-1])
+        ctx.add(Figure(SUITE, "peak RSS, 1M rows vs 100k rows",
+                       Series("peak RSS 1M rows", [out[1_000_000]["peak_rss_mb"]], unit="MiB"),
+                       Series("peak RSS 100k rows", [out[100_000]["peak_rss_mb"]], unit="MiB"),
+                       goal=1.2, goal_op="<=", conditions="fresh process each, CHUNK_ROWS 4096"))
 
 
 def main() -> int:
+    import argparse
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--big-rows", type=int, default=1_000_000)
-    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--models", type=Path, default=Path("build/models"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rss", action="store_true", help="also peak RSS on 100k vs 1M rows (minutes)")
     args = ap.parse_args()
-    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")  # before the Logger is built
-
-    import boto3
-    import onnxruntime as ort
-
-    from benchmarks.batch_measure import write_digits_jsonl
-    from tests.support.models import write_digits
-    from tests.support.moto_server import aws_test_env, running_moto_server
-    from tierserve.app import reset_runtime
-    from tierserve.batch.service import handle_event
-    from tierserve.local.batch import create_local_stack
-    from tierserve.local.emulation import LocalContext
-
-    with tempfile.TemporaryDirectory() as tmp_s, running_moto_server(Path(tmp_s) / "moto.log") as url:
-        tmp = Path(tmp_s)
-        os.environ.update(aws_test_env(url))
-        os.environ.update({"MODEL_STORE_URI": f"s3://{BUCKET}/models", "MODEL_CACHE_DIR": str(tmp / "cache"),
-                           "JOB_TABLE": TABLE, "CHUNK_ROWS": str(args.chunk_rows), "ORT_THREADS": "1",
-                           "CHECKPOINT_MARGIN_MS": "1000", "POWERTOOLS_TRACE_DISABLED": "true",
-                           "POWERTOOLS_METRICS_NAMESPACE": "tierserve-bench"})
-        reset_runtime()
-        s3 = boto3.client("s3")
-        create_local_stack(s3, boto3.client("dynamodb"), boto3.client("sqs"), BUCKET, TABLE)
-        store = tmp / "store"
-        store.mkdir()
-        write_digits(store)
-        for f in sorted(store.rglob("*")):
-            if f.is_file():
-                s3.upload_file(str(f), BUCKET, f"models/{f.relative_to(store).as_posix()}")
-
-        def put(name: str, rows: int) -> str:
-            path = write_digits_jsonl(tmp / f"{name}.jsonl", rows, seed=11)
-            s3.upload_file(str(path), BUCKET, f"batch/in/digits/{name}.jsonl")
-            path.unlink() if rows > args.rows else None
-            return f"batch/in/digits/{name}.jsonl"
-
-        def event(key: str) -> dict:
-            etag = s3.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
-            return {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                                 "s3": {"bucket": {"name": BUCKET}, "object": {"key": key, "eTag": etag}}}]}
-
-        ctx = LocalContext("BatchInferenceFunction", 3538, 900)
-        handle_event(event(put("warmup", 2000)), ctx)  # model download, session, clients
-        key = put("bench", args.rows)
-        t0 = time.perf_counter()
-        summary = handle_event(event(key), ctx)["jobs"][0]
-        pipeline_s = time.perf_counter() - t0
-        assert summary["counts"]["output_lines"] == args.rows, summary
-
-        x = _rows(tmp / "bench.jsonl")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(store / "digits/1/model.onnx"), opts, providers=["CPUExecutionProvider"])
-        sess.run(None, {"input": x[:64]})
-        t0 = time.perf_counter()
-        for lo in range(0, len(x), args.chunk_rows):
-            sess.run(["label", "probabilities"], {"input": x[lo:lo + args.chunk_rows]})
-        raw_s = time.perf_counter() - t0
-
-        rss = {}
-        for name, rows in (("rss-small", args.rows), ("rss-big", args.big_rows)):
-            k = put(name, rows)
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_measure", f"s3://{BUCKET}/{k}"],
-                                  capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), check=True)
-            rss[rows] = json.loads(proc.stdout.strip().splitlines()[-1])
-
-    pipe_rps, raw_rps = args.rows / pipeline_s, args.rows / raw_s
-    print(f"\nbatch throughput, digits classifier, {args.rows:,} rows, chunk {args.chunk_rows}, 1 ORT thread")
-    print(f"{'path':<44}{'seconds':>10}{'rows/s':>12}")
-    print(f"{'pipeline (S3 -> parse -> ORT -> S3, moto)':<44}{pipeline_s:>10.2f}{pipe_rps:>12,.0f}")
-    print(f"{'raw onnxruntime loop (same rows, chunks)':<44}{raw_s:>10.3f}{raw_rps:>12,.0f}")
-    print(f"pipeline / raw = {pipe_rps / raw_rps:.3f}  (pipeline timings: {summary['timings_s']})")
-    print(f"\n{'peak RSS (fresh process)':<44}{'rows':>12}{'MiB':>10}{'rows/s':>12}")
-    for rows, m in rss.items():
-        print(f"{'pipeline':<44}{rows:>12,}{m['peak_rss_mb']:>10.1f}{m['rows_per_s']:>12,.0f}")
-    small, big = rss[args.rows]["peak_rss_mb"], rss[args.big_rows]["peak_rss_mb"]
-    print(f"RSS ratio {args.big_rows:,} / {args.rows:,} rows = {big / small:.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(args.models, Path(tmp), args.quick, suite=SUITE, notes={"rss": args.rss})
+        run(ctx)
+        print(json.dumps([f.to_json() for f in ctx.figures], indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

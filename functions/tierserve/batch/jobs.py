@@ -34,11 +34,14 @@ from tierserve.batch.io import (
     BatchInputError,
     Record,
     S3Location,
+    chunk_feeds,
     encode_errors,
+    encode_parquet_part,
     encode_part,
     input_format,
     jsonl_records,
     npz_records,
+    parquet_records,
     parse_s3_uri,
     split_input_key,
 )
@@ -200,6 +203,7 @@ class _Runner:
         self.app, self.s3, self.jobs, self.spec, self.model = app, s3, jobs, spec, model
         self.state, self.context = state, context
         self.out_datatypes = {o.name: o.datatype for o in model.outputs}
+        self.parquet = input_format(spec.input.key) == "parquet"  # Parquet in, Parquet parts out
         self.work_prefix = f"{WORK_PREFIX}{state.item_id[4:36]}"
 
     def run(self) -> dict[str, Any]:
@@ -233,27 +237,39 @@ class _Runner:
 
     def _records(self) -> Iterator[Record]:
         st = self.state
-        if input_format(self.spec.input.key) == "npz":
+        fmt = input_format(self.spec.input.key)
+        if fmt == "npz":
             return npz_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
                                st.chunk_rows)
+        if fmt == "parquet":
+            return parquet_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
+                                   st.chunk_rows)
         return jsonl_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
                              st.next_line, st.input_size)
 
     def _part(self, chunk: list[Record]) -> None:
         st = self.state
-        good = [r for r in chunk if r.error is None]
         t0 = time.perf_counter()
-        outputs = self._infer(good) if good else {}
+        feeds = chunk_feeds(chunk, self.model)  # one numpy call per input for a regular chunk
+        good = [r for r in chunk if r.error is None]
+        st.read_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outputs = self._infer(feeds, good) if good else {}
         if good and outputs is None:  # the batch was refused: find the bad lines one at a time
-            outputs = self._infer_each(good)
+            outputs = self._infer_each(good, feeds)
             good = [r for r in good if r.error is None]
         st.infer_s += time.perf_counter() - t0
         bad = [r for r in chunk if r.error]
         t0 = time.perf_counter()
         if bad:
             self._put(f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl", encode_errors(bad))
-        body = encode_part(good, outputs or {}, self.out_datatypes)
-        self._put(f"{self.spec.output.key}/part-{st.next_part:05d}.jsonl", body)
+        if self.parquet:
+            body = encode_parquet_part(good, outputs or {})
+            self._put(f"{self.spec.output.key}/part-{st.next_part:05d}.parquet", body,
+                      "application/vnd.apache.parquet")
+        else:
+            body = encode_part(good, outputs or {}, self.out_datatypes)
+            self._put(f"{self.spec.output.key}/part-{st.next_part:05d}.jsonl", body)
         st.write_s += time.perf_counter() - t0
         st.next_part += 1
         st.next_offset = chunk[-1].end
@@ -265,8 +281,7 @@ class _Runner:
         st.lines_blank += sum(1 for r in chunk if r.error == "")
         metrics.add_metric("BatchRows", MetricUnit.Count, sum(r.rows for r in good))
 
-    def _infer(self, good: list[Record]) -> dict[str, np.ndarray] | None:
-        feeds = {s.name: np.concatenate([r.feeds[s.name] for r in good]) for s in self.model.inputs}  # type: ignore[index]
+    def _infer(self, feeds: dict[str, np.ndarray], good: list[Record]) -> dict[str, np.ndarray] | None:
         try:
             return self._score(feeds)
         except errors.InvalidRequestError:
@@ -274,11 +289,14 @@ class _Runner:
                 raise
             return None
 
-    def _infer_each(self, good: list[Record]) -> dict[str, np.ndarray]:
+    def _infer_each(self, good: list[Record], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.model.outputs}
-        for r in good:
+        row = 0
+        for r in good:  # ``feeds`` holds the good records' rows in order
+            own = {k: v[row:row + r.rows] for k, v in feeds.items()}
+            row += r.rows
             try:
-                out = self._score(r.feeds or {})
+                out = self._score(own)
             except errors.InvalidRequestError as exc:
                 r.error = exc.message
                 continue
@@ -291,9 +309,8 @@ class _Runner:
         CPU fallback) for GPU models when a GPU tier is configured."""
         return self.app.dispatcher.score(self.model, feeds, Deadline.from_context(self.context))
 
-    def _put(self, key: str, body: bytes) -> None:
-        self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body,
-                           ContentType="application/x-ndjson")
+    def _put(self, key: str, body: bytes, content_type: str = "application/x-ndjson") -> None:
+        self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body, ContentType=content_type)
 
     def _continue(self) -> dict[str, Any]:
         st = self.state

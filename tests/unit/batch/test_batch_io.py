@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -102,9 +104,162 @@ def test_keys_and_uris_are_checked_against_the_allowlists():
     for bad in ("batch/in/digits/../x.jsonl", "batch/in/di gits/x.jsonl", "/abs.jsonl"):
         with pytest.raises(InvalidNameError):
             split_input_key(bad)
-    with pytest.raises(BatchInputError, match=r"\.jsonl or \.npz"):
+    with pytest.raises(BatchInputError, match=r"\.jsonl, \.npz or \.parquet"):
         split_input_key("batch/in/digits/x.csv")
     with pytest.raises(BatchInputError, match="s3://"):
         parse_s3_uri("https://bucket/key", "input")
     with pytest.raises(InvalidNameError):
         parse_s3_uri("s3://Bad_Bucket/key.jsonl", "input")
+
+
+# --- chunks, ranges and Parquet ----------------------------------------------------------------------
+
+
+class FakeS3:
+    """get_object with Range, over objects held in memory (what the readers ask of S3)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def get_object(self, Bucket: str, Key: str, Range: str | None = None, **_):
+        data = self.objects[Key]
+        if Range:
+            data = data[int(Range.removeprefix("bytes=").rstrip("-")):]
+        return {"Body": Body(data)}
+
+
+def _lines(rows: np.ndarray, ids: str = "r") -> bytes:
+    return b"".join(json.dumps({"id": f"{ids}{i}", "inputs": {"input": r.tolist()}}).encode() + b"\n"
+                    for i, r in enumerate(rows))
+
+
+def test_a_regular_chunk_is_assembled_at_once_and_equals_the_line_by_line_feeds(digits):
+    from tierserve.batch.io import chunk_feeds, read_line
+
+    # Given 50 one-row shorthand lines
+    rows = np.random.default_rng(1).integers(0, 17, (50, 64))
+    raw = _lines(rows).splitlines()
+    # When the chunk is assembled, and the same lines are parsed one by one
+    chunk = [read_line(x, i + 1, 0) for i, x in enumerate(raw)]
+    feeds = chunk_feeds(chunk, digits)
+    each = [parse_line(x, i + 1, 0, digits) for i, x in enumerate(raw)]
+    # Then the feeds are the same float32 rows, each record one row, none left with its JSON
+    np.testing.assert_array_equal(feeds["input"], np.concatenate([r.feeds["input"] for r in each]))
+    assert feeds["input"].dtype == np.float32 and feeds["input"].shape == (50, 64)
+    assert all(r.rows == 1 and r.error is None and r.inputs is None for r in chunk)
+
+
+@pytest.mark.parametrize(("bad", "reason"), [
+    (b'{"id": "x", "inputs": {"input": [1, 2, 3]}}', "got 3"),
+    (b'{"id": "x", "inputs": {"input": "abc"}}', "'data' must be a JSON array"),
+    (b'{"id": "x", "inputs": {"pixels": [1]}}', "unknown input(s) 'pixels'"),
+], ids=["short-row", "not-a-list", "unknown-name"])
+def test_a_chunk_with_a_bad_line_names_that_line_alone(digits, bad, reason):
+    from tierserve.batch.io import chunk_feeds, read_line
+
+    # Given a chunk of good lines with one bad line in the middle and a protocol-form line
+    good = _lines(np.ones((4, 64), int)).splitlines()
+    proto = json.dumps({"id": "p", "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32",
+                                               "data": [0] * 128}]}).encode()
+    chunk = [read_line(x, i + 1, 0) for i, x in enumerate([good[0], good[1], bad, proto, good[2]])]
+    # When it is assembled
+    feeds = chunk_feeds(chunk, digits)
+    # Then only the bad line has an error, and the others' rows are all there (the protocol line's two)
+    assert [r.error is None for r in chunk] == [True, True, False, True, True]
+    assert reason in chunk[2].error and feeds["input"].shape == (1 + 1 + 2 + 1, 64)
+
+
+def test_jsonl_shards_by_byte_range_cover_every_line_once(digits):
+    from tierserve.batch.io import S3Location, jsonl_records
+
+    # Given a 30-line object cut into three byte ranges that fall inside lines
+    data = _lines(np.zeros((30, 64), int))
+    s3, loc = FakeS3({"k.jsonl": data}), S3Location("bucket-1", "k.jsonl")
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+
+    def first_line_at(offset: int) -> int:  # a shard starts at the first line that starts at or after its cut
+        return 0 if offset == 0 else data.index(b"\n", offset - 1) + 1
+
+    # When each shard reads the lines that start inside its range
+    ids = []
+    for lo, hi in itertools.pairwise(cuts):
+        start = first_line_at(lo)
+        ids += [r.id for r in jsonl_records(s3, loc, {}, digits, start, 1, len(data), stop=hi)]
+    # Then every line is read exactly once, in order
+    assert ids == [f"r{i}" for i in range(30)]
+
+
+def _parquet(rows: np.ndarray, ids: list | None = None, row_group_size: int = 7, fixed: bool = False) -> bytes:
+    import io as _io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = pa.array(rows.reshape(-1).astype(np.float32))
+    col = (pa.FixedSizeListArray.from_arrays(flat, rows.shape[1]) if fixed
+           else pa.ListArray.from_arrays(pa.array(np.arange(0, rows.size + 1, rows.shape[1], dtype=np.int32)), flat))
+    cols = {"input": col, **({"id": pa.array(ids)} if ids is not None else {})}
+    buf = _io.BytesIO()
+    pq.write_table(pa.table(cols), buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["list", "fixed-size-list"])
+def test_parquet_rows_are_read_by_row_range_across_row_groups(digits, fixed):
+    pytest.importorskip("pyarrow")
+    from tierserve.batch.io import S3Location, parquet_records
+
+    # Given 30 rows in row groups of 7, with ids
+    rows = np.random.default_rng(2).integers(0, 17, (30, 64))
+    s3 = FakeS3({"k.parquet": _parquet(rows, [f"p{i}" for i in range(30)], fixed=fixed)})
+    loc = S3Location("bucket-1", "k.parquet")
+    # When rows [10, 23) are read in chunks of 4
+    recs = list(parquet_records(s3, loc, {}, digits, 10, 4, stop_row=23))
+    # Then exactly those rows come back, numbered, with their ids and float32 feeds
+    assert [r.line for r in recs] == list(range(11, 24)) and [r.end for r in recs] == list(range(11, 24))
+    assert [r.id for r in recs] == [f"p{i}" for i in range(10, 23)]
+    np.testing.assert_array_equal(np.concatenate([r.feeds["input"] for r in recs]), rows[10:23].astype(np.float32))
+    # And the whole file reads back whole
+    assert len(list(parquet_records(s3, loc, {}, digits, 0, 8))) == 30
+
+
+def test_parquet_inputs_that_do_not_fit_the_model_are_refused_with_the_reason(digits):
+    pa = pytest.importorskip("pyarrow")
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    from tierserve.batch.io import S3Location, parquet_records
+
+    def table_bytes(**cols) -> bytes:
+        buf = _io.BytesIO()
+        pq.write_table(pa.table(cols), buf)
+        return buf.getvalue()
+
+    cases = {
+        "no-column.parquet": (table_bytes(pixels=pa.array([1.0])), "no column 'input'"),
+        "ragged.parquet": (table_bytes(input=pa.array([[1.0] * 64, [1.0] * 63])), "rows of different lengths"),
+        "narrow.parquet": (table_bytes(input=pa.array([[1.0] * 8])), "expects [64]"),
+        "garbage.parquet": (b"not parquet at all", "not a readable Parquet file"),
+    }
+    s3 = FakeS3({k: v for k, (v, _) in cases.items()})
+    for key, (_, reason) in cases.items():
+        with pytest.raises(BatchInputError, match=re.escape(reason)):
+            list(parquet_records(s3, S3Location("bucket-1", key), {}, digits, 0, 4))
+
+
+def test_parquet_parts_are_deterministic_and_hold_one_row_per_input_row():
+    pytest.importorskip("pyarrow")
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    from tierserve.batch.io import encode_parquet_part
+
+    recs = [Record(line=1, end=1, id="a", rows=1), Record(line=2, end=2, id=7, rows=2)]
+    outs = {"label": np.array([3, 1, 4], dtype=np.int64), "p": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    body = encode_parquet_part(recs, outs)
+    assert body == encode_parquet_part(recs, outs)
+    table = pq.read_table(_io.BytesIO(body)).to_pydict()
+    assert table == {"id": ["a", "7", "7"], "line": [1, 2, 2], "label": [3, 1, 4],
+                     "p": [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]}

@@ -145,6 +145,41 @@ def test_npz_job_crashing_after_a_checkpoint_resumes_to_identical_parts(aws, lam
     assert json.loads(got["_SUCCESS"])["invocations"] == 2
 
 
+def test_parquet_job_crashing_after_a_checkpoint_resumes_to_the_same_parquet_parts(aws, lambda_context):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    # Given a 10-row Parquet file (a list column per input, and ids) read in chunks of 4 rows
+    flat = pa.array(ROWS.reshape(-1))
+    table = pa.table({"input": pa.ListArray.from_arrays(pa.array(np.arange(0, 641, 64, dtype=np.int32)), flat),
+                      "id": pa.array([f"q{i}" for i in range(10)])})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=3)
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/tab.parquet", Body=buf.getvalue())
+    body = {"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/tab.parquet"}
+    assert batch_inference.lambda_handler(_event(body), lambda_context) == {"batchItemFailures": []}
+
+    def crash(stage: str, part: int) -> None:
+        if stage == "checkpointed" and part == 0:
+            raise RuntimeError("simulated crash")
+
+    # When another run of it crashes after part 0 and is retried
+    out = {**body, "output": f"s3://{BUCKET}/batch/out/crash-parquet"}
+    batch_jobs.after_part_hook = crash
+    assert batch_inference.lambda_handler(_event(out), lambda_context)["batchItemFailures"]
+    batch_jobs.after_part_hook = None
+    assert batch_inference.lambda_handler(_event(out), lambda_context) == {"batchItemFailures": []}
+    # Then the parts are Parquet, equal to the reference run's, with every row's label in order
+    ref, got = _outputs(aws, "batch/out/digits/tab"), _outputs(aws, "batch/out/crash-parquet")
+    parts = sorted(k for k in got if k.startswith("part-"))
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert {k: got[k] for k in parts} == {k: ref[k] for k in parts}
+    rows = [pq.read_table(io.BytesIO(got[k])).to_pydict() for k in parts]
+    assert [i for r in rows for i in r["id"]] == [f"q{i}" for i in range(10)]
+    assert [n for r in rows for n in r["line"]] == list(range(1, 11))
+    assert all(len(p) == 10 for r in rows for p in r["probabilities"])
+
+
 def test_direct_s3_event_runs_the_job_and_a_replaced_object_is_refused(aws, lambda_context):
     # Given an object, and an S3 event for it with its real eTag
     key = _put_jsonl(aws, "direct")
