@@ -163,11 +163,21 @@ def endpoint(req: HttpRequest) -> tuple[Operation, dict[str, str]]:
 
 def handle_http(event: dict[str, Any], context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
     """Serve one API Gateway HTTP API event (with the environment's runtime unless one is given); never raises."""
+    return _answer(lambda rt: parse_http_event(event, rt.settings.max_payload_bytes), context, runtime)
+
+
+def handle_request(req: HttpRequest, context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Serve one request parsed elsewhere (the edge runtime's HTTP server reads it off a socket, no event
+    in between; it checks the body against MAX_PAYLOAD_BYTES before reading it); never raises."""
+    return _answer(lambda rt: req, context, runtime)
+
+
+def _answer(parse: Callable[[Runtime], HttpRequest], context: Any, runtime: Runtime | None) -> dict[str, Any]:
     base_headers = {"x-served-by": "cpu"}
     request_id = ""
     try:
         rt = runtime or get_runtime()
-        req = parse_http_event(event, rt.settings.max_payload_bytes)
+        req = parse(rt)
         request_id = req.request_id
         op, params = endpoint(req)
         resp = op(rt, req, params, context)

@@ -28,7 +28,7 @@ from tierserve.routing import get_policy
 from tierserve.settings import Settings, get_settings, reset_settings
 from tierserve.stats import InferenceStats
 from tierserve.store import ModelStore
-from tierserve.tiering import TierDispatcher
+from tierserve.tiering import Dispatcher, TierDispatcher
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Runtime:
 
     settings: Settings
     store: ModelStore
-    dispatcher: TierDispatcher
+    dispatcher: Dispatcher  # TierDispatcher in the cloud; EdgeDispatcher on a device (tierserve.edge)
     #: This execution environment's inference counters (``GET /v2/models/stats``); they live as long as it.
     stats: InferenceStats = field(default_factory=InferenceStats)
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -73,6 +73,14 @@ class HttpRequest:
         return self._body
 
 
+def payload_too_large(size: int, limit: int) -> errors.PayloadTooLargeError:
+    """The 413 for a body of ``size`` bytes over ``limit`` (the API, and the edge before it reads a body)."""
+    return errors.PayloadTooLargeError(
+        f"request body is {size} bytes; the limit is {limit} bytes. Split the batch into "
+        "smaller requests, or use batch inference from S3 for large jobs"
+    )
+
+
 def parse_http_event(event: dict[str, Any], max_body_bytes: int) -> HttpRequest:
     """Parse an HTTP API v2 event. Oversized bodies are refused (413) before they are decoded."""
     if not isinstance(event, dict) or "requestContext" not in event:
@@ -92,10 +100,7 @@ def parse_http_event(event: dict[str, Any], max_body_bytes: int) -> HttpRequest:
     if not is_b64 and approx <= max_body_bytes and not raw.isascii():
         approx = len(raw.encode("utf-8"))
     if approx > max_body_bytes:
-        raise errors.PayloadTooLargeError(
-            f"request body is {approx} bytes; the limit is {max_body_bytes} bytes. Split the batch into "
-            "smaller requests, or use batch inference from S3 for large jobs"
-        )
+        raise payload_too_large(approx, max_body_bytes)
     query = {str(k): str(v) for k, v in (event.get("queryStringParameters") or {}).items()}
     return HttpRequest(method, path, headers, query, str(ctx.get("requestId") or ""), raw, is_b64)
 

@@ -20,8 +20,10 @@
                 "int8_dynamic": {"path": "<name>/1/int8_dynamic.onnx", "sha256": "...", "size_bytes": 456}
               },
               "selected_variant": "int8_dynamic",   # what the CPU tier serves
-              "targets": ["cpu"],                   # "cpu", "gpu", or ["gpu", "cpu"] (GPU, CPU fallback)
+              "targets": ["cpu"],                   # "cpu", "gpu", or ["gpu", "cpu"] (GPU, CPU fallback);
+                                                    # "edge" adds devices (with a cloud tier beside it)
               "cpu_variant": "int8_dynamic",        # optional, defaults to selected_variant
+              "edge_variant": "int8_dynamic",       # optional: what an edge device serves (default: cpu's)
               "routing": {"gpu_min_rows": 64, "gpu_min_bytes": 1048576},
               "cpu": {"memory_mb": 1769, "threads": 1},
               "created_at": "2026-11-24T12:00:00Z",
@@ -83,7 +85,9 @@ ARTIFACT_PATH_RE = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|\Z))[A-Za-z0-9_.\-/]{1
 #: Lower-case hex sha256.
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-TARGETS = ("cpu", "gpu")
+TARGETS = ("cpu", "gpu", "edge")
+#: The tiers in the cloud; ``edge`` is a device running ``tierserve edge`` in front of them.
+CLOUD_TARGETS = ("cpu", "gpu")
 #: How long a retired version still answers requests pinned to it: longer than any manifest cache
 #: (MANIFEST_TTL_S, at most 60 s) plus a request's time in flight (API Gateway's 30 s).
 RETIRE_GRACE_S = 120.0
@@ -220,6 +224,7 @@ class ModelVersion:
     targets: tuple[str, ...] = ("cpu",)
     cpu_variant: str | None = None
     max_batch_size: int = 0
+    edge_variant: str | None = None
     routing: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
@@ -244,9 +249,23 @@ class ModelVersion:
         return "gpu" in self.targets
 
     @property
+    def serves_edge(self) -> bool:
+        return "edge" in self.targets
+
+    @property
+    def cloud_targets(self) -> tuple[str, ...]:
+        """The targets in the cloud (what the router chooses among): ``edge`` left out."""
+        return tuple(t for t in self.targets if t in CLOUD_TARGETS)
+
+    @property
     def cpu_artifact(self) -> Variant:
         """The variant the CPU tier loads."""
         return self.variants[self.cpu_variant or self.selected_variant]
+
+    @property
+    def edge_artifact(self) -> Variant:
+        """The variant an edge device loads: ``edge_variant``, else the CPU tier's."""
+        return self.variants[self.edge_variant or self.cpu_variant or self.selected_variant]
 
     def input_spec(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)
@@ -265,6 +284,8 @@ class ModelVersion:
         }
         if self.cpu_variant:
             d["cpu_variant"] = self.cpu_variant
+        if self.edge_variant:
+            d["edge_variant"] = self.edge_variant
         for key in ("published_at", "published_by", "retired_at"):
             if getattr(self, key):
                 d[key] = getattr(self, key)
@@ -283,6 +304,7 @@ class ModelVersion:
                 targets=tuple(d.get("targets") or ("cpu",)),
                 cpu_variant=d.get("cpu_variant"),
                 max_batch_size=int(d.get("max_batch_size", 0)),
+                edge_variant=d.get("edge_variant"),
                 routing=dict(d.get("routing") or {}),
                 cpu=dict(d.get("cpu") or {}),
                 created_at=str(d.get("created_at", "")),
@@ -298,8 +320,13 @@ class ModelVersion:
             raise ManifestError(f"v{version}: selected variant {mv.selected_variant!r} is not listed")
         if mv.cpu_variant and mv.cpu_variant not in mv.variants:
             raise ManifestError(f"v{version}: cpu variant {mv.cpu_variant!r} is not listed")
+        if mv.edge_variant and mv.edge_variant not in mv.variants:
+            raise ManifestError(f"v{version}: edge variant {mv.edge_variant!r} is not listed")
         if not mv.targets or any(t not in TARGETS for t in mv.targets):
             raise ManifestError(f"v{version}: targets {mv.targets!r} must be a subset of {TARGETS}")
+        if not mv.cloud_targets:
+            raise ManifestError(f"v{version}: targets {list(mv.targets)} name no cloud tier; an edge model also "
+                                "needs cpu or gpu, which serve what a device forwards (recompile with --target edge)")
         return mv
 
 

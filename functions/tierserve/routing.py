@@ -17,6 +17,13 @@ which probes lazily; none of the built-in ones does. Add a policy by adding a fu
    profile), else CPU;
 4. when the time left is below the CPU's measured p95 for a batch this size (``cpu_p95_ms``
    in the manifest's routing block, if present) the GPU is preferred.
+
+At an edge device (``tierserve edge``) the same registry decides, with one step in front of each
+policy (``at_edge``): a request is served on the device when the device holds the model's version,
+the batch fits the device (``edge_max_rows``) and the device is not saturated; otherwise the cloud
+policy names the cloud tier it expects, and the request is forwarded to the cloud gateway, which
+decides again with its own facts. Cloud policies look only at the cloud targets (``edge`` is not
+theirs to choose).
 """
 
 from __future__ import annotations
@@ -44,11 +51,20 @@ class RouteContext:
     remaining_ms: float | None = None
     #: Probes the GPU tier's health (cached, single flight) only when a policy calls it.
     gpu_usable: Callable[[], bool] = field(default=_unknown_health, compare=False)
+    #: Set only at an edge device: what the device holds and can take now.
+    edge: EdgeFacts | None = None
+
+
+@dataclass(frozen=True)
+class EdgeFacts:
+    held: bool  # the version's edge variant is on the device, verified
+    max_rows: int  # the largest batch the device takes (its profile)
+    saturated: Callable[[], bool] = field(default=lambda: False, compare=False)
 
 
 @dataclass(frozen=True)
 class Decision:
-    target: str  # "cpu" or "gpu"
+    target: str  # "cpu" or "gpu" ("edge" only at an edge device)
     reason: str
     fallback: str | None = None  # set when the preferred tier could not be used
 
@@ -60,8 +76,11 @@ def _check_hint(ctx: RouteContext) -> str | None:
     if ctx.hint is None or ctx.hint == "":
         return None
     hint = ctx.hint.lower()
+    if hint == "edge":
+        raise InvalidRequestError("target hint 'edge' is only served by an edge device (tierserve edge); "
+                                  "in the cloud use 'cpu' or 'gpu'")
     if hint not in ("cpu", "gpu"):
-        raise InvalidRequestError(f"target hint {ctx.hint!r} is not valid: use 'cpu' or 'gpu'")
+        raise InvalidRequestError(f"target hint {ctx.hint!r} is not valid: use 'cpu' or 'gpu' (or 'edge' at a device)")
     if hint not in ctx.model.targets:
         raise InvalidRequestError(
             f"model {ctx.model.name!r} v{ctx.model.version} is not deployed on {hint}; "
@@ -74,9 +93,9 @@ def size_aware(ctx: RouteContext) -> Decision:
     hint = _check_hint(ctx)
     if hint is not None:
         return Decision(hint, f"client hint {hint}")
-    if ctx.model.targets == ("cpu",):
+    if ctx.model.cloud_targets == ("cpu",):
         return Decision("cpu", "model is deployed on cpu only")
-    if ctx.model.targets == ("gpu",):
+    if ctx.model.cloud_targets == ("gpu",):
         return Decision("gpu", "model is deployed on gpu only")
     routing = ctx.model.routing
     min_rows = int(routing.get("gpu_min_rows", DEFAULT_GPU_MIN_ROWS))
@@ -112,6 +131,46 @@ def _first(tier: str) -> Policy:
 cpu_first = _first("cpu")
 #: GPU whenever the model is there (the dispatcher falls back to CPU when the GPU is unusable).
 gpu_first = _first("gpu")
+
+
+#: The largest batch an edge device serves itself when neither the manifest nor the device says.
+DEFAULT_EDGE_MAX_ROWS = 64
+
+
+def at_edge(cloud: Policy) -> Policy:
+    """``cloud`` as an edge device applies it: serve on the device what it holds and can take, forward the rest.
+
+    A hint ``edge`` asks for the device (400 when it does not hold the model); ``cpu`` or ``gpu``
+    asks for the cloud (checked by the cloud policy, as the gateway would). A forwarded decision
+    names the cloud tier the cloud policy expects and why the device did not serve it."""
+
+    def policy(ctx: RouteContext) -> Decision:
+        edge = ctx.edge
+        if edge is None:
+            return cloud(ctx)
+        hint = (ctx.hint or "").lower()
+        if hint == "edge":
+            if not edge.held:
+                raise InvalidRequestError(
+                    f"model {ctx.model.name!r} v{ctx.model.version} is not held by this edge device; drop the "
+                    "'edge' hint to have it forwarded to the cloud")
+            return Decision("edge", "client hint edge")
+        if hint:
+            return cloud(ctx)
+        if not edge.held:
+            why = "not placed on the edge" if not ctx.model.serves_edge else "not held by this device"
+        elif ctx.rows > edge.max_rows:
+            why = f"{ctx.rows} rows > edge_max_rows {edge.max_rows}"
+        elif edge.saturated():
+            why = "the device is saturated"
+        else:
+            return Decision("edge", "held by this device")
+        d = cloud(ctx)
+        return Decision(d.target, f"{why}; forwarded (cloud: {d.reason})")
+
+    policy.__name__ = f"at_edge_{getattr(cloud, '__name__', 'policy')}"
+    policy.__doc__ = f"At an edge device: the device first, then {getattr(cloud, '__name__', 'the cloud policy')}."
+    return policy
 
 
 POLICIES: dict[str, Policy] = {

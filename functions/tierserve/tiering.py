@@ -24,7 +24,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tierserve import errors
 from tierserve.backends.base import Backend
@@ -93,6 +93,29 @@ def pick_version(manifest: Manifest, name: str, version: str | None, request_id:
     if bucket < float(canary["percent"]) * 100:
         return manifest.resolve(name, str(canary["version"]))
     return default
+
+
+class Dispatcher(Protocol):
+    """What the rest of the runtime asks of a dispatcher: this module's TierDispatcher (the cloud), or the
+    edge runtime's EdgeDispatcher (a device in front of the cloud, ``tierserve.edge.dispatch``)."""
+
+    def decide(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
+               deadline: Deadline | None = None) -> Decision: ...
+
+    def dispatch(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
+                 deadline: Deadline | None = None) -> Dispatched: ...
+
+    def score(self, model: ModelVersion, arrays: dict[str, Any], deadline: Deadline | None = None
+              ) -> dict[str, Any]: ...
+
+    def ready(self, model: ModelVersion) -> bool: ...
+
+    def state(self) -> dict[str, str]: ...
+
+    @property
+    def gpu(self) -> object | None:
+        """How a GPU-only model is reached from here (the GPU backend; at an edge, the cloud), or None."""
+        ...
 
 
 class TierDispatcher:

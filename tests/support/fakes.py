@@ -251,3 +251,31 @@ def raw_request(inputs: list[dict], **extra: Any) -> bytes:
 def fp32_input(**overrides: Any) -> dict:
     """A valid JSON input entry ``x`` (FP32, shape [2]); ``overrides`` break it one field at a time."""
     return {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0], **overrides}
+
+
+class FakeCloud:
+    """The edge's CloudBackend stand-in: records each forward, answers 200 from ``served_by``, or raises ``fail``."""
+
+    tier = "cloud"
+
+    def __init__(self, served_by: str = "cpu", fail: BaseException | None = None, ready: bool = True) -> None:
+        self.served_by = served_by
+        self.fail = fail
+        self.ready_value = ready
+        self.calls: list[tuple[ModelVersion, InferenceCall, str | None]] = []
+        self.ready_calls = 0
+
+    def forward(self, model: ModelVersion, call: InferenceCall, hint: str | None, timeout_s: float
+                ) -> tuple[Reply, str]:
+        from tierserve.codec import encode_response
+        from tierserve.http import response
+
+        self.calls.append((model, call, hint))
+        if self.fail is not None:
+            raise self.fail
+        body, headers = encode_response(ones_like_outputs(model, call.rows, call.id), call.header or call.request())
+        return Reply(http=response(200, body, {**headers, "x-served-by": self.served_by})), self.served_by
+
+    def ready(self, model: ModelVersion | None = None) -> bool:
+        self.ready_calls += 1
+        return self.ready_value

@@ -11,7 +11,9 @@ any other JSON value, which API Gateway serves as a 200 application/json body).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -129,6 +131,7 @@ class ApiGatewayServer:
         self.context_factory = context_factory
         self.also = extra  # other APIs on the same port (the Lambda Invoke API); None = not theirs
         self.authorizer = authorizer  # IAM auth (tierserve.local.sigv4): None = allowed, else the refusal
+        self.connections: set[Any] = set()  # open client connections, severed by stop() as a dead gateway would
         self._server = ThreadingHTTPServer((host, port), _make_request_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -156,6 +159,10 @@ class ApiGatewayServer:
             self._thread.join(timeout=5)
             self._thread = None
         self._server.server_close()
+        # A stopped gateway answers nothing: keep-alive connections are cut, not served on by their threads.
+        for conn in list(self.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def invoke(self, event: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
         try:
@@ -178,6 +185,14 @@ def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            gw.connections.add(self.connection)
+
+        def finish(self) -> None:
+            gw.connections.discard(self.connection)
+            super().finish()
 
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

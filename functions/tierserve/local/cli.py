@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "triton": "tierserve.local.triton",
     "serve": "tierserve.local.serve",
     "models": "tierserve.local.models_cli",
+    "edge": "tierserve.edge.cli",
 }
 
 

@@ -114,3 +114,27 @@ def test_bad_external_data_records_take_down_their_model(ext):
                                        "external_data": [ext]}})
     with pytest.raises(errors.ManifestError, match="model 'm' cannot be served"):
         Manifest.from_json(raw).resolve("m")
+
+
+# --- the edge: a target beside the cloud's, and the variant a device serves -------------------------------
+
+
+def test_the_edge_variant_round_trips_and_defaults_to_the_cpu_tiers():
+    int8 = {"path": "m/1/int8.onnx", "sha256": "b" * 64, "size_bytes": 5}
+    fp32 = {"path": "m/1/model.onnx", "sha256": "a" * 64, "size_bytes": 10}
+    m = Manifest.from_json(_manifest(variants={"fp32": fp32, "int8": int8}, targets=["edge", "cpu"],
+                                     edge_variant="int8"))
+    mv = m.resolve("m")
+    assert mv.serves_edge and mv.cloud_targets == ("cpu",) and mv.edge_artifact.path == "m/1/int8.onnx"
+    assert Manifest.loads(m.dumps()).resolve("m").edge_variant == "int8"
+    plain = Manifest.from_json(_manifest(targets=["edge", "cpu"])).resolve("m")
+    assert plain.edge_artifact == plain.cpu_artifact and "edge_variant" not in plain.to_json()
+
+
+@pytest.mark.parametrize(("bad", "reason"), [
+    ({"targets": ["edge", "cpu"], "edge_variant": "int8"}, "edge variant 'int8' is not listed"),
+    ({"targets": ["edge"]}, "name no cloud tier"),
+])
+def test_an_edge_entry_without_its_variant_or_without_a_cloud_tier_is_refused(bad, reason):
+    with pytest.raises(errors.ManifestError, match=reason):
+        Manifest.from_json(_manifest(**bad)).resolve("m")

@@ -19,6 +19,7 @@ from tierserve.routing import (
     DEFAULT_GPU_MIN_ROWS,
     POLICIES,
     Decision,
+    EdgeFacts,
     RouteContext,
     cpu_first,
     get_policy,
@@ -279,3 +280,78 @@ def test_a_new_policy_plugs_in_through_the_registry_and_routing_policy(monkeypat
     runtime = build_runtime(parse_settings({"MODEL_STORE_URI": str(tmp_path), "ROUTING_POLICY": "house"}))
     # Then the tier dispatcher uses it
     assert runtime.dispatcher.policy is always_cpu_when_possible
+
+
+# --- the edge: cloud policies ignore it, at_edge puts the device first ------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_cloud_policies_choose_among_the_cloud_targets_only(name: str) -> None:
+    # Given a model placed on the edge with the cloud CPU tier beside it, and a GPU-sized batch
+    c = ctx(("edge", "cpu"), rows=10_000, tensor_bytes=1 << 30)
+    # When a cloud policy decides, Then it picks the CPU: the edge is not a cloud tier
+    assert get_policy(name)(c).target == "cpu"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_an_edge_hint_in_the_cloud_is_400(name: str) -> None:
+    with pytest.raises(InvalidRequestError, match="only served by an edge device"):
+        get_policy(name)(ctx(("edge", "cpu"), hint="edge"))
+
+
+def at_device(targets=("edge", "cpu"), held=True, max_rows=8, saturated=False, **kw) -> RouteContext:
+    facts = EdgeFacts(held=held, max_rows=max_rows, saturated=lambda: saturated)
+    return ctx(targets, edge=facts, **kw)
+
+
+@pytest.mark.parametrize(("facts", "rows", "target", "why"), [
+    ({}, 8, "edge", "held by this device"),
+    ({}, 9, "cpu", "9 rows > edge_max_rows 8; forwarded"),
+    ({"held": False}, 1, "cpu", "not held by this device; forwarded"),
+    ({"saturated": True}, 1, "cpu", "the device is saturated; forwarded"),
+    ({"targets": ("gpu",), "held": False}, 1, "gpu", "not placed on the edge; forwarded"),
+])
+def test_at_edge_serves_on_the_device_what_it_holds_and_can_take(facts, rows, target, why) -> None:
+    d = routing.at_edge(size_aware)(at_device(rows=rows, **facts))
+    assert d.target == target and d.reason.startswith(why) and d.fallback is None
+
+
+def test_at_edge_hints() -> None:
+    policy = routing.at_edge(size_aware)
+    # 'edge' asks for the device: served when held, 400 when not
+    assert policy(at_device(hint="edge", rows=1000)).target == "edge"
+    with pytest.raises(InvalidRequestError, match="not held by this edge device"):
+        policy(at_device(hint="edge", held=False))
+    # 'cpu' or 'gpu' asks for the cloud, checked by the cloud policy as the gateway would
+    assert policy(at_device(hint="cpu")).target == "cpu"
+    with pytest.raises(InvalidRequestError, match="not deployed on gpu"):
+        policy(at_device(hint="gpu"))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_at_edge_is_the_cloud_policy_where_there_is_no_device(name: str) -> None:
+    for c in grid(seed=2, n=100):
+        try:
+            expected = get_policy(name)(c)
+        except InvalidRequestError:
+            continue
+        assert routing.at_edge(get_policy(name))(c) == expected
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_at_edge_serves_here_only_what_fits_else_names_a_cloud_tier(name: str) -> None:
+    rng = np.random.default_rng(3)
+    policy = routing.at_edge(get_policy(name))
+    for _ in range(300):
+        targets = [("edge", "cpu"), ("edge", "gpu", "cpu"), ("cpu",), ("gpu",)][rng.integers(4)]
+        held, saturated = bool(rng.random() < 0.7) and "edge" in targets, bool(rng.random() < 0.2)
+        c = at_device(targets, held=held, max_rows=int(rng.integers(1, 64)), saturated=saturated,
+                      rows=int(rng.integers(1, 128)), hint=[None, "", "edge", "cpu"][rng.integers(4)])
+        try:
+            d = policy(c)
+        except InvalidRequestError:
+            continue
+        if d.target == "edge":
+            assert held and (c.hint == "edge" or (c.rows <= c.edge.max_rows and not saturated))
+        else:
+            assert d.target in c.model.cloud_targets

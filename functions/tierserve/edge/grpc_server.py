@@ -1,0 +1,329 @@
+"""Triton's gRPC inference service on the device, so that ``tritonclient.grpc`` works against it unchanged.
+
+Why gRPC only here: on a device nothing stands between the client and the runtime, while the cloud
+gateway cannot offer it (API Gateway does not carry gRPC to Lambda). The service and its messages are
+Triton's own (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``, the protobufs tritonclient
+ships); grpcio serves them.
+
+One inference path for both protocols: a ``ModelInfer`` request is written as the HTTP binary tensor
+extension's body (a JSON header naming each input, ``binary_data_size`` and ``binary_data_output``,
+then the raw bytes tritonclient already sent, untouched) and served by ``tierserve.inference.infer``,
+the function the HTTP API calls: the same checks, limits, errors, routing and forwarding (that body is
+what goes to the cloud). Its binary answer is cut back into ``raw_output_contents``.
+
+Errors map the protocol's HTTP status to gRPC's: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
+RESOURCE_EXHAUSTED, 503 UNAVAILABLE (``retry-after`` in the trailing metadata), 504 DEADLINE_EXCEEDED,
+others INTERNAL; ``x-served-by`` travels as initial metadata. Model config, statistics and the
+repository index answer what the HTTP API answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tierserve import errors, inference
+from tierserve.api import EXTENSIONS, SERVER_NAME, SERVER_VERSION, model_metadata
+from tierserve.app import Runtime
+from tierserve.calls import Body
+from tierserve.edge.dispatch import FORWARDED
+from tierserve.edge.metrics import EdgeCounters
+from tierserve.http import error_response, payload_too_large, status_for
+from tierserve.wire import json_dumps, json_loads
+
+#: Protobuf framing beyond the tensors themselves that a request at MAX_PAYLOAD_BYTES may carry.
+ENVELOPE_BYTES = 1 << 20
+#: Typed ``contents`` field of each datatype (a client that does not send raw bytes uses these).
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def grpc_code(status: int) -> Any:
+    import grpc
+
+    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+            405: grpc.StatusCode.UNIMPLEMENTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+            401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+            503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
+        status, grpc.StatusCode.INTERNAL)
+
+
+def _param(p: Any) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _set_param(dst: Any, value: Any) -> None:
+    if isinstance(value, bool):
+        dst.bool_param = value
+    elif isinstance(value, int):
+        dst.int64_param = value
+    elif isinstance(value, float):
+        dst.double_param = value
+    else:
+        dst.string_param = str(value)
+
+
+def request_body(req: Any) -> Body:
+    """A ModelInferRequest as the HTTP binary extension's body: its raw bytes untouched behind a JSON header."""
+    raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise errors.InvalidRequestError(
+            f"the request has {len(req.inputs)} inputs but {len(raw)} raw_input_contents; send one per input")
+    blobs: list[bytes] = []
+    inputs = []
+    for i, t in enumerate(req.inputs):
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        params = {k: _param(v) for k, v in t.parameters.items()}
+        if raw:
+            blobs.append(raw[i])
+            params["binary_data_size"] = len(raw[i])
+        elif t.datatype == "BYTES":  # JSON cannot carry arbitrary bytes: they go as binary data
+            blob = b"".join(len(v).to_bytes(4, "little") + v for v in t.contents.bytes_contents)
+            blobs.append(blob)
+            params["binary_data_size"] = len(blob)
+        elif t.datatype in _CONTENTS:
+            entry["data"] = list(getattr(t.contents, _CONTENTS[t.datatype]))
+        else:
+            raise errors.InvalidRequestError(
+                f"input {t.name!r}: datatype {t.datatype} must be sent as raw_input_contents")
+        if params:
+            entry["parameters"] = params
+        inputs.append(entry)
+    header: dict[str, Any] = {"inputs": inputs}
+    if req.id:
+        header["id"] = req.id
+    header["parameters"] = {**{k: _param(v) for k, v in req.parameters.items()}, "binary_data_output": True}
+    if req.outputs:
+        header["outputs"] = [{"name": o.name, "parameters": {**{k: _param(v) for k, v in o.parameters.items()},
+                                                              "binary_data": True}} for o in req.outputs]
+    head = json_dumps(header)
+    return Body(b"".join([head, *blobs]), len(head))
+
+
+def response_message(resp: dict[str, Any], pb: Any) -> Any:
+    """The HTTP API's binary answer (``render``'s) as a ModelInferResponse: each output's bytes, untouched."""
+    raw = resp.get("body") or ""
+    body = base64.b64decode(raw) if resp.get("isBase64Encoded") else str(raw).encode()
+    headers = {str(k).lower(): v for k, v in (resp.get("headers") or {}).items()}
+    length = int(headers.get("inference-header-content-length") or len(body))
+    header = json_loads(body[:length])
+    out = pb.ModelInferResponse(model_name=header.get("model_name", ""),
+                                model_version=str(header.get("model_version", "")), id=header.get("id") or "")
+    for k, v in (header.get("parameters") or {}).items():
+        _set_param(out.parameters[k], v)
+    offset = length
+    for o in header.get("outputs", []):
+        out.outputs.add(name=o["name"], datatype=o["datatype"], shape=[int(d) for d in o["shape"]])
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is None:  # a JSON tensor (the cloud answered JSON): encode it as the binary extension does
+            blob = _json_tensor_bytes(o)
+        else:
+            blob = body[offset:offset + int(size)]
+            offset += int(size)
+        out.raw_output_contents.append(blob)
+    return out
+
+
+def _json_tensor_bytes(o: dict[str, Any]) -> bytes:
+    """Raw little-endian bytes of a JSON output tensor (what the binary extension would have carried)."""
+    import numpy as np
+
+    from tierserve.codec import DATATYPE_TO_DTYPE, json_array
+
+    arr = json_array(o.get("data"), o["datatype"], None, f"output {o['name']!r}", errors.InferenceError)
+    if o["datatype"] == "BYTES":
+        items = [v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()]
+        return b"".join(len(v).to_bytes(4, "little") + v for v in items)
+    return np.ascontiguousarray(arr, dtype=DATATYPE_TO_DTYPE[o["datatype"]].newbyteorder("<")).tobytes()
+
+
+class EdgeGrpcServer:
+    """grpcio serving Triton's GRPCInferenceService for an edge Runtime on ``host:port`` (port 0: a free one)."""
+
+    def __init__(self, runtime: Runtime, counters: EdgeCounters, host: str = "127.0.0.1", port: int = 8001,
+                 threads: int = 8, after_request: Callable[[], None] | None = None) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        self.runtime = runtime
+        limit = runtime.settings.max_payload_bytes + ENVELOPE_BYTES
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edge-grpc"),
+                                   options=[("grpc.max_receive_message_length", limit),
+                                            ("grpc.max_send_message_length", -1)])
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(runtime, counters, after_request),
+                                                                    self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen for gRPC on {host}:{port}")
+
+    def start(self) -> EdgeGrpcServer:
+        self._server.start()
+        return self
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self._server.stop(grace_s).wait(grace_s + 1)
+
+
+def _servicer_base() -> type:
+    from tritonclient.grpc import service_pb2_grpc
+
+    return service_pb2_grpc.GRPCInferenceServiceServicer  # type: ignore[no-any-return]
+
+
+class _Servicer(_servicer_base()):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime, counters: EdgeCounters, after_request: Callable[[], None] | None) -> None:
+        from tritonclient.grpc import model_config_pb2, service_pb2
+
+        self.rt = runtime
+        self.counters = counters
+        self.after_request = after_request
+        self.pb = service_pb2
+        self.config_pb = model_config_pb2
+
+    # --- errors: the HTTP API's mapping, carried as gRPC statuses --------------------------------------
+
+    def _abort(self, context: Any, exc: BaseException, model: str) -> None:
+        status = status_for(exc)
+        resp = error_response(exc)
+        served = "edge"  # an error raised here is this device's answer (the cloud's come through _abort_answer)
+        metadata = [("x-served-by", served)]
+        retry = (resp.get("headers") or {}).get("retry-after")
+        if retry:
+            metadata.append(("retry-after", str(retry)))
+        context.set_trailing_metadata(tuple(metadata))
+        self.counters.request(model, served, "grpc", status)
+        message = exc.message if isinstance(exc, errors.TierserveError) else "internal error; see the edge's log"
+        if not isinstance(exc, errors.TierserveError):
+            logging.getLogger("tierserve.edge").exception("gRPC request failed")
+        context.abort(grpc_code(status), message)
+
+    def _abort_answer(self, context: Any, resp: dict[str, Any], model: str) -> None:
+        """An error answer the cloud gave a forwarded request, as the gRPC status its HTTP status maps to."""
+        status = int(resp["statusCode"])
+        headers = {str(k).lower(): str(v) for k, v in (resp.get("headers") or {}).items()}
+        raw = resp.get("body") or ""
+        try:
+            obj = json_loads(base64.b64decode(raw) if resp.get("isBase64Encoded") else raw)
+        except ValueError:
+            obj = {}
+        message = str(obj.get("error") or obj.get("message") or f"HTTP {status}") if isinstance(obj, dict) else str(obj)
+        served = headers.get("x-served-by", "cpu")
+        metadata = [("x-served-by", served)] + ([("retry-after", headers["retry-after"])]
+                                                 if "retry-after" in headers else [])
+        context.set_trailing_metadata(tuple(metadata))
+        self.counters.request(model, served, "grpc", status)
+        context.abort(grpc_code(status), message)
+
+    def _model(self, name: str, version: str) -> Any:
+        name, v = inference.resolve_name(self.rt, name, version or None)
+        return self.rt.store.manifest().resolve(name, v)
+
+    # --- health and metadata ---------------------------------------------------------------------------
+
+    def ServerLive(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: Any) -> Any:
+        try:
+            self.rt.store.manifest()
+            return self.pb.ServerReadyResponse(ready=True)
+        except errors.TierserveError:
+            return self.pb.ServerReadyResponse(ready=False)
+
+    def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            return self.pb.ModelReadyResponse(ready=self.rt.dispatcher.ready(self._model(request.name,
+                                                                                         request.version)))
+        except errors.TierserveError as exc:
+            self._abort(context, exc, request.name)
+
+    def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            mv = self._model(request.name, request.version)
+            versions = sorted(self.rt.store.manifest().models[mv.name].versions, key=int)
+            meta = model_metadata(mv, versions)
+            out = self.pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+            for kind in ("inputs", "outputs"):
+                for t in meta[kind]:
+                    getattr(out, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            return out
+        except errors.TierserveError as exc:
+            self._abort(context, exc, request.name)
+
+    def ModelConfig(self, request: Any, context: Any) -> Any:
+        from google.protobuf import json_format
+
+        from tierserve.model_config import model_config
+
+        try:
+            cfg = json_format.ParseDict(model_config(self._model(request.name, request.version)),
+                                        self.config_pb.ModelConfig(), ignore_unknown_fields=True)
+            return self.pb.ModelConfigResponse(config=cfg)
+        except errors.TierserveError as exc:
+            self._abort(context, exc, request.name)
+
+    def ModelStatistics(self, request: Any, context: Any) -> Any:
+        from google.protobuf import json_format
+
+        try:
+            models = self.rt.store.manifest().models
+            if request.name:
+                mv = self._model(request.name, request.version)
+                versions = [request.version] if request.version else sorted(models[mv.name].versions, key=int)
+                pairs = [(mv.name, v) for v in versions]
+            else:
+                pairs = [(n, v) for n in sorted(models) for v in sorted(models[n].versions, key=int)]
+            return json_format.ParseDict(self.rt.stats.to_triton(pairs), self.pb.ModelStatisticsResponse(),
+                                         ignore_unknown_fields=True)
+        except errors.TierserveError as exc:
+            self._abort(context, exc, request.name)
+
+    def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        from tierserve.model_config import repository_index
+
+        try:
+            index = repository_index(self.rt.store.manifest(), True, request.ready)
+        except errors.TierserveError as exc:
+            self._abort(context, exc, "-")
+        out = self.pb.RepositoryIndexResponse()
+        for m in index:
+            out.models.add(name=m["name"], version=m["version"], state=m["state"], reason=m.get("reason", ""))
+        return out
+
+    # --- inference -------------------------------------------------------------------------------------
+
+    def ModelInfer(self, request: Any, context: Any) -> Any:
+        FORWARDED.set(False)
+        name = request.model_name
+        try:
+            body = request_body(request)
+            size = len(body.data)  # type: ignore[arg-type]
+            if size > self.rt.settings.max_payload_bytes:
+                raise payload_too_large(size, self.rt.settings.max_payload_bytes)
+            resp = inference.infer(self.rt, name, request.model_version or None, body, None, None)
+            status = int(resp["statusCode"])
+            if status != 200:  # the cloud's error answer, passed back with its status and Retry-After
+                return self._abort_answer(context, resp, name)
+            served = "edge" if not FORWARDED.get() else str((resp.get("headers") or {}).get("x-served-by", "cpu"))
+            context.send_initial_metadata((("x-served-by", served),))
+            out = response_message(resp, self.pb)
+            self.counters.request(name, served, "grpc", 200)
+            return out
+        except errors.TierserveError as exc:
+            self._abort(context, exc, name)
+        except Exception as exc:  # never a stack trace to a client
+            self._abort(context, exc, name)
+        finally:
+            if self.after_request is not None:
+                self.after_request()
+
+

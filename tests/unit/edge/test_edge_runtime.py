@@ -1,0 +1,66 @@
+"""EdgeRuntime: start-up from what the device held, the sync loop, and status."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tests.support.edge import EDGE
+from tests.support.fakes import json_body, rows_of, write_linear
+from tierserve.client import Client
+from tierserve.edge.runtime import EdgeRuntime
+from tierserve.edge.settings import EdgeSettings
+from tierserve.settings import Settings
+
+
+def settings(store_dir: Path, tmp_path: Path, **kw) -> EdgeSettings:
+    return EdgeSettings(store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=-1, **kw)
+
+
+def wait_for(predicate, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_promotion_reaches_the_device_within_one_sync_interval(store_dir: Path, tmp_path: Path) -> None:
+    with EdgeRuntime(settings(store_dir, tmp_path, sync_interval_s=0.5), Settings()) as edge:
+        wait_for(lambda: edge.store.status.syncs >= 1)
+        api = Client(edge.url)
+        assert api.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).json()["model_version"] == "1"
+        # Given v2 promoted in the store
+        write_linear(store_dir, "lin", "2", seed=9, targets=EDGE)
+        promoted = edge.store.status.syncs
+        # When one sync that started after the promotion has completed (at most one interval later)
+        wait_for(lambda: edge.store.status.syncs >= promoted + 2)
+        # Then the device serves v2
+        assert api.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).json()["model_version"] == "2"
+
+
+def test_a_device_restarted_offline_serves_what_it_held(store_dir: Path, tmp_path: Path) -> None:
+    with EdgeRuntime(settings(store_dir, tmp_path), Settings()) as edge:
+        wait_for(lambda: edge.store.status.syncs >= 1)
+    shutil.rmtree(store_dir)  # the store is gone (offline)
+    with EdgeRuntime(settings(store_dir, tmp_path), Settings()) as edge:
+        resp = Client(edge.url).request("POST", "/v2/models/lin/infer", json_body(rows_of(1)))
+        assert resp.status == 200 and resp.served_by == "edge"
+        wait_for(lambda: edge.store.status.failures >= 1)
+        status = edge.status()
+        assert status["sync"]["state"] == "offline" and "no manifest" in status["sync"]["last_error"]
+        assert status["sync"]["source"] == "saved state" and [m["name"] for m in status["models"]] == ["lin"]
+        assert "held: lin v1" in edge.ready_line() and edge.startup_s > 0
+
+
+def test_the_edge_runtime_imports_neither_torch_onnx_the_compiler_nor_the_local_emulation() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json, tierserve.edge.cli, tierserve.edge.runtime, tierserve.edge.grpc_server; "
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))
+    forbidden = {"torch", "onnx", "tierserve_compiler", "tierserve.local", "sklearn", "skl2onnx"}
+    assert not forbidden & loaded, sorted(forbidden & loaded)

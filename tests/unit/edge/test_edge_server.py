@@ -1,0 +1,120 @@
+"""The edge HTTP server: the cloud's protocol (same codec, errors, limits) on a device, plus health and metrics."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.edge import EDGE
+from tests.support.fakes import json_body, rows_of, write_linear
+from tests.support.make_events import http_event
+from tierserve.api import handle_http
+from tierserve.app import build_runtime
+from tierserve.client import Client
+from tierserve.edge.runtime import EdgeRuntime
+from tierserve.edge.settings import EdgeSettings
+from tierserve.http import decode_body
+from tierserve.settings import Settings
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def edge(store_dir: Path, tmp_path: Path) -> Iterator[EdgeRuntime]:
+    settings = EdgeSettings(store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=-1)
+    rt = EdgeRuntime(settings, Settings(max_payload_bytes=LIMIT)).start(sync=False)
+    rt.sync()
+    try:
+        yield rt
+    finally:
+        rt.stop()
+
+
+def raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read one response (status, lower-cased headers, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += s.recv(65536)
+        return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_infers_at_the_edge(edge: EdgeRuntime, store_dir: Path, binary: bool) -> None:
+    import tritonclient.http as httpclient
+
+    _, w, b = write_linear(store_dir, "lin", "1", seed=1, targets=EDGE)  # the same bytes: (W, b) of v1
+    x = rows_of(4)
+    inp = httpclient.InferInput("x", [4, 4], "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    result = Client(edge.url).infer("lin", [inp], [httpclient.InferRequestedOutput("y", binary_data=binary)])
+    np.testing.assert_allclose(result.as_numpy("y"), x @ w + b, rtol=1e-5, atol=1e-5)
+    assert result.served_by == "edge"
+    # tritonclient's own client works unchanged too
+    client = httpclient.InferenceServerClient(edge.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("lin")
+    assert client.get_model_metadata("lin")["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    out = client.infer("lin", [inp]).as_numpy("y")
+    np.testing.assert_allclose(out, x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v2/models/lin/infer", b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1,2,3,4,5]}]}'),
+    ("/v2/models/lin/infer", b"not json"),
+    ("/v2/models/nosuch/infer", b"{}"),
+    ("/v2/models/lin/versions/9/infer", b"{}"),
+    ("/v3/anything", b""),
+])
+def test_errors_are_the_clouds_errors(edge: EdgeRuntime, store_dir: Path, tmp_path: Path, path: str,
+                                      body: bytes) -> None:
+    # Given the same request to the device and to RouterFunction's handler over the same store
+    at_edge = Client(edge.url).request("POST", path, body, {"Content-Type": "application/json"})
+    cloud_rt = build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "c2")))
+    event = http_event("POST", path, "$default", body.decode(), {}, {"content-type": "application/json"})
+    in_cloud = handle_http(event, None, runtime=cloud_rt)
+    # Then the status, code and message are the same; only x-served-by says where it was answered
+    assert at_edge.status == in_cloud["statusCode"] and at_edge.status >= 400
+    assert at_edge.json() == json.loads(decode_body(in_cloud))
+    assert at_edge.served_by == "edge"
+
+
+def test_limits_and_bad_http_get_the_protocols_json(edge: EdgeRuntime) -> None:
+    # A body over MAX_PAYLOAD_BYTES: 413 from its Content-Length, before a byte of it is read
+    status, headers, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                + str(LIMIT + 1).encode() + b"\r\n\r\n")
+    assert status == 413 and json.loads(body)["code"] == "payload_too_large" and headers["x-served-by"] == "edge"
+    status, _, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    assert status == 400 and "Content-Length" in json.loads(body)["error"]
+    status, _, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert status == 411 and json.loads(body)["code"] == "length_required"
+    status, _, body = raw(edge.url, b"TRACE /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 405 and json.loads(body)["code"] == "method_not_allowed"
+
+
+def test_health_and_metrics_report_sync_versions_and_counts(edge: EdgeRuntime) -> None:
+    client = Client(edge.url)
+    assert client.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).status == 200
+    assert client.request("POST", "/v2/models/gpu-only/infer", json_body(rows_of(1))).status == 503
+    health = client.request("GET", "/v2/health/edge").json()
+    assert health["sync"]["state"] == "ok" and health["sync"]["syncs"] == 1
+    assert [(m["name"], m["version"], m["role"], m["loaded"]) for m in health["models"]] == [
+        ("lin", "1", "default", True)]
+    assert health["counts"]["lin"] == {"edge": 1} and health["cloud"] == {"url": None, "circuit": "none"}
+    text = client.request("GET", "/metrics").body.decode()
+    assert 'tierserve_edge_inferences_total{model="lin",version="1"} 1' in text
+    assert 'tierserve_edge_requests_total{model="gpu-only",served_by="edge",protocol="http",status="503"} 1' in text
+    assert 'tierserve_edge_model_held{model="lin",version="1"' in text and "tierserve_edge_syncs_total 1" in text
+    assert client.request("GET", "/v2/health/ready").served_by == "edge"
