@@ -176,15 +176,26 @@ def test_the_gateway_refuses_a_bad_signature(cloud, monkeypatch) -> None:
 
 
 def _publish(cloud, version: str, tamper: bool = False) -> None:
-    """Compile-and-publish stand-in: write version ``version`` of digits, make it the default, upload to S3."""
-    write_digits(cloud.root, version)
-    s3 = cloud.client("s3")
-    artifact = cloud.root / "digits" / version / "model.onnx"
-    data = b"tampered" + artifact.read_bytes()[8:] if tamper else artifact.read_bytes()
+    """Publish and promote version ``version`` of digits in the cloud's S3 store, as `tierserve models
+    publish --promote` does: artifact first, then the manifest change through the lifecycle registry
+    (a conditional write). ``tamper``: the uploaded bytes differ from what the manifest records."""
+    from tierserve.lifecycle.objects import open_objects
+    from tierserve.lifecycle.registry import Registry
     from tierserve.local.serve import BUCKET, MODEL_PREFIX
 
-    s3.put_object(Bucket=BUCKET, Key=f"{MODEL_PREFIX}/digits/{version}/model.onnx", Body=data)
-    s3.upload_file(str(cloud.root / "manifest.json"), BUCKET, f"{MODEL_PREFIX}/manifest.json")
+    write_digits(cloud.root, version)
+    mv = cloud_manifest(cloud.root).resolve("digits", version)
+    data = (cloud.root / mv.edge_artifact.path).read_bytes()
+    s3 = cloud.client("s3")
+    s3.put_object(Bucket=BUCKET, Key=f"{MODEL_PREFIX}/{mv.edge_artifact.path}",
+                  Body=b"tampered" + data[8:] if tamper else data)
+    Registry(open_objects(cloud.model_store_uri, s3), actor="test").publish(mv, promote=True, why="edge test")
+
+
+def cloud_manifest(root: Path):
+    from tierserve.manifest import Manifest
+
+    return Manifest.loads((root / "manifest.json").read_text())
 
 
 def _served_version(edge: dict) -> str:
