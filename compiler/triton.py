@@ -19,17 +19,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tierserve.datatypes import DATATYPES, triton_type
 from tierserve.manifest import TensorSpec
 from tierserve_compiler.external_data import locations
 
 TRITON_DIR = "triton"
 
-#: Open Inference Protocol datatype -> Triton ``DataType`` enum name (``model_config.proto``).
-TRITON_DATATYPES = {
-    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64", "BYTES": "TYPE_STRING",
-}  # fmt: skip
+#: Open Inference Protocol datatype -> Triton ``DataType`` enum name, from the runtime's one datatype table.
+TRITON_DATATYPES = {dt: triton_type(dt) for dt in DATATYPES}
 PROTOCOL_DATATYPES = {v: k for k, v in TRITON_DATATYPES.items()}
 
 
@@ -59,7 +56,10 @@ def model_config(
     for specs, section in ((inputs, cfg.input), (outputs, cfg.output)):
         for s in specs:
             section.add(name=s.name, data_type=mc.DataType.Value(TRITON_DATATYPES[s.datatype]))
-            section[-1].dims.extend(_dims(s, batched) or [1])
+            dims = _dims(s, batched)
+            section[-1].dims.extend(dims or [1])
+            if not dims:  # a [batch]-only tensor: Triton needs one dim, the model has none past the batch
+                section[-1].reshape.SetInParent()
     if batched:
         preferred = [b for b in (8, 16, 32, 64) if b <= max_batch_size] or [max_batch_size]
         cfg.dynamic_batching.preferred_batch_size.extend(preferred)

@@ -24,8 +24,17 @@ from tierserve.manifest import Manifest, ModelVersion, TensorSpec
 
 
 def _dims(spec: TensorSpec, batched: bool) -> list[int]:
-    dims = list(spec.shape[1:] if batched and spec.shape else spec.shape)
-    return dims or [1]
+    return list(spec.shape[1:] if batched and spec.shape else spec.shape)
+
+
+def _tensor(spec: TensorSpec, batched: bool, **fields: Any) -> dict[str, Any]:
+    """One input/output entry; a [batch]-only tensor gets ``dims: [1]`` and an empty ``reshape``, as in
+    the ``config.pbtxt`` the compiler writes (Triton needs one dim where the model has none past the batch)."""
+    dims = _dims(spec, batched)
+    entry = {"name": spec.name, "data_type": triton_type(spec.datatype), **fields, "dims": dims or [1]}
+    if not dims:
+        entry["reshape"] = {"shape": []}
+    return entry
 
 
 def model_config(model: ModelVersion) -> dict[str, Any]:
@@ -40,14 +49,12 @@ def model_config(model: ModelVersion) -> dict[str, Any]:
         "version_policy": {"specific": {"versions": [int(model.version)]}},
         "max_batch_size": model.max_batch_size,
         "input": [
-            {"name": s.name, "data_type": triton_type(s.datatype), "format": "FORMAT_NONE",
-             "dims": _dims(s, batched), "is_shape_tensor": False, "allow_ragged_batch": False, "optional": False,
-             "is_non_linear_format_io": False}
+            {**_tensor(s, batched, format="FORMAT_NONE"), "is_shape_tensor": False, "allow_ragged_batch": False,
+             "optional": False, "is_non_linear_format_io": False}
             for s in model.inputs
         ],
         "output": [
-            {"name": s.name, "data_type": triton_type(s.datatype), "dims": _dims(s, batched),
-             "label_filename": "", "is_shape_tensor": False, "is_non_linear_format_io": False}
+            {**_tensor(s, batched), "label_filename": "", "is_shape_tensor": False, "is_non_linear_format_io": False}
             for s in model.outputs
         ],
         "batch_input": [],

@@ -145,7 +145,41 @@ def triton_tiny_model(tmp_path_factory) -> TinyModel:
     onnx_path = repo / TINY_MODEL / "1" / "model.onnx"
     _write_tiny_onnx(onnx_path, weight, bias)
     (repo / TINY_MODEL / "config.pbtxt").write_text(PRODUCTION_CONFIG)
+    _write_row_sum(root)
     return TinyModel(TINY_MODEL, repo, onnx_path, weight, bias)
+
+
+ROW_SUM_MODEL = "tiny_row_sum"
+
+
+def row_sum_model_version():
+    """``s = x.sum(axis=1)``: FP32 [-1, 4] -> FP32 [-1], an output with no dims past the batch axis."""
+    from tierserve.manifest import ModelVersion, TensorSpec
+
+    return ModelVersion(ROW_SUM_MODEL, "1", (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("s", "FP32", (-1,)),),
+                        {}, "fp32", targets=("gpu",), max_batch_size=TINY_MAX_BATCH)
+
+
+def _write_row_sum(root: Path) -> None:
+    """A second model, with its config written by the compiler itself (dims [1] plus an empty reshape)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tierserve_compiler.triton import write_triton_repo
+
+    mv = row_sum_model_version()
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0)], ROW_SUM_MODEL,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [None])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = root / "row_sum.onnx"
+    onnx.save(model, str(src))
+    write_triton_repo(root, ROW_SUM_MODEL, "1", src, list(mv.inputs), list(mv.outputs), TINY_MAX_BATCH,
+                      tensorrt_fp16=False, warmup=False)
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,24 @@ def test_health_and_metadata_over_http(triton_server):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_output_with_no_dims_past_the_batch_is_served_as_the_compiler_configured_it(triton_server, protocol):
+    from tests.integration.conftest import row_sum_model_version
+
+    # Given a model whose output is [batch] only, with the config.pbtxt the compiler writes (dims [1] + reshape [])
+    url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
+    backend = TritonBackend(url, protocol=protocol, timeout_s=10)
+    try:
+        # When 5 rows are run on Triton
+        x = _x(5, seed=3)
+        [s] = backend.infer(row_sum_model_version(), _request(x)).decoded().outputs
+        # Then the output keeps the model's shape [5], not [5, 1]
+        assert (s.name, s.shape) == ("s", (5,))
+        np.testing.assert_allclose(s.data, x.sum(axis=1), rtol=1e-5)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_backend_infer_matches_onnxruntime(triton_server, triton_tiny_model, protocol):
     url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
     backend = TritonBackend(url, protocol=protocol, timeout_s=10)

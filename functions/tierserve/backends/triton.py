@@ -29,6 +29,7 @@ Timeouts, honestly:
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Any
 
@@ -333,6 +334,7 @@ class TritonBackend:
             if arr is None or meta is None:
                 raise InferenceError(f"Triton's response for model {model.name!r} lacks output {name!r}")
             datatype = meta["datatype"] if isinstance(meta, dict) else meta.datatype
+            arr = _as_manifest_shape(model, name, arr)
             tensors.append(Tensor(name=name, datatype=str(datatype), shape=tuple(int(d) for d in arr.shape), data=arr))
         raw = result.get_response()
         if isinstance(raw, dict):
@@ -369,6 +371,20 @@ class TritonBackend:
                 return False
         except Exception:
             return False
+
+
+def _as_manifest_shape(model: ModelVersion, name: str, arr: Any) -> Any:
+    """Triton's view of an output in the shape the model (and the CPU tier) gives it.
+
+    A model output with no dims past the batch axis (a label: [batch]) needs ``dims: [1]`` and an
+    empty ``reshape`` in Triton's config, so Triton answers [batch, 1]; both tiers must answer [batch]."""
+    spec = next((s for s in model.outputs if s.name == name), None)
+    if spec is None or arr.ndim == len(spec.shape) or not arr.shape:
+        return arr
+    target = (arr.shape[0], *spec.shape[1:]) if model.max_batch_size > 0 else spec.shape
+    if any(d < 0 for d in target) or math.prod(target) != arr.size:
+        return arr
+    return arr.reshape(target)
 
 
 # --- splitting batches over max_batch_size -----------------------------------------------------

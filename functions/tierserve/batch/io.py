@@ -61,7 +61,7 @@ class S3Location:
 
 
 def check_bucket(bucket: str) -> str:
-    if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
+    if not isinstance(bucket, str) or not BUCKET_RE.fullmatch(bucket):
         raise InvalidNameError(f"bucket {bucket!r} is not a valid S3 bucket name")
     return bucket
 
@@ -92,7 +92,7 @@ def split_input_key(key: str) -> tuple[str | None, str]:
         check_model_name(model)
     else:
         model, name = None, key.rsplit("/", 1)[-1][: -len(ext)]
-    if not JOB_NAME_RE.match(name):
+    if not JOB_NAME_RE.fullmatch(name):
         raise InvalidNameError(f"job name {name!r} (from {key!r}) must be 1-128 letters, digits, '_', '-', '.'")
     return model, name
 

@@ -279,7 +279,7 @@ def handle_invoke(endpoint: LambdaEndpoint, method: str, target: str, headers: M
                   raw: bytes) -> Reply | None:
     """The Invoke API for one HTTP request; None when the path is not an Invoke path."""
     path = target.split("?", 1)[0]
-    m = INVOKE_PATH.match(path)
+    m = INVOKE_PATH.fullmatch(path)
     if m is None or method != "POST":
         return None
     lower = {k.lower(): v for k, v in headers.items()}

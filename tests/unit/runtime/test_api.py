@@ -217,6 +217,21 @@ def test_an_unbatched_models_config_keeps_every_dim(tmp_path: Path, runtime_env:
                                                                                                    "KIND_CPU")
 
 
+def test_a_batch_only_output_has_dims_1_and_an_empty_reshape_as_triton_wants() -> None:
+    from tierserve.manifest import ModelVersion, TensorSpec
+    from tierserve.model_config import model_config
+
+    # Given a batched classifier whose label output is [batch] only
+    mv = ModelVersion("clf", "1", (TensorSpec("x", "FP32", (-1, 4)),),
+                      (TensorSpec("label", "INT64", (-1,)), TensorSpec("p", "FP32", (-1, 3))), {}, "fp32",
+                      max_batch_size=8)
+    # When its Triton config is built
+    label, p = model_config(mv)["output"]
+    # Then the label has one dim reshaped away (the config.pbtxt the compiler writes says the same), p none
+    assert (label["dims"], label["reshape"]) == ([1], {"shape": []})
+    assert p["dims"] == [3] and "reshape" not in p
+
+
 def _stats_of(path: str) -> list[dict]:
     resp = handle_http(get_event(path))
     assert resp["statusCode"] == 200, decode_body(resp)
