@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tierserve.edge.settings import OPTIONS, EdgeSettings, parse_edge_settings
@@ -46,17 +46,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true", help="sync once, print the device's status as JSON, and exit")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any, extra: Callable[[Any], None] | None = None) -> None:
+    """``tierserve edge``; ``extra`` adds subcommands under it (the developer CLI adds ``package``)."""
     p = subparsers.add_parser("edge", help="the edge runtime: serve edge-placed models on this device, forward "
                               "the rest to the cloud (`tierserve edge package` builds a Greengrass component)")
     add_run_arguments(p)
-    sub = p.add_subparsers(dest="edge_command")
-    try:
-        from tierserve.edge.package import register as register_package
-
-        register_package(sub)
-    except ImportError:  # packaging is a later step of this feature; running never needs it
-        pass
+    if extra is not None:
+        extra(p.add_subparsers(dest="edge_command"))
     p.set_defaults(func=run_cli)
 
 
@@ -65,7 +61,7 @@ def settings_from(args: argparse.Namespace) -> EdgeSettings:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if getattr(args, "edge_command", None) and hasattr(args, "package_func"):
+    if getattr(args, "package_func", None) is not None:
         return int(args.package_func(args) or 0)
     try:
         settings = settings_from(args)

@@ -93,8 +93,10 @@ class SyncStatus:
     source: str = ""  # where the view came from: the store, the seed, or the saved state
 
     def state(self, has_view: bool) -> str:
+        """never (nothing yet), pending (serving a saved or seeded view, no sync finished yet), ok, offline
+        (the last sync failed; serving what is held), failing (no sync ever succeeded, nothing to serve)."""
         if self.last_attempt is None:
-            return "saved" if has_view else "never"
+            return "pending" if has_view else "never"
         if self.last_error is None:
             return "ok"
         return "offline" if has_view else "failing"
@@ -140,11 +142,11 @@ class EdgeStore(ModelStore):
     def sync(self) -> SyncStatus:
         """Read the store's manifest, fetch and verify what the edge should hold, swap the view; never raises."""
         with self._sync_lock:
-            started = time.monotonic()
-            self.status.last_attempt = time.time()
+            started, attempted = time.monotonic(), time.time()
             try:
                 remote = Manifest.loads(self._read_manifest_bytes())
             except TierserveError as exc:
+                self.status.last_attempt = attempted  # set when the attempt is over: a sync in flight is not "ok"
                 self.status.failures += 1
                 if self.status.last_error != exc.message:
                     logger.warning("edge sync failed; serving what is held",
@@ -158,7 +160,7 @@ class EdgeStore(ModelStore):
             self._persist(snapshot)
             evicted = self.evict()
             self.status.syncs += 1
-            self.status.last_success = self.status.last_attempt
+            self.status.last_attempt = self.status.last_success = attempted
             self.status.last_error = None
             self.status.refused = refused
             self.status.evicted = evicted

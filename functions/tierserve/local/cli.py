@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "triton": "tierserve.local.triton",
     "serve": "tierserve.local.serve",
     "models": "tierserve.local.models_cli",
-    "edge": "tierserve.edge.cli",
+    "edge": "tierserve.local.greengrass",  # tierserve.edge.cli's run flags, plus `package`
 }
 
 
