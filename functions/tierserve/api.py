@@ -72,7 +72,7 @@ def model_metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
 
 def _model_metadata(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
     mv = _model(rt, params)
-    versions = sorted(rt.store.manifest().models[mv.name].versions, key=int)
+    versions = sorted(rt.store.manifest().models[mv.name].listed(), key=int)  # retired versions are not listed
     return response(200, model_metadata(mv, versions), {"x-served-by": "cpu"})
 
 
@@ -96,13 +96,13 @@ def _stats(rt: Runtime, versions: list[tuple[str, str]]) -> dict[str, Any]:
 def _model_stats(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
     mv = _model(rt, params)
     named = params.get("version")
-    versions = [named] if named else sorted(rt.store.manifest().models[mv.name].versions, key=int)
+    versions = [named] if named else sorted(rt.store.manifest().models[mv.name].listed(), key=int)
     return _stats(rt, [(mv.name, v) for v in versions])
 
 
 def _all_stats(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
     models = rt.store.manifest().models
-    return _stats(rt, [(n, v) for n in sorted(models) for v in sorted(models[n].versions, key=int)])
+    return _stats(rt, [(n, v) for n in sorted(models) for v in sorted(models[n].listed(), key=int)])
 
 
 def _repository_index(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:

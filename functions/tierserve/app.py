@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierserve import telemetry
 from tierserve.backends.base import Backend
 from tierserve.breaker import CircuitBreaker, HealthCache
 from tierserve.routing import get_policy
@@ -82,12 +83,15 @@ def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backen
                   store: ModelStore | None = None) -> Runtime:
     """A runtime from ``settings``; tests may pass their own backends or store (the seams)."""
     store = store or ModelStore(settings.model_store_uri, settings.model_cache_dir, settings.manifest_ttl_s)
+    from tierserve.sessions import evict_sessions
+
+    store.on_evict.append(evict_sessions)  # versions no longer served leave the session cache too
     dispatcher = TierDispatcher(
         cpu=cpu if cpu is not None else build_cpu_backend(settings, store),
         gpu=gpu if gpu is not None else build_gpu_backend(settings),
         policy=get_policy(settings.routing_policy),
         breaker=CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s,
-                               settings.breaker_success_threshold),
+                               settings.breaker_success_threshold, on_transition=telemetry.breaker_transition),
         health=HealthCache(settings.health_ttl_s),
         gpu_timeout_s=settings.triton_timeout_s,
     )

@@ -21,8 +21,11 @@ class CircuitBreaker:
         cooldown_s: float = 30.0,
         success_threshold: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[str, str], None] | None = None,
     ) -> None:
         self.failure_threshold = failure_threshold
+        #: Told (old, new) on every state change: the BreakerTransitions metric.
+        self.on_transition = on_transition
         self.cooldown_s = cooldown_s
         self.success_threshold = success_threshold
         self._clock = clock
@@ -47,7 +50,7 @@ class CircuitBreaker:
 
     def _maybe_half_open(self) -> None:
         if self._state == OPEN and self._clock() - self._opened_at >= self.cooldown_s:
-            self._state = HALF_OPEN
+            self._set(HALF_OPEN)
             self._successes = 0
             self._trial_in_flight = False
 
@@ -67,7 +70,7 @@ class CircuitBreaker:
             if self._state == HALF_OPEN:
                 self._successes += 1
                 if self._successes >= self.success_threshold:
-                    self._state = CLOSED
+                    self._set(CLOSED)
                     self._failures = 0
             else:
                 self._failures = 0
@@ -82,8 +85,13 @@ class CircuitBreaker:
             if self._state == CLOSED and self._failures >= self.failure_threshold:
                 self._open()
 
+    def _set(self, state: str) -> None:
+        old, self._state = self._state, state
+        if old != state and self.on_transition is not None:
+            self.on_transition(old, state)
+
     def _open(self) -> None:
-        self._state = OPEN
+        self._set(OPEN)
         self._opened_at = self._clock()
         self._successes = 0
 

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve import errors
+from tierserve import errors, telemetry
 from tierserve.wire import Base64Body, BodyBytes
 
 #: Exception class -> HTTP status. Looked up along the exception's MRO, most specific first.
@@ -213,6 +213,7 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None, re
     else:
         message = f"internal error{f' (request {request_id})' if request_id else ''}; see the function's logs"
         code = "internal_error"
+    telemetry.error_code(code)  # every error answered, by code (a fixed set: never a name from the request)
     if isinstance(exc, errors.BackendUnavailableError) and exc.retry_after_s is not None:
         extra["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response(status, {"error": message, "code": code}, extra)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tierserve import errors, wire
+from tierserve import errors, telemetry, wire
 from tierserve.app import Runtime
 from tierserve.calls import Body, InferenceCall
-from tierserve.http import response
+from tierserve.http import response, status_for
 from tierserve.manifest import ModelVersion, check_model_name, check_version
-from tierserve.observability import MetricUnit, logger, metrics
+from tierserve.observability import logger
 from tierserve.tiering import Deadline, Dispatched, pick_version
 
 
@@ -31,7 +31,11 @@ def resolve_name(runtime: Runtime, name: str, version: str | None) -> tuple[str,
     name = check_model_name(name)
     if version is not None:
         check_version(version)
-    runtime.store.manifest().resolve(name, version)
+    arrived = time.monotonic()
+    try:
+        runtime.store.manifest().resolve(name, version)
+    except errors.ModelNotFoundError:  # maybe published since this copy of the manifest was read: look again
+        runtime.store.refresh(since=arrived).resolve(name, version)
     return name, version
 
 
@@ -53,8 +57,9 @@ def infer(runtime: Runtime, name: str, version: str | None, body: Body, hint: st
         t2 = time.perf_counter_ns()
         record(model, done, call.rows, runtime.dispatcher.state())
         out = render(done, call)
-    except Exception:
+    except Exception as exc:
         runtime.stats.failure(*counted, time.perf_counter_ns() - t0)
+        telemetry.request(*counted, tier=None, latency_ms=(time.perf_counter_ns() - t0) / 1e6, status=status_for(exc))
         raise
     runtime.stats.success(model.name, model.version, call.rows, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
     return out
@@ -77,16 +82,9 @@ def render(done: Dispatched, call: InferenceCall) -> dict[str, Any]:
 
 
 def record(model: ModelVersion, done: Dispatched, rows: int, state: dict[str, str]) -> None:
-    """Per-request metrics (EMF) and one structured log line."""
-    metrics.add_dimension("model", model.name)
-    metrics.add_dimension("target", done.served_by)
-    metrics.add_metric("InferenceLatency", MetricUnit.Milliseconds, done.latency_ms)
-    metrics.add_metric("Requests", MetricUnit.Count, 1)
-    metrics.add_metric("Rows", MetricUnit.Count, rows)
-    if done.fallback:
-        metrics.add_metric("Fallbacks", MetricUnit.Count, 1)
-    metrics.add_metadata("circuit_state", state.get("gpu", "none"))
-    metrics.add_metadata("model_version", model.version)
+    """Per-request metrics with model and version dimensions (EMF, ``tierserve.telemetry``) and one log line."""
+    telemetry.request(model.name, model.version, tier=done.served_by, latency_ms=done.latency_ms, rows=rows,
+                      fallback=bool(done.fallback))
     logger.info("routed", extra={"model": model.name, "version": model.version, "target": done.served_by,
                                  "reason": done.decision.reason, "rows": rows, "fallback": done.fallback,
                                  "latency_ms": round(done.latency_ms, 3)})

@@ -85,7 +85,7 @@ def repository_index(manifest: Manifest, gpu_configured: bool, ready_only: bool 
                 out.append({"name": name, "version": "", "state": "UNAVAILABLE",
                             "reason": f"invalid manifest entry: {manifest.broken[name].reason}"})
             continue
-        for version, mv in sorted(manifest.models[name].versions.items(), key=lambda kv: int(kv[0])):
+        for version, mv in sorted(manifest.models[name].listed().items(), key=lambda kv: int(kv[0])):
             if mv.serves_cpu or gpu_configured:
                 out.append({"name": name, "version": version, "state": "READY"})
             elif not ready_only:

@@ -16,6 +16,7 @@ OpenTelemetry (ADOT) was measured as the alternative and not adopted; see docs/b
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,10 @@ class NoTracer:
     def put_metadata(self, key: str, value: Any, namespace: str | None = None) -> None:
         pass
 
+
+# Request metrics are EMF lines of their own (tierserve.telemetry); Powertools' Metrics flushes only the
+# cold-start metric, so its "no application metrics" warning on every warm invocation says nothing.
+warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
 
 logger = Logger(service=SERVICE)
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "tierserve"), service=SERVICE)

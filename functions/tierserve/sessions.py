@@ -52,6 +52,17 @@ def get_session(path: Path, sha256: str, threads: int) -> Any:
         return sess
 
 
+def is_cached(sha256: str, threads: int) -> bool:
+    return (sha256, threads) in _sessions
+
+
+def evict_sessions(shas: set[str]) -> None:
+    """Drop the sessions of models no longer served (a request holding one keeps it until it is done)."""
+    with _lock:
+        for key in [k for k in _sessions if k[0] in shas]:
+            del _sessions[key]
+
+
 def clear_sessions() -> None:
     with _lock:
         _sessions.clear()

@@ -69,8 +69,13 @@ class Settings:
     checkpoint_margin_ms: int = 30_000
     idempotency_expiry_s: int = 86_400
     service_name: str = "tierserve"
-    # How long the manifest is cached before it is re-read (new versions appear without redeploys).
-    manifest_ttl_s: float = 60.0
+    # How long the manifest is cached before it is re-read: a publish, promote or rollback reaches every
+    # function within this time, without a redeploy (issue 11: at most 10 s).
+    manifest_ttl_s: float = 10.0
+    # Progressive delivery (RolloutFunction and `tierserve models rollout`).
+    rollout_table: str = ""
+    router_function_name: str = "RouterFunction"
+    metrics_namespace: str = "tierserve"
 
     @property
     def intra_op_threads(self) -> int:
@@ -104,11 +109,14 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "IDEMPOTENCY_EXPIRY_S": ("idempotency_expiry_s", int),
     "POWERTOOLS_SERVICE_NAME": ("service_name", str),
     "MANIFEST_TTL_S": ("manifest_ttl_s", float),
+    "ROLLOUT_TABLE": ("rollout_table", str),
+    "ROUTER_FUNCTION_NAME": ("router_function_name", str),
+    "POWERTOOLS_METRICS_NAMESPACE": ("metrics_namespace", str),
 }
 
 _POSITIVE = {
     "max_payload_bytes", "triton_timeout_s", "breaker_failure_threshold", "breaker_success_threshold",
-    "memory_mb", "chunk_rows",
+    "memory_mb", "chunk_rows", "manifest_ttl_s",
 }  # fmt: skip
 
 

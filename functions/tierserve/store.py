@@ -9,6 +9,12 @@ was not verified. The folder is built under a temporary name and renamed into pl
 failed or concurrent fetch never leaves a half-written model). A warm Lambda reuses it; a new
 process re-verifies it once and fetches it again if anything changed.
 
+The manifest is re-read every ``MANIFEST_TTL_S`` (and at once, at most once a second, when a request
+names a version this copy does not know: :meth:`ModelStore.refresh`, so the CPU function serves a version
+the router has just seen published). When it changed, every cached model that no version still served
+uses is evicted (its folder, and the ``on_evict`` listeners', i.e. the onnxruntime sessions): a request in
+flight keeps the session it holds, and a later request for an evicted model fetches it again.
+
 Refused before anything reads them: a sha256 or size that does not match the manifest
 (:class:`IntegrityError`), external data the manifest does not list (IntegrityError), a source file
 that is a hard link (``st_nlink > 1``), a symbolic link or not a regular file, and an external-data
@@ -27,7 +33,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,9 +44,10 @@ from tierserve.errors import (
     IntegrityError,
     InvalidNameError,
     ManifestError,
+    ModelNotFoundError,
     UnsafeModelError,
 )
-from tierserve.manifest import MANIFEST_FILE, ExternalFile, Manifest, Variant, check_artifact_path
+from tierserve.manifest import MANIFEST_FILE, SHA256_RE, ExternalFile, Manifest, Variant, check_artifact_path
 
 #: S3 keys the store will read: the same safe alphabet as artifact paths (matched with fullmatch).
 S3_KEY_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,1024}")
@@ -130,6 +137,9 @@ class ModelStore:
         self._manifest: Manifest | None = None
         self._manifest_at = 0.0
         self._verified: dict[str, Path] = {}  # sha256 -> verified local path
+        self._manifest_bytes: bytes | None = None
+        #: Called with the sha256s evicted when the manifest no longer uses them (the session cache).
+        self.on_evict: list[Callable[[set[str]], None]] = []
         if uri.startswith("s3://"):
             bucket, _, prefix = uri[5:].partition("/")
             if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
@@ -153,9 +163,50 @@ class ModelStore:
             return self._manifest
         with self._lock:
             if self._manifest is None or time.monotonic() - self._manifest_at >= self.manifest_ttl_s:
-                self._manifest = Manifest.loads(self._read_manifest_bytes())
-                self._manifest_at = time.monotonic()
+                self._reload()
+            assert self._manifest is not None
             return self._manifest
+
+    def refresh(self, since: float | None = None, min_interval_s: float = 0.05) -> Manifest:
+        """A manifest whose read began at or after ``since`` (``time.monotonic()``; default: now).
+
+        For a request naming a version this copy does not know: the router that sent it may have seen it
+        published already. A read that began after the request arrived sees at least what the router saw
+        (S3 reads are strongly consistent), so a request in flight is never refused for a version that
+        exists; requests arriving together share one read, and reads are at least ``min_interval_s`` apart."""
+        since = time.monotonic() if since is None else since
+        with self._lock:
+            if self._manifest is None or self._manifest_at < since:
+                wait = self._manifest_at + min_interval_s - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                self._reload()
+            assert self._manifest is not None
+            return self._manifest
+
+    def _reload(self) -> None:
+        began = time.monotonic()
+        data = self._read_manifest_bytes()
+        self._manifest_at = began
+        if data == self._manifest_bytes and self._manifest is not None:
+            return
+        manifest = Manifest.loads(data)
+        first = self._manifest is None
+        self._manifest, self._manifest_bytes = manifest, data
+        if not first:
+            self._evict(live_shas(manifest))
+
+    def _evict(self, live: set[str]) -> None:
+        """Forget and delete every cached model the manifest no longer serves (called under the lock)."""
+        gone = {sha for sha in self._verified if sha not in live}
+        if self.cache_dir.is_dir():
+            gone |= {p.name for p in self.cache_dir.iterdir() if SHA256_RE.fullmatch(p.name) and p.name not in live}
+        for sha in gone:
+            self._verified.pop(sha, None)
+            shutil.rmtree(self.cache_dir / sha, ignore_errors=True)
+        if gone:
+            for listener in self.on_evict:
+                listener(gone)
 
     def _read_manifest_bytes(self) -> bytes:
         if self.root is not None:
@@ -267,6 +318,20 @@ class ModelStore:
 
             self._s3 = boto3.client("s3")
         return self._s3
+
+
+def live_shas(manifest: Manifest) -> set[str]:
+    """The sha256 of every model a request can still get: listed versions, and retired ones in their grace."""
+    live: set[str] = set()
+    for name, entry in manifest.models.items():
+        for version, mv in entry.versions.items():
+            if mv.retired:
+                try:
+                    manifest.resolve(name, version)
+                except ModelNotFoundError:
+                    continue
+            live |= {v.sha256 for v in mv.variants.values()}
+    return live
 
 
 def _aws_reason(exc: Exception) -> str:

@@ -80,7 +80,8 @@ def check_history_agrees(outcome: dict[str, Any], n: int = 20) -> None:
 
 def compiled(root, name: str, v: str, seed: int = 0, gpu: bool = False, in_dim: int = 4) -> ModelVersion:
     """A version as `tierserve compile` leaves it in ``root``: NAME/VERSION/model.onnx and its manifest entry,
-    plus, for a GPU version, triton/NAME/VERSION/{model.onnx,config.pbtxt} (the version's own config)."""
+    plus, for a GPU version, triton/NAME/VERSION/{model.onnx,config.pbtxt} (the version's own config) and the
+    model's triton/NAME/config.pbtxt."""
     from tests.support.models import linear_onnx, write_model
 
     data, _, _ = linear_onnx(in_dim=in_dim, seed=seed)
@@ -94,4 +95,71 @@ def compiled(root, name: str, v: str, seed: int = 0, gpu: bool = False, in_dim: 
         vdir.mkdir(parents=True, exist_ok=True)
         (vdir / "model.onnx").write_bytes(data)
         (vdir / "config.pbtxt").write_text(config_pbtxt(name, list(inputs), list(Y), 8, tensorrt_fp16=False))
+        from tierserve_compiler.publish import write_triton_model_config
+
+        write_triton_model_config(root, name)  # triton/NAME/config.pbtxt, as the compiler leaves it
     return mv
+
+
+def linear_variant_onnx(seed: int = 0, fail_above: float | None = None, matmuls: int = 0) -> bytes:
+    """y = x @ W + b, and optionally what makes a version bad for real (never a mock):
+
+    * ``fail_above``: onnxruntime fails (FAIL status, a 500) on a request whose first column exceeds it
+      (a Reshape to an impossible shape): with x ~ N(0, 1) and 1.645, one request in twenty;
+    * ``matmuls``: that many extra 512 x 512 MatMul + Tanh steps on the input, added to y times zero
+      (they depend on the input, so onnxruntime cannot fold them away): a slower version, same answers."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["y0"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
+             numpy_helper.from_array(np.array(0, np.float32), "zero_f"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    last = "y0"
+    if fail_above is not None:
+        nodes += [helper.make_node("Gather", ["x", "col0"], ["c0"], axis=1),
+                  helper.make_node("ReduceMax", ["c0"], ["mx"], keepdims=0),
+                  helper.make_node("Greater", ["mx", "limit"], ["bad"]),
+                  helper.make_node("Cast", ["bad"], ["bad_i"], to=TensorProto.INT64),
+                  helper.make_node("Mul", ["bad_i", "four"], ["extra"]),
+                  helper.make_node("Add", ["extra", "three"], ["n"]),
+                  helper.make_node("Reshape", ["B", "n"], ["rb"]),  # 3 elements into 7 when bad: fails
+                  helper.make_node("ReduceSum", ["rb"], ["s_f"], keepdims=0),
+                  helper.make_node("Mul", ["s_f", "zero_f"], ["z_f"]),
+                  helper.make_node("Add", [last, "z_f"], ["y_f"])]
+        inits += [numpy_helper.from_array(np.array(0, np.int64), "col0"),
+                  numpy_helper.from_array(np.array(fail_above, np.float32), "limit"),
+                  numpy_helper.from_array(np.array([4], np.int64), "four"),
+                  numpy_helper.from_array(np.array([3], np.int64), "three")]
+        last = "y_f"
+    if matmuls:
+        k = 512
+        inits += [numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), "H"),
+                  numpy_helper.from_array(np.array([1, k // 4], np.int64), "reps")]
+        nodes.append(helper.make_node("Tile", ["x", "reps"], ["h0"]))
+        for i in range(matmuls):
+            nodes += [helper.make_node("MatMul", [f"h{i}", "H"], [f"m{i}"]),
+                      helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"])]
+        nodes += [helper.make_node("ReduceSum", [f"h{matmuls}", "axis1"], ["s_m"], keepdims=1),
+                  helper.make_node("Mul", ["s_m", "zero_f"], ["z_m"]),
+                  helper.make_node("Add", [last, "z_m"], ["y_m"])]
+        last = "y_m"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(nodes, "linear_variant",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def compiled_bytes(root, name: str, v: str, onnx_bytes: bytes) -> ModelVersion:
+    """A CPU version as `tierserve compile` leaves it, from ONNX bytes (x FP32 [-1, 4] -> y FP32 [-1, 3])."""
+    from tests.support.models import write_model
+
+    return write_model(root, name, v, onnx_bytes, X, Y)

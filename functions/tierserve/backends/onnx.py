@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from tierserve import telemetry
 from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import InferenceError, InvalidRequestError
 from tierserve.manifest import ModelVersion
@@ -22,11 +24,15 @@ class OnnxBackend:
         self.threads = threads
 
     def session(self, model: ModelVersion) -> Any:
-        from tierserve.sessions import get_session
+        from tierserve.sessions import get_session, is_cached
 
         variant = model.cpu_artifact
-        path = self.store.fetch(variant)
-        return get_session(path, variant.sha256, self.threads)
+        if is_cached(variant.sha256, self.threads):
+            return get_session(self.store.fetch(variant), variant.sha256, self.threads)
+        t0 = time.perf_counter()  # a cold model: fetched (verified) and loaded, timed as ModelLoadTime
+        sess = get_session(self.store.fetch(variant), variant.sha256, self.threads)
+        telemetry.model_loaded(model.name, model.version, (time.perf_counter() - t0) * 1000)
+        return sess
 
     def run(self, model: ModelVersion, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict:
         """Run numpy feeds; return {output name: array}."""

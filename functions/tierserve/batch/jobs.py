@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tierserve import errors
+from tierserve import errors, telemetry
 from tierserve.app import Runtime, get_runtime
 from tierserve.batch.io import (
     OUTPUT_PREFIX,
@@ -350,7 +350,8 @@ class _Runner:
         st.status, st.summary = "completed", summary
         self.jobs.save(st, expected)
         self._delete_work()
-        metrics.add_metric("BatchJobsCompleted", MetricUnit.Count, 1)
+        telemetry.batch_job(st.model, st.version, rows=st.rows_ok, errors=st.lines_error,
+                            seconds=time.time() - st.started_at)
         logger.info("batch job completed", extra={"job": st.job_key, "counts": summary["counts"]})
         return summary
 

@@ -23,6 +23,7 @@ from typing import Any
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from tierserve import telemetry
 from tierserve.app import get_runtime
 from tierserve.batch.io import BatchInputError
 from tierserve.batch.jobs import JobSpec, job_from_message, job_from_s3_record, run_job
@@ -65,7 +66,11 @@ def _run(spec: JobSpec, context: Any) -> dict[str, Any]:
     run_once, _ = _idempotent_runner()
     # The idempotency key is computed from the delivery, not from the job spec's JSON.
     job = spec.to_json()
-    return run_once(job=job, context=context)
+    try:
+        return run_once(job=job, context=context)
+    except Exception:
+        telemetry.batch_job_failed()
+        raise
 
 
 def specs_from_body(body: str) -> list[JobSpec]:

@@ -1,8 +1,7 @@
-"""A real moto_server (S3, SQS, DynamoDB over HTTP) on a free loopback port."""
+"""A real moto_server (S3, SQS, DynamoDB, CloudWatch over HTTP) on a free loopback port."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -16,10 +15,8 @@ from tierserve.local.emulation import free_port
 
 
 def moto_server_command(port: int) -> list[str]:
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe:
-        return [exe, "-H", "127.0.0.1", "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    """moto_server, with percentile statistics for CloudWatch added (``tierserve.local.moto_ext``)."""
+    return [sys.executable, "-m", "tierserve.local.moto_ext", "-H", "127.0.0.1", "-p", str(port)]
 
 
 class MotoServer:

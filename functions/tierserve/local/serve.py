@@ -12,7 +12,10 @@
 * **S3** (optional, ``--s3``): a ``moto_server``; the models folder is uploaded to a bucket and
   every function reads ``MODEL_STORE_URI=s3://...``. With batch (the default), the batch queues
   are created, S3 notifications wired (``tierserve.local.batch``), and a poller feeds
-  BatchInferenceFunction.
+  BatchInferenceFunction. The same moto_server serves CloudWatch (the functions' metrics) and
+  DynamoDB (rollouts), with ``--no-s3`` too.
+* **Operations** (``tierserve.local.stack_ops``): the functions' EMF metrics into moto's CloudWatch and
+  on ``GET /metrics`` (with Triton's), and the local Triton loading the versions the store lists.
 
 Function environments come from template.yaml (``tierserve.local.sam.function_spec``) with
 ``events/local-env.json``-style overrides, then the local endpoints. ``LocalStack`` is the same
@@ -40,6 +43,7 @@ from tierserve.local.emulation import lambda_environment
 from tierserve.local.lambda_endpoint import FunctionError, LambdaEndpoint, LocalFunction
 from tierserve.local.sam import FunctionSpec, function_spec, load_env_vars, load_template
 from tierserve.local.signals import stop_on_signals
+from tierserve.local.stack_ops import ROLLOUT_TABLE, TRITON_EXPLICIT, create_rollout_table
 
 ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
 FUNCTIONS = (ROUTER, CPU, BATCH)
@@ -109,6 +113,7 @@ class LocalStack:
         self._router_log_restore: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.ops: Any = None
 
     @property
     def url(self) -> str:
@@ -138,8 +143,7 @@ class LocalStack:
         file_overrides = load_env_vars(self.env_vars)
         self._start_triton()
         self.model_store_uri = str(self.models)
-        if self.s3:
-            self._start_moto()
+        self._start_moto()
         # Bind the port first: the functions need AWS_ENDPOINT_URL_LAMBDA before they start.
         self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._invoke_api,
                                     authorizer=self._authorizer())
@@ -156,6 +160,9 @@ class LocalStack:
         self.lambda_endpoint = LambdaEndpoint(functions, host=self.host)
         if self.router_inprocess:
             self._router = self._inprocess_router(specs[ROUTER])
+        from tierserve.local.stack_ops import StackOps
+
+        self.ops = StackOps(self).start()
         self.api.start()
         if self.want_batch:
             self._start_batch_pollers()
@@ -185,7 +192,8 @@ class LocalStack:
             env["CPU_BACKEND"] = "inprocess"
         if self.moto is not None:
             env.update({**_AWS_LOCAL, "AWS_ENDPOINT_URL_S3": self.moto.url, "AWS_ENDPOINT_URL_SQS": self.moto.url,
-                        "AWS_ENDPOINT_URL_DYNAMODB": self.moto.url})
+                        "AWS_ENDPOINT_URL_DYNAMODB": self.moto.url, "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto.url,
+                        "AWS_ENDPOINT_URL_STS": self.moto.url, "ROLLOUT_TABLE": ROLLOUT_TABLE})
         if logical_id == BATCH and self.queues:
             env.update({"JOB_TABLE": JOB_TABLE, "CONTINUATION_QUEUE_URL": self.queues["jobs_queue_url"]})
         env.update(self.extra_env)
@@ -246,6 +254,9 @@ class LocalStack:
         return self.lambda_endpoint.functions[ROUTER].invoke(event)
 
     def _invoke_api(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+        page = self.ops.http(method, target) if self.ops is not None else None
+        if page is not None:
+            return page
         if self.lambda_endpoint is None:
             return None
         return self.lambda_endpoint.handle(method, target, headers, body)
@@ -271,7 +282,7 @@ class LocalStack:
         repo_dir = self.workdir / "triton-repo"
         shutil.rmtree(repo_dir, ignore_errors=True)
         repo = build_local_repository(prod, repo_dir)
-        self.triton = TritonServer(repo, log_path=self.workdir / "triton.log").start()
+        self.triton = TritonServer(repo, log_path=self.workdir / "triton.log", extra_args=TRITON_EXPLICIT).start()
         self._own_triton = True
         self.notes.append(f"gpu: triton {self.triton.http_url}")
 
@@ -286,6 +297,10 @@ class LocalStack:
         from tierserve.local.moto import MotoServer
 
         self.moto = MotoServer(self.workdir / "moto.log").start()
+        create_rollout_table(self.client("dynamodb"))
+        if not self.s3:
+            self.notes.append(f"metrics and rollouts: moto {self.moto.url}")
+            return
         s3 = self.client("s3")
         if self.want_batch:
             self.queues = batch_local.create_local_stack(s3, self.client("dynamodb"), self.client("sqs"), BUCKET,
@@ -294,7 +309,7 @@ class LocalStack:
             s3.create_bucket(Bucket=BUCKET)
         for path in sorted(self.models.rglob("*")):
             rel = path.relative_to(self.models).as_posix()
-            if path.is_file() and not rel.startswith(("triton/", ".")) and "/." not in rel:
+            if path.is_file() and not rel.startswith(".") and "/." not in rel:  # triton/ too, as in AWS
                 s3.upload_file(str(path), BUCKET, f"{MODEL_PREFIX}/{rel}")
         if self.want_batch:
             batch_local.wire_local_notifications(s3, self.client("sqs"), BUCKET, self.queues["queue_url"])
@@ -337,7 +352,7 @@ class LocalStack:
         Every step runs even when an earlier one fails, so a failure never leaves orphans."""
         self._stop.set()
         errors: list[BaseException] = []
-        for step in (self._stop_api, self._stop_pollers, self._stop_functions, self._stop_triton,
+        for step in (self._stop_api, self._stop_ops, self._stop_pollers, self._stop_functions, self._stop_triton,
                      self._stop_moto, self._restore_env):
             try:
                 step()
@@ -352,6 +367,11 @@ class LocalStack:
         api, self.api = self.api, None
         if api is not None:
             api.stop()
+
+    def _stop_ops(self) -> None:
+        ops, self.ops = self.ops, None
+        if ops is not None:
+            ops.stop()
 
     def _stop_pollers(self) -> None:
         for t in self._threads:
@@ -413,7 +433,8 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output folder")
     p.add_argument("--no-triton", action="store_true", help="no GPU tier")
-    p.add_argument("--no-s3", action="store_true", help="read models from the folder; no moto_server, no batch")
+    p.add_argument("--no-s3", action="store_true",
+                   help="read models from the folder; no batch (moto_server still serves CloudWatch and DynamoDB)")
     p.add_argument("--no-batch", action="store_true", help="no BatchInferenceFunction or queue pollers")
     p.add_argument("--router-worker", action="store_true",
                    help="run RouterFunction in a worker process instead of in-process")

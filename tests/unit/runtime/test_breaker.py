@@ -51,6 +51,22 @@ def test_defaults() -> None:
     assert (b.failure_threshold, b.cooldown_s, b.success_threshold) == (5, 30.0, 3)
 
 
+def test_every_transition_is_told_once() -> None:
+    # Given a breaker that reports its transitions (the BreakerTransitions metric)
+    clock, seen = FakeClock(), []
+    b = CircuitBreaker(failure_threshold=2, cooldown_s=10, success_threshold=1, clock=clock,
+                       on_transition=lambda old, new: seen.append((old, new)))
+    # When it opens, half-opens after the cooldown, and closes on a success
+    b.record_failure()
+    b.record_failure()
+    clock.advance(10)
+    assert b.state == HALF_OPEN
+    assert b.allow()
+    b.record_success()
+    # Then each change was told once, in order
+    assert seen == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+
+
 @pytest.mark.parametrize("threshold", [5, 2], ids=["default", "custom"])
 def test_opens_after_threshold_consecutive_failures(threshold: int) -> None:
     # Given a closed breaker

@@ -110,3 +110,17 @@ def test_a_bad_payload_is_answered_with_an_error_response_never_raised(store: Pa
     # Then the error is an HTTP response with the protocol's error body, and no stack trace
     assert error_of(resp) == expected
     assert "Traceback" not in resp["body"]
+
+
+def test_a_version_published_after_this_function_read_its_manifest_is_served_at_once(store: Path,
+                                                                                      runtime_env) -> None:
+    # Given a CPU function whose manifest (cached for a minute) predates version 2
+    runtime_env.setenv("MANIFEST_TTL_S", "60")
+    write_linear(store, version="1", seed=1)
+    assert handle_direct(json_event("lin", "1"))["statusCode"] == 200
+    write_linear(store, version="2", seed=2)
+    # When the router, which has already seen version 2, pins a request to it
+    resp = handle_direct(json_event("lin", "2", rows_of(2, seed=4)))
+    # Then the function re-reads the manifest and serves it (a request in flight is never broken)
+    body = json.loads(decode_body(resp))
+    assert resp["statusCode"] == 200 and body["model_version"] == "2"

@@ -24,3 +24,9 @@ def test_settings_parse_types_and_derive_threads_from_memory():
 def test_bad_settings_name_the_variable(env, needle):
     with pytest.raises(errors.ConfigurationError, match=needle):
         parse_settings(env)
+
+
+def test_the_manifest_is_reread_every_10_s_by_default():
+    # issue 11: a lifecycle change reaches every function within MANIFEST_TTL_S, at most 10 s by default
+    assert parse_settings({}).manifest_ttl_s <= 10
+    assert parse_settings({"MANIFEST_TTL_S": "2"}).manifest_ttl_s == 2

@@ -297,3 +297,52 @@ def test_a_corrupted_cache_is_fetched_again(tmp_path):
 def test_s3_keys_with_a_trailing_newline_are_refused(key):
     with pytest.raises(InvalidNameError):
         check_s3_key(key)
+
+
+def test_a_manifest_change_evicts_models_no_version_serves(tmp_path, monkeypatch):
+    # Given v1 and v2 fetched (and a session listener)
+    from tests.support.lifecycle import compiled
+    from tierserve.lifecycle.objects import FolderObjects
+    from tierserve.lifecycle.registry import Registry
+
+    store_dir = tmp_path / "store"
+    reg = Registry(FolderObjects(store_dir), actor="t")
+    for v in ("1", "2"):
+        mv = compiled(tmp_path / "build", "m", v, seed=int(v))
+        reg.publish(mv)
+    import shutil
+
+    for v in ("1", "2"):  # the artifacts where the manifest says (a folder store)
+        (store_dir / "m" / v).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "build" / "m" / v / "model.onnx", store_dir / "m" / v / "model.onnx")
+    store = ModelStore(str(store_dir), tmp_path / "cache", manifest_ttl_s=0)
+    evicted: list[set[str]] = []
+    store.on_evict.append(evicted.append)
+    manifest = store.manifest()
+    v1, v2 = (manifest.resolve("m", v).cpu_artifact for v in ("1", "2"))
+    p1, p2 = store.fetch(v1), store.fetch(v2)
+    # When v2 is promoted and v1 retired, and its grace has passed
+    reg.promote("m", "2")
+    reg.retire("m", "1")
+    import time as time_module
+
+    from tierserve.manifest import RETIRE_GRACE_S
+
+    real = time_module.time
+    monkeypatch.setattr("tierserve.manifest.time.time", lambda: real() + RETIRE_GRACE_S + 1)
+    store.manifest()
+    # Then v1's cached copy and session are gone, v2's are kept
+    assert evicted == [{v1.sha256}] and not p1.exists() and p2.exists()
+
+
+def test_refresh_returns_a_manifest_read_after_the_request_arrived(tmp_path):
+    import time as time_module
+
+    spec_in, spec_out = (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),)
+    write_model(tmp_path, "m", "1", linear_onnx()[0], spec_in, spec_out)
+    store = ModelStore(str(tmp_path), tmp_path / "cache", manifest_ttl_s=60)
+    store.manifest()
+    before = time_module.monotonic() - 10  # a request that arrived before that read: the cached copy will do
+    write_model(tmp_path, "m", "2", linear_onnx(seed=2)[0], spec_in, spec_out)
+    assert "2" not in store.refresh(since=before).models["m"].versions
+    assert "2" in store.refresh().models["m"].versions  # a request arriving now: read again

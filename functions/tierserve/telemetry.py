@@ -1,0 +1,114 @@
+"""Operational metrics as CloudWatch Embedded Metric Format (EMF) lines, with ``model`` and ``version``.
+
+Why EMF written here rather than through Powertools' ``Metrics`` singleton: one request's figures must land
+in several dimension sets at once, and each set costs money, so the sets are chosen per metric, explicitly:
+
+=====================================  =====================================================================
+dimension set                          what reads it
+=====================================  =====================================================================
+``service, function``                  alarms: p99 latency and errors per function
+``service, function, model, version``  the rollout (canary vs default), the dashboard's per-version widgets
+``service, function, model, tier``     the dashboard's per-tier widgets (cpu / gpu, fallbacks)
+``service, function, code``            errors by code (``ErrorsByCode``), a document of its own
+``service, function, state``           circuit breaker transitions (``BreakerTransitions``)
+=====================================  =====================================================================
+
+EMF allows 30 dimensions per set and 100 metrics per document; we use at most 4 and 7. Cost: CloudWatch
+bills each distinct (metric name, dimension values) as one custom metric (about $0.30 a month), so a
+model with two live versions on two tiers costs ``6 metrics x (1 + 2 + 2)`` per function, about $9 a
+month; retired versions stop emitting and stop costing after their data ages out. Only values from the
+manifest and fixed sets ever become dimensions, never a name from a request: an unknown model's 404
+counts only in ``ErrorsByCode``.
+
+Metrics: ``Requests``, ``Errors`` (5xx), ``ClientErrors`` (4xx), ``Latency`` (ms, successes), ``Rows``,
+``Fallbacks``; ``ErrorsByCode``; ``BreakerTransitions``; ``ModelLoadTime`` (ms, a session built on a cold
+cache); the batch function's ``BatchRows``, ``BatchErrors``, ``BatchJobDuration``, ``BatchJobsCompleted``,
+``BatchJobsFailed``; Powertools adds ``ColdStart``. Each line goes to stdout, which Lambda sends to
+CloudWatch Logs, which extracts the metrics; ``tierserve serve`` does the same locally
+(``tierserve.local.emf_bridge``: PutMetricData into moto_server, and its ``/metrics`` page).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+SERVICE_ENV = "POWERTOOLS_SERVICE_NAME"
+NAMESPACE_ENV = "POWERTOOLS_METRICS_NAMESPACE"
+#: Set to "false" to emit nothing (tests that read stdout).
+ENABLED_ENV = "TIERSERVE_METRICS"
+
+COUNT, MS = "Count", "Milliseconds"
+
+
+def function_name() -> str:
+    return os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "local"
+
+
+def base() -> dict[str, str]:
+    return {"service": os.environ.get(SERVICE_ENV) or "tierserve", "function": function_name()}
+
+
+def emit(values: dict[str, str], dimension_sets: list[list[str]], metrics: dict[str, tuple[str, float]]) -> None:
+    """Write one EMF document: ``metrics`` (name -> (unit, value)) in every dimension set."""
+    if os.environ.get(ENABLED_ENV, "").lower() in ("0", "false", "off"):
+        return
+    doc: dict[str, Any] = {
+        "_aws": {"Timestamp": int(time.time() * 1000), "CloudWatchMetrics": [{
+            "Namespace": os.environ.get(NAMESPACE_ENV) or "tierserve",
+            "Dimensions": dimension_sets,
+            "Metrics": [{"Name": name, "Unit": unit} for name, (unit, _) in metrics.items()]}]},
+        **values,
+        **{name: value for name, (_, value) in metrics.items()},
+    }
+    sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def request(model: str, version: str, *, tier: str | None, latency_ms: float, rows: int = 0,
+            fallback: bool = False, status: int = 200) -> None:
+    """One inference request for a model version the manifest lists (successful or not)."""
+    values = {**base(), "model": model, "version": version}
+    sets = [["service", "function"], ["service", "function", "model", "version"]]
+    if tier:
+        values["tier"] = tier
+        sets.append(["service", "function", "model", "tier"])
+    metrics: dict[str, tuple[str, float]] = {
+        "Requests": (COUNT, 1), "Errors": (COUNT, int(status >= 500)),
+        "ClientErrors": (COUNT, int(400 <= status < 500)), "Fallbacks": (COUNT, int(fallback)), "Rows": (COUNT, rows)}
+    if status < 400:
+        metrics["Latency"] = (MS, round(latency_ms, 3))
+    emit(values, sets, metrics)
+
+
+def error_code(code: str) -> None:
+    """One error response, by its code (a fixed set: ``tierserve.errors``)."""
+    emit({**base(), "code": code}, [["service", "function", "code"]], {"ErrorsByCode": (COUNT, 1)})
+
+
+def breaker_transition(old: str, new: str) -> None:
+    emit({**base(), "state": new}, [["service", "function"], ["service", "function", "state"]],
+         {"BreakerTransitions": (COUNT, 1)})
+
+
+def model_loaded(model: str, version: str, ms: float) -> None:
+    emit({**base(), "model": model, "version": version},
+         [["service", "function"], ["service", "function", "model", "version"]],
+         {"ModelLoadTime": (MS, round(ms, 3))})
+
+
+def batch_job(model: str, version: str, *, rows: int, errors: int, seconds: float) -> None:
+    """A batch job completed: its rows, its error lines and how long it took (across invocations)."""
+    emit({**base(), "model": model, "version": version},
+         [["service", "function"], ["service", "function", "model", "version"]],
+         {"BatchRows": (COUNT, rows), "BatchErrors": (COUNT, errors),
+          "BatchJobDuration": (MS, round(seconds * 1000, 1)), "BatchJobsCompleted": (COUNT, 1)})
+
+
+def batch_job_failed() -> None:
+    """A batch job failed (its message goes back to the queue, then to the DLQ): function-wide only, since
+    the model named by a failed job may not exist."""
+    emit(base(), [["service", "function"]], {"BatchJobsFailed": (COUNT, 1)})
