@@ -29,20 +29,51 @@ PROTOCOL_TO_NUMPY = {
 
 
 def specs_from_onnx(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of an ``onnx.ModelProto``; symbolic or unknown dims become -1."""
+    """Inputs and outputs of an ``onnx.ModelProto``; symbolic or unknown dims become -1.
 
-    def spec(vi: Any) -> TensorSpec:
+    Inputs also keep what the runtime checks before running them: the names of their symbolic
+    dimensions (inputs sharing one must agree on its size) and, for integer inputs that index an
+    embedding, the valid range ``[0, rows - 1]``."""
+    ranges = index_ranges(model)
+
+    def spec(vi: Any, is_input: bool) -> TensorSpec:
         t = vi.type.tensor_type
         dt = ONNX_TO_PROTOCOL.get(t.elem_type)
         if dt is None:
             raise InputDataError(f"tensor {vi.name!r} has ONNX element type {t.elem_type}, which is not served")
         dims = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim)
-        return TensorSpec(name=vi.name, datatype=dt, shape=dims)
+        names = tuple(d.dim_param if d.HasField("dim_param") else "" for d in t.shape.dim)
+        if not is_input:
+            return TensorSpec(name=vi.name, datatype=dt, shape=dims)
+        return TensorSpec(name=vi.name, datatype=dt, shape=dims, dim_names=names if any(names) else (),
+                          value_range=ranges.get(vi.name))
 
     inits = {i.name for i in model.graph.initializer}
-    inputs = [spec(i) for i in model.graph.input if i.name not in inits]
-    outputs = [spec(o) for o in model.graph.output]
+    inputs = [spec(i, True) for i in model.graph.input if i.name not in inits]
+    outputs = [spec(o, False) for o in model.graph.output]
     return inputs, outputs
+
+
+def index_ranges(model: Any) -> dict[str, tuple[float, float]]:
+    """Graph inputs used (directly, or through Cast/Identity) as the indices of a ``Gather`` over an
+    initializer: the input -> ``(0, rows - 1)`` along the gathered axis (an embedding's vocabulary).
+    Negative indices, which Gather also accepts, are no token id and are refused too."""
+    graph = model.graph
+    sizes = {i.name: list(i.dims) for i in graph.initializer}
+    inputs = {i.name for i in graph.input if i.name not in sizes}
+    origin = {name: name for name in inputs}  # tensor -> the graph input it is a pass-through of
+    ranges: dict[str, tuple[float, float]] = {}
+    for node in graph.node:  # nodes are topologically sorted in a valid model
+        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in origin:
+            data = sizes.get(node.input[0])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if data and -len(data) <= axis < len(data):
+                name = origin[node.input[1]]
+                hi = int(data[axis]) - 1
+                ranges[name] = (0, min(hi, ranges.get(name, (0, hi))[1]))
+    return ranges
 
 
 @dataclass

@@ -11,6 +11,7 @@
           "versions": {
             "1": {
               "inputs":  [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+                          # optional per input: "dim_names": ["batch", ""], "value_range": [0, 30521]
               "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
               "max_batch_size": 64,
               "variants": {
@@ -26,6 +27,7 @@
               "edge_variant": "int8_dynamic",       # optional: what an edge device serves (default: cpu's)
               "routing": {"gpu_min_rows": 64, "gpu_min_bytes": 1048576},
               "cpu": {"memory_mb": 1769, "threads": 1},
+              "allow_non_finite": false,            # optional: NaN/Infinity inputs are refused (400)
               "created_at": "2026-11-24T12:00:00Z",
               "published_at": "2026-11-24T12:05:00Z",   # optional: set by `tierserve models publish`
               "published_by": "arn:aws:sts::123456789012:assumed-role/deployer/alice",
@@ -137,21 +139,55 @@ def _fields(what: str, d: Any, parse: Callable[[Any], T]) -> T:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One input or output of a model.
+
+    ``dim_names`` (optional) names the symbolic dimensions of the ONNX graph, "" for a fixed one:
+    inputs that share a name (``input_ids`` and ``attention_mask`` both ``[batch, sequence]``) must
+    agree on its size, which the runtime checks before anything runs. ``value_range`` (optional,
+    inclusive) bounds an input's values where the model only accepts some, such as token ids that
+    index an embedding of ``vocab`` rows (``[0, vocab - 1]``): a value outside is the client's error
+    (400), never a tier failure."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]  # -1 marks a dynamic dimension; the first one is the batch axis
+    dim_names: tuple[str, ...] = ()
+    value_range: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        d: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        if any(self.dim_names):
+            d["dim_names"] = list(self.dim_names)
+        if self.value_range is not None:
+            d["value_range"] = list(self.value_range)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
-        spec = _fields(
-            "tensor spec", d, lambda d: cls(str(d["name"]), str(d["datatype"]), tuple(int(x) for x in d["shape"]))
-        )
-        if spec.datatype in DATATYPES:
-            return spec
-        raise ManifestError(f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}; use one of {DATATYPES}")
+        def parse(d: dict[str, Any]) -> TensorSpec:
+            names = tuple(str(n) for n in d.get("dim_names") or ())
+            rng = d.get("value_range")
+            value_range = None if rng is None else (_number(rng[0]), _number(rng[1]))
+            if rng is not None and len(rng) != 2:
+                raise ValueError("value_range must be [low, high]")
+            return cls(str(d["name"]), str(d["datatype"]), tuple(int(x) for x in d["shape"]), names, value_range)
+
+        spec = _fields("tensor spec", d, parse)
+        if spec.datatype not in DATATYPES:
+            raise ManifestError(
+                f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}; use one of {DATATYPES}")
+        if spec.dim_names and len(spec.dim_names) != len(spec.shape):
+            raise ManifestError(f"tensor {spec.name!r}: dim_names {list(spec.dim_names)} do not match its shape "
+                                f"{list(spec.shape)}")
+        if spec.value_range is not None and not spec.value_range[0] <= spec.value_range[1]:
+            raise ManifestError(f"tensor {spec.name!r}: value_range {list(spec.value_range)} is empty")
+        return spec
+
+
+def _number(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{x!r} is not a number")
+    return x
 
 
 @dataclass(frozen=True)
@@ -239,6 +275,8 @@ class ModelVersion:
     def signature(self) -> tuple[Any, ...]:
         """What a client and the GPU tier's config see of this version: names, datatypes, shapes, batch."""
         return (tuple(self.inputs), tuple(self.outputs), self.max_batch_size)
+    #: Whether NaN and Infinity are valid inputs; off by default (a non-finite input is a 400).
+    allow_non_finite: bool = False
 
     @property
     def serves_cpu(self) -> bool:
@@ -289,6 +327,8 @@ class ModelVersion:
         for key in ("published_at", "published_by", "retired_at"):
             if getattr(self, key):
                 d[key] = getattr(self, key)
+        if self.allow_non_finite:
+            d["allow_non_finite"] = True
         return d
 
     @classmethod
@@ -311,6 +351,7 @@ class ModelVersion:
                 published_at=str(d.get("published_at") or ""),
                 published_by=str(d.get("published_by") or ""),
                 retired_at=str(d.get("retired_at") or ""),
+                allow_non_finite=_flag(d.get("allow_non_finite", False), "allow_non_finite"),
             )
         except ManifestError:
             raise
@@ -328,6 +369,12 @@ class ModelVersion:
             raise ManifestError(f"v{version}: targets {list(mv.targets)} name no cloud tier; an edge model also "
                                 "needs cpu or gpu, which serve what a device forwards (recompile with --target edge)")
         return mv
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"{what} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,24 @@ def _graph(buf: memoryview, depth: int) -> Iterator[tuple[str, str]]:
 
 
 def external_data_locations(model_bytes: bytes | memoryview | mmap.mmap) -> list[tuple[str, str]]:
-    """(tensor name, location) for every tensor stored outside the model file."""
+    """(tensor name, location) for every tensor stored outside the model file; ScanError when it is no
+    ONNX model.
+
+    The error is raised afresh, without the walk's traceback: that traceback's frames hold views of
+    ``model_bytes``, and an ``mmap`` with views still exported cannot be closed (its ``BufferError``
+    would replace the clear "not a readable ONNX model")."""
+    message = None
     buf = memoryview(model_bytes)
+    try:
+        return _locations(buf)
+    except ScanError as exc:
+        message = str(exc)
+    finally:
+        buf.release()
+    raise ScanError(message)
+
+
+def _locations(buf: memoryview) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for field, wire, value in _fields(buf):
         if wire != 2:

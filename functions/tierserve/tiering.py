@@ -118,6 +118,13 @@ class Dispatcher(Protocol):
         ...
 
 
+def check_values(call: InferenceCall, model: ModelVersion) -> None:
+    """The manifest's value checks (non-finite floats, value ranges) on the call's tensors (materialised)."""
+    from tierserve.codec import check_values as check
+
+    check(call.request(), model)
+
+
 class TierDispatcher:
     def __init__(
         self,
@@ -216,6 +223,7 @@ class TierDispatcher:
         if not self.gpu_usable(model):
             why = "circuit open" if self.breaker.state == "open" else "not ready"
             return self._fallback(model, call, decision, deadline, why)
+        check_values(call, model)  # an input the model cannot take is the client's error: the GPU never sees it
         timeout = deadline.budget(self.gpu_timeout_s)  # a spent deadline is the request's, not the tier's
         if not self.breaker.allow():
             return self._fallback(model, call, decision, deadline, "circuit open")

@@ -130,7 +130,8 @@ class TensorHeader:
             return self.elements * size
         if self.binary is not None:
             return self.binary[1]
-        return sum(4 + len(x.encode("utf-8")) for x in flatten(self.data) if isinstance(x, str))
+        # surrogatepass: a lone surrogate is refused when the tensor is materialised, not while routing
+        return sum(4 + len(x.encode("utf-8", "surrogatepass")) for x in flatten(self.data) if isinstance(x, str))
 
 
 @dataclass
@@ -202,12 +203,32 @@ def load_json_object(raw: bytes, what: str, err: ErrorType, header_length_given:
     return obj
 
 
-def check_shape(shape: Any, label: str, err: ErrorType) -> tuple[int, ...]:
+#: The most dimensions a tensor may have (numpy's own limit; Triton's is lower in practice).
+MAX_RANK = 32
+#: Dimensions are INT64 in the protocol: the largest one a shape may name.
+MAX_DIM = 2**63 - 1
+#: The most bytes the non-zero dimensions of a shape may describe: numpy cannot even shape an empty
+#: array past this, and no body that fits an API Gateway request comes anywhere near it.
+MAX_SHAPE_BYTES = 2**62
+
+
+def check_shape(shape: Any, label: str, err: ErrorType, datatype: str | None = None) -> tuple[int, ...]:
+    """The shape as a tuple: at most MAX_RANK non-negative INT64 dimensions that numpy can represent."""
     if not isinstance(shape, list):
         raise err(f"{label}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > MAX_RANK:
+        raise err(f"{label}: shape has {len(shape)} dimensions; at most {MAX_RANK} are supported")
     for d in shape:
+        if isinstance(d, float) and d.is_integer() and d > MAX_DIM:  # orjson reads an int past 64 bits as a float
+            raise err(f"{label}: dimension {int(d)} does not fit in INT64 (at most {MAX_DIM})")
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise err(f"{label}: shape {shape!r} has an invalid dimension {d!r}; expected non-negative integers")
+        if d > MAX_DIM:
+            raise err(f"{label}: dimension {d} does not fit in INT64 (at most {MAX_DIM})")
+    itemsize = max(DATATYPES[datatype][1], 8) if datatype in DATATYPES else 8
+    if math.prod(d for d in shape if d) * itemsize > MAX_SHAPE_BYTES:
+        raise err(f"{label}: shape {fmt_shape(shape)} describes more elements than any tensor can hold; "
+                  "check the shape")
     return tuple(shape)
 
 
@@ -267,7 +288,7 @@ def tensor_headers(items: Any, kind: str, binary_size: int | None, err: ErrorTyp
             raise err(f"{label}: {exc.message}") from exc
         if "shape" not in obj:
             raise err(f"{label}: 'shape' is missing")
-        shape = check_shape(obj["shape"], label, err)
+        shape = check_shape(obj["shape"], label, err, datatype)
         params = obj.get("parameters") or {}
         if not isinstance(params, dict):
             raise err(f"{label}: 'parameters' must be a JSON object, got {type(params).__name__}")
@@ -410,6 +431,7 @@ def check_request(inputs: list[Any], outputs: list[RequestedOutput], model: Mode
                     f"input {spec.name!r}: batch size (dim 0) {rows} differs from "
                     f"input {batch[0]!r}'s {batch[1]}; all inputs must have the same batch size"
                 )
+    check_shared_dims(given, model)
     known_outputs = [s.name for s in model.outputs]
     for out in outputs:
         if out.name not in known_outputs:
@@ -417,6 +439,23 @@ def check_request(inputs: list[Any], outputs: list[RequestedOutput], model: Mode
                 f"unknown requested output {out.name!r} for {where}; outputs: "
                 f"{', '.join(repr(n) for n in known_outputs) or 'none'}"
             )
+
+
+def check_shared_dims(given: dict[str, Any], model: ModelVersion) -> None:
+    """Inputs whose dimensions share a symbolic name in the model (``input_ids`` and ``attention_mask``
+    on ``sequence``) must agree on its size: checked here, before any tier runs a mismatched pair."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for spec in model.inputs:
+        for axis, dim in enumerate(spec.dim_names):
+            if not dim:
+                continue
+            size = int(given[spec.name].shape[axis])
+            first = seen.setdefault(dim, (spec.name, axis, size))
+            if first[2] != size:
+                raise InvalidRequestError(
+                    f"input {spec.name!r}: dimension {axis} ({dim!r}) is {size}, but input {first[0]!r} has "
+                    f"{first[2]} in its dimension {first[1]} ({dim!r}); inputs that share a dimension must agree"
+                )
 
 
 def check_names(names: list[str], model: ModelVersion) -> None:

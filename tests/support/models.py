@@ -72,3 +72,46 @@ def linear_onnx(in_dim: int = 4, out_dim: int = 3, seed: int = 0) -> tuple[bytes
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString(), w, b
+
+
+def embedding_onnx(vocab: int = 10, dim: int = 4, seed: int = 0) -> bytes:
+    """A transformer's first steps in miniature: ``ids`` and ``mask`` (INT64 [batch, seq]) -> the
+    masked mean of the ids' embedding rows, ``y`` FP32 [batch, dim]. An id outside [0, vocab) makes
+    onnxruntime's Gather fail (INVALID_ARGUMENT); ids and mask of different lengths make its Mul fail (FAIL)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    table = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "E")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["e"]),
+         helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["mf", "axis2"], ["mu"]),
+         helper.make_node("Mul", ["e", "mu"], ["masked"]),
+         helper.make_node("ReduceMean", ["masked", "axis1"], ["y"], keepdims=0)],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
+        [table, numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+         numpy_helper.from_array(np.array([1], np.int64), "axis1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_embedding(root: Path, name: str = "emb", version: str = "1", vocab: int = 10,
+                    checks: bool = True, targets: tuple[str, ...] = ("cpu",)) -> ModelVersion:
+    """``embedding_onnx`` in the store at ``root``; with ``checks``, its specs as the compiler records them
+    (dim names, the ids' value range), else bare shapes (what an older manifest holds)."""
+    import onnx
+
+    from tierserve_compiler.data import specs_from_onnx
+
+    data = embedding_onnx(vocab)
+    inputs, outputs = specs_from_onnx(onnx.load_from_string(data))
+    if not checks:
+        inputs = [TensorSpec(s.name, s.datatype, s.shape) for s in inputs]
+    return write_model(root, name, version, data, tuple(inputs), tuple(outputs), targets=targets)

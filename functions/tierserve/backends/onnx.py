@@ -6,14 +6,12 @@ import time
 from typing import Any
 
 from tierserve import telemetry
+from tierserve.backends.base import is_input_error
 from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import InferenceError, InvalidRequestError
 from tierserve.manifest import ModelVersion
 from tierserve.store import ModelStore
 from tierserve.types import InferResponse
-
-#: onnxruntime's messages for inputs it refuses (INVALID_ARGUMENT and shape checks): the caller's fault.
-_INPUT_ERRORS = ("INVALID_ARGUMENT", "Invalid rank", "Got invalid dimensions")
 
 
 class OnnxBackend:
@@ -42,15 +40,16 @@ class OnnxBackend:
             results = sess.run(names, feeds)
         except Exception as exc:
             msg = str(exc)
-            if any(m in msg for m in _INPUT_ERRORS):
+            if is_input_error(msg):
                 raise InvalidRequestError(f"model {model.name!r} rejected the inputs: {msg}") from exc
             raise InferenceError(f"model {model.name!r} v{model.version} failed to run: {msg}") from exc
         return dict(zip(names, results, strict=True))
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
-        from tierserve.codec import tensor_from_numpy
+        from tierserve.codec import check_values, tensor_from_numpy
 
         request = call.request()
+        check_values(request, model)
         arrays = self.run(model, {t.name: t.data for t in request.inputs}, [o.name for o in request.outputs] or None)
         return Reply(InferResponse(
             model_name=model.name,

@@ -33,6 +33,7 @@ import math
 import threading
 from typing import Any
 
+from tierserve.backends.base import is_input_error
 from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import (
     BackendTimeoutError,
@@ -124,7 +125,9 @@ def map_exception(exc: BaseException, what: str) -> TierserveError:
             return BackendUnavailableError(f"Triton is unreachable for {what}: {message}")
         if status_s in ("StatusCode.NOT_FOUND", "404") or any(h in low for h in _UNAVAILABLE_HINTS):
             return BackendUnavailableError(f"Triton cannot serve {what}: {message}")
-        if status_s in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE"):
+        if status_s in ("StatusCode.INVALID_ARGUMENT", "400", "StatusCode.OUT_OF_RANGE") or is_input_error(message):
+            # Triton's onnxruntime backend answers 500 "onnx runtime error 2: ..." for a bad input: the
+            # message, not the status, says it was the request's fault (never a tier failure)
             return InvalidRequestError(f"Triton rejected {what}: {message}")
         return InferenceError(f"Triton failed to run {what}: {message}")
 

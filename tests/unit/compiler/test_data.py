@@ -23,3 +23,18 @@ def test_single_array_validation_and_mismatched_inputs(mlp_onnx, cfg_for, tmp_pa
 
     with pytest.raises(InputDataError, match=r"input 'x' dim 1 is 5, the model expects 16"):
         compile_model(cfg_for(mlp_onnx, "two", validation=bad))
+
+
+def test_specs_keep_symbolic_dim_names_and_the_vocabulary_of_an_embeddings_ids():
+    import onnx
+
+    from tests.support.models import embedding_onnx
+    from tierserve_compiler.data import specs_from_onnx
+
+    # Given a model whose ids index an embedding of 10 rows and whose inputs share [batch, seq]
+    inputs, outputs = specs_from_onnx(onnx.load_from_string(embedding_onnx(vocab=10)))
+    ids, mask = inputs
+    # Then the ids may be 0..9, the mask has no range, and both name their dims (outputs keep plain shapes)
+    assert (ids.value_range, mask.value_range) == ((0, 9), None)
+    assert ids.dim_names == mask.dim_names == ("batch", "seq")
+    assert (outputs[0].shape, outputs[0].dim_names) == ((-1, 4), ())

@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 
 from tests.support.fakes import ALL_DATATYPES, client_request, fp32_input, raw_request, sample
 from tierserve.codec import (
+    DATATYPE_TO_DTYPE,
     datatype_to_dtype,
     decode_request,
     decode_response,
@@ -271,15 +272,19 @@ def test_encode_response_sends_non_utf8_bytes_as_binary_even_in_json_mode():
     assert_same(client_result(body, headers).as_numpy("y"), arr)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 #5 (open): standard JSON has no inf; a non-finite float "
-                   "output is written as null in JSON mode, so tritonclient reads inf and -inf back as NaN; "
-                   "binary keeps them")
-def test_encode_response_keeps_non_finite_floats_readable_by_tritonclient():
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_encode_response_keeps_non_finite_floats_readable_by_tritonclient(datatype):
     # Given an output holding NaN, +inf and -inf, for a client that asked for JSON
-    arr = np.array([np.nan, np.inf, -np.inf, 1.0], dtype=np.float32)
-    # When encoded, Then tritonclient reads back the very same values
+    arr = np.array([np.nan, np.inf, -np.inf, 1.0], dtype=DATATYPE_TO_DTYPE[datatype])
+    # When encoded
     body, headers = encode_response(InferResponse("m", "1", [tensor_from_numpy("y", arr)]))
+    # Then the body is standard JSON (no bare NaN/Infinity token: a strict parser reads it), the values are
+    # spelled as the strings the protocol's tensor data allows, and tritonclient reads back the very same values
+    strict = json.loads(body, parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
+    assert strict["outputs"][0]["data"] == ["NaN", "Infinity", "-Infinity", 1.0]
     np.testing.assert_array_equal(client_result(body, headers).as_numpy("y"), arr)
+    # And our own decoder (the router reading a CPU reply, batch) reads them back too
+    np.testing.assert_array_equal(decode_response(body).outputs[0].data, arr)
 
 
 def test_encode_response_refuses_data_that_does_not_fit_the_shape():
@@ -344,6 +349,9 @@ def test_error_body_is_the_triton_error_object():
         (fp32_input(datatype="BOOL", data=[1, 0]), r"input 'x': BOOL data must be true/false"),
         (fp32_input(datatype="BYTES", data=["a", 1]), r"input 'x': BYTES data must be JSON strings, got 1"),
         (fp32_input(datatype="BYTES", data=["a"]), r"input 'x': shape needs 2 elements, data has 1"),
+        (fp32_input(datatype="BYTES", data=["a", "\ud800"]),
+         r"input 'x': BYTES element 1 is not valid Unicode \(surrogates not allowed: '\\ud800'\)"),
+        (fp32_input(data=[1.0, "nan"]), r"input 'x': FP32 data must be numbers \(or \"NaN\""),
     ],
 )
 def test_invalid_data_names_the_input_and_the_problem(inp, message):
@@ -352,6 +360,14 @@ def test_invalid_data_names_the_input_and_the_problem(inp, message):
     # When decoded, Then the error names the input and what was expected
     with pytest.raises(InvalidRequestError, match=message):
         decode_request(body)
+
+
+def test_nan_and_infinity_spelled_as_json_strings_are_read_as_floats():
+    # Given the standard-JSON spelling of non-finite values that tierserve itself writes
+    body = raw_request([fp32_input(shape=[4], data=["NaN", "Infinity", "-Infinity", 1.5])])
+    # When decoded, Then they are the floats they name
+    np.testing.assert_array_equal(decode_request(body).inputs[0].data,
+                                  np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32))
 
 
 def test_nan_and_infinity_sent_by_tritonclient_as_json_are_accepted():
@@ -385,3 +401,46 @@ def test_binary_bool_must_be_zero_or_one():
     ).encode()
     with pytest.raises(InvalidRequestError, match=r"input 'b': binary BOOL data must hold only 0 or 1"):
         decode_request(header + b"\x01\x07", len(header))
+
+
+# --- values the manifest refuses (issue 8, defects 1 and 5) ---------------------------------------------
+
+
+def _model(allow_non_finite: bool = False, value_range=None):
+    from tierserve.manifest import ModelVersion, TensorSpec, Variant
+
+    return ModelVersion("m", "1", (TensorSpec("x", "FP32", (-1, 3)), TensorSpec("ids", "INT64", (-1, 3),
+                                                                                value_range=value_range)),
+                        (TensorSpec("y", "FP32", (-1,)),), {"fp32": Variant("m/1/model.onnx", "0" * 64, 1)}, "fp32",
+                        allow_non_finite=allow_non_finite)
+
+
+def _request(x, ids=((0, 0, 0),)) -> InferRequest:
+    return InferRequest([tensor_from_numpy("x", np.asarray(x, dtype=np.float32)),
+                         tensor_from_numpy("ids", np.asarray(ids, dtype=np.int64))])
+
+
+@pytest.mark.parametrize(("value", "shown"), [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")])
+def test_non_finite_inputs_are_refused_by_default_naming_the_tensor_and_the_index(value, shown):
+    from tierserve.codec import check_values
+
+    # Given a model whose manifest says nothing about non-finite values, and a 2x3 input with one at [1, 2]
+    x = np.zeros((2, 3), dtype=np.float32)
+    x[1, 2] = value
+    # When checked, Then it is refused, naming the input, the value, its index and what to do
+    with pytest.raises(InvalidRequestError, match=rf"input 'x' holds {shown} at index \[1, 2\]; model 'm' v1 does "
+                       r"not accept NaN or Infinity \(allow_non_finite is off"):
+        check_values(_request(x, [[0] * 3] * 2), _model())
+    # And a model that allows them takes them
+    check_values(_request(x, [[0] * 3] * 2), _model(allow_non_finite=True))
+
+
+def test_values_outside_an_inputs_range_are_refused_naming_the_value_and_the_range():
+    from tierserve.codec import check_values
+
+    model = _model(value_range=(0, 9))
+    check_values(_request([[1, 2, 3]], [[0, 9, 5]]), model)
+    for bad, index in (([[0, 10**9, 5]], "[0, 1]"), ([[0, 1, -1]], "[0, 2]")):
+        with pytest.raises(InvalidRequestError, match=rf"input 'ids' holds -?\d+ at index \{index[:-1]}\], "
+                           r"outside the range model 'm' v1 accepts, \[0, 9\]"):
+            check_values(_request([[1, 2, 3]], bad), model)

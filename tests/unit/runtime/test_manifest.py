@@ -31,6 +31,10 @@ def test_manifest_round_trips_and_resolves_default_version():
     {"variants": {"fp32": {"path": "m/1/model.onnx", "sha256": "nothex", "size_bytes": 1}}},
     {"selected_variant": "int8_dynamic"},
     {"targets": ["tpu"]},
+    {"allow_non_finite": "yes"},
+    {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4], "dim_names": ["batch"]}]},
+    {"inputs": [{"name": "x", "datatype": "INT64", "shape": [-1, 4], "value_range": [5, 1]}]},
+    {"inputs": [{"name": "x", "datatype": "INT64", "shape": [-1, 4], "value_range": ["0", 1]}]},
 ])
 def test_manifest_refuses_unsafe_or_inconsistent_entries(bad):
     with pytest.raises(errors.ManifestError):
@@ -138,3 +142,17 @@ def test_the_edge_variant_round_trips_and_defaults_to_the_cpu_tiers():
 def test_an_edge_entry_without_its_variant_or_without_a_cloud_tier_is_refused(bad, reason):
     with pytest.raises(errors.ManifestError, match=reason):
         Manifest.from_json(_manifest(**bad)).resolve("m")
+
+
+def test_input_checks_and_the_non_finite_policy_round_trip_and_default_off():
+    # Given an entry whose input names its dims and bounds its values, and one that says nothing
+    checked = _manifest(allow_non_finite=True, inputs=[
+        {"name": "x", "datatype": "INT64", "shape": [-1, -1], "dim_names": ["batch", "seq"], "value_range": [0, 9]}])
+    plain = Manifest.from_json(_manifest()).resolve("m")
+    mv = Manifest.from_json(checked).resolve("m")
+    # Then the checks are read, written back as they were, and absent ones stay absent (NaN refused by default)
+    assert (mv.inputs[0].dim_names, mv.inputs[0].value_range, mv.allow_non_finite) == (("batch", "seq"), (0, 9), True)
+    assert Manifest.from_json(checked).to_json()["models"]["m"]["versions"]["1"]["inputs"] == checked["models"]["m"][
+        "versions"]["1"]["inputs"]
+    assert (plain.inputs[0].dim_names, plain.inputs[0].value_range, plain.allow_non_finite) == ((), None, False)
+    assert "allow_non_finite" not in Manifest.from_json(_manifest()).to_json()["models"]["m"]["versions"]["1"]

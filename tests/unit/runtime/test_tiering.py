@@ -11,6 +11,7 @@ import pytest
 from tests.support.fakes import FakeBackend, FakeClock, FakeLambdaContext, json_call, model_version, rows_of
 from tierserve import errors
 from tierserve.breaker import CircuitBreaker, HealthCache
+from tierserve.calls import InferenceCall
 from tierserve.http import error_response
 from tierserve.manifest import Manifest, ModelEntry
 from tierserve.routing import Decision, Policy, RouteContext, size_aware
@@ -98,15 +99,18 @@ def test_gpu_health_is_probed_only_when_the_policy_picks_the_gpu(clock) -> None:
     assert gpu.ready_calls == ["m"]
 
 
-def test_dispatch_reads_only_the_header_and_never_materialises_a_call(clock) -> None:
+def test_routing_reads_only_the_header_and_only_the_gpu_leg_materialises_a_call(clock) -> None:
     # Given JSON calls for each tier
     small, large = json_call(2), json_call(32)
     d = dispatcher(FakeBackend("cpu"), FakeBackend("gpu"), clock)
-    # When they are dispatched to backends that do not need arrays
+    # When they are routed, Then nothing is materialised
+    d.decide(BOTH, large)
+    assert large.materialized is False
+    # When they are dispatched, Then the call forwarded to the CPU tier stays as it came, and the GPU-bound
+    # one is materialised (once: the value checks and the GPU read the same arrays)
     d.dispatch(BOTH, small)
     d.dispatch(BOTH, large)
-    # Then routing never turned their tensors into numpy arrays
-    assert (small.materialized, large.materialized) == (False, False)
+    assert (small.materialized, large.materialized) == (False, True)
 
 
 # --- GPU failures, the breaker and the fallback ---------------------------------------------------------
@@ -264,6 +268,49 @@ def test_an_invalid_request_on_the_gpu_is_the_clients_error_and_counts_as_a_heal
     gpu.failures = [errors.BackendUnavailableError("blip")]
     d.dispatch(BOTH, json_call(32))
     assert d.breaker.state == "closed"
+
+
+def test_values_the_manifest_refuses_never_reach_the_gpu_and_never_touch_the_breaker(clock) -> None:
+    # Given a model whose input x must lie in [-100, 100], a GPU that failed once, and five requests with x = 1e9
+    from dataclasses import replace
+
+    from tierserve.manifest import TensorSpec
+
+    bounded = replace(BOTH, inputs=(TensorSpec("x", "FP32", (-1, 4), value_range=(-100, 100)),))
+    cpu = FakeBackend("cpu")
+    gpu = FakeBackend("gpu", failures=[errors.BackendUnavailableError("blip")])
+    d = dispatcher(cpu, gpu, clock)
+    d.dispatch(bounded, json_call(32))
+    for _ in range(5):
+        with pytest.raises(errors.InvalidRequestError, match=r"input 'x' holds .* outside the range"):
+            d.dispatch(bounded, InferenceCall.from_request(_scaled(32, 1e9)))
+    # Then neither tier ran them, and the breaker still counts the one real failure (not reset, not opened)
+    assert (len(gpu.calls), len(cpu.calls)) == (1, 1)
+    assert (d.breaker.state, d.breaker._failures) == ("closed", 1)
+
+
+def _scaled(rows: int, value: float):
+    from tierserve.codec import tensor_from_numpy
+    from tierserve.types import InferRequest
+
+    return InferRequest([tensor_from_numpy("x", rows_of(rows) * 0 + value)])
+
+
+def test_non_finite_inputs_are_the_clients_error_on_the_gpu_path(clock) -> None:
+    import numpy as np
+
+    from tierserve.codec import tensor_from_numpy
+    from tierserve.types import InferRequest
+
+    # Given both tiers up and a GPU-sized batch holding one NaN
+    x = rows_of(32)
+    x[3, 1] = np.nan
+    cpu, gpu = FakeBackend("cpu"), FakeBackend("gpu")
+    d = dispatcher(cpu, gpu, clock)
+    # When dispatched, Then it is a 400 naming the index, and the GPU never saw it
+    with pytest.raises(errors.InvalidRequestError, match=r"input 'x' holds nan at index \[3, 1\]"):
+        d.dispatch(BOTH, InferenceCall.from_request(InferRequest([tensor_from_numpy("x", x)])))
+    assert gpu.calls == []
 
 
 def test_without_a_gpu_tier_a_dual_model_runs_on_cpu_and_a_gpu_only_model_is_a_503(clock) -> None:

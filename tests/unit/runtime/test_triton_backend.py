@@ -124,6 +124,15 @@ class _FakeTritonError(Exception):
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", BackendTimeoutError),
         ("503", "Server not ready", BackendUnavailableError),
         ("500", "onnxruntime failed: boom", InferenceError),
+        # Triton's onnxruntime backend answers a bad input with 500 "onnx runtime error 2: ..." (issue 8, defect 1)
+        ("500", "onnx runtime error 2: Non-zero status code returned while running Gather node. Name:'' Status "
+                "Message: indices element out of data bounds, idx=1000000000 must be within the inclusive range "
+                "[-30522,30521]", InvalidRequestError),
+        ("500", "onnxruntime failed: Fail: [ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while "
+                "running Mul node", InvalidRequestError),
+        ("500", "onnx runtime error 1: Non-zero status code returned while running MatMul node: CUDA failure 700",
+         InferenceError),
+        ("StatusCode.INTERNAL", "onnx runtime error 2: Invalid rank for input: x", InvalidRequestError),
         ("StatusCode.INTERNAL", "onnxruntime failed: boom", InferenceError),
     ],
 )

@@ -156,6 +156,11 @@ def test_malformed_request_bodies(body, message):
         (fp32_input(shape=[-1]), r"input 'x': shape \[-1\] has an invalid dimension -1"),
         (fp32_input(shape=[True, 2]), r"invalid dimension True"),
         (fp32_input(shape="2"), r"input 'x': 'shape' must be a list"),
+        (fp32_input(shape=[1] * 33, data=[1.0]), r"input 'x': shape has 33 dimensions; at most 32 are supported"),
+        (fp32_input(shape=[0, 2**64], data=[]), r"input 'x': dimension 18446744073709551616 does not fit in INT64"),
+        (fp32_input(shape=[0, 2**63], data=[]), r"input 'x': dimension 9223372036854775808 does not fit in INT64"),
+        (fp32_input(datatype="INT64", shape=[0, 2**62], data=[]), r"describes more elements than any tensor"),
+        (fp32_input(shape=[2**31, 2**31, 2], data=[]), r"describes more elements than any tensor"),
         (fp32_input(parameters=[1]), r"input 'x': 'parameters' must be a JSON object"),
         (
             {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"shared_memory_region": "r"}},
@@ -366,3 +371,32 @@ def test_a_tritonclient_request_validates_from_its_header_alone():
     header = parse_request(body, size)
     check_request(header.tensors, header.outputs, model(TWO_INPUTS))
     assert all(t.data is None and t.binary is not None for t in header.tensors)
+
+
+# --- dimensions that inputs share ----------------------------------------------------------------------
+
+
+def text_model() -> ModelVersion:
+    """input_ids and attention_mask share [batch, sequence], as a transformer's do."""
+    specs = tuple(TensorSpec(n, "INT64", (-1, -1), dim_names=("batch", "sequence"))
+                  for n in ("input_ids", "attention_mask"))
+    return ModelVersion("bert", "1", specs, (TensorSpec("emb", "FP32", (-1, 4)),),
+                        {"fp32": Variant("bert/1/model.onnx", "0" * 64, 1)}, "fp32")
+
+
+def ids(name: str, shape: list[int]) -> dict:
+    return {"name": name, "datatype": "INT64", "shape": shape, "data": [0] * int(np.prod(shape))}
+
+
+def test_inputs_that_share_a_dimension_name_must_agree_on_it_before_anything_runs():
+    # Given a model whose two inputs share the symbolic dimension "sequence"
+    mv = text_model()
+    # When input_ids is [1, 4] and attention_mask [1, 5]
+    header = parse_request(raw_request([ids("input_ids", [1, 4]), ids("attention_mask", [1, 5])]))
+    # Then the request is refused with both inputs, the dimension's name and both sizes
+    with pytest.raises(InvalidRequestError, match=r"input 'attention_mask': dimension 1 \('sequence'\) is 5, "
+                       r"but input 'input_ids' has 4 in its dimension 1"):
+        check_request(header.tensors, header.outputs, mv)
+    # And the same pair with agreeing sizes passes
+    good = parse_request(raw_request([ids("input_ids", [2, 5]), ids("attention_mask", [2, 5])]))
+    check_request(good.tensors, good.outputs, mv)
