@@ -79,9 +79,12 @@ def _model_metadata(rt: Runtime, req: HttpRequest, params: dict[str, str], conte
 def _model_ready(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
     mv = _model(rt, params)
     headers = {"x-served-by": "cpu" if mv.serves_cpu else "gpu"}
-    if not rt.dispatcher.ready(mv):
-        return error_response(errors.BackendUnavailableError(f"model {mv.name!r} v{mv.version} is not ready",
-                                                             retry_after_s=5), headers)
+    problem = rt.dispatcher.readiness(mv)  # ready means: it loads and runs (cached), on some tier
+    if problem is not None:
+        exc = errors.BackendUnavailableError(f"model {mv.name!r} v{mv.version} is not ready: {problem.message}",
+                                             retry_after_s=getattr(problem, "retry_after_s", None) or 5)
+        exc.code = problem.code  # the tier's own reason survives (integrity_error, unsafe_model, ...)
+        return error_response(exc, headers)
     return response(200, {"name": mv.name, "version": mv.version, "ready": True}, headers)
 
 

@@ -22,14 +22,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve import telemetry
 from tierserve.backends.base import Backend
 from tierserve.breaker import CircuitBreaker, HealthCache
 from tierserve.routing import get_policy
 from tierserve.settings import Settings, get_settings, reset_settings
 from tierserve.stats import InferenceStats
 from tierserve.store import ModelStore
-from tierserve.tiering import Dispatcher, TierDispatcher
+from tierserve.tiering import Dispatcher, TierDispatcher, log_transition
 
 
 @dataclass
@@ -91,7 +90,7 @@ def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backen
         gpu=gpu if gpu is not None else build_gpu_backend(settings),
         policy=get_policy(settings.routing_policy),
         breaker=CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s,
-                               settings.breaker_success_threshold, on_transition=telemetry.breaker_transition),
+                               settings.breaker_success_threshold, on_transition=log_transition),
         health=HealthCache(settings.health_ttl_s),
         gpu_timeout_s=settings.triton_timeout_s,
     )

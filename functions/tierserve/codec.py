@@ -450,3 +450,20 @@ def check_values(request: InferRequest, model: ModelVersion) -> None:
                     f"the range {where} accepts, [{lo:g}, {hi:g}] (for token ids: the vocabulary's size); "
                     "check the tokenizer matches the model"
                 )
+
+
+def probe_request(model: ModelVersion) -> InferRequest:
+    """The smallest request ``model`` takes: one row, every dynamic dimension 1, zeros (or the low end of
+    an input's ``value_range``); BYTES inputs empty strings. Readiness runs it: a model is ready when it
+    loads *and runs*."""
+    inputs = []
+    for spec in model.inputs:
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        dtype = DATATYPE_TO_DTYPE[spec.datatype]
+        if spec.datatype == "BYTES":
+            data = _bytes_array([b""] * math.prod(shape)).reshape(shape)
+        else:
+            low = 0 if spec.value_range is None else max(spec.value_range[0], min(0, spec.value_range[1]))
+            data = np.full(shape, low, dtype=dtype)
+        inputs.append(Tensor(spec.name, spec.datatype, shape, data))
+    return InferRequest(inputs=inputs, id="readiness-probe")

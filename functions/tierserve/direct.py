@@ -18,7 +18,7 @@ from typing import Any
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
 from tierserve.calls import Body, InferenceCall
-from tierserve.http import error_response
+from tierserve.http import error_response, response
 from tierserve.manifest import ModelVersion
 from tierserve.observability import logger
 
@@ -39,11 +39,28 @@ def payload(model: ModelVersion, call: InferenceCall) -> dict[str, Any]:
             "body": text, "isBase64Encoded": is_base64}
 
 
+def readiness_payload(model: ModelVersion) -> dict[str, Any]:
+    """The Invoke payload that asks whether ``model`` loads and runs here (no inference body)."""
+    return {"model_name": model.name, "model_version": model.version, "ready": True}
+
+
+def _readiness(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
+    name, version = inference.resolve_name(runtime, str(event["model_name"]),
+                                           str(event["model_version"]) if event.get("model_version") else None)
+    model = runtime.store.manifest().resolve(name, version)
+    problem = runtime.dispatcher.readiness(model)
+    if problem is not None:
+        raise problem
+    return response(200, {"name": model.name, "version": model.version, "ready": True}, {"x-served-by": "cpu"})
+
+
 def handle_direct(event: dict[str, Any], context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
     """Serve the router's Invoke payload on this function's own CPU tier; never raises."""
     served = {"x-served-by": "cpu"}
     try:
         runtime = runtime or get_runtime()
+        if isinstance(event, dict) and event.get("ready") is True and "model_name" in event:
+            return _readiness(runtime, event)
         if not isinstance(event, dict) or "model_name" not in event or not isinstance(event.get("body"), str):
             raise errors.InvalidRequestError(_SHAPE)
         headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}

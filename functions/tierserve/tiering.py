@@ -21,6 +21,7 @@ A GPU call is never retried on the GPU: it may already have run.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,6 +119,34 @@ class Dispatcher(Protocol):
         ...
 
 
+def _readiness(backend: Backend, model: ModelVersion) -> errors.TierserveError | None:
+    """A backend's reason not to serve ``model`` (``check_ready`` when it has one, else ``ready``)."""
+    check = getattr(backend, "check_ready", None)
+    if check is None:
+        return None if backend.ready(model) else errors.BackendUnavailableError("the CPU tier cannot load it")
+    try:
+        check(model)
+    except errors.TierserveError as exc:
+        return exc
+    return None
+
+
+def _daemon(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, name="gpu-health-check", daemon=True).start()
+
+
+def log_transition(old: str, new: str, why: str) -> None:
+    """The GPU circuit's transitions as structured log events (a warning when it opens, with the reason) and
+    as the BreakerTransitions metric (``tierserve.telemetry``, by state: alarm on ``open``)."""
+    from tierserve import telemetry
+    from tierserve.observability import logger
+
+    level = logger.warning if new == "open" else logger.info
+    level("circuit breaker transition", extra={"event": "circuit_breaker", "tier": "gpu", "from": old,
+                                               "to": new, "reason": why})
+    telemetry.breaker_transition(old, new)
+
+
 def check_values(call: InferenceCall, model: ModelVersion) -> None:
     """The manifest's value checks (non-finite floats, value ranges) on the call's tensors (materialised)."""
     from tierserve.codec import check_values as check
@@ -143,6 +172,10 @@ class TierDispatcher:
         self.health = health or HealthCache()
         self.gpu_timeout_s = gpu_timeout_s
         self.cpu_timeout_s = cpu_timeout_s
+        #: How the post-timeout health check runs: a daemon thread (tests run it inline).
+        self.run_in_background: Callable[[Callable[[], None]], None] = _daemon
+        self._probe_lock = threading.Lock()
+        self._probing = False
 
     # --- what the rest of the runtime asks -----------------------------------------------------------
 
@@ -166,10 +199,28 @@ class TierDispatcher:
         return False
 
     def ready(self, model: ModelVersion) -> bool:
-        """Whether some tier can serve ``model`` now: its CPU copy loads, or the GPU tier is usable."""
-        if model.serves_cpu and self.cpu is not None and self.cpu.ready(model):
-            return True
-        return self.gpu_usable(model)
+        """Whether some tier can serve ``model`` now: its CPU copy loads and runs, or the GPU tier is usable."""
+        return self.readiness(model) is None
+
+    def readiness(self, model: ModelVersion) -> errors.TierserveError | None:
+        """None when some tier can serve ``model`` now, else why not: the CPU tier's own error (its code,
+        e.g. ``integrity_error``, kept), or the GPU tier's unavailability."""
+        problem: errors.TierserveError | None = None
+        if model.serves_cpu and self.cpu is not None:
+            problem = _readiness(self.cpu, model)
+            if problem is None:
+                return None
+        if self.gpu_usable(model):
+            return None
+        if problem is None:
+            if self.gpu is None or not model.serves_gpu:
+                why = "no tier here can serve it"
+            elif self.breaker.state != "closed":
+                why = f"the GPU tier's circuit is {self.breaker.state}"
+            else:
+                why = "the GPU tier does not report it ready"
+            problem = errors.BackendUnavailableError(why, retry_after_s=self.breaker.retry_after_s() or 5)
+        return problem
 
     def state(self) -> dict[str, str]:
         """The tiers as operators see them: which are configured, and the GPU circuit's state."""
@@ -233,8 +284,10 @@ class TierDispatcher:
             self.breaker.record_success()  # the GPU answered; the request was wrong
             raise
         except (errors.BackendUnavailableError, errors.InferenceError) as exc:
-            self.breaker.record_failure()
+            self.breaker.record_failure(exc.code)
             self.health.invalidate(f"{model.name}/{model.version}")
+            if isinstance(exc, errors.BackendTimeoutError):
+                self._check_server(gpu)
             return self._fallback(model, call, decision, deadline, exc.message)
         except BaseException:
             # Anything else (a backend bug, KeyboardInterrupt) still ends the call: release a half-open
@@ -243,6 +296,27 @@ class TierDispatcher:
             raise
         self.breaker.record_success()
         return Dispatched(reply, "gpu", decision)
+
+    def _check_server(self, gpu: Backend) -> None:
+        """After a timeout: one short server health check (in the background, one at a time), which
+        opens the circuit at once when the server does not answer it. A frozen server (SIGSTOP, a hung
+        GPU) then costs the first wave of requests one timeout each, instead of ``failure_threshold``
+        timeouts in a row; a server that answers the check only had a slow call, counted as usual."""
+        with self._probe_lock:
+            if self._probing:
+                return
+            self._probing = True
+
+        def check() -> None:
+            try:
+                if not gpu.ready(None):
+                    self.breaker.trip("a call timed out and the server did not answer a health check")
+                    self.health.invalidate()
+            finally:
+                with self._probe_lock:
+                    self._probing = False
+
+        self.run_in_background(check)
 
     def _fallback(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline,
                   why: str) -> Dispatched:

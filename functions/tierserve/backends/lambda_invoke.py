@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from typing import Any
 
 from tierserve import errors
@@ -30,6 +31,9 @@ _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
 
 #: Read timeouts (s) the router picks from for an Invoke, by the request's remaining budget.
 TIMEOUT_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
+#: How long the CPU function's readiness answer is remembered (a failure: READY_RETRY_S).
+READY_TTL_S = 30.0
+READY_RETRY_S = 5.0
 
 
 class LambdaInvokeBackend:
@@ -41,6 +45,7 @@ class LambdaInvokeBackend:
         self._client = client  # injected (tests): used for every timeout
         self._clients: dict[float, Any] = {}
         self._lock = threading.Lock()
+        self._readiness: dict[str, tuple[errors.TierserveError | None, float]] = {}
 
     def _bucket(self, timeout_s: float | None) -> float:
         """The smallest read timeout in TIMEOUT_BUCKETS_S covering ``timeout_s`` (at most ``self.timeout_s``)."""
@@ -102,8 +107,43 @@ class LambdaInvokeBackend:
             return Reply(http=reply)
         raise _tier_error(self.function_name, status, reply)
 
+    def check_ready(self, model: ModelVersion) -> None:
+        """Ask the CPU function whether ``model`` loads and runs there (``direct.readiness_payload``);
+        raise its error, with its own code, when it does not. The answer is remembered for
+        ``READY_TTL_S`` (``READY_RETRY_S`` for a failure), so probes cost one Invoke now and then."""
+        from tierserve.direct import readiness_payload
+        from tierserve.wire import json_dumps, json_loads
+
+        key = f"{model.name}/{model.version}"
+        known = self._readiness.get(key)
+        if known is not None and time.monotonic() - known[1] < (READY_TTL_S if known[0] is None else READY_RETRY_S):
+            if known[0] is not None:
+                raise known[0]
+            return
+        problem: errors.TierserveError | None = None
+        try:
+            out = self.client(self.timeout_s).invoke(FunctionName=self.function_name,
+                                                     InvocationType="RequestResponse",
+                                                     Payload=json_dumps(readiness_payload(model)))
+            reply = json_loads(out["Payload"].read() or b"{}")
+            if out.get("FunctionError") or not isinstance(reply, dict):
+                problem = errors.InferenceError(f"{self.function_name} failed its readiness check; see its logs")
+            elif int(reply.get("statusCode", 500)) != 200:
+                problem = _tier_error(self.function_name, int(reply.get("statusCode", 500)), reply)
+        except Exception as exc:
+            problem = errors.BackendUnavailableError(f"cannot invoke {self.function_name}: {type(exc).__name__}: {exc}")
+        self._readiness[key] = (problem, time.monotonic())
+        if problem is not None:
+            raise problem
+
     def ready(self, model: ModelVersion | None = None) -> bool:
-        return True
+        if model is None:
+            return True
+        try:
+            self.check_ready(model)
+            return True
+        except errors.TierserveError:
+            return False
 
 
 def _tier_error(function_name: str, status: int, reply: dict) -> errors.TierserveError:

@@ -8,10 +8,13 @@ from typing import Any
 from tierserve import telemetry
 from tierserve.backends.base import is_input_error
 from tierserve.calls import InferenceCall, Reply
-from tierserve.errors import InferenceError, InvalidRequestError
+from tierserve.errors import InferenceError, InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion
 from tierserve.store import ModelStore
 from tierserve.types import InferResponse
+
+#: How long a failed readiness check is remembered before the model is tried again.
+READY_RETRY_S = 5.0
 
 
 class OnnxBackend:
@@ -20,6 +23,7 @@ class OnnxBackend:
     def __init__(self, store: ModelStore, threads: int = 1) -> None:
         self.store = store
         self.threads = threads
+        self._readiness: dict[str, tuple[TierserveError | None, float]] = {}
 
     def session(self, model: ModelVersion) -> Any:
         from tierserve.sessions import get_session, is_cached
@@ -58,11 +62,38 @@ class OnnxBackend:
             outputs=[tensor_from_numpy(name, arr) for name, arr in arrays.items()],
         ))
 
+    def check_ready(self, model: ModelVersion) -> None:
+        """Raise what keeps ``model`` from serving: it must be fetched and verified, load, and run the
+        smallest request it takes. Success is remembered for the artifact (content-addressed: it cannot
+        change); a failure is retried after ``READY_RETRY_S``. An input error from the probe still
+        means the model loaded and ran its checks."""
+        from tierserve.codec import probe_request
+
+        key = model.cpu_artifact.sha256
+        known = self._readiness.get(key)
+        if known is not None and (known[0] is None or time.monotonic() - known[1] < READY_RETRY_S):
+            if known[0] is not None:
+                raise known[0]
+            return
+        problem: TierserveError | None = None
+        try:
+            request = probe_request(model)
+            self.run(model, {t.name: t.data for t in request.inputs})
+        except InvalidRequestError:
+            pass
+        except TierserveError as exc:
+            problem = exc
+        except Exception as exc:  # a bug must not make readiness raise
+            problem = InferenceError(f"model {model.name!r} v{model.version} failed its readiness run: {exc}")
+        self._readiness[key] = (problem, time.monotonic())
+        if problem is not None:
+            raise problem
+
     def ready(self, model: ModelVersion | None = None) -> bool:
         if model is None:
             return True
         try:
-            self.session(model)
+            self.check_ready(model)
             return True
-        except Exception:
+        except TierserveError:
             return False

@@ -11,16 +11,23 @@ Connections are reused across warm invocations:
   thread-safe, so each thread gets its own clients (``threading.local``). Its timeouts are fixed at
   construction, so each thread keeps one client per *timeout bucket* (see below).
 
+Every call to Triton (inference, each part of a split batch, readiness probes) runs on one fixed
+pool of long-lived threads (``CALL_THREADS``), never on the caller's thread. Why: the HTTP client
+is per thread, and each one holds a gevent hub (an epoll and an eventfd descriptor) that outlives its
+thread; a thread-per-connection server (API Gateway's emulator) would leak two descriptors per
+connection and run out of them. The pool bounds the clients to its threads.
+
 Timeouts, honestly:
 
-* The effective timeout of a call is ``min(timeout_s argument, configured timeout_s)``; a budget
-  of zero or less fails at once with ``BackendTimeoutError`` without touching the network.
-* gRPC: enforced as a real end-to-end deadline (``client_timeout``) on every call.
-* HTTP: enforced by geventhttpclient's ``connection_timeout`` (connect) and ``network_timeout``,
-  which bound *each socket operation* (connect, each send, each read), not the whole exchange. The
-  value used is the largest bucket in ``HTTP_TIMEOUT_BUCKETS`` not above the effective timeout (the
-  configured timeout itself is always a bucket), so a call never waits longer per operation than
-  its budget, but a server trickling a large response could in theory exceed it in total.
+* A call has one deadline: ``min(timeout_s argument, configured timeout_s)`` from when it starts.
+  The caller waits on the pool for at most that long, whatever the transport does, so a frozen
+  server (SIGSTOP: connections accepted, nothing answered) costs a request its budget and no more;
+  the parts of a split batch share it, and a part that could not start in time is a timeout too.
+  A budget of zero or less fails at once with ``BackendTimeoutError`` without touching the network.
+* gRPC: the remaining time is also the call's end-to-end ``client_timeout``.
+* HTTP: geventhttpclient's ``connection_timeout`` and ``network_timeout`` bound each socket
+  operation with the largest bucket in ``HTTP_TIMEOUT_BUCKETS`` not above the remaining time, so a
+  pool thread whose caller gave up is free again soon after.
 * Both: the remaining budget is also sent to Triton as the request's server-side ``timeout``
   (microseconds). Triton honours it only for models with dynamic batching (a request still queued
   after the deadline is rejected); it does not interrupt a running execution.
@@ -31,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from typing import Any
 
 from tierserve.backends.base import is_input_error
@@ -241,24 +249,29 @@ class TritonBackend:
     # --- Backend ---------------------------------------------------------------------------------
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
-        """Run ``call`` on Triton. A batch over the model's ``max_batch_size`` (which Triton would
-        refuse) is split along dim 0 into sub-batches that run concurrently, so Triton's dynamic
-        batcher can pack them, and the outputs are concatenated back in order. This is the one
-        place a batch is split by ``max_batch_size``."""
+        """Run ``call`` on Triton within one deadline. A batch over the model's ``max_batch_size``
+        (which Triton would refuse) is split along dim 0 into sub-batches that run concurrently, so
+        Triton's dynamic batcher can pack them, and the outputs are concatenated back in order. This is
+        the one place a batch is split by ``max_batch_size``."""
         request = call.request()
+        deadline = time.monotonic() + self._effective_timeout(timeout_s)
         limit = model.max_batch_size
         if limit <= 0 or request.rows <= limit or not all(t.shape for t in request.inputs):
-            return Reply(self._infer_one(model, request, timeout_s))
-        parts = [_slice_request(request, start, min(start + limit, request.rows))
-                 for start in range(0, request.rows, limit)]
-        futures = [_split_pool().submit(self._infer_one, model, part, timeout_s) for part in parts]
-        responses = [f.result() for f in futures]  # re-raises the first failure, mapped
-        return Reply(_concat_responses(responses))
-
-    def _infer_one(self, model: ModelVersion, request: InferRequest,
-                   timeout_s: float | None = None) -> InferResponse:
-        timeout = self._effective_timeout(timeout_s)
+            parts = [request]
+        else:
+            parts = [_slice_request(request, start, min(start + limit, request.rows))
+                     for start in range(0, request.rows, limit)]
         what = f"model {model.name!r} version {model.version!r}"
+        responses = _await_all([_call_pool().submit(self._infer_one, model, part, deadline) for part in parts],
+                               deadline, what)
+        return Reply(responses[0] if len(responses) == 1 else _concat_responses(responses))
+
+    def _infer_one(self, model: ModelVersion, request: InferRequest, deadline: float) -> InferResponse:
+        what = f"model {model.name!r} version {model.version!r}"
+        timeout = deadline - time.monotonic()
+        if timeout < MIN_CALL_S:
+            raise BackendTimeoutError(f"Triton did not answer {what} in time: the request's budget was spent "
+                                      "before this part could be sent")
         try:
             inputs, outputs = self._build(model, request)
         except TierserveError:
@@ -354,6 +367,13 @@ class TritonBackend:
     def ready(self, model: ModelVersion | None = None) -> bool:
         """Server readiness (or the model's, when given), within ``ready_timeout_s``; never raises."""
         try:
+            future = _call_pool().submit(self._ready, model)
+            return bool(future.result(timeout=self.ready_timeout_s + 0.1))
+        except Exception:
+            return False
+
+    def _ready(self, model: ModelVersion | None) -> bool:
+        try:
             t = self.ready_timeout_s
             if self.protocol == "grpc":
                 client = self._grpc_client()
@@ -390,22 +410,41 @@ def _as_manifest_shape(model: ModelVersion, name: str, arr: Any) -> Any:
     return arr.reshape(target)
 
 
-# --- splitting batches over max_batch_size -----------------------------------------------------
+# --- the call pool, and splitting batches over max_batch_size ------------------------------------------
 
 _pool: Any = None
 _pool_lock = threading.Lock()
-SPLIT_CONCURRENCY = 4
+#: Threads (each with its own HTTP clients) that make every call to Triton; created as needed.
+CALL_THREADS = 32
+#: The least time a call is sent with; below it the deadline has passed.
+MIN_CALL_S = 0.01
 
 
-def _split_pool() -> Any:
+def _call_pool() -> Any:
     global _pool
     if _pool is None:
         with _pool_lock:
             if _pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                _pool = ThreadPoolExecutor(max_workers=SPLIT_CONCURRENCY, thread_name_prefix="triton-split")
+                _pool = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="triton-call")
     return _pool
+
+
+def _await_all(futures: list[Any], deadline: float, what: str) -> list[Any]:
+    """Every future's result, in order, by ``deadline``: the first failure is raised (the others are
+    cancelled), and waiting past the deadline is a :class:`BackendTimeoutError` however the transport
+    behaves."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    try:
+        # a small grace over the deadline: the call's own timeout is the one that should fire first
+        return [f.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05) for f in futures]
+    except FutureTimeout:
+        raise BackendTimeoutError(f"Triton did not answer {what} within the request's deadline") from None
+    finally:
+        for f in futures:
+            f.cancel()
 
 
 def _slice_request(request: InferRequest, start: int, stop: int) -> InferRequest:

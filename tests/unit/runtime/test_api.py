@@ -157,6 +157,53 @@ def test_model_ready_asks_the_dispatcher(rig: Rig) -> None:
     assert gpu_only["headers"]["retry-after"] == "5"
 
 
+def test_readiness_means_the_model_loads_and_runs_and_the_cpu_tiers_code_survives_the_hop(
+        runtime_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.support.fakes import FakeLambdaClient
+    from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+    from tierserve.direct import handle_direct
+
+    # Given the router reaching the REAL CPU function by Invoke, and a store whose artifact was replaced
+    # after it was compiled (its sha256 no longer matches the manifest)
+    store_dir = tmp_path / "store"
+    mv, _, _ = write_linear(store_dir, "lin")
+    (store_dir / mv.cpu_artifact.path).write_bytes(b"tampered")
+    cpu_settings = Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "cpu-cache"))
+    cpu_function = build_runtime(cpu_settings)
+    client = FakeLambdaClient(reply=lambda payload: handle_direct(payload, None, cpu_function))
+    router_settings = Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "router-cache"),
+                               cpu_backend="lambda", cpu_function_name="cpu")
+    set_runtime(build_runtime(router_settings, cpu=LambdaInvokeBackend("cpu", client=client)))
+    # When readiness is asked twice, and an inference is sent
+    ready, again = handle_http(get_event("/v2/models/lin/ready")), handle_http(get_event("/v2/models/lin/ready"))
+    infer = handle_http(infer_event("lin", json_body(rows_of(2))))
+    # Then the model is not ready (503, Retry-After), for the CPU tier's own reason and with its code
+    assert (ready["statusCode"], body_of(ready)["code"], ready["headers"]["retry-after"]) == (503, "integrity_error",
+                                                                                              "5")
+    assert "is not ready" in body_of(ready)["error"] and "sha256" in body_of(ready)["error"]
+    # And the answer was cached: one readiness Invoke for both probes
+    assert [p.get("ready") for p in client.payloads] == [True, None]
+    # And the inference fails with the same code, not relabelled as inference_error
+    assert (infer["statusCode"], body_of(infer)["code"]) == (500, "integrity_error")
+    assert again["statusCode"] == 503
+
+
+def test_a_model_that_loads_and_runs_is_ready_through_the_cpu_function(runtime_env: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    from tests.support.fakes import FakeLambdaClient
+    from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+    from tierserve.direct import handle_direct
+
+    store_dir = tmp_path / "store"
+    write_linear(store_dir, "lin")
+    cpu_function = build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "c")))
+    client = FakeLambdaClient(reply=lambda payload: handle_direct(payload, None, cpu_function))
+    set_runtime(build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "r")),
+                              cpu=LambdaInvokeBackend("cpu", client=client)))
+    resp = handle_http(get_event("/v2/models/lin/ready"))
+    assert (resp["statusCode"], body_of(resp)) == (200, {"name": "lin", "version": "1", "ready": True})
+
+
 @pytest.mark.parametrize(("path", "expected"), [
     ("/v2/health/live", {"live": True}),
     ("/v2", {"name": "tierserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}),

@@ -43,6 +43,35 @@ def together(n: int, fn: Callable[[], Any]) -> list[Any]:
 # --- CircuitBreaker ---------------------------------------------------------------------------------
 
 
+def test_every_transition_is_reported_once_with_its_reason() -> None:
+    # Given a breaker that reports its transitions, opening after 2 failures and closing after 1 trial
+    clock, seen = FakeClock(), []
+    b = CircuitBreaker(2, 10.0, 1, clock=clock, on_transition=lambda *t: seen.append(t))
+    # When it fails twice, cools down, and its trial succeeds
+    b.record_failure("backend_timeout")
+    b.record_failure("backend_timeout")
+    clock.advance(10)
+    assert b.allow()
+    b.record_success()
+    # Then it reported closed -> open -> half_open -> closed, each once, saying why
+    assert [(old, new) for old, new, _ in seen] == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+    assert seen[0][2] == "2 consecutive failures, the last: backend_timeout"
+    assert "10 s cooldown" in seen[1][2]
+
+
+def test_trip_opens_at_once_without_counting_and_a_failing_reporter_changes_nothing() -> None:
+    # Given a breaker that needs 5 failures, whose reporter raises
+    def broken(*_: str) -> None:
+        raise RuntimeError("log sink down")
+
+    b = CircuitBreaker(5, 10.0, clock=FakeClock(), on_transition=broken)
+    # When it is tripped, Then it is open with the whole cooldown ahead, and a second trip is no transition
+    b.trip("the server did not answer a health check")
+    assert (b.state, b.allow(), b.retry_after_s()) == (OPEN, False, 10.0)
+    b.trip("again")
+    assert b.state == OPEN
+
+
 def test_defaults() -> None:
     # Given a breaker with default settings
     b = CircuitBreaker()
@@ -55,7 +84,7 @@ def test_every_transition_is_told_once() -> None:
     # Given a breaker that reports its transitions (the BreakerTransitions metric)
     clock, seen = FakeClock(), []
     b = CircuitBreaker(failure_threshold=2, cooldown_s=10, success_threshold=1, clock=clock,
-                       on_transition=lambda old, new: seen.append((old, new)))
+                       on_transition=lambda old, new, why: seen.append((old, new)))
     # When it opens, half-opens after the cooldown, and closes on a success
     b.record_failure()
     b.record_failure()

@@ -92,3 +92,30 @@ def test_which_onnxruntime_messages_are_the_inputs_fault(message: str, input_err
 
 def test_inference_error_is_not_an_input_error() -> None:
     assert not issubclass(InferenceError, InvalidRequestError)
+
+
+# --- readiness: the model loads and runs (issue 8, defect 11) -------------------------------------------
+
+
+def test_ready_runs_the_model_once_and_remembers_it(tmp_path, monkeypatch) -> None:
+    # Given an embedding model whose ids must lie in [0, 9]
+    mv = write_embedding(tmp_path / "store")
+    backend = OnnxBackend(ModelStore(str(tmp_path / "store"), tmp_path / "cache"))
+    runs: list[dict] = []
+    real_run = backend.run
+    monkeypatch.setattr(backend, "run", lambda model, feeds, names=None: runs.append(feeds) or real_run(model, feeds))
+    # When readiness is asked twice, Then the model ran once, on the smallest request it takes
+    assert backend.ready(mv) and backend.ready(mv)
+    [feeds] = runs
+    assert {k: v.shape for k, v in feeds.items()} == {"ids": (1, 1), "mask": (1, 1)}
+
+
+def test_a_tampered_artifact_is_not_ready_for_its_integrity_error(tmp_path) -> None:
+    from tierserve.errors import IntegrityError
+
+    mv = write_embedding(tmp_path / "store")
+    (tmp_path / "store" / mv.cpu_artifact.path).write_bytes(b"tampered")
+    backend = OnnxBackend(ModelStore(str(tmp_path / "store"), tmp_path / "cache"))
+    assert backend.ready(mv) is False
+    with pytest.raises(IntegrityError, match="sha256"):
+        backend.check_ready(mv)

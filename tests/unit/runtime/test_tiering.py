@@ -313,6 +313,53 @@ def test_non_finite_inputs_are_the_clients_error_on_the_gpu_path(clock) -> None:
     assert gpu.calls == []
 
 
+@pytest.mark.parametrize(("server_answers", "state"), [(False, "open"), (True, "closed")],
+                         ids=["frozen-server", "slow-call"])
+def test_a_timeout_checks_the_server_once_and_opens_the_circuit_at_once_if_it_is_frozen(clock, server_answers,
+                                                                                        state) -> None:
+    # Given a breaker that needs 5 failures, a GPU whose calls time out, and health checks run inline
+    cpu = FakeBackend("cpu")
+    gpu = FakeBackend("gpu", fail=errors.BackendTimeoutError("no answer in 5 s"), server_ready=server_answers)
+    d = dispatcher(cpu, gpu, clock, failure_threshold=5)
+    d.run_in_background = lambda fn: fn()
+    # When one GPU-sized request times out
+    done = d.dispatch(BOTH, json_call(32))
+    # Then it is served by the CPU, and one server health check decided the circuit: a frozen server
+    # opens it on the first timeout; one that answers keeps it closed (a slow call counts as one failure)
+    assert (done.served_by, done.fallback) == ("cpu", "gpu-unavailable")
+    assert gpu.ready_calls == ["m", None]
+    assert d.breaker.state == state
+
+
+def test_concurrent_timeouts_run_one_health_check(clock) -> None:
+    # Given a health check still running in the background
+    pending: list = []
+    cpu, gpu = FakeBackend("cpu"), FakeBackend("gpu", fail=errors.BackendTimeoutError("slow"), server_ready=False)
+    d = dispatcher(cpu, gpu, clock, failure_threshold=10)
+    d.run_in_background = pending.append
+    # When three requests time out before it finishes, Then one check was started, and it opens the circuit
+    for _ in range(3):
+        d.dispatch(BOTH, json_call(32))
+    assert len(pending) == 1
+    pending[0]()
+    assert d.breaker.state == "open"
+
+
+def test_breaker_transitions_are_structured_log_events_and_metrics(caplog, monkeypatch) -> None:
+    from tierserve import telemetry
+    from tierserve.tiering import log_transition
+
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(telemetry, "breaker_transition", lambda old, new: counted.append((old, new)))
+    # When the circuit opens
+    log_transition("closed", "open", "5 consecutive failures")
+    # Then a warning with the transition's fields is logged, and the BreakerTransitions metric is counted
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "circuit_breaker"]
+    fields = (record.levelname, record.__dict__["from"], record.to, record.reason)
+    assert fields == ("WARNING", "closed", "open", "5 consecutive failures")
+    assert counted == [("closed", "open")]
+
+
 def test_without_a_gpu_tier_a_dual_model_runs_on_cpu_and_a_gpu_only_model_is_a_503(clock) -> None:
     # Given a dispatcher with no GPU backend
     cpu = FakeBackend("cpu")

@@ -25,9 +25,9 @@ from tierserve.types import InferRequest, Tensor
 MODEL = model_version("m", ("gpu",), max_batch_size=8)
 
 
-def _request() -> InferenceCall:
-    x = np.ones((2, 4), np.float32)
-    return InferenceCall.from_request(InferRequest(inputs=[Tensor("x", "FP32", (2, 4), x)], id="r1"))
+def _request(rows: int = 2) -> InferenceCall:
+    x = np.ones((rows, 4), np.float32)
+    return InferenceCall.from_request(InferRequest(inputs=[Tensor("x", "FP32", (rows, 4), x)], id="r1"))
 
 
 @pytest.fixture
@@ -63,6 +63,36 @@ def test_blackhole_times_out():
             backend.infer(MODEL, _request(), timeout_s=0.3)
         assert time.monotonic() - t0 < 2
         assert backend.ready() is False
+
+
+def test_a_frozen_server_costs_each_concurrent_split_batch_its_deadline_and_no_more():
+    # Given a server that accepts connections and never answers (SIGSTOP), and 8 concurrent requests each
+    # split into 4 parts by max_batch_size
+    import threading
+    from dataclasses import replace
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(128)
+        backend = TritonBackend(f"127.0.0.1:{srv.getsockname()[1]}", protocol="http", timeout_s=5)
+        split = replace(MODEL, max_batch_size=2)
+        took: list[float] = []
+
+        def one() -> None:
+            t0 = time.monotonic()
+            with pytest.raises(BackendTimeoutError):
+                backend.infer(split, _request(rows=8), timeout_s=0.5)
+            took.append(time.monotonic() - t0)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # When each is sent with a 0.5 s budget, Then each times out once its own budget is spent: no part
+        # waits for a free thread behind another request's parts
+        assert len(took) == 8
+        assert max(took) < 1.0, took
 
 
 def test_no_budget_left_fails_without_network():
