@@ -467,3 +467,25 @@ def probe_request(model: ModelVersion) -> InferRequest:
             data = np.full(shape, low, dtype=dtype)
         inputs.append(Tensor(spec.name, spec.datatype, shape, data))
     return InferRequest(inputs=inputs, id="readiness-probe")
+
+
+# --- splitting a request by rows, merging the parts' responses ------------------------------------------
+
+
+def slice_request(request: InferRequest, start: int, stop: int) -> InferRequest:
+    """Rows ``start:stop`` of every input (views, not copies); the rest of the request as it was."""
+    inputs = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.data[start:stop], dict(t.parameters))
+              for t in request.inputs]
+    return InferRequest(inputs=inputs, id=request.id, outputs=list(request.outputs),
+                        parameters=dict(request.parameters), binary_input=request.binary_input)
+
+
+def concat_responses(responses: list[InferResponse]) -> InferResponse:
+    """The responses to the parts of a split request, as one: outputs concatenated along the batch axis, in order."""
+    first = responses[0]
+    outputs = []
+    for i, tensor in enumerate(first.outputs):
+        data = np.concatenate([r.outputs[i].data for r in responses], axis=0)
+        outputs.append(Tensor(tensor.name, tensor.datatype, tuple(data.shape), data, dict(tensor.parameters)))
+    return InferResponse(model_name=first.model_name, model_version=first.model_version, outputs=outputs,
+                         id=first.id, parameters=dict(first.parameters))

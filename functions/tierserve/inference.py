@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tierserve import errors, telemetry, wire
+from tierserve import errors, limits, telemetry, wire
 from tierserve.app import Runtime
 from tierserve.calls import Body, InferenceCall
 from tierserve.http import response, status_for
@@ -52,6 +52,7 @@ def infer(runtime: Runtime, name: str, version: str | None, body: Body, hint: st
         model = pick_version(runtime.store.manifest(), name, version, call.id)
         counted = (model.name, model.version)
         wire.check_request(call.inputs, call.outputs, model)
+        check_response_fits(model, call)
         t1 = time.perf_counter_ns()
         done = runtime.dispatcher.dispatch(model, call, hint, Deadline.from_context(context))
         t2 = time.perf_counter_ns()
@@ -78,7 +79,52 @@ def render(done: Dispatched, call: InferenceCall) -> dict[str, Any]:
 
     assert done.reply.response is not None
     body, headers = encode_response(done.reply.response, call.header or call.request())
+    binary = "inference-header-content-length" in headers
+    if not limits.response_fits(len(body), binary):  # the prediction was low: still a 413, never a failed reply
+        raise errors.PayloadTooLargeError(
+            f"the response is {limits.mb(len(body))}{' (before base64)' if binary else ''}, more than a Lambda "
+            f"response can carry ({limits.mb(limits.LAMBDA_RESPONSE_BYTES)}); {_what_to_do()}")
     return response(200, body, {**headers, **extra})
+
+
+def response_size(model: ModelVersion, call: InferenceCall, binary: bool | None = None) -> limits.ResponseSize:
+    """The response's predicted size from the manifest's output shapes, the batch and the input sizes
+    (by dimension name), with the outputs encoded as the call asks (or all ``binary``)."""
+    asked = {o.name: o.binary_data for o in call.outputs} if call.outputs else {o.name: None for o in model.outputs}
+    default = call.parameters.get("binary_data_output") is True
+    binary_of = {name: (b if b is not None else default) if binary is None else binary for name, b in asked.items()}
+    known: dict[str, int] = {}
+    given = {t.name: t for t in call.inputs}
+    for spec in model.inputs:
+        for axis, dim in enumerate(spec.dim_names):
+            if dim and spec.name in given and axis < len(given[spec.name].shape):
+                known.setdefault(dim, int(given[spec.name].shape[axis]))
+    batched = all(o.shape and o.shape[0] == -1 for o in model.outputs)
+    return limits.predict_response(model.outputs, call.rows, binary_of, known, batched)
+
+
+def check_response_fits(model: ModelVersion, call: InferenceCall) -> None:
+    """413 before any inference when the response cannot fit a Lambda reply, saying what would fit."""
+    size = response_size(model, call)
+    if size.fits():
+        return
+    as_binary = response_size(model, call, binary=True)
+    options = []
+    if not size.binary or as_binary.body_bytes < size.body_bytes:
+        fits = "fits" if as_binary.fits() else f"at most {as_binary.max_rows()} rows fit"
+        options.append(f"binary outputs (parameters.binary_data_output: true; about "
+                       f"{limits.mb(as_binary.body_bytes)}: {fits})")
+    if len(size.outputs) > 1:
+        options.append(f"only the outputs you need (\"outputs\": [...] of {', '.join(o.name for o in size.outputs)})")
+    options.append(f"at most {size.max_rows()} rows per request as asked")
+    raise errors.PayloadTooLargeError(
+        f"the response to {call.rows} rows of model {model.name!r} would be about {limits.mb(size.body_bytes)} "
+        f"({'binary' if size.binary else 'JSON'}), more than a Lambda response can carry "
+        f"({limits.mb(limits.LAMBDA_RESPONSE_BYTES)}); ask for {'; or '.join(options)}; {_what_to_do()}")
+
+
+def _what_to_do() -> str:
+    return "or use batch inference (drop a JSONL file into the model bucket's batch/in/) for large jobs"
 
 
 def record(model: ModelVersion, done: Dispatched, rows: int, state: dict[str, str]) -> None:

@@ -14,11 +14,12 @@ from functools import lru_cache
 from typing import Any
 
 from tierserve.errors import ConfigurationError
+from tierserve.limits import MAX_REQUEST_BODY_BYTES
 
-#: Lambda's synchronous payload limit is 6 MB for the whole event. A binary body arrives
-#: base64-encoded (x 4/3), so 4 MiB of body is ~5.3 MiB of event: under the limit, with room
-#: for the envelope. The same bound keeps the router -> CpuInferenceFunction Invoke under 6 MB.
-DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+#: The largest body whose API Gateway event fits Lambda's 6 MB request payload, base64 included
+#: (tierserve.limits); MAX_PAYLOAD_BYTES may lower it, never raise it. What the router accepts it can
+#: always forward: a CPU Invoke over 6 MB is split into sub-batches that fit.
+DEFAULT_MAX_PAYLOAD_BYTES = MAX_REQUEST_BODY_BYTES
 #: Lambda gives one full vCPU at 1,769 MB of memory.
 MB_PER_VCPU = 1769
 
@@ -133,6 +134,11 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             raise ConfigurationError(f"environment variable {var}={raw!r} is invalid: {exc}") from exc
         if name in _POSITIVE and values[name] <= 0:
             raise ConfigurationError(f"environment variable {var}={raw!r} must be positive")
+    if values.get("max_payload_bytes", 0) > MAX_REQUEST_BODY_BYTES:
+        raise ConfigurationError(
+            f"environment variable MAX_PAYLOAD_BYTES={values['max_payload_bytes']} is over {MAX_REQUEST_BODY_BYTES}, "
+            "the largest body whose API Gateway event fits Lambda's 6 MB request payload (base64 included); "
+            "a larger one could never reach the function")
     if values.get("cpu_backend") == "lambda" and not values.get("cpu_function_name"):
         raise ConfigurationError("CPU_BACKEND=lambda needs CPU_FUNCTION_NAME (the CpuInferenceFunction's name)")
     known = {f.name for f in fields(Settings)}

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from tierserve import errors
+from tierserve import errors, limits
 from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import ModelVersion
 
@@ -77,10 +77,54 @@ class LambdaInvokeBackend:
         return client
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
+        """Invoke the CPU function with the client's body as it came; when that payload would exceed
+        Lambda's request quota, with sub-batches that each fit (request and binary response), invoked
+        concurrently and merged in order."""
         from tierserve.direct import payload
-        from tierserve.wire import json_dumps, json_loads
+        from tierserve.wire import json_dumps
 
         data = json_dumps(payload(model, call))
+        if len(data) <= limits.LAMBDA_REQUEST_BYTES:
+            return self._invoke(data, timeout_s)
+        return self._infer_split(model, call, timeout_s)
+
+    def _infer_split(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None) -> Reply:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from tierserve.calls import InferenceCall as Call
+        from tierserve.codec import concat_responses, slice_request
+        from tierserve.direct import payload
+        from tierserve.types import RequestedOutput
+        from tierserve.wire import json_dumps
+
+        request = call.request()
+        bounds = plan_parts(model, request)
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
+        outputs = [RequestedOutput(o.name, binary_data=True) for o in request.outputs] or \
+            [RequestedOutput(o.name, binary_data=True) for o in model.outputs]
+        futures = []
+        for start, stop in bounds:
+            part = slice_request(request, start, stop)
+            part.outputs = outputs  # binary: the smallest replies; the router encodes the merged answer as asked
+            data = json_dumps(payload(model, Call.from_request(part)))
+            futures.append(_split_pool().submit(self._invoke, data, max(0.05, deadline - time.monotonic())))
+        try:
+            replies = [f.result(timeout=max(0.0, deadline - time.monotonic()) + 0.5) for f in futures]
+        except FutureTimeout:
+            raise errors.BackendTimeoutError(
+                f"{self.function_name} did not answer the {len(bounds)} parts of a {request.rows}-row request "
+                f"within {budget:g} s") from None
+        finally:
+            for f in futures:
+                f.cancel()
+        merged = concat_responses([r.decoded() for r in replies])
+        merged.id = request.id
+        return Reply(merged)
+
+    def _invoke(self, data: bytes, timeout_s: float | None) -> Reply:
+        from tierserve.wire import json_loads
+
         try:
             out = self.client(timeout_s).invoke(
                 FunctionName=self.function_name, InvocationType="RequestResponse", Payload=data
@@ -164,3 +208,76 @@ def _tier_error(function_name: str, status: int, reply: dict) -> errors.Tierserv
     if isinstance(exc, errors.BackendUnavailableError) and retry:
         exc.retry_after_s = float(retry)
     return exc
+
+
+# --- sub-batches that fit Lambda's quotas --------------------------------------------------------------
+
+_pool: Any = None
+_pool_lock = threading.Lock()
+#: Concurrent Invokes for the parts of one split request.
+SPLIT_CONCURRENCY = 8
+#: Room in each part for its JSON header and the payload's fields.
+PART_HEADER_BYTES = 64 * 1024
+
+
+def _split_pool() -> Any:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _pool = ThreadPoolExecutor(max_workers=SPLIT_CONCURRENCY, thread_name_prefix="invoke-split")
+    return _pool
+
+
+def plan_parts(model: ModelVersion, request: Any) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` that each fit one Invoke: the part's inputs as binary data (base64 in
+    the payload) and its outputs as binary data (base64 in the reply) within Lambda's 6 MB each way.
+    :class:`PayloadTooLargeError` when the model has no batch axis or one row alone does not fit."""
+    import numpy as np
+
+    rows = request.rows
+    batched = all(t.shape for t in request.inputs) and all(o.shape and o.shape[0] == -1 for o in model.outputs)
+    if not batched:
+        raise errors.PayloadTooLargeError(
+            f"the request to model {model.name!r} does not fit one CPU function invocation "
+            f"({limits.mb(limits.LAMBDA_REQUEST_BYTES)}) and the model has no batch axis to split it along; "
+            "send a smaller request, or use batch inference for large jobs")
+    per_row = np.zeros(rows, dtype=np.int64)
+    for t in request.inputs:
+        if t.datatype == "BYTES":
+            lengths = np.fromiter((4 + len(x) for x in t.data.ravel()), dtype=np.int64, count=t.data.size)
+            per_row += lengths.reshape(rows, -1).sum(axis=1) if rows else 0
+        else:
+            per_row += t.data[0:1].nbytes if rows else 0
+    known: dict[str, int] = {}
+    for spec in model.inputs:
+        tensor = next(t for t in request.inputs if t.name == spec.name)
+        for axis, dim in enumerate(spec.dim_names):
+            if dim:
+                known.setdefault(dim, int(tensor.shape[axis]))
+    wanted = {o.name: True for o in request.outputs} or {o.name: True for o in model.outputs}
+    out_row = limits.predict_response(model.outputs, 1, wanted, known, True).binary_bytes
+    in_room = limits.raw_len_for_base64(limits.LAMBDA_REQUEST_BYTES - limits.ENVELOPE_BYTES) - PART_HEADER_BYTES
+    out_room = limits.MAX_BINARY_RESPONSE_BYTES - PART_HEADER_BYTES
+    bounds: list[tuple[int, int]] = []
+    if rows and not any(t.datatype == "BYTES" for t in request.inputs) and per_row[0] <= in_room \
+            and out_row <= out_room:  # fixed-size rows: equal parts, no loop over a million rows
+        step = max(1, min(in_room // max(1, int(per_row[0])), out_room // max(1, out_row)))
+        return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    start, in_used, out_used = 0, 0, 0
+    for i in range(rows):
+        need_in, need_out = int(per_row[i]), out_row
+        if need_in > in_room or need_out > out_room:
+            raise errors.PayloadTooLargeError(
+                f"row {i} of the request to model {model.name!r} alone does not fit one CPU function invocation "
+                f"({limits.mb(limits.LAMBDA_REQUEST_BYTES)} each way); send smaller rows, or use batch inference")
+        if i > start and (in_used + need_in > in_room or out_used + need_out > out_room):
+            bounds.append((start, i))
+            start, in_used, out_used = i, 0, 0
+        in_used += need_in
+        out_used += need_out
+    if rows:
+        bounds.append((start, rows))
+    return bounds

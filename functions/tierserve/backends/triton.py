@@ -253,18 +253,20 @@ class TritonBackend:
         (which Triton would refuse) is split along dim 0 into sub-batches that run concurrently, so
         Triton's dynamic batcher can pack them, and the outputs are concatenated back in order. This is
         the one place a batch is split by ``max_batch_size``."""
+        from tierserve.codec import concat_responses, slice_request
+
         request = call.request()
         deadline = time.monotonic() + self._effective_timeout(timeout_s)
         limit = model.max_batch_size
         if limit <= 0 or request.rows <= limit or not all(t.shape for t in request.inputs):
             parts = [request]
         else:
-            parts = [_slice_request(request, start, min(start + limit, request.rows))
+            parts = [slice_request(request, start, min(start + limit, request.rows))
                      for start in range(0, request.rows, limit)]
         what = f"model {model.name!r} version {model.version!r}"
         responses = _await_all([_call_pool().submit(self._infer_one, model, part, deadline) for part in parts],
                                deadline, what)
-        return Reply(responses[0] if len(responses) == 1 else _concat_responses(responses))
+        return Reply(responses[0] if len(responses) == 1 else concat_responses(responses))
 
     def _infer_one(self, model: ModelVersion, request: InferRequest, deadline: float) -> InferResponse:
         what = f"model {model.name!r} version {model.version!r}"
@@ -445,22 +447,3 @@ def _await_all(futures: list[Any], deadline: float, what: str) -> list[Any]:
     finally:
         for f in futures:
             f.cancel()
-
-
-def _slice_request(request: InferRequest, start: int, stop: int) -> InferRequest:
-    inputs = [Tensor(t.name, t.datatype, (stop - start, *t.shape[1:]), t.data[start:stop], dict(t.parameters))
-              for t in request.inputs]
-    return InferRequest(inputs=inputs, id=request.id, outputs=list(request.outputs),
-                        parameters=dict(request.parameters), binary_input=request.binary_input)
-
-
-def _concat_responses(responses: list[InferResponse]) -> InferResponse:
-    import numpy as np
-
-    first = responses[0]
-    outputs = []
-    for i, tensor in enumerate(first.outputs):
-        data = np.concatenate([r.outputs[i].data for r in responses], axis=0)
-        outputs.append(Tensor(tensor.name, tensor.datatype, tuple(data.shape), data, dict(tensor.parameters)))
-    return InferResponse(model_name=first.model_name, model_version=first.model_version, outputs=outputs,
-                         id=first.id, parameters=dict(first.parameters))

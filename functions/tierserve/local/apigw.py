@@ -22,13 +22,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
 
+from tierserve import limits
+
 #: Content types API Gateway passes through as text; every other body is base64-encoded.
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
                "application/x-www-form-urlencoded", "+json", "+xml")
-#: Lambda's synchronous invocation payload limit: a bigger event never reaches the function.
-MAX_EVENT_BYTES = 6 * 1024 * 1024
-#: API Gateway's maximum integration timeout.
-INTEGRATION_TIMEOUT_S = 30
+#: Lambda's synchronous invocation payload limits: a bigger event never reaches the function, a bigger
+#: result never reaches the client (tierserve.limits holds the quotas).
+MAX_EVENT_BYTES = limits.LAMBDA_REQUEST_BYTES
+MAX_RESULT_BYTES = limits.LAMBDA_RESPONSE_BYTES
+#: API Gateway HTTP API: the largest request body, and the integration timeout.
+MAX_BODY_BYTES = limits.APIGW_PAYLOAD_BYTES
+INTEGRATION_TIMEOUT_S = limits.APIGW_INTEGRATION_TIMEOUT_S
+#: What API Gateway itself answers when a quota is hit (its own bodies, not the function's).
+TOO_LARGE = (413, [("content-type", "application/json")], b'{"message":"Request Entity Too Large"}')
+INTERNAL_ERROR = (500, [("content-type", "application/json")], b'{"message":"Internal Server Error"}')
+TIMED_OUT = (503, [("content-type", "application/json")], b'{"message":"Service Unavailable"}')
 
 Handler = Callable[[dict[str, Any], Any], Any]
 ContextFactory = Callable[[], Any]
@@ -102,6 +111,14 @@ def http_api_event(method: str, target: str, headers: list[tuple[str, str]], bod
     return event
 
 
+def _event_bytes(event: dict[str, Any]) -> int:
+    """The event's size as Lambda receives it (serialised exactly only when its body is large)."""
+    body = event.get("body") or ""
+    if len(body) < MAX_EVENT_BYTES - 64 * 1024:
+        return len(body)
+    return len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
 def result_to_http(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:
     """(status, headers, body) for a handler's result, interpreted as API Gateway does (format 2.0)."""
     if not isinstance(result, dict) or "statusCode" not in result:
@@ -132,6 +149,7 @@ class ApiGatewayServer:
         self.also = extra  # other APIs on the same port (the Lambda Invoke API); None = not theirs
         self.authorizer = authorizer  # IAM auth (tierserve.local.sigv4): None = allowed, else the refusal
         self.connections: set[Any] = set()  # open client connections, severed by stop() as a dead gateway would
+        self.integration_timeout_s = INTEGRATION_TIMEOUT_S
         self._server = ThreadingHTTPServer((host, port), _make_request_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -165,13 +183,37 @@ class ApiGatewayServer:
                 conn.shutdown(socket.SHUT_RDWR)
 
     def invoke(self, event: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
-        try:
-            result = self.handler(event, self.context_factory())
-        except Exception:  # Lambda reports an unhandled error; API Gateway answers 500
-            import logging
+        """The integration, with API Gateway's and Lambda's quotas: an event over Lambda's request payload
+        is 413, a result over its response payload or an unhandled error 500, no answer within the
+        integration timeout 503 (the handler is left to finish, as Lambda would)."""
+        import logging
 
-            logging.getLogger("tierserve.local").exception("RouterFunction raised")
-            return 500, [("content-type", "application/json")], b'{"message":"Internal Server Error"}'
+        log = logging.getLogger("tierserve.local")
+        if _event_bytes(event) > MAX_EVENT_BYTES:
+            return TOO_LARGE
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = self.handler(event, self.context_factory())
+            except Exception as exc:  # Lambda reports an unhandled error; API Gateway answers 500
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, name="apigw-integration", daemon=True)
+        worker.start()
+        worker.join(self.integration_timeout_s)
+        if worker.is_alive():
+            log.warning("RouterFunction did not answer within the %g s integration timeout", self.integration_timeout_s)
+            return TIMED_OUT
+        if "error" in box:
+            log.error("RouterFunction raised", exc_info=box["error"])
+            return INTERNAL_ERROR
+        result = box["result"]
+        size = len(json.dumps(result, separators=(",", ":")))
+        if size > MAX_RESULT_BYTES:
+            log.error("RouterFunction's response (%d bytes) exceeds Lambda's %d-byte response payload", size,
+                      MAX_RESULT_BYTES)
+            return INTERNAL_ERROR
         return result_to_http(result)
 
 
@@ -208,9 +250,8 @@ def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
                 if denied is not None:
                     self._send(denied[0], list(denied[1].items()), denied[2], apigw_id)
                     return
-            if len(body) * 4 // 3 > MAX_EVENT_BYTES:
-                self._send(413, [("content-type", "application/json")], b'{"message":"Request Entity Too Large"}',
-                           apigw_id)
+            if len(body) > MAX_BODY_BYTES:
+                self._send(*TOO_LARGE, apigw_id)
                 return
             event = http_api_event(self.command, self.path, list(self.headers.items()), body,
                                    self.client_address[0])

@@ -24,9 +24,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
+from tierserve import limits
+
 INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$")
-#: Lambda's synchronous invocation payload limit (request and response).
-MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+#: Lambda's synchronous invocation payload limits (tierserve.limits holds the quotas).
+MAX_PAYLOAD_BYTES = limits.LAMBDA_REQUEST_BYTES
+MAX_RESPONSE_BYTES = limits.LAMBDA_RESPONSE_BYTES
 
 
 class FunctionError(Exception):
@@ -308,12 +311,22 @@ def handle_invoke(endpoint: LambdaEndpoint, method: str, target: str, headers: M
     except Exception as exc:  # the worker could not start: a service error
         return _error(500, "ServiceException", f"{type(exc).__name__}: {exc}")
     body = json.dumps(result).encode()
-    if len(body) > MAX_PAYLOAD_BYTES:
-        payload = {"errorMessage": f"Response payload size ({len(body)} bytes) exceeded maximum allowed "
-                                   f"payload size ({MAX_PAYLOAD_BYTES} bytes).",
-                   "errorType": "Function.ResponseSizeTooLarge"}
+    if len(body) > MAX_RESPONSE_BYTES:
+        payload = response_too_large(len(body))
         return _reply(200, json.dumps(payload).encode(), {"X-Amz-Function-Error": "Unhandled"})
     return _reply(200, body, {"X-Amz-Executed-Version": "$LATEST"})
+
+
+def response_too_large(size: int) -> dict[str, str]:
+    """Lambda's error for a result over the response payload quota."""
+    return {"errorMessage": f"Response payload size ({size} bytes) exceeded maximum allowed payload size "
+                            f"({MAX_RESPONSE_BYTES} bytes).", "errorType": "Function.ResponseSizeTooLarge"}
+
+
+def request_too_large(size: int) -> dict[str, str]:
+    """Lambda's error for an event over the request payload quota (RequestTooLargeException)."""
+    return {"errorMessage": f"Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction "
+                            f"operation (this one is {size} bytes)", "errorType": "RequestTooLargeException"}
 
 
 def _swallow(fn: LocalFunction, event: Any) -> None:

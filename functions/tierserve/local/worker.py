@@ -42,9 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _, func_name = args.handler.rpartition(".")
     handler = getattr(importlib.import_module(module_name), func_name)
     if args.event:
-        with open(args.event) as f:
-            reply = _call(handler, json.load(f), None)
-        out.write(json.dumps(reply.get("result", reply.get("error"))) + "\n")
+        from tierserve.local.lambda_endpoint import (
+            MAX_PAYLOAD_BYTES,
+            MAX_RESPONSE_BYTES,
+            request_too_large,
+            response_too_large,
+        )
+
+        with open(args.event, "rb") as f:
+            raw = f.read()
+        if len(raw) > MAX_PAYLOAD_BYTES:  # Lambda refuses the event before the handler runs
+            out.write(json.dumps(request_too_large(len(raw))) + "\n")
+            return 1
+        reply = _call(handler, json.loads(raw), None)
+        text = json.dumps(reply.get("result", reply.get("error")))
+        if "result" in reply and len(text.encode()) > MAX_RESPONSE_BYTES:  # ... and drops a result too large
+            text = json.dumps(response_too_large(len(text.encode())))
+            reply = {"error": text}
+        out.write(text + "\n")
         return 0 if "result" in reply else 1
     out.write('{"ready": true}\n')
     for line in sys.stdin:

@@ -468,3 +468,62 @@ def test_template_routes_and_endpoints_are_in_step() -> None:
     for method, pattern, op in ENDPOINTS:
         assert any(m == method and pattern.fullmatch(p.replace("{name}", "m").replace("{version}", "1"))
                    for m, p in routes), f"no HttpApi event in template.yaml for {method} {pattern.pattern} ({op})"
+
+
+# --- a response must fit a Lambda reply (issue 8, defect 3) ---------------------------------------------------
+
+
+@pytest.fixture
+def wide_out(runtime_env: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Rig]:
+    """'emb' (x FP32 [-1, 4] -> e FP32 [-1, 100000]) on both tiers, GPU up; and 'blob' (x -> BYTES [-1])."""
+    from tests.support.models import write_model
+
+    store_dir = tmp_path / "store"
+    write_model(store_dir, "emb", "1", b"never loaded", (TensorSpec("x", "FP32", (-1, 4)),),
+                (TensorSpec("e", "FP32", (-1, 100000)),), targets=("gpu", "cpu"), max_batch_size=64,
+                routing={"gpu_min_rows": 1})
+    write_model(store_dir, "blob", "1", b"never loaded", (TensorSpec("x", "FP32", (-1, 4)),),
+                (TensorSpec("s", "BYTES", (-1,)),), targets=("cpu",))
+    settings = Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "cache"))
+    rig = Rig(FakeBackend("cpu"), FakeBackend("gpu"))
+    set_runtime(build_runtime(settings, cpu=rig.cpu, gpu=rig.gpu, store=ModelStore(str(store_dir), tmp_path / "c")))
+    yield rig
+    metrics.clear_metrics()
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_a_response_that_cannot_fit_a_lambda_reply_is_a_413_before_any_inference(wide_out: Rig, target: str) -> None:
+    # Given 16 rows asking for 100,000 floats each as JSON (about 32 MB), on either tier
+    resp = handle_http(infer_event("emb", json_body(rows_of(16)), {"x-target": target}))
+    # Then it is a 413 that says how big, what the limit is and what would fit, and no tier ran it
+    assert resp["statusCode"] == 413
+    message = body_of(resp)["error"]
+    assert "would be about 30.5 MB (JSON), more than a Lambda response can carry (6.0 MB)" in message
+    assert "binary outputs (parameters.binary_data_output: true; about 6.1 MB: at most 11 rows fit)" in message
+    assert "at most 3 rows per request as asked" in message and "batch inference" in message
+    assert (wide_out.cpu.calls, wide_out.gpu.calls) == ([], [])
+
+
+def test_binary_outputs_that_fit_are_served_on_either_tier(wide_out: Rig) -> None:
+    # Given 8 rows asking for binary outputs (3.2 MB: 4.3 MB once base64), on the GPU and then on the CPU
+    for target in ("gpu", "cpu"):
+        resp = handle_http(infer_event("emb", json_body(rows_of(8), parameters={"binary_data_output": True}),
+                                       {"x-target": target}))
+        # Then each is served, as binary data that fits a Lambda reply
+        assert (resp["statusCode"], resp["headers"]["x-served-by"], resp["isBase64Encoded"]) == (200, target, True)
+        assert len(resp["body"]) <= 6 * 1024 * 1024
+        metrics.clear_metrics()
+
+
+def test_a_response_larger_than_predicted_is_still_a_413_never_a_failed_reply(wide_out: Rig) -> None:
+    # Given a CPU tier whose BYTES output is far longer than the prediction's short strings: 10 rows of 1 MB
+    big = np.empty(10, dtype=object)
+    big[:] = [b"x" * (1 << 20)] * 10
+    from tierserve.types import InferResponse
+
+    wide_out.cpu.reply = Reply(InferResponse("blob", "1", [tensor_from_numpy("s", big)]))
+    # When it is asked for
+    resp = handle_http(infer_event("blob", json_body(rows_of(10))))
+    # Then the answer is a 413 that says how large the response came out, not a reply Lambda would drop
+    assert resp["statusCode"] == 413
+    assert "the response is 10.0 MB, more than a Lambda response can carry" in body_of(resp)["error"]

@@ -8,6 +8,7 @@ tests/integration/test_serve.py drives the same code through the real local Invo
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,76 @@ def test_the_read_timeout_follows_the_budget_in_buckets(monkeypatch: pytest.Monk
     assert backend.client(45).meta.config.read_timeout == 30
     # And one client per bucket is built and reused
     assert backend.client(4.5) is backend.client(3.0)
+
+
+# --- Lambda's 6 MB, each way (issue 8, defect 2) ------------------------------------------------------------
+
+
+@pytest.fixture
+def wide(runtime_env: pytest.MonkeyPatch, tmp_path: Path):
+    """'wide' v1: y = x @ W + b with x FP32 [-1, 1000] -> y FP32 [-1, 3], in the CPU function's store."""
+    from tests.support.models import linear_onnx, write_model
+    from tierserve.manifest import TensorSpec
+
+    data, w, b = linear_onnx(1000, 3, seed=3)
+    mv = write_model(tmp_path / "store", "wide", "1", data, (TensorSpec("x", "FP32", (-1, 1000)),),
+                     (TensorSpec("y", "FP32", (-1, 3)),))
+    runtime_env.setenv("MODEL_STORE_URI", str(tmp_path / "store"))
+    return mv, w, b
+
+
+def test_a_request_whose_invoke_would_exceed_6_mb_is_split_into_parts_that_fit_and_merged_in_order(wide) -> None:
+    # Given 2,000 rows of 1,000 floats as a binary body (8 MB: 10.7 MB once base64 in an Invoke payload)
+    mv, w, b = wide
+    x = np.random.default_rng(5).standard_normal((2000, 1000)).astype(np.float32)
+    data, header_length = encode_request(InferRequest([tensor_from_numpy("x", x)], id="big"), binary=True)
+    backend, client = through_cpu_function()
+    # When the backend runs it on the real CPU function
+    reply = backend.infer(mv, InferenceCall.from_body(Body(data, header_length)), timeout_s=30.0)
+    # Then it made several Invokes, each payload within Lambda's 6 MB request quota, each asking for binary outputs
+    sizes = [len(i["Payload"]) for i in client.invocations]
+    assert len(sizes) >= 2 and max(sizes) <= 6 * 1024 * 1024, sizes
+    assert all(p["isBase64Encoded"] for p in client.payloads)
+    # And the merged answer is every row, in order, as one response to the client's request id
+    out = reply.decoded()
+    assert out.id == "big"
+    np.testing.assert_allclose(out.outputs[0].data, x @ w + b, rtol=1e-4, atol=1e-3)
+
+
+def test_a_payload_within_6_mb_is_one_invoke_of_the_body_as_it_came(wide) -> None:
+    mv, _, _ = wide
+    x = np.ones((100, 1000), dtype=np.float32)
+    backend, client = through_cpu_function()
+    backend.infer(mv, call_of(x), timeout_s=10.0)
+    assert len(client.invocations) == 1 and client.payloads[0]["isBase64Encoded"] is False
+
+
+def test_a_model_without_a_batch_axis_cannot_be_split_and_says_so(tmp_path: Path) -> None:
+    from tierserve.backends.lambda_invoke import plan_parts
+    from tierserve.manifest import TensorSpec, Variant
+
+    fixed = ModelVersion("fixed", "1", (TensorSpec("x", "FP32", (2000, 1000)),), (TensorSpec("y", "FP32", (3,)),),
+                         {"fp32": Variant("fixed/1/model.onnx", "0" * 64, 1)}, "fp32")
+    request = InferRequest([tensor_from_numpy("x", np.zeros((2000, 1000), np.float32))])
+    with pytest.raises(errors.PayloadTooLargeError, match=r"no batch axis to split it along"):
+        plan_parts(fixed, request)
+
+
+def test_parts_of_variable_length_rows_each_fit(tmp_path: Path) -> None:
+    from tierserve.backends.lambda_invoke import plan_parts
+    from tierserve.limits import MAX_REQUEST_BODY_BYTES
+    from tierserve.manifest import TensorSpec, Variant
+
+    # Given BYTES rows of very different lengths
+    text = ModelVersion("t", "1", (TensorSpec("s", "BYTES", (-1,)),), (TensorSpec("y", "FP32", (-1, 2)),),
+                        {"fp32": Variant("t/1/model.onnx", "0" * 64, 1)}, "fp32")
+    rng = np.random.default_rng(0)
+    items = np.empty(3000, dtype=object)
+    items[:] = [b"x" * int(n) for n in rng.integers(0, 8000, 3000)]
+    request = InferRequest([tensor_from_numpy("s", items)])
+    # When planned, Then the parts cover every row once, in order, each within the request room
+    bounds = plan_parts(text, request)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 3000 and all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert len(bounds) > 1
+    for start, stop in bounds:
+        assert sum(4 + len(v) for v in items[start:stop]) <= MAX_REQUEST_BODY_BYTES
