@@ -27,6 +27,7 @@ from tierserve.http import (
 from tierserve.manifest import ModelVersion
 from tierserve.model_config import model_config, repository_index
 from tierserve.observability import logger
+from tierserve.tiering import readiness_of
 from tierserve.wire import body_view, json_loads
 
 SERVER_NAME = "tierserve"
@@ -79,7 +80,7 @@ def _model_metadata(rt: Runtime, req: HttpRequest, params: dict[str, str], conte
 def _model_ready(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
     mv = _model(rt, params)
     headers = {"x-served-by": "cpu" if mv.serves_cpu else "gpu"}
-    problem = rt.dispatcher.readiness(mv)  # ready means: it loads and runs (cached), on some tier
+    problem = readiness_of(rt.dispatcher, mv)  # ready means: it loads and runs (cached), on some tier
     if problem is not None:
         exc = errors.BackendUnavailableError(f"model {mv.name!r} v{mv.version} is not ready: {problem.message}",
                                              retry_after_s=getattr(problem, "retry_after_s", None) or 5)

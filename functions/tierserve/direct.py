@@ -21,6 +21,7 @@ from tierserve.calls import Body, InferenceCall
 from tierserve.http import error_response, response
 from tierserve.manifest import ModelVersion
 from tierserve.observability import logger
+from tierserve.tiering import readiness_of
 
 #: The headers of the client's request that the CPU function needs to read its body.
 FORWARDED_HEADERS = ("content-type", "inference-header-content-length")
@@ -48,7 +49,7 @@ def _readiness(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     name, version = inference.resolve_name(runtime, str(event["model_name"]),
                                            str(event["model_version"]) if event.get("model_version") else None)
     model = runtime.store.manifest().resolve(name, version)
-    problem = runtime.dispatcher.readiness(model)
+    problem = readiness_of(runtime.dispatcher, model)
     if problem is not None:
         raise problem
     return response(200, {"name": model.name, "version": model.version, "ready": True}, {"x-served-by": "cpu"})

@@ -119,6 +119,16 @@ class Dispatcher(Protocol):
         ...
 
 
+def readiness_of(dispatcher: Any, model: ModelVersion) -> errors.TierserveError | None:
+    """Why ``dispatcher`` cannot serve ``model`` now (None: it can): ``TierDispatcher.readiness``, or for a
+    dispatcher without one (the edge's), its plain ``ready``."""
+    check = getattr(dispatcher, "readiness", None)
+    if check is not None:
+        return check(model)  # type: ignore[no-any-return]
+    return None if dispatcher.ready(model) else errors.BackendUnavailableError("no tier can serve it now",
+                                                                              retry_after_s=5)
+
+
 def _readiness(backend: Backend, model: ModelVersion) -> errors.TierserveError | None:
     """A backend's reason not to serve ``model`` (``check_ready`` when it has one, else ``ready``)."""
     check = getattr(backend, "check_ready", None)

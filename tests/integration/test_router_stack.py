@@ -169,7 +169,7 @@ def test_killed_triton_opens_the_circuit_falls_back_and_recovers_after_restart(s
 def test_lambda_invoke_endpoint_serves_the_cpu_function_as_boto3_calls_it(stack):
     import boto3
 
-    client = boto3.client("lambda", endpoint_url=stack.url, region_name="us-east-1",
+    client = boto3.client("lambda", endpoint_url=stack.invoke_url, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
     payload = {"model_name": "lin", "headers": {"content-type": "application/json"}, "body": json.dumps(body)}
@@ -180,3 +180,9 @@ def test_lambda_invoke_endpoint_serves_the_cpu_function_as_boto3_calls_it(stack)
     w, b = stack.weights
     y = np.asarray(json.loads(reply["body"])["outputs"][0]["data"], dtype=np.float32)
     np.testing.assert_allclose(y, np.array([1.0, 2.0, 3.0, 4.0], np.float32) @ w + b, rtol=1e-5)
+    # And the Invoke API is on its own port: the API's port answers its path as an unknown route
+    req = urllib.request.Request(f"{stack.url}/2015-03-31/functions/CpuInferenceFunction/invocations",
+                                 data=json.dumps(payload).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 404 and json.loads(info.value.read())["code"] == "route_not_found"

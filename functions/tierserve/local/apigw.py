@@ -18,11 +18,11 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
 
 from tierserve import limits
+from tierserve.local.httpd import RobustHandler, Server
 
 #: Content types API Gateway passes through as text; every other body is base64-encoded.
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
@@ -43,6 +43,8 @@ Handler = Callable[[dict[str, Any], Any], Any]
 ContextFactory = Callable[[], Any]
 #: (method, target, headers, body) -> (status, headers, body), or None when the request is not its.
 Extra = Callable[[str, str, dict[str, str], bytes], "tuple[int, dict[str, str], bytes] | None"]
+#: (method, target, headers, body) -> None when allowed, else the refusal (status, headers, body).
+Authorizer = Callable[[str, str, dict[str, str], bytes], "tuple[int, dict[str, str], bytes] | None"]
 
 
 def _is_text(content_type: str | None, body: bytes) -> bool:
@@ -140,18 +142,18 @@ def result_to_http(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:
 
 
 class ApiGatewayServer:
-    """A ``ThreadingHTTPServer`` that serves every request through ``handler(event, context)``."""
+    """An HTTP server (``tierserve.local.httpd``: timeouts, 400/405/411/413 in the API's JSON, a real
+    backlog) that serves every request through ``handler(event, context)``, within API Gateway's quotas."""
 
     def __init__(self, handler: Handler, context_factory: ContextFactory, host: str = "127.0.0.1",
-                 port: int = 0, extra: Extra | None = None, authorizer: Extra | None = None) -> None:
+                 port: int = 0, extra: Extra | None = None, authorizer: Authorizer | None = None) -> None:
         self.handler = handler
         self.context_factory = context_factory
-        self.also = extra  # other APIs on the same port (the Lambda Invoke API); None = not theirs
+        self.also = extra  # the emulator's own pages (GET /metrics); None = not theirs, the API's
         self.authorizer = authorizer  # IAM auth (tierserve.local.sigv4): None = allowed, else the refusal
         self.connections: set[Any] = set()  # open client connections, severed by stop() as a dead gateway would
         self.integration_timeout_s = INTEGRATION_TIMEOUT_S
-        self._server = ThreadingHTTPServer((host, port), _make_request_handler(self))
-        self._server.daemon_threads = True
+        self._server = Server((host, port), _make_request_handler(self))
         self._thread: threading.Thread | None = None
 
     @property
@@ -217,16 +219,10 @@ class ApiGatewayServer:
         return result_to_http(result)
 
 
-def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
-    class RequestHandler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _make_request_handler(gw: ApiGatewayServer) -> type[RobustHandler]:
+    class RequestHandler(RobustHandler):
         server_version = "tierserve-apigw-local"
-        # Headers and body are separate writes: without TCP_NODELAY, Nagle + the client's delayed ACK
-        # stall each small response by ~40 ms.
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+        max_body_bytes = MAX_BODY_BYTES
 
         def setup(self) -> None:
             super().setup()
@@ -236,42 +232,22 @@ def _make_request_handler(gw: ApiGatewayServer) -> type[BaseHTTPRequestHandler]:
             gw.connections.discard(self.connection)
             super().finish()
 
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            apigw_id = str(uuid.uuid4())
+        def serve(self) -> None:
+            body = self.read_body()
             if gw.also is not None:
                 other = gw.also(self.command, self.path, dict(self.headers.items()), body)
                 if other is not None:
-                    self._send(other[0], list(other[1].items()), other[2], "")
+                    self.send_reply(other[0], list(other[1].items()), other[2])
                     return
             if gw.authorizer is not None:
                 denied = gw.authorizer(self.command, self.path, dict(self.headers.items()), body)
                 if denied is not None:
-                    self._send(denied[0], list(denied[1].items()), denied[2], apigw_id)
+                    self.send_reply(denied[0], list(denied[1].items()), denied[2])
                     return
-            if len(body) > MAX_BODY_BYTES:
-                self._send(*TOO_LARGE, apigw_id)
-                return
             event = http_api_event(self.command, self.path, list(self.headers.items()), body,
                                    self.client_address[0])
             status, headers, payload = gw.invoke(event)
-            self._send(status, headers, payload, event["requestContext"]["requestId"])
-
-        def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, request_id: str) -> None:
-            self.send_response(status)
-            skip = {"content-length", "connection", "transfer-encoding", "date", "server"}
-            for k, v in headers:
-                if k.lower() not in skip:
-                    self.send_header(k, v)
-            if request_id:
-                self.send_header("apigw-requestid", request_id)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
+            self.send_reply(status, [*headers, ("apigw-requestid", event["requestContext"]["requestId"])], payload)
 
     return RequestHandler
 

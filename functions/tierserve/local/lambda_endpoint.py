@@ -20,11 +20,11 @@ import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
 from tierserve import limits
+from tierserve.local.httpd import RobustHandler, Server
 
 INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$")
 #: Lambda's synchronous invocation payload limits (tierserve.limits holds the quotas).
@@ -193,10 +193,9 @@ class LambdaEndpoint:
     def __init__(self, functions: list[LocalFunction], host: str = "127.0.0.1", port: int = 0) -> None:
         self.functions: dict[str, LocalFunction] = {}
         for fn in functions:
-            for key in (fn.name, *fn.aliases):
-                self.functions[key] = fn
+            self.add(fn)
         self.host, self.port = host, port
-        self._server: ThreadingHTTPServer | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -204,8 +203,13 @@ class LambdaEndpoint:
         return f"http://{self.host}:{self.port}"
 
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply | None:
-        """Serve an Invoke request (used by this endpoint's server and by `tierserve serve`'s port)."""
+        """Serve an Invoke request (None when it is not one)."""
         return handle_invoke(self, method, target, headers, body)
+
+    def add(self, fn: LocalFunction) -> None:
+        """Serve ``fn`` (under its name and aliases) from now on."""
+        for key in (fn.name, *fn.aliases):
+            self.functions[key] = fn
 
     def lookup(self, name: str) -> LocalFunction | None:
         name = unquote(name)
@@ -215,9 +219,8 @@ class LambdaEndpoint:
         return self.functions.get(name.split(":", 1)[0])
 
     def start(self) -> LambdaEndpoint:
-        """Serve the Invoke API on its own port (``tierserve serve`` shares the API's port instead)."""
-        self._server = ThreadingHTTPServer((self.host, self.port), _make_handler(self))
-        self._server.daemon_threads = True
+        """Serve the Invoke API on its own port (never the API's: API clients must not reach the functions)."""
+        self._server = Server((self.host, self.port), _make_handler(self))
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="lambda-endpoint", daemon=True)
         self._thread.start()
@@ -241,28 +244,21 @@ class LambdaEndpoint:
         self.stop()
 
 
-def _make_handler(endpoint: LambdaEndpoint) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _make_handler(endpoint: LambdaEndpoint) -> type[RobustHandler]:
+    class Handler(RobustHandler):
         server_version = "tierserve-lambda-local"
-        # Headers and body are separate writes: without TCP_NODELAY, Nagle + the client's delayed ACK
-        # stall each small response by ~40 ms.
-        disable_nagle_algorithm = True
+        # the Invoke API's own quota: the request body is the event (413 RequestTooLargeException past it)
+        max_body_bytes = limits.APIGW_PAYLOAD_BYTES
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            reply = endpoint.handle("POST", self.path, dict(self.headers.items()), raw)
+        def serve(self) -> None:
+            raw = self.read_body()
+            reply = endpoint.handle(self.command, self.path, dict(self.headers.items()), raw)
             status, headers, body = reply or _error(404, "ResourceNotFoundException", f"no such API: {self.path}")
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_reply(status, list(headers.items()), body)
+
+        def error_body(self, status: int, code: str, message: str) -> tuple[dict[str, str], bytes]:
+            _, headers, body = _error(status, "".join(w.title() for w in code.split("_")) + "Exception", message)
+            return headers, body
 
     return Handler
 

@@ -3,7 +3,8 @@
 * **API Gateway HTTP API** (``tierserve.local.apigw``): every HTTP request becomes a real
   payload-format-2.0 event and is handed to RouterFunction's handler, in this process, with a
   LambdaContext-like object (30 s, API Gateway's integration limit).
-* **Lambda Invoke endpoint** (``tierserve.local.lambda_endpoint``): CpuInferenceFunction (and
+* **Lambda Invoke endpoint** (``tierserve.local.lambda_endpoint``, on its own port, never the API's):
+  CpuInferenceFunction (and
   BatchInferenceFunction) in warm worker processes, each with its own environment from
   template.yaml. The router runs with ``CPU_BACKEND=lambda`` and reaches it with boto3 ``Invoke``
   through ``AWS_ENDPOINT_URL_LAMBDA``, the same code path as in AWS.
@@ -62,7 +63,8 @@ class LocalStack:
 
     Parameters (every component is optional):
         models: the compiler's output folder (``manifest.json``, ``NAME/VERSION/*.onnx``, ``triton/``).
-        port, host: where the API (and the Invoke API, on the same port) listens; port 0 = a free port.
+        port, host: where the API listens; port 0 = a free port.
+        invoke_port: where the Lambda Invoke API listens (AWS_ENDPOINT_URL_LAMBDA); 0 = a free port.
         triton: True = a local tritonserver over ``models/triton`` when it exists and the wheel is
             installed; False = no GPU tier; a started ``TritonServer`` = use that one (the caller's).
         s3: serve the models from a moto_server bucket (as in AWS) instead of the folder.
@@ -81,7 +83,8 @@ class LocalStack:
                  triton: Any = True, batch: bool = True, template: Path | str = Path("template.yaml"),
                  workdir: Path | None = None, env_overrides: dict[str, dict[str, str]] | None = None, *,
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
-                 router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none") -> None:
+                 router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none",
+                 invoke_port: int = 0) -> None:
         self.models = Path(models).resolve()
         self.host, self.port = host, port
         self.triton_option = triton
@@ -99,6 +102,7 @@ class LocalStack:
         if auth not in ("none", "iam"):
             raise ConfigurationError(f"auth {auth!r} is not known; use 'none' or 'iam'")
         self.auth = auth
+        self.invoke_port = invoke_port
         self.triton: Any = None
         self.moto: Any = None
         self.lambda_endpoint: LambdaEndpoint | None = None
@@ -118,6 +122,12 @@ class LocalStack:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def invoke_url(self) -> str:
+        """The Lambda Invoke API (AWS_ENDPOINT_URL_LAMBDA), on its own port."""
+        assert self.lambda_endpoint is not None
+        return self.lambda_endpoint.url
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -144,8 +154,10 @@ class LocalStack:
         self._start_triton()
         self.model_store_uri = str(self.models)
         self._start_moto()
-        # Bind the port first: the functions need AWS_ENDPOINT_URL_LAMBDA before they start.
-        self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._invoke_api,
+        # The Invoke API on a port of its own, bound first: the functions need AWS_ENDPOINT_URL_LAMBDA; API
+        # clients never reach a function directly.
+        self.lambda_endpoint = LambdaEndpoint([], host=self.host, port=self.invoke_port).start()
+        self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._local_pages,
                                     authorizer=self._authorizer())
         self.port = self.api.port
         envs = {fn: self.function_env(fn) for fn in FUNCTIONS}
@@ -157,7 +169,8 @@ class LocalStack:
             functions.append(self._local_function(specs[BATCH], max_workers=1))
         if not self.router_inprocess:
             functions.append(self._local_function(specs[ROUTER], max_workers=4))
-        self.lambda_endpoint = LambdaEndpoint(functions, host=self.host)
+        for fn in functions:
+            self.lambda_endpoint.add(fn)
         if self.router_inprocess:
             self._router = self._inprocess_router(specs[ROUTER])
         from tierserve.local.stack_ops import StackOps
@@ -186,7 +199,7 @@ class LocalStack:
             "POWERTOOLS_TRACE_DISABLED": "true",
         }
         if logical_id == ROUTER:
-            env.update({"CPU_BACKEND": "lambda", "CPU_FUNCTION_NAME": CPU, "AWS_ENDPOINT_URL_LAMBDA": self.url,
+            env.update({"CPU_BACKEND": "lambda", "CPU_FUNCTION_NAME": CPU, "AWS_ENDPOINT_URL_LAMBDA": self.invoke_url,
                         **_AWS_LOCAL})
         else:
             env["CPU_BACKEND"] = "inprocess"
@@ -253,13 +266,9 @@ class LocalStack:
         assert self.lambda_endpoint is not None
         return self.lambda_endpoint.functions[ROUTER].invoke(event)
 
-    def _invoke_api(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
-        page = self.ops.http(method, target) if self.ops is not None else None
-        if page is not None:
-            return page
-        if self.lambda_endpoint is None:
-            return None
-        return self.lambda_endpoint.handle(method, target, headers, body)
+    def _local_pages(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+        """The emulator's own pages on the API's port (GET /metrics); None for the API's requests."""
+        return self.ops.http(method, target) if self.ops is not None else None
 
     def _start_triton(self) -> None:
         opt = self.triton_option
@@ -412,7 +421,7 @@ class LocalStack:
     def describe(self) -> str:
         """The one ready line."""
         where = "in-process" if self.router_inprocess else "worker"
-        cpu = f"cpu: lambda-invoke {CPU} at {self.url}/2015-03-31/functions/{CPU}/invocations"
+        cpu = f"cpu: lambda-invoke {CPU} at {self.invoke_url}/2015-03-31/functions/{CPU}/invocations"
         return (f"tierserve serve: ready on {self.url} (router: {where}; {cpu}; {'; '.join(self.notes)}; "
                 f"logs and env.json in {self.workdir})")
 
@@ -430,6 +439,9 @@ def _creds() -> dict[str, str]:
 def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p = subparsers.add_parser("serve", help="run the whole stack on loopback: API, CPU Lambda, Triton, S3")
     p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--invoke-port", type=int, default=None,
+                   help="the Lambda Invoke API (AWS_ENDPOINT_URL_LAMBDA), never on the API's port "
+                        "(default: --port + 1, or a free port with --port 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output folder")
     p.add_argument("--no-triton", action="store_true", help="no GPU tier")
@@ -449,6 +461,13 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.set_defaults(func=run_cli)
 
 
+def _invoke_port(args: argparse.Namespace) -> int:
+    """--invoke-port, else the API's port + 1 (a free port when the API's is 0)."""
+    if args.invoke_port is not None:
+        return int(args.invoke_port)
+    return int(args.port) + 1 if args.port else 0
+
+
 def run_cli(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop:
         return _serve(args, stop)
@@ -458,7 +477,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     extra = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
     stack = LocalStack(args.models, port=args.port, host=args.host, triton=not args.no_triton,
                        batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
-                       env=extra, env_vars=args.env_vars, router_inprocess=not args.router_worker, auth=args.auth)
+                       env=extra, env_vars=args.env_vars, router_inprocess=not args.router_worker, auth=args.auth,
+                       invoke_port=_invoke_port(args))
     try:
         stack.start()
         print(stack.describe(), flush=True)
