@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
-        compile-minilm invoke serve triton bench validate build package events clean
+        compile-minilm invoke serve triton bench validate build package events clean template-lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -72,6 +72,17 @@ BENCHMARKS := handler_vs_raw router_overhead router_vs_triton dynamic_batching b
 
 bench: $(STAMP) ## every benchmark; figures for the closing notes
 	for b in $(BENCHMARKS); do echo "== benchmarks.$$b"; $(PY) -m benchmarks.$$b || exit 1; done
+
+# checkov lives in a venv of its own: it pins boto3==1.35.49 and packaging<24, which the project's (and
+# pytest's) dependencies do not allow.
+TOOLS := .venv-tools
+$(TOOLS)/bin/checkov:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q checkov
+
+template-lint: $(STAMP) $(TOOLS)/bin/checkov ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
+	$(TOOLS)/bin/checkov -f template.yaml --compact --quiet --skip-download
+	$(BIN)/cfn-lint template.yaml
 
 validate: ## sam validate --lint (needs the SAM CLI: pip install aws-sam-cli)
 	sam validate --lint
