@@ -70,7 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="accuracy metric(s) overriding the task default: label_agreement, accuracy, max_abs, mean_rel, cosine",
     )
     p.add_argument("--slo-ms", type=float, help="p95 latency objective at batch 1 in milliseconds")
-    p.add_argument("--target", choices=("cpu", "gpu", "both"), help="force the placement (default: rules decide)")
+    p.add_argument("--target", choices=("cpu", "gpu", "both", "edge"),
+                   help="force the placement (default: rules decide); edge: also on devices, beside the cloud tier")
+    p.add_argument("--edge-profile", metavar="NAME|FILE.json",
+                   help="device profile for edge placement: rpi4 (default with --target edge), rpi5, x86-small, "
+                        "or a JSON file with memory_mb, cores and speed")
     p.add_argument(
         "--prices",
         type=Path,
@@ -106,6 +110,7 @@ def run_compile(args: argparse.Namespace) -> int:
             metrics=tuple(args.metric) or None,
             slo_ms=args.slo_ms,
             target=args.target,
+            edge_profile=args.edge_profile,
             prices=args.prices,
             progress=False if args.quiet else None,
         )

@@ -15,7 +15,7 @@ from typing import Any
 from tierserve_compiler.errors import ConfigError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-TARGETS = ("auto", "cpu", "gpu", "both")
+TARGETS = ("auto", "cpu", "gpu", "both", "edge")
 
 PRICES_FILE = Path(__file__).with_name("prices.json")
 
@@ -85,6 +85,7 @@ class CompileConfig:
     metrics: tuple[str, ...] = ()
     slo_ms: float | None = None
     target: str = "auto"
+    edge_profile: str | None = None  # a device profile (tierserve_compiler.edge.PROFILES) or a JSON file
     prices: Path | None = None
     preset: str = "default"
     gate_tolerance: float = 1e-4
@@ -104,7 +105,11 @@ class CompileConfig:
         from tierserve_compiler.variants import check_options  # the variant rules live with the variants
 
         if self.target not in TARGETS:
-            raise ConfigError(f"--target {self.target!r} is unknown; use one of cpu, gpu, both (or omit it)")
+            raise ConfigError(f"--target {self.target!r} is unknown; use one of cpu, gpu, both, edge (or omit it)")
+        if self.edge_profile is not None:
+            from tierserve_compiler.edge import load_profile
+
+            load_profile(self.edge_profile)  # a bad profile is refused before any work
         if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"--calibration-method {self.calibration_method!r} is unknown; use one of "

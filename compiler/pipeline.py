@@ -10,6 +10,7 @@ published into ``DIR/NAME/VERSION`` only when every step succeeded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 import time
@@ -257,14 +258,34 @@ def place(cpu_variant: BuiltVariant, data: Dataset, cfg: CompileConfig, prices: 
         size_bytes=cpu_variant.path.stat().st_size,
         profile=cpu_variant.profile,
         row_bytes=row_nbytes(data),
-        cfg=cfg,
+        cfg=cfg if cfg.target != "edge" else dataclasses.replace(cfg, target="auto"),  # edge: the cloud by rules
         prices=prices,
     )
 
 
+def place_on_edge(placement: Placement, variants: list[BuiltVariant], cfg: CompileConfig) -> str | None:
+    """Apply the edge rules (``tierserve_compiler.edge``) when asked; the variant a device serves, or None."""
+    if cfg.target != "edge" and cfg.edge_profile is None:
+        return None
+    from tierserve_compiler.edge import Candidate, load_profile, place_edge
+
+    candidates = [Candidate(v.key, _bytes(v.path), v.profile) for v in variants
+                  if v.path is not None and v.profile is not None and serves(v.key, CPU)
+                  and (v.key == REFERENCE or v.within_budget)]
+    _, variant = place_edge(placement, candidates, load_profile(cfg.edge_profile), target=cfg.target,
+                            explicit_profile=cfg.edge_profile is not None, slo_ms=cfg.slo_ms)
+    return variant
+
+
+def _bytes(path: Path) -> int:
+    """A variant's bytes on disk, its external data included."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def model_version(
     name: str, version: str, exported: Exported, variants: list[BuiltVariant], sel: Selection, placement: Placement,
-    cfg: CompileConfig,
+    cfg: CompileConfig, edge_variant: str | None = None,
 ) -> ModelVersion:  # fmt: skip
     """The manifest entry, describing every built variant (rejected ones too: operators may switch)."""
     staged = {v.key: v.path for v in variants if v.path is not None}
@@ -278,6 +299,7 @@ def model_version(
         selected_variant=sel.selected,
         targets=tuple(placement.targets),
         cpu_variant=sel.cpu if CPU in placement.targets else None,
+        edge_variant=edge_variant,
         max_batch_size=cfg.max_batch_size if batched else 0,
         routing=placement.routing,
         cpu=placement.cpu,
@@ -323,9 +345,10 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
         by = {v.key: v for v in variants}
         with prog.step("place"):
             placement = place(by[sel.cpu], data, cfg, prices)
+            edge_variant = place_on_edge(placement, variants, cfg)
         for r in placement.reasons:
             prog.note(f"{'ok ' if r.ok else 'NO '} {r.rule}: {r.detail}")
-        mv = model_version(name, version, exported, variants, sel, placement, cfg)
+        mv = model_version(name, version, exported, variants, sel, placement, cfg, edge_variant)
         report = build_report(cfg, exported, task, metric_names, variants, sel.triton, placement, mv, data)
         with prog.step("publish"):
             vdir, triton_dir = publish(

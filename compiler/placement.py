@@ -17,7 +17,8 @@ The rules, applied in this order; each one's outcome is recorded in report.json 
    speed-up x utilisation. At the expected monthly volume (``prices.json``) the cheaper tier wins.
 
 Decision (without ``--target``): any failed Lambda limit or SLO -> ``gpu``; GPU cheaper -> ``gpu`` with CPU
-fallback; else ``cpu``. ``--target cpu|gpu|both`` forces the targets and the report says so.
+fallback; else ``cpu``. ``--target cpu|gpu|both`` forces the targets and the report says so. Devices
+(``--target edge``, ``--edge-profile``) have their own rules, in ``tierserve_compiler.edge``.
 
 Routing thresholds (used when both tiers serve): ``gpu_min_rows`` is the smallest batch whose CPU
 latency, extrapolated per row from the largest profiled batch at the chosen vCPUs, exceeds the
@@ -55,6 +56,7 @@ class Placement:
     forced: bool = False
     deployment: str = "zip"
     costs: dict[str, float] = field(default_factory=dict)
+    edge: dict[str, Any] = field(default_factory=dict)  # the edge rules' findings (tierserve_compiler.edge)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -114,6 +114,15 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _edge_line(p: dict[str, Any]) -> list[str]:
+    e = p.get("edge") or {}
+    if not e:
+        return []
+    where = "on the edge" if e.get("placed") else "not on the edge"
+    return [f"- edge: {where}; {e['variant']} on {e['profile']['name']}, estimated p95 {e['p95_ms_estimate']:.2f} ms, "
+            f"~{e['memory_mb_estimate']:.0f} MB, batches up to {e['max_rows']} rows"]
+
+
 def _markdown(r: dict[str, Any]) -> str:
     p = r["placement"]
     out = [
@@ -125,6 +134,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"- targets: **{', '.join(p['targets'])}**" + (" (forced by --target)" if p["forced"] else ""),
         f"- Lambda: {p['cpu']['memory_mb']:,} MB, {p['cpu']['threads']} thread(s), {p['deployment']} deployment",
         f"- routing: GPU from {p['routing']['gpu_min_rows']} rows or {p['routing']['gpu_min_bytes']:,} bytes",
+        *_edge_line(p),
         f"- created: {r['created_at']}",
         "",
         "![report](report.png)",
