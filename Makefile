@@ -68,10 +68,8 @@ serve: $(STAMP) ## the whole stack on loopback (API, CPU function, Triton, moto)
 triton: $(STAMP) ## the real local tritonserver over $(MODELS)/triton
 	$(BIN)/tierserve triton --repository $(MODELS)/triton
 
-BENCHMARKS := handler_vs_raw router_overhead router_vs_triton dynamic_batching batch_throughput
-
-bench: $(STAMP) ## every benchmark; figures for the closing notes
-	for b in $(BENCHMARKS); do echo "== benchmarks.$$b"; $(PY) -m benchmarks.$$b || exit 1; done
+bench: $(STAMP) ## tierserve bench: every suite -> bench/results/latest.{json,md} (QUICK=1 for --quick)
+	$(BIN)/tierserve bench --models $(MODELS) $(if $(QUICK),--quick,)
 
 # checkov lives in a venv of its own: it pins boto3==1.35.49 and packaging<24, which the project's (and
 # pytest's) dependencies do not allow.

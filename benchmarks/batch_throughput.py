@@ -84,14 +84,16 @@ class Stack:
     def __enter__(self) -> Stack:
         import boto3
 
-        from tests.support.moto_server import aws_test_env, running_moto_server
         from tierserve.app import reset_runtime
         from tierserve.local.batch import create_local_stack
+        from tierserve.local.moto import running_moto_server
 
         self._moto = running_moto_server(self.workdir / "moto.log")
         url = self._moto.__enter__()
         self._saved = dict(os.environ)
-        os.environ.update(aws_test_env(url))
+        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url})
         os.environ.update({"MODEL_STORE_URI": f"s3://{BUCKET}/models", "MODEL_CACHE_DIR": str(self.workdir / "cache"),
                            "JOB_TABLE": TABLE, "CHUNK_ROWS": str(self.chunk_rows), "ORT_THREADS": "1",
                            "CHECKPOINT_MARGIN_MS": "1000", "POWERTOOLS_TRACE_DISABLED": "true",
@@ -186,13 +188,13 @@ def run(ctx: Context) -> None:
         raise Skip(f"no manifest in {ctx.models}: run `make demo` (or make compile-demo compile-minilm) first")
     manifest = Manifest.loads((ctx.models / "manifest.json").read_text())
     chunk = 4096
-    rounds = ctx.n(3, 2)
+    rounds = ctx.n(3, 1)
     cond = (f"in-process BatchInferenceFunction handler, moto_server over HTTP for S3/SQS/DynamoDB, CHUNK_ROWS "
             f"{chunk}, 1 ORT thread, median of {rounds} rounds alternating with the raw loop")
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp, Stack(ctx.models, Path(tmp), chunk) as stack:
         if "digits" in manifest.models:
             mv = manifest.resolve("digits")
-            n = ctx.n(200_000, 40_000)
+            n = ctx.n(200_000, 20_000)
             rows = digits_rows(n)
             ctx.progress(f"digits: {n:,} rows from JSONL and Parquet")
             session = _session(ctx.models / mv.cpu_artifact.path)
@@ -206,7 +208,7 @@ def run(ctx: Context) -> None:
                      f"{cond}; {n:,} rows, a fixed-size-list column, Parquet parts out")
         if "minilm" in manifest.models:
             mv = manifest.resolve("minilm")
-            n = ctx.n(2048, 512)
+            n = ctx.n(2048, 256)
             cols = minilm_rows(n)
             ctx.progress(f"minilm ({mv.cpu_variant or mv.selected_variant}): {n:,} rows of {TOKENS} tokens")
             session = _session(ctx.models / mv.cpu_artifact.path)

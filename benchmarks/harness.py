@@ -58,8 +58,9 @@ class Series:
             return {"name": self.name, "unit": self.unit, "value": self.rate, "samples": self.count or 0,
                     "p50": self.p50_ms, "p95": self.p95_ms, "p99": self.p99_ms}
         return {"name": self.name, "unit": self.unit, "value": self.value, "samples": len(self.samples),
-                "p50": percentile(self.samples, 50), "p95": percentile(self.samples, 95),
-                "p99": percentile(self.samples, 99),
+                "p50": percentile(self.samples, 50),
+                "p95": self.p95_ms if self.p95_ms is not None else percentile(self.samples, 95),
+                "p99": self.p99_ms if self.p99_ms is not None else percentile(self.samples, 99),
                 "mean": statistics.fmean(self.samples) if self.samples else math.nan}
 
 

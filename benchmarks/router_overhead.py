@@ -11,11 +11,11 @@ interleaved in one loop so that machine noise hits every path alike:
   (no network, no Powertools decorators). The CPU function's own time is measured inside the
   call, so ``router alone`` = total - CPU function.
 
-The model is the digits classifier (StandardScaler + LogisticRegression, FP32 [-1, 64]), built
-here with scikit-learn; 1M elements = 15,625 rows x 64 pixel values (integers 0-16, so the JSON
-form fits the 4 MiB payload limit). onnxruntime runs with 1 intra-op thread everywhere.
+The model is the compiled digits classifier (FP32 [-1, 64], from `make demo`); 1M elements = 15,625
+rows x 64 pixel values (integers 0-16, so the JSON form fits the 4 MiB payload limit).
+onnxruntime runs with 1 intra-op thread everywhere.
 
-    python -m benchmarks.router_overhead [--n-small 400] [--n-large 15]
+    python -m benchmarks.router_overhead [--models build/models] [--quick]
 """
 
 from __future__ import annotations
@@ -25,21 +25,15 @@ import contextlib
 import io
 import json
 import os
-import platform
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import Context, Figure, Series, Skip
 
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
+SUITE = "routing"
 
 
 class InProcessLambda:
@@ -73,44 +67,41 @@ def http_event(x: np.ndarray, binary: bool) -> dict[str, Any]:
     return http_api_event("POST", "/v2/models/digits/infer", [("content-type", "application/json")], body)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-small", type=int, default=400, help="iterations for the 1-row request")
-    ap.add_argument("--n-large", type=int, default=15, help="iterations for the 1M-element requests")
-    args = ap.parse_args()
-    os.environ.update({"POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_LOG_LEVEL": "ERROR",
-                       "POWERTOOLS_METRICS_NAMESPACE": "bench"})
-
+def run(ctx: Context) -> None:
+    os.environ.update({"POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "bench"})
     import onnxruntime as ort
 
-    from tests.support.models import write_digits
     from tierserve.api import handle_http
     from tierserve.app import build_runtime
     from tierserve.backends.lambda_invoke import LambdaInvokeBackend
     from tierserve.calls import Body, InferenceCall
     from tierserve.direct import handle_direct
+    from tierserve.manifest import Manifest
+    from tierserve.observability import logger
     from tierserve.sessions import session_options
     from tierserve.settings import Settings
 
-    work = Path(tempfile.mkdtemp(prefix="router-overhead-"))
-    mv = write_digits(work)
-    settings = Settings(model_store_uri=str(work), model_cache_dir=str(work / "cache"), ort_threads=1)
+    if not (ctx.models / "manifest.json").is_file():
+        raise Skip(f"no manifest in {ctx.models}: run `make demo` first")
+    mv = Manifest.loads((ctx.models / "manifest.json").read_text()).resolve("digits")
+    logger.setLevel("ERROR")
+    settings = Settings(model_store_uri=str(ctx.models.resolve()), model_cache_dir=str(ctx.workdir / "cache-routing"),
+                        ort_threads=1)
     cpu_runtime = build_runtime(settings)
     lam = InProcessLambda(lambda event: handle_direct(event, None, cpu_runtime))
     router_runtime = build_runtime(settings, cpu=LambdaInvokeBackend("CpuInferenceFunction", client=lam))
-    raw = ort.InferenceSession(str(work / mv.cpu_artifact.path), session_options(1),
+    raw = ort.InferenceSession(str(ctx.models / mv.cpu_artifact.path), session_options(1),
                                providers=["CPUExecutionProvider"])
-
     rng = np.random.default_rng(0)
-    cases = [("1 row, JSON", rng.integers(0, 17, (1, 64)).astype(np.float32), False, args.n_small),
-             ("1M elements, binary", rng.integers(0, 17, (15_625, 64)).astype(np.float32), True, args.n_large),
-             ("1M elements, JSON", rng.integers(0, 17, (15_625, 64)).astype(np.float32), False, args.n_large)]
-    print(f"router overhead on the CPU leg | Python {platform.python_version()}, {os.cpu_count()} cores, "
-          f"onnxruntime {ort.__version__} 1 thread | digits LR, FP32 [-1, 64] | p50 ms (p99 for the 1-row case)")
-    print(f"{'request':<22}{'body MB':>8}{'raw':>9}{'decide':>9}{'router+cpu':>12}{'cpu fn':>9}{'router':>9}"
-          f"{'ratio':>8}")
+    n_small, n_large = ctx.n(400, 60), ctx.n(15, 3)
+    cases = [("1 row, JSON", rng.integers(0, 17, (1, 64)).astype(np.float32), False, n_small),
+             ("1M elements, binary", rng.integers(0, 17, (15_625, 64)).astype(np.float32), True, n_large),
+             ("1M elements, JSON", rng.integers(0, 17, (15_625, 64)).astype(np.float32), False, n_large)]
     sink = io.StringIO()
+    cond = (f"digits ({mv.cpu_variant or mv.selected_variant}), 1 ORT thread, in-process Invoke with Lambda's JSON "
+            "round trips, no network, no Powertools decorators; interleaved")
     for label, x, binary, n in cases:
+        ctx.progress(f"{label}: {n} interleaved rounds")
         event = http_event(x, binary)
         text = event["body"]
         header_length = int(event["headers"]["inference-header-content-length"]) if binary else None
@@ -134,10 +125,28 @@ def main() -> int:
                 sink.seek(0)
                 sink.truncate()
         router_only = [a - b for a, b in zip(t_tot, t_cpu, strict=True)]
-        print(f"{label:<22}{len(text) / 1e6:>8.2f}{pct(t_raw, 50):>9.3f}{pct(t_dec, 50):>9.4f}{pct(t_tot, 50):>12.3f}"
-              f"{pct(t_cpu, 50):>9.3f}{pct(router_only, 50):>9.3f}{pct(t_tot, 50) / pct(t_raw, 50):>7.1f}x"
-              f"   (n={n})")
-    print("ratio = (router + CPU function) p50 / raw p50; 'router' = router + cpu - CPU function's own time")
+        base = Series("raw session.run", t_raw)
+        body = f"{cond}; body {len(text) / 1e6:.2f} MB in the event"
+        ctx.add(Figure(SUITE, f"{label}: router + CPU function vs raw", Series("router + CPU function", t_tot), base,
+                       conditions=body))
+        ctx.add(Figure(SUITE, f"{label}: router alone (total - CPU function's own time) vs raw",
+                       Series("router alone", router_only), base, conditions=body))
+        if label.startswith("1 row"):
+            ctx.add(Figure(SUITE, "the tier decision alone vs raw (1 row)", Series("TierDispatcher.decide", t_dec),
+                           base, conditions=body))
+
+
+def main() -> int:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=Path("build/models"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(args.models, Path(tmp), args.quick, suite=SUITE)
+        run(ctx)
+        print(json.dumps([f.to_json() for f in ctx.figures], indent=1))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The `tierserve` command: compile, invoke, triton, serve. Each subcommand registers itself."""
+"""The `tierserve` command: compile, invoke, triton, serve, models, bench. Each subcommand registers itself."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "tierserve.local.serve",
     "models": "tierserve.local.models_cli",
     "edge": "tierserve.local.greengrass",  # tierserve.edge.cli's run flags, plus `package`
+    "bench": "benchmarks.cli",  # the repository's benchmarks/ (installed with the project, editable)
 }
 
 

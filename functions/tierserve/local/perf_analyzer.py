@@ -88,7 +88,7 @@ class Row:
 def run(command: list[str], url: str, model: str, concurrency: list[int], csv_path: Path, *,
         window_ms: int = 2000, shapes: dict[str, list[int]] | None = None, input_data: str = "zero",
         extra: list[str] | None = None, timeout_s: float = 300.0,
-        stability_pct: int = 50) -> tuple[list[Row], str]:
+        stability_pct: int = 50, max_trials: int = 4) -> tuple[list[Row], str]:
     """Run perf_analyzer over HTTP against ``url`` (host:port), once per concurrency level.
 
     ``stability_pct``: how far the last windows may differ (perf_analyzer's default 10 rarely holds on
@@ -97,7 +97,7 @@ def run(command: list[str], url: str, model: str, concurrency: list[int], csv_pa
     Returns the rows and perf_analyzer's output; RuntimeError with that output when it fails."""
     base = [*command, "-i", "http", "-u", url, "-m", model, "--input-data", input_data,
             "--measurement-interval", str(window_ms), "--stability-percentage", str(stability_pct),
-            "--max-trials", "4", *(extra or [])]
+            "--max-trials", str(max_trials), *(extra or [])]
     for name, shape in (shapes or {}).items():
         base += ["--shape", f"{name}:{','.join(str(d) for d in shape)}"]
     rows: list[Row] = []
