@@ -41,12 +41,11 @@ def stack(ctx: Context) -> Any:
     manifest["models"] = {"minilm": entry, "minilm_nodb": copy.deepcopy(entry)}
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps(manifest))
-    for version, body in entry["versions"].items():
+    for body in entry["versions"].values():  # the CPU copies (the fallback), which the store verifies
         cpu = body["variants"][body.get("cpu_variant") or body["selected_variant"]]
         for f in [cpu, *(cpu.get("external_data") or [])]:
             (root / f["path"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / f["path"], root / f["path"])
-        del version
     for name, batching in MODELS.items():
         dst = root / "triton" / name
         shutil.copytree(src / "triton" / "minilm", dst)

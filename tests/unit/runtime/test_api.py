@@ -527,3 +527,26 @@ def test_a_response_larger_than_predicted_is_still_a_413_never_a_failed_reply(wi
     # Then the answer is a 413 that says how large the response came out, not a reply Lambda would drop
     assert resp["statusCode"] == 413
     assert "the response is 10.0 MB, more than a Lambda response can carry" in body_of(resp)["error"]
+
+
+@pytest.mark.parametrize(("rows", "tier"), [(24, "cpu"), (40, "gpu")])
+def test_the_same_request_goes_to_the_same_tier_in_json_and_binary(runtime_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   rows: int, tier: str) -> None:
+    # Given a model on both tiers that goes to the GPU from 512 bytes of tensor data (16 rows x 4 FP32 x 4 bytes
+    # is 256; 24 rows is 384, 40 rows 640), never by rows
+    write_linear(tmp_path / "s", "sized", targets=("gpu", "cpu"), max_batch_size=64,
+                 routing={"gpu_min_rows": 10_000, "gpu_min_bytes": 512})
+    cpu, gpu = FakeBackend("cpu"), FakeBackend("gpu")
+    set_runtime(build_runtime(Settings(model_store_uri=str(tmp_path / "s"), model_cache_dir=str(tmp_path / "c")),
+                              cpu=cpu, gpu=gpu))
+    x = rows_of(rows)
+    json_text = json_body(x)
+    binary, header_length = encode_request(InferRequest([tensor_from_numpy("x", x)]), binary=True)
+    # (the JSON body is several times the binary one, and both are over 512 bytes)
+    assert len(json_text) > 2 * len(binary) > 512
+    # When it is sent as JSON and as binary tensors
+    served = [handle_http(infer_event("sized", json_text))["headers"]["x-served-by"],
+              handle_http(infer_event("sized", binary, {"inference-header-content-length": str(header_length)},
+                                      binary=True))["headers"]["x-served-by"]]
+    # Then both go to the tier that the tensor bytes, not the body's length, pick
+    assert served == [tier, tier]
