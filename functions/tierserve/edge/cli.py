@@ -7,6 +7,7 @@ runs it without the developer CLI. Every run flag has an environment variable (`
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 from tierserve.edge.settings import OPTIONS, EdgeSettings, parse_edge_settings
 from tierserve.errors import TierserveError
+from tierserve.telemetry import ENABLED_ENV
 
 _HELP = {
     "store_uri": "model store: a folder or s3://bucket/prefix holding manifest.json (default build/models)",
@@ -66,6 +68,9 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
         _logs_to_stderr()
+        # No EMF document per request on a device: nothing collects them, and they would fill its logs (and the
+        # stdout of whoever started it). /metrics serves the device's figures; TIERSERVE_METRICS=true turns EMF on.
+        os.environ.setdefault(ENABLED_ENV, "false")
         from tierserve.edge.runtime import EdgeRuntime
 
         if args.once:

@@ -26,3 +26,25 @@ def test_an_unreachable_store_with_once_exits_1_and_a_bad_flag_exits_2(tmp_path:
     out = run("--port", "eighty")
     assert out.returncode == 2 and "--port (EDGE_PORT) = 'eighty' is invalid" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_process_writes_nothing_per_request_to_stdout(store_dir: Path, tmp_path: Path) -> None:
+    # Given `tierserve edge` whose stdout (a pipe) is read once, for the ready line, as a supervisor might
+    import re
+
+    from tests.support.fakes import json_body, rows_of
+    from tierserve.client import Client
+
+    proc = subprocess.Popen([sys.executable, "-m", "tierserve.edge.cli", "--store", str(store_dir), "--cache-dir",
+                             str(tmp_path / "cache"), "--port", "0", "--grpc-port", "-1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = re.search(r"ready on (http://\S+)", proc.stdout.readline()).group(1)
+        api = Client(url, timeout_s=10)
+        # When it serves far more requests than a pipe buffer holds of per-request lines (EMF, logs)
+        codes = {api.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).status for _ in range(400)}
+        # Then every one is answered: nothing blocks on a full stdout
+        assert codes == {200}
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
