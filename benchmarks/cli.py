@@ -37,6 +37,7 @@ SUITES: dict[str, str] = {
     "gateway": "benchmarks.gateway",
     "load": "benchmarks.load",
     "cost": "benchmarks.cost",
+    "edge": "benchmarks.edge",
 }
 #: figures whose goal is a requirement of the run itself (not a measurement to report)
 REQUIRED = {("load", "errors")}
