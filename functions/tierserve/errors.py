@@ -132,3 +132,10 @@ class ConflictError(LifecycleError):
     folder store's ETag moved): re-read, merge and retry."""
 
     code = "conflict"
+
+
+class ArtifactUnavailableError(ArtifactError, BackendUnavailableError):
+    """The model store (S3) could not be read just now: a 5xx, a timeout, a dropped connection. A 503 with
+    Retry-After: nothing is wrong with the model, and nothing half-fetched was kept."""
+
+    code = "artifact_unavailable"

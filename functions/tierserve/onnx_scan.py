@@ -157,6 +157,71 @@ def _locations(buf: memoryview) -> list[tuple[str, str]]:
     return found
 
 
+# --- operator domains ---------------------------------------------------------------------------------------
+
+_NODE_DOMAIN, _FUNCTION_DOMAIN = 7, 10
+
+#: The operator domains a served model may use: ONNX's own and onnxruntime's built-in contrib ops (what the
+#: compiler's optimizer and quantizer emit). tierserve never loads a custom-op library, so anything else is
+#: at best a model that cannot load and at worst one that expects code it should not get.
+ALLOWED_OP_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+
+def _node_domains(buf: memoryview, depth: int, found: set[str]) -> None:
+    for field, wire, value in _fields(buf):
+        if wire != 2:
+            continue
+        if field == _NODE_DOMAIN:
+            found.add(bytes(value).decode("utf-8", "replace"))  # type: ignore[arg-type]
+        elif field == _NODE_ATTRIBUTE:
+            for f2, w2, v2 in _fields(value):  # type: ignore[arg-type]
+                if w2 == 2 and f2 in (_ATTR_G, _ATTR_GRAPHS):
+                    _graph_domains(v2, depth + 1, found)  # type: ignore[arg-type]
+
+
+def _graph_domains(buf: memoryview, depth: int, found: set[str]) -> None:
+    if depth > _MAX_DEPTH:
+        raise ScanError("subgraphs nested too deeply")
+    for field, wire, value in _fields(buf):
+        if wire == 2 and field == _GRAPH_NODE:
+            _node_domains(value, depth, found)  # type: ignore[arg-type]
+
+
+def operator_domains(model_bytes: bytes | memoryview | mmap.mmap) -> tuple[set[str], set[str]]:
+    """(domains the model's nodes use, subgraphs and functions included; domains of the functions the model
+    defines itself). Opset imports are not counted: optimizers declare domains no node uses."""
+    used: set[str] = set()
+    local: set[str] = set()
+    message = None
+    buf = memoryview(model_bytes)
+    try:
+        for field, wire, value in _fields(buf):
+            if wire != 2:
+                continue
+            if field == _MODEL_GRAPH:
+                _graph_domains(value, 0, used)  # type: ignore[arg-type]
+            elif field == _MODEL_FUNCTIONS:
+                for f2, w2, v2 in _fields(value):  # type: ignore[arg-type]
+                    if f2 == _FUNCTION_DOMAIN and w2 == 2:
+                        local.add(bytes(v2).decode("utf-8", "replace"))  # type: ignore[arg-type]
+                    elif f2 == _FUNCTION_NODE and w2 == 2:
+                        _node_domains(v2, 1, used)  # type: ignore[arg-type]
+    except ScanError as exc:
+        message = str(exc)
+    finally:
+        buf.release()
+    if message is not None:
+        raise ScanError(message)
+    return used, local
+
+
+def disallowed_domains(model_bytes: bytes | memoryview | mmap.mmap,
+                       allowed: frozenset[str] = ALLOWED_OP_DOMAINS) -> list[str]:
+    """The operator domains ``model_bytes`` uses that are neither allowed nor defined by the model itself."""
+    used, local = operator_domains(model_bytes)
+    return sorted(used - allowed - local)
+
+
 def unsafe_location(location: str) -> str | None:
     """Why an external-data ``location`` may not be read (None when it is a plain relative path).
 

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 from tierserve.errors import (
     ArtifactError,
     ArtifactNotFoundError,
+    ArtifactUnavailableError,
     ConfigurationError,
     IntegrityError,
     InvalidNameError,
@@ -54,6 +55,9 @@ S3_KEY_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,1024}")
 #: The model's file name inside its cache folder.
 MODEL_FILE = "model.onnx"
 _CHUNK = 1 << 20
+#: S3 client timeouts (seconds): per connection attempt, and per read of an object's bytes.
+S3_CONNECT_TIMEOUT_S = 3.0
+S3_READ_TIMEOUT_S = 10.0
 
 
 def check_s3_key(key: str) -> str:
@@ -101,14 +105,25 @@ def open_regular(path: Path, what: str) -> BinaryIO:
 
 
 def check_external_data(path: Path, variant: Variant) -> None:
-    """Refuse a model whose external-data locations are unsafe or not listed (with a sha256) in the manifest."""
-    from tierserve.onnx_scan import ScanError, external_data_locations, unsafe_location
+    """Refuse a model whose external-data locations are unsafe or not listed (with a sha256) in the manifest,
+    or whose operators come from a domain outside ``onnx_scan.ALLOWED_OP_DOMAINS`` (a custom-op library)."""
+    from tierserve.onnx_scan import ScanError, disallowed_domains, external_data_locations, unsafe_location
 
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             locations = external_data_locations(mm)
+            foreign = disallowed_domains(mm)
     except (ScanError, ValueError) as exc:
         raise ArtifactError(f"{variant.path} is not a readable ONNX model ({exc}); recompile it") from exc
+    if foreign:
+        from tierserve.onnx_scan import ALLOWED_OP_DOMAINS
+
+        allowed = ", ".join(repr(d) for d in sorted(ALLOWED_OP_DOMAINS))
+        raise UnsafeModelError(
+            f"model {variant.path} uses operators from domain(s) {', '.join(map(repr, foreign))}, which are not on "
+            f"the allowlist ({allowed}); tierserve loads no custom-op library, so it refuses to load it. "
+            "Export the model with standard ONNX operators and recompile it"
+        )
     listed = {variant.location(e) for e in variant.external_data}
     for tensor, location in locations:
         reason = unsafe_location(location)
@@ -220,6 +235,9 @@ class ModelStore:
         try:
             return self._s3_client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception as exc:
+            failure = _s3_failure(exc, f"s3://{self.bucket}/{key}")
+            if isinstance(failure, ArtifactUnavailableError):
+                raise failure from exc
             raise ManifestError(f"cannot read s3://{self.bucket}/{key}: {_aws_reason(exc)}") from exc
 
     # --- artifacts --------------------------------------------------------------------------------
@@ -280,8 +298,13 @@ class ModelStore:
                 where = artifact.path
             else:
                 key = self._key(artifact.path)
-                digest, size = _digest(self._s3_body(key), out)
                 where = f"s3://{self.bucket}/{key}"
+                try:
+                    digest, size = _digest(self._s3_body(key), out)
+                except ArtifactError:
+                    raise
+                except Exception as exc:  # the connection dropped or stalled mid-object: the temp folder goes
+                    raise _s3_failure(exc, where) from exc
         _check_digest(artifact, (digest, size), where)
 
     def _open_local(self, artifact: ExternalFile) -> BinaryIO:
@@ -302,12 +325,7 @@ class ModelStore:
         try:
             return self._s3_client().get_object(Bucket=self.bucket, Key=key)["Body"]
         except Exception as exc:
-            reason = _aws_reason(exc)
-            cls = ArtifactNotFoundError if "NoSuchKey" in reason or "404" in reason else ArtifactError
-            raise cls(
-                f"cannot fetch s3://{self.bucket}/{key}: {reason}; check the object exists "
-                "and the function may read it"
-            ) from exc
+            raise _s3_failure(exc, f"s3://{self.bucket}/{key}") from exc
 
     def _key(self, relative: str) -> str:
         return check_s3_key(f"{self.prefix}/{relative}" if self.prefix else relative)
@@ -315,8 +333,12 @@ class ModelStore:
     def _s3_client(self) -> Any:
         if self._s3 is None:
             import boto3  # lazy: local stores never need it
+            from botocore.config import Config
 
-            self._s3 = boto3.client("s3")
+            # Bounded: a stalled S3 must cost a fetch seconds, not botocore's 60 s per read times its retries.
+            self._s3 = boto3.client("s3", config=Config(connect_timeout=S3_CONNECT_TIMEOUT_S,
+                                                        read_timeout=S3_READ_TIMEOUT_S,
+                                                        retries={"total_max_attempts": 3, "mode": "standard"}))
         return self._s3
 
 
@@ -334,8 +356,25 @@ def live_shas(manifest: Manifest) -> set[str]:
     return live
 
 
+def _s3_failure(exc: Exception, where: str) -> ArtifactError:
+    """What an S3 error means for a fetch: a missing object (500, artifact_not_found), a refusal or bad request
+    (500), or the store being unavailable just now: a 5xx, a timeout, a dropped connection (503, Retry-After)."""
+    reason = _aws_reason(exc)
+    resp = getattr(exc, "response", None)
+    resp = resp if isinstance(resp, dict) else {}
+    status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if "NoSuchKey" in reason or status == 404 or "404" in reason:
+        return ArtifactNotFoundError(f"cannot fetch {where}: {reason}; check the object exists")
+    if status >= 500 or (status == 0 and not resp):
+        return ArtifactUnavailableError(
+            f"the model store is unavailable: cannot fetch {where} ({reason}); retry shortly (nothing half-fetched "
+            "was kept)", retry_after_s=5)
+    return ArtifactError(f"cannot fetch {where}: {reason}; check the object exists and the function may read it")
+
+
 def _aws_reason(exc: Exception) -> str:
-    err = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    resp = getattr(exc, "response", None)  # a dict for ClientError; None (or absent) for transport errors
+    err = resp.get("Error", {}) if isinstance(resp, dict) else {}
     if err:
         return f"{err.get('Code', 'error')} ({err.get('Message', '')})".strip()
     return f"{type(exc).__name__}: {exc}"

@@ -194,18 +194,20 @@ class TierDispatcher:
         gpu = self.gpu
         if gpu is None or not model.serves_gpu or self.breaker.state == "open":
             return False
+        if self._probing:  # a call just timed out and the server check is still out: send nothing more there
+            return False
         return self.health.get(f"{model.name}/{model.version}", lambda: self._probe(gpu, model))
 
     def _probe(self, gpu: Backend, model: ModelVersion) -> bool:
         """Model-ready; when it is not, a server-ready check tells a dead tier from an unloaded model.
 
-        A dead tier counts as a breaker failure, so the circuit opens on probes too, not only on failed
-        calls; the health cache runs at most one probe per TTL per model, so one outage is not counted
-        more than once a TTL."""
+        A server that does not answer its own health check (refused: dead; no answer within the short
+        ready timeout: frozen) opens the circuit at once: counting failures would send the next requests
+        into it, each paying a timeout. A live server without the model leaves the circuit alone."""
         if gpu.ready(model):
             return True
         if not gpu.ready(None):
-            self.breaker.record_failure()
+            self.breaker.trip("the GPU server did not answer its health check")
         return False
 
     def ready(self, model: ModelVersion) -> bool:

@@ -74,3 +74,25 @@ def write_entry(root: Path, name: str, version: str = "1", external: tuple[str, 
     manifest["models"][name] = {"default_version": version, "versions": {version: body}}
     path.write_text(json.dumps(manifest, indent=2))
     return variant
+
+
+def with_custom_op(model_path: Path, domain: str = "evil.custom", in_subgraph: bool = False) -> Path:
+    """Rewrite ``model_path`` so that one node is an operator from ``domain`` (top level, or inside an If's branch)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    if in_subgraph:
+        then = helper.make_graph([helper.make_node("Steal", [], ["t"], domain=domain)], "then", [],
+                                 [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])])
+        other = helper.make_graph([helper.make_node("Constant", [], ["e"], value_float=0.0)], "else", [],
+                                  [helper.make_tensor_value_info("e", TensorProto.FLOAT, [])])
+        model.graph.node.append(helper.make_node("Constant", [], ["flag"], value_int=0))
+        model.graph.node.append(helper.make_node("Cast", ["flag"], ["cond"], to=TensorProto.BOOL))
+        model.graph.node.append(helper.make_node("If", ["cond"], ["c"], then_branch=then, else_branch=other))
+    else:
+        model.graph.node.append(helper.make_node("Steal", ["x"], ["c"], domain=domain))
+    model.opset_import.append(helper.make_opsetid(domain, 1))
+    model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
+    model_path.write_bytes(model.SerializeToString())
+    return model_path

@@ -57,6 +57,12 @@ class LocalFunction:
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _closed: bool = False
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of this function's warm workers (the stability tests read their memory)."""
+        with self._cond:
+            return [w.proc.pid for w in self._all if w.proc is not None]
+
     def invoke(self, event: Any) -> Any:
         """Run the handler on a warm worker (starting one if none is idle); FunctionError if it raised."""
         worker = self._acquire()

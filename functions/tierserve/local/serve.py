@@ -344,6 +344,13 @@ class LocalStack:
 
     # --- use and stop ----------------------------------------------------------------------------------
 
+    def spawn(self, logical_id: str, max_workers: int = 1) -> LocalFunction:
+        """A new pool of ``logical_id``'s workers with this stack's environment, apart from the served ones
+        (the stability tests watch one warm worker's memory over thousands of invocations). Close it after."""
+        template = load_template(self.template)
+        spec = self._spec(template, load_env_vars(self.env_vars), logical_id, self.function_env(logical_id))
+        return self._local_function(spec, max_workers=max_workers)
+
     def invoke(self, logical_id: str, event: Any) -> dict[str, Any]:
         """Invoke a function as Lambda would: {"result": ...} or {"error": {...}} (KeyError if unknown)."""
         if logical_id == ROUTER and self.router_inprocess:

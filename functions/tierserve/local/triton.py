@@ -424,6 +424,14 @@ class TritonServer:
             with _LIVE_LOCK:
                 _LIVE.discard(self)
 
+    def freeze(self) -> None:
+        """SIGSTOP the server and its stubs: connections are still accepted, nothing is answered (a hung GPU)."""
+        self._signal_group(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT what ``freeze`` stopped."""
+        self._signal_group(signal.SIGCONT)
+
     def restart(self) -> TritonServer:
         self.stop()
         return self.start()

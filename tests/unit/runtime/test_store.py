@@ -12,7 +12,7 @@ import pytest
 from moto import mock_aws
 
 from tests.support.models import linear_onnx, write_model
-from tests.support.onnx_external import external_linear, with_location, write_entry
+from tests.support.onnx_external import external_linear, with_custom_op, with_location, write_entry
 from tierserve.errors import ArtifactNotFoundError, IntegrityError, InvalidNameError, ManifestError, UnsafeModelError
 from tierserve.manifest import TensorSpec, Variant
 from tierserve.store import ModelStore, check_s3_key
@@ -346,3 +346,72 @@ def test_refresh_returns_a_manifest_read_after_the_request_arrived(tmp_path):
     write_model(tmp_path, "m", "2", linear_onnx(seed=2)[0], spec_in, spec_out)
     assert "2" not in store.refresh(since=before).models["m"].versions
     assert "2" in store.refresh().models["m"].versions  # a request arriving now: read again
+
+
+@pytest.mark.parametrize("in_subgraph", [False, True], ids=["top-level", "if-branch"])
+def test_operators_from_a_domain_off_the_allowlist_are_an_unsafe_model(tmp_path, in_subgraph):
+    # Given a model (sha256 listed, so integrity passes) with one node from a custom-op domain
+    root, _ = _external_store(tmp_path)
+    with_custom_op(root / "ext" / "1" / "model.onnx", "evil.custom", in_subgraph=in_subgraph)
+    write_entry(root, "ext")
+    store = ModelStore(str(root), tmp_path / "cache")
+    # When it is fetched / Then it is refused before onnxruntime sees it, naming the domain and the allowlist
+    with pytest.raises(UnsafeModelError, match=r"domain\(s\) 'evil.custom', which are not on the allowlist") as err:
+        store.fetch(store.manifest().resolve("ext").cpu_artifact)
+    assert err.value.code == "unsafe_model" and "'com.microsoft'" in str(err.value)
+
+
+class _FailingS3:
+    """A boto3 S3 client whose manifest reads work and whose artifact reads fail as ``failure`` says."""
+
+    def __init__(self, manifest: bytes, failure: str) -> None:
+        self.manifest, self.failure = manifest, failure
+
+    def get_object(self, Bucket: str, Key: str) -> dict:
+        import io
+
+        from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+        if Key.endswith("manifest.json"):
+            return {"Body": io.BytesIO(self.manifest)}
+        if self.failure == "slowdown":
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your rate"},
+                               "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+        if self.failure == "refused":
+            raise EndpointConnectionError(endpoint_url="http://s3")
+        if self.failure == "denied":
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"},
+                               "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+
+        class Cut(io.BytesIO):
+            def read(self, n: int = -1) -> bytes:
+                raise ReadTimeoutError(endpoint_url="http://s3")
+
+        return {"Body": Cut(b"")}
+
+
+@pytest.mark.parametrize(("failure", "error", "code"), [
+    ("slowdown", "ArtifactUnavailableError", "artifact_unavailable"),
+    ("refused", "ArtifactUnavailableError", "artifact_unavailable"),
+    ("stalled-mid-object", "ArtifactUnavailableError", "artifact_unavailable"),
+    ("denied", "ArtifactError", "artifact_error"),
+])
+def test_s3_failing_during_a_fetch_is_unavailable_not_a_broken_model_and_leaves_no_cache(tmp_path, failure, error,
+                                                                                        code):
+    from tierserve.http import error_response
+
+    # Given a store whose S3 answers the manifest but fails this way for the model's bytes
+    data, _, _ = linear_onnx()
+    mv = write_model(tmp_path / "models", "lin", "1", data, X, Y)
+    client = _FailingS3((tmp_path / "models" / "manifest.json").read_bytes(), failure)
+    store = ModelStore("s3://tierserve-models-test/models", tmp_path / "cache", s3_client=client)
+    # When the model is fetched, Then the error says the store is unavailable (503, Retry-After) unless S3
+    # refused on purpose (a misconfiguration: 500), and nothing is left in the cache
+    with pytest.raises(Exception) as info:
+        store.fetch(mv.cpu_artifact)
+    assert (type(info.value).__name__, info.value.code) == (error, code)
+    resp = error_response(info.value)
+    assert resp["statusCode"] == (503 if code == "artifact_unavailable" else 500)
+    if code == "artifact_unavailable":
+        assert resp["headers"]["retry-after"] == "5"
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []

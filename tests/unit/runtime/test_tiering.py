@@ -214,16 +214,14 @@ def test_an_unexpected_gpu_exception_releases_the_half_open_trial(clock) -> None
     assert d.dispatch(BOTH, json_call(32)).served_by == "gpu"
 
 
-def test_a_failed_probe_of_a_dead_server_counts_toward_the_breaker(clock) -> None:
-    # Given a GPU server that is down (neither the model nor the server is ready)
+def test_a_failed_probe_of_a_dead_server_opens_the_breaker_at_once(clock) -> None:
+    # Given a GPU server that is down (neither the model nor the server is ready), and a breaker needing 2 failures
     cpu, gpu = FakeBackend("cpu"), FakeBackend("gpu", model_ready=False, server_ready=False)
     d = dispatcher(cpu, gpu, clock)
-    # When two GPU-sized requests arrive, each after the health TTL
-    for _ in range(2):
-        clock.advance(1.5)
-        done = d.dispatch(BOTH, json_call(32))
-        assert (done.served_by, done.fallback) == ("cpu", "gpu-unavailable")
-    # Then the probes alone opened the breaker; the GPU was never called
+    # When one GPU-sized request arrives
+    done = d.dispatch(BOTH, json_call(32))
+    # Then it is a CPU fallback, and the one probe opened the breaker: the GPU was never called
+    assert (done.served_by, done.fallback) == ("cpu", "gpu-unavailable")
     assert (gpu.calls, d.breaker.state) == ([], "open")
 
 
@@ -331,16 +329,18 @@ def test_a_timeout_checks_the_server_once_and_opens_the_circuit_at_once_if_it_is
     assert d.breaker.state == state
 
 
-def test_concurrent_timeouts_run_one_health_check(clock) -> None:
+def test_after_a_timeout_nothing_more_goes_to_the_gpu_until_one_health_check_answers(clock) -> None:
     # Given a health check still running in the background
     pending: list = []
     cpu, gpu = FakeBackend("cpu"), FakeBackend("gpu", fail=errors.BackendTimeoutError("slow"), server_ready=False)
     d = dispatcher(cpu, gpu, clock, failure_threshold=10)
     d.run_in_background = pending.append
-    # When three requests time out before it finishes, Then one check was started, and it opens the circuit
+    # When one request times out, and two more arrive before the check finishes
     for _ in range(3):
         d.dispatch(BOTH, json_call(32))
-    assert len(pending) == 1
+    # Then one check was started, the later requests went straight to the CPU (nothing more into a server that
+    # may be frozen), and the check opens the circuit
+    assert (len(pending), len(gpu.calls), len(cpu.calls)) == (1, 1, 3)
     pending[0]()
     assert d.breaker.state == "open"
 
