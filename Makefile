@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
-        compile-minilm invoke serve triton bench validate build package events clean template-lint
+        compile-minilm invoke serve triton bench validate build package events clean template-lint \
+        test-hardening
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -81,6 +82,11 @@ $(TOOLS)/bin/checkov:
 template-lint: $(STAMP) $(TOOLS)/bin/checkov ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
 	$(TOOLS)/bin/checkov -f template.yaml --compact --quiet --skip-download
 	$(BIN)/cfn-lint template.yaml
+
+test-hardening: $(STAMP) $(TOOLS)/bin/checkov ## the full hardening suite (issue 8): fuzz 2,000+, faults, 10,000 invocations; figures in build/
+	mkdir -p build
+	TIERSERVE_HARDENING=full TIERSERVE_HARDENING_FIGURES=build/hardening-figures.json \
+	  $(PY) -m pytest -q tests/hardening tests/unit/test_template_security.py
 
 validate: ## sam validate --lint (needs the SAM CLI: pip install aws-sam-cli)
 	sam validate --lint
