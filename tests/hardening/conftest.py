@@ -34,9 +34,16 @@ def scale(quick: int | float, full: int | float) -> Any:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Faults last (they kill and freeze Triton), stability just before them."""
-    order = {"test_faults.py": 2, "test_stability.py": 1}
-    items.sort(key=lambda item: order.get(Path(str(item.fspath)).name, 0))
+    """The whole suite after every other test of the session (its stack lives until the session ends, with the
+    in-process router's environment in os.environ); the stores first (they need no stack), faults last (they
+    kill and freeze Triton), stability just before them."""
+    order = {"test_hostile_stores.py": 1, "test_stability.py": 3, "test_faults.py": 4}
+
+    def rank(item: pytest.Item) -> int:
+        path = Path(str(item.fspath))
+        return order.get(path.name, 2) if path.parent.name == "hardening" else 0
+
+    items.sort(key=rank)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
