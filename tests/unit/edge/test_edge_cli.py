@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -41,6 +42,11 @@ def test_the_process_writes_nothing_per_request_to_stdout(store_dir: Path, tmp_p
     try:
         url = re.search(r"ready on (http://\S+)", proc.stdout.readline()).group(1)
         api = Client(url, timeout_s=10)
+        # (the first sync runs in the background after "ready on": wait until the model is held, as a client would)
+        deadline = time.monotonic() + 60
+        while api.request("GET", "/v2/models/lin/ready").status != 200:
+            assert time.monotonic() < deadline, "the edge never synced 'lin'"
+            time.sleep(0.05)
         # When it serves far more requests than a pipe buffer holds of per-request lines (EMF, logs)
         codes = {api.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).status for _ in range(400)}
         # Then every one is answered: nothing blocks on a full stdout
