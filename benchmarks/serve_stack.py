@@ -17,6 +17,8 @@ from benchmarks.harness import Context, Skip
 
 MODELS = {"minilm": True, "minilm_nodb": False}  # name -> dynamic batching
 TOKENS = 16
+#: RouterFunction's worker processes (Lambda's concurrency): the concurrency of the issue's goal (c=8)
+ROUTER_WORKERS = 8
 
 
 def stack(ctx: Context) -> Any:
@@ -56,13 +58,36 @@ def stack(ctx: Context) -> Any:
         (dst / "config.pbtxt").write_text(text_format.MessageToString(cfg))
     ctx.progress("starting tierserve serve (API, CPU function workers, local tritonserver)")
     s = LocalStack(root, port=0, s3=False, batch=False, workdir=ctx.workdir / "serve", router_inprocess=False,
-                   env={"POWERTOOLS_LOG_LEVEL": "ERROR"}).start()
+                   router_workers=ROUTER_WORKERS, env={"POWERTOOLS_LOG_LEVEL": "ERROR"}).start()
     if s.triton is None:
         s.stop()
         raise Skip(f"the local tritonserver did not start ({'; '.join(s.notes)})")
     ctx.notes["stack"] = s
     ctx.notes["close"] = s.stop
+    _warm(s, ctx)
     return s
+
+
+def _warm(s: Any, ctx: Context) -> None:
+    """Start every router worker (each is a cold start, which no measurement should include): as many
+    concurrent requests as workers, twice, for each model."""
+    import threading
+    import urllib.request
+
+    ctx.progress(f"warming {ROUTER_WORKERS} router workers")
+
+    def post(model: str) -> None:
+        req = urllib.request.Request(f"{s.url}/v2/models/{model}/infer", data=request_body(1), method="POST",  # noqa: S310
+                                     headers={"content-type": "application/json", "x-target": "gpu"})
+        with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310 - the local stack
+            resp.read()
+
+    for model in list(MODELS) * 2:
+        threads = [threading.Thread(target=post, args=(model,)) for _ in range(ROUTER_WORKERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 def request_body(rows: int = 1) -> bytes:

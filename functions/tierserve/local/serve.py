@@ -75,6 +75,8 @@ class LocalStack:
         router_inprocess: call RouterFunction's handler in this process (default, as the API
             emulation does); False = in a worker process like the other functions.
         cpu_workers: concurrent execution environments for CpuInferenceFunction.
+        router_workers: with ``router_inprocess=False``, RouterFunction's concurrent execution environments
+            (Lambda's concurrency: each one invocation at a time, so throughput scales with them).
         auth: "iam" = the API verifies SigV4 signatures made with the local credentials (403 otherwise),
             as the deployed API does; "none" (default) = no authorization, for plain tritonclient.
     """
@@ -84,7 +86,7 @@ class LocalStack:
                  workdir: Path | None = None, env_overrides: dict[str, dict[str, str]] | None = None, *,
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
                  router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none",
-                 invoke_port: int = 0) -> None:
+                 invoke_port: int = 0, router_workers: int = 4) -> None:
         self.models = Path(models).resolve()
         self.host, self.port = host, port
         self.triton_option = triton
@@ -99,6 +101,7 @@ class LocalStack:
         self.env_vars = Path(env_vars) if env_vars else (default_env if default_env.is_file() else None)
         self.router_inprocess = router_inprocess
         self.cpu_workers = cpu_workers
+        self.router_workers = max(1, router_workers)
         if auth not in ("none", "iam"):
             raise ConfigurationError(f"auth {auth!r} is not known; use 'none' or 'iam'")
         self.auth = auth
@@ -168,7 +171,7 @@ class LocalStack:
         if self.want_batch:
             functions.append(self._local_function(specs[BATCH], max_workers=1))
         if not self.router_inprocess:
-            functions.append(self._local_function(specs[ROUTER], max_workers=4))
+            functions.append(self._local_function(specs[ROUTER], max_workers=self.router_workers))
         for fn in functions:
             self.lambda_endpoint.add(fn)
         if self.router_inprocess:
@@ -456,7 +459,10 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
                    help="read models from the folder; no batch (moto_server still serves CloudWatch and DynamoDB)")
     p.add_argument("--no-batch", action="store_true", help="no BatchInferenceFunction or queue pollers")
     p.add_argument("--router-worker", action="store_true",
-                   help="run RouterFunction in a worker process instead of in-process")
+                   help="run RouterFunction in worker processes instead of in-process (one invocation at a time)")
+    p.add_argument("--router-workers", type=int, default=None, metavar="N",
+                   help="RouterFunction's worker processes (implies --router-worker; default 4): Lambda's "
+                        "concurrency, so that the emulator is not the bottleneck of a load test")
     p.add_argument("--workdir", type=Path, default=Path("build/serve"), help="logs, caches, env.json")
     p.add_argument("--auth", choices=("none", "iam"), default="none",
                    help="iam: verify SigV4 signatures made with the local credentials (AWS_ACCESS_KEY_ID=testing), "
@@ -484,8 +490,9 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     extra = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
     stack = LocalStack(args.models, port=args.port, host=args.host, triton=not args.no_triton,
                        batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
-                       env=extra, env_vars=args.env_vars, router_inprocess=not args.router_worker, auth=args.auth,
-                       invoke_port=_invoke_port(args))
+                       env=extra, env_vars=args.env_vars,
+                       router_inprocess=not (args.router_worker or args.router_workers), auth=args.auth,
+                       invoke_port=_invoke_port(args), router_workers=args.router_workers or 4)
     try:
         stack.start()
         print(stack.describe(), flush=True)
