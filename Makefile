@@ -52,7 +52,7 @@ typecheck: $(STAMP) ## mypy
 compile-demo: $(STAMP) ## compile the bundled digits classifier into $(MODELS)
 	$(PY) -m tierserve_compiler.demo $(MODELS)/.data
 	$(BIN)/tierserve compile tierserve_compiler.demo:digits_classifier --name digits --version 1 \
-	  --validation $(MODELS)/.data/digits_val.npz --quantize auto --out $(MODELS)
+	  --validation $(MODELS)/.data/digits_val.npz --quantize auto --target edge --edge-profile rpi4 --out $(MODELS)
 
 compile-minilm: $(STAMP) ## compile all-MiniLM-L6-v2 (PyTorch path) for the GPU tier with a CPU fallback
 	$(PY) -m tierserve_compiler.zoo build-minilm --out $(MODELS) --target both

@@ -15,7 +15,8 @@ The rules, recorded with the cloud's in report.json and report.md:
 3. ``edge_latency``: the estimated p95 at batch 1 on the device (the measured 1-thread p95, Amdahl-scaled
    to the device's cores, divided by its speed) against the SLO (``--slo-ms``, else 100 ms);
 4. ``edge_max_rows`` (routing): the largest batch the device finishes within that budget, extrapolated
-   per row from the largest profiled batch; the runtime forwards bigger batches to the cloud.
+   per row from the largest profiled batch, and at most the model's ``max_batch_size`` (a batch the cloud
+   would split); the runtime forwards bigger batches to the cloud.
 
 Decision: ``--target edge`` puts the model on the edge beside the cloud tier(s) the other rules choose
 (forced: failed edge rules are noted); without ``--target``, a model is also placed on the edge when an
@@ -86,7 +87,7 @@ class Candidate:
 
 
 def place_edge(placement: Placement, candidates: list[Candidate], profile: EdgeProfile, *, target: str,
-               explicit_profile: bool, slo_ms: float | None) -> tuple[Placement, str | None]:
+               explicit_profile: bool, slo_ms: float | None, max_batch_size: int = 0) -> tuple[Placement, str | None]:
     """``placement`` with the edge rules' reasons added (and ``edge`` in its targets when it goes there);
     returns it and the variant the edge serves (None: not on the edge)."""
     if not candidates:
@@ -108,9 +109,11 @@ def place_edge(placement: Placement, candidates: list[Candidate], profile: EdgeP
                           f"{'SLO' if slo_ms else 'budget'} {budget:g} ms"))
     bmax = max(int(b) for b in next(iter(best.profile["threads"].values()))["batches"])
     per_row = scaled_latency(best.profile, bmax, profile.cores, "p50_ms") / profile.speed / bmax
-    max_rows = max(1, math.floor(budget / max(per_row, 1e-6)))
-    reasons.append(Reason("edge_max_rows", True, f"batches up to {max_rows} rows fit {budget:g} ms on "
-                          f"{profile.name} ({per_row:.3f} ms/row); larger ones are forwarded to the cloud"))
+    fit = max(1, math.floor(budget / max(per_row, 1e-6)))
+    max_rows = min(fit, max_batch_size) if max_batch_size > 0 else fit
+    capped = f", capped at the model's max_batch_size {max_batch_size}" if max_rows < fit else ""
+    reasons.append(Reason("edge_max_rows", True, f"batches up to {max_rows} rows ({fit} fit {budget:g} ms on "
+                          f"{profile.name} at {per_row:.3f} ms/row{capped}); larger ones are forwarded to the cloud"))
     if target == "edge":
         failed = [r.rule for r in reasons if not r.ok]
         note = f" (rules that failed and were overridden: {', '.join(failed)})" if failed else ""

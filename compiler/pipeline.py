@@ -273,7 +273,8 @@ def place_on_edge(placement: Placement, variants: list[BuiltVariant], cfg: Compi
                   if v.path is not None and v.profile is not None and serves(v.key, CPU)
                   and (v.key == REFERENCE or v.within_budget)]
     _, variant = place_edge(placement, candidates, load_profile(cfg.edge_profile), target=cfg.target,
-                            explicit_profile=cfg.edge_profile is not None, slo_ms=cfg.slo_ms)
+                            explicit_profile=cfg.edge_profile is not None, slo_ms=cfg.slo_ms,
+                            max_batch_size=cfg.max_batch_size)
     return variant
 
 

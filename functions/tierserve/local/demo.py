@@ -6,7 +6,9 @@
 3. compile all-MiniLM-L6-v2 (PyTorch -> ONNX, int8) for both tiers, start `tierserve serve`
    (API Gateway emulation, CPU function, the real local Triton, moto_server) and, over HTTP:
    one sentence (CPU tier), 128 sentences (GPU tier), then Triton stopped mid-run (CPU fallback);
-4. drop a JSONL file into the local bucket and print the batch job's _SUCCESS manifest.
+4. drop a JSONL file into the local bucket and print the batch job's _SUCCESS manifest;
+5. start `tierserve edge` in front of the stack: digits served on the device, MiniLM forwarded to the
+   cloud, then the cloud stopped: digits still served, MiniLM 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ def compile_digits(models: Path) -> None:
     manifest = models / "manifest.json"
     if manifest.is_file() and "1" in (json.loads(manifest.read_text())["models"].get("digits", {})
                                       .get("versions", {})):
-        print(f"\n[1/4] digits v1 is already compiled in {models} (versions are immutable); skipping compile")
+        print(f"\n[1/5] digits v1 is already compiled in {models} (versions are immutable); skipping compile")
         return
-    print("\n[1/4] compile the bundled digits classifier")
+    print("\n[1/5] compile the bundled digits classifier, for the cloud CPU tier and for devices (--target edge)")
     run([tierserve(), "compile", "tierserve_compiler.demo:digits_classifier", "--name", "digits", "--version", "1",
-         "--validation", str(val), "--quantize", "auto", "--out", str(models)])
+         "--validation", str(val), "--quantize", "auto", "--target", "edge", "--edge-profile", "rpi4",
+         "--out", str(models)])
 
 
 def print_variants(models: Path) -> None:
@@ -63,10 +66,14 @@ def print_variants(models: Path) -> None:
         print(f"  {name:<14}{v.get('size_bytes') or 0:>9}{fmt(b1):>11}{fmt(b32):>12}  "
               f"{v.get('decision', '')}: {str(v.get('reason', ''))[:90]}")
     print(f"  the CPU tier serves: {report.get('cpu_variant') or report.get('selected_variant')}")
+    edge = (report.get("placement") or {}).get("edge") or {}
+    if edge.get("placed"):
+        print(f"  a device serves: {edge['variant']} (on {edge['profile']['name']}: estimated p95 "
+              f"{edge['p95_ms_estimate']:.2f} ms, batches up to {edge['max_rows']} rows)")
 
 
 def invoke_holdout(models: Path, rows: int) -> None:
-    print("\n[2/4] invoke it through RouterFunction, locally, as API Gateway would")
+    print("\n[2/5] invoke it through RouterFunction, locally, as API Gateway would")
     data = np.load(models / ".data" / "digits_val.npz")
     x, labels = data["input"][:rows], data["_labels"][:rows]
     event = json.loads((ROOT / "events" / "http_infer.json").read_text())
@@ -110,9 +117,9 @@ def http_infer(url: str, model: str, arrays: dict, headers: dict | None = None) 
 def compile_minilm(models: Path) -> None:
     manifest = json.loads((models / "manifest.json").read_text())
     if "minilm" in manifest["models"]:
-        print(f"\n[3/4] minilm is already compiled in {models}; skipping compile")
+        print(f"\n[3/5] minilm is already compiled in {models}; skipping compile")
         return
-    print("\n[3/4] compile all-MiniLM-L6-v2 through the PyTorch path, for the GPU tier with a CPU fallback")
+    print("\n[3/5] compile all-MiniLM-L6-v2 through the PyTorch path, for the GPU tier with a CPU fallback")
     run([sys.executable, "-m", "tierserve_compiler.zoo", "build-minilm", "--out", str(models), "--target", "both"])
 
 
@@ -141,12 +148,13 @@ def serve_story(models: Path) -> None:
             for i in range(3):
                 show(f"128 sentences after Triton stopped (#{i + 1})", *http_infer(stack.url, "minilm", many))
         batch_story(stack)
+        edge_story(stack, models)
 
 
 def batch_story(stack: object) -> None:
     import time
 
-    print("\n[4/4] drop a file into the local bucket: s3://BUCKET/batch/in/digits/demo-job.jsonl")
+    print("\n[4/5] drop a file into the local bucket: s3://BUCKET/batch/in/digits/demo-job.jsonl")
     s3 = stack.client("s3")  # type: ignore[attr-defined]
     from tierserve.local.serve import BUCKET
 
@@ -167,6 +175,60 @@ def batch_story(stack: object) -> None:
     print("part-00000.jsonl (first 2 lines):")
     for line in part.decode().splitlines()[:2]:
         print(" ", line[:160])
+
+
+def edge_story(stack: object, models: Path) -> None:
+    """[5/5] `tierserve edge` in front of the stack: digits on the device, MiniLM forwarded, then offline."""
+    import os
+    import time
+
+    from tierserve.client import Client
+    from tierserve.edge.runtime import EdgeRuntime
+    from tierserve.edge.settings import EdgeSettings
+    from tierserve.settings import Settings
+    from tierserve_compiler.zoo import SENTENCES, tokenize
+
+    print("\n[5/5] the edge: a device in front of the cloud")
+    started = time.monotonic()
+    quiet = {"TIERSERVE_METRICS": "false"}  # as under `tierserve edge`: no EMF line per request on a device
+    os.environ.update(quiet)
+    store = stack.model_store_uri  # type: ignore[attr-defined]
+    print(f"$ tierserve edge --store {store} --cloud-url {stack.url} --sync-interval 2"  # type: ignore[attr-defined]
+          "   (started in-process for the demo; a device runs tierserve-edge)")
+    os.environ.setdefault("AWS_ENDPOINT_URL_S3", stack.moto.url)  # type: ignore[attr-defined]
+    settings = EdgeSettings(store_uri=store, cache_dir=str(models.parent / "edge-cache"), port=0, grpc_port=-1,
+                            cloud_url=stack.url, cloud_auth="none", sync_interval_s=2.0)  # type: ignore[attr-defined]
+    edge = EdgeRuntime(settings, Settings(breaker_failure_threshold=2, breaker_cooldown_s=30)).start()
+    try:
+        deadline = time.monotonic() + 20
+        while edge.store.status.syncs < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print(edge.ready_line())
+        api = Client(edge.url)
+        digits = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                         "data": [0.0] * 64}]}).encode()
+        minilm = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": "INT64",
+                                         "data": v.ravel().tolist()} for k, v in tokenize(SENTENCES[:1]).items()],
+                             "outputs": [{"name": "sentence_embedding"}]}).encode()
+
+        def show(label: str, model: str, body: bytes) -> None:
+            r = api.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+            extra = f"  retry-after: {r.header('retry-after')}" if r.header("retry-after") else ""
+            fallback = f"  x-fallback: {r.header('x-fallback')}" if r.header("x-fallback") else ""
+            print(f"  {label:<44} status {r.status}  x-served-by: {r.served_by}{fallback}{extra}")
+
+        show("digits, 1 row (held by the device)", "digits", digits)
+        show("minilm, 1 sentence (not on the edge)", "minilm", minilm)
+        print("  -- the cloud stopped: the device is offline --")
+        stack.stop()  # type: ignore[attr-defined]
+        os.environ.update(quiet)  # stop() restored the environment from before the stack
+        show("digits, 1 row", "digits", digits)
+        show("minilm, 1 sentence", "minilm", minilm)
+        status = api.request("GET", "/v2/health/edge").json()
+        print(f"  /v2/health/edge: counts {status['counts']}, cloud circuit {status['cloud']['circuit']}")
+        print(f"  (the edge step took {time.monotonic() - started:.1f} s)")
+    finally:
+        edge.stop()
 
 
 def main() -> int:

@@ -41,6 +41,11 @@ def test_the_smallest_variant_within_budget_goes_to_the_edge_with_its_reasons() 
     # And the device's latency is the measured one scaled to its cores and speed: 1.5 ms / 0.3 (Amdahl, 4 cores)
     assert p.edge["p95_ms_estimate"] == pytest.approx(1.5 * (0.5 + 0.5 / 4) / 0.3, rel=1e-3)
     assert p.routing["edge_max_rows"] == p.edge["max_rows"] >= 1 and "gpu_min_rows" in p.routing
+    # And the largest batch is capped at the model's max_batch_size (the cloud splits bigger ones)
+    capped, _ = place_edge(cloud(), candidates, PROFILES["rpi4"], target="edge", explicit_profile=False,
+                           slo_ms=None, max_batch_size=16)
+    assert capped.routing["edge_max_rows"] == 16 and "capped at the model's max_batch_size 16" in \
+        rules(capped)["edge_max_rows"].detail
 
 
 def test_auto_places_on_the_edge_only_with_a_profile_and_only_what_fits() -> None:
