@@ -63,3 +63,41 @@ def test_cfn_lint_passes_with_and_without_the_jwt_authorizer() -> None:
 def _covered(route: str, jwt_routes: set[str]) -> bool:
     method, path = route.split(" ", 1)
     return route in jwt_routes or (path.startswith("/v2/") and f"{method} /v2/{{proxy+}}" in jwt_routes)
+
+
+# --- operations (issue 11): the unattended rollout, alarms and the dashboard ----------------------------
+
+
+def test_the_rollout_runs_every_minute_with_least_privilege(template: dict) -> None:
+    fn = template["Resources"]["RolloutFunction"]["Properties"]
+    assert fn["Handler"] == "tierserve.handlers.rollout.lambda_handler"
+    assert fn["Events"]["EveryMinute"]["Properties"]["ScheduleExpression"] == "rate(1 minute)"
+    assert fn["Environment"]["Variables"]["ROLLOUT_TABLE"] == {"Ref": "RolloutTable"}
+    statements = next(p["Statement"] for p in fn["Policies"] if "Statement" in p)
+    s3 = [s for s in statements if any(a.startswith("s3:") for a in [s["Action"]] if isinstance(a, str))]
+    # S3: read and conditionally write the manifest and the history, nothing else of the bucket
+    assert sorted(s["Action"] for s in s3) == ["s3:GetObject", "s3:PutObject"]
+    for s in s3:
+        assert [r["Fn::Sub"].rsplit("${ModelPrefix}/", 1)[1] for r in s["Resource"]] == ["manifest.json", "_history/*"]
+    assert {"DynamoDBCrudPolicy": {"TableName": {"Ref": "RolloutTable"}}} in fn["Policies"]
+
+
+def test_every_alarm_notifies_the_optional_topic(template: dict) -> None:
+    alarms = {k: v["Properties"] for k, v in template["Resources"].items() if v["Type"] == "AWS::CloudWatch::Alarm"}
+    assert {"RouterErrorRateAlarm", "RouterLatencyAlarm", "CpuLatencyAlarm", "GpuFallbackAlarm", "BreakerOpenAlarm",
+            "ThrottlesAlarm", "BatchDeadLettersAlarm", "BatchJobFailuresAlarm"} <= set(alarms)
+    topic = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    assert all(a["AlarmActions"] == topic and a["OKActions"] == topic for a in alarms.values())
+    assert template["Parameters"]["AlarmTopicArn"]["Default"] == ""
+
+
+def test_the_dashboard_is_valid_json_per_model_and_tier(template: dict) -> None:
+    import json
+    import re
+
+    body = template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    doc = json.loads(re.sub(r"\$\{[A-Za-z:.]+\}", "X", body))
+    expressions = " ".join(m.get("expression", "") for w in doc["widgets"] for row in w["properties"]["metrics"]
+                           for m in row if isinstance(m, dict))
+    assert "{tierserve,service,function,model,tier}" in expressions
+    assert "{tierserve,service,function,model,version}" in expressions and "'p99'" in expressions

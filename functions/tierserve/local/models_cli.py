@@ -8,6 +8,7 @@
     tierserve models rollback NAME [--to VERSION]
     tierserve models retire NAME VERSION
     tierserve models history NAME [--json]
+    tierserve models rollout NAME VERSION --steps 10,50,100 --interval 5m --max-error-rate 0.01 --max-p99-ms N
 
 The store is a folder or ``s3://bucket/prefix`` (``--store``, default ``MODEL_STORE_URI``). ``--stack DIR``
 targets a running ``tierserve serve`` (its ``DIR/env.json``): its store, and its moto_server for S3,
@@ -66,6 +67,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     hist.add_argument("--json", action="store_true", help="one JSON record per line")
     for q in (pub, can, pro, rb, ret):
         q.add_argument("--why", default="", help="the reason, kept in the history")
+    from tierserve.local.rollout_driver import add_arguments
+
+    add_arguments(sub)
     p.set_defaults(func=run_cli)
 
 
@@ -111,6 +115,10 @@ def run_cli(args: argparse.Namespace) -> int:
         return show(registry, args.name)
     if command == "history":
         return history(registry, args.name, args.json)
+    if command == "rollout":
+        from tierserve.local.rollout_driver import run_rollout
+
+        return run_rollout(args, objects, registry)
     return change(args, objects, registry)
 
 
