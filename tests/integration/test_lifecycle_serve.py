@@ -4,7 +4,8 @@ metrics page, and the rollout cases run by `tierserve models rollout --stack` ag
 Each rollout case has its own model (v1 the default, v2 the candidate) on one stack: its S3 store, its
 CloudWatch (the functions' EMF lines, turned into PutMetricData) and its DynamoDB rollouts table are
 moto_server's. The bad versions are bad for real: v2 of ``flaky`` fails in onnxruntime on one request in
-twenty, v2 of ``slow`` runs hundreds of extra MatMuls. Intervals are seconds long.
+twenty (answered 400: the input's values made the graph fail), v2 of ``slow`` runs hundreds of extra
+MatMuls. Intervals are seconds long.
 """
 
 from __future__ import annotations
@@ -157,13 +158,13 @@ def test_a_version_failing_5_percent_of_requests_is_rolled_back_within_one_inter
     last = stack.registry.history("flaky")[-1]
     assert last["action"] == "rollback" and last["to"]["canary"] is None and last["to"]["default"] == "1"
     figures = last["details"]["figures"]
-    assert figures["canary"]["error_rate"] > 0.01 and figures["default"]["errors"] == 0
+    assert figures["canary"]["error_rate"] > 0.01 and figures["default"]["error_rate"] == 0
     assert figures["window_s"] <= 20  # within the first interval
-    errors = [t for t, s, _ in traffic.results if s == 500]
+    errors = [t for t, s, _ in traffic.results if s >= 400]
     rolled_at = parse_time(last["at"])
     assert rolled_at is not None
     print(f"\nfirst canary error -> rollback committed: {rolled_at - errors[0]:.1f} s "
-          f"({figures['canary']['requests']} canary requests, {figures['canary']['errors']} errors)")
+          f"({figures['canary']['requests']} canary requests, {figures['canary']['error_rate']:.1%} failed)")
 
 
 def test_a_much_slower_version_is_rolled_back_on_p99(stack):

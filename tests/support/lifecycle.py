@@ -104,7 +104,7 @@ def compiled(root, name: str, v: str, seed: int = 0, gpu: bool = False, in_dim: 
 def linear_variant_onnx(seed: int = 0, fail_above: float | None = None, matmuls: int = 0) -> bytes:
     """y = x @ W + b, and optionally what makes a version bad for real (never a mock):
 
-    * ``fail_above``: onnxruntime fails (FAIL status, a 500) on a request whose first column exceeds it
+    * ``fail_above``: onnxruntime fails (FAIL status; answered 400) on a request whose first column exceeds it
       (a Reshape to an impossible shape): with x ~ N(0, 1) and 1.645, one request in twenty;
     * ``matmuls``: that many extra 512 x 512 MatMul + Tanh steps on the input, added to y times zero
       (they depend on the input, so onnxruntime cannot fold them away): a slower version, same answers."""

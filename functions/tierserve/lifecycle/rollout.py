@@ -58,23 +58,35 @@ class Figures:
     errors: float = 0.0
     fallbacks: float = 0.0
     p99_ms: float | None = None
+    client_errors: float = 0.0
+
+    @property
+    def failed(self) -> float:
+        """Requests that did not succeed: server errors, and client errors (see :func:`breaches`)."""
+        return self.errors + self.client_errors
 
     @property
     def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else 0.0
+        return self.failed / self.requests if self.requests else 0.0
 
     @property
     def fallback_rate(self) -> float:
         return self.fallbacks / self.requests if self.requests else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"requests": int(self.requests), "errors": int(self.errors), "error_rate": round(self.error_rate, 4),
+        return {"requests": int(self.requests), "errors": int(self.errors), "client_errors": int(self.client_errors),
+                "error_rate": round(self.error_rate, 4),
                 "fallbacks": int(self.fallbacks), "fallback_rate": round(self.fallback_rate, 4),
                 "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2)}
 
 
 def breaches(canary: Figures, baseline: Figures, t: Thresholds) -> list[str]:
-    """What the canary crossed, worse than the baseline too; empty when it is fine (or not judged yet)."""
+    """What the canary crossed, worse than the baseline too; empty when it is fine (or not judged yet).
+
+    The error rate counts every request that failed, 4xx included: onnxruntime failing on values that
+    passed the manifest's checks is answered 400 (the input's values made the graph fail), and a version
+    that refuses what the default serves, on the same traffic, is a regression. Clients' own mistakes
+    fall on both versions alike and do not count, since the canary must also be worse than the default."""
     if canary.requests < t.min_requests:
         return []
     out = []
@@ -307,7 +319,8 @@ def advance(store: DynamoRollouts, registry: Registry, metrics: MetricsSource, m
 
 class CloudWatchMetrics:
     """Per-version figures from the metrics RouterFunction emits (``tierserve.telemetry``): dimensions
-    ``service``, ``function``, ``model``, ``version``; Sum of Requests, Errors and Fallbacks, p99 of Latency."""
+    ``service``, ``function``, ``model``, ``version``; Sum of Requests, Errors, ClientErrors and Fallbacks,
+    p99 of Latency."""
 
     def __init__(self, namespace: str, function: str, service: str = "tierserve", client: Any = None) -> None:
         self.namespace = namespace
@@ -328,7 +341,8 @@ class CloudWatchMetrics:
         for i, v in enumerate(versions):
             dims = [{"Name": "service", "Value": self.service}, {"Name": "function", "Value": self.function},
                     {"Name": "model", "Value": model}, {"Name": "version", "Value": v}]
-            for metric, stat in (("Requests", "Sum"), ("Errors", "Sum"), ("Fallbacks", "Sum"), ("Latency", "p99")):
+            for metric, stat in (("Requests", "Sum"), ("Errors", "Sum"), ("ClientErrors", "Sum"), ("Fallbacks", "Sum"),
+                                 ("Latency", "p99")):
                 out.append({"Id": f"{metric.lower()}_{i}", "ReturnData": True, "MetricStat": {
                     "Metric": {"Namespace": self.namespace, "MetricName": metric, "Dimensions": dims},
                     "Period": period, "Stat": stat}})
@@ -347,7 +361,8 @@ class CloudWatchMetrics:
             p99 = values.get(f"latency_{i}") or []
             out[v] = Figures(requests=sum(values.get(f"requests_{i}") or []),
                              errors=sum(values.get(f"errors_{i}") or []),
-                             fallbacks=sum(values.get(f"fallbacks_{i}") or []), p99_ms=max(p99) if p99 else None)
+                             fallbacks=sum(values.get(f"fallbacks_{i}") or []), p99_ms=max(p99) if p99 else None,
+                             client_errors=sum(values.get(f"clienterrors_{i}") or []))
         return out
 
 
