@@ -10,7 +10,9 @@ dependencies from ``get_runtime()`` and never build or inspect parts themselves.
 Which backend serves the CPU tier follows ``CPU_BACKEND``: ``lambda`` (the router in AWS: a
 synchronous Invoke of CpuInferenceFunction, forwarding the client's body untouched) or
 ``inprocess`` (onnxruntime in this function: the CPU function, the batch function, and the
-router under ``tierserve invoke``). The GPU tier exists when ``TRITON_URL`` is set.
+router under ``tierserve invoke``). The GPU tier follows ``GPU_BACKEND``: ``triton`` (a Triton server
+at ``TRITON_URL``; the default when it is set), ``sagemaker`` (InvokeEndpoint on a SageMaker endpoint
+running Triton's container) or ``none``.
 
 ``reset_runtime()`` is the one reset: settings, runtime, AWS clients and onnxruntime sessions
 (tests and the local emulator change the environment between invocations).
@@ -71,7 +73,12 @@ def build_cpu_backend(settings: Settings, store: ModelStore) -> Backend:
 
 
 def build_gpu_backend(settings: Settings) -> Backend | None:
-    if not settings.triton_url:
+    if settings.gpu_backend == "sagemaker":
+        from tierserve.backends.sagemaker import SageMakerBackend
+
+        return SageMakerBackend(settings.sagemaker_endpoint_name, model=settings.sagemaker_model,
+                                target_model=settings.sagemaker_target_model, timeout_s=settings.triton_timeout_s)
+    if settings.gpu_backend == "none" or not settings.triton_url:
         return None
     from tierserve.backends.triton import TritonBackend
 

@@ -51,7 +51,14 @@ class Settings:
     # How the router reaches the CPU tier: "lambda" (boto3 Invoke) or "inprocess" (same process).
     cpu_backend: str = "inprocess"
     cpu_function_name: str = ""
-    # The GPU tier.
+    # The GPU tier: "triton" (TRITON_URL), "sagemaker" (an endpoint running Triton's container) or "none";
+    # "" picks "triton" when TRITON_URL is set, else none.
+    gpu_backend: str = ""
+    sagemaker_endpoint_name: str = ""
+    # A single-model endpoint's model ("name" or "name/version"); other models are not sent to it.
+    sagemaker_model: str = ""
+    # A multi-model endpoint's archive per request, e.g. "{name}-{version}.tar.gz" ("": single-model endpoint).
+    sagemaker_target_model: str = ""
     triton_url: str = ""
     triton_protocol: str = "http"
     triton_timeout_s: float = 10.0
@@ -93,6 +100,10 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
     "CPU_BACKEND": ("cpu_backend", _choice("lambda", "inprocess")),
     "CPU_FUNCTION_NAME": ("cpu_function_name", str),
+    "GPU_BACKEND": ("gpu_backend", _choice("triton", "sagemaker", "none")),
+    "SAGEMAKER_ENDPOINT_NAME": ("sagemaker_endpoint_name", str),
+    "SAGEMAKER_MODEL": ("sagemaker_model", str),
+    "SAGEMAKER_TARGET_MODEL": ("sagemaker_target_model", str),
     "TRITON_URL": ("triton_url", str),
     "TRITON_PROTOCOL": ("triton_protocol", _choice("http", "grpc")),
     "TRITON_TIMEOUT_S": ("triton_timeout_s", float),
@@ -141,6 +152,10 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             "a larger one could never reach the function")
     if values.get("cpu_backend") == "lambda" and not values.get("cpu_function_name"):
         raise ConfigurationError("CPU_BACKEND=lambda needs CPU_FUNCTION_NAME (the CpuInferenceFunction's name)")
+    if values.get("gpu_backend") == "sagemaker" and not values.get("sagemaker_endpoint_name"):
+        raise ConfigurationError("GPU_BACKEND=sagemaker needs SAGEMAKER_ENDPOINT_NAME (the SageMaker endpoint's name)")
+    if values.get("gpu_backend") == "triton" and not values.get("triton_url"):
+        raise ConfigurationError("GPU_BACKEND=triton needs TRITON_URL (host:port of the Triton server)")
     known = {f.name for f in fields(Settings)}
     assert set(values) <= known
     return Settings(**values)

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "tierserve.local.models_cli",
     "edge": "tierserve.local.greengrass",  # tierserve.edge.cli's run flags, plus `package`
     "bench": "benchmarks.cli",  # the repository's benchmarks/ (installed with the project, editable)
+    "sagemaker-package": "tierserve_compiler.sagemaker",
 }
 
 

@@ -10,6 +10,11 @@
   through ``AWS_ENDPOINT_URL_LAMBDA``, the same code path as in AWS.
 * **Triton**: the real ``tritonserver`` from the nvidia-pytriton wheel over ``MODELS/triton``
   (converted for the local Python backend by ``tierserve.local.triton``), when both exist.
+* **GPU tier as SageMaker** (``gpu_tier="sagemaker"``, ``--gpu-tier sagemaker``): the GPU model's
+  Triton container (the same tritonserver with its SageMaker front end, one single-model endpoint)
+  behind a local SageMaker Runtime ``InvokeEndpoint`` (``tierserve.local.sagemaker``) on its own
+  port; the router and batch functions use the ``sagemaker`` backend through
+  ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``, the same code path as in AWS.
 * **S3** (optional, ``--s3``): a ``moto_server``; the models folder is uploaded to a bucket and
   every function reads ``MODEL_STORE_URI=s3://...``. With batch (the default), the batch queues
   are created, S3 notifications wired (``tierserve.local.batch``), and a poller feeds
@@ -79,6 +84,9 @@ class LocalStack:
             (Lambda's concurrency: each one invocation at a time, so throughput scales with them).
         auth: "iam" = the API verifies SigV4 signatures made with the local credentials (403 otherwise),
             as the deployed API does; "none" (default) = no authorization, for plain tritonclient.
+        gpu_tier: "triton" (the router calls Triton's KServe API) or "sagemaker" (InvokeEndpoint on a
+            local SageMaker endpoint running the same Triton); ``sagemaker_model`` names the endpoint's
+            model (default: the only, or first, GPU model).
     """
 
     def __init__(self, models: Path | str = Path("build/models"), port: int = 3000, host: str = "127.0.0.1",
@@ -86,7 +94,10 @@ class LocalStack:
                  workdir: Path | None = None, env_overrides: dict[str, dict[str, str]] | None = None, *,
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
                  router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none",
-                 invoke_port: int = 0, router_workers: int = 4) -> None:
+                 invoke_port: int = 0, router_workers: int = 4, gpu_tier: str = "triton",
+                 sagemaker_model: str | None = None) -> None:
+        if gpu_tier not in ("triton", "sagemaker"):
+            raise ConfigurationError(f"gpu_tier must be 'triton' or 'sagemaker', not {gpu_tier!r}")
         self.models = Path(models).resolve()
         self.host, self.port = host, port
         self.triton_option = triton
@@ -107,6 +118,10 @@ class LocalStack:
         self.auth = auth
         self.invoke_port = invoke_port
         self.triton: Any = None
+        self.gpu_tier = gpu_tier
+        self.sagemaker_model = sagemaker_model
+        self.sagemaker: Any = None  # the local SageMaker Runtime (gpu_tier="sagemaker")
+        self.endpoint_model = ""  # "name/version" the local endpoint serves
         self.moto: Any = None
         self.lambda_endpoint: LambdaEndpoint | None = None
         self.api: ApiGatewayServer | None = None
@@ -197,10 +212,16 @@ class LocalStack:
         env = {
             "MODEL_STORE_URI": self.model_store_uri,
             "MODEL_CACHE_DIR": str(self.workdir / "cache" / logical_id),
-            "TRITON_URL": self.triton.http_url if self.triton is not None else "",
+            "TRITON_URL": self.triton.http_url if self.triton is not None and self.sagemaker is None else "",
             "TRITON_PROTOCOL": "http",
             "POWERTOOLS_TRACE_DISABLED": "true",
         }
+        if self.sagemaker is not None:
+            from tierserve.local.sagemaker import ENDPOINT_NAME
+
+            env.update({"GPU_BACKEND": "sagemaker", "SAGEMAKER_ENDPOINT_NAME": ENDPOINT_NAME,
+                        "SAGEMAKER_MODEL": self.endpoint_model,
+                        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": self.sagemaker.url, **_AWS_LOCAL})
         if logical_id == ROUTER:
             env.update({"CPU_BACKEND": "lambda", "CPU_FUNCTION_NAME": CPU, "AWS_ENDPOINT_URL_LAMBDA": self.invoke_url,
                         **_AWS_LOCAL})
@@ -293,10 +314,34 @@ class LocalStack:
             return
         repo_dir = self.workdir / "triton-repo"
         shutil.rmtree(repo_dir, ignore_errors=True)
+        if self.gpu_tier == "sagemaker":
+            self._start_sagemaker(prod, repo_dir)
+            return
         repo = build_local_repository(prod, repo_dir)
         self.triton = TritonServer(repo, log_path=self.workdir / "triton.log", extra_args=TRITON_EXPLICIT).start()
         self._own_triton = True
         self.notes.append(f"gpu: triton {self.triton.http_url}")
+
+    def _start_sagemaker(self, prod: Path, repo_dir: Path) -> None:
+        """One single-model endpoint: the GPU model's container (tritonserver with its SageMaker front end,
+        serving the repository its model.tar.gz holds) behind a local InvokeEndpoint."""
+        from tierserve.local.sagemaker import (
+            ENDPOINT_NAME,
+            LocalEndpoint,
+            SageMakerRuntime,
+            endpoint_repository,
+            triton_container,
+        )
+
+        repo, name, version, others = endpoint_repository(self.models, prod, repo_dir, self.sagemaker_model)
+        server, container_url = triton_container(repo, name, log_path=self.workdir / "triton.log")
+        self.triton = server.start()
+        self._own_triton = True
+        self.endpoint_model = f"{name}/{version}"
+        self.sagemaker = SageMakerRuntime([LocalEndpoint(ENDPOINT_NAME, container_url, name)], host=self.host).start()
+        extra = f"; {', '.join(others)} not on it (CPU fallback)" if others else ""
+        self.notes.append(f"gpu: sagemaker endpoint {ENDPOINT_NAME} ({name} v{version}) at {self.sagemaker.url} "
+                          f"-> triton {container_url}{extra}")
 
     def client(self, service: str) -> Any:
         """A boto3 client for the stack's moto_server."""
@@ -371,8 +416,8 @@ class LocalStack:
         Every step runs even when an earlier one fails, so a failure never leaves orphans."""
         self._stop.set()
         errors: list[BaseException] = []
-        for step in (self._stop_api, self._stop_ops, self._stop_pollers, self._stop_functions, self._stop_triton,
-                     self._stop_moto, self._restore_env):
+        for step in (self._stop_api, self._stop_ops, self._stop_pollers, self._stop_functions, self._stop_sagemaker,
+                     self._stop_triton, self._stop_moto, self._restore_env):
             try:
                 step()
             except Exception as exc:  # keep stopping the rest
@@ -401,6 +446,11 @@ class LocalStack:
         endpoint, self.lambda_endpoint = self.lambda_endpoint, None
         if endpoint is not None:
             endpoint.stop()
+
+    def _stop_sagemaker(self) -> None:
+        runtime, self.sagemaker = self.sagemaker, None
+        if runtime is not None:
+            runtime.stop()
 
     def _stop_triton(self) -> None:
         if self.triton is not None and self._own_triton:
@@ -455,6 +505,11 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output folder")
     p.add_argument("--no-triton", action="store_true", help="no GPU tier")
+    p.add_argument("--gpu-tier", choices=("triton", "sagemaker"), default="triton",
+                   help="how the router reaches the local Triton: its KServe API (as GpuTier=url), or InvokeEndpoint "
+                        "on a local SageMaker endpoint running it (as GpuTier=sagemaker)")
+    p.add_argument("--sagemaker-model", default=None, help="the GPU model the local endpoint serves (default: the "
+                                                          "only or first GPU model)")
     p.add_argument("--no-s3", action="store_true",
                    help="read models from the folder; no batch (moto_server still serves CloudWatch and DynamoDB)")
     p.add_argument("--no-batch", action="store_true", help="no BatchInferenceFunction or queue pollers")
@@ -492,7 +547,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
                        batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
                        env=extra, env_vars=args.env_vars,
                        router_inprocess=not (args.router_worker or args.router_workers), auth=args.auth,
-                       invoke_port=_invoke_port(args), router_workers=args.router_workers or 4)
+                       invoke_port=_invoke_port(args), router_workers=args.router_workers or 4,
+                       gpu_tier=args.gpu_tier, sagemaker_model=args.sagemaker_model)
     try:
         stack.start()
         print(stack.describe(), flush=True)

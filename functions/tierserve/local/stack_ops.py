@@ -44,7 +44,9 @@ class StackOps:
         stack = self.stack
         cloudwatch = stack.client("cloudwatch") if stack.moto is not None else None
         self.bridge = EmfBridge([stack.workdir / f"{fn}.log" for fn in FUNCTIONS], self.registry, cloudwatch).start()
-        if stack.triton is not None and stack._own_triton:
+        # A SageMaker endpoint serves the model.tar.gz it was deployed with (a new version is a new endpoint
+        # config), so the local endpoint's Triton is never synced with the store.
+        if stack.triton is not None and stack._own_triton and getattr(stack, "sagemaker", None) is None:
             from tierserve.lifecycle.objects import open_objects
             from tierserve.local.triton_sync import TritonSync
 

@@ -261,6 +261,7 @@ class TritonServer:
         exit_timeout_s: int = 5,
         log_verbose: int = 0,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -276,6 +277,7 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})  # e.g. SAGEMAKER_TRITON_DEFAULT_MODEL_NAME, as NVIDIA's SageMaker image sets it
         self.startup_s: float | None = None  # seconds the last start() took to become ready
         self._proc: subprocess.Popen | None = None
         self._lock = threading.RLock()
@@ -328,7 +330,7 @@ class TritonServer:
                 return self
             root = pytriton_dir()
             cmd = self.command()
-            env = dict(os.environ, LD_LIBRARY_PATH=_library_path(root))
+            env = dict(os.environ, **self.env, LD_LIBRARY_PATH=_library_path(root))
             t0 = time.monotonic()
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(

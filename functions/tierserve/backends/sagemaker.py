@@ -1,0 +1,299 @@
+"""The GPU tier as a SageMaker real-time endpoint running NVIDIA's Triton container.
+
+Why SageMaker: it deploys, scales, patches and authenticates the GPU fleet, so the router needs no
+VPC route to a server of its own and Triton is never exposed. The router reaches it with
+``InvokeEndpoint`` (boto3 ``sagemaker-runtime``, SigV4-signed with the function's role); locally the
+same code path points at ``tierserve serve``'s emulation through ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``.
+
+The payload is Triton's own. Triton's SageMaker front end (``/invocations`` in the container) takes
+the Open Inference Protocol body unchanged: JSON (``application/json``), or JSON plus binary tensors,
+where the header's length travels in the content type because SageMaker strips custom headers:
+``application/vnd.sagemaker-triton.binary+json;json-header-size=N``. The reply uses the same two
+content types. So a client's body is forwarded as it came (no tensor is decoded by the router),
+unless its batch exceeds the model's ``max_batch_size``: then it is split along dim 0 with the Triton
+backend's helpers, sent as binary parts concurrently, and the outputs concatenated in order.
+
+Endpoints: a single-model endpoint serves the one model in its ``model.tar.gz``
+(``SAGEMAKER_TRITON_DEFAULT_MODEL_NAME``; ``SAGEMAKER_MODEL`` tells the router which one, so that
+other models fall back without a failed call); a multi-model endpoint serves any archive under its
+S3 prefix, named per request by ``TargetModel`` (``SAGEMAKER_TARGET_MODEL``, e.g.
+``{name}-{version}.tar.gz``).
+
+Errors, mapped like the Triton backend's, with input errors kept apart from tier failures:
+
+* ``ModelError`` (424): the container answered non-2xx. Triton's SageMaker front end answers 400 for
+  every failed inference (it does not pass Triton's own error code on), so the container's message
+  decides: a request Triton refused while checking it (shape, datatype, batch size, unknown input,
+  onnxruntime's INVALID_ARGUMENT) is the client's (``InvalidRequestError``, never a breaker failure);
+  a model that is not loaded is ``BackendUnavailableError``; a timeout is ``BackendTimeoutError``;
+  anything else (out of memory: 507, a CUDA fault) is ``InferenceError``, a tier failure.
+* ``ModelNotReadyException`` (429), ``ServiceUnavailable`` (503), throttling, an unknown endpoint,
+  connection errors: ``BackendUnavailableError``; a read timeout: ``BackendTimeoutError``;
+  ``InternalFailure`` and the rest: ``InferenceError``.
+
+Timeouts: the request's remaining deadline, rounded down to one of ``TIMEOUT_BUCKETS_S`` (boto3
+clients fix their read timeout at construction; one client per bucket, shared by threads). No
+automatic retries: an InvokeEndpoint may have run. SageMaker itself gives a container 60 s.
+
+Health: SageMaker has no data-plane health call (``DescribeEndpoint`` is a control-plane API with low
+rate limits), so ``ready()`` answers from configuration; the shared breaker carries the tier's
+health, opened by failed calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any
+
+from tierserve.calls import InferenceCall, Reply
+from tierserve.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigurationError,
+    InferenceError,
+    InvalidRequestError,
+    TierserveError,
+)
+from tierserve.manifest import ModelVersion
+from tierserve.types import InferRequest, InferResponse
+
+#: The content type of a body whose JSON header is followed by binary tensors (Triton's SageMaker front end).
+BINARY_CONTENT_TYPE = "application/vnd.sagemaker-triton.binary+json;json-header-size="
+JSON_CONTENT_TYPE = "application/json"
+#: Read timeouts (s) the clients are built with; a call's budget is rounded down to one of them.
+TIMEOUT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+#: InvokeEndpoint's request payload limit.
+MAX_REQUEST_BYTES = 6 * 1024 * 1024
+
+#: What Triton says when it refuses a request while checking it (core request validation, the
+#: HTTP front end's parser, onnxruntime's INVALID_ARGUMENT): the client's error, not the tier's.
+_INPUT_HINTS = (
+    "unexpected shape", "unexpected datatype", "data-type is", "unexpected inference input",
+    "unexpected inference output", "unexpected additional input", "inputs but got", "batch-size must be",
+    "byte size", "unable to parse", "failed to parse", "json parse error", "missing 'datatype'",
+    "missing 'shape'", "invalid argument", "invalid_argument", "invalidargument", "onnx runtime error 2:",
+    "out of data bounds",
+)
+_UNAVAILABLE_HINTS = ("unknown model", "is not found", "not ready", "unavailable", "is not loaded", "no model")
+_TIMEOUT_HINTS = ("timed out", "deadline exceeded")
+#: AWS error codes of InvokeEndpoint (and the service in front of it) that mean "the tier cannot serve now".
+_UNAVAILABLE_CODES = {
+    "ModelNotReadyException", "ServiceUnavailable", "ServiceUnavailableException", "ThrottlingException",
+    "Throttling", "TooManyRequestsException", "InternalDependencyException", "EndpointConnectionError",
+}  # fmt: skip
+
+
+def _bucket(timeout_s: float) -> float:
+    below = [b for b in TIMEOUT_BUCKETS_S if b <= timeout_s]
+    return below[-1] if below else TIMEOUT_BUCKETS_S[0]
+
+
+def content_type(header_length: int | None) -> str:
+    """The InvokeEndpoint content type for a protocol body (JSON, or header + binary tensors)."""
+    return JSON_CONTENT_TYPE if header_length is None else f"{BINARY_CONTENT_TYPE}{header_length}"
+
+
+def header_length_of(content_type_value: str | None) -> int | None:
+    """The JSON header's length from a Triton-on-SageMaker content type (None: the body is JSON)."""
+    value = (content_type_value or "").strip()
+    if not value.startswith(BINARY_CONTENT_TYPE):
+        return None
+    raw = value[len(BINARY_CONTENT_TYPE):].split(";", 1)[0].strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise InferenceError(f"the endpoint answered an unreadable content type {value!r}") from None
+
+
+def classify_container_error(status: int, message: str, what: str) -> TierserveError:
+    """The error for a container's non-2xx answer (ModelError's OriginalStatusCode and OriginalMessage)."""
+    text = _container_message(message)
+    low = text.lower()
+    if status == 507 or "out of memory" in low:
+        return InferenceError(f"the GPU endpoint ran out of memory for {what}: {text}")
+    if status in (0, 408, 504) or any(h in low for h in _TIMEOUT_HINTS):
+        return BackendTimeoutError(f"the GPU endpoint did not answer {what} in time: {text}")
+    if any(h in low for h in _UNAVAILABLE_HINTS) or status in (404, 502, 503):
+        return BackendUnavailableError(f"the GPU endpoint cannot serve {what}: {text}")
+    if 400 <= status < 500 and any(h in low for h in _INPUT_HINTS):
+        return InvalidRequestError(f"the GPU tier rejected {what}: {text}")
+    return InferenceError(f"the GPU endpoint failed to run {what}: {text}")
+
+
+def _container_message(message: str) -> str:
+    """Triton answers ``{"error": "..."}``; SageMaker may hand it over as text. The error's text either way."""
+    import json
+
+    try:
+        obj = json.loads(message)
+    except (TypeError, ValueError):
+        return str(message)
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return obj["error"]
+    return str(message)
+
+
+def map_client_error(exc: BaseException, what: str) -> TierserveError:
+    """A botocore exception from InvokeEndpoint as a tierserve error (nothing from botocore leaks)."""
+    if isinstance(exc, TierserveError):
+        return exc
+    name = type(exc).__name__
+    if name in ("ReadTimeoutError", "ReadTimeout", "ConnectTimeoutError") or isinstance(exc, TimeoutError):
+        return BackendTimeoutError(f"the GPU endpoint did not answer {what} in time ({name})")
+    if name in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError") or isinstance(
+            exc, ConnectionError):
+        return BackendUnavailableError(f"the GPU endpoint is unreachable for {what} ({name}: {exc})")
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return InferenceError(f"InvokeEndpoint for {what} failed ({name}: {exc})")
+    err = response.get("Error") or {}
+    code = str(err.get("Code") or "")
+    message = str(err.get("Message") or exc)
+    if code == "ModelError":
+        original = response.get("OriginalStatusCode", err.get("OriginalStatusCode"))
+        try:
+            status = int(original) if original is not None else 0
+        except (TypeError, ValueError):
+            status = 0
+        original_message = response.get("OriginalMessage") or err.get("OriginalMessage") or message
+        return classify_container_error(status, str(original_message), what)
+    if code in _UNAVAILABLE_CODES:
+        return BackendUnavailableError(f"the GPU endpoint cannot serve {what} now ({code}: {message})")
+    if code == "ValidationError" and ("not found" in message.lower() or "endpoint" in message.lower()):
+        return BackendUnavailableError(
+            f"InvokeEndpoint refused {what} ({message}); check SAGEMAKER_ENDPOINT_NAME and that the endpoint is "
+            "InService")
+    return InferenceError(f"InvokeEndpoint for {what} failed ({code or name}: {message})")
+
+
+class SageMakerBackend:
+    """A Backend that sends Triton payloads to a SageMaker endpoint (see the module docstring)."""
+
+    tier = "gpu"
+
+    def __init__(self, endpoint_name: str, *, model: str = "", target_model: str = "", timeout_s: float = 10.0,
+                 client: Any = None) -> None:
+        if not endpoint_name:
+            raise ConfigurationError("GPU_BACKEND=sagemaker needs SAGEMAKER_ENDPOINT_NAME (the endpoint's name)")
+        if timeout_s <= 0:
+            raise ConfigurationError(f"the GPU tier's timeout must be positive, not {timeout_s!r}")
+        if target_model:
+            try:
+                target_model.format(name="m", version="1")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"SAGEMAKER_TARGET_MODEL={target_model!r} may use only {{name}} and {{version}}: {exc}") from None
+        self.endpoint_name = endpoint_name
+        self.model = model
+        self.target_model = target_model
+        self.timeout_s = float(timeout_s)
+        self._client = client  # injected (tests): used for every timeout
+        self._clients: dict[float, Any] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SageMakerBackend({self.endpoint_name!r}, model={self.model!r}, target_model={self.target_model!r})"
+
+    def client(self, timeout_s: float) -> Any:
+        """A ``sagemaker-runtime`` client whose read timeout fits ``timeout_s`` (one per bucket, thread-safe)."""
+        if self._client is not None:
+            return self._client
+        bucket = _bucket(timeout_s)
+        client = self._clients.get(bucket)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(bucket)
+                if client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    # No automatic retries: a retried InvokeEndpoint could run the same request twice.
+                    cfg = Config(read_timeout=bucket, connect_timeout=min(2.0, bucket),
+                                 retries={"total_max_attempts": 1, "mode": "standard"},
+                                 max_pool_connections=32)
+                    client = self._clients[bucket] = boto3.client("sagemaker-runtime", config=cfg)
+        return client
+
+    def serves(self, model: ModelVersion) -> bool:
+        """Whether this endpoint holds ``model``: a single-model endpoint holds only ``SAGEMAKER_MODEL``
+        (``name`` or ``name/version``); a multi-model endpoint (or no ``SAGEMAKER_MODEL``) holds any."""
+        if not model.serves_gpu:
+            return False
+        if not self.model:
+            return True
+        name, _, version = self.model.partition("/")
+        return name == model.name and (not version or version == model.version)
+
+    def ready(self, model: ModelVersion | None = None) -> bool:
+        """From configuration only (see the module docstring); never raises, never calls AWS."""
+        return model is None or self.serves(model)
+
+    # --- Backend ---------------------------------------------------------------------------------
+
+    def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
+        what = f"model {model.name!r} version {model.version!r}"
+        if not self.serves(model):
+            raise BackendUnavailableError(
+                f"endpoint {self.endpoint_name!r} serves model {self.model!r}, not {model.name!r} v{model.version}")
+        timeout = self.timeout_s if timeout_s is None else min(float(timeout_s), self.timeout_s)
+        if timeout <= 0:
+            raise BackendTimeoutError("no time left in the request's budget to call the GPU endpoint")
+        limit = model.max_batch_size
+        if limit <= 0 or call.rows <= limit or not all(t.shape for t in call.inputs):
+            body = call.body()
+            data = bytes(_view(body.data))
+            return Reply(self._invoke(model, data, body.header_length, timeout, what))
+        from tierserve.backends.triton import _concat_responses, _slice_request, _split_pool
+
+        request = call.request()
+        parts = [_binary_outputs(_slice_request(request, start, min(start + limit, request.rows)))
+                 for start in range(0, request.rows, limit)]
+        futures = [_split_pool().submit(self._invoke_request, model, part, timeout, what) for part in parts]
+        return Reply(_concat_responses([f.result() for f in futures]))
+
+    def _invoke_request(self, model: ModelVersion, request: InferRequest, timeout: float, what: str) -> InferResponse:
+        from tierserve.codec import encode_request
+
+        data, header_length = encode_request(request, binary=True)
+        return self._invoke(model, data, header_length, timeout, what)
+
+    def _invoke(self, model: ModelVersion, data: bytes, header_length: int | None, timeout: float,
+                what: str) -> InferResponse:
+        if len(data) > MAX_REQUEST_BYTES:
+            raise InvalidRequestError(
+                f"the request for {what} is {len(data)} bytes, over InvokeEndpoint's 6 MB limit; send fewer rows")
+        kwargs: dict[str, Any] = {"EndpointName": self.endpoint_name, "Body": data,
+                                  "ContentType": content_type(header_length), "Accept": JSON_CONTENT_TYPE}
+        if self.target_model:
+            kwargs["TargetModel"] = self.target_model.format(name=model.name, version=model.version)
+        try:
+            out = self.client(timeout).invoke_endpoint(**kwargs)
+            raw = out["Body"].read()
+        except Exception as exc:
+            raise map_client_error(exc, what) from None
+        try:
+            from tierserve.codec import decode_response
+
+            response = decode_response(raw, header_length_of(out.get("ContentType")))
+        except TierserveError as exc:
+            raise InferenceError(f"cannot read the GPU endpoint's answer for {what}: {exc.message}") from None
+        # A multi-model endpoint names the model after its archive; a single-model one by its own name.
+        served = (response.model_name or model.name, str(response.model_version or model.version))
+        if not self.target_model and served != (model.name, model.version):
+            raise InferenceError(
+                f"endpoint {self.endpoint_name!r} answered with model {served[0]!r} v{served[1]}, not "
+                f"{model.name!r} v{model.version}: set SAGEMAKER_MODEL to the name/version its model.tar.gz holds")
+        return response
+
+
+def _view(data: Any) -> memoryview:
+    from tierserve.wire import body_view
+
+    return body_view(data)
+
+
+def _binary_outputs(request: InferRequest) -> InferRequest:
+    """The same request asking for every output as binary data (parts are decoded, never shown to a client)."""
+    request.outputs = [replace(o, binary_data=True) for o in request.outputs]
+    return request
