@@ -6,11 +6,16 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 MODELS ?= build/models
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# The template linters (SAM CLI, cfn-lint, checkov) in a virtualenv of their own: they pin boto3, urllib3,
+# packaging and click to versions that tritonclient and pytest cannot share.
+TOOLS := .venv-tools
+LINT_TOOLS := aws-sam-cli==1.170.0 cfn-lint==1.58.0 checkov==3.2.459
+LINT_STAMP := $(TOOLS)/.installed-$(shell echo "$(LINT_TOOLS)" | sha256sum | cut -c1-12)
 export SAM_CLI_TELEMETRY := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
+.PHONY: help install lint-tools test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
         compile-minilm invoke serve triton bench validate build package events clean template-lint \
         test-hardening
 
@@ -28,7 +33,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with every extra
 
-test: $(STAMP) ## run the whole test suite (unit, functional, integration)
+$(LINT_STAMP):
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS)/bin/python -m pip install -q $(LINT_TOOLS)
+	rm -f $(TOOLS)/.installed-* && touch $@
+
+lint-tools: $(LINT_STAMP) ## sam, cfn-lint and checkov in .venv-tools (the template tests use them)
+
+test: $(STAMP) $(LINT_STAMP) ## run the whole test suite (unit, functional, integration)
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP) ## unit tests only
@@ -72,24 +85,17 @@ triton: $(STAMP) ## the real local tritonserver over $(MODELS)/triton
 bench: $(STAMP) ## tierserve bench: every suite -> bench/results/latest.{json,md} (QUICK=1 for --quick)
 	$(BIN)/tierserve bench --models $(MODELS) $(if $(QUICK),--quick,)
 
-# checkov lives in a venv of its own: it pins boto3==1.35.49 and packaging<24, which the project's (and
-# pytest's) dependencies do not allow.
-TOOLS := .venv-tools
-$(TOOLS)/bin/checkov:
-	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/python -m pip install -q checkov
-
-template-lint: $(STAMP) $(TOOLS)/bin/checkov ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
+template-lint: $(STAMP) $(LINT_STAMP) ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
 	$(TOOLS)/bin/checkov -f template.yaml --compact --quiet --skip-download
-	$(BIN)/cfn-lint template.yaml
+	$(TOOLS)/bin/cfn-lint template.yaml
 
-test-hardening: $(STAMP) $(TOOLS)/bin/checkov ## the full hardening suite (issue 8): fuzz 2,000+, faults, 10,000 invocations; figures in build/
+test-hardening: $(STAMP) $(LINT_STAMP) ## the full hardening suite (issue 8): fuzz 2,000+, faults, 10,000 invocations; figures in build/
 	mkdir -p build
 	TIERSERVE_HARDENING=full TIERSERVE_HARDENING_FIGURES=build/hardening-figures.json \
 	  $(PY) -m pytest -q tests/hardening tests/unit/test_template_security.py
 
-validate: ## sam validate --lint (needs the SAM CLI: pip install aws-sam-cli)
-	sam validate --lint
+validate: $(LINT_STAMP) ## sam validate --lint on template.yaml (tests lint a rendering of each GpuTier with all three)
+	$(TOOLS)/bin/sam validate --lint --region us-east-1
 
 build: ## sam build: arm64 / Python 3.12 wheels through functions/Makefile
 	sam build
