@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "edge": "tierserve.local.greengrass",  # tierserve.edge.cli's run flags, plus `package`
     "bench": "benchmarks.cli",  # the repository's benchmarks/ (installed with the project, editable)
     "sagemaker-package": "tierserve_compiler.sagemaker",
+    "artifact-invoke": "tierserve.local.artifact",
 }
 
 

@@ -67,7 +67,9 @@ def _resolve(value: Any, params: dict[str, str]) -> str:
 
 
 def function_spec(template: dict[str, Any], logical_id: str, template_dir: Path,
-                  env_overrides: dict[str, Any] | None = None) -> FunctionSpec:
+                  env_overrides: dict[str, Any] | None = None, only_declared: bool = False) -> FunctionSpec:
+    """A function as `sam local invoke` sees it. ``only_declared``: as SAM itself does, the env-vars file
+    overrides only variables the template declares for the function (tierserve's own runs add others)."""
     resources = template.get("Resources") or {}
     res = resources.get(logical_id)
     functions = sorted(k for k, v in resources.items() if v.get("Type") == "AWS::Serverless::Function")
@@ -84,7 +86,7 @@ def function_spec(template: dict[str, Any], logical_id: str, template_dir: Path,
     # SAM's --env-vars format: {"Parameters": {...all functions...}, "<LogicalId>": {...}}
     for scope in ("Parameters", logical_id):
         for k, v in (overrides.get(scope) or {}).items():
-            if scope == "Parameters" and k not in env:
+            if (scope == "Parameters" or only_declared) and k not in env:
                 continue
             env[k] = str(v)
     return FunctionSpec(
