@@ -132,15 +132,17 @@ def package(models: Path | str, name: str, version: str | None = None, out_dir: 
                            "recompile it with --target gpu or --target both to serve it from SageMaker")
     src = models / "triton" / name
     vdir = src / version
-    if not (src / "config.pbtxt").is_file() or not (vdir / "model.onnx").is_file():
-        raise PackageError(f"{src}/config.pbtxt or {vdir}/model.onnx is missing; recompile {name} v{version}")
+    # The version's own config (the compiler keeps one beside its files); else the model's, from older compilers.
+    own = vdir / "config.pbtxt" if (vdir / "config.pbtxt").is_file() else src / "config.pbtxt"
+    if not own.is_file() or not (vdir / "model.onnx").is_file():
+        raise PackageError(f"{own} or {vdir}/model.onnx is missing; recompile {name} v{version}")
     variant = _gpu_variant(models, name, version, vdir / "model.onnx")
-    config = production_config((src / "config.pbtxt").read_text(), version, fp16=variant == "fp16")
+    config = production_config(own.read_text(), version, fp16=variant == "fp16")
     out = Path(out_dir) if out_dir is not None else models / SAGEMAKER_DIR
     out.mkdir(parents=True, exist_ok=True)
     dest = out / archive_name(name, version)
     members: list[tuple[str, bytes | Path]] = [(f"{name}/config.pbtxt", config.encode())]
-    for f in sorted(p for p in vdir.rglob("*") if p.is_file()):
+    for f in sorted(p for p in vdir.rglob("*") if p.is_file() and p != vdir / "config.pbtxt"):
         if f.is_symlink():
             raise PackageError(f"{f} is a symbolic link; refusing to package it")
         members.append((f"{name}/{version}/{f.relative_to(vdir).as_posix()}", f))

@@ -9,7 +9,9 @@ of the store never sees a version whose files are not all there:
    there, so republishing, or publishing a version that shares a variant with an older one, uploads nothing
    twice; the manifest entry it commits points at these keys. When the store IS the compiler's folder, the
    files are already in place and are not copied;
-3. uploads the Triton repository of a GPU-placed version, ``triton/NAME/VERSION/`` with its own config;
+3. uploads the Triton repository of a GPU-placed version, ``triton/NAME/VERSION/`` with its own config, and its
+   SageMaker archive, ``sagemaker/NAME-VERSION.tar.gz`` (``tierserve_compiler.sagemaker``: what a SageMaker
+   endpoint running Triton's container serves; template.yaml's ``GpuModelDataUrl``);
 4. commits the manifest entry (``Registry.publish``: If-Match, re-read and merge on 412), then rewrites
    ``triton/NAME/config.pbtxt`` to list the published GPU versions (``sync_triton_config``).
 
@@ -113,6 +115,8 @@ def publish_version(version_dir: Path, objects: ObjectStore, registry: Registry,
         stored = dataclasses.replace(mv, variants=variants)
         if mv.serves_gpu:
             result.triton = _upload_triton(root, objects, mv, result)
+    if mv.serves_gpu:
+        result.notes.append(_sagemaker_archive(root, objects, mv, result))
     result.record = registry.publish(stored, promote=promote, canary=canary, why=why)
     if mv.serves_gpu:
         result.notes += sync_triton_config(objects, registry, mv.name)
@@ -133,6 +137,18 @@ def _upload_triton(root: Path, objects: ObjectStore, mv: ModelVersion, result: P
         _upload(objects, path, key, sha256_file(path), result)
         keys.append(key)
     return keys
+
+
+def _sagemaker_archive(root: Path, objects: ObjectStore, mv: ModelVersion, result: PublishResult) -> str:
+    """Package the version for SageMaker (into the compiler's folder) and upload it beside the Triton repository."""
+    from tierserve_compiler.sagemaker import SAGEMAKER_DIR, package
+
+    pkg = package(root, mv.name, mv.version)
+    key = f"{SAGEMAKER_DIR}/{pkg.path.name}"
+    if not _same_folder(objects, root):
+        _upload(objects, pkg.path, key, pkg.sha256, result)
+    return (f"SageMaker model data ({pkg.variant} variant): {objects.uri.rstrip('/')}/{key} "
+            f"(GpuTier=sagemaker: GpuModelDataUrl, GpuModelName={mv.name}, GpuModelVersion={mv.version})")
 
 
 def sync_triton_config(objects: ObjectStore, registry: Registry, name: str, attempts: int = 20) -> list[str]:

@@ -91,3 +91,18 @@ def test_a_repository_that_matches_no_manifest_variant_is_refused(tmp_path):
     (tmp_path / "models" / "triton" / "lin" / "3" / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(PackageError, match="matches no variant"):
         package(tmp_path / "models", "lin")
+
+
+def test_the_versions_own_config_is_the_base_and_stays_out_of_the_version_folder(tmp_path):
+    # Given the compiler's layout since lifecycle: triton/NAME/VERSION/config.pbtxt beside the model
+    from tierserve_compiler.triton import config_pbtxt
+
+    _store(tmp_path / "models")
+    vdir = tmp_path / "models" / "triton" / "lin" / "3"
+    (vdir / "config.pbtxt").write_text(config_pbtxt("lin", [X_SPEC], [Y_SPEC], 8))
+    # When it is packaged
+    pkg = package(tmp_path / "models", "lin")
+    # Then that version's signature (max_batch_size 8) is what the archive serves, and the file is not copied twice
+    assert _parse(pkg.config).max_batch_size == 8
+    with tarfile.open(pkg.path) as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == ["lin/3/model.onnx", "lin/config.pbtxt"]

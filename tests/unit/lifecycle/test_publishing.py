@@ -81,3 +81,21 @@ def test_a_gpu_version_with_another_signature_is_refused_before_it_is_listed(tmp
     with pytest.raises(LifecycleError, match="one Triton config"):
         publish_version(build / "g" / "2", objects, reg)
     assert sorted(reg.entry("g").listed()) == ["1"]
+
+
+def test_a_gpu_version_is_published_as_its_sagemaker_archive_too(tmp_path, store):
+    # Given a GPU-placed version
+    import tarfile
+
+    objects, reg = store
+    compiled(tmp_path / "build", "g", "1", gpu=True)
+    # When it is published
+    result = publish_version(tmp_path / "build" / "g" / "1", objects, reg)
+    # Then sagemaker/g-1.tar.gz is in the store (GpuModelDataUrl), holding g/config.pbtxt and g/1/model.onnx
+    archive = tmp_path / "store" / "sagemaker" / "g-1.tar.gz"
+    assert "sagemaker/g-1.tar.gz" in result.uploaded
+    assert any("GpuModelDataUrl" in n and n.endswith("GpuModelVersion=1)") for n in result.notes)
+    with tarfile.open(archive) as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == ["g/1/model.onnx", "g/config.pbtxt"]
+    # And publishing it again uploads nothing new
+    assert "sagemaker/g-1.tar.gz" in publish_version(tmp_path / "build" / "g" / "1", objects, reg).skipped
