@@ -65,8 +65,9 @@ class Runtime:
 def build_cpu_backend(settings: Settings, store: ModelStore) -> Backend:
     if settings.cpu_backend == "lambda":
         from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+        from tierserve.memory_classes import parse_functions
 
-        return LambdaInvokeBackend(settings.cpu_function_name)
+        return LambdaInvokeBackend(settings.cpu_function_name, functions=parse_functions(settings.cpu_functions))
     from tierserve.backends.onnx import OnnxBackend
 
     return OnnxBackend(store, settings.intra_op_threads)
@@ -122,6 +123,47 @@ def set_runtime(runtime: Runtime | None) -> None:
     """Install a runtime built elsewhere (tests, benchmarks, the local emulator)."""
     global _runtime
     _runtime = runtime
+
+
+def preload_models(runtime: Runtime | None = None) -> list[str]:
+    """Load the models ``PRELOAD_MODELS`` names into this CPU function's sessions, during init.
+
+    Why: with provisioned concurrency or SnapStart, init runs before any request (and, with SnapStart,
+    once per published version, then restored from its snapshot), so a model fetched from S3, verified
+    and loaded there costs no request anything. ``class`` picks the models of this function's memory
+    class (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``). A model that fails to load is logged and skipped: it
+    loads (or reports its error) on first use, as without preloading. Returns "NAME/VERSION" loaded."""
+    if runtime is None and not get_settings().preload_models.strip():
+        return []  # the usual case: no runtime is built at import time
+    runtime = runtime or get_runtime()
+    wanted = runtime.settings.preload_models.strip()
+    session = getattr(runtime.dispatcher.cpu, "session", None)
+    if not wanted or session is None:
+        return []
+    from tierserve.memory_classes import class_for, model_class
+    from tierserve.observability import logger
+
+    manifest = runtime.store.manifest()
+    names = set(manifest.models) if wanted == "class" else {n.strip() for n in wanted.split(",") if n.strip()}
+    mine = class_for(runtime.settings.memory_mb) if runtime.settings.memory_mb <= 10240 else 10240
+    loaded = []
+    for name in sorted(names):
+        entry = manifest.models.get(name)
+        if entry is None:
+            logger.warning("PRELOAD_MODELS names an unknown model", extra={"model": name})
+            continue
+        versions = {entry.default_version, *([str(entry.canary["version"])] if entry.canary else [])}
+        for version in sorted(versions):
+            mv = entry.versions[version]
+            if not mv.serves_cpu or (wanted == "class" and model_class(mv) != mine):
+                continue
+            try:
+                session(mv)
+                loaded.append(f"{name}/{version}")
+            except Exception as exc:  # init must not fail for one model
+                logger.warning("preloading a model failed", extra={"model": name, "version": version,
+                                                                   "error": str(exc)})
+    return loaded
 
 
 def reset_runtime() -> None:

@@ -51,6 +51,12 @@ class Settings:
     # How the router reaches the CPU tier: "lambda" (boto3 Invoke) or "inprocess" (same process).
     cpu_backend: str = "inprocess"
     cpu_function_name: str = ""
+    # The CPU function of each memory class, "1769=NAME,3538=NAME" (tierserve.memory_classes); "": all models
+    # run in CPU_FUNCTION_NAME.
+    cpu_functions: str = ""
+    # Models a CPU function loads during init (provisioned concurrency, SnapStart): "class" = every model of this
+    # function's memory class (default and canary versions), or "NAME,NAME"; "" = on first use.
+    preload_models: str = ""
     # The GPU tier: "triton" (TRITON_URL), "sagemaker" (an endpoint running Triton's container) or "none";
     # "" picks "triton" when TRITON_URL is set, else none.
     gpu_backend: str = ""
@@ -100,6 +106,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
     "CPU_BACKEND": ("cpu_backend", _choice("lambda", "inprocess")),
     "CPU_FUNCTION_NAME": ("cpu_function_name", str),
+    "CPU_FUNCTIONS": ("cpu_functions", str),
+    "PRELOAD_MODELS": ("preload_models", str),
     "GPU_BACKEND": ("gpu_backend", _choice("triton", "sagemaker", "none")),
     "SAGEMAKER_ENDPOINT_NAME": ("sagemaker_endpoint_name", str),
     "SAGEMAKER_MODEL": ("sagemaker_model", str),
@@ -152,6 +160,13 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             "a larger one could never reach the function")
     if values.get("cpu_backend") == "lambda" and not values.get("cpu_function_name"):
         raise ConfigurationError("CPU_BACKEND=lambda needs CPU_FUNCTION_NAME (the CpuInferenceFunction's name)")
+    if values.get("cpu_functions"):
+        from tierserve.memory_classes import parse_functions
+
+        try:
+            parse_functions(values["cpu_functions"])
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"environment variable CPU_FUNCTIONS is invalid: {exc.message}") from None
     if values.get("gpu_backend") == "sagemaker" and not values.get("sagemaker_endpoint_name"):
         raise ConfigurationError("GPU_BACKEND=sagemaker needs SAGEMAKER_ENDPOINT_NAME (the SageMaker endpoint's name)")
     if values.get("gpu_backend") == "triton" and not values.get("triton_url"):

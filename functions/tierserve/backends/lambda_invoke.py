@@ -39,8 +39,11 @@ READY_RETRY_S = 5.0
 class LambdaInvokeBackend:
     tier = "cpu"
 
-    def __init__(self, function_name: str, timeout_s: float = 30.0, client: Any = None) -> None:
+    def __init__(self, function_name: str, timeout_s: float = 30.0, client: Any = None,
+                 functions: dict[int, str] | None = None) -> None:
         self.function_name = function_name
+        #: memory class (MB) -> CPU function (``CPU_FUNCTIONS``); empty: every model runs in ``function_name``
+        self.functions = dict(functions or {})
         self.timeout_s = timeout_s
         self._client = client  # injected (tests): used for every timeout
         self._clients: dict[float, Any] = {}
@@ -76,6 +79,14 @@ class LambdaInvokeBackend:
                     client = self._clients[bucket] = boto3.client("lambda", config=cfg)
         return client
 
+    def function_for(self, model: ModelVersion) -> str:
+        """The CPU function of ``model``'s memory class (``tierserve.memory_classes``)."""
+        if not self.functions:
+            return self.function_name
+        from tierserve.memory_classes import function_for
+
+        return function_for(model, self.functions)
+
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
         """Invoke the CPU function with the client's body as it came; when that payload would exceed
         Lambda's request quota, with sub-batches that each fit (request and binary response), invoked
@@ -84,11 +95,13 @@ class LambdaInvokeBackend:
         from tierserve.wire import json_dumps
 
         data = json_dumps(payload(model, call))
+        function_name = self.function_for(model)  # the model's memory class
         if len(data) <= limits.LAMBDA_REQUEST_BYTES:
-            return self._invoke(data, timeout_s)
-        return self._infer_split(model, call, timeout_s)
+            return self._invoke(data, timeout_s, function_name)
+        return self._infer_split(model, call, timeout_s, function_name)
 
-    def _infer_split(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None) -> Reply:
+    def _infer_split(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None,
+                     function_name: str) -> Reply:
         from concurrent.futures import TimeoutError as FutureTimeout
 
         from tierserve.calls import InferenceCall as Call
@@ -108,12 +121,13 @@ class LambdaInvokeBackend:
             part = slice_request(request, start, stop)
             part.outputs = outputs  # binary: the smallest replies; the router encodes the merged answer as asked
             data = json_dumps(payload(model, Call.from_request(part)))
-            futures.append(_split_pool().submit(self._invoke, data, max(0.05, deadline - time.monotonic())))
+            futures.append(_split_pool().submit(self._invoke, data, max(0.05, deadline - time.monotonic()),
+                                                function_name))
         try:
             replies = [f.result(timeout=max(0.0, deadline - time.monotonic()) + 0.5) for f in futures]
         except FutureTimeout:
             raise errors.BackendTimeoutError(
-                f"{self.function_name} did not answer the {len(bounds)} parts of a {request.rows}-row request "
+                f"{function_name} did not answer the {len(bounds)} parts of a {request.rows}-row request "
                 f"within {budget:g} s") from None
         finally:
             for f in futures:
@@ -122,34 +136,34 @@ class LambdaInvokeBackend:
         merged.id = request.id
         return Reply(merged)
 
-    def _invoke(self, data: bytes, timeout_s: float | None) -> Reply:
+    def _invoke(self, data: bytes, timeout_s: float | None, function_name: str) -> Reply:
         from tierserve.wire import json_loads
 
         try:
             out = self.client(timeout_s).invoke(
-                FunctionName=self.function_name, InvocationType="RequestResponse", Payload=data
+                FunctionName=function_name, InvocationType="RequestResponse", Payload=data
             )
             reply = json_loads(out["Payload"].read() or b"{}")
         except Exception as exc:
             if type(exc).__name__ in ("ReadTimeoutError", "ReadTimeout"):
                 # The function may still be running it: never retried, reported as a timeout (504).
                 raise errors.BackendTimeoutError(
-                    f"{self.function_name} did not answer within {self._bucket(timeout_s):g} s"
+                    f"{function_name} did not answer within {self._bucket(timeout_s):g} s"
                 ) from exc
             raise errors.BackendUnavailableError(
-                f"cannot invoke {self.function_name}: {type(exc).__name__}: {exc}"
+                f"cannot invoke {function_name}: {type(exc).__name__}: {exc}"
             ) from exc
         if out.get("FunctionError"):
             detail = reply.get("errorMessage", reply) if isinstance(reply, dict) else reply
-            raise errors.InferenceError(f"{self.function_name} failed: {detail}; see its logs")
+            raise errors.InferenceError(f"{function_name} failed: {detail}; see its logs")
         if not isinstance(reply, dict):
             raise errors.InferenceError(
-                f"{self.function_name} answered {type(reply).__name__}, not an HTTP API response object; "
+                f"{function_name} answered {type(reply).__name__}, not an HTTP API response object; "
                 "check that CPU_FUNCTION_NAME names CpuInferenceFunction")
         status = int(reply.get("statusCode", 500))
         if status == 200:
             return Reply(http=reply)
-        raise _tier_error(self.function_name, status, reply)
+        raise _tier_error(function_name, status, reply)
 
     def check_ready(self, model: ModelVersion) -> None:
         """Ask the CPU function whether ``model`` loads and runs there (``direct.readiness_payload``);
@@ -166,16 +180,18 @@ class LambdaInvokeBackend:
             return
         problem: errors.TierserveError | None = None
         try:
-            out = self.client(self.timeout_s).invoke(FunctionName=self.function_name,
+            function_name = self.function_for(model)  # the model's memory class
+            out = self.client(self.timeout_s).invoke(FunctionName=function_name,
                                                      InvocationType="RequestResponse",
                                                      Payload=json_dumps(readiness_payload(model)))
             reply = json_loads(out["Payload"].read() or b"{}")
             if out.get("FunctionError") or not isinstance(reply, dict):
-                problem = errors.InferenceError(f"{self.function_name} failed its readiness check; see its logs")
+                problem = errors.InferenceError(f"{function_name} failed its readiness check; see its logs")
             elif int(reply.get("statusCode", 500)) != 200:
-                problem = _tier_error(self.function_name, int(reply.get("statusCode", 500)), reply)
+                problem = _tier_error(function_name, int(reply.get("statusCode", 500)), reply)
         except Exception as exc:
-            problem = errors.BackendUnavailableError(f"cannot invoke {self.function_name}: {type(exc).__name__}: {exc}")
+            problem = exc if isinstance(exc, errors.TierserveError) else errors.BackendUnavailableError(
+                f"cannot invoke the CPU function for {key}: {type(exc).__name__}: {exc}")
         self._readiness[key] = (problem, time.monotonic())
         if problem is not None:
             raise problem

@@ -9,8 +9,11 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from tierserve.app import preload_models
 from tierserve.direct import handle_direct
 from tierserve.observability import logger, metrics, tracer
+
+preload_models()  # PRELOAD_MODELS (provisioned concurrency, SnapStart): this class's models load during init
 
 
 @logger.inject_lambda_context(log_event=False)

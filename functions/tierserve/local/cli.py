@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "benchmarks.cli",  # the repository's benchmarks/ (installed with the project, editable)
     "sagemaker-package": "tierserve_compiler.sagemaker",
     "artifact-invoke": "tierserve.local.artifact",
+    "deploy-config": "tierserve.local.deploy_config",
 }
 
 

@@ -53,6 +53,10 @@ from tierserve.local.stack_ops import ROLLOUT_TABLE, TRITON_EXPLICIT, create_rol
 
 ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
 FUNCTIONS = (ROUTER, CPU, BATCH)
+#: The CPU memory classes' functions (tierserve.memory_classes), as template.yaml names them. Locally every class
+#: the template defines runs (workers start on first use); in AWS only those tierserve deploy-config enables.
+CPU_CLASSES = {1769: CPU, 3538: "CpuInferenceFunction3538", 5307: "CpuInferenceFunction5307",
+               10240: "CpuInferenceFunction10240"}
 #: The model bucket's name as template.yaml gives it for account 123456789012 in us-east-1.
 BUCKET = "tierserve-models-123456789012-us-east-1"
 MODEL_PREFIX = "models"
@@ -183,6 +187,11 @@ class LocalStack:
         self.env_file.write_text(json.dumps(envs, indent=2))
         specs = {fn: self._spec(template, file_overrides, fn, envs[fn]) for fn in FUNCTIONS}
         functions = [self._local_function(specs[CPU], max_workers=self.cpu_workers)]
+        for name in self.cpu_classes.values():
+            if name != CPU:
+                env = {**self.function_env(CPU), **self.env_overrides.get(name, {})}
+                functions.append(self._local_function(self._spec(template, file_overrides, name, env),
+                                                      max_workers=self.cpu_workers))
         if self.want_batch:
             functions.append(self._local_function(specs[BATCH], max_workers=1))
         if not self.router_inprocess:
@@ -207,6 +216,12 @@ class LocalStack:
         return iam_authorizer({_AWS_LOCAL["AWS_ACCESS_KEY_ID"]: _AWS_LOCAL["AWS_SECRET_ACCESS_KEY"]},
                               _AWS_LOCAL["AWS_REGION"])
 
+    @property
+    def cpu_classes(self) -> dict[int, str]:
+        """The CPU class functions template.yaml defines: memory class (MB) -> logical id."""
+        resources = (load_template(self.template).get("Resources") or {}) if self.template.is_file() else {}
+        return {mb: fn for mb, fn in CPU_CLASSES.items() if fn in resources}
+
     def function_env(self, logical_id: str) -> dict[str, str]:
         """What `tierserve serve` sets for a function, over template.yaml (also written to env.json)."""
         env = {
@@ -224,6 +239,7 @@ class LocalStack:
                         "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": self.sagemaker.url, **_AWS_LOCAL})
         if logical_id == ROUTER:
             env.update({"CPU_BACKEND": "lambda", "CPU_FUNCTION_NAME": CPU, "AWS_ENDPOINT_URL_LAMBDA": self.invoke_url,
+                        "CPU_FUNCTIONS": ",".join(f"{mb}={fn}" for mb, fn in self.cpu_classes.items()),
                         **_AWS_LOCAL})
         else:
             env["CPU_BACKEND"] = "inprocess"
