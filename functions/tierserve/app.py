@@ -137,7 +137,7 @@ def preload_models(runtime: Runtime | None = None) -> list[str]:
         return []  # the usual case: no runtime is built at import time
     runtime = runtime or get_runtime()
     wanted = runtime.settings.preload_models.strip()
-    session = getattr(runtime.dispatcher.cpu, "session", None)
+    session = getattr(getattr(runtime.dispatcher, "cpu", None), "session", None)
     if not wanted or session is None:
         return []
     from tierserve.memory_classes import class_for, model_class

@@ -244,13 +244,17 @@ class SageMakerBackend:
             body = call.body()
             data = bytes(_view(body.data))
             return Reply(self._invoke(model, data, body.header_length, timeout, what))
-        from tierserve.backends.triton import _concat_responses, _slice_request, _split_pool
+        import time
+
+        from tierserve.backends.triton import _await_all, _call_pool
+        from tierserve.codec import concat_responses, slice_request
 
         request = call.request()
-        parts = [_binary_outputs(_slice_request(request, start, min(start + limit, request.rows)))
+        deadline = time.monotonic() + timeout
+        parts = [_binary_outputs(slice_request(request, start, min(start + limit, request.rows)))
                  for start in range(0, request.rows, limit)]
-        futures = [_split_pool().submit(self._invoke_request, model, part, timeout, what) for part in parts]
-        return Reply(_concat_responses([f.result() for f in futures]))
+        futures = [_call_pool().submit(self._invoke_request, model, part, timeout, what) for part in parts]
+        return Reply(concat_responses(_await_all(futures, deadline, what)))
 
     def _invoke_request(self, model: ModelVersion, request: InferRequest, timeout: float, what: str) -> InferResponse:
         from tierserve.codec import encode_request
