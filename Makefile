@@ -70,8 +70,9 @@ compile-demo: $(STAMP) ## compile the bundled digits classifier into $(MODELS)
 compile-minilm: $(STAMP) ## compile all-MiniLM-L6-v2 (PyTorch path) for the GPU tier with a CPU fallback
 	$(PY) -m tierserve_compiler.zoo build-minilm --out $(MODELS) --target both
 
-demo: $(STAMP) ## compile the demo model, invoke it through the router, print predictions + accuracy
-	$(PY) -m tierserve.local.demo --models $(MODELS)
+GPU_TIER ?= triton
+demo: $(STAMP) ## the whole story (GPU_TIER=sagemaker: the GPU tier as a local SageMaker endpoint)
+	$(PY) -m tierserve.local.demo --models $(MODELS) --gpu-tier $(GPU_TIER)
 
 invoke: $(STAMP) ## tierserve invoke RouterFunction -e events/http_infer.json
 	$(BIN)/tierserve invoke RouterFunction -e events/http_infer.json

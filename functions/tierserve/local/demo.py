@@ -127,13 +127,16 @@ def compile_minilm(models: Path) -> None:
     run([sys.executable, "-m", "tierserve_compiler.zoo", "build-minilm", "--out", str(models), "--target", "both"])
 
 
-def serve_story(models: Path) -> None:
+def serve_story(models: Path, gpu_tier: str = "triton") -> None:
     from tierserve.local.serve import LocalStack
     from tierserve_compiler.zoo import SENTENCES, tokenize
 
     print("\n$ tierserve serve --models", models, " (started in-process for the demo)")
+    if gpu_tier == "sagemaker":
+        print("  (GPU tier as a SageMaker endpoint: InvokeEndpoint -> local endpoint -> Triton's /invocations)")
     # MANIFEST_TTL_S=2 (default 10) so that the rollout at the end shows its steps within seconds
-    with LocalStack(models, port=0, workdir=models.parent / "serve", env={"MANIFEST_TTL_S": "2"}) as stack:
+    with LocalStack(models, port=0, workdir=models.parent / "serve", env={"MANIFEST_TTL_S": "2"},
+                    gpu_tier=gpu_tier) as stack:
         print(stack.describe())
         one = tokenize(SENTENCES[:1])
         many = tokenize([SENTENCES[i % len(SENTENCES)] for i in range(128)])
@@ -335,6 +338,8 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=Path("build/models"))
     ap.add_argument("--rows", type=int, default=450)
     ap.add_argument("--quick", action="store_true", help="only steps 1-2 (no MiniLM, no local stack)")
+    ap.add_argument("--gpu-tier", choices=("triton", "sagemaker"), default="triton",
+                    help="the GPU tier as Triton's own API (GpuTier=url) or a SageMaker endpoint (GpuTier=sagemaker)")
     args = ap.parse_args()
     models = args.models.resolve()
     compile_digits(models)
@@ -342,7 +347,7 @@ def main() -> int:
     invoke_holdout(models, args.rows)
     if not args.quick:
         compile_minilm(models)
-        serve_story(models)
+        serve_story(models, args.gpu_tier)
     return 0
 
 
