@@ -86,6 +86,27 @@ def build_gpu_backend(settings: Settings) -> Backend | None:
     return TritonBackend(settings.triton_url, settings.triton_protocol, settings.triton_timeout_s)
 
 
+def build_breaker(settings: Settings) -> CircuitBreaker:
+    """The GPU circuit breaker: shared by the fleet through ``TIER_HEALTH_TABLE`` (``tierserve.tier_health``)
+    when it is set, else this instance's own."""
+    args = (settings.breaker_failure_threshold, settings.breaker_cooldown_s, settings.breaker_success_threshold)
+    if not settings.tier_health_table:
+        return CircuitBreaker(*args, on_transition=log_transition)
+    import os
+
+    from tierserve.tier_health import DynamoHealthStore, SharedCircuitBreaker
+
+    def client() -> Any:
+        import boto3
+
+        return boto3.client("dynamodb")
+
+    instance = f"{settings.service_name}:{os.getpid()}@{os.uname().nodename}"
+    return SharedCircuitBreaker(DynamoHealthStore(settings.tier_health_table, client), *args,
+                                on_transition=log_transition, read_ttl_s=settings.tier_health_ttl_s,
+                                instance=instance)
+
+
 def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backend | None = None,
                   store: ModelStore | None = None) -> Runtime:
     """A runtime from ``settings``; tests may pass their own backends or store (the seams)."""
@@ -97,8 +118,7 @@ def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backen
         cpu=cpu if cpu is not None else build_cpu_backend(settings, store),
         gpu=gpu if gpu is not None else build_gpu_backend(settings),
         policy=get_policy(settings.routing_policy),
-        breaker=CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s,
-                               settings.breaker_success_threshold, on_transition=log_transition),
+        breaker=build_breaker(settings),
         health=HealthCache(settings.health_ttl_s),
         gpu_timeout_s=settings.triton_timeout_s,
     )

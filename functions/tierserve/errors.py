@@ -118,6 +118,13 @@ class BackendTimeoutError(BackendUnavailableError):
     code = "backend_timeout"
 
 
+class TierThrottledError(BackendUnavailableError):
+    """The tier is out of capacity now (Lambda's TooManyRequestsException: its concurrency is spent).
+    Nothing ran, so another tier may take the request."""
+
+    code = "tier_throttled"
+
+
 # --- model lifecycle (publish, canary, promote, rollback, retire, rollout) ---------------------
 
 

@@ -73,6 +73,10 @@ class Settings:
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 30.0
     breaker_success_threshold: int = 3
+    # The GPU tier's health shared by every router instance (tierserve.tier_health): a DynamoDB table keyed by
+    # "id" with TTL "expiration" (the JobTable); "" = each instance on its own.
+    tier_health_table: str = ""
+    tier_health_ttl_s: float = 2.0
     # Threads for onnxruntime; 0 means "derive from the function's memory".
     ort_threads: int = 0
     memory_mb: int = MB_PER_VCPU
@@ -120,6 +124,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BREAKER_FAILURE_THRESHOLD": ("breaker_failure_threshold", int),
     "BREAKER_COOLDOWN_S": ("breaker_cooldown_s", float),
     "BREAKER_SUCCESS_THRESHOLD": ("breaker_success_threshold", int),
+    "TIER_HEALTH_TABLE": ("tier_health_table", str),
+    "TIER_HEALTH_TTL_S": ("tier_health_ttl_s", float),
     "ORT_THREADS": ("ort_threads", int),
     "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": ("memory_mb", int),
     "JOB_TABLE": ("job_table", str),

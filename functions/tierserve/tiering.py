@@ -13,7 +13,10 @@ Order of a dispatch:
 3. a GPU failure that is the tier's fault (unreachable, timeout, server error) counts against the
    breaker; an input error never does: the GPU answered, the request was wrong;
 4. ``_fallback`` is the single place a GPU decision becomes CPU: the model's CPU copy gets what is
-   left of the request's deadline, or a GPU-only model gets a fast 503 with Retry-After.
+   left of the request's deadline, or a GPU-only model gets a fast 503 with Retry-After;
+5. ``_cpu_first`` is the single place a CPU decision becomes GPU: only when the CPU tier is throttled
+   (``TierThrottledError``: nothing ran), for a model the GPU tier serves and finds usable, marked
+   ``cpu-unavailable``; if that GPU call fails too, the request gets a 503 (never a CPU retry).
 
 A GPU call is never retried on the GPU: it may already have run.
 """
@@ -260,7 +263,7 @@ class TierDispatcher:
         if decision.target == "gpu":
             done = self._gpu(model, call, decision, deadline)
         else:
-            done = Dispatched(self._cpu(model, call, deadline), "cpu", decision)
+            done = self._cpu_first(model, call, decision, deadline)
         done.latency_ms = (time.perf_counter() - start) * 1000
         return done
 
@@ -279,17 +282,42 @@ class TierDispatcher:
                 retry_after_s=60)
         return self.cpu.infer(model, call, deadline.budget(self.cpu_timeout_s))
 
-    def _gpu(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline) -> Dispatched:
+    def _cpu_first(self, model: ModelVersion, call: InferenceCall, decision: Decision,
+                   deadline: Deadline) -> Dispatched:
+        """The CPU tier; when it is throttled (nothing ran: its concurrency is spent), a model that the GPU
+        tier also serves goes there, marked ``cpu-unavailable``. The other way round from ``_fallback``."""
+        try:
+            return Dispatched(self._cpu(model, call, deadline), "cpu", decision)
+        except errors.TierThrottledError as exc:
+            if self.gpu is None or not model.serves_gpu or not self.gpu_usable(model):
+                raise
+            why = exc.message
+        moved = Decision("gpu", f"{decision.reason}; CPU tier unavailable ({why})", "cpu-unavailable")
+        done = self._gpu(model, call, moved, deadline, cpu_fallback=False)
+        done.fallback = "cpu-unavailable"
+        return done
+
+    def _gpu(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline,
+             cpu_fallback: bool = True) -> Dispatched:
+        """The GPU tier; a failure falls back to the CPU copy unless the CPU tier is why we are here."""
+        if not cpu_fallback:
+            def fallback(model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline,
+                         why: str) -> Dispatched:
+                raise errors.BackendUnavailableError(
+                    f"model {model.name!r} v{model.version}: the CPU tier is throttled and the GPU tier failed "
+                    f"({why}); retry later", retry_after_s=1)
+        else:
+            fallback = self._fallback
         gpu = self.gpu
         if gpu is None:
-            return self._fallback(model, call, decision, deadline, "no GPU tier is configured")
+            return fallback(model, call, decision, deadline, "no GPU tier is configured")
         if not self.gpu_usable(model):
             why = "circuit open" if self.breaker.state == "open" else "not ready"
-            return self._fallback(model, call, decision, deadline, why)
+            return fallback(model, call, decision, deadline, why)
         check_values(call, model)  # an input the model cannot take is the client's error: the GPU never sees it
         timeout = deadline.budget(self.gpu_timeout_s)  # a spent deadline is the request's, not the tier's
         if not self.breaker.allow():
-            return self._fallback(model, call, decision, deadline, "circuit open")
+            return fallback(model, call, decision, deadline, "circuit open")
         try:
             reply = gpu.infer(model, call, timeout)
         except errors.InvalidRequestError:
@@ -300,7 +328,7 @@ class TierDispatcher:
             self.health.invalidate(f"{model.name}/{model.version}")
             if isinstance(exc, errors.BackendTimeoutError):
                 self._check_server(gpu)
-            return self._fallback(model, call, decision, deadline, exc.message)
+            return fallback(model, call, decision, deadline, exc.message)
         except BaseException:
             # Anything else (a backend bug, KeyboardInterrupt) still ends the call: release a half-open
             # trial, or the breaker would refuse every later trial for good.

@@ -29,6 +29,9 @@ _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
 }
 
 
+#: Invoke errors that mean nothing ran because the function (or account) has no concurrency left.
+THROTTLED_CODES = ("TooManyRequestsException", "EC2ThrottledException", "ResourceNotReadyException")
+
 #: Read timeouts (s) the router picks from for an Invoke, by the request's remaining budget.
 TIMEOUT_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 20.0)
 #: How long the CPU function's readiness answer is remembered (a failure: READY_RETRY_S).
@@ -150,6 +153,12 @@ class LambdaInvokeBackend:
                 raise errors.BackendTimeoutError(
                     f"{function_name} did not answer within {self._bucket(timeout_s):g} s"
                 ) from exc
+            code = str(((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code") or "")
+            if code in THROTTLED_CODES:
+                # Lambda refused before running anything: the function's (or the account's) concurrency is
+                # spent. The dispatcher may send the request to the GPU tier instead.
+                raise errors.TierThrottledError(f"{function_name} is throttled ({code}: {exc})",
+                                                retry_after_s=1) from exc
             raise errors.BackendUnavailableError(
                 f"cannot invoke {function_name}: {type(exc).__name__}: {exc}"
             ) from exc

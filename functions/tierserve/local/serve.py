@@ -247,6 +247,8 @@ class LocalStack:
             env.update({**_AWS_LOCAL, "AWS_ENDPOINT_URL_S3": self.moto.url, "AWS_ENDPOINT_URL_SQS": self.moto.url,
                         "AWS_ENDPOINT_URL_DYNAMODB": self.moto.url, "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto.url,
                         "AWS_ENDPOINT_URL_STS": self.moto.url, "ROLLOUT_TABLE": ROLLOUT_TABLE})
+        if self.queues and logical_id in (ROUTER, BATCH):  # the JobTable exists: share the GPU tier's health
+            env["TIER_HEALTH_TABLE"] = JOB_TABLE
         if logical_id == BATCH and self.queues:
             env.update({"JOB_TABLE": JOB_TABLE, "CONTINUATION_QUEUE_URL": self.queues["jobs_queue_url"]})
         env.update(self.extra_env)

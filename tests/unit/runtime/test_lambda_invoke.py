@@ -344,3 +344,18 @@ def test_parts_of_variable_length_rows_each_fit(tmp_path: Path) -> None:
     assert len(bounds) > 1
     for start, stop in bounds:
         assert sum(4 + len(v) for v in items[start:stop]) <= MAX_REQUEST_BODY_BYTES
+
+
+def test_a_throttled_invoke_is_a_tier_throttled_error():
+    # Lambda's 429: the function's reserved (or the account's) concurrency is spent; nothing ran
+    from botocore.exceptions import ClientError
+
+    from tests.support.fakes import FakeLambdaClient, json_call, model_version
+    from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+    from tierserve.errors import TierThrottledError
+
+    exc = ClientError({"Error": {"Code": "TooManyRequestsException", "Message": "Rate Exceeded."},
+                       "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}, "Invoke")
+    backend = LambdaInvokeBackend("cpu-fn", client=FakeLambdaClient(exc=exc))
+    with pytest.raises(TierThrottledError, match="cpu-fn is throttled"):
+        backend.infer(model_version("m", ("cpu",)), json_call(1), timeout_s=5)

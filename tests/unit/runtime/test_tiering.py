@@ -545,3 +545,43 @@ def test_the_canary_is_stable_per_request_id() -> None:
     # Then each id always lands on the same version, and both versions occur
     assert runs[0] == runs[1] == runs[2]
     assert set(runs[0]) == {"1", "2"}
+
+
+# --- the CPU tier throttled: the other way round ------------------------------------------------------
+
+
+def test_a_throttled_cpu_tier_sends_a_dual_target_model_to_the_gpu(clock) -> None:
+    # Given the CPU tier refusing for lack of concurrency (nothing ran) and a healthy GPU tier
+    cpu = FakeBackend("cpu", fail=errors.TierThrottledError("CpuInferenceFunction is throttled"))
+    gpu = FakeBackend("gpu")
+    d = dispatcher(cpu, gpu, clock)
+    # When a small batch (a CPU decision) arrives for a model both tiers serve
+    done = d.dispatch(BOTH, json_call(2, "r1"))
+    # Then the GPU served it, marked cpu-unavailable, after one CPU attempt
+    assert done.served_by == "gpu" and done.fallback == "cpu-unavailable"
+    assert "CPU tier unavailable" in done.decision.reason
+    assert cpu.ids == ["r1"] and gpu.ids == ["r1"]
+
+
+def test_a_throttled_cpu_tier_is_a_503_for_a_cpu_only_model_or_when_the_gpu_fails_too(clock) -> None:
+    cpu_only = model_version("c", ("cpu",))
+    throttled = errors.TierThrottledError("throttled", retry_after_s=1)
+    d = dispatcher(FakeBackend("cpu", fail=throttled), FakeBackend("gpu"), clock)
+    with pytest.raises(errors.TierThrottledError):
+        d.dispatch(cpu_only, json_call(2))
+    # the GPU fails as well: a 503, and the CPU is not tried a second time
+    cpu = FakeBackend("cpu", fail=throttled)
+    d = dispatcher(cpu, FakeBackend("gpu", fail=errors.BackendUnavailableError("refused")), clock)
+    with pytest.raises(errors.BackendUnavailableError, match="CPU tier is throttled and the GPU tier failed"):
+        d.dispatch(BOTH, json_call(2))
+    assert len(cpu.calls) == 1
+    assert error_response(errors.TierThrottledError("x", retry_after_s=1))["statusCode"] == 503
+
+
+def test_any_other_cpu_failure_is_not_moved_to_the_gpu(clock) -> None:
+    # the CPU function ran and failed (or timed out): it may have run, so it is never retried elsewhere
+    cpu = FakeBackend("cpu", fail=errors.BackendTimeoutError("did not answer"))
+    gpu = FakeBackend("gpu")
+    with pytest.raises(errors.BackendTimeoutError):
+        dispatcher(cpu, gpu, clock).dispatch(BOTH, json_call(2))
+    assert gpu.calls == []
