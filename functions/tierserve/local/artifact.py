@@ -65,13 +65,18 @@ class Context:
 event = json.loads(sys.stdin.read())
 real_stdout = sys.stdout
 sys.stdout = sys.stderr  # the function's prints and EMF metrics are its logs
+timings = {}
 try:
+    t0 = time.perf_counter()
     module, _, name = handler.rpartition(".")
     fn = getattr(__import__(module, fromlist=[name]), name)
+    t1 = time.perf_counter()
     out = {"result": fn(event, Context())}
+    timings = {"init_s": t1 - t0, "invoke_s": time.perf_counter() - t1}
 except Exception as exc:
     traceback.print_exc()
     out = {"error": {"errorMessage": str(exc), "errorType": type(exc).__name__}}
+out["timings"] = timings
 real_stdout.write(json.dumps(out) + "\n")
 real_stdout.flush()
 """
@@ -137,6 +142,8 @@ class Invocation:
     result: Any = None
     error: dict[str, Any] | None = None
     logs: str = ""
+    #: init_s: importing the handler's module (Lambda's init phase); invoke_s: the first invocation
+    timings: dict[str, float] | None = None
 
 
 def invoke(task: Path, runtime: Path, handler: str, event: Any, env: dict[str, str],
@@ -157,7 +164,7 @@ def invoke(task: Path, runtime: Path, handler: str, event: Any, env: dict[str, s
         return Invocation(error={"errorMessage": f"the runtime exited with {done.returncode}",
                                  "errorType": "Runtime.ExitError"}, logs=done.stderr)
     reply = json.loads(lines[-1])
-    return Invocation(reply.get("result"), reply.get("error"), done.stderr)
+    return Invocation(reply.get("result"), reply.get("error"), done.stderr, reply.get("timings"))
 
 
 class InvokeApi:
