@@ -84,6 +84,10 @@ class Settings:
     job_table: str = ""
     continuation_queue_url: str = ""
     chunk_rows: int = 4096
+    # Batch fan-out (tierserve.batch.shards): a JSONL input over SHARD_BYTES, or an NPZ / Parquet input over
+    # SHARD_ROWS rows, is cut into shards that run as concurrent invocations (a job message may ask "shards": N).
+    shard_bytes: int = 256 * 1024 * 1024
+    shard_rows: int = 2_000_000
     checkpoint_margin_ms: int = 30_000
     idempotency_expiry_s: int = 86_400
     service_name: str = "tierserve"
@@ -131,6 +135,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "JOB_TABLE": ("job_table", str),
     "CONTINUATION_QUEUE_URL": ("continuation_queue_url", str),
     "CHUNK_ROWS": ("chunk_rows", int),
+    "SHARD_BYTES": ("shard_bytes", int),
+    "SHARD_ROWS": ("shard_rows", int),
     "CHECKPOINT_MARGIN_MS": ("checkpoint_margin_ms", int),
     "IDEMPOTENCY_EXPIRY_S": ("idempotency_expiry_s", int),
     "POWERTOOLS_SERVICE_NAME": ("service_name", str),
@@ -142,7 +148,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
 
 _POSITIVE = {
     "max_payload_bytes", "triton_timeout_s", "breaker_failure_threshold", "breaker_success_threshold",
-    "memory_mb", "chunk_rows", "manifest_ttl_s",
+    "memory_mb", "chunk_rows", "shard_bytes", "shard_rows", "manifest_ttl_s",
 }  # fmt: skip
 
 

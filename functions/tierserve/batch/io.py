@@ -258,7 +258,8 @@ def jsonl_records(s3: Any, loc: S3Location, version: dict[str, str], model: Mode
     """The lines that start in ``[start, stop)``, parsed as JSON (feeds are built per chunk: ``chunk_feeds``).
 
     ``start`` must be a line's first byte (0, or a checkpoint's offset). A shard whose range starts
-    mid-line finds its first line with ``first_line_at``; ``first_line`` numbers the lines from there."""
+    mid-line starts at the first line that starts in it (``tierserve.batch.shards.plan_jsonl`` plans them so);
+    ``first_line`` numbers the lines from there."""
     stop = size if stop is None else min(stop, size)
     if start >= stop:
         return

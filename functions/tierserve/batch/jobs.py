@@ -7,9 +7,10 @@ part rewritten after a crash has the same bytes (part boundaries are pinned at t
 and the same rows always go through the model together).
 
 Output layout, under ``batch/out/{model}/{job}/`` (or the job message's ``output``):
-``part-00000.jsonl`` ... (one line per scored input line, in order), ``errors.jsonl`` (one line
-per malformed input line, with its line number), and ``_SUCCESS`` (counts, model version,
-variant sha256, timings), always written last. Per-part error fragments are kept under
+``part-00000.jsonl`` ... (one line per scored input line, in order; ``part-SSSSS-PPPPP`` when the
+job fanned out into shards, ``tierserve.batch.shards``), ``errors.jsonl`` (one line per malformed
+input line, with its line number), and ``_SUCCESS`` (counts, model version, variant sha256,
+timings), always written last, once. Per-part error fragments are kept under
 ``batch/work/`` until the job completes, so the output folder only ever holds final files.
 """
 
@@ -45,7 +46,8 @@ from tierserve.batch.io import (
     parse_s3_uri,
     split_input_key,
 )
-from tierserve.batch.state import JobState, JobStore
+from tierserve.batch.shards import MAX_SHARDS, Shard, plan, shard_done
+from tierserve.batch.state import JobState, JobStore, job_item_id
 from tierserve.manifest import ModelVersion, check_model_name, check_version
 from tierserve.observability import MetricUnit, logger, metrics
 from tierserve.tiering import Deadline
@@ -64,11 +66,19 @@ class JobSpec:
     input_version: dict[str, str] = field(default_factory=dict)  # {"version_id", "etag"}
     continuation: int | None = None
     idempotency_key: str = ""
+    shard: Shard | None = None  # one shard of a job that fanned out (tierserve.batch.shards)
+    shards: int | None = None  # a job message may ask for this many shards
+
+    @property
+    def parent_key(self) -> str:
+        pin = self.input_version.get("version_id") or self.input_version.get("etag") or ""
+        return f"{self.input.uri}@{pin}->{self.output.uri}"
 
     @property
     def job_key(self) -> str:
-        pin = self.input_version.get("version_id") or self.input_version.get("etag") or ""
-        return f"{self.input.uri}@{pin}->{self.output.uri}"
+        if self.shard is None:
+            return self.parent_key
+        return f"{self.parent_key}#shard{self.shard.index}/{self.shard.count}"
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model, "input": self.input.uri, "output": self.output.uri}
@@ -78,6 +88,10 @@ class JobSpec:
             d["input_version"] = dict(self.input_version)
         if self.continuation is not None:
             d["continuation"] = self.continuation
+        if self.shard is not None:
+            d["shard"] = self.shard.to_json()
+        if self.shards:
+            d["shards"] = self.shards
         d["idempotency_key"] = self.idempotency_key
         return d
 
@@ -131,8 +145,17 @@ def job_from_message(body: dict[str, Any]) -> JobSpec:
     cont = body.get("continuation")
     if cont is not None and (not isinstance(cont, int) or cont < 0):
         raise BatchInputError("continuation must be a non-negative part number")
+    shard = Shard.from_json(body["shard"]) if "shard" in body else None
+    shards = body.get("shards")
+    if shards is not None:
+        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+            raise BatchInputError(f'"shards" must be a whole number from 1 to {MAX_SHARDS} (how many concurrent '
+                                  f"invocations share the job), not {shards!r}")
+        if shard is not None or cont is not None:
+            raise BatchInputError('"shards" asks a whole job to fan out; a shard or continuation message '
+                                  "cannot carry it")
     idem = _hash(["job", {k: body[k] for k in sorted(body) if k != "idempotency_key"}])
-    return JobSpec(model, loc, out, version, {k: str(v) for k, v in pin.items()}, cont, idem)
+    return JobSpec(model, loc, out, version, {k: str(v) for k, v in pin.items()}, cont, idem, shard, shards)
 
 
 # --- running a job ----------------------------------------------------------------------------------
@@ -153,21 +176,95 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     if not spec.input_version:  # a job message names an object: pin the version it has now
         pin = {k: v for k, v in (("version_id", head.get("VersionId")), ("etag", head.get("ETag"))) if v}
         spec = JobSpec(spec.model, spec.input, spec.output, spec.version, pin, spec.continuation,
-                       spec.idempotency_key)
+                       spec.idempotency_key, spec.shard, spec.shards)
     state = jobs.load(spec.job_key)
+    if spec.shard is not None:
+        return _run_shard(app, s3, jobs, spec, state, context)
     if state is not None and state.status == "completed":
         logger.info("batch job already completed", extra={"job": spec.job_key})
         return {**state.summary, "status": "already_completed"}
+    if state is not None and state.status == "sharded":  # a redelivery (a crash while fanning out?)
+        return _fan_out(app, spec, state)
     if state is None:
         model = app.store.manifest().resolve(spec.model, spec.version)
+        size = int(head["ContentLength"])
+        if spec.continuation is None:
+            shards = _plan(app, s3, spec, size, model)
+            if len(shards) > 1:
+                parent = JobState(job_key=spec.job_key, status="sharded", model=model.name, version=model.version,
+                                  variant_sha256=_variant_sha256(model), input_version=dict(spec.input_version),
+                                  input_size=size, chunk_rows=settings.chunk_rows, started_at=time.time(),
+                                  invocations=1, shards=len(shards), shard_plan=[sh.bounds() for sh in shards])
+                jobs.save(parent, None)
+                return _fan_out(app, spec, parent)
         state = JobState(job_key=spec.job_key, model=model.name, version=model.version,
                          variant_sha256=_variant_sha256(model),
-                         input_version=dict(spec.input_version), input_size=int(head["ContentLength"]),
+                         input_version=dict(spec.input_version), input_size=size,
                          chunk_rows=settings.chunk_rows, started_at=time.time())
         jobs.save(state, None)
     else:
         model = app.store.manifest().resolve(state.model, state.version)
     return _Runner(app, s3, jobs, spec, model, state, context).run()
+
+
+def _plan(app: Runtime, s3: Any, spec: JobSpec, size: int, model: ModelVersion) -> list[Shard]:
+    """The job's shards (tierserve.batch.shards); one when it is small, or when shards cannot be queued."""
+    settings = app.settings
+    if not settings.continuation_queue_url:
+        if spec.shards and spec.shards > 1:
+            logger.warning("CONTINUATION_QUEUE_URL is not set: the job runs in this invocation, not in shards",
+                           extra={"job": spec.job_key, "shards": spec.shards})
+        return []
+    return plan(s3, spec.input, spec.input_version, size, model, settings.shard_bytes, settings.shard_rows,
+                spec.shards)
+
+
+def _run_shard(app: Runtime, s3: Any, jobs: JobStore, spec: JobSpec, state: JobState | None,
+               context: Any) -> dict[str, Any]:
+    """Run (or resume, or count and close again) one shard of a job that fanned out."""
+    shard = spec.shard
+    assert shard is not None
+    parent = jobs.load(spec.parent_key)
+    if (parent is None or parent.status not in ("sharded", "completed") or parent.shards != shard.count
+            or len(parent.shard_plan) != shard.count or list(parent.shard_plan[shard.index]) != shard.bounds()):
+        raise BatchInputError(
+            f"shard {shard.index}/{shard.count} of {spec.input.uri} -> {spec.output.uri} does not match a plan of "
+            "that job (its job was never fanned out, or was planned differently, or the input was replaced); "
+            'shard messages come from the job\'s own fan-out: send the whole job, with "shards": N, instead')
+    model = app.store.manifest().resolve(parent.model, parent.version)
+    if state is None:
+        state = JobState(job_key=spec.job_key, model=parent.model, version=parent.version,
+                         variant_sha256=parent.variant_sha256, input_version=dict(parent.input_version),
+                         input_size=parent.input_size, chunk_rows=parent.chunk_rows, started_at=time.time(),
+                         next_offset=shard.start, next_line=shard.line)
+        jobs.save(state, None)
+    runner = _Runner(app, s3, jobs, spec, model, state, context)
+    if state.status == "completed":  # finished before: count it and close the job again (both idempotent)
+        return {**runner.complete_shard(), "status": "already_completed"}
+    return runner.run()
+
+
+def _fan_out(app: Runtime, spec: JobSpec, parent: JobState) -> dict[str, Any]:
+    """Send one job message per shard of the stored plan to the jobs queue.
+
+    Sent again on a redelivery: the same bodies, so the same idempotency keys; a shard already done or
+    running is a no-op (or a retried failure) there."""
+    shards = [Shard(i, parent.shards, *bounds) for i, bounds in enumerate(parent.shard_plan)]
+    base = {"model": parent.model, "version": parent.version, "input": spec.input.uri, "output": spec.output.uri,
+            "input_version": parent.input_version}
+    sqs = app.aws("sqs")
+    for i in range(0, len(shards), 10):
+        entries = [{"Id": str(sh.index), "MessageBody": json.dumps({**base, "shard": sh.to_json()}, sort_keys=True)}
+                   for sh in shards[i:i + 10]]
+        failed = sqs.send_message_batch(QueueUrl=app.settings.continuation_queue_url, Entries=entries).get("Failed")
+        if failed:
+            raise errors.BackendUnavailableError(f"the jobs queue refused {len(failed)} shard message(s) "
+                                                 f"({failed[0].get('Message', failed[0].get('Code'))}); this "
+                                                 "delivery will be retried", retry_after_s=30)
+    logger.info("batch job fanned out", extra={"job": parent.job_key, "shards": len(shards)})
+    metrics.add_metric("BatchShards", MetricUnit.Count, len(shards))
+    return {"status": "fanned_out", "job": spec.output.key.rsplit("/", 1)[-1], "shards": len(shards),
+            "output": spec.output.uri}
 
 
 def _variant_sha256(model: ModelVersion) -> str:
@@ -204,7 +301,11 @@ class _Runner:
         self.state, self.context = state, context
         self.out_datatypes = {o.name: o.datatype for o in model.outputs}
         self.parquet = input_format(spec.input.key) == "parquet"  # Parquet in, Parquet parts out
-        self.work_prefix = f"{WORK_PREFIX}{state.item_id[4:36]}"
+        self.shard = spec.shard
+        if self.shard is None:
+            self.work_prefix = f"{WORK_PREFIX}{state.item_id[4:36]}"
+        else:  # under the whole job's prefix, so that the closing shard merges every shard's errors in order
+            self.work_prefix = f"{WORK_PREFIX}{job_item_id(spec.parent_key)[4:36]}/s{self.shard.index:05d}"
 
     def run(self) -> dict[str, Any]:
         st = self.state
@@ -238,14 +339,15 @@ class _Runner:
     def _records(self) -> Iterator[Record]:
         st = self.state
         fmt = input_format(self.spec.input.key)
+        stop = self.shard.stop if self.shard is not None else None
         if fmt == "npz":
             return npz_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
-                               st.chunk_rows)
+                               st.chunk_rows, stop_row=stop)
         if fmt == "parquet":
             return parquet_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
-                                   st.chunk_rows)
+                                   st.chunk_rows, stop_row=stop)
         return jsonl_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
-                             st.next_line, st.input_size)
+                             st.next_line, st.input_size, stop=stop)
 
     def _part(self, chunk: list[Record]) -> None:
         st = self.state
@@ -263,13 +365,14 @@ class _Runner:
         t0 = time.perf_counter()
         if bad:
             self._put(f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl", encode_errors(bad))
+        # part-PPPPP, or part-SSSSS-PPPPP for a shard: the names list in the input's order either way
+        name = f"part-{st.next_part:05d}" if self.shard is None else f"part-{self.shard.index:05d}-{st.next_part:05d}"
         if self.parquet:
             body = encode_parquet_part(good, outputs or {})
-            self._put(f"{self.spec.output.key}/part-{st.next_part:05d}.parquet", body,
-                      "application/vnd.apache.parquet")
+            self._put(f"{self.spec.output.key}/{name}.parquet", body, "application/vnd.apache.parquet")
         else:
             body = encode_part(good, outputs or {}, self.out_datatypes)
-            self._put(f"{self.spec.output.key}/part-{st.next_part:05d}.jsonl", body)
+            self._put(f"{self.spec.output.key}/{name}.jsonl", body)
         st.write_s += time.perf_counter() - t0
         st.next_part += 1
         st.next_offset = chunk[-1].end
@@ -314,14 +417,19 @@ class _Runner:
 
     def _continue(self) -> dict[str, Any]:
         st = self.state
-        msg = {"model": st.model, "version": st.version, "input": self.spec.input.uri,
-               "output": self.spec.output.uri, "input_version": st.input_version, "continuation": st.next_part}
+        msg: dict[str, Any] = {"model": st.model, "version": st.version, "input": self.spec.input.uri,
+                               "output": self.spec.output.uri, "input_version": st.input_version,
+                               "continuation": st.next_part}
+        if self.shard is not None:
+            msg["shard"] = self.shard.to_json()
         self.app.aws("sqs").send_message(QueueUrl=self.app.settings.continuation_queue_url,
                                    MessageBody=json.dumps(msg, sort_keys=True))
         logger.info("batch job continues in a new invocation", extra={"job": st.job_key, "next_part": st.next_part})
         return {"status": "continued", "job": st.job_key, "next_part": st.next_part, "lines": st.lines}
 
     def _finish(self, expected: int) -> dict[str, Any]:
+        if self.shard is not None:
+            return self._finish_shard(expected)
         st = self.state
         out = self.spec.output
         t0 = time.perf_counter()
@@ -354,6 +462,93 @@ class _Runner:
                             seconds=time.time() - st.started_at)
         logger.info("batch job completed", extra={"job": st.job_key, "counts": summary["counts"]})
         return summary
+
+    def _finish_shard(self, expected: int) -> dict[str, Any]:
+        """This shard is done: its state says so first, then it is counted in the job's item."""
+        st, shard = self.state, self.shard
+        assert shard is not None
+        st.status = "completed"
+        st.summary = {"status": "completed", "shard": shard.index, "shards": shard.count, "parts": st.next_part,
+                      "invocations": st.invocations,
+                      "counts": {"lines": st.lines, "output_lines": st.lines_ok, "rows": st.rows_ok,
+                                 "errors": st.lines_error, "blank_lines": st.lines_blank},
+                      "timings_s": {"read": round(st.read_s, 3), "infer": round(st.infer_s, 3),
+                                    "write": round(st.write_s, 3)}}
+        self.jobs.save(st, expected)
+        return self.complete_shard()
+
+    def complete_shard(self) -> dict[str, Any]:
+        """Count this (completed) shard in the job's item; the shard that completes the set closes the job.
+        Idempotent: a redelivery after a crash anywhere here runs it again."""
+        st, shard = self.state, self.shard
+        assert shard is not None
+        figures = {"lines": st.lines, "lines_ok": st.lines_ok, "rows_ok": st.rows_ok, "lines_error": st.lines_error,
+                   "lines_blank": st.lines_blank, "invocations": st.invocations, "parts": st.next_part,
+                   "read_s": round(st.read_s, 6), "infer_s": round(st.infer_s, 6), "write_s": round(st.write_s, 6)}
+        closes, parent = shard_done(self.jobs.table, job_item_id(self.spec.parent_key), shard, figures)
+        logger.info("batch shard completed", extra={"job": self.spec.parent_key, "shard": shard.index,
+                                                     "closes_job": closes})
+        if closes:
+            self._close_job(parent)
+        return dict(st.summary)
+
+    def _close_job(self, parent: dict[str, Any]) -> None:
+        """Every shard is in: errors merged in the input's order, then _SUCCESS (once), then the job's item."""
+        from tierserve.batch.state import _to_dynamo
+
+        out = self.spec.output
+        counts = {"lines": parent["lines"], "output_lines": parent["lines_ok"], "rows": parent["rows_ok"],
+                  "errors": parent["lines_error"], "blank_lines": parent["lines_blank"]}
+        wall = time.time() - float(parent.get("started_at") or time.time())
+        summary = {"status": "completed", "job": out.key.rsplit("/", 1)[-1], "model": parent["model"],
+                   "model_version": parent["version"], "variant_sha256": parent.get("variant_sha256", ""),
+                   "input": self.spec.input.uri, "input_version": parent.get("input_version", {}),
+                   "output": out.uri, "shards": int(parent["shards"]), "parts": int(parent["parts"]),
+                   "chunk_rows": parent.get("chunk_rows"), "counts": counts,
+                   "invocations": int(parent["invocations"]),
+                   "timings_s": {"read": round(float(parent["read_s"]), 3), "infer": round(float(parent["infer_s"]), 3),
+                                 "write": round(float(parent["write_s"]), 3), "wall": round(wall, 3)}}
+        self.work_prefix = f"{WORK_PREFIX}{job_item_id(self.spec.parent_key)[4:36]}"  # every shard's fragments
+        key = f"{out.key}/_SUCCESS"
+        # Each step can be run again by the closer's redelivery: once _SUCCESS exists, errors.jsonl (written
+        # before it) is final and the fragments may already be gone, so neither is touched again.
+        if not self._exists(key):
+            self._merge_errors()  # s00000/errors-00000 ... sort in the input's order
+            self._put_once(key, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        self._delete_work()
+        self.jobs.table.update_item(Key={"id": job_item_id(self.spec.parent_key)},
+                                    UpdateExpression="SET #s = :done, summary = :summary",
+                                    ExpressionAttributeNames={"#s": "status"},
+                                    ExpressionAttributeValues={":done": "completed", ":summary": _to_dynamo(summary)})
+        telemetry.batch_job(parent["model"], parent["version"], rows=counts["rows"], errors=counts["errors"],
+                            seconds=wall)
+        logger.info("batch job completed", extra={"job": self.spec.parent_key, "counts": counts,
+                                                  "shards": summary["shards"]})
+
+    def _put_once(self, key: str, body: bytes) -> None:
+        """PutObject If-None-Match: *, S3's conditional write: a second writer (which the ``closer`` claim
+        already rules out) would get 412 and leave the first object alone."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body, ContentType="application/json",
+                               IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412",
+                                                                   "ConditionalRequestConflict"):
+                raise
+            logger.warning("_SUCCESS was already written; left as it is", extra={"key": key})
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=self.spec.output.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
 
     def _work_keys(self) -> list[str]:
         keys: list[str] = []

@@ -28,7 +28,7 @@ class JobConflictError(BackendUnavailableError):
 @dataclass
 class JobState:
     job_key: str
-    status: str = "running"  # running | completed
+    status: str = "running"  # running | sharded | completed
     model: str = ""
     version: str = ""
     variant_sha256: str = ""
@@ -49,6 +49,12 @@ class JobState:
     write_s: float = 0.0
     started_at: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    # A job that fanned out (status "sharded", tierserve.batch.shards): its plan, one [start, stop, line] a
+    # shard, and the parts its shards wrote. The counters above are the finished shards' sums; the set of
+    # finished shards (``done_shards``) and the shard closing the job (``closer``) live in the item beside them.
+    shards: int = 0
+    shard_plan: list[list[int]] = field(default_factory=list)
+    parts: int = 0
 
     @property
     def item_id(self) -> str:

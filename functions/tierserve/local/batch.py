@@ -79,7 +79,7 @@ def poll_once(sqs_client: Any, queue_url: str, handler: Callable[[dict, Any], An
 
 def poll_queue_forever(queue_url: str, handler: Callable[[dict, Any], Any], stop_event: threading.Event,
                        sqs_client: Any = None, context_factory: Callable[[], Any] | None = None,
-                       wait_s: int = 1) -> None:
+                       wait_s: int = 1, batch_size: int = 10) -> None:
     """Poll ``queue_url`` until ``stop_event`` is set, invoking ``handler`` like Lambda's SQS trigger."""
     if sqs_client is None:
         import boto3
@@ -93,7 +93,7 @@ def poll_queue_forever(queue_url: str, handler: Callable[[dict, Any], Any], stop
 
     while not stop_event.is_set():
         try:
-            poll_once(sqs_client, queue_url, handler, context_factory(), wait_s=wait_s)
+            poll_once(sqs_client, queue_url, handler, context_factory(), batch_size=batch_size, wait_s=wait_s)
         except Exception:
             logger.exception("polling the batch queue failed; retrying")
             stop_event.wait(1.0)

@@ -99,7 +99,7 @@ class LocalStack:
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
                  router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none",
                  invoke_port: int = 0, router_workers: int = 4, gpu_tier: str = "triton",
-                 sagemaker_model: str | None = None) -> None:
+                 sagemaker_model: str | None = None, batch_workers: int = 1) -> None:
         if gpu_tier not in ("triton", "sagemaker"):
             raise ConfigurationError(f"gpu_tier must be 'triton' or 'sagemaker', not {gpu_tier!r}")
         self.models = Path(models).resolve()
@@ -123,6 +123,7 @@ class LocalStack:
         self.invoke_port = invoke_port
         self.triton: Any = None
         self.gpu_tier = gpu_tier
+        self.batch_workers = max(1, batch_workers)
         self.sagemaker_model = sagemaker_model
         self.sagemaker: Any = None  # the local SageMaker Runtime (gpu_tier="sagemaker")
         self.endpoint_model = ""  # "name/version" the local endpoint serves
@@ -193,7 +194,7 @@ class LocalStack:
                 functions.append(self._local_function(self._spec(template, file_overrides, name, env),
                                                       max_workers=self.cpu_workers))
         if self.want_batch:
-            functions.append(self._local_function(specs[BATCH], max_workers=1))
+            functions.append(self._local_function(specs[BATCH], max_workers=self.batch_workers))
         if not self.router_inprocess:
             functions.append(self._local_function(specs[ROUTER], max_workers=self.router_workers))
         for fn in functions:
@@ -378,8 +379,9 @@ class LocalStack:
             return
         s3 = self.client("s3")
         if self.want_batch:
+            # A shard or a long job holds its message for minutes: 120 s before SQS hands it to another poller.
             self.queues = batch_local.create_local_stack(s3, self.client("dynamodb"), self.client("sqs"), BUCKET,
-                                                         JOB_TABLE)
+                                                         JOB_TABLE, visibility_timeout_s=120)
         else:
             s3.create_bucket(Bucket=BUCKET)
         for path in sorted(self.models.rglob("*")):
@@ -402,9 +404,14 @@ class LocalStack:
             except FunctionError as exc:  # the event source mapping sees a failed invocation
                 raise RuntimeError(exc.payload.get("errorMessage", "BatchInferenceFunction failed")) from None
 
-        for key in ("queue_url", "jobs_queue_url"):
+        # The S3 events queue: one poller, batches of 10 (template.yaml's ObjectCreated). The jobs queue: one
+        # poller per batch worker, one message each (JobMessages: BatchSize 1), as Lambda's SQS scaling runs
+        # concurrent invocations: a job's shards run in parallel.
+        pollers = [("queue_url", 10, 0)] + [("jobs_queue_url", 1, i) for i in range(self.batch_workers)]
+        for key, size, i in pollers:
             t = threading.Thread(target=batch_local.poll_queue_forever, args=(self.queues[key], handler, self._stop),
-                                 kwargs={"sqs_client": self.client("sqs")}, name=f"serve-poll-{key}", daemon=True)
+                                 kwargs={"sqs_client": self.client("sqs"), "batch_size": size},
+                                 name=f"serve-poll-{key}-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -531,6 +538,8 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--no-s3", action="store_true",
                    help="read models from the folder; no batch (moto_server still serves CloudWatch and DynamoDB)")
     p.add_argument("--no-batch", action="store_true", help="no BatchInferenceFunction or queue pollers")
+    p.add_argument("--batch-workers", type=int, default=1,
+                   help="concurrent BatchInferenceFunction environments (a fanned-out job's shards run in parallel)")
     p.add_argument("--router-worker", action="store_true",
                    help="run RouterFunction in worker processes instead of in-process (one invocation at a time)")
     p.add_argument("--router-workers", type=int, default=None, metavar="N",
@@ -566,7 +575,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
                        env=extra, env_vars=args.env_vars,
                        router_inprocess=not (args.router_worker or args.router_workers), auth=args.auth,
                        invoke_port=_invoke_port(args), router_workers=args.router_workers or 4,
-                       gpu_tier=args.gpu_tier, sagemaker_model=args.sagemaker_model)
+                       gpu_tier=args.gpu_tier, sagemaker_model=args.sagemaker_model,
+                       batch_workers=args.batch_workers)
     try:
         stack.start()
         print(stack.describe(), flush=True)
