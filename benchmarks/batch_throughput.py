@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Context, Figure, Series, Skip
+from benchmarks.harness import Context, Figure, Series, Skip, suite_main
 
 SUITE = "batch"
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,18 +240,9 @@ def _rss(ctx: Context) -> None:
 
 
 def main() -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=Path("build/models"))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rss", action="store_true", help="also peak RSS on 100k vs 1M rows (minutes)")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(args.models, Path(tmp), args.quick, suite=SUITE, notes={"rss": args.rss})
-        run(ctx)
-        print(json.dumps([f.to_json() for f in ctx.figures], indent=1))
-    return 0
+    return suite_main(SUITE, run, __doc__, extra=lambda args: {"rss": args.rss},
+                      options=lambda ap: ap.add_argument("--rss", action="store_true",
+                                                         help="also peak RSS on 100k vs 1M rows (minutes)"))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Context, Figure, Series, Skip, percentile
+from benchmarks.harness import Context, Figure, Series, Skip, percentile, suite_main
 
 SUITE = "cost"
 MIX = ((1, 0.80), (4, 0.12), (64, 0.08))
@@ -316,19 +316,7 @@ def _plot(results: dict[str, dict[float, Any]], workdir: Path, name: str) -> Pat
 
 
 def main() -> int:
-    import argparse
-    import tempfile
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=Path("build/models"))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(args.models, Path(tmp), args.quick, suite=SUITE)
-        run(ctx)
-        for f in ctx.figures:
-            print(json.dumps({"name": f.name, "ratio": f.ratio, "extra": f.extra["all"]}, default=str))
-    return 0
+    return suite_main(SUITE, run, __doc__)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Context, Figure, Series, Skip, interleave
+from benchmarks.harness import Context, Figure, Series, Skip, interleave, suite_main
 
 SUITE = "handler"
 
@@ -100,17 +100,7 @@ def run(ctx: Context) -> None:
 
 
 def main() -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=Path("build/models"))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(args.models, Path(tmp), args.quick, suite=SUITE)
-        run(ctx)
-        print(json.dumps([f.to_json() for f in ctx.figures], indent=1))
-    return 0
+    return suite_main(SUITE, run, __doc__)
 
 
 if __name__ == "__main__":

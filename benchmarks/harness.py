@@ -150,3 +150,25 @@ def interleave(paths: dict[str, Callable[[], Any]], n: int, warmup: int = 3) -> 
             if i >= warmup:
                 out[k].append(dt)
     return out
+
+
+def suite_main(suite: str, run: Callable[[Context], None], doc: str | None,
+               extra: Callable[[Any], dict[str, Any]] | None = None,
+               options: Callable[[Any], None] | None = None) -> int:
+    """``python -m benchmarks.NAME [--models DIR] [--quick]``: run one suite in a scratch folder and print
+    its figures as JSON. ``options`` adds the suite's own flags; ``extra`` turns them into ``Context.notes``."""
+    import argparse
+    import json
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=Path("build/models"))
+    ap.add_argument("--quick", action="store_true")
+    if options is not None:
+        options(ap)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{suite}-") as tmp:
+        ctx = Context(args.models, Path(tmp), args.quick, suite=suite, notes=extra(args) if extra else {})
+        run(ctx)
+    print(json.dumps([f.to_json() for f in ctx.figures], indent=1, default=str))
+    return 0

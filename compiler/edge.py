@@ -58,6 +58,15 @@ PROFILES: dict[str, EdgeProfile] = {
 DEFAULT_PROFILE = "rpi4"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A CPU-tier variant within its accuracy budget: its key, file size and measured profile."""
+
+    key: str
+    size_bytes: int
+    profile: dict[str, Any]
+
+
 def load_profile(spec: str | None) -> EdgeProfile:
     """A built-in profile by name, or a JSON file ``{"memory_mb", "cores", "speed"}``; else a ConfigError."""
     spec = spec or DEFAULT_PROFILE
@@ -75,15 +84,6 @@ def load_profile(spec: str | None) -> EdgeProfile:
     if prof.memory_mb <= 0 or prof.cores <= 0 or prof.speed <= 0:
         raise ConfigError(f"--edge-profile {path}: memory_mb, cores and speed must be positive")
     return prof
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A CPU-tier variant within its accuracy budget: its key, file size and measured profile."""
-
-    key: str
-    size_bytes: int
-    profile: dict[str, Any]
 
 
 def place_edge(placement: Placement, candidates: list[Candidate], profile: EdgeProfile, *, target: str,

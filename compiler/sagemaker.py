@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tierserve_compiler.data import sha256_file
 from tierserve_compiler.errors import CompilerError
 
 SAGEMAKER_DIR = "sagemaker"
@@ -67,14 +67,6 @@ class Package:
 
 def archive_name(name: str, version: str) -> str:
     return f"{name}-{version}.tar.gz"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def production_config(config_text: str, version: str, fp16: bool) -> str:
@@ -109,7 +101,7 @@ def _gpu_variant(models: Path, name: str, version: str, model_file: Path) -> str
 
     manifest = Manifest.loads((models / "manifest.json").read_bytes())
     mv = manifest.resolve(name, version)
-    digest = _sha256(model_file)
+    digest = sha256_file(model_file)
     for key, variant in mv.variants.items():
         if variant.sha256 == digest:
             return key
@@ -149,7 +141,7 @@ def package(models: Path | str, name: str, version: str | None = None, out_dir: 
     tmp = dest.with_name(f".{dest.name}.tmp")
     _write_tar(tmp, members)
     os.replace(tmp, dest)
-    return Package(dest, name, version, variant, _sha256(dest), dest.stat().st_size, config)
+    return Package(dest, name, version, variant, sha256_file(dest), dest.stat().st_size, config)
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes | Path]]) -> None:

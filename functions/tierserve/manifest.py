@@ -129,6 +129,18 @@ def check_artifact_path(path: str) -> str:
     return path
 
 
+def _number(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{x!r} is not a number")
+    return x
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 def _fields(what: str, d: Any, parse: Callable[[Any], T]) -> T:
     """``parse(d)``, with any missing key or wrong type reported as a :class:`ManifestError` on ``what``."""
     try:
@@ -182,12 +194,6 @@ class TensorSpec:
         if spec.value_range is not None and not spec.value_range[0] <= spec.value_range[1]:
             raise ManifestError(f"tensor {spec.name!r}: value_range {list(spec.value_range)} is empty")
         return spec
-
-
-def _number(x: Any) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"{x!r} is not a number")
-    return x
 
 
 @dataclass(frozen=True)
@@ -369,12 +375,6 @@ class ModelVersion:
             raise ManifestError(f"v{version}: targets {list(mv.targets)} name no cloud tier; an edge model also "
                                 "needs cpu or gpu, which serve what a device forwards (recompile with --target edge)")
         return mv
-
-
-def _flag(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ManifestError(f"{what} must be true or false, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)

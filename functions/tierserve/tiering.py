@@ -269,11 +269,7 @@ class TierDispatcher:
 
     def score(self, model: ModelVersion, arrays: dict[str, Any], deadline: Deadline | None = None) -> dict[str, Any]:
         """Batch scoring: numpy feeds in, every output as a numpy array out, through the same tiers."""
-        from tierserve.codec import tensor_from_numpy
-
-        request = InferRequest(inputs=[tensor_from_numpy(k, v) for k, v in arrays.items()],
-                               outputs=[RequestedOutput(o.name, binary_data=True) for o in model.outputs])
-        return self.dispatch(model, InferenceCall.from_request(request), deadline=deadline).reply.arrays()
+        return score_arrays(self, model, arrays, deadline)
 
     def _cpu(self, model: ModelVersion, call: InferenceCall, deadline: Deadline) -> Reply:
         if self.cpu is None or not model.serves_cpu:
@@ -371,3 +367,15 @@ class TierDispatcher:
         reply = self._cpu(model, call, deadline)
         fallback = Decision("cpu", f"{decision.reason}; GPU tier unavailable ({why})", "gpu-unavailable")
         return Dispatched(reply, "cpu", fallback, "gpu-unavailable")
+
+
+def score_arrays(dispatcher: Any, model: ModelVersion, arrays: dict[str, Any],
+                 deadline: Deadline | None = None) -> dict[str, Any]:
+    """``score`` for any dispatcher (the cloud's, the edge's): the arrays as a binary-output request
+    through ``dispatcher.dispatch``, every output back as a numpy array."""
+    from tierserve.codec import tensor_from_numpy
+
+    request = InferRequest(inputs=[tensor_from_numpy(k, v) for k, v in arrays.items()],
+                           outputs=[RequestedOutput(o.name, binary_data=True) for o in model.outputs])
+    reply: Reply = dispatcher.dispatch(model, InferenceCall.from_request(request), deadline=deadline).reply
+    return reply.arrays()

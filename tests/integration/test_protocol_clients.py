@@ -16,27 +16,19 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.support.models import linear_onnx, write_model
+from tests.support.models import write_dual_tier_linear
 from tierserve.local import perf_analyzer
-from tierserve.manifest import TensorSpec
 
 pytestmark = pytest.mark.integration
 
-X = (TensorSpec("x", "FP32", (-1, 4)),)
-Y = (TensorSpec("y", "FP32", (-1, 3)),)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from tierserve.local.serve import LocalStack
-    from tierserve_compiler.triton import write_triton_repo
 
     root = tmp_path_factory.mktemp("protocol-models")
-    data, w, b = linear_onnx(seed=33)
-    write_model(root, "lin", "1", data, X, Y, targets=("gpu", "cpu"), max_batch_size=16,
-                routing={"gpu_min_rows": 8, "gpu_min_bytes": 1 << 30})
-    write_triton_repo(root, "lin", "1", root / "lin" / "1" / "model.onnx", list(X), list(Y), 16,
-                      tensorrt_fp16=False, warmup=False)
+    w, b = write_dual_tier_linear(root, seed=33)
     with LocalStack(root, port=0, s3=False, batch=False, workdir=tmp_path_factory.mktemp("serve")) as s:
         s.weights = (w, b)
         yield s

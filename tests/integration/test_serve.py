@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.models import linear_onnx, write_model
+from tests.support.models import write_dual_tier_linear
 from tierserve.local.apigw import ApiGatewayServer, http_api_event
 from tierserve.local.lambda_endpoint import LambdaEndpoint, LocalFunction
-from tierserve.manifest import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-X = (TensorSpec("x", "FP32", (-1, 4)),)
-Y = (TensorSpec("y", "FP32", (-1, 3)),)
 
 
 # --- API Gateway HTTP API emulation -------------------------------------------------------------
@@ -127,14 +124,8 @@ def test_lambda_invoke_endpoint_as_boto3_sees_it() -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from tierserve_compiler.triton import write_triton_repo
-
     root = tmp_path_factory.mktemp("serve-models")
-    data, w, b = linear_onnx(seed=21)
-    write_model(root, "lin", "1", data, X, Y, targets=("gpu", "cpu"), max_batch_size=16,
-                routing={"gpu_min_rows": 8, "gpu_min_bytes": 1 << 30})
-    write_triton_repo(root, "lin", "1", root / "lin" / "1" / "model.onnx", list(X), list(Y), 16,
-                      tensorrt_fp16=False, warmup=False)
+    w, b = write_dual_tier_linear(root, seed=21)
     return root, w, b
 
 

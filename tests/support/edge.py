@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.support.fakes import write_linear
 from tierserve.manifest import Manifest
@@ -36,3 +39,18 @@ def write_edge_store(root: Path) -> Path:
     write_linear(root, "cpu-only", "1", seed=2, targets=("cpu",))
     write_linear(root, "gpu-only", "1", seed=3, targets=("gpu",))
     return root
+
+
+@contextlib.contextmanager
+def synced_edge(max_payload_bytes: int, **settings: Any) -> Iterator[Any]:
+    """A started ``tierserve edge`` runtime (no sync loop) after one sync; stopped on exit."""
+    from tierserve.edge.runtime import EdgeRuntime
+    from tierserve.edge.settings import EdgeSettings
+    from tierserve.settings import Settings
+
+    rt = EdgeRuntime(EdgeSettings(**settings), Settings(max_payload_bytes=max_payload_bytes)).start(sync=False)
+    rt.sync()
+    try:
+        yield rt
+    finally:
+        rt.stop()

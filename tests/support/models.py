@@ -115,3 +115,17 @@ def write_embedding(root: Path, name: str = "emb", version: str = "1", vocab: in
     if not checks:
         inputs = [TensorSpec(s.name, s.datatype, s.shape) for s in inputs]
     return write_model(root, name, version, data, tuple(inputs), tuple(outputs), targets=targets)
+
+
+def write_dual_tier_linear(root: Path, name: str = "lin", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 4 -> 3 linear model on both tiers (the CPU copy and a Triton repository for the local Triton),
+    routed to the GPU from 8 rows; returns its (w, b)."""
+    from tierserve_compiler.triton import write_triton_repo
+
+    x, y = (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),)
+    data, w, b = linear_onnx(seed=seed)
+    write_model(root, name, "1", data, x, y, targets=("gpu", "cpu"), max_batch_size=16,
+                routing={"gpu_min_rows": 8, "gpu_min_bytes": 1 << 30})
+    write_triton_repo(root, name, "1", root / name / "1" / "model.onnx", list(x), list(y), 16,
+                      tensorrt_fp16=False, warmup=False)
+    return w, b

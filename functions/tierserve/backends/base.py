@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from tierserve.calls import InferenceCall, Reply
+from tierserve.errors import TierserveError
 from tierserve.manifest import ModelVersion
 
 
@@ -43,3 +47,89 @@ def is_input_error(message: str) -> bool:
     """Whether a backend's error message says the request's input was at fault (400, not a tier failure)."""
     low = message.lower()
     return any(m in message for m in INPUT_ERROR_MARKERS) and not any(m in low for m in DEVICE_FAULT_MARKERS)
+
+
+class Readiness:
+    """A backend's readiness answers, remembered per key: a probe (an Invoke, a model load and run) is
+    too dear to repeat for every health check, and a failing one must not be hammered either.
+
+    ``ok_ttl_s`` is how long a success stands (None: for good, as for a content-addressed artifact that
+    cannot change); ``retry_s`` how long a failure does before the next probe."""
+
+    def __init__(self, ok_ttl_s: float | None, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ok_ttl_s, self.retry_s, self.clock = ok_ttl_s, retry_s, clock
+        self._known: dict[str, tuple[TierserveError | None, float]] = {}
+
+    def check(self, key: str, probe: Callable[[], TierserveError | None]) -> None:
+        """Raise what ``probe`` found for ``key`` (now, or remembered while it stands); return when ready."""
+        known = self._known.get(key)
+        if known is not None:
+            problem, at = known
+            ttl = self.ok_ttl_s if problem is None else self.retry_s
+            if ttl is None or self.clock() - at < ttl:
+                if problem is not None:
+                    raise problem
+                return
+        problem = probe()
+        self._known[key] = (problem, self.clock())
+        if problem is not None:
+            raise problem
+
+
+def ready_by(check_ready: Callable[[ModelVersion], None], model: ModelVersion | None) -> bool:
+    """``Backend.ready`` from a ``check_ready`` that raises: never raises itself."""
+    if model is None:
+        return True
+    try:
+        check_ready(model)
+        return True
+    except TierserveError:
+        return False
+
+
+_pools: dict[str, Any] = {}
+_pools_lock = threading.Lock()
+
+
+def shared_pool(name: str, max_workers: int) -> Any:
+    """The process's thread pool called ``name``, made on first use (a cold start that never splits a
+    request or calls the GPU never starts its threads); shared by every backend instance."""
+    pool = _pools.get(name)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(name)
+            if pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = _pools[name] = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name)
+    return pool
+
+
+class ClientsByTimeout:
+    """boto3 clients of one AWS service, one per read timeout: a client's timeout is fixed when it is
+    made, while each request brings its own remaining deadline. boto3 clients are thread-safe and keep
+    their connection pools, so a few buckets of them serve every request. ``injected`` (tests) is used
+    for every timeout."""
+
+    def __init__(self, service: str, injected: Any = None, **config: Any) -> None:
+        self.service, self.injected, self.config = service, injected, config
+        self._clients: dict[float, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, read_timeout_s: float) -> Any:
+        if self.injected is not None:
+            return self.injected
+        client = self._clients.get(read_timeout_s)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(read_timeout_s)
+                if client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    # No automatic retries: a retried call (an Invoke, an InvokeEndpoint) could run the same
+                    # request twice. botocore's "max_attempts" counts retries; the total is what must be 1.
+                    cfg = Config(read_timeout=read_timeout_s, connect_timeout=min(2.0, read_timeout_s),
+                                 retries={"total_max_attempts": 1, "mode": "standard"}, **self.config)
+                    client = self._clients[read_timeout_s] = boto3.client(self.service, config=cfg)
+        return client

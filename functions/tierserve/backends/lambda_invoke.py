@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from typing import Any
 
 from tierserve import errors, limits
+from tierserve.backends.base import ClientsByTimeout, Readiness, ready_by, shared_pool
 from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import ModelVersion
 
@@ -49,9 +49,8 @@ class LambdaInvokeBackend:
         self.functions = dict(functions or {})
         self.timeout_s = timeout_s
         self._client = client  # injected (tests): used for every timeout
-        self._clients: dict[float, Any] = {}
-        self._lock = threading.Lock()
-        self._readiness: dict[str, tuple[errors.TierserveError | None, float]] = {}
+        self._clients = ClientsByTimeout("lambda", client)
+        self.readiness = Readiness(ok_ttl_s=READY_TTL_S, retry_s=READY_RETRY_S)
 
     def _bucket(self, timeout_s: float | None) -> float:
         """The smallest read timeout in TIMEOUT_BUCKETS_S covering ``timeout_s`` (at most ``self.timeout_s``)."""
@@ -63,24 +62,7 @@ class LambdaInvokeBackend:
         """A boto3 Lambda client whose read timeout fits the request's remaining budget.
 
         boto3 clients are thread-safe and keep their connection pools; there is one per bucket."""
-        if self._client is not None:
-            return self._client
-        bucket = self._bucket(timeout_s)
-        client = self._clients.get(bucket)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(bucket)
-                if client is None:
-                    import boto3
-                    from botocore.config import Config
-
-                    # No automatic retries: a retried Invoke could run the same request twice.
-                    # (botocore's "max_attempts" counts retries, so 1 meant one retry; the total is what
-                    # must be 1.)
-                    cfg = Config(read_timeout=bucket, connect_timeout=min(2.0, bucket),
-                                 retries={"total_max_attempts": 1, "mode": "standard"})
-                    client = self._clients[bucket] = boto3.client("lambda", config=cfg)
-        return client
+        return self._clients.get(self._bucket(timeout_s))
 
     def function_for(self, model: ModelVersion) -> str:
         """The CPU function of ``model``'s memory class (``tierserve.memory_classes``)."""
@@ -181,38 +163,26 @@ class LambdaInvokeBackend:
         from tierserve.direct import readiness_payload
         from tierserve.wire import json_dumps, json_loads
 
-        key = f"{model.name}/{model.version}"
-        known = self._readiness.get(key)
-        if known is not None and time.monotonic() - known[1] < (READY_TTL_S if known[0] is None else READY_RETRY_S):
-            if known[0] is not None:
-                raise known[0]
-            return
-        problem: errors.TierserveError | None = None
-        try:
-            function_name = self.function_for(model)  # the model's memory class
-            out = self.client(self.timeout_s).invoke(FunctionName=function_name,
-                                                     InvocationType="RequestResponse",
-                                                     Payload=json_dumps(readiness_payload(model)))
-            reply = json_loads(out["Payload"].read() or b"{}")
-            if out.get("FunctionError") or not isinstance(reply, dict):
-                problem = errors.InferenceError(f"{function_name} failed its readiness check; see its logs")
-            elif int(reply.get("statusCode", 500)) != 200:
-                problem = _tier_error(function_name, int(reply.get("statusCode", 500)), reply)
-        except Exception as exc:
-            problem = exc if isinstance(exc, errors.TierserveError) else errors.BackendUnavailableError(
-                f"cannot invoke the CPU function for {key}: {type(exc).__name__}: {exc}")
-        self._readiness[key] = (problem, time.monotonic())
-        if problem is not None:
-            raise problem
+        def probe() -> errors.TierserveError | None:
+            try:
+                function_name = self.function_for(model)  # the model's memory class
+                out = self.client(self.timeout_s).invoke(FunctionName=function_name,
+                                                         InvocationType="RequestResponse",
+                                                         Payload=json_dumps(readiness_payload(model)))
+                reply = json_loads(out["Payload"].read() or b"{}")
+                if out.get("FunctionError") or not isinstance(reply, dict):
+                    return errors.InferenceError(f"{function_name} failed its readiness check; see its logs")
+                if int(reply.get("statusCode", 500)) != 200:
+                    return _tier_error(function_name, int(reply.get("statusCode", 500)), reply)
+            except Exception as exc:
+                return exc if isinstance(exc, errors.TierserveError) else errors.BackendUnavailableError(
+                    f"cannot invoke the CPU function for {model.name}/{model.version}: {type(exc).__name__}: {exc}")
+            return None
+
+        self.readiness.check(f"{model.name}/{model.version}", probe)
 
     def ready(self, model: ModelVersion | None = None) -> bool:
-        if model is None:
-            return True
-        try:
-            self.check_ready(model)
-            return True
-        except errors.TierserveError:
-            return False
+        return ready_by(self.check_ready, model)
 
 
 def _tier_error(function_name: str, status: int, reply: dict) -> errors.TierserveError:
@@ -237,8 +207,6 @@ def _tier_error(function_name: str, status: int, reply: dict) -> errors.Tierserv
 
 # --- sub-batches that fit Lambda's quotas --------------------------------------------------------------
 
-_pool: Any = None
-_pool_lock = threading.Lock()
 #: Concurrent Invokes for the parts of one split request.
 SPLIT_CONCURRENCY = 8
 #: Room in each part for its JSON header and the payload's fields.
@@ -246,14 +214,7 @@ PART_HEADER_BYTES = 64 * 1024
 
 
 def _split_pool() -> Any:
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                _pool = ThreadPoolExecutor(max_workers=SPLIT_CONCURRENCY, thread_name_prefix="invoke-split")
-    return _pool
+    return shared_pool("invoke-split", SPLIT_CONCURRENCY)
 
 
 def plan_parts(model: ModelVersion, request: Any) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from tierserve import telemetry
-from tierserve.backends.base import is_input_error
+from tierserve.backends.base import Readiness, is_input_error, ready_by
 from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import InferenceError, InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion
@@ -23,7 +23,7 @@ class OnnxBackend:
     def __init__(self, store: ModelStore, threads: int = 1) -> None:
         self.store = store
         self.threads = threads
-        self._readiness: dict[str, tuple[TierserveError | None, float]] = {}
+        self.readiness = Readiness(ok_ttl_s=None, retry_s=READY_RETRY_S)
 
     def session(self, model: ModelVersion) -> Any:
         from tierserve.sessions import get_session, is_cached
@@ -69,31 +69,19 @@ class OnnxBackend:
         means the model loaded and ran its checks."""
         from tierserve.codec import probe_request
 
-        key = model.cpu_artifact.sha256
-        known = self._readiness.get(key)
-        if known is not None and (known[0] is None or time.monotonic() - known[1] < READY_RETRY_S):
-            if known[0] is not None:
-                raise known[0]
-            return
-        problem: TierserveError | None = None
-        try:
-            request = probe_request(model)
-            self.run(model, {t.name: t.data for t in request.inputs})
-        except InvalidRequestError:
-            pass
-        except TierserveError as exc:
-            problem = exc
-        except Exception as exc:  # a bug must not make readiness raise
-            problem = InferenceError(f"model {model.name!r} v{model.version} failed its readiness run: {exc}")
-        self._readiness[key] = (problem, time.monotonic())
-        if problem is not None:
-            raise problem
+        def probe() -> TierserveError | None:
+            try:
+                request = probe_request(model)
+                self.run(model, {t.name: t.data for t in request.inputs})
+            except InvalidRequestError:
+                pass
+            except TierserveError as exc:
+                return exc
+            except Exception as exc:  # a bug must not make readiness raise
+                return InferenceError(f"model {model.name!r} v{model.version} failed its readiness run: {exc}")
+            return None
+
+        self.readiness.check(model.cpu_artifact.sha256, probe)
 
     def ready(self, model: ModelVersion | None = None) -> bool:
-        if model is None:
-            return True
-        try:
-            self.check_ready(model)
-            return True
-        except TierserveError:
-            return False
+        return ready_by(self.check_ready, model)

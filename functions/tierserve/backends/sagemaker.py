@@ -42,19 +42,12 @@ health, opened by failed calls.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from typing import Any
 
+from tierserve import errors
+from tierserve.backends.base import ClientsByTimeout
 from tierserve.calls import InferenceCall, Reply
-from tierserve.errors import (
-    BackendTimeoutError,
-    BackendUnavailableError,
-    ConfigurationError,
-    InferenceError,
-    InvalidRequestError,
-    TierserveError,
-)
 from tierserve.manifest import ModelVersion
 from tierserve.types import InferRequest, InferResponse
 
@@ -103,22 +96,22 @@ def header_length_of(content_type_value: str | None) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise InferenceError(f"the endpoint answered an unreadable content type {value!r}") from None
+        raise errors.InferenceError(f"the endpoint answered an unreadable content type {value!r}") from None
 
 
-def classify_container_error(status: int, message: str, what: str) -> TierserveError:
+def classify_container_error(status: int, message: str, what: str) -> errors.TierserveError:
     """The error for a container's non-2xx answer (ModelError's OriginalStatusCode and OriginalMessage)."""
     text = _container_message(message)
     low = text.lower()
     if status == 507 or "out of memory" in low:
-        return InferenceError(f"the GPU endpoint ran out of memory for {what}: {text}")
+        return errors.InferenceError(f"the GPU endpoint ran out of memory for {what}: {text}")
     if status in (0, 408, 504) or any(h in low for h in _TIMEOUT_HINTS):
-        return BackendTimeoutError(f"the GPU endpoint did not answer {what} in time: {text}")
+        return errors.BackendTimeoutError(f"the GPU endpoint did not answer {what} in time: {text}")
     if any(h in low for h in _UNAVAILABLE_HINTS) or status in (404, 502, 503):
-        return BackendUnavailableError(f"the GPU endpoint cannot serve {what}: {text}")
+        return errors.BackendUnavailableError(f"the GPU endpoint cannot serve {what}: {text}")
     if 400 <= status < 500 and any(h in low for h in _INPUT_HINTS):
-        return InvalidRequestError(f"the GPU tier rejected {what}: {text}")
-    return InferenceError(f"the GPU endpoint failed to run {what}: {text}")
+        return errors.InvalidRequestError(f"the GPU tier rejected {what}: {text}")
+    return errors.InferenceError(f"the GPU endpoint failed to run {what}: {text}")
 
 
 def _container_message(message: str) -> str:
@@ -134,19 +127,19 @@ def _container_message(message: str) -> str:
     return str(message)
 
 
-def map_client_error(exc: BaseException, what: str) -> TierserveError:
+def map_client_error(exc: BaseException, what: str) -> errors.TierserveError:
     """A botocore exception from InvokeEndpoint as a tierserve error (nothing from botocore leaks)."""
-    if isinstance(exc, TierserveError):
+    if isinstance(exc, errors.TierserveError):
         return exc
     name = type(exc).__name__
     if name in ("ReadTimeoutError", "ReadTimeout", "ConnectTimeoutError") or isinstance(exc, TimeoutError):
-        return BackendTimeoutError(f"the GPU endpoint did not answer {what} in time ({name})")
+        return errors.BackendTimeoutError(f"the GPU endpoint did not answer {what} in time ({name})")
     if name in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError") or isinstance(
             exc, ConnectionError):
-        return BackendUnavailableError(f"the GPU endpoint is unreachable for {what} ({name}: {exc})")
+        return errors.BackendUnavailableError(f"the GPU endpoint is unreachable for {what} ({name}: {exc})")
     response = getattr(exc, "response", None)
     if not isinstance(response, dict):
-        return InferenceError(f"InvokeEndpoint for {what} failed ({name}: {exc})")
+        return errors.InferenceError(f"InvokeEndpoint for {what} failed ({name}: {exc})")
     err = response.get("Error") or {}
     code = str(err.get("Code") or "")
     message = str(err.get("Message") or exc)
@@ -159,12 +152,12 @@ def map_client_error(exc: BaseException, what: str) -> TierserveError:
         original_message = response.get("OriginalMessage") or err.get("OriginalMessage") or message
         return classify_container_error(status, str(original_message), what)
     if code in _UNAVAILABLE_CODES:
-        return BackendUnavailableError(f"the GPU endpoint cannot serve {what} now ({code}: {message})")
+        return errors.BackendUnavailableError(f"the GPU endpoint cannot serve {what} now ({code}: {message})")
     if code == "ValidationError" and ("not found" in message.lower() or "endpoint" in message.lower()):
-        return BackendUnavailableError(
+        return errors.BackendUnavailableError(
             f"InvokeEndpoint refused {what} ({message}); check SAGEMAKER_ENDPOINT_NAME and that the endpoint is "
             "InService")
-    return InferenceError(f"InvokeEndpoint for {what} failed ({code or name}: {message})")
+    return errors.InferenceError(f"InvokeEndpoint for {what} failed ({code or name}: {message})")
 
 
 class SageMakerBackend:
@@ -175,45 +168,27 @@ class SageMakerBackend:
     def __init__(self, endpoint_name: str, *, model: str = "", target_model: str = "", timeout_s: float = 10.0,
                  client: Any = None) -> None:
         if not endpoint_name:
-            raise ConfigurationError("GPU_BACKEND=sagemaker needs SAGEMAKER_ENDPOINT_NAME (the endpoint's name)")
+            raise errors.ConfigurationError("GPU_BACKEND=sagemaker needs SAGEMAKER_ENDPOINT_NAME (the endpoint's name)")
         if timeout_s <= 0:
-            raise ConfigurationError(f"the GPU tier's timeout must be positive, not {timeout_s!r}")
+            raise errors.ConfigurationError(f"the GPU tier's timeout must be positive, not {timeout_s!r}")
         if target_model:
             try:
                 target_model.format(name="m", version="1")
             except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigurationError(
+                raise errors.ConfigurationError(
                     f"SAGEMAKER_TARGET_MODEL={target_model!r} may use only {{name}} and {{version}}: {exc}") from None
         self.endpoint_name = endpoint_name
         self.model = model
         self.target_model = target_model
         self.timeout_s = float(timeout_s)
-        self._client = client  # injected (tests): used for every timeout
-        self._clients: dict[float, Any] = {}
-        self._lock = threading.Lock()
+        self._clients = ClientsByTimeout("sagemaker-runtime", client, max_pool_connections=32)
 
     def __repr__(self) -> str:
         return f"SageMakerBackend({self.endpoint_name!r}, model={self.model!r}, target_model={self.target_model!r})"
 
     def client(self, timeout_s: float) -> Any:
         """A ``sagemaker-runtime`` client whose read timeout fits ``timeout_s`` (one per bucket, thread-safe)."""
-        if self._client is not None:
-            return self._client
-        bucket = _bucket(timeout_s)
-        client = self._clients.get(bucket)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(bucket)
-                if client is None:
-                    import boto3
-                    from botocore.config import Config
-
-                    # No automatic retries: a retried InvokeEndpoint could run the same request twice.
-                    cfg = Config(read_timeout=bucket, connect_timeout=min(2.0, bucket),
-                                 retries={"total_max_attempts": 1, "mode": "standard"},
-                                 max_pool_connections=32)
-                    client = self._clients[bucket] = boto3.client("sagemaker-runtime", config=cfg)
-        return client
+        return self._clients.get(_bucket(timeout_s))
 
     def serves(self, model: ModelVersion) -> bool:
         """Whether this endpoint holds ``model``: a single-model endpoint holds only ``SAGEMAKER_MODEL``
@@ -234,11 +209,11 @@ class SageMakerBackend:
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
         what = f"model {model.name!r} version {model.version!r}"
         if not self.serves(model):
-            raise BackendUnavailableError(
+            raise errors.BackendUnavailableError(
                 f"endpoint {self.endpoint_name!r} serves model {self.model!r}, not {model.name!r} v{model.version}")
         timeout = self.timeout_s if timeout_s is None else min(float(timeout_s), self.timeout_s)
         if timeout <= 0:
-            raise BackendTimeoutError("no time left in the request's budget to call the GPU endpoint")
+            raise errors.BackendTimeoutError("no time left in the request's budget to call the GPU endpoint")
         limit = model.max_batch_size
         if limit <= 0 or call.rows <= limit or not all(t.shape for t in call.inputs):
             body = call.body()
@@ -265,7 +240,7 @@ class SageMakerBackend:
     def _invoke(self, model: ModelVersion, data: bytes, header_length: int | None, timeout: float,
                 what: str) -> InferResponse:
         if len(data) > MAX_REQUEST_BYTES:
-            raise InvalidRequestError(
+            raise errors.InvalidRequestError(
                 f"the request for {what} is {len(data)} bytes, over InvokeEndpoint's 6 MB limit; send fewer rows")
         kwargs: dict[str, Any] = {"EndpointName": self.endpoint_name, "Body": data,
                                   "ContentType": content_type(header_length), "Accept": JSON_CONTENT_TYPE}
@@ -280,12 +255,12 @@ class SageMakerBackend:
             from tierserve.codec import decode_response
 
             response = decode_response(raw, header_length_of(out.get("ContentType")))
-        except TierserveError as exc:
-            raise InferenceError(f"cannot read the GPU endpoint's answer for {what}: {exc.message}") from None
+        except errors.TierserveError as exc:
+            raise errors.InferenceError(f"cannot read the GPU endpoint's answer for {what}: {exc.message}") from None
         # A multi-model endpoint names the model after its archive; a single-model one by its own name.
         served = (response.model_name or model.name, str(response.model_version or model.version))
         if not self.target_model and served != (model.name, model.version):
-            raise InferenceError(
+            raise errors.InferenceError(
                 f"endpoint {self.endpoint_name!r} answered with model {served[0]!r} v{served[1]}, not "
                 f"{model.name!r} v{model.version}: set SAGEMAKER_MODEL to the name/version its model.tar.gz holds")
         return response

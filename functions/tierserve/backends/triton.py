@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from tierserve.backends.base import is_input_error
+from tierserve.backends.base import is_input_error, shared_pool
 from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import (
     BackendTimeoutError,
@@ -414,8 +414,6 @@ def _as_manifest_shape(model: ModelVersion, name: str, arr: Any) -> Any:
 
 # --- the call pool, and splitting batches over max_batch_size ------------------------------------------
 
-_pool: Any = None
-_pool_lock = threading.Lock()
 #: Threads (each with its own HTTP clients) that make every call to Triton; created as needed.
 CALL_THREADS = 32
 #: The least time a call is sent with; below it the deadline has passed.
@@ -423,14 +421,7 @@ MIN_CALL_S = 0.01
 
 
 def _call_pool() -> Any:
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                _pool = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="triton-call")
-    return _pool
+    return shared_pool("triton-call", CALL_THREADS)
 
 
 def _await_all(futures: list[Any], deadline: float, what: str) -> list[Any]:

@@ -16,13 +16,14 @@ names the bad lines. Parts are written with orjson (JSONL) or pyarrow (Parquet, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -278,6 +279,19 @@ def jsonl_records(s3: Any, loc: S3Location, version: dict[str, str], model: Mode
         body.close()
 
 
+@contextlib.contextmanager
+def _spooled(s3: Any, loc: S3Location, version: dict[str, str], tmp_dir: str | None) -> Iterator[IO[bytes]]:
+    """The object copied to a local temporary file, for formats that must seek (a zip's directory and
+    Parquet's footer are at the end); the file is gone when the block ends."""
+    body = get_body(s3, loc, version)
+    with tempfile.TemporaryFile(dir=tmp_dir) as f:
+        for block in iter(lambda: body.read(_READ_CHUNK), b""):
+            f.write(block)
+        body.close()
+        f.seek(0)
+        yield f
+
+
 def npz_records(s3: Any, loc: S3Location, version: dict[str, str], model: ModelVersion,
                 start_row: int, chunk_rows: int, tmp_dir: str | None = None,
                 stop_row: int | None = None) -> Iterator[Record]:
@@ -285,12 +299,7 @@ def npz_records(s3: Any, loc: S3Location, version: dict[str, str], model: ModelV
 
     The archive is spooled to local disk (a zip needs seeking); each member is then read a
     chunk of rows at a time, so memory stays bounded by the chunk size."""
-    body = get_body(s3, loc, version)
-    with tempfile.TemporaryFile(dir=tmp_dir) as f:
-        for block in iter(lambda: body.read(_READ_CHUNK), b""):
-            f.write(block)
-        body.close()
-        f.seek(0)
+    with _spooled(s3, loc, version, tmp_dir) as f:
         try:
             zf = zipfile.ZipFile(f)
         except zipfile.BadZipFile as exc:
@@ -347,12 +356,7 @@ def parquet_records(s3: Any, loc: S3Location, version: dict[str, str], model: Mo
     except ImportError as exc:
         raise BatchInputError(f"{loc.uri}: reading Parquet needs pyarrow in this function "
                               "(functions/requirements-batch.txt); or send .jsonl / .npz") from exc
-    body = get_body(s3, loc, version)
-    with tempfile.TemporaryFile(dir=tmp_dir) as f:
-        for block in iter(lambda: body.read(_READ_CHUNK), b""):
-            f.write(block)
-        body.close()
-        f.seek(0)
+    with _spooled(s3, loc, version, tmp_dir) as f:
         try:
             pf = pq.ParquetFile(f)
         except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError) and OSError subclasses

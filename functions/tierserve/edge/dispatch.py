@@ -36,8 +36,7 @@ from tierserve.edge.metrics import EdgeCounters
 from tierserve.edge.store import EdgeStore
 from tierserve.manifest import ModelVersion
 from tierserve.routing import DEFAULT_EDGE_MAX_ROWS, Decision, EdgeFacts, Policy, RouteContext
-from tierserve.tiering import Deadline, Dispatched
-from tierserve.types import InferRequest, RequestedOutput
+from tierserve.tiering import Deadline, Dispatched, score_arrays
 
 #: True while a request's answer comes from the cloud (set per request by the dispatcher).
 FORWARDED: ContextVar[bool] = ContextVar("tierserve_edge_forwarded", default=False)
@@ -117,11 +116,7 @@ class EdgeDispatcher:
         return done
 
     def score(self, model: ModelVersion, arrays: dict[str, Any], deadline: Deadline | None = None) -> dict[str, Any]:
-        from tierserve.codec import tensor_from_numpy
-
-        request = InferRequest(inputs=[tensor_from_numpy(k, v) for k, v in arrays.items()],
-                               outputs=[RequestedOutput(o.name, binary_data=True) for o in model.outputs])
-        return self.dispatch(model, InferenceCall.from_request(request), deadline=deadline).reply.arrays()
+        return score_arrays(self, model, arrays, deadline)
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -33,20 +32,17 @@ from tierserve.app import Runtime
 from tierserve.edge.dispatch import FORWARDED
 from tierserve.edge.metrics import EdgeCounters
 from tierserve.http import HttpRequest, error_response, payload_too_large
+from tierserve.threaded_server import ThreadedServer
 
 #: Per socket operation (request line, headers, body): a client that stalls is dropped.
 READ_TIMEOUT_S = 30.0
 _MODEL = re.compile(r"^/v2/models/([^/]+)")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # a burst of connections is queued, not refused
-
-
-class EdgeHttpServer:
+class EdgeHttpServer(ThreadedServer):
     """Serves ``runtime`` (an edge Runtime) on ``host:port``; ``status()`` and ``metrics()`` feed its own routes."""
+
+    thread_name = "edge-http"
 
     def __init__(self, runtime: Runtime, counters: EdgeCounters, status: Callable[[], dict[str, Any]],
                  metrics: Callable[[], str], host: str = "127.0.0.1", port: int = 8000,
@@ -56,32 +52,11 @@ class EdgeHttpServer:
         self.status = status
         self.metrics = metrics
         self.after_request = after_request
-        self._server = _Server((host, port), _handler(self))
-        self._thread: threading.Thread | None = None
+        self.host, self.port = host, port
+        self.bind()  # the port is known (and taken) from here on
 
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def host(self) -> str:
-        return str(self._server.server_address[0])
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> EdgeHttpServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="edge-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._server.server_close()
+    def request_handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler(self)
 
     # --- one request -----------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from tierserve import limits
-from tierserve.local.httpd import RobustHandler, Server
+from tierserve.local.httpd import RobustHandler
+from tierserve.threaded_server import ThreadedServer
 
 #: Content types API Gateway passes through as text; every other body is base64-encoded.
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
@@ -141,7 +142,7 @@ def result_to_http(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:
     return status, headers, body
 
 
-class ApiGatewayServer:
+class ApiGatewayServer(ThreadedServer):
     """An HTTP server (``tierserve.local.httpd``: timeouts, 400/405/411/413 in the API's JSON, a real
     backlog) that serves every request through ``handler(event, context)``, within API Gateway's quotas."""
 
@@ -153,32 +154,14 @@ class ApiGatewayServer:
         self.authorizer = authorizer  # IAM auth (tierserve.local.sigv4): None = allowed, else the refusal
         self.connections: set[Any] = set()  # open client connections, severed by stop() as a dead gateway would
         self.integration_timeout_s = INTEGRATION_TIMEOUT_S
-        self._server = Server((host, port), _make_request_handler(self))
-        self._thread: threading.Thread | None = None
+        self.host, self.port = host, port
+        self.bind()
 
-    @property
-    def host(self) -> str:
-        return str(self._server.server_address[0])
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> ApiGatewayServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="apigw", daemon=True)
-        self._thread.start()
-        return self
+    def request_handler(self) -> type[RobustHandler]:
+        return _make_request_handler(self)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._server.server_close()
+        super().stop()
         # A stopped gateway answers nothing: keep-alive connections are cut, not served on by their threads.
         for conn in list(self.connections):
             with contextlib.suppress(OSError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 log = logging.getLogger("tierserve.local")
@@ -32,14 +32,6 @@ _CHUNK = 1 << 16
 
 
 _CODES = {414: "uri_too_long", 431: "headers_too_large", 505: "http_version_not_supported"}
-
-
-class Server(ThreadingHTTPServer):
-    """A thread per connection, daemon threads, and a real listen backlog."""
-
-    daemon_threads = True
-    request_queue_size = 128
-    allow_reuse_address = True
 
 
 class HttpError(Exception):

@@ -24,7 +24,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from tierserve import limits
-from tierserve.local.httpd import RobustHandler, Server
+from tierserve.local.httpd import RobustHandler
+from tierserve.threaded_server import ThreadedServer
 
 INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$")
 #: Lambda's synchronous invocation payload limits (tierserve.limits holds the quotas).
@@ -193,20 +194,20 @@ class _Worker:
             proc.stdout.close()
 
 
-class LambdaEndpoint:
-    """``ThreadingHTTPServer`` serving the Invoke API for ``functions``; a context manager."""
+class LambdaEndpoint(ThreadedServer):
+    """Serves the Invoke API for ``functions`` on its own port (never the API's: API clients must not
+    reach the functions); a context manager."""
+
+    thread_name = "lambda-endpoint"
 
     def __init__(self, functions: list[LocalFunction], host: str = "127.0.0.1", port: int = 0) -> None:
         self.functions: dict[str, LocalFunction] = {}
         for fn in functions:
             self.add(fn)
         self.host, self.port = host, port
-        self._server: Server | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def request_handler(self) -> type[RobustHandler]:
+        return _make_handler(self)
 
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply | None:
         """Serve an Invoke request (None when it is not one)."""
@@ -224,30 +225,11 @@ class LambdaEndpoint:
             name = f":{name}".split(":function:", 1)[1]
         return self.functions.get(name.split(":", 1)[0])
 
-    def start(self) -> LambdaEndpoint:
-        """Serve the Invoke API on its own port (never the API's: API clients must not reach the functions)."""
-        self._server = Server((self.host, self.port), _make_handler(self))
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="lambda-endpoint", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         """Stop the server (if started) and every warm worker."""
-        if self._server is not None:
-            self._server.shutdown()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._server.server_close()
-            self._server, self._thread = None, None
+        super().stop()
         for fn in {id(f): f for f in self.functions.values()}.values():
             fn.close()
-
-    def __enter__(self) -> LambdaEndpoint:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _make_handler(endpoint: LambdaEndpoint) -> type[RobustHandler]:

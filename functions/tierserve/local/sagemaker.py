@@ -26,13 +26,14 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from tierserve.threaded_server import ThreadedServer
 
 INVOKE_PATH = re.compile(r"^/endpoints/(?P<name>[^/]+)/invocations/?$")
 #: InvokeEndpoint's request payload limit.
@@ -114,43 +115,20 @@ def invoke(endpoints: Mapping[str, LocalEndpoint], method: str, target: str, hea
     return _model_error(endpoint, status, data.decode("utf-8", "replace"))
 
 
-class SageMakerRuntime:
-    """``ThreadingHTTPServer`` serving InvokeEndpoint for ``endpoints`` on its own port; a context manager."""
+class SageMakerRuntime(ThreadedServer):
+    """Serves InvokeEndpoint for ``endpoints`` on its own port; a context manager."""
+
+    thread_name = "sagemaker-runtime"
+    poll_interval_s = 0.05
 
     def __init__(self, endpoints: list[LocalEndpoint], host: str = "127.0.0.1", port: int = 0,
                  container_timeout_s: float = CONTAINER_TIMEOUT_S) -> None:
         self.endpoints = {e.name: e for e in endpoints}
         self.host, self.port = host, port
         self.container_timeout_s = container_timeout_s
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> SageMakerRuntime:
-        self._server = ThreadingHTTPServer((self.host, self.port), _make_handler(self))
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="sagemaker-runtime", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._server.server_close()
-            self._server, self._thread = None, None
-
-    def __enter__(self) -> SageMakerRuntime:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def request_handler(self) -> type[BaseHTTPRequestHandler]:
+        return _make_handler(self)
 
 
 def _make_handler(runtime: SageMakerRuntime) -> type[BaseHTTPRequestHandler]:

@@ -13,12 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.support.edge import EDGE
+from tests.support.edge import EDGE, synced_edge
 from tests.support.fakes import rows_of, write_linear
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.edge.runtime import EdgeRuntime
-from tierserve.edge.settings import EdgeSettings
 from tierserve.local.apigw import ApiGatewayServer
 from tierserve.settings import Settings
 
@@ -29,14 +28,11 @@ LIMIT = 256 * 1024
 def edge(store_dir: Path, tmp_path: Path) -> Iterator[EdgeRuntime]:
     cloud_rt = build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "cloud")))
     cloud = ApiGatewayServer(lambda event, ctx: handle_http(event, ctx, runtime=cloud_rt), lambda: None).start()
-    settings = EdgeSettings(store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=0,
-                            cloud_url=cloud.url, cloud_auth="none")
-    rt = EdgeRuntime(settings, Settings(max_payload_bytes=LIMIT)).start(sync=False)
-    rt.sync()
     try:
-        yield rt
+        with synced_edge(LIMIT, store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=0,
+                         cloud_url=cloud.url, cloud_auth="none") as rt:
+            yield rt
     finally:
-        rt.stop()
         cloud.stop()
 
 

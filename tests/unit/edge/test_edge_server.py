@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.edge import EDGE
+from tests.support.edge import EDGE, synced_edge
 from tests.support.fakes import json_body, rows_of, write_linear
 from tests.support.make_events import http_event
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.client import Client
 from tierserve.edge.runtime import EdgeRuntime
-from tierserve.edge.settings import EdgeSettings
 from tierserve.http import decode_body
 from tierserve.settings import Settings
 
@@ -26,13 +25,9 @@ LIMIT = 64 * 1024
 
 @pytest.fixture
 def edge(store_dir: Path, tmp_path: Path) -> Iterator[EdgeRuntime]:
-    settings = EdgeSettings(store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=-1)
-    rt = EdgeRuntime(settings, Settings(max_payload_bytes=LIMIT)).start(sync=False)
-    rt.sync()
-    try:
+    with synced_edge(LIMIT, store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0,
+                     grpc_port=-1) as rt:
         yield rt
-    finally:
-        rt.stop()
 
 
 def raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
