@@ -51,11 +51,13 @@ def stack(ctx: Context) -> Any:
     for name, batching in MODELS.items():
         dst = root / "triton" / name
         shutil.copytree(src / "triton" / "minilm", dst)
-        cfg = text_format.Parse((dst / "config.pbtxt").read_text(), mc.ModelConfig())
-        cfg.name = name
-        if not batching:
-            cfg.ClearField("dynamic_batching")
-        (dst / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+        # the model's config and each version's own (which the local Triton's sync derives the served config from)
+        for path in [dst / "config.pbtxt", *sorted(dst.glob("*/config.pbtxt"))]:
+            cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+            cfg.name = name
+            if not batching:
+                cfg.ClearField("dynamic_batching")
+            path.write_text(text_format.MessageToString(cfg))
     ctx.progress("starting tierserve serve (API, CPU function workers, local tritonserver)")
     s = LocalStack(root, port=0, s3=False, batch=False, workdir=ctx.workdir / "serve", router_inprocess=False,
                    router_workers=ROUTER_WORKERS, env={"POWERTOOLS_LOG_LEVEL": "ERROR"}).start()
