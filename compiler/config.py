@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tierserve.memory_classes import CLASSES_MB
 from tierserve_compiler.errors import ConfigError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -24,20 +25,27 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class LambdaLimits:
-    """AWS Lambda quotas (https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html).
+    """The CPU tier's functions as ``template.yaml`` deploys them, within Lambda's quotas.
 
-    The defaults are the real quotas; tests pass smaller ones to exercise the rules cheaply.
+    Why not Lambda's quota maxima (10,240 MB, 10 GB, 900 s): a model placed on the CPU runs in one of the
+    template's memory-class functions (``tierserve.memory_classes``), with the ``/tmp`` that
+    ``CpuEphemeralStorageMb`` gives it (``tierserve deploy-config`` raises it to what the models need, up to
+    10,240 MB) and their 30 s timeout; a model that passed the quota maxima could still fail once deployed.
+    Models are fetched from S3 into ``/tmp``, never packaged, so the zip package is the runtime alone and
+    the project builds no container images. ``tests/unit/compiler/test_config.py`` checks these values
+    against ``template.yaml``; tests pass smaller ones to exercise the rules cheaply.
     """
 
-    package_unzipped_mb: float = 250.0  # zip deployment: code + layers, unzipped
-    container_image_mb: float = 10 * 1024.0  # container image deployment, uncompressed
-    max_memory_mb: int = 10_240
+    package_unzipped_mb: float = 250.0  # zip deployment: code + layers, unzipped (the runtime alone)
+    memory_classes_mb: tuple[int, ...] = CLASSES_MB  # one CPU function each (CpuInferenceFunction[NNNN])
+    max_memory_mb: int = CLASSES_MB[-1]  # the largest class
     min_memory_mb: int = 128
     mb_per_vcpu: int = 1_769  # Lambda allocates 1 vCPU per 1,769 MB
     max_vcpus: int = 6
     sync_payload_mb: float = 6.0  # synchronous invoke request/response
-    timeout_s: float = 900.0
-    tmp_mb: float = 10 * 1024.0  # ephemeral /tmp, where models downloaded from S3 land
+    timeout_s: float = 30.0  # the class functions' Timeout (a synchronous request: API Gateway's is 30 s too)
+    tmp_mb: float = 10 * 1024.0  # the most /tmp CpuEphemeralStorageMb gives a class function (Lambda's maximum)
+    tmp_headroom: float = 1.25  # /tmp kept besides a model while the store verifies it (as deploy-config counts)
     # Unzipped size of the runtime the CPU function ships besides the model: onnxruntime 1.32 +
     # numpy 2.x manylinux_2_28 aarch64 wheels + powertools + handler code, as measured by the
     # project's `make package` for the CPU function (121 MB unzipped).

@@ -1,15 +1,20 @@
 """Where a model is served: ``cpu`` (Lambda), ``gpu`` (Triton) or both (GPU, CPU fallback).
 
-The rules, applied in this order; each one's outcome is recorded in report.json and report.md:
+The CPU-tier rules check a model against the function it will run in, as ``template.yaml`` deploys it
+(:class:`~tierserve_compiler.config.LambdaLimits`: the memory classes, ``/tmp``, the 30 s timeout), not
+against Lambda's quota maxima. They apply in this order; each one's outcome is recorded in report.json
+and report.md:
 
-1. ``lambda_package``: CPU variant + runtime deps (:attr:`LambdaLimits.runtime_deps_mb`) must fit the
-   250 MB unzipped zip-package limit; otherwise the 10 GB container-image limit (deploy as image).
-2. ``lambda_tmp``: the model, downloaded from the store, must fit Lambda's 10 GB ``/tmp``.
-3. ``lambda_memory``: measured peak RSS (and at least 1.5 x model size + session overhead) must fit
-   10,240 MB.
+1. ``lambda_package``: the runtime (:attr:`LambdaLimits.runtime_deps_mb`) must fit the 250 MB unzipped
+   zip package. The model is not in it: the function fetches it from S3 into ``/tmp`` (so there is no
+   container-image deployment to recommend; the project builds none).
+2. ``lambda_tmp``: the model, with room to verify it (``tmp_headroom``), must fit the class functions'
+   ``/tmp`` (``CpuEphemeralStorageMb``, which ``tierserve deploy-config`` raises up to 10,240 MB).
+3. ``lambda_memory``: measured peak RSS (and at least 1.5 x model size + session overhead) must fit the
+   largest memory class (10,240 MB).
 4. ``lambda_payload``: one row, JSON encoded (~3 x its binary size), must fit the 6 MB sync payload.
-5. ``lambda_timeout``: p95 at the largest profiled batch must finish within 900 s.
-6. ``slo``: with ``--slo-ms``, the smallest memory size whose estimated p95 at batch 1 meets the SLO.
+5. ``lambda_timeout``: p95 at the largest profiled batch must finish within the class functions' 30 s.
+6. ``slo``: with ``--slo-ms``, the smallest memory class whose estimated p95 at batch 1 meets the SLO.
    Latency at ``v`` vCPUs (1,769 MB = 1 vCPU) scales the 1-thread p95 by Amdahl's law with the serial
    fraction measured from 1 and 2 threads (0.5 when only 1 was measured). Without an SLO: 1,769 MB.
 7. ``cost``: Lambda $/1M requests = (memory GB x billed duration x GB-s price + request price) x 1e6;
@@ -34,7 +39,6 @@ from typing import Any
 from tierserve_compiler.config import CompileConfig, LambdaLimits
 from tierserve_compiler.profile import scaled_latency
 
-MEMORY_STEPS_MB = (512, 1024, 1769, 3538, 5307, 7076, 8845, 10240)
 DEFAULT_LATENCY_BUDGET_MS = 100.0
 JSON_INFLATION = 3.0
 HOURS_PER_MONTH = 730
@@ -78,43 +82,23 @@ def place(
     batches = sorted(int(b) for b in next(iter(profile["threads"].values()))["batches"])
     bmax = batches[-1]
 
-    # 1-5: hard Lambda limits
-    pkg = size_mb + lim.runtime_deps_mb
+    # 1-5: the CPU tier's functions
     deployment = "zip"
-    if pkg <= lim.package_unzipped_mb:
-        reasons.append(
-            Reason(
-                "lambda_package",
-                True,
-                f"model {size_mb:.1f} MB + runtime {lim.runtime_deps_mb:.0f} MB "
-                f"= {pkg:.1f} MB fits the {lim.package_unzipped_mb:.0f} MB "
-                "unzipped zip-package limit",
-            )
+    reasons.append(
+        Reason(
+            "lambda_package",
+            lim.runtime_deps_mb <= lim.package_unzipped_mb,
+            f"runtime {lim.runtime_deps_mb:.0f} MB vs the {lim.package_unzipped_mb:.0f} MB unzipped zip package; "
+            f"the model ({size_mb:.1f} MB) is fetched from S3 into /tmp, not packaged",
         )
-    elif pkg <= lim.container_image_mb:
-        deployment = "container image"
-        reasons.append(
-            Reason(
-                "lambda_package",
-                True,
-                f"{pkg:.1f} MB exceeds the {lim.package_unzipped_mb:.0f} MB "
-                "zip-package limit; fits the "
-                f"{lim.container_image_mb / 1024:.0f} GB container image limit",
-            )
-        )
-    else:
-        reasons.append(
-            Reason(
-                "lambda_package",
-                False,
-                f"{pkg:.1f} MB exceeds the {lim.container_image_mb / 1024:.0f} GB Lambda container image limit",
-            )
-        )
+    )
+    tmp_need = size_mb * lim.tmp_headroom
     reasons.append(
         Reason(
             "lambda_tmp",
-            size_mb <= lim.tmp_mb,
-            f"model {size_mb:.1f} MB vs the {lim.tmp_mb / 1024:.0f} GB Lambda /tmp limit",
+            tmp_need <= lim.tmp_mb,
+            f"model {size_mb:.1f} MB (~{tmp_need:,.0f} MB of /tmp while it is verified) vs at most "
+            f"{lim.tmp_mb:,.0f} MB, the CPU functions' /tmp (CpuEphemeralStorageMb; tierserve deploy-config sizes it)",
         )
     )
     needed = max(float(profile.get("peak_rss_mb", 0.0)), 1.5 * size_mb + lim.memory_overhead_mb)
@@ -123,7 +107,7 @@ def place(
             "lambda_memory",
             needed <= lim.max_memory_mb,
             f"needs ~{needed:.0f} MB (peak RSS {profile.get('peak_rss_mb', 0):.0f} MB measured) vs the "
-            f"{lim.max_memory_mb:,} MB Lambda memory limit",
+            f"largest CPU memory class, {lim.max_memory_mb:,} MB",
         )
     )
     payload_mb = row_bytes * JSON_INFLATION / 2**20
@@ -139,13 +123,13 @@ def place(
         Reason(
             "lambda_timeout",
             t_max <= lim.timeout_s,
-            f"p95 at batch {bmax} is {t_max:.3f} s on 1 vCPU vs the {lim.timeout_s:.0f} s timeout",
+            f"p95 at batch {bmax} is {t_max:.3f} s on 1 vCPU vs the CPU functions' {lim.timeout_s:.0f} s timeout",
         )
     )
     hard_ok = all(r.ok for r in reasons)
 
     # 6: memory size / SLO
-    steps = [m for m in MEMORY_STEPS_MB if m >= needed and m <= lim.max_memory_mb] or [lim.max_memory_mb]
+    steps = [m for m in lim.memory_classes_mb if needed <= m <= lim.max_memory_mb] or [lim.max_memory_mb]
 
     def vcpus(mem: int) -> float:
         return min(lim.max_vcpus, mem / lim.mb_per_vcpu)
@@ -217,16 +201,16 @@ def place(
     elif not hard_ok:
         limits_hit = "; ".join(r.detail for r in reasons if not r.ok and r.rule.startswith("lambda"))
         targets = ["gpu"]
-        reasons.append(Reason("decision", True, f"gpu: too large for Lambda ({limits_hit})"))
+        reasons.append(Reason("decision", True, f"gpu: does not fit the CPU tier's functions ({limits_hit})"))
     elif not slo_ok:
         targets = ["gpu"]
-        reasons.append(Reason("decision", True, "gpu: the CPU tier cannot meet the SLO at any Lambda memory size"))
+        reasons.append(Reason("decision", True, "gpu: the CPU tier cannot meet the SLO in any memory class"))
     elif gpu_cheaper:
         targets = ["gpu", "cpu"]
         reasons.append(Reason("decision", True, "gpu with cpu fallback: the GPU is cheaper at the expected volume"))
     else:
         targets = ["cpu"]
-        reasons.append(Reason("decision", True, "cpu: fits every Lambda limit, meets the SLO and is cheaper"))
+        reasons.append(Reason("decision", True, "cpu: fits the CPU tier's functions, meets the SLO and is cheaper"))
     return Placement(
         targets, {"memory_mb": int(memory), "threads": int(threads)}, routing, reasons, forced, deployment, costs
     )

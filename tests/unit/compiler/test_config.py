@@ -43,3 +43,21 @@ def test_impossible_options_are_refused_before_any_work(overrides, message, mlp_
     with pytest.raises(ConfigError, match=message):
         compile_model(cfg)
     assert not (tmp_path / "models" / "m").exists()
+
+
+def test_the_placement_limits_are_the_functions_template_yaml_deploys():
+    # Given template.yaml's CPU class functions and its CpuEphemeralStorageMb parameter
+    from pathlib import Path
+
+    from tierserve.local.sam import load_template
+    from tierserve_compiler.config import LambdaLimits
+
+    template = load_template(Path(__file__).resolve().parents[3] / "template.yaml")
+    cpu = {name: r["Properties"] for name, r in template["Resources"].items()
+           if name.startswith("CpuInferenceFunction") and r["Type"] == "AWS::Serverless::Function"}
+    lim = LambdaLimits()
+    # Then the compiler places models against those functions: their memory classes, timeout and /tmp bound
+    assert sorted(int(p["MemorySize"]) for p in cpu.values()) == list(lim.memory_classes_mb)
+    assert {float(p["Timeout"]) for p in cpu.values()} == {lim.timeout_s}
+    assert float(template["Parameters"]["CpuEphemeralStorageMb"]["MaxValue"]) == lim.tmp_mb
+    assert lim.max_memory_mb == max(lim.memory_classes_mb)

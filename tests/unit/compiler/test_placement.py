@@ -45,21 +45,41 @@ def test_small_model_lands_on_cpu_with_every_reason():
 
 
 def test_too_large_for_lambda_lands_on_gpu_naming_the_limit():
-    # Given an 11 GB model with the real Lambda limits
+    # Given an 11 GB model with the deployed functions' limits
     p = place(size_bytes=11 * GB, profile=fake_profile(rss_mb=12000), row_bytes=256, cfg=cfg(), prices=load_prices())
-    # Then it goes to the GPU, and the reasons name the container-image and memory limits
+    # Then it goes to the GPU, and the reasons name /tmp and the largest memory class
     assert p.targets == ["gpu"]
     r = rules(p)
-    assert not r["lambda_package"].ok and "10 GB Lambda container image limit" in r["lambda_package"].detail
-    assert not r["lambda_memory"].ok and "10,240 MB" in r["lambda_memory"].detail
-    assert "too large for Lambda" in r["decision"].detail
+    assert not r["lambda_tmp"].ok and "10,240 MB, the CPU functions' /tmp" in r["lambda_tmp"].detail
+    assert not r["lambda_memory"].ok and "largest CPU memory class, 10,240 MB" in r["lambda_memory"].detail
+    assert r["lambda_package"].ok  # the model is never packaged
+    assert "does not fit the CPU tier's functions" in r["decision"].detail
 
 
-def test_over_250_mb_uses_a_container_image():
-    # Given a 300 MB model / Then it still fits Lambda, as a container image
+def test_a_300_mb_model_is_a_zip_function_with_the_model_on_tmp_never_a_container_image():
+    # Given a 300 MB model (over the 250 MB zip package, were it packaged)
     p = place(size_bytes=300 * 2**20, profile=fake_profile(rss_mb=900), row_bytes=256, cfg=cfg(), prices=load_prices())
-    assert p.targets == ["cpu"] and p.deployment == "container image"
-    assert "250 MB" in rules(p)["lambda_package"].detail
+    # Then it serves on the CPU from the zip function, its files on /tmp with room to verify them
+    assert p.targets == ["cpu"] and p.deployment == "zip"
+    r = rules(p)
+    assert "not packaged" in r["lambda_package"].detail and "~375 MB of /tmp" in r["lambda_tmp"].detail
+
+
+def test_a_model_slower_than_the_functions_30_s_timeout_goes_to_gpu():
+    # Given a model whose p95 at batch 32 is ~45 s on one vCPU: within Lambda's 900 s, not the deployed 30 s
+    p = place(size_bytes=2**20, profile=fake_profile(p50_ms=1000.0, per_row=1200.0), row_bytes=64, cfg=cfg(),
+              prices=load_prices())
+    # Then the CPU tier is ruled out by the functions' own timeout
+    r = rules(p)
+    assert p.targets == ["gpu"] and not r["lambda_timeout"].ok and "30 s timeout" in r["lambda_timeout"].detail
+
+
+def test_memory_is_recommended_as_one_of_the_templates_classes():
+    # Given models needing ~2,000 MB and ~6,000 MB
+    for rss, want in ((2000.0, 3538), (6000.0, 10240)):
+        p = place(size_bytes=2**20, profile=fake_profile(rss_mb=rss), row_bytes=64, cfg=cfg(), prices=load_prices())
+        # Then each gets the smallest memory class that holds it (no 2,048 or 7,076 MB function exists)
+        assert p.cpu["memory_mb"] == want and p.targets == ["cpu"]
 
 
 def test_payload_over_6_mb_goes_to_gpu():
@@ -110,16 +130,14 @@ def test_routing_thresholds_from_profile():
 
 def test_end_to_end_too_large_for_small_limits_writes_triton_repo(mlp_onnx, tmp_path):
     # Given limits so small that the tiny MLP exceeds them (the real ones are the defaults)
-    limits = LambdaLimits(package_unzipped_mb=0.001, container_image_mb=0.002, runtime_deps_mb=0.0)
+    limits = LambdaLimits(tmp_mb=0.001)
     c = make_config(str(mlp_onnx), "big", preset="test", out_dir=tmp_path / "models", limits=limits, quantize="none")
     # When compiled
     res = compile_model(c)
     # Then it lands on gpu, the limit is named in report.json and report.md, and Triton gets the model
     assert list(res.model_version.targets) == ["gpu"] and res.model_version.cpu_variant is None
     reasons = res.report["placement"]["reasons"]
-    assert any(
-        r["rule"] == "lambda_package" and not r["ok"] and "container image limit" in r["detail"] for r in reasons
-    )
-    assert "container image limit" in (res.version_dir / "report.md").read_text()
+    assert any(r["rule"] == "lambda_tmp" and not r["ok"] and "CpuEphemeralStorageMb" in r["detail"] for r in reasons)
+    assert "CpuEphemeralStorageMb" in (res.version_dir / "report.md").read_text()
     assert (tmp_path / "models" / "triton" / "big" / "1" / "model.onnx").is_file()
 
