@@ -94,6 +94,9 @@ class Settings:
     # How long the manifest is cached before it is re-read: a publish, promote or rollback reaches every
     # function within this time, without a redeploy (issue 11: at most 10 s).
     manifest_ttl_s: float = 10.0
+    # Batch parts of NPZ / Parquet inputs (columns read straight into arrays): up to this many rows, within an
+    # eighth of the function's memory (tierserve.batch.io.part_rows); never fewer than CHUNK_ROWS.
+    columnar_chunk_rows: int = 65_536
     # Progressive delivery (RolloutFunction and `tierserve models rollout`).
     rollout_table: str = ""
     router_function_name: str = "RouterFunction"
@@ -141,6 +144,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "IDEMPOTENCY_EXPIRY_S": ("idempotency_expiry_s", int),
     "POWERTOOLS_SERVICE_NAME": ("service_name", str),
     "MANIFEST_TTL_S": ("manifest_ttl_s", float),
+    "COLUMNAR_CHUNK_ROWS": ("columnar_chunk_rows", int),
     "ROLLOUT_TABLE": ("rollout_table", str),
     "ROUTER_FUNCTION_NAME": ("router_function_name", str),
     "POWERTOOLS_METRICS_NAMESPACE": ("metrics_namespace", str),
@@ -165,6 +169,9 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             raise ConfigurationError(f"environment variable {var}={raw!r} is invalid: {exc}") from exc
         if name in _POSITIVE and values[name] <= 0:
             raise ConfigurationError(f"environment variable {var}={raw!r} must be positive")
+    if values.get("columnar_chunk_rows", 1) <= 0:
+        raise ConfigurationError(f"environment variable COLUMNAR_CHUNK_ROWS={values['columnar_chunk_rows']} "
+                                 "must be positive")
     if values.get("max_payload_bytes", 0) > MAX_REQUEST_BODY_BYTES:
         raise ConfigurationError(
             f"environment variable MAX_PAYLOAD_BYTES={values['max_payload_bytes']} is over {MAX_REQUEST_BODY_BYTES}, "

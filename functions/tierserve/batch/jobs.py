@@ -4,7 +4,10 @@ A job is identified by its input object *version* and its output prefix. Its pro
 the JobTable (``tierserve.batch.state``): after every part the runner checkpoints the next part
 number and the input position, so a crash or a timeout loses at most the part in flight, and a
 part rewritten after a crash has the same bytes (part boundaries are pinned at the job's start
-and the same rows always go through the model together).
+and the same rows always go through the model together). Parts hold CHUNK_ROWS lines (JSONL) or up to
+COLUMNAR_CHUNK_ROWS rows (NPZ, Parquet: ``io.part_rows``); for NPZ and Parquet a part's objects and its
+checkpoint are written on a background thread, in the same order, while the next chunk is scored
+(``tierserve.batch.writer``).
 
 Output layout, under ``batch/out/{model}/{job}/`` (or the job message's ``output``):
 ``part-00000.jsonl`` ... (one line per scored input line, in order; ``part-SSSSS-PPPPP`` when the
@@ -16,12 +19,13 @@ timings), always written last, once. Per-part error fragments are kept under
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
-import itertools
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,22 +36,26 @@ from tierserve.app import Runtime, get_runtime
 from tierserve.batch.io import (
     OUTPUT_PREFIX,
     WORK_PREFIX,
+    Batch,
     BatchInputError,
+    Chunk,
     Record,
     S3Location,
-    chunk_feeds,
     encode_errors,
     encode_parquet_part,
     encode_part,
     input_format,
+    iter_chunks,
     jsonl_records,
     npz_records,
     parquet_records,
     parse_s3_uri,
+    part_rows,
     split_input_key,
 )
 from tierserve.batch.shards import MAX_SHARDS, Shard, plan, shard_done
 from tierserve.batch.state import JobState, JobStore, job_item_id
+from tierserve.batch.writer import PartWriter
 from tierserve.manifest import ModelVersion, check_model_name, check_version
 from tierserve.observability import MetricUnit, logger, metrics
 from tierserve.tiering import Deadline
@@ -161,6 +169,11 @@ def job_from_message(body: dict[str, Any]) -> JobSpec:
 # --- running a job ----------------------------------------------------------------------------------
 
 
+def _hook(stage: str, part: int) -> None:
+    if after_part_hook:
+        after_part_hook(stage, part)
+
+
 def _remaining_ms(context: Any) -> float | None:
     fn = getattr(context, "get_remaining_time_in_millis", None)
     return float(fn()) if fn else None
@@ -193,14 +206,14 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
             if len(shards) > 1:
                 parent = JobState(job_key=spec.job_key, status="sharded", model=model.name, version=model.version,
                                   variant_sha256=_variant_sha256(model), input_version=dict(spec.input_version),
-                                  input_size=size, chunk_rows=settings.chunk_rows, started_at=time.time(),
+                                  input_size=size, chunk_rows=_part_rows(settings, spec, model), started_at=time.time(),
                                   invocations=1, shards=len(shards), shard_plan=[sh.bounds() for sh in shards])
                 jobs.save(parent, None)
                 return _fan_out(app, spec, parent)
         state = JobState(job_key=spec.job_key, model=model.name, version=model.version,
                          variant_sha256=_variant_sha256(model),
                          input_version=dict(spec.input_version), input_size=size,
-                         chunk_rows=settings.chunk_rows, started_at=time.time())
+                         chunk_rows=_part_rows(settings, spec, model), started_at=time.time())
         jobs.save(state, None)
     else:
         model = app.store.manifest().resolve(state.model, state.version)
@@ -267,6 +280,11 @@ def _fan_out(app: Runtime, spec: JobSpec, parent: JobState) -> dict[str, Any]:
             "output": spec.output.uri}
 
 
+def _part_rows(settings: Any, spec: JobSpec, model: ModelVersion) -> int:
+    return part_rows(input_format(spec.input.key), model, settings.chunk_rows, settings.columnar_chunk_rows,
+                     settings.memory_mb)
+
+
 def _variant_sha256(model: ModelVersion) -> str:
     """The artifact that scores the job: the CPU variant, or the selected one for GPU-only models."""
     if model.serves_cpu:
@@ -306,37 +324,70 @@ class _Runner:
             self.work_prefix = f"{WORK_PREFIX}{state.item_id[4:36]}"
         else:  # under the whole job's prefix, so that the closing shard merges every shard's errors in order
             self.work_prefix = f"{WORK_PREFIX}{job_item_id(spec.parent_key)[4:36]}/s{self.shard.index:05d}"
+        self.writer: PartWriter | None = None
+        self._pending: list[Callable[[], None]] = []  # the current part's writes, until its checkpoint
 
     def run(self) -> dict[str, Any]:
+        """Parts in order, each checkpointed after its objects are written. For NPZ and Parquet inputs the
+        writes and checkpoints run on ``PartWriter``'s thread while the next chunk is read and scored (same
+        order, same checkpoints, one part waiting at most). JSONL parts are written here, in between: its
+        chunks are parsed by long GIL-holding calls (orjson, numpy) that starve a writer thread, which
+        measured slower than writing in line (docs/benchmarks.md)."""
         st = self.state
         st.invocations += 1
         expected = st.next_part
-        records = self._records()
+        chunks = iter_chunks(self._records(), st.chunk_rows)
         done_here = 0
         margin = self.app.settings.checkpoint_margin_ms
-        while True:
-            t0 = time.perf_counter()
-            chunk = list(itertools.islice(records, st.chunk_rows))
-            st.read_s += time.perf_counter() - t0
-            if not chunk:
-                break
-            remaining = _remaining_ms(self.context)
-            if done_here and remaining is not None and remaining < margin:
-                if self.app.settings.continuation_queue_url:  # the chunk read is read again there
-                    self.jobs.save(st, expected)
-                    return self._continue()
-                logger.warning("CONTINUATION_QUEUE_URL is not set; running on past the checkpoint margin")
-            self._part(chunk)
-            if after_part_hook:
-                after_part_hook("written", st.next_part - 1)
-            self.jobs.save(st, expected)
-            expected = st.next_part
-            done_here += 1
-            if after_part_hook:
-                after_part_hook("checkpointed", st.next_part - 1)
+        writer = self.writer = PartWriter() if input_format(self.spec.input.key) != "jsonl" else None
+        try:
+            while True:
+                t0 = time.perf_counter()
+                chunk = next(chunks, None)
+                st.read_s += time.perf_counter() - t0
+                if chunk is None:
+                    break
+                remaining = _remaining_ms(self.context)
+                if done_here and remaining is not None and remaining < margin:
+                    if self.app.settings.continuation_queue_url:  # the chunk read is read again there
+                        self._close_writer()
+                        self.jobs.save(st, expected)
+                        return self._continue()
+                    logger.warning("CONTINUATION_QUEUE_URL is not set; running on past the checkpoint margin")
+                self._part(chunk)
+                self._checkpoint(st.next_part - 1, expected)
+                expected = st.next_part
+                done_here += 1
+            self._close_writer()
+        finally:
+            if self.writer is not None and writer is not None:  # failing: what was submitted, not its error
+                self.writer, self._pending = None, []
+                with contextlib.suppress(Exception):  # the exception in flight is the one to report
+                    writer.close()
         return self._finish(expected)
 
-    def _records(self) -> Iterator[Record]:
+    def _checkpoint(self, part: int, expected: int) -> None:
+        """The part's objects, then ``written``, its checkpoint, ``checkpointed`` (the test hook's stages)."""
+        st, writer = self.state, self.writer
+        snapshot = dataclasses.replace(st, write_s=st.write_s + (writer.busy_s if writer else 0.0))
+        tasks = [*self._pending, lambda: _hook("written", part),
+                 lambda: self.jobs.save(snapshot, expected), lambda: _hook("checkpointed", part)]
+        self._pending = []
+        if writer is not None:
+            writer.submit(tasks)
+            return
+        t0 = time.perf_counter()
+        for task in tasks:
+            task()
+        st.write_s += time.perf_counter() - t0
+
+    def _close_writer(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
+            self.state.write_s += writer.busy_s
+
+    def _records(self) -> Iterable[Record]:
         st = self.state
         fmt = input_format(self.spec.input.key)
         stop = self.shard.stop if self.shard is not None else None
@@ -349,19 +400,19 @@ class _Runner:
         return jsonl_records(self.s3, self.spec.input, st.input_version, self.model, st.next_offset,
                              st.next_line, st.input_size, stop=stop)
 
-    def _part(self, chunk: list[Record]) -> None:
+    def _part(self, chunk: Chunk) -> None:
         st = self.state
         t0 = time.perf_counter()
-        feeds = chunk_feeds(chunk, self.model)  # one numpy call per input for a regular chunk
-        good = [r for r in chunk if r.error is None]
+        good = chunk.assemble(self.model)  # the scorable lines as columns (one numpy call per input)
+        feeds = good.feeds
         st.read_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         outputs = self._infer(feeds, good) if good else {}
         if good and outputs is None:  # the batch was refused: find the bad lines one at a time
             outputs = self._infer_each(good, feeds)
-            good = [r for r in good if r.error is None]
+            good = good.without_errors()
         st.infer_s += time.perf_counter() - t0
-        bad = [r for r in chunk if r.error]
+        bad = good.bad
         t0 = time.perf_counter()
         if bad:
             self._put(f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl", encode_errors(bad))
@@ -375,16 +426,17 @@ class _Runner:
             self._put(f"{self.spec.output.key}/{name}.jsonl", body)
         st.write_s += time.perf_counter() - t0
         st.next_part += 1
-        st.next_offset = chunk[-1].end
-        st.next_line = chunk[-1].line + 1
+        st.next_offset = chunk.end
+        st.next_line = chunk.next_line
         st.lines += len(chunk)
         st.lines_ok += len(good)
-        st.rows_ok += sum(r.rows for r in good)
+        st.rows_ok += good.rows
         st.lines_error += len(bad)
-        st.lines_blank += sum(1 for r in chunk if r.error == "")
-        metrics.add_metric("BatchRows", MetricUnit.Count, sum(r.rows for r in good))
+        st.lines_blank += good.blank
+        rows = good.rows
+        self._pending.append(lambda: metrics.add_metric("BatchRows", MetricUnit.Count, rows))
 
-    def _infer(self, feeds: dict[str, np.ndarray], good: list[Record]) -> dict[str, np.ndarray] | None:
+    def _infer(self, feeds: dict[str, np.ndarray], good: Batch) -> dict[str, np.ndarray] | None:
         try:
             return self._score(feeds)
         except errors.InvalidRequestError:
@@ -392,7 +444,7 @@ class _Runner:
                 raise
             return None
 
-    def _infer_each(self, good: list[Record], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_each(self, good: Batch, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.model.outputs}
         row = 0
         for r in good:  # ``feeds`` holds the good records' rows in order
@@ -413,7 +465,11 @@ class _Runner:
         return self.app.dispatcher.score(self.model, feeds, Deadline.from_context(self.context))
 
     def _put(self, key: str, body: bytes, content_type: str = "application/x-ndjson") -> None:
-        self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body, ContentType=content_type)
+        """Write an object with the part's checkpoint, just before it (``_checkpoint``)."""
+        def put() -> None:
+            self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body, ContentType=content_type)
+
+        self._pending.append(put)
 
     def _continue(self) -> dict[str, Any]:
         st = self.state

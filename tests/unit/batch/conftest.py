@@ -12,6 +12,6 @@ __all__ = ["BUCKET", "TABLE"]
 
 @pytest.fixture
 def aws(runtime_env, digits_store):
-    with mocked_batch_aws(runtime_env, digits_store, CHUNK_ROWS="4") as clients:
+    with mocked_batch_aws(runtime_env, digits_store, CHUNK_ROWS="4", COLUMNAR_CHUNK_ROWS="4") as clients:
         yield clients
     batch_jobs.after_part_hook = None

@@ -265,3 +265,146 @@ def test_parquet_parts_are_deterministic_and_hold_one_row_per_input_row():
     table = pq.read_table(_io.BytesIO(body)).to_pydict()
     assert table == {"id": ["a", "7", "7"], "line": [1, 2, 2], "label": [3, 1, 4],
                      "p": [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]}
+
+
+# --- chunks: JSONL parsed a chunk at a time, columns straight into arrays, vectorised parts ----------------
+
+
+def _chunks(data: bytes, n: int, start: int = 0, first_line: int = 1, stop: int | None = None):
+    from tierserve.batch.io import S3Location, iter_chunks, jsonl_records
+
+    src = jsonl_records(FakeS3({"k.jsonl": data}), S3Location("bucket-1", "k.jsonl"), {}, None, start, first_line,
+                        len(data), stop=stop)
+    return list(iter_chunks(src, n))
+
+
+def test_jsonl_chunks_cut_lines_like_the_line_reader_and_resume_at_their_end():
+    # Given lines that straddle the reader's 7-byte pieces, a blank line, CRLF, and no final newline
+    data = b'{"a":1}\n\n{"b":22}\r\n{"c":333}\n{"d":4444}\n{"e":5}'
+    # When they are cut into chunks of 2 lines, and read again from the end of the first chunk
+    chunks = _chunks(data, 2)
+    again = _chunks(data, 2, chunks[0].end, chunks[0].next_line)
+    # Then the chunks hold the line reader's lines, in order, each ending where the next one starts
+    lines = [raw for _, _, raw in iter_lines(Body(data), 0, 1)]
+    assert [raw for c in chunks for raw in c.raws] == lines
+    assert [(c.first_line, len(c)) for c in chunks] == [(1, 2), (3, 2), (5, 2)]
+    assert [c.end for c in chunks] == [9, 29, len(data)]
+    assert [r.end for c in chunks for r in c.records()] == [end for _, end, _ in iter_lines(Body(data), 0, 1)]
+    assert [c.raws for c in again] == [c.raws for c in chunks[1:]]
+
+
+def test_jsonl_chunks_of_a_byte_range_hold_the_lines_that_start_inside_it():
+    # Given 30 lines and a range that ends inside line 12
+    data = _lines(np.zeros((30, 64), int))
+    ends = [end for _, end, _ in iter_lines(Body(data), 0, 1)]
+    # When the range [0, middle of line 12) is read in chunks of 5
+    chunks = _chunks(data, 5, stop=ends[10] + 3)
+    # Then lines 1-12 come back (the last chunk shorter), and the next shard starts at line 13's offset
+    assert [len(c) for c in chunks] == [5, 5, 2] and chunks[-1].end == ends[11]
+    assert _chunks(data, 5, ends[11], 13)[0].raws[0].startswith(b'{"id": "r12"')
+
+
+def test_a_regular_jsonl_chunk_is_parsed_at_once_and_equals_the_line_by_line_path(digits):
+    # Given 50 one-row shorthand lines with mixed id types
+    rows = np.random.default_rng(4).integers(0, 17, (50, 64))
+    data = b"".join(json.dumps({"id": i if i % 2 else f"s{i}", "inputs": {"input": r.tolist()}}).encode() + b"\n"
+                    for i, r in enumerate(rows))
+    (chunk,) = _chunks(data, 64)
+    # When it is assembled at once, and through the record-by-record reference path
+    fast = chunk.assemble(digits)
+    from tierserve.batch.io import records_batch
+
+    slow = records_batch(chunk.records(), digits)
+    # Then both give the same feeds, ids and line numbers, one row a line, nothing bad
+    np.testing.assert_array_equal(fast.feeds["input"], slow.feeds["input"])
+    assert fast.feeds["input"].dtype == np.float32 and fast.ids == slow.ids and fast.counts is None
+    assert fast.lines.tolist() == slow.lines.tolist() == list(range(1, 51))
+    assert fast.rows == 50 and fast.bad == [] and fast.blank == 0
+
+
+@pytest.mark.parametrize("odd", [
+    b"", b"   ", b"{not json", b"[1, 2]", b'{"id": "x"}', b'{"id": "x", "inputs": {"input": [1, 2]}}',
+    b'{"id": "x", "inputs": {"input": [true] }}', b'{"id": 1, "inputs": {"input": [NaN, 1]}}',
+], ids=["empty", "spaces", "not-json", "not-object", "no-inputs", "short-row", "bools", "nan-literal"])
+def test_a_jsonl_chunk_with_an_odd_line_is_parsed_line_by_line_and_names_it(digits, odd):
+    from tierserve.batch.io import LineChunk, records_batch
+
+    # Given a chunk of good lines with one odd line in the middle
+    good = _lines(np.ones((4, 64), int)).splitlines()
+    raws = [good[0], good[1], odd, good[2], good[3]]
+    chunk = LineChunk(raws, 1, 0, sum(len(r) + 1 for r in raws))
+    # When it is assembled
+    batch = chunk.assemble(digits)
+    # Then it equals the reference path: the odd line is bad (or blank) alone, the others are scored
+    ref = records_batch(chunk.records(), digits)
+    assert batch.lines.tolist() == ref.lines.tolist() == [1, 2, 4, 5]
+    assert [(r.line, r.error) for r in batch.bad] == [(r.line, r.error) for r in ref.bad]
+    assert batch.blank + len(batch.bad) == 1 and batch.feeds["input"].shape == (4, 64)
+
+
+def test_lines_that_fail_when_scored_one_at_a_time_join_the_bad_ones_in_line_order():
+    from tierserve.batch.io import Batch, Record
+
+    # Given a batch of three good lines (one of two rows) and a bad line 2
+    batch = Batch({}, ["a", "c", "d"], np.array([1, 3, 4]), np.array([1, 2, 1]), [Record(2, 0, "b", error="bad")])
+    # When scoring line 3 alone fails
+    for rec in batch:
+        if rec.line == 3:
+            rec.error = "refused"
+    kept = batch.without_errors()
+    # Then lines 1 and 4 remain with their rows, and the bad lines are 2 then 3
+    assert kept.ids == ["a", "d"] and kept.lines.tolist() == [1, 4] and kept.rows == 2
+    assert [(r.line, r.error) for r in kept.bad] == [(2, "bad"), (3, "refused")]
+
+
+def test_the_vectorised_part_is_byte_identical_to_the_line_by_line_encoding():
+    from tierserve.batch.io import Batch
+
+    # Given 20 one-row lines with ids of several JSON types, and outputs of rank 1, 2 and 3 (a % in a name)
+    rng = np.random.default_rng(5)
+    ids = [f"r{i}" if i % 3 else (i if i % 2 else None) for i in range(20)]
+    outs = {"label": rng.integers(0, 9, 20), "p%": rng.random((20, 3), dtype=np.float32),
+            "img": rng.random((20, 2, 2))}
+    types = {"label": "INT64", "p%": "FP32", "img": "FP64"}
+    one = Batch({}, ids, np.arange(1, 21))
+    # When it is encoded as one row a line (the template) and with explicit row counts (the general loop)
+    fast = encode_part(one, outs, types)
+    general = encode_part(Batch({}, ids, np.arange(1, 21), np.ones(20, dtype=np.int64)), outs, types)
+    # Then the bytes are the same, and each line reads back as its row
+    assert fast == general
+    line = json.loads(fast.splitlines()[4])
+    assert line["id"] == "r4" and line["line"] == 5 and line["outputs"][1]["name"] == "p%"
+    assert line["outputs"][2]["shape"] == [1, 2, 2] and len(line["outputs"][2]["data"]) == 4
+
+
+def test_parquet_chunks_hold_exactly_n_rows_across_row_groups_and_resumes(digits):
+    pytest.importorskip("pyarrow")
+    from tierserve.batch.io import S3Location, iter_chunks, parquet_records
+
+    # Given 30 rows in row groups of 7
+    rows = np.random.default_rng(6).integers(0, 17, (30, 64))
+    s3, loc = FakeS3({"k.parquet": _parquet(rows, [f"p{i}" for i in range(30)])}), S3Location("bucket-1", "k.parquet")
+    # When it is read in chunks of 8 from row 0, and again from row 16 (a checkpoint)
+    whole = list(iter_chunks(parquet_records(s3, loc, {}, digits, 0, 8), 8))
+    resumed = list(iter_chunks(parquet_records(s3, loc, {}, digits, 16, 8), 8))
+    # Then every chunk but the last holds 8 rows, the resumed ones are the same chunks, columns in float32
+    assert [(c.first_row, len(c)) for c in whole] == [(0, 8), (8, 8), (16, 8), (24, 6)]
+    assert [(c.first_row, c.ids) for c in resumed] == [(c.first_row, c.ids) for c in whole[2:]]
+    batch = whole[1].assemble(digits)
+    np.testing.assert_array_equal(batch.feeds["input"], rows[8:16].astype(np.float32))
+    assert batch.lines.tolist() == list(range(9, 17)) and whole[1].end == 16 and whole[1].next_line == 17
+
+
+def test_columnar_parts_are_larger_within_the_memory_budget_and_jsonl_keeps_chunk_rows(digits):
+    from tierserve.batch.io import part_rows
+    from tierserve.manifest import ModelVersion, TensorSpec
+
+    dynamic = ModelVersion("m", "1", (TensorSpec("ids", "INT64", (-1, -1)),), (TensorSpec("y", "FP32", (-1, 4)),),
+                           {}, "fp32")
+    # Then JSONL parts keep CHUNK_ROWS, NPZ / Parquet parts grow up to COLUMNAR_CHUNK_ROWS, fewer with less memory
+    assert part_rows("jsonl", digits, 4096, 65536, 3538) == 4096
+    assert part_rows("parquet", digits, 4096, 65536, 3538) == 65536
+    assert 4096 < part_rows("npz", digits, 4096, 65536, 1024) < 65536
+    assert part_rows("parquet", digits, 4096, 65536, 1) == 4096  # never fewer than CHUNK_ROWS
+    # And a model whose rows have no fixed size keeps CHUNK_ROWS
+    assert part_rows("parquet", dynamic, 4096, 65536, 3538) == 4096

@@ -275,3 +275,35 @@ def test_versioned_bucket_scores_the_version_the_event_names(aws, lambda_context
     # Then the job scored that version (3 rows), not the newer object
     assert result["jobs"][0]["counts"]["rows"] == 3
     assert result["jobs"][0]["input_version"]["version_id"] == first["VersionId"]
+
+
+def test_a_part_written_on_the_writer_thread_is_never_followed_by_the_next_before_its_checkpoint(aws, lambda_context):
+    # Given a 10-row .npz (parts of 4 rows, written on PartWriter's thread while the next chunk is scored)
+    buf = io.BytesIO()
+    np.savez(buf, input=ROWS)
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/order.npz", Body=buf.getvalue())
+    body = {"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/order.npz",
+            "output": f"s3://{BUCKET}/batch/out/order"}
+    seen: list[tuple[str, int, list[str]]] = []
+
+    def crash(stage: str, part: int) -> None:
+        seen.append((stage, part, sorted(_outputs(aws, "batch/out/order"))))
+        if stage == "written" and part == 1:
+            raise RuntimeError("simulated crash before part 1's checkpoint")
+
+    # When the job crashes after writing part 1, before checkpointing it, and is retried
+    batch_jobs.after_part_hook = crash
+    assert batch_inference.lambda_handler(_event(body), lambda_context)["batchItemFailures"]
+    after_crash = sorted(_outputs(aws, "batch/out/order"))
+    batch_jobs.after_part_hook = None
+    assert batch_inference.lambda_handler(_event(body), lambda_context) == {"batchItemFailures": []}
+    # Then each stage saw only the parts up to its own, part 2 was never written before the crash
+    assert seen == [("written", 0, ["part-00000.jsonl"]), ("checkpointed", 0, ["part-00000.jsonl"]),
+                    ("written", 1, ["part-00000.jsonl", "part-00001.jsonl"])]
+    assert after_crash == ["part-00000.jsonl", "part-00001.jsonl"]
+    # And the retry resumed at part 1 (two invocations) and finished every row, in order
+    got = _outputs(aws, "batch/out/order")
+    summary = json.loads(got["_SUCCESS"])
+    assert summary["invocations"] == 2 and summary["counts"]["rows"] == 10
+    assert [json.loads(x)["line"] for k in sorted(got) if k.startswith("part-") for x in got[k].splitlines()] == \
+        list(range(1, 11))

@@ -20,6 +20,7 @@ def test_settings_parse_types_and_derive_threads_from_memory():
     ({"MAX_PAYLOAD_BYTES": "-1"}, "must be positive"),
     ({"CPU_BACKEND": "gpu"}, "expected one of lambda, inprocess"),
     ({"CPU_BACKEND": "lambda"}, "CPU_FUNCTION_NAME"),
+    ({"COLUMNAR_CHUNK_ROWS": "0"}, "COLUMNAR_CHUNK_ROWS=0 must be positive"),
 ])
 def test_bad_settings_name_the_variable(env, needle):
     with pytest.raises(errors.ConfigurationError, match=needle):
