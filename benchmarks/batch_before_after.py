@@ -2,7 +2,10 @@
 the before/after figure of a change (issue 10: digits from JSONL, ">= 5x today's rows/s").
 
     git archive <before-commit> functions | tar -x -C /tmp/before
-    python -m benchmarks.batch_before_after --before /tmp/before/functions [--rows 40000] [--rounds 3]
+    python -m benchmarks.batch_before_after --before /tmp/before/functions [--rows 40000] [--rounds 3] \
+        [--format jsonl|parquet]
+
+(A Parquet input needs pyarrow, and a "before" tree that reads Parquet: issue 10's 1488022 or later.)
 
 ``benchmarks.batch_measure`` runs the job (BatchInferenceFunction's handler, moto_server over HTTP) with
 ``PYTHONPATH`` pointing at the tree under test; this checkout's ``functions`` is "after".
@@ -19,7 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.batch_throughput import BUCKET, ROOT, Stack, digits_jsonl, digits_rows
+import numpy as np
+
+from benchmarks.batch_throughput import BUCKET, ROOT, Stack, digits_jsonl, digits_rows, parquet_bytes
 
 
 def main() -> int:
@@ -28,14 +33,17 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=Path("build/models"))
     ap.add_argument("--rows", type=int, default=40_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     args = ap.parse_args()
     trees = {"before": args.before.resolve(), "after": (ROOT / "functions").resolve()}
     rates: dict[str, list[float]] = {k: [] for k in trees}
     with tempfile.TemporaryDirectory() as tmp, Stack(args.models, Path(tmp), 4096) as stack:
-        body = digits_jsonl(digits_rows(args.rows))
+        rows = digits_rows(args.rows)
+        body = digits_jsonl(rows) if args.format == "jsonl" else parquet_bytes(
+            {"input": rows.astype(np.float32)}, [f"r{i}" for i in range(args.rows)])
         for i in range(args.rounds):
             for name, tree in trees.items():
-                key = stack.put("digits", f"ba-{name}-{i}", body, "jsonl")  # a new job each time
+                key = stack.put("digits", f"ba-{name}-{i}", body, args.format)  # a new job each time
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT)]),
                        "MODEL_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
                 out = subprocess.run([sys.executable, "-m", "benchmarks.batch_measure", f"s3://{BUCKET}/{key}"],
@@ -44,7 +52,8 @@ def main() -> int:
     for name, xs in rates.items():
         print(f"{name:<8}{statistics.median(xs):>12,.0f} rows/s  (rounds: {', '.join(f'{x:,.0f}' for x in xs)})")
     print(f"after / before = {statistics.median(rates['after']) / statistics.median(rates['before']):.2f}x "
-          f"({args.rows:,} digits rows from JSONL, fresh process per job, {args.rounds} alternating rounds)")
+          f"({args.rows:,} digits rows from {args.format}, fresh process per job, {args.rounds} alternating rounds, "
+          f"load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
