@@ -657,9 +657,17 @@ def _parquet_chunks(s3: Any, loc: S3Location, version: dict[str, str], model: Mo
 
 
 def _arrow_chunk(table: Any, model: ModelVersion, has_id: bool, row: int, loc: S3Location) -> ColumnChunk:
+    import pyarrow as pa
+
     block = {s.name: _arrow_column(table.column(s.name).combine_chunks(), s, loc) for s in model.inputs}
-    ids = table.column("id").combine_chunks().to_numpy(zero_copy_only=False) if has_id else None
-    return _column_chunk(block, ids, row, model)
+    if not has_id:
+        return _column_chunk(block, None, row, model)
+    col = table.column("id").combine_chunks()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type):
+        chunk = _column_chunk(block, None, row, model)  # no bytes among them: no per-row check
+        chunk.ids = col.to_numpy(zero_copy_only=False).tolist()
+        return chunk
+    return _column_chunk(block, col.to_numpy(zero_copy_only=False), row, model)
 
 
 def _arrow_column(col: Any, spec: Any, loc: S3Location) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import tempfile
@@ -418,9 +419,9 @@ class _Runner:
             self._put(f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl", encode_errors(bad))
         # part-PPPPP, or part-SSSSS-PPPPP for a shard: the names list in the input's order either way
         name = f"part-{st.next_part:05d}" if self.shard is None else f"part-{self.shard.index:05d}-{st.next_part:05d}"
-        if self.parquet:
-            body = encode_parquet_part(good, outputs or {})
-            self._put(f"{self.spec.output.key}/{name}.parquet", body, "application/vnd.apache.parquet")
+        if self.parquet:  # encoded where it is written: pyarrow lets the next chunk be scored meanwhile
+            encode = functools.partial(encode_parquet_part, good, outputs or {})
+            self._put(f"{self.spec.output.key}/{name}.parquet", encode, "application/vnd.apache.parquet")
         else:
             body = encode_part(good, outputs or {}, self.out_datatypes)
             self._put(f"{self.spec.output.key}/{name}.jsonl", body)
@@ -464,10 +465,12 @@ class _Runner:
         CPU fallback) for GPU models when a GPU tier is configured."""
         return self.app.dispatcher.score(self.model, feeds, Deadline.from_context(self.context))
 
-    def _put(self, key: str, body: bytes, content_type: str = "application/x-ndjson") -> None:
-        """Write an object with the part's checkpoint, just before it (``_checkpoint``)."""
+    def _put(self, key: str, body: bytes | Callable[[], bytes], content_type: str = "application/x-ndjson") -> None:
+        """Write an object with the part's checkpoint, just before it (``_checkpoint``); ``body`` may be a
+        function that encodes it, called there."""
         def put() -> None:
-            self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body, ContentType=content_type)
+            self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body() if callable(body) else body,
+                               ContentType=content_type)
 
         self._pending.append(put)
 

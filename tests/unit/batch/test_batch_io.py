@@ -408,3 +408,24 @@ def test_columnar_parts_are_larger_within_the_memory_budget_and_jsonl_keeps_chun
     assert part_rows("parquet", digits, 4096, 65536, 1) == 4096  # never fewer than CHUNK_ROWS
     # And a model whose rows have no fixed size keeps CHUNK_ROWS
     assert part_rows("parquet", dynamic, 4096, 65536, 3538) == 4096
+
+
+@pytest.mark.parametrize(("ids", "expected"), [
+    ([7, 8, 9], [7, 8, 9]), (["a", "b", "c"], ["a", "b", "c"]), ([b"x", b"\xff", b"z"], ["x", "\ufffd", "z"]),
+], ids=["integers", "strings", "binary"])
+def test_parquet_ids_come_back_as_python_values_whatever_their_column_type(digits, ids, expected):
+    pa = pytest.importorskip("pyarrow")
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    from tierserve.batch.io import S3Location, iter_chunks, parquet_records
+
+    # Given three rows whose id column is integers, strings or (not always UTF-8) bytes
+    buf = _io.BytesIO()
+    pq.write_table(pa.table({"input": pa.array([[1.0] * 64] * 3), "id": pa.array(ids)}), buf)
+    s3 = FakeS3({"k.parquet": buf.getvalue()})
+    # When they are read as a chunk
+    (chunk,) = iter_chunks(parquet_records(s3, S3Location("bucket-1", "k.parquet"), {}, digits, 0, 8), 8)
+    # Then the ids are plain Python values (bytes decoded, as the record path does)
+    assert chunk.ids == expected and [type(i) for i in chunk.ids] == [type(e) for e in expected]
