@@ -137,6 +137,18 @@ def elements_per_row(shape: Sequence[int], dim_names: Sequence[str], known: dict
     return math.prod(d if d >= 0 else known.get(name, 1) for d, name in dims)
 
 
+_INTEGERS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
+
+
+def _json_width(spec: Any) -> int:
+    """An integer output whose ``value_range`` the manifest gives takes at most its widest bound's digits
+    plus a separator (labels 0..9: 2 bytes, not a typical INT64's 12); anything else, no tighter bound."""
+    rng = getattr(spec, "value_range", None)
+    if rng is None or spec.datatype not in _INTEGERS:
+        return 1 << 30
+    return max(len(str(int(rng[0]))), len(str(int(rng[1])))) + 1
+
+
 def predict_response(outputs: Iterable[Any], rows: int, binary_of: dict[str, bool], known_dims: dict[str, int],
                      batched: bool) -> ResponseSize:
     """The response's size from the manifest's output specs (``name``, ``datatype``, ``shape``,
@@ -148,6 +160,8 @@ def predict_response(outputs: Iterable[Any], rows: int, binary_of: dict[str, boo
             continue
         binary = binary_of[spec.name]
         per_element = (BINARY_BYTES_PER_ELEMENT if binary else JSON_BYTES_PER_ELEMENT)[spec.datatype]
+        if not binary:
+            per_element = min(per_element, _json_width(spec))
         n = elements_per_row(spec.shape, spec.dim_names, known_dims, batched)
         sizes.append(OutputSize(spec.name, binary, n * per_element))
     return ResponseSize(rows if batched else 1, tuple(sizes))

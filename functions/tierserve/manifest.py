@@ -12,6 +12,7 @@
             "1": {
               "inputs":  [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
                           # optional per input: "dim_names": ["batch", ""], "value_range": [0, 30521]
+                          # (on an integer output, value_range bounds its JSON width)
               "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}],
               "max_batch_size": 64,
               "variants": {
@@ -158,7 +159,8 @@ class TensorSpec:
     agree on its size, which the runtime checks before anything runs. ``value_range`` (optional,
     inclusive) bounds an input's values where the model only accepts some, such as token ids that
     index an embedding of ``vocab`` rows (``[0, vocab - 1]``): a value outside is the client's error
-    (400), never a tier failure."""
+    (400), never a tier failure. On an integer output (labels ``[0, 9]``) it bounds the width of its
+    JSON values, so that the response-size check refuses only what cannot fit."""
 
     name: str
     datatype: str

@@ -67,21 +67,6 @@ class Models:
     lin_weights: tuple[np.ndarray, np.ndarray]
 
 
-def _text_onnx() -> bytes:
-    """s BYTES [-1] -> y INT64 [-1]: a string lookup (ai.onnx.ml LabelEncoder), unknown strings -> -1."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    node = helper.make_node("LabelEncoder", ["s"], ["y"], domain="ai.onnx.ml", keys_strings=["a", "b", "é"],
-                            values_int64s=[1, 2, 3], default_int64=-1)
-    graph = helper.make_graph([node], "text", [helper.make_tensor_value_info("s", TensorProto.STRING, ["batch"])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def build_models(root: Path) -> Models:
     """The store every part serves:
 
@@ -96,7 +81,7 @@ def build_models(root: Path) -> Models:
 
     import onnx
 
-    from tests.support.models import embedding_onnx, linear_onnx, write_digits, write_model
+    from tests.support.models import embedding_onnx, label_encoder_onnx, linear_onnx, write_digits, write_model
     from tierserve.manifest import Manifest, TensorSpec
     from tierserve_compiler.data import specs_from_onnx
     from tierserve_compiler.triton import write_triton_repo
@@ -126,8 +111,8 @@ def build_models(root: Path) -> Models:
     add("nan-ok", lin, x_spec, y_spec, ("cpu",), max_batch=0)
     wide, _, _ = linear_onnx(4, 50_000, seed=3)
     add("wide", wide, x_spec, (TensorSpec("y", "FP32", (-1, 50_000), ("batch", "")),), ("gpu", "cpu"))
-    add("text", _text_onnx(), (TensorSpec("s", "BYTES", (-1,), ("batch",)),), (TensorSpec("y", "INT64", (-1,)),),
-        ("cpu",), max_batch=0)
+    add("text", label_encoder_onnx(), (TensorSpec("s", "BYTES", (-1,), ("batch",)),),
+        (TensorSpec("y", "INT64", (-1,), value_range=(-1, 3)),), ("cpu",), max_batch=0)
     # nan-ok allows NaN and Infinity: the manifest says so
     path = root / "manifest.json"
     manifest = Manifest.loads(path.read_text())

@@ -129,3 +129,16 @@ def write_dual_tier_linear(root: Path, name: str = "lin", seed: int = 0) -> tupl
     write_triton_repo(root, name, "1", root / name / "1" / "model.onnx", list(x), list(y), 16,
                       tensorrt_fp16=False, warmup=False)
     return w, b
+
+
+def label_encoder_onnx() -> bytes:
+    """s BYTES [-1] -> y INT64 [-1]: a string lookup (ai.onnx.ml LabelEncoder: a 1, b 2, é 3, else -1)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("LabelEncoder", ["s"], ["y"], domain="ai.onnx.ml", keys_strings=["a", "b", "é"],
+                            values_int64s=[1, 2, 3], default_int64=-1)
+    graph = helper.make_graph([node], "text", [helper.make_tensor_value_info("s", TensorProto.STRING, ["batch"])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())

@@ -40,6 +40,8 @@ class OnnxBackend:
         """Run numpy feeds; return {output name: array}."""
         sess = self.session(model)
         names = output_names or [o.name for o in sess.get_outputs()]
+        feeds = {k: _ort_strings(k, v) if getattr(getattr(v, "dtype", None), "kind", "") == "O" else v
+                 for k, v in feeds.items()}
         try:
             results = sess.run(names, feeds)
         except Exception as exc:
@@ -85,3 +87,25 @@ class OnnxBackend:
 
     def ready(self, model: ModelVersion | None = None) -> bool:
         return ready_by(self.check_ready, model)
+
+
+def _ort_strings(name: str, arr: Any) -> Any:
+    """BYTES elements as ``str`` for onnxruntime: its Python binding reads a tensor(string) element from a
+    ``str`` (encoded as UTF-8) and silently mistakes a ``bytes`` object for something else (a LabelEncoder
+    then maps every key to its default). Text that is not UTF-8 cannot reach a string input unchanged:
+    the client's error, said as such."""
+    import numpy as np
+
+    flat = arr.ravel()
+    out = np.empty(flat.shape, dtype=object)
+    for i, x in enumerate(flat):
+        if isinstance(x, bytes | bytearray):
+            try:
+                out[i] = bytes(x).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequestError(
+                    f"input {name!r}: BYTES element {i} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                    "onnxruntime's string tensors hold UTF-8: send text, or a model that takes uint8") from None
+        else:
+            out[i] = x
+    return out.reshape(arr.shape)

@@ -47,3 +47,22 @@ def test_the_response_size_follows_the_outputs_dims_named_like_the_inputs() -> N
     assert not as_json.fits() and 0 < as_json.max_rows() < 128
     assert limits.predict_response(outputs, as_json.max_rows(), {"last_hidden_state": False,
                                                                  "sentence_embedding": False}, known, True).fits()
+
+
+def test_an_integer_outputs_value_range_bounds_its_json_width() -> None:
+    # Given 1.1 M labels in [-1, 3] (a lookup's output), and the same output without a range
+    bounded = (TensorSpec("y", "INT64", (-1,), value_range=(-1, 3)),)
+    unbounded = (TensorSpec("y", "INT64", (-1,)),)
+    # When their JSON responses are predicted
+    rows = 1_100_000
+    tight = limits.predict_response(bounded, rows, {"y": False}, {}, True)
+    typical = limits.predict_response(unbounded, rows, {"y": False}, {}, True)
+    # Then the range's widest bound ("-1," is 3 bytes) sizes each element, and the real JSON fits it
+    assert tight.outputs[0].bytes_per_row == 3 and tight.fits()
+    real = json.dumps({"outputs": [{"name": "y", "datatype": "INT64", "shape": [rows],
+                                    "data": [3, -1] * (rows // 2)}]}, separators=(",", ":"))
+    assert len(real) <= tight.json_bytes
+    # And without a range the typical INT64 width stands (and 1.1 M of them would not fit)
+    assert typical.outputs[0].bytes_per_row == limits.JSON_BYTES_PER_ELEMENT["INT64"] and not typical.fits()
+    # And binary outputs are exact whatever the range
+    assert limits.predict_response(bounded, 10, {"y": True}, {}, True).binary_bytes == 80

@@ -119,3 +119,39 @@ def test_a_tampered_artifact_is_not_ready_for_its_integrity_error(tmp_path) -> N
     assert backend.ready(mv) is False
     with pytest.raises(IntegrityError, match="sha256"):
         backend.check_ready(mv)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bytes_inputs_reach_a_string_model_as_the_text_they_are(tmp_path, binary: bool) -> None:
+    # Given a string lookup model (a -> 1, b -> 2, é -> 3) on the CPU tier
+    from tests.support.models import label_encoder_onnx, write_model
+    from tierserve.codec import tensor_from_numpy
+    from tierserve.manifest import TensorSpec
+    from tierserve.types import InferRequest
+
+    mv = write_model(tmp_path / "store", "text", "1", label_encoder_onnx(), (TensorSpec("s", "BYTES", (-1,)),),
+                     (TensorSpec("y", "INT64", (-1,)),))
+    backend = OnnxBackend(ModelStore(str(tmp_path / "store"), tmp_path / "cache"))
+    # When the strings come as JSON text, or as binary BYTES elements (what tritonclient sends)
+    if binary:
+        request = InferRequest(inputs=[tensor_from_numpy("s", np.array([b"a", b"b", "é".encode(), b"z"], object))])
+        c = InferenceCall.from_request(request)
+    else:
+        body = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [4], "data": ["a", "b", "é", "z"]}]}
+        c = InferenceCall.from_body(Body(json.dumps(body).encode()))
+    # Then onnxruntime sees the text: every key found, the unknown one its default
+    assert backend.infer(mv, c).arrays()["y"].tolist() == [1, 2, 3, -1]
+
+
+def test_bytes_that_are_not_utf8_are_the_clients_error_for_a_string_model(tmp_path) -> None:
+    from tests.support.models import label_encoder_onnx, write_model
+    from tierserve.codec import tensor_from_numpy
+    from tierserve.manifest import TensorSpec
+    from tierserve.types import InferRequest
+
+    mv = write_model(tmp_path / "store", "text", "1", label_encoder_onnx(), (TensorSpec("s", "BYTES", (-1,)),),
+                     (TensorSpec("y", "INT64", (-1,)),))
+    backend = OnnxBackend(ModelStore(str(tmp_path / "store"), tmp_path / "cache"))
+    request = InferRequest(inputs=[tensor_from_numpy("s", np.array([b"a", b"\xff\xfe"], object))])
+    with pytest.raises(InvalidRequestError, match=r"input 's': BYTES element 1 is not UTF-8 text"):
+        backend.infer(mv, InferenceCall.from_request(request))
