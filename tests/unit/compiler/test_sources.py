@@ -160,10 +160,14 @@ def test_onnx_with_external_data_compiles_and_is_served_from_the_store(tmp_path,
             assert ext.sha256 == hashlib.sha256(data).hexdigest()
     # And the runtime's store fetches and verifies every file, and the model computes x @ W + b
     store = ModelStore(str(root), tmp_path / "cache")
-    path = store.fetch(store.manifest().resolve("ext").cpu_artifact)
+    served = store.manifest().resolve("ext")
+    path = store.fetch(served.cpu_artifact)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
-    np.testing.assert_allclose(got, x @ w + b, rtol=1e-2, atol=1e-2)
+    # (--quantize auto keeps int8 when it measures faster, which varies with the machine's load: its
+    # quantization error is larger than fp32's or fp16's)
+    tol = 5e-2 if (served.cpu_variant or served.selected_variant).startswith("int8") else 1e-2
+    np.testing.assert_allclose(got, x @ w + b, rtol=tol, atol=tol)
     # And when fp32 is the GPU variant, the Triton version folder holds its external data next to model.onnx
     compile_model(cfg_for(src, "ext32", target="both", quantize="none"))
     files = sorted(p.name for p in (root / "triton" / "ext32" / "1").iterdir())
