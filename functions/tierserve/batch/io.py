@@ -383,17 +383,21 @@ def iter_chunks(source: Iterable[Record], n: int) -> Iterator[Chunk]:
         yield RecordChunk(batch)
 
 
+#: bytes a row costs besides its tensors: its id (a Python object) and line number, in and out
+_ROW_OVERHEAD = 128
+
+
 def part_rows(fmt: str, model: ModelVersion, chunk_rows: int, columnar_rows: int, memory_mb: int) -> int:
     """Rows per part, pinned in the job's state at its start (part boundaries never move).
 
     JSONL: ``CHUNK_ROWS``. NPZ and Parquet, whose columns are read straight into arrays: up to
-    ``COLUMNAR_CHUNK_ROWS`` (fewer parts: fewer S3 PUTs and checkpoints), as long as two parts' arrays and
-    encoded output (one part being written while the next is computed) stay within an eighth of the
-    function's memory. A model with a dynamic dimension past the batch axis keeps ``CHUNK_ROWS``: its row
-    size is not known before the rows are read."""
+    ``COLUMNAR_CHUNK_ROWS`` (fewer parts: fewer S3 PUTs and checkpoints), as long as three parts' arrays,
+    ids and encoded output (one being written, one waiting for the writer, one being computed) stay within
+    an eighth of the function's memory. A model with a dynamic dimension past the batch axis keeps
+    ``CHUNK_ROWS``: its row size is not known before the rows are read."""
     if fmt == "jsonl" or columnar_rows <= chunk_rows:
         return chunk_rows
-    per_row = 0
+    per_row = _ROW_OVERHEAD
     for specs, each in ((model.inputs, 1), (model.outputs, 1 if fmt == "parquet" else 64)):
         for spec in specs:
             dims = spec.shape[1:]
@@ -401,7 +405,7 @@ def part_rows(fmt: str, model: ModelVersion, chunk_rows: int, columnar_rows: int
                 return chunk_rows
             per_row += math.prod(dims) * datatype_to_dtype(spec.datatype).itemsize * each
     budget = memory_mb * (1 << 20) // 8
-    return max(chunk_rows, min(columnar_rows, budget // (2 * max(per_row, 1))))
+    return max(chunk_rows, min(columnar_rows, budget // (3 * per_row)))
 
 
 # --- readers ------------------------------------------------------------------------------------
