@@ -9,7 +9,9 @@ message per invocation, as template.yaml's ``JobMessages`` does) with ``batch_wo
 order alternating round by round. ``ORT_THREADS=1``: one core per execution environment, as Lambda's
 concurrency scales environments, not threads. The workers are warmed first (a small fanned-out job), so
 the figure is the fan-out's, not the model's cold start. Timed: from sending the job message to
-``_SUCCESS``. Every round checks that the two runs' parts are byte-identical.
+``_SUCCESS``. Every round checks that the two runs' parts are byte-identical. Each run also reports the
+CPU seconds its processes used (workers, moto_server, the serve process) over its wall time: the cores
+the job actually got, which on a shared machine says whether 2 workers had 2 cores to use.
 
 The job's outputs are MiniLM's ``sentence_embedding`` (384 floats a row): the scratch store's manifest
 lists only that output, which is what an embedding job asks for (``last_hidden_state`` would add 16 x 384
@@ -88,6 +90,28 @@ def run_job(stack: Any, name: str, body: bytes, shards: int, timeout_s: float = 
     return seconds, parts
 
 
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and every process it started (workers, moto_server), from
+    /proc (Linux): how many cores the job actually got is this over the wall time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], used[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    mine, todo = {os.getpid()}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == pid and p not in mine]
+        mine.update(kids)
+        todo.extend(kids)
+    return sum(used.get(p, 0.0) for p in mine)
+
+
 def one_run(store: Path, work: Path, workers: int, body: bytes, shards: int, chunk_rows: int,
             ) -> tuple[float, dict[str, bytes], dict[str, Any]]:
     from tierserve.local.serve import LocalStack
@@ -95,10 +119,11 @@ def one_run(store: Path, work: Path, workers: int, body: bytes, shards: int, chu
     env = {"CHUNK_ROWS": str(chunk_rows), "ORT_THREADS": "1", "TIERSERVE_METRICS": "false"}
     with LocalStack(store, port=0, triton=False, workdir=work, batch_workers=workers, env=env) as stack:
         run_job(stack, "warm", body[:body.index(b"\n", len(body) // 32) + 1], 2 * workers)  # start the workers
-        load0 = os.getloadavg()
+        load0, cpu0 = os.getloadavg(), cpu_seconds()
         seconds, parts = run_job(stack, "job", body, shards)
-        load1 = os.getloadavg()
-    return seconds, parts, {"load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in load1]}
+        load1, cpu = os.getloadavg(), cpu_seconds() - cpu0
+    return seconds, parts, {"load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in load1],
+                            "cpu_s": round(cpu, 2), "cores_used": round(cpu / seconds, 2)}
 
 
 def main() -> int:
@@ -135,6 +160,10 @@ def main() -> int:
           f"2 workers: {two:.2f} s ({args.rows / two:.0f} rows/s)")
     print(f"  speed-up: {statistics.median(speedups):.2f}x (median of {args.rounds} rounds: "
           f"{', '.join(f'{s:.2f}x' for s in speedups)}); parts byte-identical in every round")
+    cores = {w: statistics.median(x["cores_used"] for x in runs if x["workers"] == w) for w in (1, 2)}
+    print(f"  cores the job's processes got (CPU s / wall s, median): 1 worker {cores[1]:.2f}, 2 workers "
+          f"{cores[2]:.2f}; load average {min(x['load_before'][0] for x in runs):.1f}-"
+          f"{max(x['load_after'][0] for x in runs):.1f} (the machine is shared)")
     return 0
 
 
