@@ -112,7 +112,11 @@ def tensor_from_numpy(name: str, array: Any, parameters: dict[str, Any] | None =
 
 
 def _describe(values: Any) -> str:
-    return f"{values[:3]!r}..." if isinstance(values, list) and len(values) > 3 else repr(values)
+    """The first values of a client's data, for a message (a huge integer abbreviated, never all of it)."""
+    if isinstance(values, list):
+        shown = ", ".join(wire.brief(v, 40) for v in values[:3])
+        return f"[{shown}{', ...' if len(values) > 3 else ''}]"
+    return wire.brief(values)
 
 
 def json_array(data: Any, datatype: str, count: int | None, label: str,
@@ -156,7 +160,8 @@ def json_array(data: Any, datatype: str, count: int | None, label: str,
             for x in flat:
                 if isinstance(x, float) and x.is_integer() and not info.min <= x <= info.max:
                     # orjson reads an integer past 64 bits as a float: report it as the integer it was
-                    raise err(f"{label}: value {int(x)} is out of range for {datatype} [{info.min}, {info.max}]")
+                    raise err(f"{label}: value {wire.brief_int(int(x))} is out of range for {datatype} "
+                              f"[{info.min}, {info.max}]")
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
                 raise err(f"{label}: {datatype} data must be integers, got {_describe(data)}")
             raw = np.asarray(flat, dtype=object)
@@ -166,7 +171,7 @@ def json_array(data: Any, datatype: str, count: int | None, label: str,
         lo, hi = int(raw.min()), int(raw.max())
         if lo < info.min or hi > info.max:
             bad = lo if lo < info.min else hi
-            raise err(f"{label}: value {bad} is out of range for {datatype} [{info.min}, {info.max}]")
+            raise err(f"{label}: value {wire.brief_int(bad)} is out of range for {datatype} [{info.min}, {info.max}]")
     elif kind not in "iuf":
         if dtype.kind != "f" or kind not in "UO":
             raise err(f"{label}: {datatype} data must be numbers, got {_describe(data)}")
@@ -188,11 +193,17 @@ def _floats(flat: list[Any], datatype: str, label: str, err: type[TierserveError
     for x in flat:
         if isinstance(x, str) and x in NON_FINITE_NAMES:
             values.append(NON_FINITE_NAMES[x])
-        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        elif isinstance(x, float):
             values.append(x)
+        elif isinstance(x, int) and not isinstance(x, bool):
+            try:
+                values.append(float(x))
+            except OverflowError:  # an exact JSON integer past float64's range ("1" and 400 zeros)
+                raise err(f"{label}: value {wire.brief_int(x)} is out of range for {datatype} (at most about "
+                          f"{float(np.finfo(DATATYPE_TO_DTYPE[datatype]).max):.3g} in magnitude)") from None
         else:
             raise err(f"{label}: {datatype} data must be numbers (or \"NaN\", \"Infinity\", \"-Infinity\"), "
-                      f"got {x!r}")
+                      f"got {wire.brief(x)}")
     return np.asarray(values, dtype=np.float64)
 
 

@@ -55,6 +55,67 @@ def json_dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
 
+# What JSON text can spell but no JSON writer can write back: a lone surrogate ("\udfff" is valid JSON
+# text, but no Unicode string) and an integer past 64 bits (orjson writes int64 and uint64 only). A
+# request's id is echoed in its answer, and its parameters are re-encoded when a request is split, so
+# both are checked when the header is read: a 400 before any inference, never a 500 after one.
+
+#: The integers orjson writes (and Triton reads): from INT64's minimum to UINT64's maximum.
+JSON_INT_RANGE = (-(2**63), 2**64 - 1)
+
+
+def brief_int(n: int) -> str:
+    """An integer as a message can carry it: whole when short, else its first and last digits and its length."""
+    try:
+        digits = str(abs(n))
+    except ValueError:  # past Python's int-to-str limit (4300 digits)
+        return f"{'-' if n < 0 else ''}(an integer of about {int(n.bit_length() * 0.30103) + 1} digits)"
+    if len(digits) <= 40:
+        return str(n)
+    return f"{'-' if n < 0 else ''}{digits[:3]}...{digits[-3:]} ({len(digits)} digits)"
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a client's value in a message, never the whole of it)."""
+    text = brief_int(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (what makes it no Unicode string), or None."""
+    if text.isascii():
+        return None
+    return next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+
+
+def check_writable(value: Any, what: str, err: ErrorType) -> None:
+    """``err`` naming where and why, unless ``value`` (an id, parameters) can be written back as JSON."""
+    try:
+        orjson.dumps(value)
+        return
+    except orjson.JSONEncodeError as exc:
+        reason = str(exc)
+    stack: list[tuple[Any, str]] = [(value, what)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            bad = lone_surrogate(v)
+            if bad is not None:
+                raise err(f"{where} is not valid Unicode: it holds a lone surrogate, {bad!r}; send UTF-8 text")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if not JSON_INT_RANGE[0] <= v <= JSON_INT_RANGE[1]:
+                raise err(f"{where}: the integer {brief_int(v)} does not fit in 64 bits (INT64 or UINT64); "
+                          "send it as a string")
+        elif isinstance(v, dict):
+            for k in v:
+                if isinstance(k, str) and lone_surrogate(k) is not None:
+                    raise err(f"{where} holds a key that is not valid Unicode ({brief(k)}); send UTF-8 text")
+            stack.extend((x, f"{where}[{brief(k)}]") for k, x in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((x, f"{where}[{i}]") for i, x in reversed(list(enumerate(v))))
+    raise err(f"{what} cannot be written back as JSON ({reason})")
+
+
 # --- datatypes ---------------------------------------------------------------------------------------
 
 
@@ -220,11 +281,12 @@ def check_shape(shape: Any, label: str, err: ErrorType, datatype: str | None = N
         raise err(f"{label}: shape has {len(shape)} dimensions; at most {MAX_RANK} are supported")
     for d in shape:
         if isinstance(d, float) and d.is_integer() and d > MAX_DIM:  # orjson reads an int past 64 bits as a float
-            raise err(f"{label}: dimension {int(d)} does not fit in INT64 (at most {MAX_DIM})")
+            raise err(f"{label}: dimension {brief_int(int(d))} does not fit in INT64 (at most {MAX_DIM})")
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise err(f"{label}: shape {shape!r} has an invalid dimension {d!r}; expected non-negative integers")
+            raise err(f"{label}: shape {brief(shape)} has an invalid dimension {brief(d)}; "
+                      "expected non-negative integers")
         if d > MAX_DIM:
-            raise err(f"{label}: dimension {d} does not fit in INT64 (at most {MAX_DIM})")
+            raise err(f"{label}: dimension {brief_int(d)} does not fit in INT64 (at most {MAX_DIM})")
     itemsize = max(DATATYPES[datatype][1], 8) if datatype in DATATYPES else 8
     if math.prod(d for d in shape if d) * itemsize > MAX_SHAPE_BYTES:
         raise err(f"{label}: shape {fmt_shape(shape)} describes more elements than any tensor can hold; "
@@ -275,7 +337,8 @@ def tensor_headers(items: Any, kind: str, binary_size: int | None, err: ErrorTyp
             raise err(f"{kind} #{i} must be a JSON object, got {type(obj).__name__}")
         name = obj.get("name")
         if not isinstance(name, str) or not name:
-            raise err(f"{kind} #{i}: 'name' must be a non-empty string, got {name!r}")
+            raise err(f"{kind} #{i}: 'name' must be a non-empty string, got {brief(name)}")
+        check_writable(name, f"{kind} #{i}: 'name'", err)
         label = f"{kind} {name!r}"
         if name in seen:
             raise err(f"{label} is given more than once")
@@ -297,6 +360,7 @@ def tensor_headers(items: Any, kind: str, binary_size: int | None, err: ErrorTyp
                 f"{label}: the shared-memory extension (shared_memory_region) is not supported by "
                 "tierserve; send the tensor as JSON data or binary data instead"
             )
+        check_writable(params, f"{label}: parameters", err)
         tensor = TensorHeader(name, datatype, shape)
         if "binary_data_size" in params:
             size = params["binary_data_size"]
@@ -346,10 +410,13 @@ def parse_request(body: BodyBytes, header_length: int | str | None = None) -> He
     tensors = tensor_headers(inputs, "input", binary_size, err)
     req_id = obj.get("id")
     if req_id is not None and not isinstance(req_id, str):
-        raise err(f"'id' must be a string, got {req_id!r}")
+        raise err(f"'id' must be a string, got {brief(req_id)}")
+    if req_id is not None:
+        check_writable(req_id, "'id'", err)  # the answer echoes it
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
         raise err(f"'parameters' must be a JSON object, got {type(params).__name__}")
+    check_writable(params, "parameters", err)  # a split request re-encodes them
     return Header(tensors, body, binary_start, req_id, dict(params),
                   requested_outputs(obj.get("outputs"), err))
 
@@ -384,6 +451,7 @@ def requested_outputs(items: Any, err: ErrorType = InvalidRequestError) -> list[
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             raise err(f"requested output #{i} must be an object with a non-empty string 'name'")
         name = obj["name"]
+        check_writable(name, f"requested output #{i}: 'name'", err)
         if name in seen:
             raise err(f"output {name!r} is requested more than once")
         seen.add(name)
@@ -397,6 +465,7 @@ def requested_outputs(items: Any, err: ErrorType = InvalidRequestError) -> list[
             )
         if params.get("classification"):
             raise err(f"output {name!r}: the classification extension is not supported by tierserve")
+        check_writable(params, f"output {name!r}: parameters", err)
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise err(f"output {name!r}: binary_data must be true or false, got {binary!r}")

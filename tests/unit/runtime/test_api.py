@@ -550,3 +550,46 @@ def test_the_same_request_goes_to_the_same_tier_in_json_and_binary(runtime_env: 
                                       binary=True))["headers"]["x-served-by"]]
     # Then both go to the tier that the tensor bytes, not the body's length, pick
     assert served == [tier, tier]
+
+
+# --- hostile input is the client's error, never a 500 (issue 16, defect 11) -----------------------------------
+
+X4 = {"name": "x", "datatype": "FP32", "shape": [4, 4], "data": [1.0] * 16}
+#: Bodies that JSON can spell but no tier can take or echo back (json.dumps writes "\udfff" as an escape).
+HOSTILE = {
+    "fp32-integer-past-float64": json.dumps({"inputs": [{**X4, "data": [10**400] + [1] * 15}]}),
+    "id-lone-surrogate": json.dumps({"id": "\udfff", "inputs": [X4]}),
+    "parameter-lone-surrogate": json.dumps({"parameters": {"note": "\udfff"}, "inputs": [X4]}),
+    "parameter-integer-past-64-bits": json.dumps({"parameters": {"n": 10**400}, "inputs": [X4]}),
+}
+
+
+@pytest.mark.parametrize("body", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_hostile_numbers_and_strings_are_a_400_through_the_router_and_the_real_cpu_function(
+        runtime_env: pytest.MonkeyPatch, tmp_path: Path, body: str) -> None:
+    from tests.support.fakes import FakeLambdaClient
+    from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+    from tierserve.direct import handle_direct
+
+    # Given the router reaching the REAL CPU function by Invoke, for a model that takes 2 rows per call
+    # (a 4-row request is split, and each part re-encoded with the request's id and parameters)
+    store_dir = tmp_path / "store"
+    write_linear(store_dir, "lin", max_batch_size=2)
+    cpu_function = build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "c")))
+    client = FakeLambdaClient(reply=lambda payload: handle_direct(payload, None, cpu_function))
+    set_runtime(build_runtime(Settings(model_store_uri=str(store_dir), model_cache_dir=str(tmp_path / "r"),
+                                       cpu_backend="lambda", cpu_function_name="cpu"),
+                              cpu=LambdaInvokeBackend("cpu", client=client)))
+    # When a request holds a number or a string that no tier can take or echo back
+    resp = handle_http(infer_event("lin", body.encode()))
+    # Then it is the client's error, saying what was wrong
+    assert (resp["statusCode"], body_of(resp)["code"]) == (400, "invalid_request"), body_of(resp)
+
+
+def test_a_request_id_that_is_not_unicode_is_refused_before_any_inference(rig: Rig) -> None:
+    # When a request's id holds a lone surrogate (JSON can spell it; no JSON writer can write it back)
+    resp = handle_http(infer_event("both", HOSTILE["id-lone-surrogate"].encode()))
+    # Then it is a 400 that says so, and no tier ran the inference
+    assert (resp["statusCode"], body_of(resp)["code"]) == (400, "invalid_request")
+    assert "'id' is not valid Unicode" in body_of(resp)["error"]
+    assert (rig.cpu.calls, rig.gpu.calls) == ([], [])

@@ -444,3 +444,31 @@ def test_values_outside_an_inputs_range_are_refused_naming_the_value_and_the_ran
         with pytest.raises(InvalidRequestError, match=rf"input 'ids' holds -?\d+ at index \{index[:-1]}\], "
                            r"outside the range model 'm' v1 accepts, \[0, 9\]"):
             check_values(_request([[1, 2, 3]], bad), model)
+
+
+# --- numbers past what a datatype (or float64) can hold -----------------------------------------------
+
+#: A JSON integer past float64's range (``1`` and 400 zeros): orjson refuses it, the standard library
+#: reads it as an exact Python int that numpy cannot turn into a float.
+HUGE = 10**400
+INTEGER_DATATYPES = ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("data", [[HUGE, 1.0], [1.5, -HUGE], ["NaN", HUGE]], ids=["alone", "negative", "with-nan"])
+def test_a_json_integer_past_float64s_range_is_the_clients_error_for_every_float_datatype(datatype, data):
+    # Given float data holding an integer that no float can hold
+    body = raw_request([fp32_input(datatype=datatype, data=data)])
+    # When decoded, Then it is a 400 naming the input, the value (abbreviated) and the datatype
+    with pytest.raises(InvalidRequestError, match=rf"input 'x': value -?10{{2}}\.\.\.0{{3}} \(401 digits\) is "
+                                                  rf"out of range for {datatype}"):
+        decode_request(body)
+
+
+@pytest.mark.parametrize("datatype", INTEGER_DATATYPES)
+@pytest.mark.parametrize("value", [HUGE, -HUGE, float(2**70)], ids=["huge", "-huge", "past-64-bits-as-float"])
+def test_a_huge_integer_is_out_of_range_for_every_integer_datatype_and_the_message_stays_short(datatype, value):
+    body = raw_request([fp32_input(datatype=datatype, data=[1, value])])
+    with pytest.raises(InvalidRequestError, match=rf"input 'x': value .+ is out of range for {datatype}") as info:
+        decode_request(body)
+    assert len(info.value.message) < 200, info.value.message

@@ -400,3 +400,41 @@ def test_inputs_that_share_a_dimension_name_must_agree_on_it_before_anything_run
     # And the same pair with agreeing sizes passes
     good = parse_request(raw_request([ids("input_ids", [2, 5]), ids("attention_mask", [2, 5])]))
     check_request(good.tensors, good.outputs, mv)
+
+
+# --- what the answer echoes must be writable as JSON -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"id": "\udfff"}, r"'id' is not valid Unicode: it holds a lone surrogate, '\\udfff'"),
+    ({"id": "ok\ud800ok"}, r"'id' is not valid Unicode: it holds a lone surrogate, '\\ud800'"),
+    ({"parameters": {"note": "\udfff"}}, r"parameters\['note'\] is not valid Unicode"),
+    ({"parameters": {"\udfff": 1}}, r"parameters holds a key that is not valid Unicode"),
+    ({"parameters": {"n": [1, {"deep": 10**400}]}}, r"parameters\['n'\]\[1\]\['deep'\]: the integer 10{2}\.\.\.0{3} "
+                                                     r"\(401 digits\) does not fit in 64 bits"),
+    # (orjson reads an integer past 64 bits as a float; a bare NaN token elsewhere sends the whole body to the
+    # standard library, which keeps it an exact int)
+    ({"parameters": {"n": -(2**63) - 1, "f": float("nan")}},
+     r"parameters\['n'\]: the integer -9223372036854775809 does not fit"),
+    ({"outputs": [{"name": "y", "parameters": {"tag": "\ud800"}}]},
+     r"output 'y': parameters\['tag'\] is not valid Unicode"),
+])
+def test_strings_and_integers_that_cannot_be_written_back_as_json_are_refused_with_the_header(extra, message):
+    # Given a request whose id or parameters hold what no JSON writer can write back (a lone surrogate,
+    # an integer past 64 bits): the answer echoes the id, and a split request re-encodes the parameters
+    body = raw_request([fp32_input()], **extra)
+    # When its header is parsed, Then it is a 400 that says which field and why, before any inference
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_request(body)
+
+
+def test_an_input_parameter_that_cannot_be_written_back_is_refused():
+    body = raw_request([fp32_input(parameters={"note": "\udc80"})])
+    with pytest.raises(InvalidRequestError, match=r"input 'x': parameters\['note'\] is not valid Unicode"):
+        parse_request(body)
+
+
+def test_unicode_ids_and_64_bit_parameters_are_accepted_as_they_are():
+    extra = {"id": "req-é-漢字-🙂", "parameters": {"big": 2**64 - 1, "small": -(2**63), "s": "ü", "l": [1.5, None]}}
+    header = parse_request(raw_request([fp32_input()], **extra))
+    assert (header.id, header.parameters) == (extra["id"], extra["parameters"])
