@@ -54,10 +54,10 @@ test-integration: $(STAMP) ## real moto_server and tritonserver
 	$(PY) -m pytest -q tests/integration
 
 lint: $(STAMP) ## ruff
-	$(BIN)/ruff check functions compiler tests benchmarks
+	$(BIN)/ruff check functions compiler tooling tests
 
 fmt: $(STAMP) ## ruff --fix
-	$(BIN)/ruff check --fix functions compiler tests benchmarks
+	$(BIN)/ruff check --fix functions compiler tooling tests
 
 typecheck: $(STAMP) ## mypy
 	$(BIN)/mypy
@@ -72,7 +72,7 @@ compile-minilm: $(STAMP) ## compile all-MiniLM-L6-v2 (PyTorch path) for the GPU 
 
 GPU_TIER ?= triton
 demo: $(STAMP) ## the whole story (GPU_TIER=sagemaker: the GPU tier as a local SageMaker endpoint)
-	$(PY) -m tierserve.local.demo --models $(MODELS) --gpu-tier $(GPU_TIER)
+	$(PY) -m tierserve_tools.demo --models $(MODELS) --gpu-tier $(GPU_TIER)
 
 invoke: $(STAMP) ## tierserve invoke RouterFunction -e events/http_infer.json
 	$(BIN)/tierserve invoke RouterFunction -e events/http_infer.json

@@ -4,7 +4,7 @@ A device profile says what a device has: ``memory_mb`` (what the runtime may use
 and ``speed``, one core's speed relative to one core of the machine that profiled the model (the
 compile host). Built in: :data:`PROFILES`; or a JSON file with those three keys (``--edge-profile``).
 The speeds are rough, stated assumptions (a Cortex-A72 at 1.5 GHz against a current x86 core is about
-0.3); measure your device with ``benchmarks.edge`` and pass a file for honest estimates.
+0.3); measure your device with ``tierserve_tools.bench.edge`` and pass a file for honest estimates.
 
 The rules, recorded with the cloud's in report.json and report.md:
 

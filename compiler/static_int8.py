@@ -1,8 +1,8 @@
 """Static int8 (calibrated activations): the recipe the ``int8_static`` variant uses, and the knobs
-``benchmarks/static_int8.py`` compares.
+``tooling/tierserve_tools/bench/static_int8.py`` compares.
 
 What was measured on all-MiniLM-L6-v2 (2-core AVX2 VM without VNNI, onnxruntime 1.32, 1 thread;
-``python benchmarks/static_int8.py`` prints every configuration):
+``python tooling/tierserve_tools/bench/static_int8.py`` prints every configuration):
 
 * quantizing every op (the old recipe: QDQ, int8 activations, MinMax) gives cosine 0.41 against fp32
   and is 2-3x slower than fp32: Q/DQ pairs around Add, Softmax, LayerNorm and GELU cannot be fused;

@@ -8,7 +8,7 @@
 ``google.protobuf.text_format``, so it is valid by construction and the datatype names are Triton's
 own (BYTES is ``TYPE_STRING``). It uses ``platform: "onnxruntime_onnx"`` on ``KIND_GPU`` instances,
 dynamic batching when ``max_batch_size > 0`` (dims then exclude the batch axis), the TensorRT fp16
-accelerator and a zero-data warm-up request. ``tierserve.local.triton.localize_config`` parses the
+accelerator and a zero-data warm-up request. ``tierserve_tools.triton.localize_config`` parses the
 same file for the local CPU server.
 """
 

@@ -45,6 +45,6 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def lambda_context():
-    from tierserve.local.emulation import LocalContext
+    from tierserve_tools.emulation import LocalContext
 
     return LocalContext("test-function", 1769, 30)

@@ -25,7 +25,7 @@ Metrics: ``Requests``, ``Errors`` (5xx), ``ClientErrors`` (4xx), ``Latency`` (ms
 cache); the batch function's ``BatchRows``, ``BatchErrors``, ``BatchJobDuration``, ``BatchJobsCompleted``,
 ``BatchJobsFailed``; Powertools adds ``ColdStart``. Each line goes to stdout, which Lambda sends to
 CloudWatch Logs, which extracts the metrics; ``tierserve serve`` does the same locally
-(``tierserve.local.emf_bridge``: PutMetricData into moto_server, and its ``/metrics`` page).
+(``tierserve_tools.emf_bridge``: PutMetricData into moto_server, and its ``/metrics`` page).
 """
 
 from __future__ import annotations

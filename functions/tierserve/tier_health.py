@@ -18,7 +18,7 @@ attempts to open and 1,000 more per cooldown. Sharing the state makes the fleet 
 
 ``SharedCircuitBreaker`` is a ``CircuitBreaker``; the tier dispatcher is unchanged. A store error never
 breaks a request: the instance then behaves as a lone breaker would. ``MemoryHealthStore`` has the same
-semantics as ``DynamoHealthStore`` without AWS (``benchmarks/shared_health_sim.py``).
+semantics as ``DynamoHealthStore`` without AWS (``tooling/tierserve_tools/bench/shared_health_sim.py``).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from tests.support.lifecycle import version
 from tierserve.lifecycle.objects import S3Objects
 from tierserve.lifecycle.registry import Registry
 from tierserve.lifecycle.rollout import DynamoRollouts, Thresholds, new_rollout
-from tierserve.local.moto_ext import patch as moto_percentiles
-from tierserve.local.stack_ops import create_rollout_table
+from tierserve_tools.moto_ext import patch as moto_percentiles
+from tierserve_tools.stack_ops import create_rollout_table
 
 BUCKET = "tierserve-models-123456789012-us-east-1"
 

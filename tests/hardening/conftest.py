@@ -135,7 +135,7 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """`tierserve serve` over the models: moto S3 (and the batch queues and table), the real Triton, the CPU
     function in 2 warm workers."""
     pytest.importorskip("pytriton", reason="the nvidia-pytriton wheel provides the local tritonserver")
-    from tierserve.local.serve import LocalStack
+    from tierserve_tools.serve import LocalStack
 
     overrides = {"RouterFunction": {"BREAKER_FAILURE_THRESHOLD": "3", "BREAKER_COOLDOWN_S": str(COOLDOWN_S),
                                     "BREAKER_SUCCESS_THRESHOLD": "1", "HEALTH_TTL_S": "0.2",

@@ -136,7 +136,7 @@ def s3_rig(stack, tmp_path: Path):
     from botocore.config import Config
 
     from tests.support.fault_proxy import FaultProxy
-    from tierserve.local.serve import BUCKET, MODEL_PREFIX
+    from tierserve_tools.serve import BUCKET, MODEL_PREFIX
 
     with FaultProxy(stack.moto.url, only="/lin/1/") as proxy:
         proxy.hang_s = 3.0

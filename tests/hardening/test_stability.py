@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.hardening.conftest import FIGURES, infer, lin_body, scale
-from tierserve.local.apigw import http_api_event
+from tierserve_tools.apigw import http_api_event
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 
@@ -30,7 +30,7 @@ def _rss_kb(pid: int) -> int:
 
 
 def _events(stack: Any) -> dict[str, Any]:
-    from tierserve.local.serve import BUCKET
+    from tierserve_tools.serve import BUCKET
 
     s3 = stack.client("s3")
     s3.put_object(Bucket=BUCKET, Key="batch/in/digits/stability.jsonl",

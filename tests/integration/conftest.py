@@ -128,7 +128,7 @@ def _write_tiny_onnx(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
 
 
 def _require_pytriton() -> None:
-    from tierserve.local.triton import pytriton_available
+    from tierserve_tools.triton import pytriton_available
 
     if not pytriton_available():
         pytest.skip("nvidia-pytriton wheel not installed: no local tritonserver (pip install 'tierserve[local]')")
@@ -184,7 +184,7 @@ def _write_row_sum(root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def triton_local_repo(triton_tiny_model, tmp_path_factory) -> Path:
-    from tierserve.local.triton import build_local_repository
+    from tierserve_tools.triton import build_local_repository
 
     return build_local_repository(triton_tiny_model.production_repo, tmp_path_factory.mktemp("triton-local"))
 
@@ -192,7 +192,7 @@ def triton_local_repo(triton_tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def triton_server(triton_local_repo, tmp_path_factory):
     """A real tritonserver on free loopback ports serving ``tiny_linear``; stopped at session end."""
-    from tierserve.local.triton import TritonServer
+    from tierserve_tools.triton import TritonServer
 
     server = TritonServer(triton_local_repo, log_path=tmp_path_factory.mktemp("triton-log") / "server.log")
     server.start()

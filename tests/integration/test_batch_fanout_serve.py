@@ -2,7 +2,7 @@
 pool of 2 BatchInferenceFunction workers takes them concurrently (one message per invocation, as Lambda's SQS
 scaling does), the last shard in closes the job; the outputs are byte-identical to the same job run by one
 worker. The model is a compute-bound MLP built here (MiniLM is not part of the test fixtures); the speed-up
-on MiniLM int8 is a benchmark's figure (`python -m benchmarks.batch_fanout`), not a timed assert."""
+on MiniLM int8 is a benchmark's figure (`python -m tierserve_tools.bench.batch_fanout`), not a timed assert."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def mlp_onnx(width: int = 512, depth: int = 4, seed: int = 0) -> bytes:
 
 def _run(store: Path, workdir: Path, workers: int) -> tuple[dict[str, bytes], int]:
     """The job through a stack with ``workers`` batch workers: its outputs, and how many environments ran it."""
-    from tierserve.local.serve import BUCKET, LocalStack
+    from tierserve_tools.serve import BUCKET, LocalStack
 
     body = b"".join(json.dumps({"id": f"r{i}", "inputs": {"x": row.tolist()}}).encode() + b"\n"
                     for i, row in enumerate(ROWS))

@@ -16,11 +16,11 @@ from pathlib import Path
 import boto3
 import pytest
 
-from benchmarks.batch_measure import write_digits_jsonl
 from tests.support.moto_server import aws_test_env, running_moto_server
 from tierserve.batch import jobs as batch_jobs
 from tierserve.handlers import batch_inference
-from tierserve.local.batch import create_local_stack, poll_once, sqs_event, wire_local_notifications
+from tierserve_tools.batch import create_local_stack, poll_once, sqs_event, wire_local_notifications
+from tierserve_tools.bench.batch_measure import write_digits_jsonl
 
 pytestmark = pytest.mark.integration
 BUCKET = "tierserve-models-123456789012-us-east-1"
@@ -217,7 +217,7 @@ def test_malformed_lines_are_reported_with_their_line_numbers(env, stack, tmp_pa
 
 
 def _measure(stack, env, key: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_measure", f"s3://{BUCKET}/{key}"],
+    proc = subprocess.run([sys.executable, "-m", "tierserve_tools.bench.batch_measure", f"s3://{BUCKET}/{key}"],
                           env={**os.environ}, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -60,8 +60,8 @@ def write_digits(root: Path, version: str) -> object:
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
     """`tierserve serve`: IAM auth, S3 (moto) store, Triton serving 'lin-gpu' (GPU only)."""
-    from tierserve.local.serve import LocalStack
     from tierserve_compiler.triton import write_triton_repo
+    from tierserve_tools.serve import LocalStack
 
     root = tmp_path_factory.mktemp("models")
     sk = write_digits(root, "1")
@@ -181,7 +181,7 @@ def _publish(cloud, version: str, tamper: bool = False) -> None:
     (a conditional write). ``tamper``: the uploaded bytes differ from what the manifest records."""
     from tierserve.lifecycle.objects import open_objects
     from tierserve.lifecycle.registry import Registry
-    from tierserve.local.serve import BUCKET, MODEL_PREFIX
+    from tierserve_tools.serve import BUCKET, MODEL_PREFIX
 
     write_digits(cloud.root, version)
     mv = cloud_manifest(cloud.root).resolve("digits", version)

@@ -27,7 +27,7 @@ from tests.support.edge import write_edge_store
 from tests.support.fakes import json_body, rows_of, write_linear
 from tierserve.client import Client
 from tierserve.errors import ConfigurationError
-from tierserve.local.greengrass import ARTIFACT, PLATFORMS, TOKEN_EXCHANGE, UNPACKED, package
+from tierserve_tools.greengrass import ARTIFACT, PLATFORMS, TOKEN_EXCHANGE, UNPACKED, package
 
 pytestmark = pytest.mark.integration
 VARIABLE = re.compile(r"\{([a-zA-Z]+):([^}]*)\}")

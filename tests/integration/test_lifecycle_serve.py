@@ -26,9 +26,9 @@ import pytest
 from tests.support.lifecycle import compiled_bytes, linear_variant_onnx
 from tierserve.lifecycle.objects import open_objects
 from tierserve.lifecycle.registry import Registry
-from tierserve.local.publishing import publish_version
-from tierserve.local.serve import LocalStack
 from tierserve.manifest import parse_time
+from tierserve_tools.publishing import publish_version
+from tierserve_tools.serve import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ class Traffic:
 
 
 def rollout(stack, model: str, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tierserve.local.cli", "models", "--stack", str(stack.workdir), "--by", "ci",
+    cmd = [sys.executable, "-m", "tierserve_tools.cli", "models", "--stack", str(stack.workdir), "--by", "ci",
            "rollout", model, "2", "--tick", "0.25s", *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from tierserve.local.serve import LocalStack
+    from tierserve_tools.serve import LocalStack
 
     root = tmp_path_factory.mktemp("models")
     weights = {}

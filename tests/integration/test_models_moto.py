@@ -10,8 +10,8 @@ import pytest
 
 from tests.support.lifecycle import compiled
 from tests.support.moto_server import aws_test_env, running_moto_server
-from tierserve.local.cli import main
 from tierserve.store import ModelStore
+from tierserve_tools.cli import main
 
 pytestmark = pytest.mark.integration
 BUCKET = "tierserve-models-cli-test"

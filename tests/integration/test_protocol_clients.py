@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.support.models import write_dual_tier_linear
-from tierserve.local import perf_analyzer
+from tierserve_tools import perf_analyzer
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from tierserve.local.serve import LocalStack
+    from tierserve_tools.serve import LocalStack
 
     root = tmp_path_factory.mktemp("protocol-models")
     w, b = write_dual_tier_linear(root, seed=33)

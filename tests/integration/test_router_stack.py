@@ -31,8 +31,8 @@ COOLDOWN_S = 3.0
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Two models on the real stack: 'lin' on GPU with CPU fallback, 'lin-gpu' on the GPU only."""
-    from tierserve.local.serve import LocalStack
     from tierserve_compiler.triton import write_triton_repo
+    from tierserve_tools.serve import LocalStack
 
     root = tmp_path_factory.mktemp("models")
     data, w, b = linear_onnx(seed=7)

@@ -30,8 +30,8 @@ MAX_BATCH = 16
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from tierserve.local.serve import LocalStack
     from tierserve_compiler.triton import write_triton_repo
+    from tierserve_tools.serve import LocalStack
 
     root = tmp_path_factory.mktemp("models")
     data, w, b = linear_onnx(seed=11)

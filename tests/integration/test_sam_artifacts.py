@@ -1,4 +1,4 @@
-"""`sam build` + `sam local invoke` as documented, proven without Docker (tierserve.local.artifact).
+"""`sam build` + `sam local invoke` as documented, proven without Docker (tierserve_tools.artifact).
 
 Each function's artifact is built by the same functions/Makefile target SAM runs (for this host's
 architecture and Python), then every event in events/ is run from that artifact alone: an isolated
@@ -31,7 +31,7 @@ MOTO, START_LAMBDA = "http://host.docker.internal:5000", "http://host.docker.int
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from tierserve.local.artifact import build
+    from tierserve_tools.artifact import build
 
     out = tmp_path_factory.mktemp("aws-sam-build")
     with ThreadPoolExecutor(len(FUNCTIONS)) as pool:  # as `sam build --parallel`
@@ -41,7 +41,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runtime() -> Path:
-    from tierserve.local.artifact import runtime_dir
+    from tierserve_tools.artifact import runtime_dir
 
     return runtime_dir(Path.home() / ".cache" / "tierserve" / "lambda-runtime")
 
@@ -51,8 +51,8 @@ def services(tmp_path_factory, digits_store):
     """moto_server with what sam-env.json expects (models, batch input, table, queues)."""
     import boto3
 
-    from tierserve.local.batch import create_local_stack
-    from tierserve.local.moto import MotoServer
+    from tierserve_tools.batch import create_local_stack
+    from tierserve_tools.moto import MotoServer
 
     moto = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
     creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
@@ -73,7 +73,7 @@ def sam(artifacts, runtime, services):
     """run(function, event) as `sam local invoke FUNCTION -e events/EVENT --env-vars events/sam-env.json`."""
     import os
 
-    from tierserve.local.artifact import InvokeApi, invoke, sam_environment
+    from tierserve_tools.artifact import InvokeApi, invoke, sam_environment
 
     moto, _ = services
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from tests.support.models import write_dual_tier_linear
-from tierserve.local.apigw import ApiGatewayServer, http_api_event
-from tierserve.local.lambda_endpoint import LambdaEndpoint, LocalFunction
+from tierserve_tools.apigw import ApiGatewayServer, http_api_event
+from tierserve_tools.lambda_endpoint import LambdaEndpoint, LocalFunction
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,7 +163,7 @@ def test_tierserve_serve_command_serves_tritonclient_and_stops_cleanly(models, t
 
     root, w, b = models
     # Given `tierserve serve` on a free port with S3 (moto), the CPU function and the local Triton
-    cmd = [sys.executable, "-m", "tierserve.local.cli", "serve", "--port", "0", "--models", str(root),
+    cmd = [sys.executable, "-m", "tierserve_tools.cli", "serve", "--port", "0", "--models", str(root),
            "--workdir", str(tmp_path / "serve"), "--no-batch"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

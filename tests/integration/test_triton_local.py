@@ -205,7 +205,7 @@ def test_grpc_backend_shared_client_is_thread_safe(triton_server, triton_tiny_mo
 
 
 def test_kill_then_restart(triton_local_repo, triton_tiny_model, tmp_path):
-    from tierserve.local.triton import TritonServer
+    from tierserve_tools.triton import TritonServer
 
     model = triton_tiny_model.model_version()
     server = TritonServer(triton_local_repo, log_path=tmp_path / "server.log")

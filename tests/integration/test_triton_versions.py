@@ -14,8 +14,8 @@ import pytest
 from tests.support.lifecycle import compiled
 from tierserve.lifecycle.objects import open_objects
 from tierserve.lifecycle.registry import Registry
-from tierserve.local.publishing import publish_version
-from tierserve.local.serve import LocalStack
+from tierserve_tools.publishing import publish_version
+from tierserve_tools.serve import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def wait_for(predicate, timeout_s: float = 60.0) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from tierserve.local.triton import pytriton_available
+    from tierserve_tools.triton import pytriton_available
 
     if not pytriton_available():
         pytest.skip("nvidia-pytriton wheel not installed: no local tritonserver")

@@ -21,7 +21,7 @@ def mocked_batch_aws(env: pytest.MonkeyPatch, store: Path, **extra_env: str) -> 
     import boto3
     from moto import mock_aws
 
-    from tierserve.local.batch import create_local_stack
+    from tierserve_tools.batch import create_local_stack
 
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from tierserve.local.emulation import free_port
-from tierserve.local.moto import moto_server_command, running_moto_server
+from tierserve_tools.emulation import free_port
+from tierserve_tools.moto import moto_server_command, running_moto_server
 
 __all__ = ["aws_test_env", "free_port", "moto_server_command", "running_moto_server"]
 

@@ -12,10 +12,10 @@ import pytest
 from tests.support.cfn_render import render
 from tests.support.fakes import X_SPEC, Y_SPEC
 from tests.support.models import linear_onnx, write_model
-from tierserve.local.cli import main
-from tierserve.local.deploy_config import load, parameters, place
-from tierserve.local.sam import load_template
 from tierserve.manifest import Manifest
+from tierserve_tools.cli import main
+from tierserve_tools.deploy_config import load, parameters, place
+from tierserve_tools.sam import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 

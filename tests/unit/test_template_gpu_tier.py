@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cfn_render import render
-from tierserve.local.sam import load_template
+from tierserve_tools.sam import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT_VENV = Path(os.environ.get("LINT_VENV", ROOT / ".venv-tools"))

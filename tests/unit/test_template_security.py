@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.local.sam import load_template
+from tierserve_tools.sam import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,5 +17,5 @@ cloud's, composed differently: the same endpoint table (``tierserve.api``), infe
   Triton's gRPC service (``tritonclient.grpc`` works against it);
 * ``runtime.EdgeRuntime``: builds and runs it all; ``cli``: ``tierserve edge`` and ``tierserve edge package``.
 
-Nothing here imports ``tierserve.local`` (developer tooling), torch or onnx.
+Nothing here imports ``tierserve_tools`` (developer tooling), torch or onnx.
 """

@@ -2,5 +2,5 @@
 (``registry``), and progressive delivery with automatic rollback (``rollout``).
 
 Shipped with the functions: the unattended rollout runs in AWS. Operator commands (``tierserve models``)
-live in ``tierserve.local.models_cli``.
+live in ``tierserve_tools.models_cli``.
 """

@@ -15,7 +15,7 @@ and if it dies in between, the next writer, or anyone reading the history, finds
 manifest. Hence the history always agrees with the manifest, with no gaps, in revision order.
 
 This module ships with the functions (the unattended rollout in AWS promotes and rolls back through it);
-uploading artifacts and Triton configs is operator tooling (``tierserve.local.publishing``).
+uploading artifacts and Triton configs is operator tooling (``tierserve_tools.publishing``).
 """
 
 from __future__ import annotations

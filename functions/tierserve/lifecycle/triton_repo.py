@@ -5,7 +5,7 @@ version's own config beside its files, ``triton/NAME/VERSION/config.pbtxt`` (Tri
 the model's config, ``triton/NAME/config.pbtxt``, is derived from them: the newest listed version's config
 with ``version_policy { specific { versions: [...] } }`` naming the listed (published, not retired) GPU
 versions. Triton then loads and unloads versions as the list changes: locally through its repository API
-(explicit model control, ``tierserve.local.triton_sync``), in AWS by polling the repository in S3.
+(explicit model control, ``tierserve_tools.triton_sync``), in AWS by polling the repository in S3.
 
 Versions whose inputs, outputs or ``max_batch_size`` differ cannot share one config: the newest listed
 version's signature wins and the others are left out (returned, so the caller can say so); the lifecycle

@@ -17,7 +17,7 @@ from tierserve.batch.service import specs_from_body
 from tierserve.batch.state import JobConflictError, JobState, JobStore
 from tierserve.errors import InvalidNameError, ModelNotFoundError
 from tierserve.handlers import batch_inference
-from tierserve.local.batch import sqs_event
+from tierserve_tools.batch import sqs_event
 
 ROWS = np.random.default_rng(3).integers(0, 17, size=(10, 64)).astype(np.float32)
 
@@ -240,7 +240,7 @@ def test_poll_queue_forever_plays_the_sqs_trigger_until_stopped(aws):
     import threading
     import time
 
-    from tierserve.local.batch import poll_queue_forever
+    from tierserve_tools.batch import poll_queue_forever
 
     key = _put_jsonl(aws, "polled")
     aws["sqs"].send_message(QueueUrl=aws["queue_url"], MessageBody=json.dumps({"model": "digits",

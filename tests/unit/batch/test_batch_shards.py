@@ -19,7 +19,7 @@ from tierserve.batch.jobs import job_from_message
 from tierserve.batch.shards import MAX_SHARDS, Shard, count_rows, plan, plan_jsonl, shard_done
 from tierserve.batch.state import JobState, JobStore, job_item_id
 from tierserve.handlers import batch_inference
-from tierserve.local.batch import sqs_event
+from tierserve_tools.batch import sqs_event
 
 ROWS = np.random.default_rng(5).integers(0, 17, size=(40, 64)).astype(np.float32)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from benchmarks import cli, cost, report
-from benchmarks.harness import Figure, Series
+from tierserve_tools.bench import cli, cost, report
+from tierserve_tools.bench.harness import Figure, Series
 
 
 def _store(root: Path) -> Path:

@@ -49,8 +49,8 @@ def test_the_placement_limits_are_the_functions_template_yaml_deploys():
     # Given template.yaml's CPU class functions and its CpuEphemeralStorageMb parameter
     from pathlib import Path
 
-    from tierserve.local.sam import load_template
     from tierserve_compiler.config import LambdaLimits
+    from tierserve_tools.sam import load_template
 
     template = load_template(Path(__file__).resolve().parents[3] / "template.yaml")
     cpu = {name: r["Properties"] for name, r in template["Resources"].items()

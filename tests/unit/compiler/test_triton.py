@@ -72,8 +72,8 @@ def test_every_datatype_round_trips_through_config_text_and_parse():
 
 def test_the_local_server_parses_and_localizes_the_same_config(tmp_path):
     # Given a production config written by the compiler
-    from tierserve.local.triton import localize_config
     from tierserve_compiler.triton import config_pbtxt as render
+    from tierserve_tools.triton import localize_config
 
     text = render("m", [TensorSpec("text", "BYTES", (-1, 1))], [TensorSpec("y", "FP32", (-1, 2))], 4)
     # When the local tooling rewrites it for the Python backend

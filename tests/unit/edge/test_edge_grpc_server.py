@@ -18,8 +18,8 @@ from tests.support.fakes import rows_of, write_linear
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.edge.runtime import EdgeRuntime
-from tierserve.local.apigw import ApiGatewayServer
 from tierserve.settings import Settings
+from tierserve_tools.apigw import ApiGatewayServer
 
 LIMIT = 256 * 1024
 

@@ -62,5 +62,5 @@ def test_the_edge_runtime_imports_neither_torch_onnx_the_compiler_nor_the_local_
             "print(json.dumps(sorted(sys.modules)))")
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                            check=True).stdout))
-    forbidden = {"torch", "onnx", "tierserve_compiler", "tierserve.local", "sklearn", "skl2onnx"}
+    forbidden = {"torch", "onnx", "tierserve_compiler", "tierserve_tools", "sklearn", "skl2onnx"}
     assert not forbidden & loaded, sorted(forbidden & loaded)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tests.support.lifecycle import compiled
-from tierserve.local.cli import main
 from tierserve.store import ModelStore
+from tierserve_tools.cli import main
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ from tierserve.errors import LifecycleError
 from tierserve.lifecycle.objects import FolderObjects
 from tierserve.lifecycle.registry import Registry
 from tierserve.lifecycle.triton_repo import config_revision
-from tierserve.local.publishing import content_addressed, publish_version
+from tierserve_tools.publishing import content_addressed, publish_version
 
 
 def parse(text: str):
@@ -66,7 +66,7 @@ def test_gpu_versions_go_to_the_triton_repository_which_lists_the_published_ones
     # When v1 is retired, Then the config no longer lists it (Triton unloads it)
     reg.promote("g", "2")
     reg.retire("g", "1")
-    from tierserve.local.publishing import sync_triton_config
+    from tierserve_tools.publishing import sync_triton_config
 
     sync_triton_config(objects, reg, "g")
     assert list(parse((root / "config.pbtxt").read_text()).version_policy.specific.versions) == [2]

@@ -451,7 +451,7 @@ def test_errors_are_never_compressed(rig: Rig) -> None:
 
 def test_template_routes_and_endpoints_are_in_step() -> None:
     from tierserve.api import ENDPOINTS
-    from tierserve.local.sam import load_template
+    from tierserve_tools.sam import load_template
 
     # Given RouterFunction's HttpApi events in template.yaml (API Gateway's routes)
     root = Path(__file__).resolve().parents[3]

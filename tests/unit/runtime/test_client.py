@@ -1,7 +1,7 @@
 """tierserve.client: SigV4 and bearer auth on real HTTP, tritonclient's objects against the real API handler.
 
 The signatures botocore makes are checked by the local gateway's independent verifier
-(``tierserve.local.sigv4``), so a signing mistake and a verification mistake cannot cancel out.
+(``tierserve_tools.sigv4``), so a signing mistake and a verification mistake cannot cancel out.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from tierserve import errors
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.client import ApiError, Bearer, Client, NoAuth, SigV4, auth_from
-from tierserve.local.apigw import ApiGatewayServer
-from tierserve.local.sigv4 import MISMATCH, SignatureError, iam_authorizer, verify
 from tierserve.settings import Settings
+from tierserve_tools.apigw import ApiGatewayServer
+from tierserve_tools.sigv4 import MISMATCH, SignatureError, iam_authorizer, verify
 
 KEY, SECRET = "AKIDLOCAL", "local-secret"
 

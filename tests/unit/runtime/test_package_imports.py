@@ -1,7 +1,8 @@
-"""What the shipped Lambda package imports: nothing heavy at cold start, and never the local emulation.
+"""What the runtime package imports: nothing heavy at cold start, and never the tooling or the compiler.
 
-``functions/Makefile`` strips ``tierserve/local`` from every function's package, so an import of it
-anywhere else (even inside a function, even relative) would fail in AWS the first time it ran.
+The tooling (``tierserve_tools``: the CLI, the emulators, serve, the operator commands) and the compiler
+never ship in a Lambda artifact, so an import of either anywhere in ``tierserve`` (even inside a function)
+would fail in AWS the first time it ran.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tierserve
 HEAVY = {"onnxruntime", "tritonclient", "torch", "onnx", "sklearn", "skl2onnx", "tierserve_compiler", "gevent",
          "grpc", "matplotlib"}
 PACKAGE = Path(tierserve.__file__).parent
-LOCAL = "tierserve.local"
+OUTSIDE_RUNTIME = ("tierserve_tools", "tierserve_compiler")
 
 
 def _modules_after_import(module: str, env: dict[str, str] | None = None, then: str = "") -> set[str]:
@@ -92,25 +93,27 @@ def imported_names(source: str, package: str) -> list[tuple[int, str]]:
 
 
 def reaches_local(module: str) -> bool:
-    return module == LOCAL or module.startswith(LOCAL + ".")
+    """True for a module of the tooling or the compiler, the packages the runtime must never import."""
+    return any(module == top or module.startswith(top + ".") for top in OUTSIDE_RUNTIME)
 
 
 @pytest.mark.parametrize(("source", "package", "reaches"), [
-    ("import tierserve.local.emulation", "tierserve", True),
-    ("from tierserve import local", "tierserve", True),
-    ("def f():\n    from tierserve.local.emulation import LocalContext\n", "tierserve.batch", True),
-    ("from ..local import batch", "tierserve.batch", True),
-    ("import importlib\nimportlib.import_module('tierserve.local.batch')", "tierserve", True),
-    ("import tierserve.locale\nfrom tierserve import localisation\nfrom . import wire", "tierserve", False),
-], ids=["import", "from-package", "inside-a-function", "relative", "importlib", "look-alikes"])
+    ("import tierserve_tools.emulation", "tierserve", True),
+    ("from tierserve_tools import batch", "tierserve", True),
+    ("def f():\n    from tierserve_tools.emulation import LocalContext\n", "tierserve.batch", True),
+    ("from tierserve_compiler.pipeline import compile_model", "tierserve.batch", True),
+    ("import importlib\nimportlib.import_module('tierserve_tools.batch')", "tierserve", True),
+    ("import tierserve.locale\nfrom tierserve import localisation\nimport tierserve_toolsx\nfrom . import wire",
+     "tierserve", False),
+], ids=["import", "from-package", "inside-a-function", "compiler", "importlib", "look-alikes"])
 def test_the_import_finder_sees_every_form_of_import(source: str, package: str, reaches: bool) -> None:
     # Given a module's source, When its imports are listed, Then an import of the emulation is seen in any form
     assert any(reaches_local(name) for _, name in imported_names(source, package)) is reaches
 
 
 def test_no_module_of_the_shipped_package_imports_the_local_emulation() -> None:
-    # Given every module the Lambda functions ship (tierserve/ without tierserve/local/)
-    shipped = [p for p in sorted(PACKAGE.rglob("*.py")) if (PACKAGE / "local") not in p.parents]
+    # Given every module of the runtime package
+    shipped = sorted(PACKAGE.rglob("*.py"))
     assert len(shipped) > 20
     # When their imports are listed
     offenders = []
@@ -118,5 +121,145 @@ def test_no_module_of_the_shipped_package_imports_the_local_emulation() -> None:
         package = ".".join(("tierserve", *path.relative_to(PACKAGE).parent.parts))
         offenders += [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
                       for line, name in imported_names(path.read_text(), package) if reaches_local(name)]
-    # Then none of them reaches tierserve.local, which the package build strips
+    # Then none of them reaches the tooling or the compiler, which no function ships
     assert offenders == []
+
+
+# --- the import graph: no cycles, and backends that stand on their own ------------------------------------
+
+#: The entry modules: what a handler or a transport calls. A backend is called by them, never the reverse.
+ENTRY_MODULES = ("tierserve.app", "tierserve.direct", "tierserve.inference", "tierserve.api", "tierserve.handlers")
+#: Modules under backends/ that every backend may use: they are no backend themselves.
+BACKEND_SHARED = {"tierserve.backends", "tierserve.backends.base", "tierserve.backends.split"}
+
+
+def runtime_modules() -> dict[str, Path]:
+    """Every module of the runtime package by dotted name (the tooling, if still under local/, excluded)."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if (PACKAGE / "local") in path.parents:
+            continue
+        parts = ("tierserve", *path.relative_to(PACKAGE).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def import_graph(sources: dict[str, str], packages: set[str] = frozenset()) -> dict[str, set[str]]:
+    """module -> the modules of ``sources`` it imports, wherever the import stands (functions included);
+    importing ``a.b.c`` counts ``a`` and ``a.b`` too (Python runs their ``__init__`` first)."""
+    graph: dict[str, set[str]] = {}
+    for module, source in sources.items():
+        package = module if module in packages else module.rpartition(".")[0]
+        targets: set[str] = set()
+        for _, name in imported_names(source, package):
+            parts = name.split(".")
+            targets.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        graph[module] = {t for t in targets if t in sources and t != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def _is_entry(module: str) -> bool:
+    return any(module == e or module.startswith(e + ".") for e in ENTRY_MODULES)
+
+
+def backend_offences(module: str, source: str) -> list[str]:
+    """What a backend module must not import: an entry module, or another backend's ``_private`` names."""
+    offences = []
+    for line, name in imported_names(source, module.rpartition(".")[0]):
+        if _is_entry(name):
+            offences.append(f"{module}:{line} imports the entry module {name}")
+        owner, _, attr = name.rpartition(".")
+        if (attr.startswith("_") and owner.startswith("tierserve.backends.") and owner != module
+                and owner not in BACKEND_SHARED):
+            offences.append(f"{module}:{line} imports {attr}, a private helper of the backend {owner}")
+    return offences
+
+
+@pytest.mark.parametrize(("sources", "expected"), [
+    ({"p.a": "from p import b", "p.b": "def f():\n    from . import c\n", "p.c": "import p.a"},
+     [["p.a", "p.b", "p.c"]]),
+    ({"p.a": "import p.b", "p.b": "import p.c", "p.c": ""}, []),
+    ({"p.a": "def f():\n    import importlib\n    importlib.import_module('p.b')\n", "p.b": "from .a import x"},
+     [["p.a", "p.b"]]),
+    ({"p.x": "from p.y.z import f", "p.y": "from p import x", "p.y.z": ""}, [["p.x", "p.y"]]),
+], ids=["through-a-function", "none", "importlib", "via-a-package-init"])
+def test_the_cycle_finder_sees_cycles_through_any_form_of_import(sources: dict[str, str],
+                                                                   expected: list[list[str]]) -> None:
+    # Given modules whose imports (at the top, inside functions, relative, by importlib) close a loop
+    # When the cycles are looked for, Then each loop is found, and nothing else
+    assert cycles(import_graph(sources, packages={"p.y"})) == expected
+
+
+def test_the_runtime_package_has_no_import_cycle() -> None:
+    # Given every module of the runtime package and every import in it, those inside functions included
+    modules = runtime_modules()
+    assert len(modules) > 30
+    graph = import_graph({m: p.read_text() for m, p in modules.items()},
+                         {m for m, p in modules.items() if p.name == "__init__.py"})
+    # When its strongly connected components are found, Then there is none: no module reaches itself
+    assert cycles(graph) == []
+
+
+@pytest.mark.parametrize(("source", "offends"), [
+    ("def f():\n    from tierserve.direct import payload\n", True),
+    ("from tierserve.app import get_runtime", True),
+    ("from tierserve.handlers import router", True),
+    ("from tierserve.backends.triton import _await_all, _call_pool", True),
+    ("from .triton import _call_pool", True),
+    ("from tierserve.backends.base import shared_pool\nfrom tierserve.backends.split import run_parts\n"
+     "from tierserve.invoke_payload import payload\nfrom tierserve.apis import x", False),
+], ids=["entry-in-a-function", "app", "handlers", "private-helpers", "relative-private", "allowed"])
+def test_the_backend_rules_see_what_they_forbid(source: str, offends: bool) -> None:
+    assert bool(backend_offences("tierserve.backends.sagemaker", source)) is offends
+
+
+def test_no_backend_imports_an_entry_module_or_another_backends_private_helpers() -> None:
+    # Given every backend module (what backends share lives in backends/base.py and backends/split.py)
+    backends = {m: p for m, p in runtime_modules().items()
+                if m.startswith("tierserve.backends.") and m not in BACKEND_SHARED}
+    assert {"tierserve.backends.triton", "tierserve.backends.lambda_invoke"} <= set(backends)
+    # When their imports are read, Then none reaches an entry module or another backend's private names
+    offences = [o for m, p in backends.items() for o in backend_offences(m, p.read_text())]
+    assert offences == []

@@ -32,8 +32,8 @@ from tierserve.errors import (
     InferenceError,
     InvalidRequestError,
 )
-from tierserve.local.sagemaker import LocalEndpoint, SageMakerRuntime
 from tierserve.types import InferRequest, InferResponse, RequestedOutput
+from tierserve_tools.sagemaker import LocalEndpoint, SageMakerRuntime
 
 MODEL = model_version("m", ("gpu", "cpu"), max_batch_size=8)
 

@@ -117,8 +117,8 @@ def test_dynamodb_store_conditional_writes(monkeypatch):
 
 
 def test_in_the_simulation_the_fleet_pays_one_trial_per_cooldown_instead_of_one_per_instance():
-    # benchmarks/shared_health_sim.py, small: 20 instances, 200 req/s, a 70 s outage (two cooldowns)
-    from benchmarks.shared_health_sim import simulate
+    # tooling/tierserve_tools/bench/shared_health_sim.py, small: 20 instances, 200 req/s, a 70 s outage (two cooldowns)
+    from tierserve_tools.bench.shared_health_sim import simulate
 
     alone = simulate(False, instances=20, rate=200, outage=(5, 75), duration=90)
     shared = simulate(True, instances=20, rate=200, outage=(5, 75), duration=90)
