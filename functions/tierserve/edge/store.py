@@ -128,6 +128,16 @@ class EdgeStore(ModelStore):
                 "succeeds", retry_after_s=5)
         return manifest
 
+    def refresh(self, since: float | None = None, min_interval_s: float = 0.05) -> Manifest:
+        """The synced view, as ``manifest()``: a device never reads the store on a request's path.
+
+        The cloud's store re-reads its manifest when a request names a model it lacks (the router may have
+        seen it published); a device takes new models at its next sync instead. Reading the store here
+        would turn an unknown name into a store error (a 500, "no manifest at ...") while the store is
+        unreachable, and would bypass the verified view (the base class evicts what the store's manifest
+        no longer lists, held versions included)."""
+        return self.manifest()
+
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot

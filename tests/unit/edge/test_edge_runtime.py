@@ -6,6 +6,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.edge import EDGE
 from tests.support.fakes import json_body, rows_of, write_linear
 from tierserve.client import Client
@@ -64,3 +66,36 @@ def test_the_edge_runtime_imports_neither_torch_onnx_the_compiler_nor_the_local_
                                            check=True).stdout))
     forbidden = {"torch", "onnx", "tierserve_compiler", "tierserve_tools", "sklearn", "skl2onnx"}
     assert not forbidden & loaded, sorted(forbidden & loaded)
+
+
+def _held_then_restarted_offline(store_dir: Path, tmp_path: Path, **kw) -> EdgeRuntime:
+    """A device that synced once, then started again with its store gone (servers up, no sync loop)."""
+    s = settings(store_dir, tmp_path, **kw)
+    first = EdgeRuntime(s, Settings()).start(sync=False)
+    try:
+        assert first.sync().last_error is None
+    finally:
+        first.stop()
+    shutil.rmtree(store_dir)
+    return EdgeRuntime(s, Settings()).start(sync=False)
+
+
+@pytest.mark.parametrize("cloud_url", ["", "http://127.0.0.1:9"], ids=["standalone", "with-cloud"])
+def test_restarted_offline_a_model_the_device_does_not_know_is_404(store_dir: Path, tmp_path: Path,
+                                                                    cloud_url: str) -> None:
+    # Given a device restarted while its store is unreachable (it serves its saved view)
+    edge = _held_then_restarted_offline(store_dir, tmp_path, cloud_url=cloud_url, cloud_auth="none")
+    try:
+        api = Client(edge.url)
+        # When a client names a model (or a version) that the saved view does not know
+        for method, path in (("POST", "/v2/models/nosuch/infer"), ("GET", "/v2/models/nosuch"),
+                             ("GET", "/v2/models/nosuch/ready"), ("POST", "/v2/models/lin/versions/9/infer")):
+            resp = api.request(method, path, json_body(rows_of(1)) if method == "POST" else None)
+            # Then it is the protocol's 404 (KServe's error shape), as when the store is reachable
+            assert (resp.status, resp.json()["code"]) == (404, "model_not_found"), (path, resp.body[:200])
+            assert "error" in resp.json()
+        # And what the device holds is still served here
+        assert api.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).served_by == "edge"
+    finally:
+        edge.stop()
+

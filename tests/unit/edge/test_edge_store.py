@@ -159,3 +159,22 @@ def test_models_no_longer_on_the_edge_and_models_not_chosen_are_not_held(store_d
     store.sync()
     # Then 'lin' is no longer held (it is forwarded) and nothing was refused
     assert held(store) == {"other/1"} and store.status.refused == {}
+
+
+def test_refresh_never_reads_the_store_it_answers_the_synced_view(store_dir: Path, tmp_path: Path) -> None:
+    from tierserve.errors import ModelNotFoundError
+
+    # Given a device restarted from its saved state while the store is unreachable
+    EdgeStore(str(store_dir), tmp_path / "cache").sync()
+    shutil.rmtree(store_dir)
+    store = EdgeStore(str(store_dir), tmp_path / "cache")
+    assert store.load_state()
+    # When a request names a model the view lacks (the inference path then refreshes the manifest)
+    # Then the refresh answers the view (no read of the store): the model is unknown (404), not a store error
+    assert set(store.refresh().models) == {"lin", "cpu-only", "gpu-only"}
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nosuch'"):
+        store.refresh().resolve("nosuch")
+    # And before any view, a refresh is the same 503 as manifest()
+    with pytest.raises(BackendUnavailableError, match="has not synced"):
+        EdgeStore(str(store_dir), tmp_path / "other").refresh()
+
