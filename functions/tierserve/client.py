@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -80,7 +81,9 @@ class Bearer:
 class SigV4:
     """Signs with AWS Signature Version 4 from the standard credential chain (botocore's).
 
-    ``region``: by default the one in an ``execute-api`` host name, else the session's region.
+    ``region``: by default the one in an ``execute-api`` host name, else ``AWS_REGION``, else the session's
+    region (``AWS_DEFAULT_REGION`` or the profile's). botocore reads only ``AWS_DEFAULT_REGION``; Lambda and
+    the AWS SDKs read ``AWS_REGION`` first, and so does this.
     Credentials are resolved once and refreshed by botocore when they are temporary; each request is
     signed with a frozen copy, so a refresh never mixes a key with another key's secret."""
 
@@ -108,10 +111,12 @@ class SigV4:
             return self.region
         host = (urlsplit(url).hostname or "").lower()
         m = _EXECUTE_API_HOST.fullmatch(host)
-        region = m.group(1) if m else self._session.get_config_variable("region")
+        region = m.group(1) if m else (os.environ.get("AWS_REGION", "").strip()
+                                       or self._session.get_config_variable("region"))
         if not region:
             raise errors.ConfigurationError(
-                f"cannot tell the AWS region to sign for from {host!r}; pass SigV4(region=...) or set AWS_REGION")
+                f"cannot tell the AWS region to sign for from {host!r}; pass SigV4(region=...) or set AWS_REGION "
+                "(or AWS_DEFAULT_REGION)")
         return str(region)
 
     def headers(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> dict[str, str]:

@@ -70,7 +70,7 @@ def echo_server() -> Iterator[tuple[str, Captured]]:
 @pytest.fixture
 def local_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """The standard credential chain resolves to KEY/SECRET (environment variables)."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -129,6 +129,35 @@ def test_the_region_comes_from_an_execute_api_host_name(local_credentials) -> No
     assert signer.region_for("https://abc123.execute-api.eu-central-1.amazonaws.com/v2") == "eu-central-1"
     assert signer.region_for("http://127.0.0.1:3000") == "us-east-1"  # the session's region
     assert SigV4(region="ap-south-1").region_for("https://abc.execute-api.us-east-1.amazonaws.com") == "ap-south-1"
+
+
+def test_the_region_comes_from_aws_region_first_then_aws_default_region(echo_server, local_credentials,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    local = "http://127.0.0.1:3000"
+    # Given only AWS_REGION (what the error below tells a user to set; Lambda sets it too)
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    # Then it is the region signed for, and the verifier accepts the signature for that region
+    assert SigV4().region_for(local) == "eu-west-3"
+    url, seen = echo_server
+    Client(url, auth=SigV4()).request("GET", "/v2/health/ready")
+    method, path, headers, body = seen.requests[-1]
+    assert verify(method, path, headers, body, {KEY: SECRET}, "eu-west-3") == KEY
+    # And with both set, AWS_REGION comes first (as in Lambda and the AWS SDKs); AWS_DEFAULT_REGION alone is kept
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert SigV4().region_for(local) == "eu-west-3"
+    monkeypatch.delenv("AWS_REGION")
+    assert SigV4().region_for(local) == "us-east-1"
+    # And an execute-api host name, or an explicit region, still comes before either
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert SigV4().region_for("https://abc.execute-api.ap-south-1.amazonaws.com") == "ap-south-1"
+    assert SigV4(region="sa-east-1").region_for(local) == "sa-east-1"
+
+
+def test_no_region_anywhere_says_which_variables_to_set(local_credentials, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(errors.ConfigurationError, match=r"set AWS_REGION \(or AWS_DEFAULT_REGION\)"):
+        SigV4().region_for("http://127.0.0.1:3000")
 
 
 def test_signing_without_credentials_says_how_to_provide_them(monkeypatch: pytest.MonkeyPatch) -> None:
