@@ -32,7 +32,11 @@ from tierserve.wire import body_view, json_loads
 
 SERVER_NAME = "tierserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data"]
+#: The protocol extensions served, by Triton's names and in its order (docs/protocol/extension_*.md): the
+#: repository index (load and unload are not served: the store is the repository, as in Triton's polling
+#: modes, which also list model_repository), model config, binary tensors and statistics. Shared memory,
+#: classification and sequences are refused, so they are not listed.
+EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data", "statistics"]
 #: What model metadata reports as the platform: every variant is an ONNX model run by onnxruntime.
 PLATFORM = "onnxruntime_onnx"
 

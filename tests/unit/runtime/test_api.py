@@ -206,7 +206,8 @@ def test_a_model_that_loads_and_runs_is_ready_through_the_cpu_function(runtime_e
 
 @pytest.mark.parametrize(("path", "expected"), [
     ("/v2/health/live", {"live": True}),
-    ("/v2", {"name": "tierserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}),
+    ("/v2", {"name": "tierserve", "version": "0.1.0",
+             "extensions": ["model_repository", "model_configuration", "binary_tensor_data", "statistics"]}),
 ], ids=["live", "server-metadata"])
 def test_liveness_and_server_metadata_need_no_model(rig: Rig, path: str, expected: dict) -> None:
     # When the endpoint is asked
@@ -214,6 +215,36 @@ def test_liveness_and_server_metadata_need_no_model(rig: Rig, path: str, expecte
     # Then it answers without touching either tier
     assert (resp["statusCode"], body_of(resp)) == (200, expected)
     assert (rig.cpu.ready_calls, rig.gpu.ready_calls) == ([], [])
+
+
+#: A request that only a server with the extension answers, for each extension Triton's docs name
+#: (docs/protocol/extension_*.md): model_repository's index, model_configuration's config, statistics, and
+#: binary_tensor_data's binary outputs.
+EXTENSION_PROBES = {
+    "model_repository": ("POST", "/v2/repository/index", None),
+    "model_configuration": ("GET", "/v2/models/both/config", None),
+    "statistics": ("GET", "/v2/models/stats", None),
+    "binary_tensor_data": ("POST", "/v2/models/both/infer", {"binary_data_output": True}),
+}
+
+
+def test_server_metadata_lists_exactly_the_extensions_served(rig: Rig) -> None:
+    # Given the extensions the server metadata lists, by Triton's names
+    listed = body_of(handle_http(get_event("/v2")))["extensions"]
+    # Then each is one a probe exists for, and each probe is answered (a server without it would 404)
+    assert sorted(listed) == sorted(EXTENSION_PROBES)
+    for name, (method, path, parameters) in EXTENSION_PROBES.items():
+        if method == "GET":
+            resp = handle_http(get_event(path))
+        elif parameters is None:
+            resp = handle_http(http_event(method, path, f"{method} {path}", ""))
+        else:
+            resp = handle_http(infer_event("both", json_body(rows_of(1), parameters=parameters)))
+        assert resp["statusCode"] == 200, (name, decode_body(resp))
+        if name == "binary_tensor_data":
+            assert resp["headers"]["content-type"] == "application/octet-stream"
+    # And the extensions tierserve does not serve are not listed (shared memory and classification are refused)
+    assert not {"system_shared_memory", "cuda_shared_memory", "classification", "sequence"} & set(listed)
 
 
 def test_model_metadata_is_kserve_v2() -> None:
