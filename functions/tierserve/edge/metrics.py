@@ -3,19 +3,30 @@
 Why its own: in Lambda, Powertools writes EMF metrics that CloudWatch collects per invocation; a device
 has no such collector, so it keeps counters in memory and exposes them to a scraper (Prometheus, the
 Greengrass telemetry agent, or an operator's curl). Thread-safe; nothing here blocks a request.
+
+Labels are bounded: a model name taken from a request is a label only when the device knows the model
+(``known``: held, or in its last synced manifest); every other name is counted under ``OTHER_MODEL``, so
+requests for random names cannot grow the page (or this process's memory) without bound.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+#: The one label for every model name the device does not know (and "-" for routes that name no model).
+OTHER_MODEL = "_other"
+NO_MODEL = "-"
 
 
 class EdgeCounters:
-    """Requests by model, tier and status; inferences served here (hits), forwarded, and fallbacks."""
+    """Requests by model, tier and status; inferences served here (hits), forwarded, and fallbacks.
 
-    def __init__(self) -> None:
+    ``known(name)``: whether a name from a request may be a label (None: every name is, for tests)."""
+
+    def __init__(self, known: Callable[[str], bool] | None = None) -> None:
+        self.known = known
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, str, str, int]] = Counter()  # (model, served_by, protocol, status)
         self.hits: Counter[tuple[str, str]] = Counter()  # (model, version) served on the device
@@ -23,7 +34,14 @@ class EdgeCounters:
         self.forward_failures: Counter[str] = Counter()  # model: the cloud could not be reached
         self.fallbacks: Counter[str] = Counter()  # model: meant for the cloud, served here (cloud unreachable)
 
+    def label(self, model: str) -> str:
+        """``model`` when the device knows it (or the no-model label), else ``OTHER_MODEL``."""
+        if model == NO_MODEL or self.known is None or self.known(model):
+            return model
+        return OTHER_MODEL
+
     def request(self, model: str, served_by: str, protocol: str, status: int) -> None:
+        model = self.label(model)
         with self._lock:
             self.requests[(model, served_by, protocol, status)] += 1
 

@@ -52,7 +52,7 @@ class EdgeRuntime:
         self.store = EdgeStore(edge.store_uri, edge.cache_dir, models=edge.models,
                                max_disk_bytes=edge.max_disk_mb * MB, max_memory_bytes=edge.max_memory_mb * MB,
                                s3_client=s3_client)
-        self.counters = EdgeCounters()
+        self.counters = EdgeCounters(known=self.store.knows)  # labels: models the device knows, else one
         self.backend = EdgeBackend(self.store, edge.intra_op_threads, edge.max_memory_mb * MB)
         cloud = None
         if edge.cloud_url:

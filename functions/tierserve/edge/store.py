@@ -138,6 +138,15 @@ class EdgeStore(ModelStore):
         no longer lists, held versions included)."""
         return self.manifest()
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model this device holds or its last synced manifest lists (metrics label only
+        these: a name taken from a request is unbounded)."""
+        snapshot = self._snapshot
+        if any(n == name for n, _ in snapshot.held):
+            return True
+        m = snapshot.manifest
+        return m is not None and (name in m.models or name in m.broken)
+
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot

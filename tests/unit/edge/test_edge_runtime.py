@@ -99,3 +99,43 @@ def test_restarted_offline_a_model_the_device_does_not_know_is_404(store_dir: Pa
     finally:
         edge.stop()
 
+
+def _series(edge: EdgeRuntime) -> list[str]:
+    return [line for line in edge.prometheus().splitlines() if line and not line.startswith("#")]
+
+
+def test_unknown_model_names_do_not_grow_the_prometheus_page(store_dir: Path, tmp_path: Path) -> None:
+    import random
+    import string
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    edge = EdgeRuntime(EdgeSettings(store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0,
+                                    grpc_port=0), Settings()).start(sync=False)
+    try:
+        edge.sync()
+        api = Client(edge.url)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(edge.grpc_url))
+
+        def ask(name: str) -> None:
+            api.request("POST", f"/v2/models/{name}/infer", json_body(rows_of(1)))
+            api.request("GET", f"/v2/models/{name}/ready")
+            with pytest.raises(grpc.RpcError):
+                stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=name))
+
+        # Given a device that answered its own model and one unknown name (on HTTP and gRPC)
+        assert api.request("POST", "/v2/models/lin/infer", json_body(rows_of(1))).status == 200
+        ask("nosuch")
+        before = _series(edge)
+        # When 40 requests name random models
+        rng = random.Random(6)
+        for _ in range(40):
+            ask("".join(rng.choices(string.ascii_lowercase + string.digits, k=12)))
+        # Then the page has the same series (the unknown names share one label); known models keep theirs
+        after = _series(edge)
+        assert len(after) == len(before), sorted(set(after) - set(before))[:5]
+        assert any('model="lin"' in line for line in after)
+        assert not any("nosuch" in line for line in after)
+    finally:
+        edge.stop()

@@ -178,3 +178,9 @@ def test_refresh_never_reads_the_store_it_answers_the_synced_view(store_dir: Pat
     with pytest.raises(BackendUnavailableError, match="has not synced"):
         EdgeStore(str(store_dir), tmp_path / "other").refresh()
 
+
+def test_knows_a_model_held_or_in_the_last_manifest_only(store_dir: Path, tmp_path: Path) -> None:
+    store = EdgeStore(str(store_dir), tmp_path / "cache")
+    assert not store.knows("lin")  # nothing synced yet
+    store.sync()
+    assert store.knows("lin") and store.knows("gpu-only") and not store.knows("nosuch")
