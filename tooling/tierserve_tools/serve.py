@@ -50,7 +50,7 @@ from tierserve_tools.emulation import lambda_environment
 from tierserve_tools.lambda_endpoint import FunctionError, LambdaEndpoint, LocalFunction
 from tierserve_tools.sam import FunctionSpec, function_spec, load_env_vars, load_template
 from tierserve_tools.signals import stop_on_signals
-from tierserve_tools.stack_ops import ROLLOUT_TABLE, TRITON_EXPLICIT, create_rollout_table
+from tierserve_tools.stack_ops import ROLLOUT_TABLE, TRITON_EXPLICIT, StackOps, create_rollout_table
 
 ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
 FUNCTIONS = (ROUTER, CPU, BATCH)
@@ -201,9 +201,7 @@ class LocalStack:
             self.lambda_endpoint.add(fn)
         if self.router_inprocess:
             self._router = self._inprocess_router(specs[ROUTER])
-        from tierserve_tools.stack_ops import StackOps
-
-        self.ops = StackOps(self).start()
+        self.ops = StackOps(self, FUNCTIONS).start()
         self.api.start()
         if self.want_batch:
             self._start_batch_pollers()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 from tierserve_tools.emf_bridge import EmfBridge, MetricsRegistry
@@ -32,18 +33,21 @@ def create_rollout_table(dynamodb: Any, name: str = ROLLOUT_TABLE) -> str:
 
 
 class StackOps:
-    def __init__(self, stack: Any) -> None:
+    """The operations beside ``stack``'s functions; ``functions`` names those whose ``NAME.log`` (in the stack's
+    workdir) carries EMF lines. The caller (serve.py) passes them: this module never imports serve."""
+
+    def __init__(self, stack: Any, functions: Sequence[str]) -> None:
         self.stack = stack
+        self.functions = tuple(functions)
         self.registry = MetricsRegistry()
         self.bridge: EmfBridge | None = None
         self.sync: Any = None
 
     def start(self) -> StackOps:
-        from tierserve_tools.serve import FUNCTIONS
-
         stack = self.stack
         cloudwatch = stack.client("cloudwatch") if stack.moto is not None else None
-        self.bridge = EmfBridge([stack.workdir / f"{fn}.log" for fn in FUNCTIONS], self.registry, cloudwatch).start()
+        self.bridge = EmfBridge([stack.workdir / f"{fn}.log" for fn in self.functions], self.registry,
+                                cloudwatch).start()
         # A SageMaker endpoint serves the model.tar.gz it was deployed with (a new version is a new endpoint
         # config), so the local endpoint's Triton is never synced with the store.
         if stack.triton is not None and stack._own_triton and getattr(stack, "sagemaker", None) is None:
