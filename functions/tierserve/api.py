@@ -121,7 +121,8 @@ def _repository_index(rt: Runtime, req: HttpRequest, params: dict[str, str], con
         raise errors.InvalidRequestError(f"the repository index request is not valid JSON: {exc}") from exc
     if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
         raise errors.InvalidRequestError('the repository index request is {"ready": true|false} or empty')
-    index = repository_index(rt.store.manifest(), rt.dispatcher.gpu is not None, options.get("ready", False))
+    index = repository_index(rt.store.manifest(), rt.dispatcher.gpu is not None, options.get("ready", False),
+                             getattr(rt.dispatcher, "index_readiness", None))  # the edge's: /ready's predicate
     return response(200, index, {"x-served-by": "cpu"})
 
 
@@ -136,6 +137,12 @@ def _infer(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) 
         body = Body(req.body, header_length, req.event_text, req.is_base64)
     return inference.infer(rt, params["name"], params.get("version"), body, req.header("x-target"), context)
 
+
+#: The operations whose answers are compressed when the client accepts it: inference only, as in Triton
+#: (its HTTP server compresses infer and generate responses, never metadata, config, statistics or the
+#: index). tritonclient.http.aio turns aiohttp's decompression off but aiohttp still sends
+#: Accept-Encoding: gzip, so a compressed config reached it as gzip bytes it tried to read as JSON.
+COMPRESSED: frozenset[Operation] = frozenset({_infer})
 
 #: (method, path pattern, operation): the only endpoints served; anything else is a 404.
 ENDPOINTS: list[tuple[str, re.Pattern[str], Operation]] = [
@@ -189,7 +196,7 @@ def _answer(parse: Callable[[Runtime], HttpRequest], context: Any, runtime: Runt
         request_id = req.request_id
         op, params = endpoint(req)
         resp = op(rt, req, params, context)
-        coding = accepted_coding(req.header("accept-encoding"))
+        coding = accepted_coding(req.header("accept-encoding")) if op in COMPRESSED else None
         if coding is not None and resp["statusCode"] == 200 and resp.get("body"):
             resp = encode_content(resp, coding)  # errors stay plain: clients read them before any decoding
         return resp

@@ -17,6 +17,7 @@ config, which the router does not read; ask Triton for them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tierserve.datatypes import triton_type
@@ -72,12 +73,15 @@ def model_config(model: ModelVersion) -> dict[str, Any]:
     }
 
 
-def repository_index(manifest: Manifest, gpu_configured: bool, ready_only: bool = False) -> list[dict[str, Any]]:
+def repository_index(manifest: Manifest, gpu_configured: bool, ready_only: bool = False,
+                     readiness: Callable[[ModelVersion], Exception | None] | None = None) -> list[dict[str, Any]]:
     """``POST /v2/repository/index``: every model version with its state (and why, when not READY).
 
     READY: the manifest entry is valid and some tier here can serve it. UNAVAILABLE: the entry is
     broken (the manifest's reason), or the model runs on the GPU tier only and none is configured.
-    The state is what the manifest and the configuration say; it probes nothing (``/ready`` does)."""
+    The state is what the manifest and the configuration say; it probes nothing (``/ready`` does).
+    ``readiness`` (a dispatcher's cheap per-version answer, the edge's): the state is its answer instead,
+    the same predicate as ``/ready`` (None: READY; an error: UNAVAILABLE, with its message as the reason)."""
     out: list[dict[str, Any]] = []
     for name in sorted(set(manifest.models) | set(manifest.broken)):
         if name in manifest.broken:
@@ -86,7 +90,14 @@ def repository_index(manifest: Manifest, gpu_configured: bool, ready_only: bool 
                             "reason": f"invalid manifest entry: {manifest.broken[name].reason}"})
             continue
         for version, mv in sorted(manifest.models[name].listed().items(), key=lambda kv: int(kv[0])):
-            if mv.serves_cpu or gpu_configured:
+            if readiness is not None:
+                problem = readiness(mv)
+                if problem is None:
+                    out.append({"name": name, "version": version, "state": "READY"})
+                elif not ready_only:
+                    out.append({"name": name, "version": version, "state": "UNAVAILABLE",
+                                "reason": getattr(problem, "message", None) or str(problem)})
+            elif mv.serves_cpu or gpu_configured:
                 out.append({"name": name, "version": version, "state": "READY"})
             elif not ready_only:
                 out.append({"name": name, "version": version, "state": "UNAVAILABLE",

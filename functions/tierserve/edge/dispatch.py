@@ -80,12 +80,30 @@ class EdgeDispatcher:
 
     def ready(self, model: ModelVersion) -> bool:
         """The device can run it, or the cloud (reachable, breaker closed) says the model is ready."""
+        return self.readiness(model) is None
+
+    def readiness(self, model: ModelVersion) -> errors.TierserveError | None:
+        """Why neither this device nor the cloud can serve ``model`` now (None: one can). The one predicate
+        of ``/v2/models/NAME/ready``, gRPC ``ModelReady`` and the repository index's state (HTTP and gRPC):
+        the device runs the version it holds, else the cloud (configured, its circuit not open) reports the
+        model ready (cached for ``HEALTH_TTL_S``)."""
         if self.edge.ready(model):
-            return True
+            return None
+        here = ("this device holds it but cannot load it" if self.store.held(model) is not None
+                else "this device does not hold it")
         cloud = self.cloud
-        if cloud is None or not self.cloud_usable():
-            return False
-        return self.health.get(f"{model.name}/{model.version}", lambda: cloud.ready(model))
+        if cloud is None:
+            why = f"{here}, and no cloud gateway is configured (--cloud-url)"
+        elif not self.cloud_usable():
+            why = f"{here}, and the cloud link's circuit is {self.breaker.state}"
+        elif self.health.get(f"{model.name}/{model.version}", lambda: cloud.ready(model)):
+            return None
+        else:
+            why = f"{here}, and the cloud gateway does not report it ready"
+        return errors.BackendUnavailableError(why, retry_after_s=self.breaker.retry_after_s() or 5)
+
+    #: What the repository index asks for each version (``api`` / ``model_config.repository_index``).
+    index_readiness = readiness
 
     def state(self) -> dict[str, str]:
         return {"edge": f"{len(self.store.snapshot.held)} held",

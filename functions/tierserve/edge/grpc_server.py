@@ -237,9 +237,11 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
             return self.pb.ServerReadyResponse(ready=False)
 
     def ModelReady(self, request: Any, context: Any) -> Any:
-        try:
-            return self.pb.ModelReadyResponse(ready=self.rt.dispatcher.ready(self._model(request.name,
-                                                                                         request.version)))
+        from tierserve.tiering import readiness_of
+
+        try:  # the HTTP endpoint's predicate (tiering.readiness_of), as the repository index uses it
+            mv = self._model(request.name, request.version)
+            return self.pb.ModelReadyResponse(ready=readiness_of(self.rt.dispatcher, mv) is None)
         except errors.TierserveError as exc:
             self._abort(context, exc, request.name)
 
@@ -291,7 +293,9 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         from tierserve.model_config import repository_index
 
         try:
-            index = repository_index(self.rt.store.manifest(), True, request.ready)
+            dispatcher = self.rt.dispatcher  # the HTTP index's arguments: /ready's predicate for each version
+            index = repository_index(self.rt.store.manifest(), dispatcher.gpu is not None, request.ready,
+                                     getattr(dispatcher, "index_readiness", None))
         except errors.TierserveError as exc:
             self._abort(context, exc, "-")
         out = self.pb.RepositoryIndexResponse()
