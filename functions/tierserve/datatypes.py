@@ -1,11 +1,15 @@
 """The Open Inference Protocol's tensor datatypes: the one table every module reads.
 
-Pure Python (no numpy): the router reads a request's shapes and sizes from its JSON header with
-this table alone, and only the paths that materialise tensors (``tierserve.codec``) turn the dtype
-strings into numpy dtypes.
+Why here and pure Python (no numpy): the manifest (the compiler/runtime contract), the router's header
+reader (``tierserve.wire``) and the compiler all need the datatypes' names and sizes, and none of them may
+pay numpy's import. The numpy dtypes are derived from the same table on first use (``numpy_dtypes``),
+only by the paths that materialise tensors (``tierserve.codec``, the Triton backend).
 """
 
 from __future__ import annotations
+
+from functools import cache
+from typing import Any
 
 #: Protocol datatype -> (numpy dtype string, little-endian; bytes per element). BYTES elements have no
 #: fixed size (itemsize 0): on the wire each is a 4-byte little-endian length and that many bytes.
@@ -39,3 +43,12 @@ def itemsize(datatype: str) -> int:
 def triton_type(datatype: str) -> str:
     """Triton's model-config name for a protocol datatype (BYTES is ``TYPE_STRING`` there)."""
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+@cache
+def numpy_dtypes() -> dict[str, Any]:
+    """Protocol datatype -> ``numpy.dtype``, derived from :data:`DATATYPES` (numpy is imported on the first
+    call, never at import time)."""
+    import numpy as np
+
+    return {name: np.dtype(dtype) for name, (dtype, _) in DATATYPES.items()}

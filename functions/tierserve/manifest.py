@@ -70,7 +70,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from tierserve.datatypes import DATATYPES
 from tierserve.errors import InvalidNameError, ManifestError, ModelNotFoundError
+from tierserve.tiers import CLOUD_TIERS, Tier
 
 T = TypeVar("T")
 
@@ -88,18 +90,14 @@ ARTIFACT_PATH_RE = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|\Z))[A-Za-z0-9_.\-/]{1
 #: Lower-case hex sha256.
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-TARGETS = ("cpu", "gpu", "edge")
+#: Every tier a version may target (``tierserve.tiers.Tier``), as the manifest spells them.
+TARGETS: tuple[str, ...] = tuple(t.value for t in Tier)
 #: The tiers in the cloud; ``edge`` is a device running ``tierserve edge`` in front of them.
-CLOUD_TARGETS = ("cpu", "gpu")
+CLOUD_TARGETS: tuple[str, ...] = tuple(t.value for t in CLOUD_TIERS)
 #: How long a retired version still answers requests pinned to it: longer than any manifest cache
 #: (MANIFEST_TTL_S, at most 60 s) plus a request's time in flight (API Gateway's 30 s).
 RETIRE_GRACE_S = 120.0
 
-#: Protocol datatypes (Open Inference Protocol / KServe v2).
-DATATYPES = (
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-    "FP16", "FP32", "FP64", "BYTES",
-)  # fmt: skip
 
 
 def _allowed(pattern: re.Pattern[str], value: object) -> bool:
@@ -189,7 +187,7 @@ class TensorSpec:
         spec = _fields("tensor spec", d, parse)
         if spec.datatype not in DATATYPES:
             raise ManifestError(
-                f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}; use one of {DATATYPES}")
+                f"tensor {spec.name!r} has unknown datatype {spec.datatype!r}; use one of {', '.join(DATATYPES)}")
         if spec.dim_names and len(spec.dim_names) != len(spec.shape):
             raise ManifestError(f"tensor {spec.name!r}: dim_names {list(spec.dim_names)} do not match its shape "
                                 f"{list(spec.shape)}")
@@ -265,7 +263,7 @@ class ModelVersion:
     outputs: tuple[TensorSpec, ...]
     variants: dict[str, Variant]
     selected_variant: str
-    targets: tuple[str, ...] = ("cpu",)
+    targets: tuple[str, ...] = (Tier.CPU,)
     cpu_variant: str | None = None
     max_batch_size: int = 0
     edge_variant: str | None = None
@@ -288,15 +286,15 @@ class ModelVersion:
 
     @property
     def serves_cpu(self) -> bool:
-        return "cpu" in self.targets
+        return Tier.CPU in self.targets
 
     @property
     def serves_gpu(self) -> bool:
-        return "gpu" in self.targets
+        return Tier.GPU in self.targets
 
     @property
     def serves_edge(self) -> bool:
-        return "edge" in self.targets
+        return Tier.EDGE in self.targets
 
     @property
     def cloud_targets(self) -> tuple[str, ...]:
@@ -349,7 +347,7 @@ class ModelVersion:
                 outputs=tuple(TensorSpec.from_json(x) for x in d["outputs"]),
                 variants={str(k): Variant.from_json(v) for k, v in d["variants"].items()},
                 selected_variant=str(d["selected_variant"]),
-                targets=tuple(d.get("targets") or ("cpu",)),
+                targets=tuple(d.get("targets") or (Tier.CPU,)),
                 cpu_variant=d.get("cpu_variant"),
                 max_batch_size=int(d.get("max_batch_size", 0)),
                 edge_variant=d.get("edge_variant"),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from tierserve.errors import ConfigurationError, InvalidRequestError
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import CLOUD_TIERS, Tier
 
 DEFAULT_GPU_MIN_ROWS = 64
 DEFAULT_GPU_MIN_BYTES = 1 << 20
@@ -64,7 +65,7 @@ class EdgeFacts:
 
 @dataclass(frozen=True)
 class Decision:
-    target: str  # "cpu" or "gpu" ("edge" only at an edge device)
+    target: str  # a Tier: CPU or GPU (EDGE only at an edge device)
     reason: str
     fallback: str | None = None  # set when the preferred tier could not be used
 
@@ -72,47 +73,48 @@ class Decision:
 Policy = Callable[[RouteContext], Decision]
 
 
-def _check_hint(ctx: RouteContext) -> str | None:
+def _check_hint(ctx: RouteContext) -> Tier | None:
     if ctx.hint is None or ctx.hint == "":
         return None
     hint = ctx.hint.lower()
-    if hint == "edge":
+    if hint == Tier.EDGE:
         raise InvalidRequestError("target hint 'edge' is only served by an edge device (tierserve edge); "
                                   "in the cloud use 'cpu' or 'gpu'")
-    if hint not in ("cpu", "gpu"):
+    if hint not in CLOUD_TIERS:
         raise InvalidRequestError(f"target hint {ctx.hint!r} is not valid: use 'cpu' or 'gpu' (or 'edge' at a device)")
-    if hint not in ctx.model.targets:
+    tier = Tier(hint)
+    if tier not in ctx.model.targets:
         raise InvalidRequestError(
-            f"model {ctx.model.name!r} v{ctx.model.version} is not deployed on {hint}; "
+            f"model {ctx.model.name!r} v{ctx.model.version} is not deployed on {tier}; "
             f"its targets are {', '.join(ctx.model.targets)}. Drop the hint or recompile with --target"
         )
-    return hint
+    return tier
 
 
 def size_aware(ctx: RouteContext) -> Decision:
     hint = _check_hint(ctx)
     if hint is not None:
         return Decision(hint, f"client hint {hint}")
-    if ctx.model.cloud_targets == ("cpu",):
-        return Decision("cpu", "model is deployed on cpu only")
-    if ctx.model.cloud_targets == ("gpu",):
-        return Decision("gpu", "model is deployed on gpu only")
+    if ctx.model.cloud_targets == (Tier.CPU,):
+        return Decision(Tier.CPU, "model is deployed on cpu only")
+    if ctx.model.cloud_targets == (Tier.GPU,):
+        return Decision(Tier.GPU, "model is deployed on gpu only")
     routing = ctx.model.routing
     min_rows = int(routing.get("gpu_min_rows", DEFAULT_GPU_MIN_ROWS))
     min_bytes = int(routing.get("gpu_min_bytes", DEFAULT_GPU_MIN_BYTES))
     if ctx.rows >= min_rows:
-        return Decision("gpu", f"{ctx.rows} rows >= gpu_min_rows {min_rows}")
+        return Decision(Tier.GPU, f"{ctx.rows} rows >= gpu_min_rows {min_rows}")
     if ctx.tensor_bytes >= min_bytes:
-        return Decision("gpu", f"{ctx.tensor_bytes} tensor bytes >= gpu_min_bytes {min_bytes}")
+        return Decision(Tier.GPU, f"{ctx.tensor_bytes} tensor bytes >= gpu_min_bytes {min_bytes}")
     cpu_p95 = routing.get("cpu_p95_ms")
     if ctx.remaining_ms is not None and cpu_p95 is not None and ctx.remaining_ms < float(cpu_p95):
-        return Decision("gpu", f"{ctx.remaining_ms:.0f} ms left < cpu p95 {float(cpu_p95):.0f} ms")
-    return Decision("cpu", f"{ctx.rows} rows < gpu_min_rows {min_rows}")
+        return Decision(Tier.GPU, f"{ctx.remaining_ms:.0f} ms left < cpu p95 {float(cpu_p95):.0f} ms")
+    return Decision(Tier.CPU, f"{ctx.rows} rows < gpu_min_rows {min_rows}")
 
 
-def _first(tier: str) -> Policy:
+def _first(tier: Tier) -> Policy:
     """A policy that serves on ``tier`` whenever the model is deployed there, else on the other tier."""
-    other = "gpu" if tier == "cpu" else "cpu"
+    other = Tier.GPU if tier == Tier.CPU else Tier.CPU
 
     def policy(ctx: RouteContext) -> Decision:
         hint = _check_hint(ctx)
@@ -128,9 +130,9 @@ def _first(tier: str) -> Policy:
 
 
 #: CPU whenever the model has a CPU variant; GPU only for GPU-only models or hints.
-cpu_first = _first("cpu")
+cpu_first = _first(Tier.CPU)
 #: GPU whenever the model is there (the dispatcher falls back to CPU when the GPU is unusable).
-gpu_first = _first("gpu")
+gpu_first = _first(Tier.GPU)
 
 
 #: The largest batch an edge device serves itself when neither the manifest nor the device says.
@@ -149,12 +151,12 @@ def at_edge(cloud: Policy) -> Policy:
         if edge is None:
             return cloud(ctx)
         hint = (ctx.hint or "").lower()
-        if hint == "edge":
+        if hint == Tier.EDGE:
             if not edge.held:
                 raise InvalidRequestError(
                     f"model {ctx.model.name!r} v{ctx.model.version} is not held by this edge device; drop the "
                     "'edge' hint to have it forwarded to the cloud")
-            return Decision("edge", "client hint edge")
+            return Decision(Tier.EDGE, "client hint edge")
         if hint:
             return cloud(ctx)
         if not edge.held:
@@ -164,7 +166,7 @@ def at_edge(cloud: Policy) -> Policy:
         elif edge.saturated():
             why = "the device is saturated"
         else:
-            return Decision("edge", "held by this device")
+            return Decision(Tier.EDGE, "held by this device")
         d = cloud(ctx)
         return Decision(d.target, f"{why}; forwarded (cloud: {d.reason})")
 

@@ -36,6 +36,7 @@ from tierserve.breaker import CircuitBreaker, HealthCache
 from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import Manifest, ModelVersion
 from tierserve.routing import Decision, Policy, RouteContext
+from tierserve.tiers import Tier
 from tierserve.types import InferRequest, RequestedOutput
 
 #: Time kept back from the caller's remaining budget for encoding and the response's way out.
@@ -155,7 +156,7 @@ def log_transition(old: str, new: str, why: str) -> None:
     from tierserve.observability import logger
 
     level = logger.warning if new == "open" else logger.info
-    level("circuit breaker transition", extra={"event": "circuit_breaker", "tier": "gpu", "from": old,
+    level("circuit breaker transition", extra={"event": "circuit_breaker", "tier": Tier.GPU, "from": old,
                                                "to": new, "reason": why})
     telemetry.breaker_transition(old, new)
 
@@ -239,8 +240,8 @@ class TierDispatcher:
 
     def state(self) -> dict[str, str]:
         """The tiers as operators see them: which are configured, and the GPU circuit's state."""
-        return {"cpu": "configured" if self.cpu is not None else "none",
-                "gpu": self.breaker.state if self.gpu is not None else "none"}
+        return {Tier.CPU: "configured" if self.cpu is not None else "none",
+                Tier.GPU: self.breaker.state if self.gpu is not None else "none"}
 
     def decide(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
                deadline: Deadline | None = None) -> Decision:
@@ -260,7 +261,7 @@ class TierDispatcher:
         start = time.perf_counter()
         deadline = deadline or Deadline(None)
         decision = self.decide(model, call, hint, deadline)
-        if decision.target == "gpu":
+        if decision.target == Tier.GPU:
             done = self._gpu(model, call, decision, deadline)
         else:
             done = self._cpu_first(model, call, decision, deadline)
@@ -283,12 +284,12 @@ class TierDispatcher:
         """The CPU tier; when it is throttled (nothing ran: its concurrency is spent), a model that the GPU
         tier also serves goes there, marked ``cpu-unavailable``. The other way round from ``_fallback``."""
         try:
-            return Dispatched(self._cpu(model, call, deadline), "cpu", decision)
+            return Dispatched(self._cpu(model, call, deadline), Tier.CPU, decision)
         except errors.TierThrottledError as exc:
             if self.gpu is None or not model.serves_gpu or not self.gpu_usable(model):
                 raise
             why = exc.message
-        moved = Decision("gpu", f"{decision.reason}; CPU tier unavailable ({why})", "cpu-unavailable")
+        moved = Decision(Tier.GPU, f"{decision.reason}; CPU tier unavailable ({why})", "cpu-unavailable")
         done = self._gpu(model, call, moved, deadline, cpu_fallback=False)
         done.fallback = "cpu-unavailable"
         return done
@@ -331,7 +332,7 @@ class TierDispatcher:
             self.breaker.record_failure()
             raise
         self.breaker.record_success()
-        return Dispatched(reply, "gpu", decision)
+        return Dispatched(reply, Tier.GPU, decision)
 
     def _check_server(self, gpu: Backend) -> None:
         """After a timeout: one short server health check (in the background, one at a time), which
@@ -365,8 +366,8 @@ class TierDispatcher:
                 retry_after_s=retry,
             )
         reply = self._cpu(model, call, deadline)
-        fallback = Decision("cpu", f"{decision.reason}; GPU tier unavailable ({why})", "gpu-unavailable")
-        return Dispatched(reply, "cpu", fallback, "gpu-unavailable")
+        fallback = Decision(Tier.CPU, f"{decision.reason}; GPU tier unavailable ({why})", "gpu-unavailable")
+        return Dispatched(reply, Tier.CPU, fallback, "gpu-unavailable")
 
 
 def score_arrays(dispatcher: Any, model: ModelVersion, arrays: dict[str, Any],

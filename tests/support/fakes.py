@@ -110,12 +110,12 @@ class FakeBackend:
 
 def ones_like_outputs(model: ModelVersion, rows: int, request_id: str | None = None) -> InferResponse:
     """Every output of ``model`` for ``rows`` rows, filled with ones."""
-    from tierserve.codec import DATATYPE_TO_DTYPE
+    from tierserve.datatypes import numpy_dtypes
 
     outputs = []
     for spec in model.outputs:
         shape = (rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
-        data = np.ones(shape, dtype=DATATYPE_TO_DTYPE[spec.datatype])
+        data = np.ones(shape, dtype=numpy_dtypes()[spec.datatype])
         outputs.append(Tensor(spec.name, spec.datatype, shape, data))
     return InferResponse(model.name, model.version, outputs, request_id)
 
@@ -203,7 +203,7 @@ def json_call(rows: int, request_id: str | None = None, target: str | None = Non
 
 def sample(datatype: str, shape: tuple[int, ...], seed: int = 0, utf8: bool = True) -> np.ndarray:
     """A seeded random array of the datatype (BYTES: object array of bytes)."""
-    from tierserve.codec import DATATYPE_TO_DTYPE
+    from tierserve.datatypes import numpy_dtypes
 
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape))
@@ -217,7 +217,7 @@ def sample(datatype: str, shape: tuple[int, ...], seed: int = 0, utf8: bool = Tr
         arr = np.empty(n, dtype=object)
         arr[:] = items
         return arr.reshape(shape)
-    dtype = DATATYPE_TO_DTYPE[datatype]
+    dtype = numpy_dtypes()[datatype]
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)

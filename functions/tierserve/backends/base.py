@@ -13,8 +13,10 @@ from tierserve.manifest import ModelVersion
 
 
 class Backend(Protocol):
-    #: "cpu" or "gpu": the tier it serves, what the response's x-served-by header says.
-    tier: str
+    @property
+    def tier(self) -> str:
+        """The tier it serves (a ``tierserve.tiers.Tier``): what the response's x-served-by header says."""
+        ...
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float) -> Reply:
         """Run ``call`` (already checked against ``model``) within ``timeout_s`` and return the reply.

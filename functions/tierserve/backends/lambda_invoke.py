@@ -1,7 +1,7 @@
 """The router's CPU backend in AWS: a synchronous Lambda Invoke of CpuInferenceFunction.
 
 Locally the same boto3 code path points at ``tierserve serve``'s Lambda-invoke endpoint
-through ``AWS_ENDPOINT_URL_LAMBDA``. The payload (``tierserve.direct.payload``) carries the
+through ``AWS_ENDPOINT_URL_LAMBDA``. The payload (``tierserve.invoke_payload``) carries the
 client's body as API Gateway handed it to the router, and the CPU function's HTTP response
 comes back as the reply, to be returned to the client untouched: the router neither decodes
 nor re-encodes a tensor on this path. An error reply keeps the CPU tier's status and code.
@@ -16,8 +16,12 @@ from typing import Any
 
 from tierserve import errors, limits
 from tierserve.backends.base import ClientsByTimeout, Readiness, ready_by, shared_pool
+from tierserve.backends.split import binary_outputs, run_parts
 from tierserve.calls import InferenceCall, Reply
+from tierserve.invoke_payload import payload, readiness_payload
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import Tier
+from tierserve.types import InferRequest, InferResponse
 
 #: HTTP status in the CPU function's reply -> the error the router re-raises.
 _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
@@ -40,7 +44,7 @@ READY_RETRY_S = 5.0
 
 
 class LambdaInvokeBackend:
-    tier = "cpu"
+    tier = Tier.CPU
 
     def __init__(self, function_name: str, timeout_s: float = 30.0, client: Any = None,
                  functions: dict[int, str] | None = None) -> None:
@@ -76,7 +80,6 @@ class LambdaInvokeBackend:
         """Invoke the CPU function with the client's body as it came; when that payload would exceed
         Lambda's request quota, with sub-batches that each fit (request and binary response), invoked
         concurrently and merged in order."""
-        from tierserve.direct import payload
         from tierserve.wire import json_dumps
 
         data = json_dumps(payload(model, call))
@@ -87,39 +90,22 @@ class LambdaInvokeBackend:
 
     def _infer_split(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None,
                      function_name: str) -> Reply:
-        from concurrent.futures import TimeoutError as FutureTimeout
-
-        from tierserve.calls import InferenceCall as Call
-        from tierserve.codec import concat_responses, slice_request
-        from tierserve.direct import payload
-        from tierserve.types import RequestedOutput
         from tierserve.wire import json_dumps
 
         request = call.request()
         bounds = plan_parts(model, request)
         budget = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + budget
-        outputs = [RequestedOutput(o.name, binary_data=True) for o in request.outputs] or \
-            [RequestedOutput(o.name, binary_data=True) for o in model.outputs]
-        futures = []
-        for start, stop in bounds:
-            part = slice_request(request, start, stop)
-            part.outputs = outputs  # binary: the smallest replies; the router encodes the merged answer as asked
-            data = json_dumps(payload(model, Call.from_request(part)))
-            futures.append(_split_pool().submit(self._invoke, data, max(0.05, deadline - time.monotonic()),
-                                                function_name))
-        try:
-            replies = [f.result(timeout=max(0.0, deadline - time.monotonic()) + 0.5) for f in futures]
-        except FutureTimeout:
-            raise errors.BackendTimeoutError(
-                f"{function_name} did not answer the {len(bounds)} parts of a {request.rows}-row request "
-                f"within {budget:g} s") from None
-        finally:
-            for f in futures:
-                f.cancel()
-        merged = concat_responses([r.decoded() for r in replies])
-        merged.id = request.id
-        return Reply(merged)
+
+        def invoke(part: InferRequest) -> InferResponse:
+            data = json_dumps(payload(model, InferenceCall.from_request(part)))
+            return self._invoke(data, max(0.05, deadline - time.monotonic()), function_name).decoded()
+
+        # binary outputs: the smallest replies; the router encodes the merged answer as the client asked
+        return Reply(run_parts(request, bounds, invoke, pool=_split_pool(), deadline=deadline, grace_s=0.5,
+                               outputs=binary_outputs(request, model),
+                               timeout_message=f"{function_name} did not answer the {len(bounds)} parts of a "
+                                               f"{request.rows}-row request within {budget:g} s"))
 
     def _invoke(self, data: bytes, timeout_s: float | None, function_name: str) -> Reply:
         from tierserve.wire import json_loads
@@ -157,10 +143,9 @@ class LambdaInvokeBackend:
         raise _tier_error(function_name, status, reply)
 
     def check_ready(self, model: ModelVersion) -> None:
-        """Ask the CPU function whether ``model`` loads and runs there (``direct.readiness_payload``);
+        """Ask the CPU function whether ``model`` loads and runs there (``invoke_payload.readiness_payload``);
         raise its error, with its own code, when it does not. The answer is remembered for
         ``READY_TTL_S`` (``READY_RETRY_S`` for a failure), so probes cost one Invoke now and then."""
-        from tierserve.direct import readiness_payload
         from tierserve.wire import json_dumps, json_loads
 
         def probe() -> errors.TierserveError | None:

@@ -11,6 +11,7 @@ from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import InferenceError, InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion
 from tierserve.store import ModelStore
+from tierserve.tiers import Tier
 from tierserve.types import InferResponse
 
 #: How long a failed readiness check is remembered before the model is tried again.
@@ -18,7 +19,7 @@ READY_RETRY_S = 5.0
 
 
 class OnnxBackend:
-    tier = "cpu"
+    tier = Tier.CPU
 
     def __init__(self, store: ModelStore, threads: int = 1) -> None:
         self.store = store

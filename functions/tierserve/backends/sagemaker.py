@@ -10,8 +10,8 @@ the Open Inference Protocol body unchanged: JSON (``application/json``), or JSON
 where the header's length travels in the content type because SageMaker strips custom headers:
 ``application/vnd.sagemaker-triton.binary+json;json-header-size=N``. The reply uses the same two
 content types. So a client's body is forwarded as it came (no tensor is decoded by the router),
-unless its batch exceeds the model's ``max_batch_size``: then it is split along dim 0 with the Triton
-backend's helpers, sent as binary parts concurrently, and the outputs concatenated in order.
+unless its batch exceeds the model's ``max_batch_size``: then it is split along dim 0
+(``tierserve.backends.split``), sent as binary parts concurrently, and the outputs concatenated in order.
 
 Endpoints: a single-model endpoint serves the one model in its ``model.tar.gz``
 (``SAGEMAKER_TRITON_DEFAULT_MODEL_NAME``; ``SAGEMAKER_MODEL`` tells the router which one, so that
@@ -42,13 +42,15 @@ health, opened by failed calls.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
 from typing import Any
 
 from tierserve import errors
-from tierserve.backends.base import ClientsByTimeout
+from tierserve.backends.base import ClientsByTimeout, shared_pool
+from tierserve.backends.split import binary_outputs, max_batch_bounds, run_parts
 from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import Tier
 from tierserve.types import InferRequest, InferResponse
 
 #: The content type of a body whose JSON header is followed by binary tensors (Triton's SageMaker front end).
@@ -58,6 +60,8 @@ JSON_CONTENT_TYPE = "application/json"
 TIMEOUT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 #: InvokeEndpoint's request payload limit.
 MAX_REQUEST_BYTES = 6 * 1024 * 1024
+#: Concurrent InvokeEndpoint calls for the parts of requests split by max_batch_size (the process's pool).
+SPLIT_THREADS = 32
 
 #: What Triton says when it refuses a request while checking it (core request validation, the
 #: HTTP front end's parser, onnxruntime's INVALID_ARGUMENT): the client's error, not the tier's.
@@ -163,7 +167,7 @@ def map_client_error(exc: BaseException, what: str) -> errors.TierserveError:
 class SageMakerBackend:
     """A Backend that sends Triton payloads to a SageMaker endpoint (see the module docstring)."""
 
-    tier = "gpu"
+    tier = Tier.GPU
 
     def __init__(self, endpoint_name: str, *, model: str = "", target_model: str = "", timeout_s: float = 10.0,
                  client: Any = None) -> None:
@@ -214,22 +218,18 @@ class SageMakerBackend:
         timeout = self.timeout_s if timeout_s is None else min(float(timeout_s), self.timeout_s)
         if timeout <= 0:
             raise errors.BackendTimeoutError("no time left in the request's budget to call the GPU endpoint")
-        limit = model.max_batch_size
-        if limit <= 0 or call.rows <= limit or not all(t.shape for t in call.inputs):
+        bounds = max_batch_bounds(call.rows, model.max_batch_size, all(t.shape for t in call.inputs))
+        if len(bounds) == 1:  # the client's body as it came: no tensor is decoded
             body = call.body()
             data = bytes(_view(body.data))
             return Reply(self._invoke(model, data, body.header_length, timeout, what))
-        import time
-
-        from tierserve.backends.triton import _await_all, _call_pool
-        from tierserve.codec import concat_responses, slice_request
-
         request = call.request()
         deadline = time.monotonic() + timeout
-        parts = [_binary_outputs(slice_request(request, start, min(start + limit, request.rows)))
-                 for start in range(0, request.rows, limit)]
-        futures = [_call_pool().submit(self._invoke_request, model, part, timeout, what) for part in parts]
-        return Reply(concat_responses(_await_all(futures, deadline, what)))
+        return Reply(run_parts(request, bounds, lambda part: self._invoke_request(model, part, timeout, what),
+                               pool=shared_pool("sagemaker-split", SPLIT_THREADS), deadline=deadline,
+                               outputs=binary_outputs(request, model),
+                               timeout_message=f"the GPU endpoint did not answer {what} within the request's "
+                                               "deadline"))
 
     def _invoke_request(self, model: ModelVersion, request: InferRequest, timeout: float, what: str) -> InferResponse:
         from tierserve.codec import encode_request
@@ -270,9 +270,3 @@ def _view(data: Any) -> memoryview:
     from tierserve.wire import body_view
 
     return body_view(data)
-
-
-def _binary_outputs(request: InferRequest) -> InferRequest:
-    """The same request asking for every output as binary data (parts are decoded, never shown to a client)."""
-    request.outputs = [replace(o, binary_data=True) for o in request.outputs]
-    return request

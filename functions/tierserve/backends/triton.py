@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 from tierserve.backends.base import is_input_error, shared_pool
+from tierserve.backends.split import max_batch_bounds, run_parts
 from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import (
     BackendTimeoutError,
@@ -52,6 +53,7 @@ from tierserve.errors import (
     TierserveError,
 )
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import Tier
 from tierserve.types import InferRequest, InferResponse, Tensor
 
 #: Timeout values (seconds) the HTTP clients are built with; budgets are rounded down to one of them.
@@ -156,7 +158,7 @@ def map_exception(exc: BaseException, what: str) -> TierserveError:
 class TritonBackend:
     """A Backend that forwards requests to Triton (see the module docstring for the guarantees)."""
 
-    tier = "gpu"
+    tier = Tier.GPU
 
     def __init__(self, url: str, protocol: str = "http", timeout_s: float = 10.0, ready_timeout_s: float = 1.0) -> None:
         if protocol not in ("http", "grpc"):
@@ -249,24 +251,17 @@ class TritonBackend:
     # --- Backend ---------------------------------------------------------------------------------
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
-        """Run ``call`` on Triton within one deadline. A batch over the model's ``max_batch_size``
-        (which Triton would refuse) is split along dim 0 into sub-batches that run concurrently, so
-        Triton's dynamic batcher can pack them, and the outputs are concatenated back in order. This is
-        the one place a batch is split by ``max_batch_size``."""
-        from tierserve.codec import concat_responses, slice_request
-
+        """Run ``call`` on Triton within one deadline, on the call pool. A batch over the model's
+        ``max_batch_size`` (which Triton would refuse) is split along dim 0 into sub-batches that run
+        concurrently, so Triton's dynamic batcher can pack them, and the outputs are concatenated back in
+        order (``tierserve.backends.split``)."""
         request = call.request()
         deadline = time.monotonic() + self._effective_timeout(timeout_s)
-        limit = model.max_batch_size
-        if limit <= 0 or request.rows <= limit or not all(t.shape for t in request.inputs):
-            parts = [request]
-        else:
-            parts = [slice_request(request, start, min(start + limit, request.rows))
-                     for start in range(0, request.rows, limit)]
+        bounds = max_batch_bounds(request.rows, model.max_batch_size, all(t.shape for t in request.inputs))
         what = f"model {model.name!r} version {model.version!r}"
-        responses = _await_all([_call_pool().submit(self._infer_one, model, part, deadline) for part in parts],
-                               deadline, what)
-        return Reply(responses[0] if len(responses) == 1 else concat_responses(responses))
+        return Reply(run_parts(request, bounds, lambda part: self._infer_one(model, part, deadline),
+                               pool=_call_pool(), deadline=deadline,
+                               timeout_message=f"Triton did not answer {what} within the request's deadline"))
 
     def _infer_one(self, model: ModelVersion, request: InferRequest, deadline: float) -> InferResponse:
         what = f"model {model.name!r} version {model.version!r}"
@@ -314,7 +309,7 @@ class TritonBackend:
     def _build(self, model: ModelVersion, request: InferRequest) -> tuple[list[Any], list[Any]]:
         import numpy as np
 
-        from tierserve.codec import DATATYPE_TO_DTYPE
+        from tierserve.datatypes import numpy_dtypes
 
         if self.protocol == "grpc":
             import tritonclient.grpc as client_mod
@@ -323,7 +318,7 @@ class TritonBackend:
 
         inputs = []
         for t in request.inputs:
-            np_dtype = DATATYPE_TO_DTYPE.get(t.datatype)
+            np_dtype = numpy_dtypes().get(t.datatype)
             if np_dtype is None:
                 raise InvalidRequestError(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
             arr = np.asarray(t.data, dtype=np_dtype)
@@ -412,7 +407,7 @@ def _as_manifest_shape(model: ModelVersion, name: str, arr: Any) -> Any:
     return arr.reshape(target)
 
 
-# --- the call pool, and splitting batches over max_batch_size ------------------------------------------
+# --- the call pool -------------------------------------------------------------------------------------
 
 #: Threads (each with its own HTTP clients) that make every call to Triton; created as needed.
 CALL_THREADS = 32
@@ -422,19 +417,3 @@ MIN_CALL_S = 0.01
 
 def _call_pool() -> Any:
     return shared_pool("triton-call", CALL_THREADS)
-
-
-def _await_all(futures: list[Any], deadline: float, what: str) -> list[Any]:
-    """Every future's result, in order, by ``deadline``: the first failure is raised (the others are
-    cancelled), and waiting past the deadline is a :class:`BackendTimeoutError` however the transport
-    behaves."""
-    from concurrent.futures import TimeoutError as FutureTimeout
-
-    try:
-        # a small grace over the deadline: the call's own timeout is the one that should fire first
-        return [f.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05) for f in futures]
-    except FutureTimeout:
-        raise BackendTimeoutError(f"Triton did not answer {what} within the request's deadline") from None
-    finally:
-        for f in futures:
-            f.cancel()
