@@ -171,8 +171,19 @@ def accepted_coding(accept_encoding: str | None) -> str | None:
     return best if q.get(best, star) > 0 else None
 
 
+#: Media types never compressed: an event stream must reach the client as each event is written, and a
+#: compressor holds bytes back until it flushes.
+NEVER_COMPRESSED = ("text/event-stream",)
+
+
 def encode_content(resp: dict[str, Any], coding: str, level: int = 1) -> dict[str, Any]:
-    """``resp`` with its body compressed as ``coding`` (level 1: the CPU time is the client's latency)."""
+    """``resp`` with its body compressed as ``coding`` (level 1: the CPU time is the client's latency).
+
+    An event stream, or a body that already has a content coding, comes back as it was."""
+    headers_in = {k.lower(): v for k, v in (resp.get("headers") or {}).items()}
+    media_type = headers_in.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in NEVER_COMPRESSED or headers_in.get("content-encoding", "identity").lower() != "identity":
+        return resp
     raw = decode_body(resp)
     if coding == "gzip":
         c = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -215,6 +226,8 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None, re
         message = f"internal error{f' (request {request_id})' if request_id else ''}; see the function's logs"
         code = "internal_error"
     telemetry.error_code(code)  # every error answered, by code (a fixed set: never a name from the request)
+    if isinstance(exc, errors.TierserveError) and exc.served_by:
+        extra["x-served-by"] = exc.served_by  # the tier that produced this answer (the GPU's 400)
     if isinstance(exc, errors.BackendUnavailableError) and exc.retry_after_s is not None:
         extra["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response(status, {"error": message, "code": code}, extra)

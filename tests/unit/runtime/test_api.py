@@ -8,6 +8,7 @@ API Gateway HTTP API events as ``sam local generate-event`` prints them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -472,6 +473,73 @@ def test_accept_encoding_is_honoured(rig: Rig, accept: str | None, coding: str |
     if coding is not None:
         raw = zlib.decompress(raw, 16 + zlib.MAX_WBITS if coding == "gzip" else zlib.MAX_WBITS)
     assert json.loads(raw)["id"] == "acc"
+
+
+@pytest.mark.parametrize("path", ["/v2", "/v2/health/ready", "/v2/models/both", "/v2/models/both/config",
+                                  "/v2/models/stats", "/v2/models/both/stats", "/v2/repository/index"])
+def test_only_inference_answers_are_compressed_as_triton_does(rig: Rig, path: str) -> None:
+    # Given a client that accepts gzip (aiohttp, under tritonclient.http.aio, always says so)
+    method = "POST" if path.endswith("/index") else "GET"
+    resp = handle_http(http_event(method, path, f"{method} {path}", "", {}, {"accept-encoding": "gzip, deflate"}))
+    # Then everything but an inference answers plain JSON, as Triton compresses only inference responses
+    # (its HTTP server picks a response coding in CreateInferRequest and the generate handler, nowhere else)
+    assert resp["statusCode"] == 200 and "content-encoding" not in resp["headers"], resp["headers"]
+    assert isinstance(body_of(resp), (dict, list))
+
+
+@contextlib.contextmanager
+def served_over_http(where: str, store: Path, tmp_path: Path) -> Iterator[str]:
+    """host:port of a real HTTP server in-process: the edge runtime's (api.handle_request) or the local
+    API gateway's (api.handle_http behind API Gateway's emulation), over ``store``."""
+    from tests.support.edge import synced_edge
+
+    if where == "edge":
+        with synced_edge(1 << 20, store_uri=str(store), cache_dir=str(tmp_path / "edge-cache"), port=0,
+                         grpc_port=-1) as edge:
+            yield edge.url.removeprefix("http://")
+        return
+    from tierserve_tools.apigw import ApiGatewayServer
+
+    rt = build_runtime(Settings(model_store_uri=str(store), model_cache_dir=str(tmp_path / "gw-cache")))
+    gw = ApiGatewayServer(lambda event, ctx: handle_http(event, ctx, runtime=rt), lambda: None).start()
+    try:
+        yield gw.url.removeprefix("http://")
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("where", ["edge", "gateway"])
+def test_tritonclient_aio_reads_every_document_and_infers_against_a_real_http_server(
+        runtime_env: pytest.MonkeyPatch, tmp_path: Path, where: str) -> None:
+    import asyncio
+
+    import tritonclient.http as httpclient
+    import tritonclient.http.aio as aioclient
+
+    from tests.support.edge import write_edge_store
+
+    # Given a real HTTP server (in-process) serving the API over a real store: the edge's, or the gateway's
+    store = write_edge_store(tmp_path / "store")
+
+    async def session(url: str) -> tuple[dict, dict, list, dict, np.ndarray]:
+        # tritonclient.http.aio turns aiohttp's decompression off, while aiohttp sends Accept-Encoding: gzip
+        async with aioclient.InferenceServerClient(url) as client:
+            metadata = await client.get_server_metadata()
+            config = await client.get_model_config("lin")
+            index = await client.get_model_repository_index()
+            stats = await client.get_inference_statistics("lin")
+            x = httpclient.InferInput("x", [2, 4], "FP32")
+            x.set_data_from_numpy(rows_of(2))
+            result = await client.infer("lin", [x])
+            return metadata, config, index, stats, result.as_numpy("y")
+
+    with served_over_http(where, store, tmp_path) as url:
+        metadata, config, index, stats, y = asyncio.run(session(url))
+    # Then each document is read, and the inference (compressed, which the client decodes itself) too
+    assert metadata["name"] == "tierserve" and config["name"] == "lin"
+    assert {"name": "lin", "version": "1"}.items() <= next(m for m in index if m["name"] == "lin").items()
+    assert stats["model_stats"][0]["name"] == "lin"
+    assert y.shape == (2, 3)
 
 
 def test_errors_are_never_compressed(rig: Rig) -> None:

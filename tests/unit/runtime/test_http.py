@@ -7,7 +7,14 @@ import json
 import pytest
 
 from tierserve import errors
-from tierserve.http import STATUS_BY_ERROR, error_response, parse_http_event, status_for
+from tierserve.http import (
+    STATUS_BY_ERROR,
+    encode_content,
+    error_response,
+    parse_http_event,
+    response,
+    status_for,
+)
 
 
 def test_every_error_class_maps_to_a_status_in_the_one_table():
@@ -48,3 +55,15 @@ def test_a_body_flagged_base64_that_cannot_be_base64_is_a_400():
     # And reading the body is the client's error, saying why
     with pytest.raises(errors.InvalidRequestError, match="not valid base64"):
         req.body
+
+
+def test_an_event_stream_is_never_compressed() -> None:
+    # Given a server-sent event stream, and a client that accepts gzip
+    stream = response(200, "data: {}\n\n", {"content-type": "text/event-stream"})
+    # Then its body is never compressed: a compressed stream is held back until the compressor flushes
+    assert encode_content(stream, "gzip") == stream
+    with_charset = response(200, "data: {}\n\n", {"Content-Type": "text/event-stream; charset=utf-8"})
+    assert encode_content(with_charset, "deflate") == with_charset
+    # And a body that already has a content coding is not encoded twice, while plain JSON is
+    encoded = encode_content(response(200, {"a": 1}), "gzip")
+    assert encoded["headers"]["content-encoding"] == "gzip" and encode_content(encoded, "gzip") == encoded
