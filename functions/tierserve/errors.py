@@ -12,6 +12,9 @@ class TierserveError(Exception):
     """Root of every error raised by the tierserve runtime."""
 
     code = "internal_error"
+    #: The tier whose answer this error is, when a tier produced it (a ``tierserve.tiers.Tier``: the GPU
+    #: tier's 400), else None: the answer of whoever renders it. The ``x-served-by`` of its response.
+    served_by: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

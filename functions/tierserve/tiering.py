@@ -317,8 +317,9 @@ class TierDispatcher:
             return fallback(model, call, decision, deadline, "circuit open")
         try:
             reply = gpu.infer(model, call, timeout)
-        except errors.InvalidRequestError:
+        except errors.InvalidRequestError as exc:
             self.breaker.record_success()  # the GPU answered; the request was wrong
+            exc.served_by = Tier.GPU  # its answer: the response says so (x-served-by), not the renderer's default
             raise
         except (errors.BackendUnavailableError, errors.InferenceError) as exc:
             self.breaker.record_failure(exc.code)

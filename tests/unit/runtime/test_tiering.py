@@ -259,8 +259,9 @@ def test_an_invalid_request_on_the_gpu_is_the_clients_error_and_counts_as_a_heal
     assert d.dispatch(BOTH, json_call(32)).fallback == "gpu-unavailable"
     # When two requests are rejected
     for _ in range(2):
-        with pytest.raises(errors.InvalidRequestError, match="bad shape"):
+        with pytest.raises(errors.InvalidRequestError, match="bad shape") as refused:
             d.dispatch(BOTH, json_call(32))
+        assert refused.value.served_by == "gpu"  # the GPU's answer: its response says x-served-by: gpu
     # Then they were not retried on the CPU, and the GPU's answers reset the failure count
     assert len(cpu.calls) == 1
     gpu.failures = [errors.BackendUnavailableError("blip")]
