@@ -228,8 +228,6 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None, re
     telemetry.error_code(code)  # every error answered, by code (a fixed set: never a name from the request)
     if isinstance(exc, errors.TierserveError) and exc.served_by:
         extra["x-served-by"] = exc.served_by  # the tier that produced this answer (the GPU's 400)
-    if isinstance(exc, errors.TierserveError) and exc.served_by:
-        extra["x-served-by"] = exc.served_by  # the tier that produced this answer (the GPU's 400)
     if isinstance(exc, errors.BackendUnavailableError) and exc.retry_after_s is not None:
         extra["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response(status, {"error": message, "code": code}, extra)
