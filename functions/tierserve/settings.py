@@ -24,15 +24,19 @@ DEFAULT_MAX_PAYLOAD_BYTES = MAX_REQUEST_BODY_BYTES
 MB_PER_VCPU = 1769
 
 
-def _bool(v: str) -> bool:
+def boolean(v: str) -> bool:
+    """A true/false setting (1/0, true/false, yes/no, on/off, any case; empty is false); ValueError otherwise.
+    The one parser of its kind: the edge's settings (``tierserve.edge.settings``) use it too."""
     if v.lower() in ("1", "true", "yes", "on"):
         return True
     if v.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"expected true/false, got {v!r}")
+    raise ValueError(f"expected true or false (1/0, yes/no, on/off), got {v!r}")
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
+def choice(*allowed: str) -> Callable[[str], str]:
+    """A parser that takes one of ``allowed`` exactly and raises ValueError naming them otherwise.
+    The one choice parser: the edge's settings (``tierserve.edge.settings``) use it too."""
     def parse(v: str) -> str:
         if v not in allowed:
             raise ValueError(f"expected one of {', '.join(allowed)}, got {v!r}")
@@ -115,16 +119,16 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MODEL_STORE_URI": ("model_store_uri", str),
     "MODEL_CACHE_DIR": ("model_cache_dir", str),
     "MAX_PAYLOAD_BYTES": ("max_payload_bytes", int),
-    "CPU_BACKEND": ("cpu_backend", _choice("lambda", "inprocess")),
+    "CPU_BACKEND": ("cpu_backend", choice("lambda", "inprocess")),
     "CPU_FUNCTION_NAME": ("cpu_function_name", str),
     "CPU_FUNCTIONS": ("cpu_functions", str),
     "PRELOAD_MODELS": ("preload_models", str),
-    "GPU_BACKEND": ("gpu_backend", _choice("triton", "sagemaker", "none")),
+    "GPU_BACKEND": ("gpu_backend", choice("triton", "sagemaker", "none")),
     "SAGEMAKER_ENDPOINT_NAME": ("sagemaker_endpoint_name", str),
     "SAGEMAKER_MODEL": ("sagemaker_model", str),
     "SAGEMAKER_TARGET_MODEL": ("sagemaker_target_model", str),
     "TRITON_URL": ("triton_url", str),
-    "TRITON_PROTOCOL": ("triton_protocol", _choice("http", "grpc")),
+    "TRITON_PROTOCOL": ("triton_protocol", choice("http", "grpc")),
     "TRITON_TIMEOUT_S": ("triton_timeout_s", float),
     "ROUTING_POLICY": ("routing_policy", str),
     "HEALTH_TTL_S": ("health_ttl_s", float),

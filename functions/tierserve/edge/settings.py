@@ -16,6 +16,7 @@ from typing import Any
 
 from tierserve.errors import ConfigurationError, TierserveError
 from tierserve.manifest import check_model_name
+from tierserve.settings import boolean, choice
 
 #: What a Raspberry Pi 4 (4 cores, 2-8 GB) gives a model runtime by default: a quarter of 2 GB and 2 GB of disk.
 DEFAULT_MAX_MEMORY_MB = 512
@@ -26,17 +27,8 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(check_model_name(n.strip()) for n in value.split(",") if n.strip())
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return value
-
-    return parse
-
-
 def _level(value: str) -> str:
-    return _choice("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
+    return choice("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
 
 
 @dataclass(frozen=True)
@@ -71,14 +63,6 @@ class EdgeSettings:
         return self.threads or max(1, min(4, os.cpu_count() or 1))
 
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
-
-
 #: field -> (flag, environment variable, parser). One table; nothing is read elsewhere.
 OPTIONS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "store_uri": ("--store", "EDGE_STORE_URI", str),
@@ -90,7 +74,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "port": ("--port", "EDGE_PORT", int),
     "grpc_port": ("--grpc-port", "EDGE_GRPC_PORT", int),
     "cloud_url": ("--cloud-url", "EDGE_CLOUD_URL", str),
-    "cloud_auth": ("--cloud-auth", "EDGE_CLOUD_AUTH", _choice("none", "iam", "jwt")),
+    "cloud_auth": ("--cloud-auth", "EDGE_CLOUD_AUTH", choice("none", "iam", "jwt")),
     "cloud_region": ("--cloud-region", "EDGE_CLOUD_REGION", str),
     "cloud_token_file": ("--cloud-token-file", "EDGE_CLOUD_TOKEN_FILE", str),
     "forward_timeout_s": ("--forward-timeout", "EDGE_FORWARD_TIMEOUT_S", float),
@@ -100,7 +84,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "max_disk_mb": ("--max-disk-mb", "EDGE_MAX_DISK_MB", int),
     "threads": ("--threads", "EDGE_THREADS", int),
     "log_level": ("--log-level", "EDGE_LOG_LEVEL", _level),
-    "log_requests": ("--log-requests", "EDGE_LOG_REQUESTS", _bool),
+    "log_requests": ("--log-requests", "EDGE_LOG_REQUESTS", boolean),
 }
 _POSITIVE = {"sync_interval_s", "forward_timeout_s", "max_memory_mb", "max_disk_mb"}
 _NON_NEGATIVE = {"port", "max_rows", "max_concurrency", "threads"}

@@ -27,3 +27,15 @@ def test_a_flag_wins_over_its_variable_and_defaults_fill_the_rest() -> None:
 def test_a_bad_value_names_the_flag_and_its_variable(flags, env, match) -> None:
     with pytest.raises(ConfigurationError, match=match):
         parse_edge_settings(flags, env)
+
+
+def test_the_edge_parses_choices_and_booleans_with_the_clouds_parsers() -> None:
+    # One definition each: a device and the cloud accept and refuse the same spellings
+    import tierserve.settings as cloud
+    from tierserve.edge import settings as edge
+
+    assert (edge.choice, edge.boolean) == (cloud.choice, cloud.boolean)
+    assert parse_edge_settings({"log_requests": "ON", "log_level": "debug"}, {}).log_requests is True
+    with pytest.raises(ConfigurationError, match=r"--log-requests \(EDGE_LOG_REQUESTS\) = 'maybe' is invalid: "
+                                                 r"expected true or false"):
+        parse_edge_settings({"log_requests": "maybe"}, {})

@@ -31,3 +31,21 @@ def test_the_manifest_is_reread_every_10_s_by_default():
     # issue 11: a lifecycle change reaches every function within MANIFEST_TTL_S, at most 10 s by default
     assert parse_settings({}).manifest_ttl_s <= 10
     assert parse_settings({"MANIFEST_TTL_S": "2"}).manifest_ttl_s == 2
+
+
+@pytest.mark.parametrize(("raw", "value"), [("TRUE", True), ("on", True), ("1", True), ("No", False), ("", False)])
+def test_the_boolean_parser_takes_the_usual_spellings(raw: str, value: bool) -> None:
+    from tierserve.settings import boolean
+
+    assert boolean(raw) is value
+
+
+def test_the_choice_parser_takes_only_what_it_lists_and_says_what_it_got() -> None:
+    from tierserve.settings import boolean, choice
+
+    parse = choice("http", "grpc")
+    assert parse("grpc") == "grpc"
+    with pytest.raises(ValueError, match="expected one of http, grpc, got 'GRPC'"):
+        parse("GRPC")
+    with pytest.raises(ValueError, match=r"expected true or false .* got 'maybe'"):
+        boolean("maybe")
