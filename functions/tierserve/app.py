@@ -14,7 +14,7 @@ router under ``tierserve invoke``). The GPU tier follows ``GPU_BACKEND``: ``trit
 at ``TRITON_URL``; the default when it is set), ``sagemaker`` (InvokeEndpoint on a SageMaker endpoint
 running Triton's container) or ``none``.
 
-``reset_runtime()`` is the one reset: settings, runtime, AWS clients and onnxruntime sessions
+``reset_runtime()`` is the one reset: settings, runtime, AWS clients (``tierserve.aws``) and onnxruntime sessions
 (tests and the local emulator change the environment between invocations).
 """
 
@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierserve import aws
 from tierserve.backends.base import Backend
 from tierserve.breaker import CircuitBreaker, HealthCache
 from tierserve.routing import get_policy
@@ -42,24 +43,14 @@ class Runtime:
     dispatcher: Dispatcher  # TierDispatcher in the cloud; EdgeDispatcher on a device (tierserve.edge)
     #: This execution environment's inference counters (``GET /v2/models/stats``); they live as long as it.
     stats: InferenceStats = field(default_factory=InferenceStats)
-    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def aws(self, service: str) -> Any:
-        """A boto3 client (``"dynamodb-resource"``: the resource) built once per execution environment.
+        """A boto3 client (``"dynamodb-resource"``: the resource) built once per execution environment
+        (``tierserve.aws``, the one cache of them).
 
         Endpoints come from boto3's own variables (``AWS_ENDPOINT_URL_S3`` ...), so the local
         emulator and moto_server use the same code path as AWS."""
-        client = self._clients.get(service)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(service)
-                if client is None:
-                    import boto3
-
-                    client = boto3.resource("dynamodb") if service == "dynamodb-resource" else boto3.client(service)
-                    self._clients[service] = client
-        return client
+        return aws.resource("dynamodb") if service == "dynamodb-resource" else aws.client(service)
 
 
 def build_cpu_backend(settings: Settings, store: ModelStore) -> Backend:
@@ -97,9 +88,7 @@ def build_breaker(settings: Settings) -> CircuitBreaker:
     from tierserve.tier_health import DynamoHealthStore, SharedCircuitBreaker
 
     def client() -> Any:
-        import boto3
-
-        return boto3.client("dynamodb")
+        return aws.client("dynamodb")
 
     instance = f"{settings.service_name}:{os.getpid()}@{os.uname().nodename}"
     return SharedCircuitBreaker(DynamoHealthStore(settings.tier_health_table, client), *args,
@@ -191,6 +180,7 @@ def reset_runtime() -> None:
     global _runtime
     _runtime = None
     reset_settings()
+    aws.clear()
     from tierserve.sessions import clear_sessions
 
     clear_sessions()

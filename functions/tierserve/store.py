@@ -331,15 +331,13 @@ class ModelStore:
         return check_s3_key(f"{self.prefix}/{relative}" if self.prefix else relative)
 
     def _s3_client(self) -> Any:
-        if self._s3 is None:
-            import boto3  # lazy: local stores never need it
-            from botocore.config import Config
+        if self._s3 is not None:  # injected
+            return self._s3
+        from tierserve import aws  # lazy: local stores never need boto3
 
-            # Bounded: a stalled S3 must cost a fetch seconds, not botocore's 60 s per read times its retries.
-            self._s3 = boto3.client("s3", config=Config(connect_timeout=S3_CONNECT_TIMEOUT_S,
-                                                        read_timeout=S3_READ_TIMEOUT_S,
-                                                        retries={"total_max_attempts": 3, "mode": "standard"}))
-        return self._s3
+        # Bounded: a stalled S3 must cost a fetch seconds, not botocore's 60 s per read times its retries.
+        return aws.client("s3", connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S,
+                          retries={"total_max_attempts": 3, "mode": "standard"})
 
 
 def live_shas(manifest: Manifest) -> set[str]:

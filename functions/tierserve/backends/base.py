@@ -110,28 +110,18 @@ def shared_pool(name: str, max_workers: int) -> Any:
 class ClientsByTimeout:
     """boto3 clients of one AWS service, one per read timeout: a client's timeout is fixed when it is
     made, while each request brings its own remaining deadline. boto3 clients are thread-safe and keep
-    their connection pools, so a few buckets of them serve every request. ``injected`` (tests) is used
-    for every timeout."""
+    their connection pools, so a few buckets of them serve every request; they live in the process's one
+    cache (``tierserve.aws``). ``injected`` (tests) is used for every timeout."""
 
     def __init__(self, service: str, injected: Any = None, **config: Any) -> None:
         self.service, self.injected, self.config = service, injected, config
-        self._clients: dict[float, Any] = {}
-        self._lock = threading.Lock()
 
     def get(self, read_timeout_s: float) -> Any:
         if self.injected is not None:
             return self.injected
-        client = self._clients.get(read_timeout_s)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(read_timeout_s)
-                if client is None:
-                    import boto3
-                    from botocore.config import Config
+        from tierserve import aws
 
-                    # No automatic retries: a retried call (an Invoke, an InvokeEndpoint) could run the same
-                    # request twice. botocore's "max_attempts" counts retries; the total is what must be 1.
-                    cfg = Config(read_timeout=read_timeout_s, connect_timeout=min(2.0, read_timeout_s),
-                                 retries={"total_max_attempts": 1, "mode": "standard"}, **self.config)
-                    client = self._clients[read_timeout_s] = boto3.client(self.service, config=cfg)
-        return client
+        # No automatic retries: a retried call (an Invoke, an InvokeEndpoint) could run the same request
+        # twice. botocore's "max_attempts" counts retries; the total is what must be 1.
+        return aws.client(self.service, read_timeout=read_timeout_s, connect_timeout=min(2.0, read_timeout_s),
+                          retries={"total_max_attempts": 1, "mode": "standard"}, **self.config)

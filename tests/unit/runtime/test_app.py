@@ -84,17 +84,19 @@ def test_tests_and_the_emulator_may_pass_their_own_tiers_and_store(tmp_path: Pat
     assert (rt.dispatcher.cpu, rt.dispatcher.gpu, rt.store) == (cpu, gpu, store)
 
 
-def test_aws_clients_are_built_once_per_runtime(runtime_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_aws_clients_are_built_once_per_execution_environment(runtime_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Given a runtime (no call is made: boto3 clients connect lazily)
     rt = runtime_from(tmp_path)
     # When the same service is asked for twice, and other services once
     s3 = rt.aws("s3")
-    # Then the client is built once and reused; each service gets its own; DynamoDB also as a resource
-    assert rt.aws("s3") is s3
+    # Then the client is built once and reused (by other runtimes too: one cache, tierserve.aws); each
+    # service gets its own; DynamoDB also as a resource
+    assert rt.aws("s3") is s3 and runtime_from(tmp_path).aws("s3") is s3
     assert rt.aws("sqs") is not s3 and rt.aws("sqs").meta.service_model.service_name == "sqs"
     assert hasattr(rt.aws("dynamodb-resource"), "Table")
-    # And another runtime (another execution environment) builds its own
-    assert runtime_from(tmp_path).aws("s3") is not s3
+    # And the one reset forgets them: the next invocation's environment may differ
+    reset_runtime()
+    assert rt.aws("s3") is not s3
 
 
 # --- one runtime per execution environment ------------------------------------------------------------
