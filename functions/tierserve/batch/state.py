@@ -91,9 +91,9 @@ class JobStore:
             raise ConfigurationError("JOB_TABLE is not set: batch jobs need the JobTable for idempotency and "
                                      "job state (template.yaml sets it; locally, create a table with key 'id')")
         if dynamodb is None:
-            import boto3
+            from tierserve import aws
 
-            dynamodb = boto3.resource("dynamodb")
+            dynamodb = aws.resource("dynamodb")
         self.table = dynamodb.Table(table_name)
 
     def load(self, job_key: str) -> JobState | None:

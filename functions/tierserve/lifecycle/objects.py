@@ -152,9 +152,9 @@ class S3Objects:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
+            from tierserve import aws
 
-            self._client = boto3.client("s3")
+            self._client = aws.client("s3")
         return self._client
 
     def key(self, key: str) -> str:

@@ -49,12 +49,11 @@ def now_utc(clock: Callable[[], float] = time.time) -> str:
 def identity(objects: ObjectStore) -> str:
     """Who is making a change: the caller's AWS identity (STS) for an S3 store, else user@host."""
     if isinstance(objects, S3Objects):
-        import boto3
-        from botocore.config import Config
+        from tierserve import aws
 
-        quick = Config(connect_timeout=3, read_timeout=3, retries={"max_attempts": 1})
         with contextlib.suppress(Exception):  # no credentials or no STS: fall back to user@host
-            return str(boto3.client("sts", config=quick).get_caller_identity()["Arn"])
+            sts = aws.client("sts", connect_timeout=3, read_timeout=3, retries={"max_attempts": 1})
+            return str(sts.get_caller_identity()["Arn"])
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

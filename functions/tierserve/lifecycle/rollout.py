@@ -261,9 +261,9 @@ class DynamoRollouts:
     @property
     def table(self) -> Any:
         if self._client is None:
-            import boto3
+            from tierserve import aws
 
-            self._client = boto3.resource("dynamodb")
+            self._client = aws.resource("dynamodb")
         return self._client.Table(self.table_name)
 
     def get(self, model: str) -> RolloutState | None:
@@ -331,9 +331,9 @@ class CloudWatchMetrics:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
+            from tierserve import aws
 
-            self._client = boto3.client("cloudwatch")
+            self._client = aws.client("cloudwatch")
         return self._client
 
     def queries(self, model: str, versions: list[str], period: int) -> list[dict[str, Any]]:
