@@ -203,7 +203,7 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
         help="package a GPU-placed model version as a SageMaker model.tar.gz (Triton repository)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the GPU-placed model to package")
     p.add_argument("--version", default=None, help="default: the model's default version")
     p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output folder")
     p.add_argument("--out", type=Path, default=None, help="default: MODELS/sagemaker")

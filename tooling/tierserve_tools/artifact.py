@@ -249,13 +249,14 @@ def sam_environment(template_path: Path, logical_id: str, env_vars: Path | None,
 def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p = subparsers.add_parser("artifact-invoke", help="build a function's artifact as sam build does and invoke "
                                                       "it isolated, as sam local invoke does (no Docker)")
-    p.add_argument("function_id")
-    p.add_argument("-e", "--event", required=True, type=Path)
+    p.add_argument("function_id", help="the function's logical id in the template, e.g. RouterFunction")
+    p.add_argument("-e", "--event", required=True, type=Path, help="the event JSON to invoke it with (see events/)")
     p.add_argument("-n", "--env-vars", type=Path, default=None,
                    help="SAM-format environment (default: ./events/sam-env.json, else the shipped one)")
     p.add_argument("-t", "--template", type=Path, default=None,
                    help="the SAM template (default: ./template.yaml, else the one that ships with tierserve)")
-    p.add_argument("--build-dir", type=Path, default=Path("build/artifacts"))
+    p.add_argument("--build-dir", type=Path, default=Path("build/artifacts"),
+                   help="where the function's artifact is built (one folder per function)")
     p.add_argument("--host", action="append", default=[], metavar="FROM=TO",
                    help="rewrite a URL in the environment, e.g. http://host.docker.internal:5000=http://127.0.0.1:5000")
     p.set_defaults(func=run_cli)

@@ -1,4 +1,8 @@
-"""The `tierserve` command: compile, invoke, triton, serve, models, bench. Each subcommand registers itself."""
+"""The `tierserve` command: compile, invoke, triton, serve, models, bench. Each subcommand registers itself.
+
+Every parser under it shows each argument's default in its help (``HelpFormatter``); ``tierserve --version``
+prints the installed package's version, and ``tierserve completion bash|zsh`` a completion script.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 #: subcommand module -> where its `register(subparsers)` lives. Imported lazily, so that
 #: `tierserve invoke` never imports the compiler (or torch) and vice versa.
@@ -23,9 +28,47 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each help text, except where the text already says its default, and for
+    flags (on or off) and arguments without one (None, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text.lower() or action.nargs == 0 or action.default is None
+                or action.default == [] or action.default is argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the CLI (subparsers inherit the class): ``HelpFormatter``, mixed into any formatter a
+    subcommand asks for (e.g. argparse.RawDescriptionHelpFormatter for a docstring's layout)."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = HelpFormatter,
+                 **kwargs: Any) -> None:
+        if not issubclass(formatter_class, HelpFormatter):
+            formatter_class = type(f"Defaults{formatter_class.__name__}", (HelpFormatter, formatter_class), {})
+        kwargs["formatter_class"] = formatter_class
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    """The installed ``tierserve`` distribution's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tierserve")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="tierserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the installed package's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only in (None, "completion"):
+        _register_completion(sub)
     for name, module in SUBCOMMANDS.items():
         if only is not None and name != only:
             continue
@@ -37,6 +80,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _register_completion(sub: Any) -> None:
+    from tierserve_tools.completion import SHELLS
+
+    p = sub.add_parser("completion", help="print a shell completion script: source <(tierserve completion bash)",
+                       description="Print a completion script for bash or zsh, generated from this CLI's parsers. "
+                                   "bash: add `source <(tierserve completion bash)` to ~/.bashrc; zsh: "
+                                   "`source <(tierserve completion zsh)` in ~/.zshrc (after compinit).")
+    p.add_argument("shell", choices=SHELLS, help="the shell to complete for")
+    p.set_defaults(func=_completion)
+
+
+def _completion(args: argparse.Namespace) -> int:
+    from tierserve_tools.completion import script
+
+    sys.stdout.write(script(build_parser(), args.shell))
+    return 0
+
+
 def _missing(name: str, exc: Exception) -> int:
     print(f"error: `tierserve {name}` needs a package that is not installed ({exc}). "
           "Install the project with `make install` (or pip install -e '.[dev]').", file=sys.stderr)
@@ -45,7 +106,7 @@ def _missing(name: str, exc: Exception) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    only = args_list[0] if args_list and args_list[0] in SUBCOMMANDS else None
+    only = args_list[0] if args_list and (args_list[0] in SUBCOMMANDS or args_list[0] == "completion") else None
     args = build_parser(only).parse_args(args_list)
     try:
         return int(args.func(args) or 0)

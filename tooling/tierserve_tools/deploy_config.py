@@ -134,11 +134,16 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
                                                     "/tmp, cold start, the SageMaker model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="folder or s3://bucket/prefix (default: MODEL_STORE_URI, else build/models)")
-    p.add_argument("--out", type=Path, default=Path("build/deploy/parameters.json"))
-    p.add_argument("--cold-start", choices=("on-demand", "provisioned", "snapstart"), default="on-demand")
-    p.add_argument("--gpu-tier", choices=("none", "url", "sagemaker"), default=None)
+    p.add_argument("--out", type=Path, default=Path("build/deploy/parameters.json"),
+                   help="where the parameters file (sam deploy --parameter-overrides, as JSON) is written")
+    p.add_argument("--cold-start", choices=("on-demand", "provisioned", "snapstart"), default="on-demand",
+                   help="the CPU functions' cold-start mode: on demand, provisioned concurrency, or SnapStart")
+    p.add_argument("--gpu-tier", choices=("none", "url", "sagemaker"), default=None,
+                   help="how the router reaches the GPU tier: none, a Triton URL, or a SageMaker endpoint "
+                        "(default: the template's GpuTier, unchanged)")
     p.add_argument("--gpu-model", default=None, help="--gpu-tier sagemaker: the model the endpoint serves")
-    p.add_argument("--format", choices=("table", "overrides", "json"), default="table")
+    p.add_argument("--format", choices=("table", "overrides", "json"), default="table",
+                   help="what is printed: a table, `sam deploy --parameter-overrides` text, or JSON")
     p.set_defaults(func=run_cli)
 
 

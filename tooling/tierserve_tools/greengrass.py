@@ -196,8 +196,9 @@ def _register_package(sub: Any) -> None:
     p.add_argument("names", nargs="+", metavar="NAME", help="edge-placed models to ship (their default and canary)")
     p.add_argument("--store", dest="package_store", default="build/models", help="model store (folder or s3://...)")
     p.add_argument("--out", type=Path, default=Path("build/greengrass"), help="where recipes/ and artifacts/ go")
-    p.add_argument("--component-name", default="com.tierserve.edge")
-    p.add_argument("--component-version", default="1.0.0")
+    p.add_argument("--component-name", default="com.tierserve.edge", help="the Greengrass component's name")
+    p.add_argument("--component-version", default="1.0.0",
+                   help="the component's version (semantic versioning; a new deployment needs a new one)")
     p.add_argument("--artifact-uri", default="", help="S3 prefix the artifact will be uploaded to (recipe URI)")
     p.add_argument("--device-store", default="", help="the store the device syncs from (default: --store)")
     p.add_argument("--device-cloud-url", default="", help="the cloud gateway the device forwards to")

@@ -41,29 +41,31 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
                    help="a running `tierserve serve` (its workdir, e.g. build/serve): its store and moto_server")
     p.add_argument("--by", help="who is making the change (default: the caller's AWS identity, or user@host)")
     sub = p.add_subparsers(dest="models_command", required=True)
-    sub.add_parser("list", help="every model and version: default, canary, targets, size, variants, published")
+    ls = sub.add_parser("list", help="every model and version: default, canary, targets, size, variants, published")
+    ls.add_argument("--json", action="store_true", help="one JSON document (stable keys) instead of the table")
     show = sub.add_parser("show", help="one model in detail")
-    show.add_argument("name")
+    show.add_argument("name", help="the model")
+    show.add_argument("--json", action="store_true", help="one JSON document (stable keys) instead of the text")
     pub = sub.add_parser("publish", help="upload a compiled version (DIR/NAME/VERSION) and add it to the manifest")
-    pub.add_argument("version_dir", type=Path)
+    pub.add_argument("version_dir", type=Path, help="the compiler's DIR/NAME/VERSION folder, e.g. build/models/m/2")
     mode = pub.add_mutually_exclusive_group()
     mode.add_argument("--promote", action="store_true", help="make it the default at once")
     mode.add_argument("--canary", type=float, metavar="PERCENT", help="send it PERCENT of the traffic")
     can = sub.add_parser("canary", help="send PERCENT of a model's traffic to VERSION")
-    can.add_argument("name")
-    can.add_argument("version")
-    can.add_argument("--percent", type=float, required=True)
+    can.add_argument("name", help="the model")
+    can.add_argument("version", help="the published version that gets the traffic")
+    can.add_argument("--percent", type=float, required=True, help="the share of the traffic, 0 to 100")
     pro = sub.add_parser("promote", help="make VERSION the default (ends its canary)")
-    pro.add_argument("name")
-    pro.add_argument("version")
+    pro.add_argument("name", help="the model")
+    pro.add_argument("version", help="the published version to make the default")
     rb = sub.add_parser("rollback", help="drop the canary; without one, return to the previous default")
-    rb.add_argument("name")
-    rb.add_argument("--to", metavar="VERSION")
+    rb.add_argument("name", help="the model")
+    rb.add_argument("--to", metavar="VERSION", help="make this published version the default instead")
     ret = sub.add_parser("retire", help="stop serving VERSION (refused while it is the default or the canary)")
-    ret.add_argument("name")
-    ret.add_argument("version")
+    ret.add_argument("name", help="the model")
+    ret.add_argument("version", help="the version to stop serving")
     hist = sub.add_parser("history", help="every change to a model: who, when, from, to and why")
-    hist.add_argument("name")
+    hist.add_argument("name", help="the model")
     hist.add_argument("--json", action="store_true", help="one JSON record per line")
     for q in (pub, can, pro, rb, ret):
         q.add_argument("--why", default="", help="the reason, kept in the history")
@@ -107,11 +109,17 @@ def run_cli(args: argparse.Namespace) -> int:
     command = args.models_command
     if command == "list":
         manifest = registry.manifest()
+        if args.json:
+            print(json.dumps(list_document(manifest), indent=2, sort_keys=True))
+            return 0
         print_versions([manifest.models[n] for n in sorted(manifest.models)])
         for name, bad in sorted(manifest.broken.items()):
             print(f"{name}: INVALID ({bad.reason})")
         return 0
     if command == "show":
+        if args.json:
+            print(json.dumps(show_document(registry, args.name), indent=2, sort_keys=True))
+            return 0
         return show(registry, args.name)
     if command == "history":
         return history(registry, args.name, args.json)
@@ -197,6 +205,49 @@ def print_versions(entries: list[ModelEntry]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# --- --json: the same facts as the table and the text, as documents whose keys do not change -----------------
+
+
+def version_document(entry: ModelEntry, mv: ModelVersion) -> dict[str, Any]:
+    """One version as ``models list --json`` gives it: every key present for every version (null when unset)."""
+    cpu = mv.cpu_variant or mv.selected_variant
+    state = serving(entry, mv).split(" ")[0]  # default, canary, listed or retired
+    return {"version": mv.version, "serves": state, "targets": list(mv.targets),
+            "size_bytes": int(mv.cpu_artifact.size_bytes), "variants": list(mv.variants), "cpu_variant": cpu,
+            "published_at": mv.published_at or None, "published_by": mv.published_by or None,
+            "retired_at": mv.retired_at or None}
+
+
+def model_document(entry: ModelEntry) -> dict[str, Any]:
+    canary = ({"version": str(entry.canary["version"]), "percent": float(entry.canary["percent"])}
+              if entry.canary else None)
+    return {"name": entry.name, "default_version": entry.default_version, "canary": canary,
+            "versions": [version_document(entry, entry.versions[v]) for v in sorted(entry.versions, key=int)]}
+
+
+def list_document(manifest: Any) -> dict[str, Any]:
+    """``models list --json``: {"models": [...], "invalid": [{"name", "reason"}]}."""
+    return {"models": [model_document(manifest.models[n]) for n in sorted(manifest.models)],
+            "invalid": [{"name": n, "reason": bad.reason} for n, bad in sorted(manifest.broken.items())]}
+
+
+def show_document(registry: Registry, name: str) -> dict[str, Any]:
+    """``models show NAME --json``: the model as in ``list --json``, each version with its signature and
+    artifacts, the previous default and the manifest's revision."""
+    entry = registry.entry(name)
+    doc = model_document(entry)
+    doc.update(previous_default=entry.previous_default or None, manifest_revision=registry.manifest().revision)
+    for version in doc["versions"]:
+        mv = entry.versions[version["version"]]
+        version.update(
+            inputs=[{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in mv.inputs],
+            outputs=[{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in mv.outputs],
+            max_batch_size=mv.max_batch_size, created_at=mv.created_at or None,
+            artifacts={k: {"size_bytes": int(x.size_bytes + sum(e.size_bytes for e in x.external_data)),
+                           "sha256": x.sha256} for k, x in mv.variants.items()})
+    return doc
 
 
 def show(registry: Registry, name: str) -> int:

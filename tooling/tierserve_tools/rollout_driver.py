@@ -54,8 +54,8 @@ def steps(text: str) -> list[float]:
 def add_arguments(sub: Any) -> None:
     ro = sub.add_parser("rollout", help="shift traffic to VERSION step by step; promote, or roll back on a threshold",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ro.add_argument("name")
-    ro.add_argument("version")
+    ro.add_argument("name", help="the model")
+    ro.add_argument("version", help="the published version to roll out")
     ro.add_argument("--steps", type=steps, default=[10.0, 50.0, 100.0], help="canary percents (default 10,50,100)")
     ro.add_argument("--interval", type=duration, default=300.0, help="how long each step is watched (default 5m)")
     ro.add_argument("--max-error-rate", type=float, default=0.01, help="server errors / requests (default 0.01)")

@@ -42,6 +42,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tierserve import ports
 from tierserve.errors import ConfigurationError, TierserveError
 from tierserve_tools import batch as batch_local
 from tierserve_tools import paths
@@ -74,7 +75,8 @@ class LocalStack:
     Parameters (every component is optional):
         models: the compiler's output folder (``manifest.json``, ``NAME/VERSION/*.onnx``, ``triton/``).
         port, host: where the API listens; port 0 = a free port.
-        invoke_port: where the Lambda Invoke API listens (AWS_ENDPOINT_URL_LAMBDA); 0 = a free port.
+        invoke_port: where the Lambda Invoke API listens (AWS_ENDPOINT_URL_LAMBDA); 0 = a free port; None = ``port``
+            + 1 (what `tierserve serve` does without --invoke-port; a free port when ``port`` is 0).
         triton: True = a local tritonserver over ``models/triton`` when it exists and the wheel is
             installed; False = no GPU tier; a started ``TritonServer`` = use that one (the caller's).
         s3: serve the models from a moto_server bucket (as in AWS) instead of the folder.
@@ -99,7 +101,7 @@ class LocalStack:
                  workdir: Path | None = None, env_overrides: dict[str, dict[str, str]] | None = None, *,
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
                  router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none",
-                 invoke_port: int = 0, router_workers: int = 4, gpu_tier: str = "triton",
+                 invoke_port: int | None = 0, router_workers: int = 4, gpu_tier: str = "triton",
                  sagemaker_model: str | None = None, batch_workers: int = 1) -> None:
         if gpu_tier not in ("triton", "sagemaker"):
             raise ConfigurationError(f"gpu_tier must be 'triton' or 'sagemaker', not {gpu_tier!r}")
@@ -120,7 +122,8 @@ class LocalStack:
         if auth not in ("none", "iam"):
             raise ConfigurationError(f"auth {auth!r} is not known; use 'none' or 'iam'")
         self.auth = auth
-        self.invoke_port = invoke_port
+        self.invoke_port_derived = invoke_port is None  # --port + 1: said in the startup lines and when busy
+        self.invoke_port = (port + 1 if port else 0) if invoke_port is None else invoke_port
         self.triton: Any = None
         self.gpu_tier = gpu_tier
         self.batch_workers = max(1, batch_workers)
@@ -174,15 +177,10 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         template = load_template(self.template)
         file_overrides = load_env_vars(self.env_vars)
+        self._bind_ports()
         self._start_triton()
         self.model_store_uri = str(self.models)
         self._start_moto()
-        # The Invoke API on a port of its own, bound first: the functions need AWS_ENDPOINT_URL_LAMBDA; API
-        # clients never reach a function directly.
-        self.lambda_endpoint = LambdaEndpoint([], host=self.host, port=self.invoke_port).start()
-        self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port, extra=self._local_pages,
-                                    authorizer=self._authorizer())
-        self.port = self.api.port
         envs = {fn: self.function_env(fn) for fn in FUNCTIONS}
         self.env_file = self.workdir / "env.json"
         self.env_file.write_text(json.dumps(envs, indent=2))
@@ -197,6 +195,7 @@ class LocalStack:
             functions.append(self._local_function(specs[BATCH], max_workers=self.batch_workers))
         if not self.router_inprocess:
             functions.append(self._local_function(specs[ROUTER], max_workers=self.router_workers))
+        assert self.lambda_endpoint is not None and self.api is not None  # bound by _bind_ports
         for fn in functions:
             self.lambda_endpoint.add(fn)
         if self.router_inprocess:
@@ -205,6 +204,20 @@ class LocalStack:
         self.api.start()
         if self.want_batch:
             self._start_batch_pollers()
+
+    def _bind_ports(self) -> None:
+        """The API's port, then the Invoke API's on a port of its own (the functions need AWS_ENDPOINT_URL_LAMBDA;
+        API clients never reach a function directly): bound first, so that a busy one fails before anything
+        starts, with the port and the flag that moves it."""
+        with ports.naming(self.host, self.port, "--port", "the API"):
+            self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port,
+                                        extra=self._local_pages, authorizer=self._authorizer())
+        self.port = self.api.port
+        note = f"it is --port {self.port} + 1, the default of --invoke-port" if self.invoke_port_derived else ""
+        with ports.naming(self.host, self.invoke_port, "--invoke-port", "the Lambda Invoke API", note):
+            self.lambda_endpoint = LambdaEndpoint([], host=self.host, port=self.invoke_port).start()
+        where = "--port + 1" if self.invoke_port_derived and self.invoke_port else "--invoke-port"
+        self.notes.append(f"Lambda Invoke API on port {self.lambda_endpoint.port} ({where})")
 
     def _authorizer(self) -> Any:
         if self.auth != "iam":
@@ -521,10 +534,12 @@ def _creds() -> dict[str, str]:
 
 def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p = subparsers.add_parser("serve", help="run the whole stack on loopback: API, CPU Lambda, Triton, S3")
-    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--port", type=int, default=3000,
+                   help="the API's port (API Gateway's HTTP API: /v2/...); 0: a free port. The Lambda Invoke API "
+                        "takes the next one unless --invoke-port says otherwise")
     p.add_argument("--invoke-port", type=int, default=None,
-                   help="the Lambda Invoke API (AWS_ENDPOINT_URL_LAMBDA), never on the API's port "
-                        "(default: --port + 1, or a free port with --port 0)")
+                   help="the Lambda Invoke API's port (AWS_ENDPOINT_URL_LAMBDA), never the API's "
+                        "(default: --port + 1, so --port 3000 takes 3001 too; a free port with --port 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output folder")
     p.add_argument("--no-triton", action="store_true", help="no GPU tier")
@@ -557,13 +572,6 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.set_defaults(func=run_cli)
 
 
-def _invoke_port(args: argparse.Namespace) -> int:
-    """--invoke-port, else the API's port + 1 (a free port when the API's is 0)."""
-    if args.invoke_port is not None:
-        return int(args.invoke_port)
-    return int(args.port) + 1 if args.port else 0
-
-
 def run_cli(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop:
         return _serve(args, stop)
@@ -575,7 +583,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
                        batch=not args.no_batch, template=args.template, workdir=args.workdir, s3=not args.no_s3,
                        env=extra, env_vars=args.env_vars,
                        router_inprocess=not (args.router_worker or args.router_workers), auth=args.auth,
-                       invoke_port=_invoke_port(args), router_workers=args.router_workers or 4,
+                       invoke_port=args.invoke_port, router_workers=args.router_workers or 4,
                        gpu_tier=args.gpu_tier, sagemaker_model=args.sagemaker_model,
                        batch_workers=args.batch_workers)
     try:

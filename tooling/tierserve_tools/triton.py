@@ -464,12 +464,12 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--repository", required=True, type=Path, help="the compiled repository, e.g. build/models/triton")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP/REST port (KServe v2); 0: a free port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port; 0: a free port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port; 0: a free port")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--work-dir", type=Path, default=None, help="where to write the local repository (default: temp)")
-    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (0: off)")
     p.set_defaults(func=run_cli)
 
 
@@ -481,8 +481,14 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _run_foreground(args: argparse.Namespace, stop: threading.Event) -> int:
+    from tierserve import ports
+
     tmp = None
     try:
+        # tritonserver's own "address already in use" comes after the repository is built, in its log: say it first
+        ports.check_free(args.host, [(args.http_port, "--http-port", "Triton's HTTP service"),
+                                     (args.grpc_port, "--grpc-port", "Triton's gRPC service"),
+                                     (args.metrics_port, "--metrics-port", "Triton's metrics service")])
         if args.work_dir is None:
             tmp = tempfile.mkdtemp(prefix="tierserve-triton-")
             work = Path(tmp)

@@ -46,6 +46,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     for name, (flag, var, _) in OPTIONS.items():
         p.add_argument(flag, dest=name, default=None, metavar=var, help=f"{_HELP[name]} [{var}]")
     p.add_argument("--once", action="store_true", help="sync once, print the device's status as JSON, and exit")
+    p.add_argument("--version", action="version", version=f"tierserve-edge {package_version()}",
+                   help="print the installed package's version and exit")
+
+
+def package_version() -> str:
+    """The installed ``tierserve`` distribution's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tierserve")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
 
 
 def register(subparsers: Any, extra: Callable[[Any], None] | None = None) -> None:
@@ -85,9 +97,28 @@ def run_cli(args: argparse.Namespace) -> int:
     except TierserveError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a port in use, an unwritable cache folder
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError) as exc:  # a port in use (grpc says so with a RuntimeError), an unwritable folder
+        busy = _busy_port(args)
+        if busy is None and not isinstance(exc, OSError):
+            raise
+        print(f"error: {busy or exc}", file=sys.stderr)
         return 2
+
+
+def _busy_port(args: argparse.Namespace) -> str | None:
+    """When one of the edge's ports is taken: that port and the flag (and variable) that moves it."""
+    from tierserve import ports
+
+    try:
+        settings = settings_from(args)
+    except TierserveError:
+        return None
+    for name, what in (("port", "the edge's HTTP service"), ("grpc_port", "the edge's gRPC service")):
+        port = getattr(settings, name)
+        if ports.is_busy(settings.host, port):
+            flag, var, _ = OPTIONS[name]
+            return ports.in_use(settings.host, port, f"{flag} (or {var})", what).message
+    return None
 
 
 def _logs_to_stderr() -> None:
@@ -117,13 +148,18 @@ def serve(runtime: Any) -> int:
         print("tierserve edge: stopped", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``tierserve-edge``: the same command without the developer CLI."""
+def build_parser() -> argparse.ArgumentParser:
+    """``tierserve-edge``'s parser: ``edge`` (what every command line is parsed as) under the program."""
     parser = argparse.ArgumentParser(prog="tierserve-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tierserve-edge``: the same command without the developer CLI."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["edge", *args_list])
+    args = build_parser().parse_args(["edge", *args_list])
     return int(args.func(args) or 0)
 
 

@@ -54,3 +54,26 @@ def test_the_process_writes_nothing_per_request_to_stdout(store_dir: Path, tmp_p
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_version_prints_the_installed_package_version() -> None:
+    from importlib.metadata import version
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"tierserve-edge {version('tierserve')}"
+
+
+def test_a_busy_port_names_the_port_and_the_flag_to_change(store_dir: Path, tmp_path: Path) -> None:
+    from tests.support.ports import listening
+
+    # Given something already listening on a port, as the HTTP port and then as the gRPC port
+    with listening() as busy:
+        base = ("--store", str(store_dir), "--cache-dir", str(tmp_path / "cache"))
+        for flags, named in ((("--port", str(busy), "--grpc-port", "-1"), "--port"),
+                             (("--port", "0", "--grpc-port", str(busy)), "--grpc-port")):
+            # When the edge starts on it
+            out = run(*base, *flags)
+            # Then it exits 2 with the port and the flag (and its variable) that move it, and no traceback
+            assert out.returncode == 2, out.stderr
+            assert f"port {busy}" in out.stderr and f"{named} " in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr

@@ -93,3 +93,31 @@ def test_publishing_into_the_compilers_own_folder_copies_nothing(build, capsys):
     code, out, _ = run(capsys, "--store", str(build), "publish", str(build / "m" / "2"), "--promote")
     assert code == 0 and "already in place" in out and "default v2" in out
     assert not (build / "_objects").exists()
+
+
+def test_list_and_show_json_are_machine_readable_with_stable_keys(build, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    run(capsys, "--store", store, "--by", "alice", "publish", str(build / "m" / "1"))
+    run(capsys, "--store", store, "publish", str(build / "m" / "2"), "--canary", "10")
+    # When the models are listed as JSON
+    code, out, _ = run(capsys, "--store", store, "list", "--json")
+    doc = json.loads(out)
+    # Then one document, with the same keys for every version, whatever its state
+    assert code == 0 and set(doc) == {"models", "invalid"} and doc["invalid"] == []
+    [model] = doc["models"]
+    assert model["name"] == "m" and model["default_version"] == "1"
+    assert model["canary"] == {"version": "2", "percent": 10.0}
+    v1, v2 = model["versions"]
+    assert set(v1) == set(v2) == {"version", "serves", "targets", "size_bytes", "variants", "cpu_variant",
+                                  "published_at", "published_by", "retired_at"}
+    assert (v1["version"], v1["serves"], v1["published_by"], v2["serves"]) == ("1", "default", "alice", "canary")
+    assert isinstance(v1["size_bytes"], int) and v2["cpu_variant"] in v2["variants"]
+    # And `show --json`: the same, with each version's signature and artifacts
+    code, out, _ = run(capsys, "--store", store, "show", "m", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["name"] == "m" and isinstance(shown["manifest_revision"], int)
+    assert {"previous_default", "canary", "default_version"} <= set(shown)
+    detail = shown["versions"][0]
+    assert detail["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert {"outputs", "max_batch_size", "created_at", "artifacts"} <= set(detail)
+    assert all(set(a) == {"size_bytes", "sha256"} for a in detail["artifacts"].values())

@@ -48,7 +48,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="small samples: under 3 minutes on 2 cores")
     p.add_argument("--suite", action="append", choices=list(SUITES), help="run only these (repeatable)")
     p.add_argument("--models", type=Path, default=Path("build/models"), help="the compiler's output (make demo)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--out", type=Path, default=Path("bench/results"),
+                   help="where latest.json, latest.md and the suites' figures (PNG) are written")
     p.add_argument("--rss", action="store_true", help="batch: also peak RSS on 100k vs 1M rows (minutes)")
     p.set_defaults(func=run_cli)
 
