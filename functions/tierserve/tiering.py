@@ -240,8 +240,9 @@ class TierDispatcher:
 
     def state(self) -> dict[str, str]:
         """The tiers as operators see them: which are configured, and the GPU circuit's state."""
-        return {Tier.CPU: "configured" if self.cpu is not None else "none",
-                Tier.GPU: self.breaker.state if self.gpu is not None else "none"}
+        # plain str keys (.value): orjson refuses a str subclass as a key
+        return {Tier.CPU.value: "configured" if self.cpu is not None else "none",
+                Tier.GPU.value: self.breaker.state if self.gpu is not None else "none"}
 
     def decide(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
                deadline: Deadline | None = None) -> Decision:

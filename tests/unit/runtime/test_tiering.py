@@ -586,3 +586,12 @@ def test_any_other_cpu_failure_is_not_moved_to_the_gpu(clock) -> None:
     with pytest.raises(errors.BackendTimeoutError):
         dispatcher(cpu, gpu, clock).dispatch(BOTH, json_call(2))
     assert gpu.calls == []
+
+
+def test_the_tiers_state_serialises_with_orjson(clock) -> None:
+    # Tier is a StrEnum: orjson takes it as a value but refuses it as a dict key
+    import orjson
+
+    d = dispatcher(FakeBackend("cpu"), FakeBackend("gpu"), clock)
+    assert orjson.loads(orjson.dumps(d.state())) == {"cpu": "configured", "gpu": "closed"}
+    assert orjson.loads(orjson.dumps(d.dispatch(BOTH, json_call(32)).served_by)) == "gpu"
