@@ -221,6 +221,31 @@ def test_a_tampered_artifact_is_refused_and_the_device_keeps_its_version(cloud, 
     assert _served_version(edge) == "2"
 
 
+def test_perf_analyzer_streams_to_the_device_over_grpc(tmp_path) -> None:
+    """perf_analyzer -i grpc --streaming (Triton's ModelStreamInfer) against an edge runtime in this process."""
+    from tests.support.edge import synced_edge, write_edge_store
+    from tierserve_tools import perf_analyzer
+
+    # Given NVIDIA's perf_analyzer (skipped, with the reason, where its binary cannot run)
+    found = perf_analyzer.find()
+    if found.command is None:
+        pytest.skip(found.reason)
+    store = write_edge_store(tmp_path / "store")
+    with synced_edge(1 << 20, store_uri=str(store), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=0) as rt:
+        # When it loads the device's gRPC stream at concurrency 2 (a hang is a failure, after 60 s)
+        args = [*found.command, "-i", "grpc", "--streaming", "-u", rt.grpc_url, "-m", "lin", "--shape", "x:1,4",
+                "--input-data", "zero", "--concurrency-range", "2:2", "--measurement-mode", "count_windows",
+                "--measurement-request-count", "50", "--stability-percentage", "1000", "--max-trials", "3",
+                "-f", str(tmp_path / "pa.csv")]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        out = proc.stdout + proc.stderr
+        # Then it measures throughput and latency from streamed answers, with no errors
+        assert proc.returncode == 0, out[-3000:]
+        (row,) = perf_analyzer.parse_csv(tmp_path / "pa.csv", perf_analyzer.request_counts(proc.stdout))
+        assert row.concurrency == 2 and row.throughput > 0 and row.p50_ms > 0 and row.count >= 50, out[-3000:]
+        assert rt.counters.requests[("lin", "edge", "grpc", 200)] >= row.count
+
+
 def test_the_cloud_stopped_edge_models_keep_serving_and_forwards_get_503(cloud, edge) -> None:
     cloud.stop()
     x = digits_rows(3)

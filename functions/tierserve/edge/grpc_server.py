@@ -15,13 +15,23 @@ Errors map the protocol's HTTP status to gRPC's: 400 INVALID_ARGUMENT, 404 NOT_F
 RESOURCE_EXHAUSTED, 503 UNAVAILABLE (``retry-after`` in the trailing metadata), 504 DEADLINE_EXCEEDED,
 others INTERNAL; ``x-served-by`` travels as initial metadata. Model config, statistics and the
 repository index answer what the HTTP API answers.
+
+``ModelStreamInfer`` is Triton's bidirectional stream (``tritonclient.grpc``'s ``start_stream`` /
+``async_stream_infer``, ``perf_analyzer --streaming``): each request is served by the same path as
+``ModelInfer`` and answered in order, an error as the response's ``error_message`` (the stream stays
+open, as in Triton). A request's answers come from an iterator (``_answers``): one response today, several
+for a decoupled model (streamed generation), the last one marked final (``triton_final_response`` when the
+client asked for it with ``triton_enable_empty_final_response``). An open stream holds a server thread,
+so streams have their own threads and a cap (``streams``): one more is refused with RESOURCE_EXHAUSTED,
+and unary calls keep theirs.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,6 +51,10 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+#: Triton's stream parameter asking for the final flag on each response (an empty final response when the
+#: last one cannot carry it); it is the stream's, not the model's: answered here, never forwarded.
+FINAL_FLAG_ASKED = "triton_enable_empty_final_response"
+FINAL_FLAG = "triton_final_response"
 
 
 def grpc_code(status: int) -> Any:
@@ -147,17 +161,18 @@ class EdgeGrpcServer:
     """grpcio serving Triton's GRPCInferenceService for an edge Runtime on ``host:port`` (port 0: a free one)."""
 
     def __init__(self, runtime: Runtime, counters: EdgeCounters, host: str = "127.0.0.1", port: int = 8001,
-                 threads: int = 8, after_request: Callable[[], None] | None = None) -> None:
+                 threads: int = 8, after_request: Callable[[], None] | None = None, streams: int = 4) -> None:
+        """``threads`` serve unary calls; ``streams`` more serve at most that many open ModelStreamInfer streams."""
         import grpc
         from tritonclient.grpc import service_pb2_grpc
 
         self.runtime = runtime
         limit = runtime.settings.max_payload_bytes + ENVELOPE_BYTES
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edge-grpc"),
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads + streams, thread_name_prefix="edge-grpc"),
                                    options=[("grpc.max_receive_message_length", limit),
                                             ("grpc.max_send_message_length", -1)])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(runtime, counters, after_request),
-                                                                    self._server)
+        servicer = _Servicer(runtime, counters, after_request, streams)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen for gRPC on {host}:{port}")
@@ -176,8 +191,26 @@ def _servicer_base() -> type:
     return service_pb2_grpc.GRPCInferenceServiceServicer  # type: ignore[no-any-return]
 
 
+class CloudAnswer(Exception):
+    """An error answer the cloud gave a forwarded request (its HTTP status, message and headers)."""
+
+    def __init__(self, resp: dict[str, Any]) -> None:
+        self.status = int(resp["statusCode"])
+        self.headers = {str(k).lower(): str(v) for k, v in (resp.get("headers") or {}).items()}
+        raw = resp.get("body") or ""
+        try:
+            obj = json_loads(base64.b64decode(raw) if resp.get("isBase64Encoded") else raw)
+        except ValueError:
+            obj = {}
+        self.message = (str(obj.get("error") or obj.get("message") or f"HTTP {self.status}")
+                        if isinstance(obj, dict) else str(obj))
+        self.served_by = self.headers.get("x-served-by", "cpu")
+        super().__init__(self.message)
+
+
 class _Servicer(_servicer_base()):  # type: ignore[misc]
-    def __init__(self, runtime: Runtime, counters: EdgeCounters, after_request: Callable[[], None] | None) -> None:
+    def __init__(self, runtime: Runtime, counters: EdgeCounters, after_request: Callable[[], None] | None,
+                 streams: int = 4) -> None:
         from tritonclient.grpc import model_config_pb2, service_pb2
 
         self.rt = runtime
@@ -185,6 +218,8 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         self.after_request = after_request
         self.pb = service_pb2
         self.config_pb = model_config_pb2
+        self.max_streams = streams
+        self._streams = threading.BoundedSemaphore(streams)
 
     # --- errors: the HTTP API's mapping, carried as gRPC statuses --------------------------------------
 
@@ -203,22 +238,14 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
             logging.getLogger("tierserve.edge").exception("gRPC request failed")
         context.abort(grpc_code(status), message)
 
-    def _abort_answer(self, context: Any, resp: dict[str, Any], model: str) -> None:
+    def _abort_answer(self, context: Any, answer: CloudAnswer, model: str) -> None:
         """An error answer the cloud gave a forwarded request, as the gRPC status its HTTP status maps to."""
-        status = int(resp["statusCode"])
-        headers = {str(k).lower(): str(v) for k, v in (resp.get("headers") or {}).items()}
-        raw = resp.get("body") or ""
-        try:
-            obj = json_loads(base64.b64decode(raw) if resp.get("isBase64Encoded") else raw)
-        except ValueError:
-            obj = {}
-        message = str(obj.get("error") or obj.get("message") or f"HTTP {status}") if isinstance(obj, dict) else str(obj)
-        served = headers.get("x-served-by", "cpu")
-        metadata = [("x-served-by", served)] + ([("retry-after", headers["retry-after"])]
-                                                 if "retry-after" in headers else [])
+        headers = answer.headers
+        metadata = [("x-served-by", answer.served_by)] + ([("retry-after", headers["retry-after"])]
+                                                          if "retry-after" in headers else [])
         context.set_trailing_metadata(tuple(metadata))
-        self.counters.request(model, served, "grpc", status)
-        context.abort(grpc_code(status), message)
+        self.counters.request(model, answer.served_by, "grpc", answer.status)
+        context.abort(grpc_code(answer.status), answer.message)
 
     def _model(self, name: str, version: str) -> Any:
         name, v = inference.resolve_name(self.rt, name, version or None)
@@ -306,28 +333,96 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
     # --- inference -------------------------------------------------------------------------------------
 
     def ModelInfer(self, request: Any, context: Any) -> Any:
-        FORWARDED.set(False)
         name = request.model_name
         try:
-            body = request_body(request)
-            size = len(body.data)  # type: ignore[arg-type]
-            if size > self.rt.settings.max_payload_bytes:
-                raise payload_too_large(size, self.rt.settings.max_payload_bytes)
-            resp = inference.infer(self.rt, name, request.model_version or None, body, None, None)
-            status = int(resp["statusCode"])
-            if status != 200:  # the cloud's error answer, passed back with its status and Retry-After
-                return self._abort_answer(context, resp, name)
-            served = "edge" if not FORWARDED.get() else str((resp.get("headers") or {}).get("x-served-by", "cpu"))
+            out, served = self._infer(request)
             context.send_initial_metadata((("x-served-by", served),))
-            out = response_message(resp, self.pb)
             self.counters.request(name, served, "grpc", 200)
             return out
-        except errors.TierserveError as exc:
-            self._abort(context, exc, name)
+        except CloudAnswer as answer:  # the cloud's error answer, passed back with its status and Retry-After
+            self._abort_answer(context, answer, name)
         except Exception as exc:  # never a stack trace to a client
             self._abort(context, exc, name)
         finally:
             if self.after_request is not None:
                 self.after_request()
 
+    def _infer(self, request: Any) -> tuple[Any, str]:
+        """One ModelInferRequest through the HTTP API's inference path: (ModelInferResponse, x-served-by);
+        raises the project's errors, or CloudAnswer for a forwarded request the cloud refused."""
+        FORWARDED.set(False)
+        body = request_body(request)
+        size = len(body.data)  # type: ignore[arg-type]
+        if size > self.rt.settings.max_payload_bytes:
+            raise payload_too_large(size, self.rt.settings.max_payload_bytes)
+        resp = inference.infer(self.rt, request.model_name, request.model_version or None, body, None, None)
+        if int(resp["statusCode"]) != 200:
+            raise CloudAnswer(resp)
+        served = "edge" if not FORWARDED.get() else str((resp.get("headers") or {}).get("x-served-by", "cpu"))
+        return response_message(resp, self.pb), served
 
+    # --- streaming: Triton's ModelStreamInfer ----------------------------------------------------------
+
+    def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Iterator[Any]:
+        """Each request of the stream answered in order; an error is that request's ``error_message`` and
+        the stream goes on (the client ends it, or the server stops)."""
+        if not self._streams.acquire(blocking=False):
+            import grpc
+
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this edge device already serves {self.max_streams} open streams; close one, or send "
+                          "ModelInfer calls")
+        try:
+            for request in request_iterator:
+                try:
+                    yield from self._stream_answers(request)
+                finally:
+                    if self.after_request is not None:
+                        self.after_request()
+        finally:
+            self._streams.release()
+
+    def _stream_answers(self, request: Any) -> Iterator[Any]:
+        """The stream responses for one request: its answers from ``_answers``, with the final flag when the
+        client asked for it, or one response carrying the error message."""
+        name = request.model_name
+        asked = FINAL_FLAG_ASKED in request.parameters
+        flag = asked and _param(request.parameters[FINAL_FLAG_ASKED]) is True
+        if asked:
+            del request.parameters[FINAL_FLAG_ASKED]
+        served, status = "edge", 200
+        try:
+            for answer, by, final in self._answers(request):
+                served = by  # counted once the request is answered
+                if answer is None:  # a decoupled model's end with no data: an empty final response, if asked
+                    if flag:
+                        empty = self.pb.ModelInferResponse(model_name=name, model_version=request.model_version,
+                                                           id=request.id)
+                        empty.parameters[FINAL_FLAG].bool_param = True
+                        yield self.pb.ModelStreamInferResponse(infer_response=empty)
+                    continue
+                if flag:
+                    answer.parameters[FINAL_FLAG].bool_param = final
+                yield self.pb.ModelStreamInferResponse(infer_response=answer)
+        except CloudAnswer as exc:
+            served, status = exc.served_by, exc.status
+            yield self._stream_error(request, exc.message)
+        except Exception as exc:
+            served, status = "edge", status_for(exc)
+            if not isinstance(exc, errors.TierserveError):
+                logging.getLogger("tierserve.edge").exception("gRPC stream request failed")
+            yield self._stream_error(request, exc.message if isinstance(exc, errors.TierserveError)
+                                     else "internal error; see the edge's log")
+        self.counters.request(name, served, "grpc", status)
+
+    def _answers(self, request: Any) -> Iterator[tuple[Any, str, bool]]:
+        """(ModelInferResponse or None, x-served-by, final) for each answer to ``request``, the last one final.
+        One today (the inference path answers once); a decoupled model yields several."""
+        out, served = self._infer(request)
+        yield out, served, True
+
+    def _stream_error(self, request: Any, message: str) -> Any:
+        """Triton's error on a stream: the message, with the request's id and model to tell which one failed."""
+        return self.pb.ModelStreamInferResponse(
+            error_message=message, infer_response=self.pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id))

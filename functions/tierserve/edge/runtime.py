@@ -107,6 +107,7 @@ class EdgeRuntime:
 
                 self.grpc = EdgeGrpcServer(self.runtime, self.counters, self.edge.host, self.edge.grpc_port,
                                            threads=max(4, self.edge.concurrency * 2),
+                                           streams=max(4, self.edge.concurrency * 2),
                                            after_request=metrics.clear_metrics).start()
         except BaseException:
             self.stop()
