@@ -2,8 +2,9 @@
 
 ``ENDPOINTS`` is the whole HTTP surface: (method, path pattern, operation). A path that matches
 no endpoint is a 404 (never read as a model name), a known path with another method a 405.
-Operations take their dependencies from the composition root (``tierserve.app``) and ask the
-tier dispatcher, never its parts. Every error goes through ``tierserve.http.error_response``.
+Each operation is a thin adapter: it reads its parameters off the request and calls one operation of
+the data plane (``tierserve.dataplane``: no HTTP there), then renders the answer. Every error goes
+through ``tierserve.http.error_response`` (``tierserve.rendering``, the one error wrapper).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from typing import Any
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
 from tierserve.calls import Body
+from tierserve.dataplane import (  # noqa: F401 - the names the edge's gRPC server still imports from here
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    Answer,
+    DataPlane,
+    model_metadata,
+)
 from tierserve.http import (
     HttpRequest,
     accepted_coding,
@@ -24,93 +33,48 @@ from tierserve.http import (
     parse_http_event,
     response,
 )
-from tierserve.manifest import ModelVersion
-from tierserve.model_config import model_config, repository_index
 from tierserve.observability import logger
-from tierserve.tiering import readiness_of
 from tierserve.wire import body_view, json_loads
-
-SERVER_NAME = "tierserve"
-SERVER_VERSION = "0.1.0"
-#: The protocol extensions served, by Triton's names and in its order (docs/protocol/extension_*.md): the
-#: repository index (load and unload are not served: the store is the repository, as in Triton's polling
-#: modes, which also list model_repository), model config, binary tensors and statistics. Shared memory,
-#: classification and sequences are refused, so they are not listed.
-EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data", "statistics"]
-#: What model metadata reports as the platform: every variant is an ONNX model run by onnxruntime.
-PLATFORM = "onnxruntime_onnx"
 
 Operation = Callable[[Runtime, HttpRequest, dict[str, str], Any], dict[str, Any]]
 
 _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 
 
+def _ok(answer: Answer) -> dict[str, Any]:
+    return response(200, answer.document, answer.headers)
+
+
 def _live(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    return response(200, {"live": True}, {"x-served-by": "cpu"})
+    return _ok(DataPlane(rt).live())
 
 
 def _ready(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    rt.store.manifest()  # ready means: the manifest is readable
-    return response(200, {"ready": True}, {"x-served-by": "cpu"})
+    return _ok(DataPlane(rt).ready())
 
 
 def _server_metadata(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    body = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
-    return response(200, body, {"x-served-by": "cpu"})
-
-
-def _model(rt: Runtime, params: dict[str, str]) -> ModelVersion:
-    name, version = inference.resolve_name(rt, params["name"], params.get("version"))
-    return rt.store.manifest().resolve(name, version)
-
-
-def model_metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
-    """KServe v2 model metadata."""
-    return {
-        "name": model.name,
-        "versions": [str(v) for v in versions],
-        "platform": PLATFORM,
-        "inputs": [s.to_json() for s in model.inputs],
-        "outputs": [s.to_json() for s in model.outputs],
-    }
+    return _ok(DataPlane(rt).server_metadata())
 
 
 def _model_metadata(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    mv = _model(rt, params)
-    versions = sorted(rt.store.manifest().models[mv.name].listed(), key=int)  # retired versions are not listed
-    return response(200, model_metadata(mv, versions), {"x-served-by": "cpu"})
+    return _ok(DataPlane(rt).model_metadata(params["name"], params.get("version")))
 
 
 def _model_ready(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    mv = _model(rt, params)
-    headers = {"x-served-by": "cpu" if mv.serves_cpu else "gpu"}
-    problem = readiness_of(rt.dispatcher, mv)  # ready means: it loads and runs (cached), on some tier
-    if problem is not None:
-        exc = errors.BackendUnavailableError(f"model {mv.name!r} v{mv.version} is not ready: {problem.message}",
-                                             retry_after_s=getattr(problem, "retry_after_s", None) or 5)
-        exc.code = problem.code  # the tier's own reason survives (integrity_error, unsafe_model, ...)
-        return error_response(exc, headers)
-    return response(200, {"name": mv.name, "version": mv.version, "ready": True}, headers)
+    return _ok(DataPlane(rt).model_ready(params["name"], params.get("version")))
 
 
 def _model_config(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    return response(200, model_config(_model(rt, params)), {"x-served-by": "cpu"})
-
-
-def _stats(rt: Runtime, versions: list[tuple[str, str]]) -> dict[str, Any]:
-    return response(200, rt.stats.to_triton(versions), {"x-served-by": "cpu"})
+    return _ok(DataPlane(rt).model_config(params["name"], params.get("version")))
 
 
 def _model_stats(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    mv = _model(rt, params)
-    named = params.get("version")
-    versions = [named] if named else sorted(rt.store.manifest().models[mv.name].listed(), key=int)
-    return _stats(rt, [(mv.name, v) for v in versions])
+    return _ok(DataPlane(rt).statistics(params["name"], params.get("version")))
 
 
 def _all_stats(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    models = rt.store.manifest().models
-    return _stats(rt, [(n, v) for n in sorted(models) for v in sorted(models[n].listed(), key=int)])
+    return _ok(DataPlane(rt).statistics())
 
 
 def _repository_index(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
@@ -121,13 +85,12 @@ def _repository_index(rt: Runtime, req: HttpRequest, params: dict[str, str], con
         raise errors.InvalidRequestError(f"the repository index request is not valid JSON: {exc}") from exc
     if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
         raise errors.InvalidRequestError('the repository index request is {"ready": true|false} or empty')
-    index = repository_index(rt.store.manifest(), rt.dispatcher.gpu is not None, options.get("ready", False),
-                             getattr(rt.dispatcher, "index_readiness", None))  # the edge's: /ready's predicate
-    return response(200, index, {"x-served-by": "cpu"})
+    return _ok(DataPlane(rt).repository_index(options.get("ready", False)))
 
 
 def _infer(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
-    inference.resolve_name(rt, params["name"], params.get("version"))  # 404 before the body is looked at
+    plane = DataPlane(rt)
+    plane.model(params["name"], params.get("version"))  # 404 before the body is looked at
     header_length = inference.header_length(req.header("inference-header-content-length"))
     coding = req.header("content-encoding")
     if coding and coding.strip().lower() != "identity":
@@ -135,7 +98,7 @@ def _infer(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) 
         body = Body(data, header_length)
     else:
         body = Body(req.body, header_length, req.event_text, req.is_base64)
-    return inference.infer(rt, params["name"], params.get("version"), body, req.header("x-target"), context)
+    return plane.infer(params["name"], params.get("version"), body, req.header("x-target"), context)
 
 
 #: The operations whose answers are compressed when the client accepts it: inference only, as in Triton

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve import errors, telemetry
+from tierserve import errors
 from tierserve.wire import Base64Body, BodyBytes
 
 #: Exception class -> HTTP status. Looked up along the exception's MRO, most specific first.
@@ -216,21 +216,12 @@ def response(
 
 
 def error_response(exc: BaseException, headers: dict[str, str] | None = None, request_id: str = "") -> dict:
-    """The single mapping from an exception to an HTTP response: protocol error body, no stack trace."""
-    status = status_for(exc)
-    extra = dict(headers or {})
-    if isinstance(exc, errors.TierserveError):
-        message = exc.message
-        code = exc.code
-    else:
-        message = f"internal error{f' (request {request_id})' if request_id else ''}; see the function's logs"
-        code = "internal_error"
-    telemetry.error_code(code)  # every error answered, by code (a fixed set: never a name from the request)
-    if isinstance(exc, errors.TierserveError) and exc.served_by:
-        extra["x-served-by"] = exc.served_by  # the tier that produced this answer (the GPU's 400)
-    if isinstance(exc, errors.BackendUnavailableError) and exc.retry_after_s is not None:
-        extra["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return response(status, {"error": message, "code": code}, extra)
+    """An exception as an HTTP response in the Open Inference Protocol's shape (``tierserve.rendering``, the
+    one error wrapper: status, code, ``retry-after``, the tier that answered); no stack trace."""
+    from tierserve.rendering import render_error
+
+    answer = render_error(exc, "oip", headers, request_id)
+    return response(answer.status, answer.document, answer.headers)
 
 
 def decode_body(resp: dict[str, Any]) -> bytes:

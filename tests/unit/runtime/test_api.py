@@ -20,10 +20,11 @@ import pytest
 from tests.support.fakes import FakeBackend, json_body, rows_of, write_linear
 from tests.support.make_events import http_event
 from tierserve import errors
-from tierserve.api import handle_http, model_metadata
+from tierserve.api import handle_http
 from tierserve.app import build_runtime, set_runtime
 from tierserve.calls import Reply
 from tierserve.codec import decode_response, encode_request, tensor_from_numpy
+from tierserve.dataplane import model_metadata
 from tierserve.http import decode_body
 from tierserve.manifest import ModelVersion, TensorSpec, Variant
 from tierserve.observability import metrics

@@ -1,0 +1,148 @@
+"""The Open Inference Protocol's operations, once, for every transport.
+
+Why: the router's HTTP API, the CPU function's Invoke, the edge's HTTP server and the edge's gRPC
+server each carried their own copy of health, metadata, config, statistics and the repository index,
+and the copies drifted (the edge's gRPC listed retired versions; the HTTP API did not). Here each
+operation exists once, as KServe's ``protocol/dataplane.py`` does it: it takes a request that is
+already parsed (names, versions, options, a body), never HTTP, returns an :class:`Answer` (a document
+plus the headers the transport carries, ``x-served-by`` among them), and raises the project's errors
+(``tierserve.errors``). Each transport is an adapter: it parses its own wire format, calls one method
+here, and renders the answer or the error (``tierserve.http.error_response`` for the OIP routes, the
+gRPC status for the edge's gRPC). What streams (generation, next) returns an iterator of events.
+
+Readiness is one predicate (:meth:`DataPlane.model_problem`) for HTTP's ``/ready`` and gRPC's
+``ModelReady``; the repository index uses it too where a dispatcher can answer it cheaply (the edge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tierserve import errors, inference
+from tierserve.manifest import ModelVersion
+
+if TYPE_CHECKING:
+    from tierserve.app import Runtime
+    from tierserve.calls import Body
+
+SERVER_NAME = "tierserve"
+SERVER_VERSION = "0.1.0"
+#: The protocol extensions served, by Triton's names and in its order (docs/protocol/extension_*.md): the
+#: repository index (load and unload are not served: the store is the repository, as in Triton's polling
+#: modes, which also list model_repository), model config, binary tensors and statistics. Shared memory,
+#: classification and sequences are refused, so they are not listed.
+EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data", "statistics"]
+#: What model metadata reports as the platform: every variant is an ONNX model run by onnxruntime.
+PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An operation's result: the protocol document and the headers (metadata) that go with it."""
+
+    document: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def model_metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
+    """KServe v2 model metadata."""
+    return {
+        "name": model.name,
+        "versions": [str(v) for v in versions],
+        "platform": PLATFORM,
+        "inputs": [s.to_json() for s in model.inputs],
+        "outputs": [s.to_json() for s in model.outputs],
+    }
+
+
+class DataPlane:
+    """The operations on one runtime. ``answered_by`` is the tier named in ``x-served-by`` for what this
+    process answers itself (``cpu`` in the cloud, ``edge`` on a device)."""
+
+    def __init__(self, runtime: Runtime, answered_by: str = "cpu") -> None:
+        self.rt = runtime
+        self.answered_by = answered_by
+
+    def _answer(self, document: Any, served_by: str | None = None) -> Answer:
+        return Answer(document, {"x-served-by": served_by or self.answered_by})
+
+    # --- health -----------------------------------------------------------------------------------------
+
+    def live(self) -> Answer:
+        return self._answer({"live": True})
+
+    def ready(self) -> Answer:
+        self.rt.store.manifest()  # ready means: the manifest is readable (raises what it cannot)
+        return self._answer({"ready": True})
+
+    def model(self, name: str, version: str | None) -> ModelVersion:
+        """The named model version (or the default): 404 for an unknown model, a retired or unknown version."""
+        name, version = inference.resolve_name(self.rt, name, version or None)
+        return self.rt.store.manifest().resolve(name, version)
+
+    def model_problem(self, model: ModelVersion) -> errors.TierserveError | None:
+        """Why ``model`` is not ready (it must load and run on some tier, cached), or None: THE readiness."""
+        from tierserve.tiering import readiness_of
+
+        return readiness_of(self.rt.dispatcher, model)
+
+    def _model_tier(self, model: ModelVersion) -> str:
+        return self.answered_by if self.answered_by == "edge" else ("cpu" if model.serves_cpu else "gpu")
+
+    def model_ready(self, name: str, version: str | None) -> Answer:
+        """200 when the model loads and runs; otherwise a 503 that keeps the tier's own reason as its code."""
+        mv = self.model(name, version)
+        problem = self.model_problem(mv)
+        if problem is not None:
+            exc = errors.BackendUnavailableError(f"model {mv.name!r} v{mv.version} is not ready: {problem.message}",
+                                                 retry_after_s=getattr(problem, "retry_after_s", None) or 5)
+            exc.code = problem.code  # integrity_error, unsafe_model, ... survive
+            exc.served_by = self._model_tier(mv)
+            raise exc
+        return self._answer({"name": mv.name, "version": mv.version, "ready": True}, self._model_tier(mv))
+
+    # --- metadata -----------------------------------------------------------------------------------------
+
+    def server_metadata(self) -> Answer:
+        return self._answer({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)})
+
+    def listed_versions(self, name: str) -> list[str]:
+        """The versions a client may name: retired ones are not listed, on any transport."""
+        return sorted(self.rt.store.manifest().models[name].listed(), key=int)
+
+    def model_metadata(self, name: str, version: str | None) -> Answer:
+        mv = self.model(name, version)
+        return self._answer(model_metadata(mv, self.listed_versions(mv.name)))
+
+    def model_config(self, name: str, version: str | None) -> Answer:
+        from tierserve.model_config import model_config
+
+        return self._answer(model_config(self.model(name, version)))
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> Answer:
+        """Triton's statistics for one model (a version, or every listed one), or for every model."""
+        models = self.rt.store.manifest().models
+        if name:
+            mv = self.model(name, version)
+            versions = [mv.version] if version else self.listed_versions(mv.name)
+            pairs = [(mv.name, v) for v in versions]
+        else:
+            pairs = [(n, v) for n in sorted(models) for v in self.listed_versions(n)]
+        return self._answer(self.rt.stats.to_triton(pairs))
+
+    def repository_index(self, ready_only: bool = False) -> Answer:
+        """Every listed model version with its state (``model_config.repository_index``). In the cloud the
+        state is what the manifest and the configuration say (it probes nothing); a dispatcher that answers
+        readiness cheaply (the edge's ``index_readiness``) decides it with ``/ready``'s own predicate."""
+        from tierserve.model_config import repository_index
+
+        dispatcher = self.rt.dispatcher
+        return self._answer(repository_index(self.rt.store.manifest(), getattr(dispatcher, "gpu", None) is not None,
+                                             ready_only, getattr(dispatcher, "index_readiness", None)))
+
+    # --- inference ------------------------------------------------------------------------------------------
+
+    def infer(self, name: str, version: str | None, body: Body, hint: str | None, context: Any) -> dict[str, Any]:
+        """One inference: the encoded reply (status, headers, body) as the client asked for it."""
+        return inference.infer(self.rt, name, version, body, hint, context)
