@@ -82,36 +82,86 @@ def build_report(
     }
 
 
+#: Selection colours (size and accuracy panels) and the batch sizes' colours (latency panel) never overlap: each
+#: colour on the chart has one meaning.
+SELECTED, OTHER = "tab:orange", "0.65"
+#: Metrics that equal 1 when a variant computes what fp32 does: plotted as 1 - value on a log axis, where
+#: 0.993 and 0.99999 are decades apart (on a 0-1 axis they are two bars of the same height).
+SIMILARITIES = ("cosine", "label_agreement")
+#: Where a distance of exactly 0 (the variant equals fp32) is drawn on a log axis.
+LOG_FLOOR = 1e-7
+
+
 def _chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(report)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def chart_figure(report: dict[str, Any]) -> Any:
+    """report.png's figure: size, p50 latency per batch size, and the first metric against fp32, per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     vs = {k: v for k, v in report["variants"].items() if v.get("profile")}
     keys = list(vs)
+    selected = report["selected_variant"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colors = ["tab:green" if k == report["selected_variant"] else "tab:blue" for k in keys]
+    colors = [SELECTED if k == selected else OTHER for k in keys]
+    selection_legend = [Patch(color=SELECTED, label=f"selected ({selected})"), Patch(color=OTHER, label="other")]
     axes[0].bar(keys, [vs[k]["size_bytes"] / 2**20 for k in keys], color=colors)
     axes[0].set_title("size on disk (MB)")
+    axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.25)
+    axes[0].legend(handles=selection_legend, fontsize=7, loc="upper right")
     batches = list(next(iter(vs[keys[0]]["profile"]["threads"].values()))["batches"]) if keys else []
     width = 0.8 / max(1, len(batches))
+    shades = plt.get_cmap("Blues")
     for i, b in enumerate(batches):
         vals = [next(iter(vs[k]["profile"]["threads"].values()))["batches"][b]["p50_ms"] for k in keys]
-        axes[1].bar([j + i * width for j in range(len(keys))], vals, width, label=f"batch {b}")
+        axes[1].bar([j + i * width for j in range(len(keys))], vals, width, label=f"batch {b}",
+                    color=shades(0.35 + 0.6 * i / max(1, len(batches) - 1)))
     axes[1].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(keys))], keys)
     axes[1].set_title("p50 latency (ms), 1 thread")
-    axes[1].legend(fontsize=7)
+    axes[1].set_ylim(0, axes[1].get_ylim()[1] * 1.3)  # room for the legend above the bars
+    axes[1].legend(fontsize=7, loc="upper left", ncols=max(1, len(batches)))
     metric = report["metrics"][0] if report["metrics"] else None
     if metric:
-        axes[2].bar(keys, [vs[k]["metrics"].get(metric) or 0 for k in keys], color=colors)
-        axes[2].set_title(f"{metric} vs fp32")
+        _metric_panel(axes[2], metric, keys, [vs[k]["metrics"].get(metric) for k in keys], colors)
+        axes[2].legend(handles=selection_legend, fontsize=7)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{report['name']} v{report['version']} (green = selected)")
+    fig.suptitle(f"{report['name']} v{report['version']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
+
+
+def _metric_panel(ax: Any, metric: str, keys: list[str], values: list[float | None], colors: list[str]) -> None:
+    """The metric against fp32, on an axis zoomed to the data: ``1 - value`` on a log axis for a similarity, a
+    log axis for an error, each bar labelled with its value."""
+    known = [v for v in values if v is not None]
+    if metric in SIMILARITIES:
+        heights = [max(1.0 - v, LOG_FLOOR) if v is not None else 0.0 for v in values]
+        ax.set_yscale("log")
+        ax.set_ylabel(f"1 - {metric} (log; lower = closer to fp32)", fontsize=8)
+        ax.set_title(f"{metric} vs fp32")
+    elif known and min(known) > 0:
+        heights = [v if v is not None else 0.0 for v in values]
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{metric} (log)", fontsize=8)
+        ax.set_title(f"{metric} vs fp32")
+    else:
+        heights = [v if v is not None else 0.0 for v in values]
+        ax.set_title(f"{metric} vs fp32")
+    bars = ax.bar(keys, heights, color=colors)
+    ax.bar_label(bars, labels=["-" if v is None else f"{v:.6g}" for v in values], fontsize=7)
+    if ax.get_yscale() == "log" and known:
+        low = min(h for h in heights if h > 0)
+        ax.set_ylim(low / 3, max(heights) * 300)  # room for the labels and the legend above the bars
 
 
 def _edge_line(p: dict[str, Any]) -> list[str]:

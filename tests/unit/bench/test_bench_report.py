@@ -88,3 +88,38 @@ def test_the_bursty_trace_has_the_mean_rate_and_its_bursts() -> None:
     reqs = cost.trace("bursty", 10.0, 3600.0, seed=1)
     in_bursts = sum(1 for t, _ in reqs if t % 600 >= 480)
     assert abs(len(reqs) / 3600 - 10.0) < 0.5 and abs(in_bursts / len(reqs) - 0.6) < 0.03
+
+
+def _gateway_doc() -> dict:
+    """The gateway suite's figures: gateway and direct Triton at concurrency 1, 8, 16, batching on and off."""
+    figures = []
+    for batching, slow in ((True, 1.0), (False, 3.0)):
+        for c in (1, 8, 16):
+            figures.append(Figure(
+                "gateway", f"batching {batching}, concurrency {c}",
+                Series("tierserve serve (gateway)", unit="infer/s", rate=100.0, count=10, p50_ms=c * slow + 1,
+                       p95_ms=1.0, p99_ms=1.0),
+                Series("direct Triton", unit="infer/s", rate=200.0, count=10, p50_ms=c * slow, p95_ms=1.0,
+                       p99_ms=1.0),
+                better="higher", conditions="c", extra={"concurrency": c, "dynamic_batching": batching}).to_json())
+    return {"figures": figures, "suites": {}}
+
+
+def test_the_latency_plot_keys_each_line_by_name_and_configuration(tmp_path: Path) -> None:
+    # Given the gateway suite with dynamic batching on and off (the same series names in both)
+    doc = _gateway_doc()
+    # When its latency-against-concurrency series are gathered
+    series = report.latency_series(doc["figures"], "gateway")
+    # Then each name gets one line per configuration, each line with its 3 concurrency levels in order:
+    # the "on" and "off" points are never joined into one zig-zag line
+    assert sorted(series) == [("direct Triton", "dynamic batching off"), ("direct Triton", "dynamic batching on"),
+                              ("tierserve serve (gateway)", "dynamic batching off"),
+                              ("tierserve serve (gateway)", "dynamic batching on")]
+    assert all([c for c, _ in pts] == [1, 8, 16] for pts in series.values())
+    assert series[("direct Triton", "dynamic batching off")] == [(1, 3.0), (8, 24.0), (16, 48.0)]
+    # And the rendered plot has 4 lines, each labelled with its name and configuration
+    plots = report._plots(doc, tmp_path)
+    assert plots["gateway"] == "gateway.png" and (tmp_path / "gateway.png").stat().st_size > 1000
+    ax = report.latency_figure(series, "gateway").axes[0]
+    assert len(ax.get_lines()) == 4
+    assert ax.get_legend_handles_labels()[1] == [f"{name}, {config}" for name, config in sorted(series)]

@@ -149,25 +149,10 @@ def _plots(doc: dict[str, Any], out_dir: Path) -> dict[str, str]:
     figs = doc["figures"]
     # latency against concurrency: gateway and load suites
     for suite in ("gateway", "load"):
-        rows = [f for f in figs if f["suite"] == suite and "concurrency" in f.get("extra", {})]
-        if not rows:
+        series = latency_series(figs, suite)
+        if not series:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        series: dict[str, list[tuple[int, float]]] = {}
-        for f in rows:
-            c = f["extra"]["concurrency"]
-            for side in ("measured", "baseline"):
-                s = f[side]
-                if s and s.get("p50") is not None:
-                    series.setdefault(s["name"], []).append((c, s["p50"]))
-        for name, pts in series.items():
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel("p50 latency (ms)")
-        ax.set_title(f"{suite}: latency against concurrency")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = latency_figure(series, suite)
         name = f"{suite}.png"
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -189,6 +174,54 @@ def _plots(doc: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if cost:
         made["cost"] = cost
     return made
+
+
+def configuration(extra: dict[str, Any]) -> str:
+    """What a figure was measured under, apart from its concurrency (``extra``'s other keys), as a label:
+    e.g. "dynamic batching on". One line per series name *and* configuration: points of two configurations
+    joined into one line would zig-zag between them."""
+    parts = []
+    for key, value in sorted(extra.items()):
+        if key == "concurrency":
+            continue
+        words = key.replace("_", " ")
+        parts.append(f"{words} {'on' if value else 'off'}" if isinstance(value, bool) else f"{words} {value}")
+    return ", ".join(parts)
+
+
+def latency_series(figs: list[dict[str, Any]], suite: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(series name, configuration) -> [(concurrency, p50 ms)] sorted by concurrency, for ``suite``'s figures
+    that carry a concurrency."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for f in figs:
+        extra = f.get("extra") or {}
+        if f["suite"] != suite or "concurrency" not in extra:
+            continue
+        for side in ("measured", "baseline"):
+            s = f[side]
+            if s and s.get("p50") is not None:
+                series.setdefault((s["name"], configuration(extra)), []).append((extra["concurrency"], s["p50"]))
+    return {key: sorted(pts) for key, pts in sorted(series.items())}
+
+
+def latency_figure(series: dict[tuple[str, str], list[tuple[int, float]]], suite: str) -> Any:
+    """p50 latency against concurrency: a colour per series name, a line style per configuration."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = sorted({name for name, _ in series})
+    configs = sorted({config for _, config in series})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")
+    for (name, config), pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name}, {config}" if config else name,
+                color=colours[names.index(name) % len(colours)], linestyle=styles[configs.index(config) % len(styles)])
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("p50 latency (ms)")
+    ax.set_title(f"{suite}: latency against concurrency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def document(suites: dict[str, Any], figures: list[Any], quick: bool, started: str, finished: str, seconds: float,
