@@ -17,7 +17,7 @@ import boto3
 import pytest
 
 from tests.support.moto_server import aws_test_env, running_moto_server
-from tierserve.batch import jobs as batch_jobs
+from tierserve.batch import runner as batch_runner
 from tierserve.handlers import batch_inference
 from tierserve_tools.batch import create_local_stack, poll_once, sqs_event, wire_local_notifications
 from tierserve_tools.bench.batch_measure import write_digits_jsonl
@@ -59,7 +59,7 @@ def env(stack, runtime_env, lambda_context):
     runtime_env.setenv("CHUNK_ROWS", "1000")
     runtime_env.setenv("CHECKPOINT_MARGIN_MS", "1000")  # the test context has 30 s; keep them in one go
     yield runtime_env
-    batch_jobs.after_part_hook = None
+    batch_runner.after_part_hook = None
 
 
 def upload(stack, tmp_path: Path, name: str, rows: int, **kw) -> str:
@@ -142,12 +142,12 @@ def test_crash_after_part_k_resumes_to_the_same_bytes(env, stack, tmp_path, lamb
         if stage == "written" and part == 3:
             raise RuntimeError("simulated crash")
 
-    batch_jobs.after_part_hook = crash
+    batch_runner.after_part_hook = crash
     crashed = batch_inference.lambda_handler(job_event(stack, key, "batch/out/crash"), lambda_context)
     assert len(crashed["batchItemFailures"]) == 1
     assert "_SUCCESS" not in outputs(stack, "batch/out/crash")
     # When SQS redelivers it
-    batch_jobs.after_part_hook = None
+    batch_runner.after_part_hook = None
     resumed = batch_inference.lambda_handler(job_event(stack, key, "batch/out/crash"), lambda_context)
     # Then the final output equals the reference byte for byte, and the job took two invocations
     assert resumed["batchItemFailures"] == []

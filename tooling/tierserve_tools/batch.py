@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from tierserve.batch.io import INPUT_PREFIX
+from tierserve.batch.locations import INPUT_PREFIX
 from tierserve.observability import logger
 
 

@@ -1,5 +1,8 @@
 """BatchInferenceFunction's entry point: SQS batches (S3 notifications or job messages) or S3 events.
 
+Why: SQS delivers at least once and a batch may hold a poison record; this module turns each delivery
+into at most one run of its job, and one bad record into one failed item, not a failed batch.
+
 - SQS (what template.yaml wires): Powertools ``BatchProcessor`` + ``process_partial_response``;
   a record that fails (poison, or a duplicate still in progress) is reported alone in
   ``batchItemFailures``, so SQS retries just that one and, after ``maxReceiveCount``, moves it
@@ -25,8 +28,9 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from tierserve import telemetry
 from tierserve.app import get_runtime
-from tierserve.batch.io import BatchInputError
-from tierserve.batch.jobs import JobSpec, job_from_message, job_from_s3_record, run_job
+from tierserve.batch.locations import BatchInputError
+from tierserve.batch.runner import run_job
+from tierserve.batch.spec import JobSpec, job_from_message, job_from_s3_record
 from tierserve.errors import ConfigurationError
 from tierserve.observability import logger
 from tierserve.settings import Settings

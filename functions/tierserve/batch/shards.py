@@ -17,7 +17,10 @@ its own job message and scored by whichever invocation receives it:
   plan is refused as poison.
 * **completion** (``shard_done``): the job's item holds the set of finished shards and the job's counters.
   One conditional update adds a shard to the set *and* its counts to the counters (a shard already in the
-  set is never counted twice); when the set is complete, one shard claims the closing (``closer``) and
+  set is never counted twice; a refusal whose item does not hold the shard is retried, never taken as
+  counted). This relies on DynamoDB applying an UpdateItem atomically; moto does not, so ``tierserve serve``
+  runs moto's DynamoDB requests one at a time (``tierserve_tools.moto_ext``: issue 16, defect 9).
+  When the set is complete, one shard claims the closing (``closer``) and
   closes the job: errors merged in the input's order, then ``_SUCCESS`` (written once), then the item's
   status. A crash anywhere in between is retried by that shard's own redelivery: its state says
   "completed", so it runs the completion step again, which is idempotent.
@@ -26,7 +29,7 @@ its own job message and scored by whichever invocation receives it:
 
 Item size: the job's item holds the plan (three numbers a shard), the set of finished shards and fixed
 counters, never per-shard summaries: at ``MAX_SHARDS`` it stays near 40 KB, a tenth of DynamoDB's 400 KB
-(``tests/unit/batch/test_batch_shards.py`` checks the worst case). Each shard's own figures stay in its
+(``tests/unit/batch/test_shards.py`` checks the worst case). Each shard's own figures stay in its
 own item.
 """
 
@@ -39,7 +42,9 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from tierserve.batch.io import BatchInputError, S3Location, _reason, input_format
+from tierserve.batch.locations import BatchInputError, S3Location, error_reason, input_format
+from tierserve.batch.state import JobConflictError
+from tierserve.dynamo import from_dynamo, to_dynamo
 
 #: The most shards one job is cut into (the job's item holds the plan and the set of finished shards).
 MAX_SHARDS = 1000
@@ -164,7 +169,7 @@ def _ranged_body(s3: Any, loc: S3Location, version: dict[str, str], start: int, 
     try:
         return s3.get_object(**_version_kwargs(loc, version), Range=f"bytes={start}-{stop - 1}")["Body"]
     except Exception as exc:
-        raise BatchInputError(f"cannot read {loc.uri} ({_reason(exc)}); check that the object exists, "
+        raise BatchInputError(f"cannot read {loc.uri} ({error_reason(exc)}); check that the object exists, "
                               "was not replaced during the job, and that the function may read it") from exc
 
 
@@ -256,10 +261,9 @@ def shard_done(table: Any, parent_id: str, shard: Shard, figures: dict[str, floa
     claims it (``closer``); the same shard, redelivered after a crash, claims it again."""
     from botocore.exceptions import ClientError
 
-    from tierserve.batch.state import _from_dynamo, _to_dynamo
 
     names = {f"#{k}": k for k in COUNTERS}
-    values = {f":{k}": _to_dynamo(figures[k]) for k in COUNTERS}
+    values = {f":{k}": to_dynamo(figures[k]) for k in COUNTERS}
     try:
         item = table.update_item(
             Key={"id": parent_id},
@@ -275,7 +279,11 @@ def shard_done(table: Any, parent_id: str, shard: Shard, figures: dict[str, floa
         if item is None:
             raise BatchInputError(f"shard {shard.index} finished, but its job's item {parent_id} is gone (expired?); "
                                   "send the whole job again") from None
-    data = _from_dynamo(item)
+        if shard.index not in {int(i) for i in item.get("done_shards") or ()}:
+            # refused, yet not counted: never take it as "already counted" (its lines would be lost)
+            raise JobConflictError(f"shard {shard.index}'s count was refused, but the job's item {parent_id} does "
+                                   "not hold it; this delivery will be retried", retry_after_s=30) from None
+    data = from_dynamo(item)
     complete = len(data.get("done_shards") or ()) >= int(data.get("shards") or 0) > 0
     if not complete or data.get("status") == "completed":
         return False, data

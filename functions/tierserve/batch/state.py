@@ -4,6 +4,9 @@ One item per job, ``id = "job#<sha256 of the job key>"``, beside Powertools' ide
 records (whose ids never start with ``job#``). A checkpoint is a conditional put: it only
 succeeds when the stored ``next_part`` is the one this runner started from, so two runners
 of the same job can never interleave their checkpoints.
+
+Why: a job outlives the invocation that runs it (crashes, timeouts, redeliveries, continuations); what it
+has done must live outside the function, and two runners of one job must never both advance it.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal
 from typing import Any
 
+from tierserve.dynamo import from_dynamo, to_dynamo
 from tierserve.errors import BackendUnavailableError, ConfigurationError
 
 JOB_TTL_S = 30 * 86_400
@@ -65,26 +68,6 @@ def job_item_id(job_key: str) -> str:
     return "job#" + hashlib.sha256(job_key.encode()).hexdigest()
 
 
-def _to_dynamo(v: Any) -> Any:
-    if isinstance(v, float):
-        return Decimal(repr(v))
-    if isinstance(v, dict):
-        return {k: _to_dynamo(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_to_dynamo(x) for x in v]
-    return v
-
-
-def _from_dynamo(v: Any) -> Any:
-    if isinstance(v, Decimal):
-        return int(v) if v == v.to_integral_value() else float(v)
-    if isinstance(v, dict):
-        return {k: _from_dynamo(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_from_dynamo(x) for x in v]
-    return v
-
-
 class JobStore:
     def __init__(self, table_name: str, dynamodb: Any = None) -> None:
         if not table_name:
@@ -100,7 +83,7 @@ class JobStore:
         item = self.table.get_item(Key={"id": job_item_id(job_key)}, ConsistentRead=True).get("Item")
         if item is None:
             return None
-        data = _from_dynamo(item)
+        data = from_dynamo(item)
         known = set(JobState.__dataclass_fields__)
         return JobState(**{k: v for k, v in data.items() if k in known})
 
@@ -108,7 +91,7 @@ class JobStore:
         """Write ``state``; ``expected_next_part`` None: the item must not exist yet."""
         from botocore.exceptions import ClientError
 
-        item = _to_dynamo(asdict(state))
+        item = to_dynamo(asdict(state))
         item["id"] = state.item_id
         item["expiration"] = int(time.time()) + JOB_TTL_S
         if expected_next_part is None:

@@ -30,9 +30,9 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Protocol
 
+from tierserve.dynamo import from_dynamo, to_dynamo
 from tierserve.errors import ConflictError, LifecycleError
 from tierserve.lifecycle.registry import Registry
 
@@ -132,7 +132,7 @@ class RolloutState:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RolloutState:
-        d = _plain(d)
+        d = from_dynamo(d)
         d["thresholds"] = Thresholds(**d["thresholds"])
         d["steps"] = [float(s) for s in d["steps"]]
         names = {f.name for f in dataclasses.fields(cls)}
@@ -273,7 +273,7 @@ class DynamoRollouts:
     def put(self, state: RolloutState) -> RolloutState:
         """Save ``state`` over revision ``state.rev`` (0: only if there is none, or it is not running)."""
         new = dataclasses.replace(state, rev=state.rev + 1)
-        item = {"id": state.model, "rev": new.rev, "status": new.status, "state": _dynamo(new.to_json())}
+        item = {"id": state.model, "rev": new.rev, "status": new.status, "state": to_dynamo(new.to_json())}
         try:
             if state.rev == 0:
                 self.table.put_item(Item=item, ConditionExpression="attribute_not_exists(id) OR #s <> :running",
@@ -364,28 +364,6 @@ class CloudWatchMetrics:
                              fallbacks=sum(values.get(f"fallbacks_{i}") or []), p99_ms=max(p99) if p99 else None,
                              client_errors=sum(values.get(f"clienterrors_{i}") or []))
         return out
-
-
-def _dynamo(x: Any) -> Any:
-    """JSON -> DynamoDB attribute values (floats as Decimal)."""
-    if isinstance(x, float):
-        return Decimal(repr(x))
-    if isinstance(x, dict):
-        return {k: _dynamo(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_dynamo(v) for v in x]
-    return x
-
-
-def _plain(x: Any) -> Any:
-    """DynamoDB attribute values -> JSON (Decimal as int or float)."""
-    if isinstance(x, Decimal):
-        return int(x) if x == x.to_integral_value() else float(x)
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    return x
 
 
 # --- unattended, in AWS: RolloutFunction on an EventBridge schedule ---------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support.batch_aws import BUCKET, TABLE, mocked_batch_aws
-from tierserve.batch import jobs as batch_jobs
+from tierserve.batch import runner as batch_runner
+from tierserve.manifest import Manifest
 
 __all__ = ["BUCKET", "TABLE"]
 
@@ -14,4 +15,10 @@ __all__ = ["BUCKET", "TABLE"]
 def aws(runtime_env, digits_store):
     with mocked_batch_aws(runtime_env, digits_store, CHUNK_ROWS="4", COLUMNAR_CHUNK_ROWS="4") as clients:
         yield clients
-    batch_jobs.after_part_hook = None
+    batch_runner.after_part_hook = None
+
+
+@pytest.fixture(scope="module")
+def digits(digits_store):
+    """The digits model's manifest entry (input FP32 [-1, 64])."""
+    return Manifest.loads((digits_store / "manifest.json").read_text()).resolve("digits")

@@ -140,7 +140,7 @@ def test_bad_rollouts_are_refused(reg):
 
 
 def test_the_state_round_trips_through_json_and_dynamodb_values(reg):
-    from tierserve.lifecycle.rollout import _dynamo
+    from tierserve.dynamo import to_dynamo
 
     state = rollout(reg, max_p99_ms=12.5)
-    assert RolloutState.from_json(_dynamo(state.to_json())) == state
+    assert RolloutState.from_json(to_dynamo(state.to_json())) == state

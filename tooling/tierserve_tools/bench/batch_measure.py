@@ -39,7 +39,7 @@ def write_digits_jsonl(path: Path, rows: int, seed: int = 0, malformed_lines: tu
 
 def main(argv: list[str]) -> int:
     from tierserve.app import get_runtime
-    from tierserve.batch.io import parse_s3_uri
+    from tierserve.batch.locations import parse_s3_uri
     from tierserve.batch.service import handle_event
     from tierserve_tools.emulation import LocalContext
 

@@ -1,6 +1,7 @@
 """Batch fan-out (tierserve.batch.shards) on in-process moto: planning aligned to lines (and rows), shards as
 job messages, the counter that closes the job once, the input's order kept, a failing shard retried alone,
-redeliveries and crashes before _SUCCESS, bad messages refused, and the job's item within DynamoDB's size."""
+redeliveries, bad messages refused, concurrent completions counted once, and the job's item within DynamoDB's
+size. (Crashes while the last shard closes the job: test_closing.py.)"""
 
 from __future__ import annotations
 
@@ -12,54 +13,14 @@ import random
 import numpy as np
 import pytest
 
+from tests.support.batch_jobs import BODY_ROWS, drain, jsonl_body, outputs, sqs_batch
 from tests.unit.batch.conftest import BUCKET, TABLE
-from tierserve.batch import jobs as batch_jobs
-from tierserve.batch.io import BatchInputError, S3Location
-from tierserve.batch.jobs import job_from_message
+from tierserve.batch import runner as batch_runner
+from tierserve.batch.locations import BatchInputError, S3Location
 from tierserve.batch.shards import MAX_SHARDS, Shard, count_rows, plan, plan_jsonl, shard_done
+from tierserve.batch.spec import job_from_message
 from tierserve.batch.state import JobState, JobStore, job_item_id
 from tierserve.handlers import batch_inference
-from tierserve_tools.batch import sqs_event
-
-ROWS = np.random.default_rng(5).integers(0, 17, size=(40, 64)).astype(np.float32)
-
-
-def _event(*bodies: dict) -> dict:
-    msgs = [{"MessageId": f"m{i}", "ReceiptHandle": f"r{i}", "Body": json.dumps(b)} for i, b in enumerate(bodies)]
-    return sqs_event(msgs, "arn:aws:sqs:us-east-1:123456789012:q", "us-east-1")
-
-
-def _jsonl(n: int = 40, bad: frozenset[int] = frozenset()) -> bytes:
-    lines = []
-    for i in range(n):
-        if i in bad:
-            lines.append('{"id": "broken", "inputs": ')
-        elif i % 13 == 7:
-            lines.append("")  # a blank line
-        else:
-            lines.append(json.dumps({"id": f"r{i}", "inputs": {"input": ROWS[i % len(ROWS)].tolist()}}))
-    return ("\n".join(lines) + "\n").encode()
-
-
-def _outputs(aws, prefix: str) -> dict[str, bytes]:
-    listed = aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
-    return {o["Key"][len(prefix) + 1:]: aws["s3"].get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-            for o in listed}
-
-
-def _drain(aws, shuffle_seed: int | None = None) -> list[dict]:
-    """Receive every message on the jobs queue (deleting them), in a seeded random order if asked."""
-    bodies = []
-    while True:
-        msgs = aws["sqs"].receive_message(QueueUrl=aws["jobs_queue_url"], MaxNumberOfMessages=10).get("Messages", [])
-        if not msgs:
-            break
-        for m in msgs:
-            bodies.append(json.loads(m["Body"]))
-            aws["sqs"].delete_message(QueueUrl=aws["jobs_queue_url"], ReceiptHandle=m["ReceiptHandle"])
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(bodies)
-    return bodies
 
 
 def _lines(parts: dict[str, bytes]) -> list[bytes]:
@@ -140,24 +101,24 @@ def _fan(aws, lambda_context, name: str, body: bytes, shards: int, seed: int, ex
     """Run a job asked to fan out, its shard messages handled in a seeded random order; its outputs."""
     aws["s3"].put_object(Bucket=BUCKET, Key=f"batch/in/digits/{name}.{ext}", Body=body)
     job = {"model": "digits", "version": "1", "input": f"s3://{BUCKET}/batch/in/digits/{name}.{ext}", "shards": shards}
-    assert batch_inference.lambda_handler(_event(job), lambda_context) == {"batchItemFailures": []}
-    shard_messages = _drain(aws, shuffle_seed=seed)
+    assert batch_inference.lambda_handler(sqs_batch(job), lambda_context) == {"batchItemFailures": []}
+    shard_messages = drain(aws, shuffle_seed=seed)
     assert sorted(m["shard"]["index"] for m in shard_messages) == list(range(shards))
-    assert _outputs(aws, f"batch/out/digits/{name}") == {}  # nothing written by the job itself
+    assert outputs(aws, f"batch/out/digits/{name}") == {}  # nothing written by the job itself
     for i, msg in enumerate(shard_messages):
-        assert batch_inference.lambda_handler(_event(msg), lambda_context) == {"batchItemFailures": []}
-        done = _outputs(aws, f"batch/out/digits/{name}")
+        assert batch_inference.lambda_handler(sqs_batch(msg), lambda_context) == {"batchItemFailures": []}
+        done = outputs(aws, f"batch/out/digits/{name}")
         assert ("_SUCCESS" in done) == (i == len(shard_messages) - 1)  # only once every shard is in
-    return _outputs(aws, f"batch/out/digits/{name}")
+    return outputs(aws, f"batch/out/digits/{name}")
 
 
 def test_a_job_that_fans_out_writes_the_inputs_lines_in_order_whoever_runs_the_shards(aws, lambda_context):
     # Given the same input scored as one job, and twice as a job fanned out into 5 shards run in other orders
-    body = _jsonl(40, bad=frozenset({11, 30}))
+    body = jsonl_body(40, bad=frozenset({11, 30}))
     aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/whole.jsonl", Body=body)
-    batch_inference.lambda_handler(_event({"model": "digits", "version": "1",
+    batch_inference.lambda_handler(sqs_batch({"model": "digits", "version": "1",
                                            "input": f"s3://{BUCKET}/batch/in/digits/whole.jsonl"}), lambda_context)
-    whole = _outputs(aws, "batch/out/digits/whole")
+    whole = outputs(aws, "batch/out/digits/whole")
     first = _fan(aws, lambda_context, "fan-a", body, 5, seed=7)
     second = _fan(aws, lambda_context, "fan-b", body, 5, seed=11)
     # Then the two fan-outs are byte-identical (the same shards, the same chunks), whatever the order
@@ -183,11 +144,11 @@ def test_a_job_that_fans_out_writes_the_inputs_lines_in_order_whoever_runs_the_s
 def test_an_npz_job_fans_out_into_row_ranges_with_the_same_parts_as_one_run(aws, lambda_context):
     # Given a 30-row .npz with ids, scored as one job and as 3 shards
     buf = io.BytesIO()
-    np.savez(buf, input=ROWS[:30], id=np.array([f"n{i}" for i in range(30)]))
+    np.savez(buf, input=BODY_ROWS[:30], id=np.array([f"n{i}" for i in range(30)]))
     aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/arr.npz", Body=buf.getvalue())
-    batch_inference.lambda_handler(_event({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/arr.npz"}),
+    batch_inference.lambda_handler(sqs_batch({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/arr.npz"}),
                                    lambda_context)
-    whole = _outputs(aws, "batch/out/digits/arr")
+    whole = outputs(aws, "batch/out/digits/arr")
     fanned = _fan(aws, lambda_context, "arr-fan", buf.getvalue(), 3, seed=1, ext="npz")
     # Then the rows come out once each, in order, numbered from 1
     rows = [json.loads(x) for x in _lines(fanned)]
@@ -196,10 +157,10 @@ def test_an_npz_job_fans_out_into_row_ranges_with_the_same_parts_as_one_run(aws,
 
 
 def test_a_failing_shard_is_retried_alone_and_every_shard_counts_once(aws, lambda_context):
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/retry.jsonl", Body=_jsonl(30))
-    batch_inference.lambda_handler(_event({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/retry.jsonl",
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/retry.jsonl", Body=jsonl_body(30))
+    batch_inference.lambda_handler(sqs_batch({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/retry.jsonl",
                                            "shards": 3}), lambda_context)
-    msgs = sorted(_drain(aws), key=lambda m: m["shard"]["index"])
+    msgs = sorted(drain(aws), key=lambda m: m["shard"]["index"])
     # Given shard 1 crashes after writing its first part (before its checkpoint)
     calls = {"n": 0}
 
@@ -208,17 +169,17 @@ def test_a_failing_shard_is_retried_alone_and_every_shard_counts_once(aws, lambd
             calls["n"] += 1
             raise RuntimeError("the function died")
 
-    batch_jobs.after_part_hook = crash
-    result = batch_inference.lambda_handler(_event(msgs[1]), lambda_context)
-    batch_jobs.after_part_hook = None
+    batch_runner.after_part_hook = crash
+    result = batch_inference.lambda_handler(sqs_batch(msgs[1]), lambda_context)
+    batch_runner.after_part_hook = None
     assert result == {"batchItemFailures": [{"itemIdentifier": "m0"}]}  # only that message fails
     # When the other shards run, shard 0's message is delivered twice, and shard 1's comes back
     for msg in (msgs[0], msgs[2], msgs[0]):
-        assert batch_inference.lambda_handler(_event(msg), lambda_context) == {"batchItemFailures": []}
-    assert "_SUCCESS" not in _outputs(aws, "batch/out/digits/retry")
-    assert batch_inference.lambda_handler(_event(msgs[1]), lambda_context) == {"batchItemFailures": []}
+        assert batch_inference.lambda_handler(sqs_batch(msg), lambda_context) == {"batchItemFailures": []}
+    assert "_SUCCESS" not in outputs(aws, "batch/out/digits/retry")
+    assert batch_inference.lambda_handler(sqs_batch(msgs[1]), lambda_context) == {"batchItemFailures": []}
     # Then the job closes once, with every line once and every shard counted once
-    out = _outputs(aws, "batch/out/digits/retry")
+    out = outputs(aws, "batch/out/digits/retry")
     ids = [json.loads(ln)["id"] for ln in _lines(out)]
     assert ids == [f"r{i}" for i in range(30) if i % 13 != 7]
     success = json.loads(out["_SUCCESS"])
@@ -237,91 +198,56 @@ def _parent_id(name: str) -> str:
 
 def test_redelivered_job_and_shard_messages_change_nothing(aws, lambda_context):
     # Given a job fanned out into 3 shards, all of them done
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/again.jsonl", Body=_jsonl(30, bad=frozenset({3})))
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/again.jsonl", Body=jsonl_body(30, bad=frozenset({3})))
     job = {"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/again.jsonl", "shards": 3}
-    batch_inference.lambda_handler(_event(job), lambda_context)
-    msgs = _drain(aws)
+    batch_inference.lambda_handler(sqs_batch(job), lambda_context)
+    msgs = drain(aws)
     for msg in msgs:
-        batch_inference.lambda_handler(_event(msg), lambda_context)
-    before = _outputs(aws, "batch/out/digits/again")
+        batch_inference.lambda_handler(sqs_batch(msg), lambda_context)
+    before = outputs(aws, "batch/out/digits/again")
     # When the job message and every shard message are delivered again, after the idempotency records expired
     for item in JobStore(TABLE).table.scan()["Items"]:
         if not item["id"].startswith("job#"):
             JobStore(TABLE).table.delete_item(Key={"id": item["id"]})
-    assert batch_inference.lambda_handler(_event(job, *msgs), lambda_context) == {"batchItemFailures": []}
+    assert batch_inference.lambda_handler(sqs_batch(job, *msgs), lambda_context) == {"batchItemFailures": []}
     # Then nothing was sent or written again
-    assert _drain(aws) == []
-    assert _outputs(aws, "batch/out/digits/again") == before
+    assert drain(aws) == []
+    assert outputs(aws, "batch/out/digits/again") == before
 
 
 def test_a_job_message_redelivered_while_fanning_out_sends_the_same_shards(aws, lambda_context):
     # Given a job whose first delivery saved its plan but died before the shard messages went out
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/half.jsonl", Body=_jsonl(30))
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/half.jsonl", Body=jsonl_body(30))
     job = {"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/half.jsonl", "shards": 4}
-    real = batch_jobs._fan_out
+    real = batch_runner._fan_out
 
     def die(*args, **kwargs):
         raise RuntimeError("the function died while fanning out")
 
-    batch_jobs._fan_out = die
+    batch_runner._fan_out = die
     try:
-        assert batch_inference.lambda_handler(_event(job), lambda_context)["batchItemFailures"]
+        assert batch_inference.lambda_handler(sqs_batch(job), lambda_context)["batchItemFailures"]
     finally:
-        batch_jobs._fan_out = real
-    assert _drain(aws) == []
+        batch_runner._fan_out = real
+    assert drain(aws) == []
     # When the message comes back
-    assert batch_inference.lambda_handler(_event(job), lambda_context) == {"batchItemFailures": []}
-    msgs = _drain(aws)
+    assert batch_inference.lambda_handler(sqs_batch(job), lambda_context) == {"batchItemFailures": []}
+    msgs = drain(aws)
     # Then the stored plan's shards go out (the plan is not recomputed), and the job completes from them
     assert [m["shard"]["index"] for m in sorted(msgs, key=lambda m: m["shard"]["index"])] == [0, 1, 2, 3]
     for msg in msgs:
-        batch_inference.lambda_handler(_event(msg), lambda_context)
-    assert json.loads(_outputs(aws, "batch/out/digits/half")["_SUCCESS"])["counts"]["lines"] == 30
-
-
-@pytest.mark.parametrize("where", ["before counting the shard", "before _SUCCESS", "after _SUCCESS"])
-def test_a_crash_while_the_last_shard_closes_the_job_is_retried_by_its_redelivery(aws, lambda_context, where):
-    # Given a job of 3 shards whose first two are done
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/close.jsonl", Body=_jsonl(30, bad=frozenset({20})))
-    batch_inference.lambda_handler(_event({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/close.jsonl",
-                                           "shards": 3}), lambda_context)
-    msgs = sorted(_drain(aws), key=lambda m: m["shard"]["index"])
-    for msg in msgs[:2]:
-        batch_inference.lambda_handler(_event(msg), lambda_context)
-    # When the last shard's invocation dies at one step of the completion
-    owner, name = {"before counting the shard": (batch_jobs, "shard_done"),
-                   "before _SUCCESS": (batch_jobs._Runner, "_merge_errors"),
-                   "after _SUCCESS": (batch_jobs._Runner, "_delete_work")}[where]
-    real = getattr(owner, name)
-
-    def die(*args, **kwargs):
-        raise RuntimeError(f"the function died {where}")
-
-    setattr(owner, name, die)
-    try:
-        assert batch_inference.lambda_handler(_event(msgs[2]), lambda_context)["batchItemFailures"]
-    finally:
-        setattr(owner, name, real)
-    assert ("_SUCCESS" in _outputs(aws, "batch/out/digits/close")) == (where == "after _SUCCESS")
-    # And its message is redelivered (twice, for good measure)
-    for _ in range(2):
-        assert batch_inference.lambda_handler(_event(msgs[2]), lambda_context) == {"batchItemFailures": []}
-    # Then the job is closed once: _SUCCESS with every line counted once, the errors merged, no work left
-    out = _outputs(aws, "batch/out/digits/close")
-    success = json.loads(out["_SUCCESS"])
-    assert success["counts"]["lines"] == 30 and success["counts"]["errors"] == 1 and success["shards"] == 3
-    assert [json.loads(x)["line"] for x in out["errors.jsonl"].splitlines()] == [21]
-    assert not aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix="batch/work/").get("Contents")
+        batch_inference.lambda_handler(sqs_batch(msg), lambda_context)
+    assert json.loads(outputs(aws, "batch/out/digits/half")["_SUCCESS"])["counts"]["lines"] == 30
 
 
 def test_a_small_input_does_not_fan_out(aws, lambda_context):
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/small.jsonl", Body=_jsonl(8))
-    result = batch_inference.lambda_handler(_event({"model": "digits",
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/small.jsonl", Body=jsonl_body(8))
+    result = batch_inference.lambda_handler(sqs_batch({"model": "digits",
                                                     "input": f"s3://{BUCKET}/batch/in/digits/small.jsonl"}),
                                             lambda_context)
     assert result == {"batchItemFailures": []}
-    assert _drain(aws) == []
-    assert "part-00000.jsonl" in _outputs(aws, "batch/out/digits/small")
+    assert drain(aws) == []
+    assert "part-00000.jsonl" in outputs(aws, "batch/out/digits/small")
 
 
 def test_shard_bytes_fans_out_an_s3_event_sized_job(runtime_env, digits_store, lambda_context):
@@ -329,13 +255,13 @@ def test_shard_bytes_fans_out_an_s3_event_sized_job(runtime_env, digits_store, l
 
     # Given SHARD_BYTES of 1 KB and a 5 KB input
     with mocked_batch_aws(runtime_env, digits_store, CHUNK_ROWS="4", SHARD_BYTES="1024") as aws:
-        body = _jsonl(25)
+        body = jsonl_body(25)
         aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/sized.jsonl", Body=body)
         # When a job message names it without "shards"
-        batch_inference.lambda_handler(_event({"model": "digits",
+        batch_inference.lambda_handler(sqs_batch({"model": "digits",
                                                "input": f"s3://{BUCKET}/batch/in/digits/sized.jsonl"}), lambda_context)
         # Then it is cut into about one shard a KB
-        assert len(_drain(aws)) == -(-len(body) // 1024)
+        assert len(drain(aws)) == -(-len(body) // 1024)
 
 
 @pytest.mark.parametrize(("body", "reason"), [
@@ -356,21 +282,21 @@ def test_bad_fan_out_fields_are_refused_with_the_reason(body, reason):
 
 def test_a_shard_message_that_matches_no_plan_is_poison(aws, lambda_context):
     # Given a job fanned out into 3 shards
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/forge.jsonl", Body=_jsonl(30))
-    batch_inference.lambda_handler(_event({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/forge.jsonl",
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/forge.jsonl", Body=jsonl_body(30))
+    batch_inference.lambda_handler(sqs_batch({"model": "digits", "input": f"s3://{BUCKET}/batch/in/digits/forge.jsonl",
                                            "shards": 3}), lambda_context)
-    real = _drain(aws)[0]
+    real = drain(aws)[0]
     # When shard messages are forged: another range, another count, a job that never fanned out
     moved = {**real, "shard": {**real["shard"], "stop": real["shard"]["stop"] + 1}}
     recount = {**real, "shard": {**real["shard"], "count": 4}}
-    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/never.jsonl", Body=_jsonl(30))
+    aws["s3"].put_object(Bucket=BUCKET, Key="batch/in/digits/never.jsonl", Body=jsonl_body(30))
     never = {**real, "input": f"s3://{BUCKET}/batch/in/digits/never.jsonl", "input_version": {}}
     # Then each is refused with the reason, and writes nothing
     for forged in (moved, recount, never):
         spec = job_from_message(forged)
         with pytest.raises(BatchInputError, match="does not match a plan"):
-            batch_jobs.run_job(spec, lambda_context)
-    assert batch_inference.lambda_handler(_event(moved), lambda_context)["batchItemFailures"]
+            batch_runner.run_job(spec, lambda_context)
+    assert batch_inference.lambda_handler(sqs_batch(moved), lambda_context)["batchItemFailures"]
     assert not aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix="batch/out/").get("Contents")
 
 
@@ -413,3 +339,73 @@ def _dynamodb_size(v, name: str = "") -> int:
     if isinstance(v, (list, set)):
         return size + 3 + sum(_dynamodb_size(x) + 1 for x in v)
     raise TypeError(type(v))
+
+
+def _sharded_parent(n: int) -> JobState:
+    parent = JobState(job_key=f"s3://b/batch/in/m/concurrent-{n}.jsonl@e->s3://b/batch/out/m/c", status="sharded",
+                      model="m", version="1", started_at=1.7e9, invocations=1, shards=n,
+                      shard_plan=[[i, i + 1, i + 1] for i in range(n)])
+    JobStore(TABLE).save(parent, None)
+    return parent
+
+
+def test_concurrent_and_redelivered_shard_completions_count_every_shard_once_and_one_closes(aws):
+    # Given a job of 16 shards, and DynamoDB's atomic UpdateItem (moto made atomic, as `tierserve serve` runs it)
+    import threading
+
+    from tierserve_tools.moto_ext import patch
+
+    patch()
+    n = 16
+    parent = _sharded_parent(n)
+    table = JobStore(TABLE).table
+    figures = {i: {"lines": 50 + i, "lines_ok": 49 + i, "rows_ok": 49 + i, "lines_error": 1, "lines_blank": 0,
+                   "invocations": 1, "parts": 2, "read_s": 0.5, "infer_s": 0.25, "write_s": 0.125} for i in range(n)}
+    # When every shard completes at once, each delivered twice (a redelivery racing its first delivery)
+    start = threading.Barrier(2 * n)
+    closers: list[int] = []
+    failures: list[BaseException] = []
+
+    def complete(i: int) -> None:
+        try:
+            start.wait(10)
+            closes, _ = shard_done(table, parent.item_id, Shard(i, n, i, i + 1, i + 1), figures[i])
+            if closes:
+                closers.append(i)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=complete, args=(i % n,)) for i in range(2 * n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # Then every shard is counted once, in every counter, and one shard (perhaps twice: a redelivery) closes
+    assert not failures
+    item = table.get_item(Key={"id": parent.item_id}, ConsistentRead=True)["Item"]
+    assert sorted(int(i) for i in item["done_shards"]) == list(range(n))
+    for k in ("lines", "lines_ok", "rows_ok", "lines_error", "parts"):
+        assert int(item[k]) == sum(f[k] for f in figures.values()), k
+    assert int(item["invocations"]) == 1 + n
+    assert len(set(closers)) == 1
+
+
+def test_a_refused_count_that_the_job_does_not_hold_is_retried_never_taken_as_counted():
+    # Given a table that refuses the count's condition, yet whose item does not hold the shard
+    from botocore.exceptions import ClientError
+
+    from tierserve.batch.state import JobConflictError
+
+    class Refusing:
+        def update_item(self, **_):
+            raise ClientError({"Error": {"Code": "ConditionalCheckFailedException", "Message": "refused"}},
+                              "UpdateItem")
+
+        def get_item(self, **_):
+            return {"Item": {"id": "job#x", "shards": 2, "done_shards": {0}, "lines": 10}}
+
+    # When shard 1 is counted, Then it is a conflict to retry (the delivery returns), not "already counted"
+    with pytest.raises(JobConflictError, match="shard 1"):
+        shard_done(Refusing(), "job#x", Shard(1, 2, 5, 10, 3), dict.fromkeys(
+            ("lines", "lines_ok", "rows_ok", "lines_error", "lines_blank", "invocations", "parts", "read_s",
+             "infer_s", "write_s"), 1))

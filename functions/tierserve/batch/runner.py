@@ -1,20 +1,21 @@
-"""One batch job: read the input in chunks, score each chunk, write parts, checkpoint, finish.
+"""One batch job run: read the input in chunks, score each chunk, write parts, checkpoint, continue, finish.
 
-A job is identified by its input object *version* and its output prefix. Its progress lives in
-the JobTable (``tierserve.batch.state``): after every part the runner checkpoints the next part
-number and the input position, so a crash or a timeout loses at most the part in flight, and a
-part rewritten after a crash has the same bytes (part boundaries are pinned at the job's start
+Why: a job's progress lives in the JobTable (``tierserve.batch.state``): after every part the runner
+checkpoints the next part number and the input position, so a crash or a timeout loses at most the part in
+flight, and a part rewritten after a crash has the same bytes (part boundaries are pinned at the job's start
 and the same rows always go through the model together). Parts hold CHUNK_ROWS lines (JSONL) or up to
-COLUMNAR_CHUNK_ROWS rows (NPZ, Parquet: ``io.part_rows``); for NPZ and Parquet a part's objects and its
+COLUMNAR_CHUNK_ROWS rows (NPZ, Parquet: ``chunks.part_rows``); for NPZ and Parquet a part's objects and its
 checkpoint are written on a background thread, in the same order, while the next chunk is scored
-(``tierserve.batch.writer``).
+(``tierserve.batch.writer``). A job near its deadline continues in a new invocation (a continuation message);
+a large job fans out into shards (``tierserve.batch.shards``), each run here as a job of its own. How a job
+ends (errors merged, ``_SUCCESS``) is ``tierserve.batch.closing``.
 
 Output layout, under ``batch/out/{model}/{job}/`` (or the job message's ``output``):
 ``part-00000.jsonl`` ... (one line per scored input line, in order; ``part-SSSSS-PPPPP`` when the
-job fanned out into shards, ``tierserve.batch.shards``), ``errors.jsonl`` (one line per malformed
-input line, with its line number), and ``_SUCCESS`` (counts, model version, variant sha256,
-timings), always written last, once. Per-part error fragments are kept under
-``batch/work/`` until the job completes, so the output folder only ever holds final files.
+job fanned out into shards), ``errors.jsonl`` (one line per malformed input line, with its line number),
+and ``_SUCCESS`` (counts, model version, variant sha256, timings), always written last, once. Per-part
+error fragments are kept under ``batch/work/`` until the job completes, so the output folder only ever
+holds final files.
 """
 
 from __future__ import annotations
@@ -22,152 +23,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tierserve import errors, telemetry
+from tierserve import errors
 from tierserve.app import Runtime, get_runtime
-from tierserve.batch.io import (
-    OUTPUT_PREFIX,
-    WORK_PREFIX,
-    Batch,
-    BatchInputError,
-    Chunk,
-    Record,
-    S3Location,
-    encode_errors,
-    encode_parquet_part,
-    encode_part,
-    input_format,
-    iter_chunks,
-    jsonl_records,
-    npz_records,
-    parquet_records,
-    parse_s3_uri,
-    part_rows,
-    split_input_key,
-)
-from tierserve.batch.shards import MAX_SHARDS, Shard, plan, shard_done
-from tierserve.batch.state import JobState, JobStore, job_item_id
+from tierserve.batch.chunks import Batch, Chunk, iter_chunks, part_rows
+from tierserve.batch.closing import Closing, work_prefix
+from tierserve.batch.locations import BatchInputError, input_format
+from tierserve.batch.parts import encode_errors, encode_parquet_part, encode_part
+from tierserve.batch.readers import jsonl_records, npz_records, parquet_records
+from tierserve.batch.records import Record
+from tierserve.batch.shards import Shard, plan
+from tierserve.batch.spec import JobSpec
+from tierserve.batch.state import JobState, JobStore
 from tierserve.batch.writer import PartWriter
-from tierserve.manifest import ModelVersion, check_model_name, check_version
+from tierserve.manifest import ModelVersion
 from tierserve.observability import MetricUnit, logger, metrics
 from tierserve.tiering import Deadline
 
 #: Test seam: called as hook(stage, part) with stage "written" (part object written, not yet
 #: checkpointed) or "checkpointed". Tests raise from it to simulate a crash.
 after_part_hook: Callable[[str, int], None] | None = None
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    model: str
-    input: S3Location
-    output: S3Location  # a prefix: parts go to {output.key}/part-NNNNN.jsonl
-    version: str | None = None
-    input_version: dict[str, str] = field(default_factory=dict)  # {"version_id", "etag"}
-    continuation: int | None = None
-    idempotency_key: str = ""
-    shard: Shard | None = None  # one shard of a job that fanned out (tierserve.batch.shards)
-    shards: int | None = None  # a job message may ask for this many shards
-
-    @property
-    def parent_key(self) -> str:
-        pin = self.input_version.get("version_id") or self.input_version.get("etag") or ""
-        return f"{self.input.uri}@{pin}->{self.output.uri}"
-
-    @property
-    def job_key(self) -> str:
-        if self.shard is None:
-            return self.parent_key
-        return f"{self.parent_key}#shard{self.shard.index}/{self.shard.count}"
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.model, "input": self.input.uri, "output": self.output.uri}
-        if self.version:
-            d["version"] = self.version
-        if self.input_version:
-            d["input_version"] = dict(self.input_version)
-        if self.continuation is not None:
-            d["continuation"] = self.continuation
-        if self.shard is not None:
-            d["shard"] = self.shard.to_json()
-        if self.shards:
-            d["shards"] = self.shards
-        d["idempotency_key"] = self.idempotency_key
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> JobSpec:
-        return job_from_message({k: v for k, v in d.items() if k != "idempotency_key"})
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def default_output(loc: S3Location, model: str) -> S3Location:
-    key_model, name = split_input_key(loc.key)
-    return S3Location(loc.bucket, f"{OUTPUT_PREFIX}{key_model or model}/{name}")
-
-
-def job_from_s3_record(rec: dict[str, Any]) -> JobSpec:
-    """A job for one S3 ``ObjectCreated`` record of ``batch/in/{model}/{job}.{jsonl,npz}``."""
-    from urllib.parse import unquote_plus
-
-    try:
-        bucket = rec["s3"]["bucket"]["name"]
-        obj = rec["s3"]["object"]
-        key = unquote_plus(obj["key"])
-    except (KeyError, TypeError) as exc:
-        raise BatchInputError(f"S3 event record without s3.bucket.name / s3.object.key ({exc})") from exc
-    loc = parse_s3_uri(f"s3://{bucket}/{key}", "input")
-    model, _ = split_input_key(loc.key)
-    if model is None:
-        raise BatchInputError(f"S3 key {key!r} is not batch/in/{{model}}/{{job}}.jsonl|.npz")
-    pin = {k: v for k, v in (("version_id", obj.get("versionId")), ("etag", obj.get("eTag"))) if v}
-    idem = _hash(["s3", bucket, key, pin.get("version_id") or pin.get("etag") or obj.get("sequencer", "")])
-    return JobSpec(model, loc, default_output(loc, model), None, pin, None, idem)
-
-
-def job_from_message(body: dict[str, Any]) -> JobSpec:
-    """A job for a job message ``{"model", "version"?, "input", "output"?}`` (or a continuation)."""
-    if not isinstance(body, dict) or "model" not in body or "input" not in body:
-        raise BatchInputError('a job message is {"model", "version"?, "input": "s3://...", "output"?: "s3://..."}')
-    model = check_model_name(body["model"])
-    version = body.get("version")
-    if version is not None:
-        version = check_version(str(version))
-    loc = parse_s3_uri(body["input"], "input")
-    input_format(loc.key)
-    out = parse_s3_uri(body["output"], "output") if body.get("output") else default_output(loc, model)
-    pin = body.get("input_version") or {}
-    if not isinstance(pin, dict) or not all(isinstance(v, str) for v in pin.values()):
-        raise BatchInputError("input_version must be {'version_id'?: str, 'etag'?: str}")
-    cont = body.get("continuation")
-    if cont is not None and (not isinstance(cont, int) or cont < 0):
-        raise BatchInputError("continuation must be a non-negative part number")
-    shard = Shard.from_json(body["shard"]) if "shard" in body else None
-    shards = body.get("shards")
-    if shards is not None:
-        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
-            raise BatchInputError(f'"shards" must be a whole number from 1 to {MAX_SHARDS} (how many concurrent '
-                                  f"invocations share the job), not {shards!r}")
-        if shard is not None or cont is not None:
-            raise BatchInputError('"shards" asks a whole job to fan out; a shard or continuation message '
-                                  "cannot carry it")
-    idem = _hash(["job", {k: body[k] for k in sorted(body) if k != "idempotency_key"}])
-    return JobSpec(model, loc, out, version, {k: str(v) for k, v in pin.items()}, cont, idem, shard, shards)
-
-
-# --- running a job ----------------------------------------------------------------------------------
 
 
 def _hook(stage: str, part: int) -> None:
@@ -252,10 +133,9 @@ def _run_shard(app: Runtime, s3: Any, jobs: JobStore, spec: JobSpec, state: JobS
                          input_size=parent.input_size, chunk_rows=parent.chunk_rows, started_at=time.time(),
                          next_offset=shard.start, next_line=shard.line)
         jobs.save(state, None)
-    runner = _Runner(app, s3, jobs, spec, model, state, context)
     if state.status == "completed":  # finished before: count it and close the job again (both idempotent)
-        return {**runner.complete_shard(), "status": "already_completed"}
-    return runner.run()
+        return {**Closing(s3, jobs, spec, state).complete_shard(), "status": "already_completed"}
+    return _Runner(app, s3, jobs, spec, model, state, context).run()
 
 
 def _fan_out(app: Runtime, spec: JobSpec, parent: JobState) -> dict[str, Any]:
@@ -321,10 +201,7 @@ class _Runner:
         self.out_datatypes = {o.name: o.datatype for o in model.outputs}
         self.parquet = input_format(spec.input.key) == "parquet"  # Parquet in, Parquet parts out
         self.shard = spec.shard
-        if self.shard is None:
-            self.work_prefix = f"{WORK_PREFIX}{state.item_id[4:36]}"
-        else:  # under the whole job's prefix, so that the closing shard merges every shard's errors in order
-            self.work_prefix = f"{WORK_PREFIX}{job_item_id(spec.parent_key)[4:36]}/s{self.shard.index:05d}"
+        self.work_prefix = work_prefix(spec, state)
         self.writer: PartWriter | None = None
         self._pending: list[Callable[[], None]] = []  # the current part's writes, until its checkpoint
 
@@ -487,148 +364,5 @@ class _Runner:
         return {"status": "continued", "job": st.job_key, "next_part": st.next_part, "lines": st.lines}
 
     def _finish(self, expected: int) -> dict[str, Any]:
-        if self.shard is not None:
-            return self._finish_shard(expected)
-        st = self.state
-        out = self.spec.output
-        t0 = time.perf_counter()
-        self._merge_errors()
-        st.write_s += time.perf_counter() - t0
-        summary = {
-            "status": "completed",
-            "job": out.key.rsplit("/", 1)[-1],
-            "model": st.model,
-            "model_version": st.version,
-            "variant_sha256": st.variant_sha256,
-            "input": self.spec.input.uri,
-            "input_version": st.input_version,
-            "output": out.uri,
-            "parts": st.next_part,
-            "chunk_rows": st.chunk_rows,
-            "counts": {"lines": st.lines, "output_lines": st.lines_ok, "rows": st.rows_ok,
-                       "errors": st.lines_error, "blank_lines": st.lines_blank},
-            "invocations": st.invocations,
-            "timings_s": {"read": round(st.read_s, 3), "infer": round(st.infer_s, 3),
-                          "write": round(st.write_s, 3), "wall": round(time.time() - st.started_at, 3)},
-        }
-        self.s3.put_object(Bucket=out.bucket, Key=f"{out.key}/_SUCCESS",
-                           Body=(json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
-                           ContentType="application/json")
-        st.status, st.summary = "completed", summary
-        self.jobs.save(st, expected)
-        self._delete_work()
-        telemetry.batch_job(st.model, st.version, rows=st.rows_ok, errors=st.lines_error,
-                            seconds=time.time() - st.started_at)
-        logger.info("batch job completed", extra={"job": st.job_key, "counts": summary["counts"]})
-        return summary
-
-    def _finish_shard(self, expected: int) -> dict[str, Any]:
-        """This shard is done: its state says so first, then it is counted in the job's item."""
-        st, shard = self.state, self.shard
-        assert shard is not None
-        st.status = "completed"
-        st.summary = {"status": "completed", "shard": shard.index, "shards": shard.count, "parts": st.next_part,
-                      "invocations": st.invocations,
-                      "counts": {"lines": st.lines, "output_lines": st.lines_ok, "rows": st.rows_ok,
-                                 "errors": st.lines_error, "blank_lines": st.lines_blank},
-                      "timings_s": {"read": round(st.read_s, 3), "infer": round(st.infer_s, 3),
-                                    "write": round(st.write_s, 3)}}
-        self.jobs.save(st, expected)
-        return self.complete_shard()
-
-    def complete_shard(self) -> dict[str, Any]:
-        """Count this (completed) shard in the job's item; the shard that completes the set closes the job.
-        Idempotent: a redelivery after a crash anywhere here runs it again."""
-        st, shard = self.state, self.shard
-        assert shard is not None
-        figures = {"lines": st.lines, "lines_ok": st.lines_ok, "rows_ok": st.rows_ok, "lines_error": st.lines_error,
-                   "lines_blank": st.lines_blank, "invocations": st.invocations, "parts": st.next_part,
-                   "read_s": round(st.read_s, 6), "infer_s": round(st.infer_s, 6), "write_s": round(st.write_s, 6)}
-        closes, parent = shard_done(self.jobs.table, job_item_id(self.spec.parent_key), shard, figures)
-        logger.info("batch shard completed", extra={"job": self.spec.parent_key, "shard": shard.index,
-                                                     "closes_job": closes})
-        if closes:
-            self._close_job(parent)
-        return dict(st.summary)
-
-    def _close_job(self, parent: dict[str, Any]) -> None:
-        """Every shard is in: errors merged in the input's order, then _SUCCESS (once), then the job's item."""
-        from tierserve.batch.state import _to_dynamo
-
-        out = self.spec.output
-        counts = {"lines": parent["lines"], "output_lines": parent["lines_ok"], "rows": parent["rows_ok"],
-                  "errors": parent["lines_error"], "blank_lines": parent["lines_blank"]}
-        wall = time.time() - float(parent.get("started_at") or time.time())
-        summary = {"status": "completed", "job": out.key.rsplit("/", 1)[-1], "model": parent["model"],
-                   "model_version": parent["version"], "variant_sha256": parent.get("variant_sha256", ""),
-                   "input": self.spec.input.uri, "input_version": parent.get("input_version", {}),
-                   "output": out.uri, "shards": int(parent["shards"]), "parts": int(parent["parts"]),
-                   "chunk_rows": parent.get("chunk_rows"), "counts": counts,
-                   "invocations": int(parent["invocations"]),
-                   "timings_s": {"read": round(float(parent["read_s"]), 3), "infer": round(float(parent["infer_s"]), 3),
-                                 "write": round(float(parent["write_s"]), 3), "wall": round(wall, 3)}}
-        self.work_prefix = f"{WORK_PREFIX}{job_item_id(self.spec.parent_key)[4:36]}"  # every shard's fragments
-        key = f"{out.key}/_SUCCESS"
-        # Each step can be run again by the closer's redelivery: once _SUCCESS exists, errors.jsonl (written
-        # before it) is final and the fragments may already be gone, so neither is touched again.
-        if not self._exists(key):
-            self._merge_errors()  # s00000/errors-00000 ... sort in the input's order
-            self._put_once(key, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
-        self._delete_work()
-        self.jobs.table.update_item(Key={"id": job_item_id(self.spec.parent_key)},
-                                    UpdateExpression="SET #s = :done, summary = :summary",
-                                    ExpressionAttributeNames={"#s": "status"},
-                                    ExpressionAttributeValues={":done": "completed", ":summary": _to_dynamo(summary)})
-        telemetry.batch_job(parent["model"], parent["version"], rows=counts["rows"], errors=counts["errors"],
-                            seconds=wall)
-        logger.info("batch job completed", extra={"job": self.spec.parent_key, "counts": counts,
-                                                  "shards": summary["shards"]})
-
-    def _put_once(self, key: str, body: bytes) -> None:
-        """PutObject If-None-Match: *, S3's conditional write: a second writer (which the ``closer`` claim
-        already rules out) would get 412 and leave the first object alone."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.put_object(Bucket=self.spec.output.bucket, Key=key, Body=body, ContentType="application/json",
-                               IfNoneMatch="*")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412",
-                                                                   "ConditionalRequestConflict"):
-                raise
-            logger.warning("_SUCCESS was already written; left as it is", extra={"key": key})
-
-    def _exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.head_object(Bucket=self.spec.output.bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-
-    def _work_keys(self) -> list[str]:
-        keys: list[str] = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.spec.output.bucket,
-                                                                      Prefix=self.work_prefix + "/"):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-        return sorted(keys)
-
-    def _merge_errors(self) -> None:
-        out = self.spec.output
-        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as f:
-            for key in self._work_keys():
-                body = self.s3.get_object(Bucket=out.bucket, Key=key)["Body"]
-                while block := body.read(1 << 20):
-                    f.write(block)
-            f.seek(0)
-            self.s3.upload_fileobj(f, out.bucket, f"{out.key}/errors.jsonl",
-                                   ExtraArgs={"ContentType": "application/x-ndjson"})
-
-    def _delete_work(self) -> None:
-        keys = self._work_keys()
-        for i in range(0, len(keys), 1000):
-            self.s3.delete_objects(Bucket=self.spec.output.bucket,
-                                   Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        """The job's (or shard's) end, after its last part's checkpoint (``tierserve.batch.closing``)."""
+        return Closing(self.s3, self.jobs, self.spec, self.state).finish(expected)

@@ -1,0 +1,88 @@
+"""Where a batch job's input and output live: S3 URIs, the ``batch/in|out|work/`` key layout, the formats.
+
+Why: every other batch module (the readers, the job spec, the planner of shards, the closing) names S3
+objects and refuses bad ones the same way; the rules for a bucket, a key, a job's name and the input
+formats are written once here, with ``BatchInputError``, the error that makes a message poison.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tierserve.errors import InvalidNameError, InvalidRequestError
+from tierserve.manifest import check_model_name
+from tierserve.store import check_s3_key
+
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+#: A job's name: the input object's file name without its extension.
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+INPUT_PREFIX = "batch/in/"
+OUTPUT_PREFIX = "batch/out/"
+WORK_PREFIX = "batch/work/"
+FORMATS = (".jsonl", ".npz", ".parquet")
+
+
+class BatchInputError(InvalidRequestError):
+    """A batch input (event, job message or object) cannot be processed; the message is poison."""
+
+    code = "batch_input_error"
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def check_bucket(bucket: str) -> str:
+    if not isinstance(bucket, str) or not BUCKET_RE.fullmatch(bucket):
+        raise InvalidNameError(f"bucket {bucket!r} is not a valid S3 bucket name")
+    return bucket
+
+
+def parse_s3_uri(uri: Any, what: str) -> S3Location:
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise BatchInputError(f"{what} must be an s3://bucket/key URI, got {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    key = key.rstrip("/") if what == "output" else key
+    return S3Location(check_bucket(bucket), check_s3_key(key))
+
+
+def input_format(key: str) -> str:
+    for ext in FORMATS:
+        if key.endswith(ext):
+            return ext[1:]
+    raise BatchInputError(f"input {key!r} must end in .jsonl, .npz or .parquet")
+
+
+def split_input_key(key: str) -> tuple[str | None, str]:
+    """(model, job) for ``batch/in/{model}/{job}.{jsonl,npz,parquet}``; (None, stem) for any other key."""
+    check_s3_key(key)
+    ext = "." + input_format(key)
+    rest = key[len(INPUT_PREFIX):] if key.startswith(INPUT_PREFIX) else None
+    parts = rest.split("/") if rest is not None else []
+    if len(parts) == 2:
+        model, name = parts[0], parts[1][: -len(ext)]
+        check_model_name(model)
+    else:
+        model, name = None, key.rsplit("/", 1)[-1][: -len(ext)]
+    if not JOB_NAME_RE.fullmatch(name):
+        raise InvalidNameError(f"job name {name!r} (from {key!r}) must be 1-128 letters, digits, '_', '-', '.'")
+    return model, name
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+def error_reason(exc: Exception) -> str:
+    """An AWS error as ``Code: Message`` (or the exception's type and text), for a message to a person."""
+    err = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    if err:
+        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
+    return f"{type(exc).__name__}: {exc}"
