@@ -17,6 +17,7 @@ from tierserve.backends.onnx import OnnxBackend
 from tierserve.edge.store import EdgeStore, Held, session_estimate, touch
 from tierserve.errors import ArtifactError, BackendUnavailableError
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import Tier
 
 
 class SessionPool:
@@ -76,7 +77,7 @@ class SessionPool:
 
 
 class EdgeBackend(OnnxBackend):
-    tier = "edge"
+    tier = Tier.EDGE
 
     def __init__(self, store: EdgeStore, threads: int, max_memory_bytes: int) -> None:
         super().__init__(store, threads)
