@@ -1,8 +1,8 @@
 """HTTP plumbing for API Gateway HTTP API (payload format 2.0) events.
 
-This is the ONE place where errors become HTTP status codes (``STATUS_BY_ERROR``). Every
-handler and the local API emulator go through ``error_response``; no stack trace ever
-reaches a client.
+Errors become HTTP status codes in one place, ``tierserve.rendering`` (``STATUS_BY_ERROR``, the one
+error wrapper for every transport); every handler and the local API emulator go through
+``error_response``, and no stack trace ever reaches a client.
 """
 
 from __future__ import annotations
@@ -15,32 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierserve import errors
+from tierserve.rendering import STATUS_BY_ERROR, render_error, status_for  # noqa: F401 - re-exported
 from tierserve.wire import Base64Body, BodyBytes
-
-#: Exception class -> HTTP status. Looked up along the exception's MRO, most specific first.
-STATUS_BY_ERROR: dict[type[errors.TierserveError], int] = {
-    errors.InvalidRequestError: 400,
-    errors.RouteNotFoundError: 404,
-    errors.ModelNotFoundError: 404,
-    errors.MethodNotAllowedError: 405,
-    errors.PayloadTooLargeError: 413,
-    errors.ArtifactUnavailableError: 503,
-    errors.UnsupportedEncodingError: 415,
-    errors.BackendUnavailableError: 503,
-    errors.BackendTimeoutError: 504,
-    errors.ConfigurationError: 500,
-    errors.ManifestError: 500,
-    errors.ArtifactError: 500,
-    errors.InferenceError: 500,
-    errors.TierserveError: 500,
-}
-
-
-def status_for(exc: BaseException) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]  # type: ignore[index]
-    return 500
 
 
 @dataclass
@@ -218,8 +194,6 @@ def response(
 def error_response(exc: BaseException, headers: dict[str, str] | None = None, request_id: str = "") -> dict:
     """An exception as an HTTP response in the Open Inference Protocol's shape (``tierserve.rendering``, the
     one error wrapper: status, code, ``retry-after``, the tier that answered); no stack trace."""
-    from tierserve.rendering import render_error
-
     answer = render_error(exc, "oip", headers, request_id)
     return response(answer.status, answer.document, answer.headers)
 

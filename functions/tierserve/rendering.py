@@ -2,8 +2,8 @@
 
 Why: the router's HTTP API, the CPU function's Invoke, the edge's HTTP and the edge's gRPC each mapped
 errors on their own, so a 503's ``Retry-After`` or a tier's own error code could survive one transport
-and not another. Here an exception becomes one :class:`ErrorAnswer`: the status (``tierserve.http``'s
-table, the only one), the document in the shape of the protocol family (KServe's ``{"error", "code"}``
+and not another. Here an exception becomes one :class:`ErrorAnswer`: the status (``STATUS_BY_ERROR``, the
+only table), the document in the shape of the protocol family (KServe's ``{"error", "code"}``
 for the Open Inference Protocol; OpenAI's ``{"error": {"message", "type", "param", "code"}}`` for the
 OpenAI-compatible routes), the headers (``retry-after``, ``x-served-by``), and the gRPC status code the
 HTTP status maps to. Adapters render that, nothing else; no stack trace reaches a client.
@@ -48,10 +48,30 @@ class ErrorAnswer:
         return GRPC_CODE_BY_STATUS.get(self.status, "INTERNAL")
 
 
-def status_for(exc: BaseException) -> int:
-    from tierserve.http import status_for as table
+#: Exception class -> HTTP status. Looked up along the exception's MRO, most specific first.
+STATUS_BY_ERROR: dict[type[errors.TierserveError], int] = {
+    errors.InvalidRequestError: 400,
+    errors.RouteNotFoundError: 404,
+    errors.ModelNotFoundError: 404,
+    errors.MethodNotAllowedError: 405,
+    errors.PayloadTooLargeError: 413,
+    errors.ArtifactUnavailableError: 503,
+    errors.UnsupportedEncodingError: 415,
+    errors.BackendUnavailableError: 503,
+    errors.BackendTimeoutError: 504,
+    errors.ConfigurationError: 500,
+    errors.ManifestError: 500,
+    errors.ArtifactError: 500,
+    errors.InferenceError: 500,
+    errors.TierserveError: 500,
+}
 
-    return table(exc)
+
+def status_for(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]  # type: ignore[index]
+    return 500
 
 
 def render_error(exc: BaseException, family: Family = "oip", headers: dict[str, str] | None = None,
