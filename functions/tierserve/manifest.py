@@ -29,6 +29,16 @@
               "routing": {"gpu_min_rows": 64, "gpu_min_bytes": 1048576},
               "cpu": {"memory_mb": 1769, "threads": 1},
               "allow_non_finite": false,            # optional: NaN/Infinity inputs are refused (400)
+              "task": "text-generation",            # optional: a causal LM (default "inference"); then
+              "generation": {"context_length": 2048, "eos_token_ids": [2], "chat_template": true,
+                             "default_max_tokens": 256, "max_tokens_cap": 4096, "max_concurrency": 4,
+                             "kv_bytes_per_token": 4096, "vocab_size": 32000, "family": "llama",
+                             "tiers": {"cpu": {"ttft_ms": {"16": 12.0, "128": 40.0, "512": 150.0},
+                                               "tokens_per_s": 80.0, "cost_per_1m_tokens": 1.9,
+                                               "source": "measured: ..."}}},
+                                                    # and each variant is an onnxruntime-genai folder: path
+                                                    # ".../model.onnx", external_data its other files
+                                                    # (model.onnx.data, genai_config.json, tokenizer files)
               "created_at": "2026-11-24T12:00:00Z",
               "published_at": "2026-11-24T12:05:00Z",   # optional: set by `tierserve models publish`
               "published_by": "arn:aws:sts::123456789012:assumed-role/deployer/alice",
@@ -62,6 +72,7 @@ import it cheaply.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import posixpath
 import re
@@ -255,6 +266,129 @@ class Variant(ExternalFile):
         return v
 
 
+#: The task of a model that answers in one forward pass (a classifier, an embedding): the default.
+TASK_INFERENCE = "inference"
+#: A causal language model, served token by token (OpenAI's routes, Triton's generate extension).
+TASK_TEXT_GENERATION = "text-generation"
+TASKS = (TASK_INFERENCE, TASK_TEXT_GENERATION)
+#: The files of an onnxruntime-genai model folder that a variant may list beside its ``model.onnx``.
+GENAI_FILE_RE = re.compile(r"(?:model\.onnx\.data|genai_config\.json|tokenizer\.json|tokenizer_config\.json|"
+                           r"special_tokens_map\.json|chat_template\.jinja|added_tokens\.json|"
+                           r"[A-Za-z0-9_.-]{1,96}\.onnx(?:\.data)?)")
+
+
+@dataclass(frozen=True)
+class TierFigures:
+    """A generative model's measured (or cited) speed on one tier: what token-aware routing and placement use.
+
+    ``ttft_ms`` maps a prompt length in tokens to the time to first token; ``tokens_per_s`` is decode speed at
+    batch 1; ``source`` says where the figures come from ("measured: ..." or a citation)."""
+
+    ttft_ms: dict[int, float]
+    tokens_per_s: float
+    cost_per_1m_tokens: float | None = None
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"ttft_ms": {str(k): v for k, v in sorted(self.ttft_ms.items())},
+                             "tokens_per_s": self.tokens_per_s}
+        if self.cost_per_1m_tokens is not None:
+            d["cost_per_1m_tokens"] = self.cost_per_1m_tokens
+        if self.source:
+            d["source"] = self.source
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TierFigures:
+        def parse(d: dict[str, Any]) -> TierFigures:
+            cost = d.get("cost_per_1m_tokens")
+            return cls({int(k): float(_number(v)) for k, v in (d.get("ttft_ms") or {}).items()},
+                       float(_number(d["tokens_per_s"])), None if cost is None else float(_number(cost)),
+                       str(d.get("source") or ""))
+
+        return _fields("tier figures", d, parse)
+
+    def ttft_at(self, prompt_tokens: int) -> float:
+        """Time to first token at ``prompt_tokens``, interpolated linearly between the measured lengths."""
+        if not self.ttft_ms:
+            return 0.0
+        points = sorted(self.ttft_ms.items())
+        if prompt_tokens <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            if prompt_tokens <= x1:
+                return y0 + (y1 - y0) * (prompt_tokens - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = points[-2:] if len(points) > 1 else (points[0], points[0])
+        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+        return y1 + slope * (prompt_tokens - x1)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What the runtime needs to know of a causal LM before it loads it (``"generation"`` in the manifest).
+
+    ``context_length``: prompt plus completion, in tokens (a request over it is a 400 before any work);
+    ``eos_token_ids``: the ids that end a completion (``finish_reason: stop``); ``chat_template``: whether
+    the tokenizer ships one (``/v1/chat/completions`` is a 400 without it); ``default_max_tokens``: a
+    completion's length when the request names none; ``max_tokens_cap``: the most a request may ask for (in
+    AWS nothing tells a function that its client went away, so this bounds the waste); ``max_concurrency``:
+    generations at once per execution environment (one more is a 429 with Retry-After);
+    ``kv_bytes_per_token``: the KV cache's size per token (placement and batch sizing); ``tiers``: each
+    tier's figures (:class:`TierFigures`)."""
+
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    chat_template: bool = False
+    default_max_tokens: int = 256
+    max_tokens_cap: int = 4096
+    max_concurrency: int = 4
+    kv_bytes_per_token: int = 0
+    vocab_size: int = 0
+    family: str = ""
+    tiers: dict[str, TierFigures] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "context_length": self.context_length, "eos_token_ids": list(self.eos_token_ids),
+            "chat_template": self.chat_template, "default_max_tokens": self.default_max_tokens,
+            "max_tokens_cap": self.max_tokens_cap, "max_concurrency": self.max_concurrency,
+            "kv_bytes_per_token": self.kv_bytes_per_token, "vocab_size": self.vocab_size,
+        }
+        if self.family:
+            d["family"] = self.family
+        if self.tiers:
+            d["tiers"] = {k: v.to_json() for k, v in sorted(self.tiers.items())}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> GenerationSpec:
+        def parse(d: dict[str, Any]) -> GenerationSpec:
+            return cls(
+                context_length=int(d["context_length"]),
+                eos_token_ids=tuple(int(x) for x in d["eos_token_ids"]),
+                chat_template=_flag(d.get("chat_template", False), "generation.chat_template"),
+                default_max_tokens=int(d.get("default_max_tokens", 256)),
+                max_tokens_cap=int(d.get("max_tokens_cap", 4096)),
+                max_concurrency=int(d.get("max_concurrency", 4)),
+                kv_bytes_per_token=int(d.get("kv_bytes_per_token", 0)),
+                vocab_size=int(d.get("vocab_size", 0)),
+                family=str(d.get("family") or ""),
+                tiers={str(k): TierFigures.from_json(v) for k, v in (d.get("tiers") or {}).items()},
+            )
+
+        g = _fields("generation", d, parse)
+        if g.context_length < 2 or not g.eos_token_ids:
+            raise ManifestError("generation: context_length must be >= 2 and eos_token_ids non-empty")
+        if not 1 <= g.default_max_tokens <= g.max_tokens_cap:
+            raise ManifestError(f"generation: default_max_tokens {g.default_max_tokens} must be within "
+                                f"[1, max_tokens_cap={g.max_tokens_cap}]")
+        if g.max_concurrency < 1:
+            raise ManifestError("generation: max_concurrency must be at least 1")
+        if any(t not in TARGETS for t in g.tiers):
+            raise ManifestError(f"generation.tiers names {sorted(g.tiers)}; tiers are {TARGETS}")
+        return g
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -283,6 +417,13 @@ class ModelVersion:
         return (tuple(self.inputs), tuple(self.outputs), self.max_batch_size)
     #: Whether NaN and Infinity are valid inputs; off by default (a non-finite input is a 400).
     allow_non_finite: bool = False
+    #: ``inference`` (one forward pass) or ``text-generation`` (a causal LM, with ``generation`` set).
+    task: str = TASK_INFERENCE
+    generation: GenerationSpec | None = None
+
+    @property
+    def generative(self) -> bool:
+        return self.task == TASK_TEXT_GENERATION
 
     @property
     def serves_cpu(self) -> bool:
@@ -335,6 +476,10 @@ class ModelVersion:
                 d[key] = getattr(self, key)
         if self.allow_non_finite:
             d["allow_non_finite"] = True
+        if self.task != TASK_INFERENCE:
+            d["task"] = self.task
+        if self.generation is not None:
+            d["generation"] = self.generation.to_json()
         return d
 
     @classmethod
@@ -358,6 +503,8 @@ class ModelVersion:
                 published_by=str(d.get("published_by") or ""),
                 retired_at=str(d.get("retired_at") or ""),
                 allow_non_finite=_flag(d.get("allow_non_finite", False), "allow_non_finite"),
+                task=str(d.get("task") or TASK_INFERENCE),
+                generation=GenerationSpec.from_json(d["generation"]) if d.get("generation") is not None else None,
             )
         except ManifestError:
             raise
@@ -371,6 +518,19 @@ class ModelVersion:
             raise ManifestError(f"v{version}: edge variant {mv.edge_variant!r} is not listed")
         if not mv.targets or any(t not in TARGETS for t in mv.targets):
             raise ManifestError(f"v{version}: targets {mv.targets!r} must be a subset of {TARGETS}")
+        if mv.task not in TASKS:
+            raise ManifestError(f"v{version}: task {mv.task!r} is not one of {TASKS}")
+        if mv.generative != (mv.generation is not None):
+            raise ManifestError(f"v{version}: a text-generation model needs a 'generation' entry, and only it has one")
+        if mv.generative:
+            for variant in mv.variants.values():
+                if posixpath.basename(variant.path) != "model.onnx" or any(
+                        not GENAI_FILE_RE.fullmatch(posixpath.basename(e.path)) for e in variant.external_data):
+                    raise ManifestError(f"v{version}: a text-generation variant is an onnxruntime-genai folder "
+                                        f"(model.onnx, genai_config.json, tokenizer files); {variant.path!r} lists "
+                                        f"{[posixpath.basename(e.path) for e in variant.external_data]}")
+                if "genai_config.json" not in {posixpath.basename(e.path) for e in variant.external_data}:
+                    raise ManifestError(f"v{version}: variant {variant.path!r} lists no genai_config.json")
         if not mv.cloud_targets:
             raise ManifestError(f"v{version}: targets {list(mv.targets)} name no cloud tier; an edge model also "
                                 "needs cpu or gpu, which serve what a device forwards (recompile with --target edge)")

@@ -156,3 +156,45 @@ def test_input_checks_and_the_non_finite_policy_round_trip_and_default_off():
         "versions"]["1"]["inputs"]
     assert (plain.inputs[0].dim_names, plain.inputs[0].value_range, plain.allow_non_finite) == ((), None, False)
     assert "allow_non_finite" not in Manifest.from_json(_manifest()).to_json()["models"]["m"]["versions"]["1"]
+
+
+def _generative(**generation) -> dict:
+    files = ["model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"]
+    version = {
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+        "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+        "variants": {"int4": {"path": "lm/1/int4/model.onnx", "sha256": "a" * 64, "size_bytes": 1,
+                              "external_data": [{"path": f"lm/1/int4/{f}", "sha256": "b" * 64, "size_bytes": 1}
+                                                for f in files]}},
+        "selected_variant": "int4", "targets": ["cpu"], "task": "text-generation",
+        "generation": {"context_length": 1024, "eos_token_ids": [2], "chat_template": True, **generation},
+    }
+    return {"schema_version": 1, "models": {"lm": {"default_version": "1", "versions": {"1": version}}}}
+
+
+def test_a_generation_entry_round_trips_with_its_tier_figures():
+    doc = _generative(tiers={"cpu": {"ttft_ms": {"16": 10.0, "128": 40.0, "512": 160.0}, "tokens_per_s": 80.0,
+                                     "source": "measured"}})
+    mv = Manifest.from_json(doc).resolve("lm", None)
+    assert mv.generative and mv.generation is not None
+    assert (mv.generation.context_length, mv.generation.eos_token_ids, mv.generation.chat_template) == (1024, (2,), True)
+    cpu = mv.generation.tiers["cpu"]
+    assert (cpu.ttft_at(16), cpu.ttft_at(72), cpu.ttft_at(1024)) == (10.0, 25.0, 320.0)
+    assert Manifest.from_json(json.loads(json.dumps(Manifest.from_json(doc).to_json()))).resolve("lm", None) == mv
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda v: v.pop("generation"), "needs a 'generation' entry"),
+    (lambda v: v["generation"].update(eos_token_ids=[]), "eos_token_ids"),
+    (lambda v: v["generation"].update(default_max_tokens=9000), "default_max_tokens"),
+    (lambda v: v["generation"].update(tiers={"tpu": {"tokens_per_s": 1}}), "tiers"),
+    (lambda v: v["variants"]["int4"]["external_data"].append(
+        {"path": "lm/1/int4/run.sh", "sha256": "c" * 64, "size_bytes": 1}), "onnxruntime-genai folder"),
+    (lambda v: v["variants"]["int4"]["external_data"].pop(1), "genai_config.json"),
+    (lambda v: v.update(task="summarise"), "task"),
+], ids=["no-generation", "no-eos", "default-over-cap", "unknown-tier", "foreign-file", "no-genai-config", "task"])
+def test_a_bad_generation_entry_takes_down_its_model_with_the_reason(change, reason):
+    doc = _generative()
+    change(doc["models"]["lm"]["versions"]["1"])
+    with pytest.raises(errors.ManifestError, match=reason):
+        Manifest.from_json(doc).resolve("lm", None)
