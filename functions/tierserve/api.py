@@ -16,14 +16,7 @@ from typing import Any
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
 from tierserve.calls import Body
-from tierserve.dataplane import (  # noqa: F401 - the names the edge's gRPC server still imports from here
-    EXTENSIONS,
-    SERVER_NAME,
-    SERVER_VERSION,
-    Answer,
-    DataPlane,
-    model_metadata,
-)
+from tierserve.dataplane import Answer, DataPlane
 from tierserve.http import (
     HttpRequest,
     accepted_coding,

@@ -7,14 +7,16 @@ ships); grpcio serves them.
 
 One inference path for both protocols: a ``ModelInfer`` request is written as the HTTP binary tensor
 extension's body (a JSON header naming each input, ``binary_data_size`` and ``binary_data_output``,
-then the raw bytes tritonclient already sent, untouched) and served by ``tierserve.inference.infer``,
+then the raw bytes tritonclient already sent, untouched) and served by ``DataPlane.infer``,
 the function the HTTP API calls: the same checks, limits, errors, routing and forwarding (that body is
 what goes to the cloud). Its binary answer is cut back into ``raw_output_contents``.
 
-Errors map the protocol's HTTP status to gRPC's: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
-RESOURCE_EXHAUSTED, 503 UNAVAILABLE (``retry-after`` in the trailing metadata), 504 DEADLINE_EXCEEDED,
-others INTERNAL; ``x-served-by`` travels as initial metadata. Model config, statistics and the
-repository index answer what the HTTP API answers.
+Health, metadata, config, statistics and the repository index are the data plane's operations
+(``tierserve.dataplane.DataPlane``, the ones the HTTP API calls), rendered as Triton's messages, so the two
+protocols cannot drift. Errors go through the one error wrapper (``tierserve.rendering``), its HTTP status
+mapped to gRPC's (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE with
+``retry-after`` in the trailing metadata, 504 DEADLINE_EXCEEDED, others INTERNAL); ``x-served-by``
+travels as metadata.
 
 ``ModelStreamInfer`` is Triton's bidirectional stream (``tritonclient.grpc``'s ``start_stream`` /
 ``async_stream_infer``, ``perf_analyzer --streaming``): each request is served by the same path as
@@ -35,13 +37,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tierserve import errors, inference
-from tierserve.api import EXTENSIONS, SERVER_NAME, SERVER_VERSION, model_metadata
+from tierserve import errors
 from tierserve.app import Runtime
 from tierserve.calls import Body
+from tierserve.dataplane import DataPlane
 from tierserve.edge.dispatch import FORWARDED
 from tierserve.edge.metrics import EdgeCounters
-from tierserve.http import error_response, payload_too_large, status_for
+from tierserve.http import payload_too_large
+from tierserve.rendering import GRPC_CODE_BY_STATUS, render_error, status_for
 from tierserve.wire import json_dumps, json_loads
 
 #: Protobuf framing beyond the tensors themselves that a request at MAX_PAYLOAD_BYTES may carry.
@@ -58,13 +61,10 @@ FINAL_FLAG = "triton_final_response"
 
 
 def grpc_code(status: int) -> Any:
+    """The gRPC status code for an HTTP status (``tierserve.rendering.GRPC_CODE_BY_STATUS``, the one table)."""
     import grpc
 
-    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-            405: grpc.StatusCode.UNIMPLEMENTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-            401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
-            503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
-        status, grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode[GRPC_CODE_BY_STATUS.get(status, "INTERNAL")]
 
 
 def _param(p: Any) -> Any:
@@ -214,6 +214,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         from tritonclient.grpc import model_config_pb2, service_pb2
 
         self.rt = runtime
+        self.plane = DataPlane(runtime, answered_by="edge")
         self.counters = counters
         self.after_request = after_request
         self.pb = service_pb2
@@ -224,19 +225,17 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
     # --- errors: the HTTP API's mapping, carried as gRPC statuses --------------------------------------
 
     def _abort(self, context: Any, exc: BaseException, model: str) -> None:
-        status = status_for(exc)
-        resp = error_response(exc)
+        answer = render_error(exc, "oip")  # the one error wrapper: status, code, retry-after
         served = "edge"  # an error raised here is this device's answer (the cloud's come through _abort_answer)
         metadata = [("x-served-by", served)]
-        retry = (resp.get("headers") or {}).get("retry-after")
-        if retry:
-            metadata.append(("retry-after", str(retry)))
+        if "retry-after" in answer.headers:
+            metadata.append(("retry-after", answer.headers["retry-after"]))
         context.set_trailing_metadata(tuple(metadata))
-        self.counters.request(model, served, "grpc", status)
-        message = exc.message if isinstance(exc, errors.TierserveError) else "internal error; see the edge's log"
+        self.counters.request(model, served, "grpc", answer.status)
         if not isinstance(exc, errors.TierserveError):
             logging.getLogger("tierserve.edge").exception("gRPC request failed")
-        context.abort(grpc_code(status), message)
+        message = answer.message if isinstance(exc, errors.TierserveError) else "internal error; see the edge's log"
+        context.abort(grpc_code(answer.status), message)
 
     def _abort_answer(self, context: Any, answer: CloudAnswer, model: str) -> None:
         """An error answer the cloud gave a forwarded request, as the gRPC status its HTTP status maps to."""
@@ -248,38 +247,33 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         context.abort(grpc_code(answer.status), answer.message)
 
     def _model(self, name: str, version: str) -> Any:
-        name, v = inference.resolve_name(self.rt, name, version or None)
-        return self.rt.store.manifest().resolve(name, v)
+        return self.plane.model(name, version or None)
 
-    # --- health and metadata ---------------------------------------------------------------------------
+    # --- health and metadata: the data plane's operations, rendered as Triton's messages ---------------
 
     def ServerLive(self, request: Any, context: Any) -> Any:
-        return self.pb.ServerLiveResponse(live=True)
+        return self.pb.ServerLiveResponse(live=self.plane.live().document["live"])
 
     def ServerReady(self, request: Any, context: Any) -> Any:
         try:
-            self.rt.store.manifest()
-            return self.pb.ServerReadyResponse(ready=True)
+            return self.pb.ServerReadyResponse(ready=self.plane.ready().document["ready"])
         except errors.TierserveError:
             return self.pb.ServerReadyResponse(ready=False)
 
     def ModelReady(self, request: Any, context: Any) -> Any:
-        from tierserve.tiering import readiness_of
-
-        try:  # the HTTP endpoint's predicate (tiering.readiness_of), as the repository index uses it
-            mv = self._model(request.name, request.version)
-            return self.pb.ModelReadyResponse(ready=readiness_of(self.rt.dispatcher, mv) is None)
+        try:  # /ready's predicate (DataPlane.model_problem): not ready is ready=false, as Triton answers it
+            return self.pb.ModelReadyResponse(ready=self.plane.model_problem(self._model(request.name,
+                                                                                         request.version)) is None)
         except errors.TierserveError as exc:
             self._abort(context, exc, request.name)
 
     def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+        meta = self.plane.server_metadata().document
+        return self.pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
 
     def ModelMetadata(self, request: Any, context: Any) -> Any:
         try:
-            mv = self._model(request.name, request.version)
-            versions = sorted(self.rt.store.manifest().models[mv.name].versions, key=int)
-            meta = model_metadata(mv, versions)
+            meta = self.plane.model_metadata(request.name, request.version or None).document
             out = self.pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
             for kind in ("inputs", "outputs"):
                 for t in meta[kind]:
@@ -291,11 +285,9 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
     def ModelConfig(self, request: Any, context: Any) -> Any:
         from google.protobuf import json_format
 
-        from tierserve.model_config import model_config
-
         try:
-            cfg = json_format.ParseDict(model_config(self._model(request.name, request.version)),
-                                        self.config_pb.ModelConfig(), ignore_unknown_fields=True)
+            config = self.plane.model_config(request.name, request.version or None).document
+            cfg = json_format.ParseDict(config, self.config_pb.ModelConfig(), ignore_unknown_fields=True)
             return self.pb.ModelConfigResponse(config=cfg)
         except errors.TierserveError as exc:
             self._abort(context, exc, request.name)
@@ -304,25 +296,14 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         from google.protobuf import json_format
 
         try:
-            models = self.rt.store.manifest().models
-            if request.name:
-                mv = self._model(request.name, request.version)
-                versions = [request.version] if request.version else sorted(models[mv.name].versions, key=int)
-                pairs = [(mv.name, v) for v in versions]
-            else:
-                pairs = [(n, v) for n in sorted(models) for v in sorted(models[n].versions, key=int)]
-            return json_format.ParseDict(self.rt.stats.to_triton(pairs), self.pb.ModelStatisticsResponse(),
-                                         ignore_unknown_fields=True)
+            stats = self.plane.statistics(request.name or None, request.version or None).document
+            return json_format.ParseDict(stats, self.pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
         except errors.TierserveError as exc:
             self._abort(context, exc, request.name)
 
     def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        from tierserve.model_config import repository_index
-
         try:
-            dispatcher = self.rt.dispatcher  # the HTTP index's arguments: /ready's predicate for each version
-            index = repository_index(self.rt.store.manifest(), dispatcher.gpu is not None, request.ready,
-                                     getattr(dispatcher, "index_readiness", None))
+            index = self.plane.repository_index(request.ready).document
         except errors.TierserveError as exc:
             self._abort(context, exc, "-")
         out = self.pb.RepositoryIndexResponse()
@@ -355,7 +336,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         size = len(body.data)  # type: ignore[arg-type]
         if size > self.rt.settings.max_payload_bytes:
             raise payload_too_large(size, self.rt.settings.max_payload_bytes)
-        resp = inference.infer(self.rt, request.model_name, request.model_version or None, body, None, None)
+        resp = self.plane.infer(request.model_name, request.model_version or None, body, None, None)
         if int(resp["statusCode"]) != 200:
             raise CloudAnswer(resp)
         served = "edge" if not FORWARDED.get() else str((resp.get("headers") or {}).get("x-served-by", "cpu"))
