@@ -4,7 +4,9 @@ Why apart from the router's HTTP API: the CPU function is invoked by the router 
 with the payload ``tierserve.invoke_payload`` defines: the client's body exactly as API Gateway handed it
 to the router, so nothing is decoded and re-encoded on the way. The reply is an HTTP API response for
 that body, encoded as the client asked; the router returns it to the client as it is. The version is
-pinned by the router (its canary pick stands).
+pinned by the router (its canary pick stands). It is a transport like the others: it serves the data
+plane's infer and model readiness (``tierserve.dataplane``) and nothing else, and renders errors through
+the one error wrapper (``http.error_response``).
 """
 
 from __future__ import annotations
@@ -14,21 +16,17 @@ from typing import Any
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
 from tierserve.calls import Body
+from tierserve.dataplane import DataPlane
 from tierserve.http import error_response, response
 from tierserve.invoke_payload import SHAPE, is_readiness
 from tierserve.observability import logger
-from tierserve.tiering import readiness_of
 from tierserve.tiers import Tier
 
 
-def _readiness(runtime: Runtime, event: dict[str, Any]) -> dict[str, Any]:
-    name, version = inference.resolve_name(runtime, str(event["model_name"]),
-                                           str(event["model_version"]) if event.get("model_version") else None)
-    model = runtime.store.manifest().resolve(name, version)
-    problem = readiness_of(runtime.dispatcher, model)
-    if problem is not None:
-        raise problem
-    return response(200, {"name": model.name, "version": model.version, "ready": True}, {"x-served-by": Tier.CPU})
+def _readiness(plane: DataPlane, event: dict[str, Any]) -> dict[str, Any]:
+    version = str(event["model_version"]) if event.get("model_version") else None
+    answer = plane.model_ready(str(event["model_name"]), version)
+    return response(200, answer.document, {**answer.headers, "x-served-by": Tier.CPU})
 
 
 def handle_direct(event: dict[str, Any], context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -36,8 +34,9 @@ def handle_direct(event: dict[str, Any], context: Any = None, runtime: Runtime |
     served: dict[str, str] = {"x-served-by": Tier.CPU}
     try:
         runtime = runtime or get_runtime()
+        plane = DataPlane(runtime)
         if is_readiness(event):
-            return _readiness(runtime, event)
+            return _readiness(plane, event)
         if not isinstance(event, dict) or "model_name" not in event or not isinstance(event.get("body"), str):
             raise errors.InvalidRequestError(SHAPE)
         headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
@@ -53,8 +52,7 @@ def handle_direct(event: dict[str, Any], context: Any = None, runtime: Runtime |
         except ValueError as exc:
             raise errors.InvalidRequestError(f"body is flagged isBase64Encoded but is not valid base64: {exc}") from exc
         version = event.get("model_version")
-        return inference.infer(runtime, str(event["model_name"]), str(version) if version else None, body,
-                               Tier.CPU, context)
+        return plane.infer(str(event["model_name"]), str(version) if version else None, body, Tier.CPU, context)
     except errors.TierserveError as exc:
         logger.info("request refused", extra={"error": exc.code, "detail": exc.message})
         return error_response(exc, served)
