@@ -10,9 +10,12 @@ extension through an unchanged tritonclient.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,8 @@ pytest.importorskip("pytriton", reason="the nvidia-pytriton wheel provides the l
 X = (TensorSpec("x", "FP32", (-1, 4)),)
 Y = (TensorSpec("y", "FP32", (-1, 3)),)
 COOLDOWN_S = 3.0
+#: The Triton supervisor's restart backoff: the first delay, and the most it doubles to.
+BACKOFF_S = (0.5, 4.0)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def stack(tmp_path_factory):
                                     "BREAKER_SUCCESS_THRESHOLD": "1", "HEALTH_TTL_S": "0.2",
                                     "TRITON_TIMEOUT_S": "2"}}
     with LocalStack(root, port=0, batch=False, workdir=tmp_path_factory.mktemp("serve"),
-                    env_overrides=overrides) as s:
+                    env_overrides=overrides, triton_restart_backoff_s=BACKOFF_S) as s:
         s.weights = (w, b)
         yield s
 
@@ -161,6 +166,63 @@ def test_killed_triton_opens_the_circuit_falls_back_and_recovers_after_restart(s
     waited = _wait_served_by(stack, "gpu", COOLDOWN_S + 10)
     assert waited <= COOLDOWN_S + 10
     assert get_runtime().dispatcher.state()["gpu"] == "closed"
+    status, headers, body, x = _infer(stack, "lin-gpu", 2)
+    assert status == 200 and headers["x-served-by"] == "gpu"
+    _check_values(stack, body, x)
+
+
+def _stubs(pgid: int) -> set[int]:
+    """The live (not zombie) triton_python_backend_stub processes of process group ``pgid``, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        if b"triton_python_backend_stub" in cmdline and fields[0] != "Z" and int(fields[2]) == pgid:
+            found.add(int(entry.name))
+    return found
+
+
+def _ready(stack) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"{stack.url}/v2/health/ready", timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_a_tritonserver_killed_from_outside_leaves_no_stub_and_is_restarted(stack):
+    # Given Triton serving large batches, with its Python-backend stubs (one per model instance)
+    _wait_served_by(stack, "gpu", COOLDOWN_S + 10)
+    pid = stack.triton.pid
+    stubs = _stubs(pid)
+    assert stubs, "no triton_python_backend_stub in tritonserver's process group"
+    assert _ready(stack)[0] == 200
+    # When tritonserver is killed from outside `tierserve serve` (kill -9: a crash, the OOM killer)
+    os.kill(pid, signal.SIGKILL)
+    # Then the API's readiness says that the GPU tier is down while it is...
+    deadline = time.monotonic() + 5
+    while (status := _ready(stack))[0] == 200:
+        assert time.monotonic() < deadline, "/v2/health/ready still 200 with tritonserver dead"
+        time.sleep(0.05)
+    assert status[0] == 503 and "tritonserver" in status[1]["error"], status
+    # ...no stub outlives it (they were 420 MB each with MiniLM)...
+    deadline = time.monotonic() + 5
+    while _stubs(pid) & stubs:
+        assert time.monotonic() < deadline, f"orphaned stubs {sorted(_stubs(pid) & stubs)} outlive tritonserver"
+        time.sleep(0.1)
+    # ...and the supervisor starts it again within the backoff (plus its start-up), on the same ports
+    deadline = time.monotonic() + BACKOFF_S[0] + 60
+    while not (stack.triton.is_running() and stack.triton.pid != pid and _ready(stack)[0] == 200):
+        assert time.monotonic() < deadline, "tritonserver was not restarted"
+        time.sleep(0.2)
+    # And GPU requests are served by the GPU again once the circuit's cool-down has passed
+    _wait_served_by(stack, "gpu", COOLDOWN_S + 15)
     status, headers, body, x = _infer(stack, "lin-gpu", 2)
     assert status == 200 and headers["x-served-by"] == "gpu"
     _check_values(stack, body, x)

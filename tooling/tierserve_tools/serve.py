@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from tierserve_tools.lambda_endpoint import FunctionError, LambdaEndpoint, Local
 from tierserve_tools.sam import FunctionSpec, function_spec, load_env_vars, load_template
 from tierserve_tools.signals import stop_on_signals
 from tierserve_tools.stack_ops import ROLLOUT_TABLE, TRITON_EXPLICIT, StackOps, create_rollout_table
+from tierserve_tools.triton import RESTART_BACKOFF_S
 
 ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
 FUNCTIONS = (ROUTER, CPU, BATCH)
@@ -91,6 +93,9 @@ class LocalStack:
             (Lambda's concurrency: each one invocation at a time, so throughput scales with them).
         auth: "iam" = the API verifies SigV4 signatures made with the local credentials (403 otherwise),
             as the deployed API does; "none" (default) = no authorization, for plain tritonclient.
+        triton_restart_backoff_s: the Triton supervisor's first restart delay and the most it doubles to, after
+            the stack's tritonserver exits on its own (``stack_ops``); ``on_triton_event`` hears each exit and
+            restart as a line of text (``triton_events`` keeps them).
         gpu_tier: "triton" (the router calls Triton's KServe API) or "sagemaker" (InvokeEndpoint on a
             local SageMaker endpoint running the same Triton); ``sagemaker_model`` names the endpoint's
             model (default: the only, or first, GPU model).
@@ -102,7 +107,9 @@ class LocalStack:
                  s3: bool = True, env: dict[str, str] | None = None, env_vars: Path | str | None = None,
                  router_inprocess: bool = True, cpu_workers: int = 2, auth: str = "none",
                  invoke_port: int | None = 0, router_workers: int = 4, gpu_tier: str = "triton",
-                 sagemaker_model: str | None = None, batch_workers: int = 1) -> None:
+                 sagemaker_model: str | None = None, batch_workers: int = 1,
+                 triton_restart_backoff_s: tuple[float, float] = RESTART_BACKOFF_S,
+                 on_triton_event: Callable[[str], None] | None = None) -> None:
         if gpu_tier not in ("triton", "sagemaker"):
             raise ConfigurationError(f"gpu_tier must be 'triton' or 'sagemaker', not {gpu_tier!r}")
         self.models = Path(models).resolve()
@@ -127,6 +134,9 @@ class LocalStack:
         self.triton: Any = None
         self.gpu_tier = gpu_tier
         self.batch_workers = max(1, batch_workers)
+        self.triton_restart_backoff_s = triton_restart_backoff_s
+        self.on_triton_event = on_triton_event
+        self.triton_events: list[str] = []
         self.sagemaker_model = sagemaker_model
         self.sagemaker: Any = None  # the local SageMaker Runtime (gpu_tier="sagemaker")
         self.endpoint_model = ""  # "name/version" the local endpoint serves
@@ -558,6 +568,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--router-workers", type=int, default=None, metavar="N",
                    help="RouterFunction's worker processes (implies --router-worker; default 4): Lambda's "
                         "concurrency, so that the emulator is not the bottleneck of a load test")
+    p.add_argument("--triton-restart-backoff", type=_backoff, default=RESTART_BACKOFF_S, metavar="FIRST[,MOST]",
+                   help="when tritonserver exits on its own, seconds before it is started again, doubling after "
+                        "each failed start up to MOST (default: %(default)s)")
     p.add_argument("--workdir", type=Path, default=Path("build/serve"), help="logs, caches, env.json")
     p.add_argument("--auth", choices=("none", "iam"), default="none",
                    help="iam: verify SigV4 signatures made with the local credentials (AWS_ACCESS_KEY_ID=testing), "
@@ -570,6 +583,16 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for every function (repeatable), e.g. BREAKER_COOLDOWN_S=5")
     p.set_defaults(func=run_cli)
+
+
+def _backoff(text: str) -> tuple[float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or parts[0] <= 0 or parts[-1] < parts[0]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give FIRST or FIRST,MOST seconds, e.g. 1,30 (0 < FIRST <= MOST)")
+    return (parts[0], max(parts[0], RESTART_BACKOFF_S[1])) if len(parts) == 1 else (parts[0], parts[1])
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -585,16 +608,13 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
                        router_inprocess=not (args.router_worker or args.router_workers), auth=args.auth,
                        invoke_port=args.invoke_port, router_workers=args.router_workers or 4,
                        gpu_tier=args.gpu_tier, sagemaker_model=args.sagemaker_model,
-                       batch_workers=args.batch_workers)
+                       batch_workers=args.batch_workers, triton_restart_backoff_s=args.triton_restart_backoff,
+                       on_triton_event=lambda text: print(f"tierserve serve: {text}", file=sys.stderr, flush=True))
     try:
         stack.start()
         print(stack.describe(), flush=True)
-        warned = False
-        while not stop.wait(0.5):
-            if stack._own_triton and stack.triton is not None and not stack.triton.is_running() and not warned:
-                print("tierserve serve: tritonserver is not running; GPU requests fall back (see the log)",
-                      file=sys.stderr, flush=True)
-                warned = True
+        while not stop.wait(0.5):  # the supervisor restarts tritonserver and says so on stderr (on_triton_event)
+            pass
         return 0
     except (TierserveError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,7 +31,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tierserve.errors import ConfigurationError, TierserveError
 from tierserve_tools.emulation import free_port
@@ -216,9 +218,20 @@ def prepare_backend_dir(root: Path | None = None, cache_dir: Path | None = None)
     return backend_dir
 
 
+def _libc_prctl() -> Any:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+#: prctl(2), looked up here and not in the forked child (a dlopen there can deadlock on a lock another thread held).
+_PRCTL = _libc_prctl()
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # --- the server process ------------------------------------------------------------------------
@@ -324,7 +337,29 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> TritonServer:
+    def exit_code(self) -> int | None:
+        """The exit status when the server exited on its own (a crash, a ``kill -9`` from outside), else None
+        (running, or stopped through ``stop()``/``kill()``, which forget the process)."""
+        proc = self._proc
+        return None if proc is None else proc.poll()
+
+    def reap(self) -> None:
+        """After the server exited on its own: SIGKILL what is left of its process group (its Python-backend
+        stubs, which outlive it otherwise, reparented to init) and forget it. A later ``start()`` starts anew."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is None:
+                return
+            self._signal_group(signal.SIGKILL)
+            self._proc = None
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    def start(self, die_with_parent: bool | None = None) -> TritonServer:
+        """Start the server and wait until it is ready. ``die_with_parent``: PR_SET_PDEATHSIG (the server dies
+        with this process). Linux sends it when the *thread* that started the server ends, so the default is on
+        from the main thread only; a caller whose thread outlives the server (the supervisor) passes True."""
+        if die_with_parent is None:
+            die_with_parent = threading.current_thread() is threading.main_thread()
         with self._lock:
             if self.is_running():
                 return self
@@ -346,7 +381,7 @@ class TritonServer:
                     # a global numpy 2.x, whose ABI silently yields empty output tensors.
                     cwd=default_site_packages().split(os.pathsep)[0],
                     start_new_session=True,
-                    preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+                    preexec_fn=_die_with_parent if die_with_parent and _PRCTL is not None else None,
                 )
             with _LIVE_LOCK:
                 _LIVE.add(self)
@@ -447,6 +482,112 @@ class TritonServer:
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.is_running() else "stopped"
         return f"TritonServer({self.model_repository}, http={self.http_url}, grpc={self.grpc_url}, {state})"
+
+
+# --- the supervisor ----------------------------------------------------------------------------
+
+#: The supervisor's restart backoff by default: the first delay (s), and the most it doubles to.
+RESTART_BACKOFF_S = (1.0, 30.0)
+
+
+class TritonSupervisor:
+    """Restarts a :class:`TritonServer` that exited on its own, with exponential backoff.
+
+    Every ``poll_s`` it looks at the server. When the server has exited on its own (not through ``stop()`` or
+    ``kill()``, which are deliberate), it kills what is left of its process group at once (the Python-backend
+    stubs, which would otherwise live on, reparented to init), waits ``backoff_s[0]`` seconds, doubled after
+    each failed start up to ``backoff_s[1]``, and starts it again on the same ports, so that clients reconnect
+    to the same URLs. ``status()`` says where it stands (``serving``, ``restarting``, ``stopped``), for the
+    stack's readiness; ``on_event`` hears each exit and restart (one line of text), ``on_restart`` each
+    successful restart (e.g. to load the store's versions again).
+
+    The delay resets after a start that stayed up ``stable_s``; a crash loop keeps backing off.
+    """
+
+    def __init__(self, server: TritonServer, backoff_s: tuple[float, float] = RESTART_BACKOFF_S,
+                 poll_s: float = 0.2, stable_s: float = 60.0, on_event: Callable[[str], None] | None = None,
+                 on_restart: Callable[[], None] | None = None) -> None:
+        if backoff_s[0] <= 0 or backoff_s[1] < backoff_s[0]:
+            raise ConfigurationError(f"restart backoff {backoff_s}: give (first delay > 0, most >= first) seconds")
+        self.server = server
+        self.backoff_s = (float(backoff_s[0]), float(backoff_s[1]))
+        self.poll_s = poll_s
+        self.stable_s = stable_s
+        self.on_event = on_event
+        self.on_restart = on_restart
+        self.state = "serving"
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.last_error = ""
+        self.next_attempt_s: float | None = None  # monotonic time of the next start, while restarting
+        self._failures = 0
+        self._started_at = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> TritonSupervisor:
+        self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.server.startup_timeout_s + 10)
+            self._thread = None
+        self.state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        """Where the GPU tier's server stands: state, restarts so far, the last exit status and start error,
+        and the seconds until the next start while restarting."""
+        wait = None if self.next_attempt_s is None else max(0.0, round(self.next_attempt_s - time.monotonic(), 1))
+        return {"state": self.state, "restarts": self.restarts, "last_exit": self.last_exit,
+                "last_error": self.last_error or None, "next_attempt_in_s": wait}
+
+    def _say(self, text: str) -> None:
+        if self.on_event is not None:
+            with contextlib.suppress(Exception):
+                self.on_event(text)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            code = self.server.exit_code()
+            if code is None:
+                continue
+            self.server.reap()  # its stubs go now, not when serve stops
+            self.last_exit = code
+            if time.monotonic() - self._started_at >= self.stable_s:
+                self._failures = 0
+            self.state = "restarting"
+            self._restart(f"tritonserver exited (status {code}); its process group was killed")
+
+    def _restart(self, why: str) -> None:
+        while True:
+            delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** self._failures)
+            self.next_attempt_s = time.monotonic() + delay
+            self._say(f"{why}; restarting it in {delay:g} s")
+            if self._stop.wait(delay):
+                return
+            try:
+                t0 = time.monotonic()
+                self.server.start(die_with_parent=True)  # this thread outlives the server: see start()
+            except TierserveError as exc:
+                self._failures += 1
+                self.last_error = exc.message.splitlines()[0]
+                why = f"tritonserver did not start again ({self.last_error})"
+                continue
+            self._failures += 1
+            self._started_at = time.monotonic()
+            self.restarts += 1
+            self.state, self.next_attempt_s, self.last_error = "serving", None, ""
+            self._say(f"tritonserver restarted (pid {self.server.pid}, ready in {time.monotonic() - t0:.1f} s; "
+                      f"restart {self.restarts})")
+            if self.on_restart is not None:
+                try:
+                    self.on_restart()
+                except Exception as exc:  # the sync's next poll tries again
+                    self._say(f"after the restart: {exc}")
+            return
 
 
 # --- CLI -----------------------------------------------------------------------------------------
