@@ -27,6 +27,7 @@ from tierserve.http import (
     response,
 )
 from tierserve.observability import logger
+from tierserve.tiers import Tier
 from tierserve.wire import body_view, json_loads
 
 Operation = Callable[[Runtime, HttpRequest, dict[str, str], Any], dict[str, Any]]
@@ -144,7 +145,7 @@ def handle_request(req: HttpRequest, context: Any = None, runtime: Runtime | Non
 
 
 def _answer(parse: Callable[[Runtime], HttpRequest], context: Any, runtime: Runtime | None) -> dict[str, Any]:
-    base_headers = {"x-served-by": "cpu"}
+    base_headers = {"x-served-by": Tier.CPU.value}
     request_id = ""
     try:
         rt = runtime or get_runtime()

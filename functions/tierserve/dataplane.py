@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tierserve import errors, inference
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import Tier
 
 if TYPE_CHECKING:
     from tierserve.app import Runtime
@@ -60,7 +61,7 @@ class DataPlane:
     """The operations on one runtime. ``answered_by`` is the tier named in ``x-served-by`` for what this
     process answers itself (``cpu`` in the cloud, ``edge`` on a device)."""
 
-    def __init__(self, runtime: Runtime, answered_by: str = "cpu") -> None:
+    def __init__(self, runtime: Runtime, answered_by: str = Tier.CPU) -> None:
         self.rt = runtime
         self.answered_by = answered_by
 
@@ -88,7 +89,7 @@ class DataPlane:
         return readiness_of(self.rt.dispatcher, model)
 
     def _model_tier(self, model: ModelVersion) -> str:
-        return self.answered_by if self.answered_by == "edge" else ("cpu" if model.serves_cpu else "gpu")
+        return self.answered_by if self.answered_by == Tier.EDGE else (Tier.CPU if model.serves_cpu else Tier.GPU)
 
     def model_ready(self, name: str, version: str | None) -> Answer:
         """200 when the model loads and runs; otherwise a 503 that keeps the tier's own reason as its code."""

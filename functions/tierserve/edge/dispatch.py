@@ -37,6 +37,7 @@ from tierserve.edge.store import EdgeStore
 from tierserve.manifest import ModelVersion
 from tierserve.routing import DEFAULT_EDGE_MAX_ROWS, Decision, EdgeFacts, Policy, RouteContext
 from tierserve.tiering import Deadline, Dispatched, score_arrays
+from tierserve.tiers import Tier
 
 #: True while a request's answer comes from the cloud (set per request by the dispatcher).
 FORWARDED: ContextVar[bool] = ContextVar("tierserve_edge_forwarded", default=False)
@@ -106,7 +107,7 @@ class EdgeDispatcher:
     index_readiness = readiness
 
     def state(self) -> dict[str, str]:
-        return {"edge": f"{len(self.store.snapshot.held)} held",
+        return {Tier.EDGE.value: f"{len(self.store.snapshot.held)} held",
                 "cloud": self.breaker.state if self.cloud is not None else "none"}
 
     def decide(self, model: ModelVersion, call: InferenceCall, hint: str | None = None,
@@ -126,7 +127,7 @@ class EdgeDispatcher:
         deadline = deadline or Deadline(None)
         FORWARDED.set(False)
         decision = self.decide(model, call, hint, deadline)
-        if decision.target == "edge":
+        if decision.target == Tier.EDGE:
             done = self._edge(model, call, decision, deadline)
         else:
             done = self._forward(model, call, hint, decision, deadline)
@@ -152,13 +153,13 @@ class EdgeDispatcher:
 
     def _edge(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline) -> Dispatched:
         try:
-            return Dispatched(self._run_here(model, call, deadline), "edge", decision)
+            return Dispatched(self._run_here(model, call, deadline), Tier.EDGE, decision)
         except errors.InvalidRequestError:
             raise
         except (errors.ArtifactError, errors.InferenceError, errors.BackendUnavailableError) as exc:
             if not self.cloud_usable():
                 raise
-            return self._forward(model, call, None, Decision("cpu", f"{decision.reason}; the device failed "
+            return self._forward(model, call, None, Decision(Tier.CPU, f"{decision.reason}; the device failed "
                                  f"({exc.message})", "edge-unavailable"), deadline, fallback="edge-unavailable")
 
     def _forward(self, model: ModelVersion, call: InferenceCall, hint: str | None, decision: Decision,
@@ -193,7 +194,7 @@ class EdgeDispatcher:
         if self.store.held(model) is not None:
             reply = self._run_here(model, call, deadline)
             self.counters.fallback(model.name)
-            return Dispatched(reply, "edge", Decision("edge", f"{decision.reason}; cloud unavailable ({why})",
+            return Dispatched(reply, Tier.EDGE, Decision(Tier.EDGE, f"{decision.reason}; cloud unavailable ({why})",
                                                       "cloud-unavailable"), "cloud-unavailable")
         retry = self.breaker.retry_after_s() or self.breaker.cooldown_s
         raise errors.BackendUnavailableError(

@@ -22,6 +22,7 @@ from tierserve import errors, wire
 from tierserve.calls import InferenceCall, Reply
 from tierserve.client import ApiError, Client
 from tierserve.manifest import ModelVersion
+from tierserve.tiers import Tier
 
 #: Headers of the cloud's answer a client needs; the rest (connection, date, apigw ids) stay behind.
 PASSED_BACK = ("content-type", "inference-header-content-length", "retry-after", "x-served-by", "x-fallback")
@@ -63,7 +64,7 @@ class CloudBackend:
             "body": base64.b64encode(resp.body).decode() if binary else resp.body.decode("utf-8", "replace"),
             "isBase64Encoded": binary,
         }
-        return Reply(http=http), resp.served_by or "cpu"
+        return Reply(http=http), resp.served_by or Tier.CPU
 
     def ready(self, model: ModelVersion | None = None) -> bool:
         """The gateway's readiness (the model's, when given), within ``ready_timeout_s``; never raises."""

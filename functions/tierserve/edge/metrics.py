@@ -15,6 +15,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from tierserve.tiers import Tier
+
 #: The one label for every model name the device does not know (and "-" for routes that name no model).
 OTHER_MODEL = "_other"
 NO_MODEL = "-"
@@ -66,7 +68,7 @@ class EdgeCounters:
         with self._lock:
             out: dict[str, dict[str, int]] = {}
             for (m, _), n in self.hits.items():
-                out.setdefault(m, {})["edge"] = out.get(m, {}).get("edge", 0) + n
+                out.setdefault(m, {})[Tier.EDGE.value] = out.get(m, {}).get(Tier.EDGE.value, 0) + n
             for (m, _, _), n in self.forwards.items():
                 out.setdefault(m, {})["forwarded"] = out.get(m, {}).get("forwarded", 0) + n
             for m, n in self.forward_failures.items():
