@@ -45,6 +45,7 @@ from tierserve.edge.dispatch import FORWARDED
 from tierserve.edge.metrics import EdgeCounters
 from tierserve.http import payload_too_large
 from tierserve.rendering import GRPC_CODE_BY_STATUS, render_error, status_for
+from tierserve.tiers import Tier
 from tierserve.wire import json_dumps, json_loads
 
 #: Protobuf framing beyond the tensors themselves that a request at MAX_PAYLOAD_BYTES may carry.
@@ -204,7 +205,7 @@ class CloudAnswer(Exception):
             obj = {}
         self.message = (str(obj.get("error") or obj.get("message") or f"HTTP {self.status}")
                         if isinstance(obj, dict) else str(obj))
-        self.served_by = self.headers.get("x-served-by", "cpu")
+        self.served_by = self.headers.get("x-served-by", Tier.CPU.value)
         super().__init__(self.message)
 
 
@@ -214,7 +215,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         from tritonclient.grpc import model_config_pb2, service_pb2
 
         self.rt = runtime
-        self.plane = DataPlane(runtime, answered_by="edge")
+        self.plane = DataPlane(runtime, answered_by=Tier.EDGE)
         self.counters = counters
         self.after_request = after_request
         self.pb = service_pb2
@@ -226,7 +227,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
 
     def _abort(self, context: Any, exc: BaseException, model: str) -> None:
         answer = render_error(exc, "oip")  # the one error wrapper: status, code, retry-after
-        served = "edge"  # an error raised here is this device's answer (the cloud's come through _abort_answer)
+        served = Tier.EDGE.value  # an error raised here is this device's answer (the cloud's come through _abort_answer)
         metadata = [("x-served-by", served)]
         if "retry-after" in answer.headers:
             metadata.append(("retry-after", answer.headers["retry-after"]))
@@ -339,7 +340,8 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         resp = self.plane.infer(request.model_name, request.model_version or None, body, None, None)
         if int(resp["statusCode"]) != 200:
             raise CloudAnswer(resp)
-        served = "edge" if not FORWARDED.get() else str((resp.get("headers") or {}).get("x-served-by", "cpu"))
+        served = Tier.EDGE.value if not FORWARDED.get() else str((resp.get("headers") or {}).get("x-served-by",
+                                                                                                 Tier.CPU.value))
         return response_message(resp, self.pb), served
 
     # --- streaming: Triton's ModelStreamInfer ----------------------------------------------------------
@@ -371,7 +373,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
         flag = asked and _param(request.parameters[FINAL_FLAG_ASKED]) is True
         if asked:
             del request.parameters[FINAL_FLAG_ASKED]
-        served, status = "edge", 200
+        served, status = Tier.EDGE.value, 200
         try:
             for answer, by, final in self._answers(request):
                 served = by  # counted once the request is answered
@@ -389,7 +391,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
             served, status = exc.served_by, exc.status
             yield self._stream_error(request, exc.message)
         except Exception as exc:
-            served, status = "edge", status_for(exc)
+            served, status = Tier.EDGE.value, status_for(exc)
             if not isinstance(exc, errors.TierserveError):
                 logging.getLogger("tierserve.edge").exception("gRPC stream request failed")
             yield self._stream_error(request, exc.message if isinstance(exc, errors.TierserveError)
