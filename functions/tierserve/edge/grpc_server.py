@@ -227,7 +227,7 @@ class _Servicer(_servicer_base()):  # type: ignore[misc]
 
     def _abort(self, context: Any, exc: BaseException, model: str) -> None:
         answer = render_error(exc, "oip")  # the one error wrapper: status, code, retry-after
-        served = Tier.EDGE.value  # an error raised here is this device's answer (the cloud's come through _abort_answer)
+        served = Tier.EDGE.value  # raised here: this device answered (the cloud's answers: _abort_answer)
         metadata = [("x-served-by", served)]
         if "retry-after" in answer.headers:
             metadata.append(("retry-after", answer.headers["retry-after"]))
