@@ -11,9 +11,7 @@ any other JSON value, which API Gateway serves as a 200 application/json body).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -22,8 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from tierserve import limits
-from tierserve.threaded_server import ThreadedServer
-from tierserve_tools.httpd import RobustHandler
+from tierserve.httpserver import HttpServer, Limits, Request, Response
 
 #: Content types API Gateway passes through as text; every other body is base64-encoded.
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
@@ -142,30 +139,39 @@ def result_to_http(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:
     return status, headers, body
 
 
-class ApiGatewayServer(ThreadedServer):
-    """An HTTP server (``tierserve_tools.httpd``: timeouts, 400/405/411/413 in the API's JSON, a real
-    backlog) that serves every request through ``handler(event, context)``, within API Gateway's quotas."""
+class ApiGatewayServer(HttpServer):
+    """An HTTP server (``tierserve.httpserver``: absolute header and body deadlines, a bounded number of
+    connections, 400/405/408/413/414/505 in the API's JSON) that serves every request through
+    ``handler(event, context)``, within API Gateway's quotas. ``limits`` may shorten the deadlines (tests)."""
+
+    thread_name = "apigw"
+    server_name = "tierserve-apigw-local"
 
     def __init__(self, handler: Handler, context_factory: ContextFactory, host: str = "127.0.0.1",
-                 port: int = 0, extra: Extra | None = None, authorizer: Authorizer | None = None) -> None:
+                 port: int = 0, extra: Extra | None = None, authorizer: Authorizer | None = None,
+                 limits: Limits | None = None) -> None:
         self.handler = handler
         self.context_factory = context_factory
         self.also = extra  # the emulator's own pages (GET /metrics); None = not theirs, the API's
         self.authorizer = authorizer  # IAM auth (tierserve_tools.sigv4): None = allowed, else the refusal
-        self.connections: set[Any] = set()  # open client connections, severed by stop() as a dead gateway would
         self.integration_timeout_s = INTEGRATION_TIMEOUT_S
+        self.limits = limits or Limits(max_body_bytes=MAX_BODY_BYTES)
         self.host, self.port = host, port
         self.bind()
 
-    def request_handler(self) -> type[RobustHandler]:
-        return _make_request_handler(self)
-
-    def stop(self) -> None:
-        super().stop()
-        # A stopped gateway answers nothing: keep-alive connections are cut, not served on by their threads.
-        for conn in list(self.connections):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+    def handle(self, request: Request) -> Response:
+        headers = request.header_map()
+        if self.also is not None:
+            other = self.also(request.method, request.target, headers, request.body)
+            if other is not None:
+                return Response(other[0], list(other[1].items()), other[2])
+        if self.authorizer is not None:
+            denied = self.authorizer(request.method, request.target, headers, request.body)
+            if denied is not None:
+                return Response(denied[0], list(denied[1].items()), denied[2])
+        event = http_api_event(request.method, request.target, request.headers, request.body, request.client[0])
+        status, out, payload = self.invoke(event)
+        return Response(status, [*out, ("apigw-requestid", event["requestContext"]["requestId"])], payload)
 
     def invoke(self, event: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
         """The integration, with API Gateway's and Lambda's quotas: an event over Lambda's request payload
@@ -200,39 +206,6 @@ class ApiGatewayServer(ThreadedServer):
                       MAX_RESULT_BYTES)
             return INTERNAL_ERROR
         return result_to_http(result)
-
-
-def _make_request_handler(gw: ApiGatewayServer) -> type[RobustHandler]:
-    class RequestHandler(RobustHandler):
-        server_version = "tierserve-apigw-local"
-        max_body_bytes = MAX_BODY_BYTES
-
-        def setup(self) -> None:
-            super().setup()
-            gw.connections.add(self.connection)
-
-        def finish(self) -> None:
-            gw.connections.discard(self.connection)
-            super().finish()
-
-        def serve(self) -> None:
-            body = self.read_body()
-            if gw.also is not None:
-                other = gw.also(self.command, self.path, dict(self.headers.items()), body)
-                if other is not None:
-                    self.send_reply(other[0], list(other[1].items()), other[2])
-                    return
-            if gw.authorizer is not None:
-                denied = gw.authorizer(self.command, self.path, dict(self.headers.items()), body)
-                if denied is not None:
-                    self.send_reply(denied[0], list(denied[1].items()), denied[2])
-                    return
-            event = http_api_event(self.command, self.path, list(self.headers.items()), body,
-                                   self.client_address[0])
-            status, headers, payload = gw.invoke(event)
-            self.send_reply(status, [*headers, ("apigw-requestid", event["requestContext"]["requestId"])], payload)
-
-    return RequestHandler
 
 
 def context_factory(function_name: str, memory_mb: int, timeout_s: float) -> ContextFactory:

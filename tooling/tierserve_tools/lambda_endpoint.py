@@ -24,13 +24,14 @@ from typing import Any
 from urllib.parse import unquote
 
 from tierserve import limits
-from tierserve.threaded_server import ThreadedServer
-from tierserve_tools.httpd import RobustHandler
+from tierserve.httpserver import HttpError, HttpServer, Limits, Request, Response
 
 INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$")
 #: Lambda's synchronous invocation payload limits (tierserve.limits holds the quotas).
 MAX_PAYLOAD_BYTES = limits.LAMBDA_REQUEST_BYTES
 MAX_RESPONSE_BYTES = limits.LAMBDA_RESPONSE_BYTES
+#: The Invoke API's own body quota (413 RequestTooLargeException past it).
+MAX_BODY_BYTES = limits.APIGW_PAYLOAD_BYTES
 
 
 class FunctionError(Exception):
@@ -194,22 +195,33 @@ class _Worker:
             proc.stdout.close()
 
 
-class LambdaEndpoint(ThreadedServer):
+class LambdaEndpoint(HttpServer):
     """Serves the Invoke API for ``functions`` on its own port (never the API's: API clients must not
-    reach the functions); a context manager."""
+    reach the functions); a context manager. The HTTP server is ``tierserve.httpserver`` (deadlines,
+    bounded connections); errors are the Invoke API's (``x-amzn-ErrorType``)."""
 
     thread_name = "lambda-endpoint"
+    server_name = "tierserve-lambda-local"
 
-    def __init__(self, functions: list[LocalFunction], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, functions: list[LocalFunction], host: str = "127.0.0.1", port: int = 0,
+                 limits: Limits | None = None) -> None:
         self.functions: dict[str, LocalFunction] = {}
         for fn in functions:
             self.add(fn)
+        self.limits = limits or Limits(max_body_bytes=MAX_BODY_BYTES, workers=64)
         self.host, self.port = host, port
 
-    def request_handler(self) -> type[RobustHandler]:
-        return _make_handler(self)
+    def handle(self, request: Request) -> Response:
+        reply = self.handle_invoke(request.method, request.target, request.header_map(), request.body)
+        status, headers, body = reply or _error(404, "ResourceNotFoundException", f"no such API: {request.path}")
+        return Response(status, list(headers.items()), body)
 
-    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply | None:
+    def error_response(self, error: HttpError) -> Response:
+        code = "".join(w.title() for w in error.code.split("_")) + "Exception"
+        status, headers, body = _error(error.status, code, error.message)
+        return Response(status, [*headers.items(), *error.headers], body)
+
+    def handle_invoke(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply | None:
         """Serve an Invoke request (None when it is not one)."""
         return handle_invoke(self, method, target, headers, body)
 
@@ -230,25 +242,6 @@ class LambdaEndpoint(ThreadedServer):
         super().stop()
         for fn in {id(f): f for f in self.functions.values()}.values():
             fn.close()
-
-
-def _make_handler(endpoint: LambdaEndpoint) -> type[RobustHandler]:
-    class Handler(RobustHandler):
-        server_version = "tierserve-lambda-local"
-        # the Invoke API's own quota: the request body is the event (413 RequestTooLargeException past it)
-        max_body_bytes = limits.APIGW_PAYLOAD_BYTES
-
-        def serve(self) -> None:
-            raw = self.read_body()
-            reply = endpoint.handle(self.command, self.path, dict(self.headers.items()), raw)
-            status, headers, body = reply or _error(404, "ResourceNotFoundException", f"no such API: {self.path}")
-            self.send_reply(status, list(headers.items()), body)
-
-        def error_body(self, status: int, code: str, message: str) -> tuple[dict[str, str], bytes]:
-            _, headers, body = _error(status, "".join(w.title() for w in code.split("_")) + "Exception", message)
-            return headers, body
-
-    return Handler
 
 
 Reply = tuple[int, dict[str, str], bytes]

@@ -29,11 +29,10 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from tierserve.threaded_server import ThreadedServer
+from tierserve.httpserver import HttpError, HttpServer, Limits, Request, Response
 
 INVOKE_PATH = re.compile(r"^/endpoints/(?P<name>[^/]+)/invocations/?$")
 #: InvokeEndpoint's request payload limit.
@@ -115,58 +114,32 @@ def invoke(endpoints: Mapping[str, LocalEndpoint], method: str, target: str, hea
     return _model_error(endpoint, status, data.decode("utf-8", "replace"))
 
 
-class SageMakerRuntime(ThreadedServer):
-    """Serves InvokeEndpoint for ``endpoints`` on its own port; a context manager."""
+class SageMakerRuntime(HttpServer):
+    """Serves InvokeEndpoint for ``endpoints`` on its own port (``tierserve.httpserver``: deadlines, bounded
+    connections); a context manager."""
 
     thread_name = "sagemaker-runtime"
-    poll_interval_s = 0.05
+    server_name = "tierserve-sagemaker-runtime-local"
 
     def __init__(self, endpoints: list[LocalEndpoint], host: str = "127.0.0.1", port: int = 0,
-                 container_timeout_s: float = CONTAINER_TIMEOUT_S) -> None:
+                 container_timeout_s: float = CONTAINER_TIMEOUT_S, limits: Limits | None = None) -> None:
         self.endpoints = {e.name: e for e in endpoints}
         self.host, self.port = host, port
         self.container_timeout_s = container_timeout_s
+        # bodies up to twice InvokeEndpoint's limit are read, so that its own 400 ValidationError answers them
+        self.limits = limits or Limits(max_body_bytes=2 * MAX_PAYLOAD_BYTES, workers=64)
 
-    def request_handler(self) -> type[BaseHTTPRequestHandler]:
-        return _make_handler(self)
+    def handle(self, request: Request) -> Response:
+        reply = invoke(self.endpoints, request.method, request.target, request.header_map(), request.body,
+                       self.container_timeout_s)
+        status, headers, body = reply or _aws_error(404, "UnknownOperationException",
+                                                    f"no such operation: {request.method} {request.path}")
+        return Response(status, list(headers.items()), body)
 
-
-def _make_handler(runtime: SageMakerRuntime) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "tierserve-sagemaker-runtime-local"
-        disable_nagle_algorithm = True  # headers and body are separate writes (see lambda_endpoint)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _send(self, reply: Reply) -> None:
-            status, headers, body = reply
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self._send(_aws_error(400, "ValidationError", "Content-Length must be a non-negative integer"))
-                self.close_connection = True
-                return
-            raw = self.rfile.read(length) if length else b""
-            reply = invoke(runtime.endpoints, "POST", self.path, dict(self.headers.items()), raw,
-                           runtime.container_timeout_s)
-            self._send(reply or _aws_error(404, "UnknownOperationException", f"no such operation: POST {self.path}"))
-
-        def do_GET(self) -> None:
-            self._send(_aws_error(404, "UnknownOperationException", f"no such operation: GET {self.path}"))
-
-    return Handler
+    def error_response(self, error: HttpError) -> Response:
+        code = "ValidationError" if error.status < 500 else "ServiceUnavailable"
+        status, headers, body = _aws_error(error.status, code, error.message)
+        return Response(status, [*headers.items(), *error.headers], body)
 
 
 def triton_container(repository: Any, model: str, log_path: Any = None) -> tuple[Any, str]:

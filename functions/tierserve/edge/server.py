@@ -2,12 +2,17 @@
 
 Every protocol request is served by the cloud's own endpoint table (``tierserve.api.handle_request``):
 the same routes, codec, errors and limits. There is no API Gateway in front of a device, so this server
-does what the gateway does for the cloud, and nothing more:
+does what the gateway does for the cloud, and nothing more. The HTTP is ``tierserve.httpserver`` (h11 on
+one asyncio loop, handlers on a bounded pool), as for the local emulators:
 
-* a body over ``MAX_PAYLOAD_BYTES`` gets 413 from its Content-Length, before it is read;
-* a bad Content-Length gets 400, a chunked body 411 (send Content-Length), both as protocol JSON;
-* reads are bounded (``READ_TIMEOUT_S`` per socket operation), the listen backlog is real, and an
-  unknown method gets the protocol's 405/404, never an HTML page;
+* a body over ``MAX_PAYLOAD_BYTES`` gets 413 from its Content-Length, before it is read; chunked bodies are
+  decoded (and refused past the same limit); a POST without a body is an empty body;
+* the request line and headers must arrive within ``LIMITS.header_timeout_s`` (10 s) and the body within
+  ``LIMITS.body_timeout_s`` (30 s), whatever the pace (408); at most ``LIMITS.max_connections`` connections
+  are open (a device faces a local network: a slow or flooding client costs a coroutine, not a thread);
+* bad framing (two Content-Lengths, a request line over 64 KiB, HTTP/0.9, HTTP/2, ``HTTP/9.9``) gets an
+  HTTP/1.1 status line and the protocol's JSON; any method reaches the endpoint table, whose 405 names
+  the route's methods in ``Allow``;
 * ``x-served-by`` is ``edge`` for what this device answered (inference, health, metadata, errors) and the
   cloud's own (``cpu`` / ``gpu``) for what it forwarded.
 
@@ -18,47 +23,73 @@ sync state, versions held, hit and forward counts).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl
 
-from tierserve import errors
 from tierserve.api import handle_request
 from tierserve.app import Runtime
 from tierserve.edge.dispatch import FORWARDED
 from tierserve.edge.metrics import EdgeCounters
-from tierserve.http import HttpRequest, error_response, payload_too_large
-from tierserve.threaded_server import ThreadedServer
+from tierserve.httpserver import HttpError, HttpServer, Limits, Request, Response
+from tierserve.protocol.http_api import HttpRequest, error_response
 
-#: Per socket operation (request line, headers, body): a client that stalls is dropped.
-READ_TIMEOUT_S = 30.0
+#: The deadlines and bounds of the device's HTTP (the body limit comes from the runtime's settings).
+LIMITS = Limits(header_timeout_s=10.0, body_timeout_s=30.0, max_connections=512, workers=16)
 _MODEL = re.compile(r"^/v2/models/([^/]+)")
+log = logging.getLogger("tierserve.edge")
 
 
-class EdgeHttpServer(ThreadedServer):
+class EdgeHttpServer(HttpServer):
     """Serves ``runtime`` (an edge Runtime) on ``host:port``; ``status()`` and ``metrics()`` feed its own routes."""
 
     thread_name = "edge-http"
+    server_name = "tierserve-edge"
+    allowed_methods = None  # every method reaches the endpoint table (404 / 405 with Allow)
 
     def __init__(self, runtime: Runtime, counters: EdgeCounters, status: Callable[[], dict[str, Any]],
                  metrics: Callable[[], str], host: str = "127.0.0.1", port: int = 8000,
-                 after_request: Callable[[], None] | None = None) -> None:
+                 after_request: Callable[[], None] | None = None, limits: Limits | None = None) -> None:
         self.runtime = runtime
         self.counters = counters
         self.status = status
         self.metrics = metrics
         self.after_request = after_request
+        self.limits = dataclasses.replace(limits or LIMITS, max_body_bytes=runtime.settings.max_payload_bytes)
         self.host, self.port = host, port
         self.bind()  # the port is known (and taken) from here on
 
-    def request_handler(self) -> type[BaseHTTPRequestHandler]:
-        return _handler(self)
-
     # --- one request -----------------------------------------------------------------------------------
+
+    def handle(self, request: Request) -> Response:
+        FORWARDED.set(False)
+        try:
+            status, headers, body = self.answer(request.method, request.target, request.header_map(), request.body)
+        except Exception:  # never a stack trace to a client
+            log.exception("edge request failed")
+            status, headers, body = _unpack(error_response(RuntimeError()))
+        served_by = headers.get("x-served-by", "edge") if FORWARDED.get() else "edge"
+        headers["x-served-by"] = served_by
+        self._count(request.path, served_by, status)
+        if self.after_request is not None:
+            self.after_request()
+        return Response(status, list(headers.items()), body)
+
+    def error_response(self, error: HttpError) -> Response:
+        """The server's own errors (framing, deadlines, limits): the protocol's JSON, answered by the edge."""
+        self._count("-", "edge", error.status)
+        body = json.dumps({"error": error.message, "code": error.code}).encode()
+        return Response(error.status, [("content-type", "application/json"), ("x-served-by", "edge"),
+                                       *error.headers], body)
+
+    def _count(self, path: str, served_by: str, status: int) -> None:
+        m = _MODEL.match(path)
+        self.counters.request(m.group(1) if m else "-", served_by, "http", status)
 
     def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str],
                                                                                                  bytes]:
@@ -77,87 +108,3 @@ def _unpack(resp: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
     raw = resp.get("body") or ""
     body = base64.b64decode(raw) if resp.get("isBase64Encoded") else str(raw).encode("utf-8")
     return int(resp["statusCode"]), {str(k).lower(): str(v) for k, v in (resp.get("headers") or {}).items()}, body
-
-
-def _handler(server: EdgeHttpServer) -> type[BaseHTTPRequestHandler]:
-    max_body = server.runtime.settings.max_payload_bytes
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "tierserve-edge"
-        timeout = READ_TIMEOUT_S
-        # Headers and body are separate writes: without TCP_NODELAY, Nagle and a delayed ACK add ~40 ms.
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def __getattr__(self, name: str) -> Any:  # every method, known or not: the endpoint table answers
-            if name.startswith("do_"):
-                return self._serve
-            raise AttributeError(name)
-
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """Malformed request lines and headers: the protocol's JSON error, not an HTML page."""
-            self.close_connection = True
-            self._reply(code, {"content-type": "application/json"},
-                        json.dumps({"error": message or explain or "bad request", "code": "invalid_request"}).encode())
-
-        def _serve(self) -> None:
-            FORWARDED.set(False)
-            try:
-                status, headers, body = self._route()
-            except Exception:  # never a stack trace to a client
-                import logging
-
-                logging.getLogger("tierserve.edge").exception("edge request failed")
-                status, headers, body = _unpack(error_response(RuntimeError()))
-            served_by = headers.get("x-served-by", "edge") if FORWARDED.get() else "edge"
-            headers["x-served-by"] = served_by
-            m = _MODEL.match(self.path)
-            server.counters.request(m.group(1) if m else "-", served_by, "http", status)
-            self._reply(status, headers, body)
-            if server.after_request is not None:
-                server.after_request()
-
-        def _route(self) -> tuple[int, dict[str, str], bytes]:
-            if (self.headers.get("Transfer-Encoding") or "identity").lower() != "identity":
-                self.close_connection = True
-                return 411, {"content-type": "application/json"}, json.dumps(
-                    {"error": "chunked request bodies are not accepted; send the body with a Content-Length",
-                     "code": "length_required"}).encode()
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                self.close_connection = True
-                return _unpack(error_response(errors.InvalidRequestError(
-                    f"Content-Length {self.headers.get('Content-Length')!r} is not a byte count")))
-            if length > max_body:
-                self.close_connection = True  # the body is never read
-                return _unpack(error_response(payload_too_large(length, max_body)))
-            body = self.rfile.read(length) if length else b""
-            if len(body) < length:
-                self.close_connection = True
-                return _unpack(error_response(errors.InvalidRequestError(
-                    f"the body ended after {len(body)} of {length} bytes")))
-            headers: dict[str, str] = {}
-            for k, v in self.headers.items():
-                key = k.lower()
-                headers[key] = f"{headers[key]},{v}" if key in headers else v
-            return server.answer(self.command, self.path, headers, body)
-
-        def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
-            self.send_response(status)
-            for k, v in headers.items():
-                if k not in ("content-length", "connection", "transfer-encoding", "date", "server"):
-                    self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if getattr(self, "command", None) != "HEAD":
-                self.wfile.write(body)
-
-    return Handler

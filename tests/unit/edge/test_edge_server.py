@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.client import Client
 from tierserve.edge.runtime import EdgeRuntime
-from tierserve.http import decode_body
+from tierserve.protocol.http_api import decode_body
 from tierserve.settings import Settings
 
 LIMIT = 64 * 1024
@@ -92,9 +94,15 @@ def test_limits_and_bad_http_get_the_protocols_json(edge: EdgeRuntime) -> None:
     assert status == 413 and json.loads(body)["code"] == "payload_too_large" and headers["x-served-by"] == "edge"
     status, _, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
     assert status == 400 and "Content-Length" in json.loads(body)["error"]
-    status, _, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\n"
-                                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-    assert status == 411 and json.loads(body)["code"] == "length_required"
+    # a chunked body is decoded (issue 16: h11 frames it), and held to the same limit as it arrives
+    doc = json_body(rows_of(1))
+    status, _, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                          b"\r\n" + f"{len(doc):x}".encode() + b"\r\n" + doc + b"\r\n0\r\n\r\n")
+    assert status == 200 and json.loads(body)["outputs"][0]["name"] == "y"
+    chunk = b"f000\r\n" + b"a" * 0xF000 + b"\r\n"
+    status, _, body = raw(edge.url, b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                          b"\r\n" + chunk * 2 + b"0\r\n\r\n")
+    assert status == 413 and json.loads(body)["code"] == "payload_too_large"
     status, _, body = raw(edge.url, b"TRACE /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 405 and json.loads(body)["code"] == "method_not_allowed"
 
@@ -113,3 +121,107 @@ def test_health_and_metrics_report_sync_versions_and_counts(edge: EdgeRuntime) -
     assert 'tierserve_edge_requests_total{model="gpu-only",served_by="edge",protocol="http",status="503"} 1' in text
     assert 'tierserve_edge_model_held{model="lin",version="1"' in text and "tierserve_edge_syncs_total 1" in text
     assert client.request("GET", "/v2/health/ready").served_by == "edge"
+
+
+# --- issue 16: defects 2, 4, 12 and 13 at the edge ------------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_edge(store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EdgeRuntime]:
+    """The edge with short deadlines (header 0.5 s, body 0.5 s) so that slow clients are cut in a test's time."""
+    import tierserve.edge.server as server
+
+    monkeypatch.setattr(server, "READ_TIMEOUT_S", 0.5, raising=False)  # the server before issue 16
+    if hasattr(server, "LIMITS"):
+        monkeypatch.setattr(server, "LIMITS", dataclasses.replace(server.LIMITS, header_timeout_s=0.5,
+                                                                   body_timeout_s=0.5))
+    with synced_edge(LIMIT, store_uri=str(store_dir), cache_dir=str(tmp_path / "cache"), port=0,
+                     grpc_port=-1) as rt:
+        yield rt
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_defect_2_a_post_without_a_body_or_a_length_is_served(edge: EdgeRuntime) -> None:
+    status, _, body = raw(edge.url, b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and "lin" in [m["name"] for m in json.loads(body)]
+
+
+def test_defect_4_an_unknown_method_with_a_body_gets_405_with_allow_and_the_connection_stays_usable(
+        edge: EdgeRuntime) -> None:
+    with connect(edge.url) as s:
+        s.sendall(b"QUERY /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b'Content-Length: 13\r\n\r\n{"inputs": 1}')
+        status, headers, body = read_one(s)
+        assert (status, headers.get("allow"), json.loads(body)["code"]) == (405, "POST", "method_not_allowed")
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_one(s)[0] == 200
+    status, headers, _ = raw(edge.url, b"GET /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, headers.get("allow")) == (405, "POST")
+
+
+def read_one(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), lines[0]
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += s.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(("head", "rest"), [
+    (b"GET /v2/health/live HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100),
+    (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b"a" * 100),
+], ids=["headers", "body"])
+def test_defect_12_a_trickle_is_cut_at_its_deadline(quick_edge: EdgeRuntime, head: bytes, rest: bytes) -> None:
+    t0 = time.monotonic()
+    with connect(quick_edge.url) as s:
+        s.sendall(head)
+        s.settimeout(0.1)
+        answer = b""
+        for i in range(len(rest)):
+            try:
+                s.send(rest[i:i + 1])
+                answer += s.recv(65536)
+                break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        s.settimeout(10)
+        while b"\r\n" not in answer:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    took = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408 ") and 0.5 <= took < 1.5, (answer[:40], took)
+
+
+@pytest.mark.parametrize(("request_bytes", "statuses"), [
+    (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc", {408}),
+    (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", {400}),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", {414}),
+    (b"GET /v2/health/live\r\n", {400, 505}),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", {400, 505}),
+    (b"GET /v2/health/live HTTP/9.9\r\nHost: x\r\n\r\n", {505}),
+], ids=["length-over-body", "two-lengths", "line-over-64k", "http-0.9", "http2-preface", "http-9.9"])
+def test_defect_13_bad_framing_gets_a_status_line_and_the_protocols_json(quick_edge: EdgeRuntime,
+                                                                         request_bytes: bytes,
+                                                                         statuses: set[int]) -> None:
+    t0 = time.monotonic()
+    with connect(quick_edge.url) as s:
+        s.sendall(request_bytes)
+        status, headers, body = read_one(s)
+    assert status in statuses and json.loads(body)["code"] and headers["x-served-by"] == "edge"
+    assert time.monotonic() - t0 < 1.5
