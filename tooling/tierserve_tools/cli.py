@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sagemaker-package": "tierserve_compiler.sagemaker",
     "artifact-invoke": "tierserve_tools.artifact",
     "deploy-config": "tierserve_tools.deploy_config",
+    "keys": "tierserve_tools.keys_cli",  # the streaming REST API's API keys (ApiAuth=keys)
 }
 
 
