@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tierserve.datatypes import DATATYPES, triton_type
 from tierserve.manifest import TensorSpec
+from tierserve.protocol.datatypes import DATATYPES, triton_type
 from tierserve_compiler.external_data import locations
 
 TRITON_DIR = "triton"

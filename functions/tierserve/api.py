@@ -3,8 +3,8 @@
 ``ENDPOINTS`` is the whole HTTP surface: (method, path pattern, operation). A path that matches
 no endpoint is a 404 (never read as a model name), a known path with another method a 405.
 Each operation is a thin adapter: it reads its parameters off the request and calls one operation of
-the data plane (``tierserve.dataplane``: no HTTP there), then renders the answer. Every error goes
-through ``tierserve.http.error_response`` (``tierserve.rendering``, the one error wrapper).
+the data plane (``tierserve.protocol.dataplane``: no HTTP there), then renders the answer. Every error goes
+through ``tierserve.protocol.http_api.error_response`` (``tierserve.protocol.rendering``, the one error wrapper).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from typing import Any
 
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
-from tierserve.calls import Body
-from tierserve.dataplane import Answer, DataPlane
-from tierserve.http import (
+from tierserve.observability import logger
+from tierserve.protocol.calls import Body
+from tierserve.protocol.dataplane import Answer, DataPlane
+from tierserve.protocol.header import body_view, json_loads
+from tierserve.protocol.http_api import (
     HttpRequest,
     accepted_coding,
     decode_content,
@@ -26,9 +28,7 @@ from tierserve.http import (
     parse_http_event,
     response,
 )
-from tierserve.observability import logger
 from tierserve.tiers import Tier
-from tierserve.wire import body_view, json_loads
 
 Operation = Callable[[Runtime, HttpRequest, dict[str, str], Any], dict[str, Any]]
 

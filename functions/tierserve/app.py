@@ -27,9 +27,9 @@ from typing import Any
 from tierserve import aws
 from tierserve.backends.base import Backend
 from tierserve.breaker import CircuitBreaker, HealthCache
+from tierserve.protocol.statistics import InferenceStats
 from tierserve.routing import get_policy
 from tierserve.settings import Settings, get_settings, reset_settings
-from tierserve.stats import InferenceStats
 from tierserve.store import ModelStore
 from tierserve.tiering import Dispatcher, TierDispatcher, log_transition
 

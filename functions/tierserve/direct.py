@@ -5,7 +5,7 @@ with the payload ``tierserve.invoke_payload`` defines: the client's body exactly
 to the router, so nothing is decoded and re-encoded on the way. The reply is an HTTP API response for
 that body, encoded as the client asked; the router returns it to the client as it is. The version is
 pinned by the router (its canary pick stands). It is a transport like the others: it serves the data
-plane's infer and model readiness (``tierserve.dataplane``) and nothing else, and renders errors through
+plane's infer and model readiness (``tierserve.protocol.dataplane``) and nothing else, and renders errors through
 the one error wrapper (``http.error_response``).
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 
 from tierserve import errors, inference
 from tierserve.app import Runtime, get_runtime
-from tierserve.calls import Body
-from tierserve.dataplane import DataPlane
-from tierserve.http import error_response, response
 from tierserve.invoke_payload import SHAPE, is_readiness
 from tierserve.observability import logger
+from tierserve.protocol.calls import Body
+from tierserve.protocol.dataplane import DataPlane
+from tierserve.protocol.http_api import error_response, response
 from tierserve.tiers import Tier
 
 

@@ -1,7 +1,7 @@
 """Every error the serving runtime raises, under one root.
 
 Messages say what was wrong and what to do about it. The mapping from these
-classes to HTTP status codes lives in exactly one place: ``tierserve.http``.
+classes to HTTP status codes lives in exactly one place: ``tierserve.protocol.http_api``.
 Nothing here knows about HTTP.
 """
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tierserve import errors, limits, telemetry, wire
+from tierserve import errors, limits, telemetry
 from tierserve.app import Runtime
-from tierserve.calls import Body, InferenceCall
-from tierserve.http import response, status_for
 from tierserve.manifest import ModelVersion, check_model_name, check_version
 from tierserve.observability import logger
+from tierserve.protocol import header as wire
+from tierserve.protocol.calls import Body, InferenceCall
+from tierserve.protocol.http_api import response, status_for
 from tierserve.tiering import Deadline, Dispatched, pick_version
 
 
@@ -75,7 +76,7 @@ def render(done: Dispatched, call: InferenceCall) -> dict[str, Any]:
         out = dict(done.reply.http)
         out["headers"] = {**(out.get("headers") or {}), **extra}
         return out
-    from tierserve.codec import encode_response
+    from tierserve.protocol.tensors import encode_response
 
     assert done.reply.response is not None
     body, headers = encode_response(done.reply.response, call.header or call.request())

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tierserve.calls import InferenceCall
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall
 
 #: The headers of the client's request that the CPU function needs to read its body.
 FORWARDED_HEADERS = ("content-type", "inference-header-content-length")

@@ -81,8 +81,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tierserve.datatypes import DATATYPES
 from tierserve.errors import InvalidNameError, ManifestError, ModelNotFoundError
+from tierserve.protocol.datatypes import DATATYPES
 from tierserve.tiers import CLOUD_TIERS, Tier
 
 T = TypeVar("T")

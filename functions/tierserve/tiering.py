@@ -33,11 +33,11 @@ from typing import Any, Protocol
 from tierserve import errors
 from tierserve.backends.base import Backend
 from tierserve.breaker import CircuitBreaker, HealthCache
-from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import Manifest, ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
+from tierserve.protocol.messages import InferRequest, RequestedOutput
 from tierserve.routing import Decision, Policy, RouteContext
 from tierserve.tiers import Tier
-from tierserve.types import InferRequest, RequestedOutput
 
 #: Time kept back from the caller's remaining budget for encoding and the response's way out.
 RESPONSE_MARGIN_S = 0.25
@@ -163,7 +163,7 @@ def log_transition(old: str, new: str, why: str) -> None:
 
 def check_values(call: InferenceCall, model: ModelVersion) -> None:
     """The manifest's value checks (non-finite floats, value ranges) on the call's tensors (materialised)."""
-    from tierserve.codec import check_values as check
+    from tierserve.protocol.tensors import check_values as check
 
     check(call.request(), model)
 
@@ -376,7 +376,7 @@ def score_arrays(dispatcher: Any, model: ModelVersion, arrays: dict[str, Any],
                  deadline: Deadline | None = None) -> dict[str, Any]:
     """``score`` for any dispatcher (the cloud's, the edge's): the arrays as a binary-output request
     through ``dispatcher.dispatch``, every output back as a numpy array."""
-    from tierserve.codec import tensor_from_numpy
+    from tierserve.protocol.tensors import tensor_from_numpy
 
     request = InferRequest(inputs=[tensor_from_numpy(k, v) for k, v in arrays.items()],
                            outputs=[RequestedOutput(o.name, binary_data=True) for o in model.outputs])

@@ -17,10 +17,10 @@ import pytest
 
 from tests.support.fakes import X_SPEC, Y_SPEC, FakeBackend, json_body, rows_of
 from tests.support.models import linear_onnx, write_model
-from tierserve.calls import Body, InferenceCall
-from tierserve.codec import encode_request, tensor_from_numpy
 from tierserve.errors import BackendUnavailableError, InvalidRequestError
-from tierserve.types import InferRequest, RequestedOutput
+from tierserve.protocol.calls import Body, InferenceCall
+from tierserve.protocol.messages import InferRequest, RequestedOutput
+from tierserve.protocol.tensors import encode_request, tensor_from_numpy
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("pytriton", reason="the nvidia-pytriton wheel provides the local tritonserver")

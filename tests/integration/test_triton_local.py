@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tierserve.backends.triton import TritonBackend
-from tierserve.calls import InferenceCall
 from tierserve.errors import BackendUnavailableError, InvalidRequestError
-from tierserve.types import InferRequest, RequestedOutput, Tensor
+from tierserve.protocol.calls import InferenceCall
+from tierserve.protocol.messages import InferRequest, RequestedOutput, Tensor
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from tierserve.calls import Body, InferenceCall, Reply
 from tierserve.manifest import ModelVersion, TensorSpec, Variant
-from tierserve.types import InferResponse, Tensor
+from tierserve.protocol.calls import Body, InferenceCall, Reply
+from tierserve.protocol.messages import InferResponse, Tensor
 
 # --- time --------------------------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ class FakeBackend:
 
 def ones_like_outputs(model: ModelVersion, rows: int, request_id: str | None = None) -> InferResponse:
     """Every output of ``model`` for ``rows`` rows, filled with ones."""
-    from tierserve.datatypes import numpy_dtypes
+    from tierserve.protocol.datatypes import numpy_dtypes
 
     outputs = []
     for spec in model.outputs:
@@ -203,7 +203,7 @@ def json_call(rows: int, request_id: str | None = None, target: str | None = Non
 
 def sample(datatype: str, shape: tuple[int, ...], seed: int = 0, utf8: bool = True) -> np.ndarray:
     """A seeded random array of the datatype (BYTES: object array of bytes)."""
-    from tierserve.datatypes import numpy_dtypes
+    from tierserve.protocol.datatypes import numpy_dtypes
 
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape))
@@ -229,7 +229,7 @@ def client_request(arrays: dict[str, np.ndarray], binary: bool, outputs: list | 
     """Body and header length exactly as tritonclient.http builds them."""
     import tritonclient.http as httpclient
 
-    from tierserve.codec import dtype_to_datatype
+    from tierserve.protocol.tensors import dtype_to_datatype
 
     inputs = []
     for name, arr in arrays.items():
@@ -267,8 +267,8 @@ class FakeCloud:
 
     def forward(self, model: ModelVersion, call: InferenceCall, hint: str | None, timeout_s: float
                 ) -> tuple[Reply, str]:
-        from tierserve.codec import encode_response
-        from tierserve.http import response
+        from tierserve.protocol.http_api import response
+        from tierserve.protocol.tensors import encode_response
 
         self.calls.append((model, call, hint))
         if self.fail is not None:

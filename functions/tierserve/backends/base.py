@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import TierserveError
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
 
 
 class Backend(Protocol):

@@ -17,11 +17,11 @@ from typing import Any
 from tierserve import errors, limits
 from tierserve.backends.base import ClientsByTimeout, Readiness, ready_by, shared_pool
 from tierserve.backends.split import binary_outputs, run_parts
-from tierserve.calls import InferenceCall, Reply
 from tierserve.invoke_payload import payload, readiness_payload
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
+from tierserve.protocol.messages import InferRequest, InferResponse
 from tierserve.tiers import Tier
-from tierserve.types import InferRequest, InferResponse
 
 #: HTTP status in the CPU function's reply -> the error the router re-raises.
 _ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
@@ -80,7 +80,7 @@ class LambdaInvokeBackend:
         """Invoke the CPU function with the client's body as it came; when that payload would exceed
         Lambda's request quota, with sub-batches that each fit (request and binary response), invoked
         concurrently and merged in order."""
-        from tierserve.wire import json_dumps
+        from tierserve.protocol.header import json_dumps
 
         data = json_dumps(payload(model, call))
         function_name = self.function_for(model)  # the model's memory class
@@ -90,7 +90,7 @@ class LambdaInvokeBackend:
 
     def _infer_split(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None,
                      function_name: str) -> Reply:
-        from tierserve.wire import json_dumps
+        from tierserve.protocol.header import json_dumps
 
         request = call.request()
         bounds = plan_parts(model, request)
@@ -108,7 +108,7 @@ class LambdaInvokeBackend:
                                                f"{request.rows}-row request within {budget:g} s"))
 
     def _invoke(self, data: bytes, timeout_s: float | None, function_name: str) -> Reply:
-        from tierserve.wire import json_loads
+        from tierserve.protocol.header import json_loads
 
         try:
             out = self.client(timeout_s).invoke(
@@ -146,7 +146,7 @@ class LambdaInvokeBackend:
         """Ask the CPU function whether ``model`` loads and runs there (``invoke_payload.readiness_payload``);
         raise its error, with its own code, when it does not. The answer is remembered for
         ``READY_TTL_S`` (``READY_RETRY_S`` for a failure), so probes cost one Invoke now and then."""
-        from tierserve.wire import json_dumps, json_loads
+        from tierserve.protocol.header import json_dumps, json_loads
 
         def probe() -> errors.TierserveError | None:
             try:

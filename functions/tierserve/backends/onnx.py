@@ -7,12 +7,12 @@ from typing import Any
 
 from tierserve import telemetry
 from tierserve.backends.base import Readiness, is_input_error, ready_by
-from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import InferenceError, InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
+from tierserve.protocol.messages import InferResponse
 from tierserve.store import ModelStore
 from tierserve.tiers import Tier
-from tierserve.types import InferResponse
 
 #: How long a failed readiness check is remembered before the model is tried again.
 READY_RETRY_S = 5.0
@@ -53,7 +53,7 @@ class OnnxBackend:
         return dict(zip(names, results, strict=True))
 
     def infer(self, model: ModelVersion, call: InferenceCall, timeout_s: float | None = None) -> Reply:
-        from tierserve.codec import check_values, tensor_from_numpy
+        from tierserve.protocol.tensors import check_values, tensor_from_numpy
 
         request = call.request()
         check_values(request, model)
@@ -70,7 +70,7 @@ class OnnxBackend:
         smallest request it takes. Success is remembered for the artifact (content-addressed: it cannot
         change); a failure is retried after ``READY_RETRY_S``. An input error from the probe still
         means the model loaded and ran its checks."""
-        from tierserve.codec import probe_request
+        from tierserve.protocol.tensors import probe_request
 
         def probe() -> TierserveError | None:
             try:

@@ -48,10 +48,10 @@ from typing import Any
 from tierserve import errors
 from tierserve.backends.base import ClientsByTimeout, shared_pool
 from tierserve.backends.split import binary_outputs, max_batch_bounds, run_parts
-from tierserve.calls import InferenceCall, Reply
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
+from tierserve.protocol.messages import InferRequest, InferResponse
 from tierserve.tiers import Tier
-from tierserve.types import InferRequest, InferResponse
 
 #: The content type of a body whose JSON header is followed by binary tensors (Triton's SageMaker front end).
 BINARY_CONTENT_TYPE = "application/vnd.sagemaker-triton.binary+json;json-header-size="
@@ -232,7 +232,7 @@ class SageMakerBackend:
                                                "deadline"))
 
     def _invoke_request(self, model: ModelVersion, request: InferRequest, timeout: float, what: str) -> InferResponse:
-        from tierserve.codec import encode_request
+        from tierserve.protocol.tensors import encode_request
 
         data, header_length = encode_request(request, binary=True)
         return self._invoke(model, data, header_length, timeout, what)
@@ -252,7 +252,7 @@ class SageMakerBackend:
         except Exception as exc:
             raise map_client_error(exc, what) from None
         try:
-            from tierserve.codec import decode_response
+            from tierserve.protocol.tensors import decode_response
 
             response = decode_response(raw, header_length_of(out.get("ContentType")))
         except errors.TierserveError as exc:
@@ -267,6 +267,6 @@ class SageMakerBackend:
 
 
 def _view(data: Any) -> memoryview:
-    from tierserve.wire import body_view
+    from tierserve.protocol.header import body_view
 
     return body_view(data)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tierserve.errors import BackendTimeoutError
 from tierserve.manifest import ModelVersion
-from tierserve.types import InferRequest, InferResponse, RequestedOutput
+from tierserve.protocol.messages import InferRequest, InferResponse, RequestedOutput
 
 Bounds = list[tuple[int, int]]
 
@@ -67,7 +67,7 @@ def run_parts(request: InferRequest, bounds: Bounds, call: Callable[[InferReques
     A single range covering the whole request sends ``request`` itself (no slicing, no concatenation).
     ``outputs``, when given, replaces what each part asks for (see :func:`binary_outputs`). The merged
     response keeps the request's id."""
-    from tierserve.codec import concat_responses, slice_request
+    from tierserve.protocol.tensors import concat_responses, slice_request
 
     whole = len(bounds) == 1 and bounds[0] == (0, request.rows)
     parts = [request] if whole else [slice_request(request, start, stop) for start, stop in bounds]

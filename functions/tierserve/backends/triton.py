@@ -43,7 +43,6 @@ from typing import Any
 
 from tierserve.backends.base import is_input_error, shared_pool
 from tierserve.backends.split import max_batch_bounds, run_parts
-from tierserve.calls import InferenceCall, Reply
 from tierserve.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -53,8 +52,9 @@ from tierserve.errors import (
     TierserveError,
 )
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
+from tierserve.protocol.messages import InferRequest, InferResponse, Tensor
 from tierserve.tiers import Tier
-from tierserve.types import InferRequest, InferResponse, Tensor
 
 #: Timeout values (seconds) the HTTP clients are built with; budgets are rounded down to one of them.
 HTTP_TIMEOUT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -309,7 +309,7 @@ class TritonBackend:
     def _build(self, model: ModelVersion, request: InferRequest) -> tuple[list[Any], list[Any]]:
         import numpy as np
 
-        from tierserve.datatypes import numpy_dtypes
+        from tierserve.protocol.datatypes import numpy_dtypes
 
         if self.protocol == "grpc":
             import tritonclient.grpc as client_mod

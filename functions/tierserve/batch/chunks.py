@@ -21,8 +21,8 @@ import numpy as np
 import orjson
 
 from tierserve.batch.records import Record, chunk_feeds, column_feeds, read_line
-from tierserve.codec import datatype_to_dtype
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.tensors import datatype_to_dtype
 
 
 @dataclass(eq=False)

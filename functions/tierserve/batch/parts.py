@@ -16,7 +16,7 @@ import orjson
 
 from tierserve.batch.chunks import Batch
 from tierserve.batch.records import Record
-from tierserve.codec import json_values
+from tierserve.protocol.tensors import json_values
 
 
 def _columns(good: Batch | list[Record]) -> tuple[list[Any], np.ndarray, np.ndarray | None]:

@@ -25,8 +25,8 @@ import numpy as np
 from tierserve.batch.chunks import ColumnChunk, LineChunk
 from tierserve.batch.locations import BatchInputError, S3Location, error_reason
 from tierserve.batch.records import Record
-from tierserve.codec import datatype_to_dtype
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.tensors import datatype_to_dtype
 
 _READ_CHUNK = 1 << 20
 

@@ -1,10 +1,10 @@
 """One input record (a JSONL line or an NPZ / Parquet row) and its numpy feeds, checked as the HTTP API does.
 
 Why: a batch line is scored with exactly the checks of an HTTP request (names, datatypes, shapes, values):
-the same parser (``tierserve.wire``, ``tierserve.codec``), applied to a line in its protocol form or its
-``{"id", "inputs": {name: data}}`` shorthand. ``chunk_feeds`` builds a whole chunk's feeds with one numpy
-call per input when every line is a regular one-row shorthand, and line by line otherwise, which names each
-bad line with the HTTP API's message.
+the same parser (``tierserve.protocol.header``, ``tierserve.protocol.tensors``), applied to a line in its
+protocol form or its ``{"id", "inputs": {name: data}}`` shorthand. ``chunk_feeds`` builds a whole chunk's
+feeds with one numpy call per input when every line is a regular one-row shorthand, and line by line
+otherwise, which names each bad line with the HTTP API's message.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from tierserve import wire
-from tierserve.codec import json_array, materialize
 from tierserve.errors import InvalidRequestError
 from tierserve.manifest import ModelVersion
-from tierserve.types import Tensor
+from tierserve.protocol import header as wire
+from tierserve.protocol.messages import Tensor
+from tierserve.protocol.tensors import json_array, materialize
 
 
 @dataclass(slots=True)

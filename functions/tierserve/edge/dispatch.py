@@ -29,12 +29,12 @@ from typing import Any
 
 from tierserve import errors
 from tierserve.breaker import CircuitBreaker, HealthCache
-from tierserve.calls import InferenceCall, Reply
 from tierserve.edge.backend import EdgeBackend
 from tierserve.edge.forward import CloudBackend
 from tierserve.edge.metrics import EdgeCounters
 from tierserve.edge.store import EdgeStore
 from tierserve.manifest import ModelVersion
+from tierserve.protocol.calls import InferenceCall, Reply
 from tierserve.routing import DEFAULT_EDGE_MAX_ROWS, Decision, EdgeFacts, Policy, RouteContext
 from tierserve.tiering import Deadline, Dispatched, score_arrays
 from tierserve.tiers import Tier

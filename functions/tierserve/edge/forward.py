@@ -18,10 +18,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from tierserve import errors, wire
-from tierserve.calls import InferenceCall, Reply
+from tierserve import errors
 from tierserve.client import ApiError, Client
 from tierserve.manifest import ModelVersion
+from tierserve.protocol import header as wire
+from tierserve.protocol.calls import InferenceCall, Reply
 from tierserve.tiers import Tier
 
 #: Headers of the cloud's answer a client needs; the rest (connection, date, apigw ids) stay behind.

@@ -12,8 +12,8 @@ the function the HTTP API calls: the same checks, limits, errors, routing and fo
 what goes to the cloud). Its binary answer is cut back into ``raw_output_contents``.
 
 Health, metadata, config, statistics and the repository index are the data plane's operations
-(``tierserve.dataplane.DataPlane``, the ones the HTTP API calls), rendered as Triton's messages, so the two
-protocols cannot drift. Errors go through the one error wrapper (``tierserve.rendering``), its HTTP status
+(``tierserve.protocol.dataplane.DataPlane``, the ones the HTTP API calls), rendered as Triton's messages, so the two
+protocols cannot drift. Errors go through the one error wrapper (``tierserve.protocol.rendering``), its HTTP status
 mapped to gRPC's (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE with
 ``retry-after`` in the trailing metadata, 504 DEADLINE_EXCEEDED, others INTERNAL); ``x-served-by``
 travels as metadata.
@@ -39,14 +39,14 @@ from typing import Any
 
 from tierserve import errors
 from tierserve.app import Runtime
-from tierserve.calls import Body
-from tierserve.dataplane import DataPlane
 from tierserve.edge.dispatch import FORWARDED
 from tierserve.edge.metrics import EdgeCounters
-from tierserve.http import payload_too_large
-from tierserve.rendering import GRPC_CODE_BY_STATUS, render_error, status_for
+from tierserve.protocol.calls import Body
+from tierserve.protocol.dataplane import DataPlane
+from tierserve.protocol.header import json_dumps, json_loads
+from tierserve.protocol.http_api import payload_too_large
+from tierserve.protocol.rendering import GRPC_CODE_BY_STATUS, render_error, status_for
 from tierserve.tiers import Tier
-from tierserve.wire import json_dumps, json_loads
 
 #: Protobuf framing beyond the tensors themselves that a request at MAX_PAYLOAD_BYTES may carry.
 ENVELOPE_BYTES = 1 << 20
@@ -62,7 +62,7 @@ FINAL_FLAG = "triton_final_response"
 
 
 def grpc_code(status: int) -> Any:
-    """The gRPC status code for an HTTP status (``tierserve.rendering.GRPC_CODE_BY_STATUS``, the one table)."""
+    """The gRPC status code for an HTTP status (``tierserve.protocol.rendering.GRPC_CODE_BY_STATUS``, the one table)."""
     import grpc
 
     return grpc.StatusCode[GRPC_CODE_BY_STATUS.get(status, "INTERNAL")]
@@ -149,7 +149,7 @@ def _json_tensor_bytes(o: dict[str, Any]) -> bytes:
     """Raw little-endian bytes of a JSON output tensor (what the binary extension would have carried)."""
     import numpy as np
 
-    from tierserve.codec import DATATYPE_TO_DTYPE, json_array
+    from tierserve.protocol.tensors import DATATYPE_TO_DTYPE, json_array
 
     arr = json_array(o.get("data"), o["datatype"], None, f"output {o['name']!r}", errors.InferenceError)
     if o["datatype"] == "BYTES":

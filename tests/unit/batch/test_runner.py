@@ -93,9 +93,9 @@ class _Gpu:
         self.batches = []
 
     def infer(self, model, call, timeout_s=None):
-        from tierserve.calls import Reply
-        from tierserve.codec import tensor_from_numpy
-        from tierserve.types import InferResponse
+        from tierserve.protocol.calls import Reply
+        from tierserve.protocol.messages import InferResponse
+        from tierserve.protocol.tensors import tensor_from_numpy
 
         x = call.request().inputs[0].data
         self.batches.append(x.shape[0])

@@ -93,7 +93,7 @@ def test_a_device_that_cannot_run_a_held_model_forwards_it(store_dir: Path, tmp_
 def test_an_input_error_is_the_requests_never_forwarded(store_dir: Path, tmp_path: Path) -> None:
     cloud = FakeCloud()
     d = make(store_dir, tmp_path, cloud)
-    from tierserve.calls import Body, InferenceCall
+    from tierserve.protocol.calls import Body, InferenceCall
 
     bad = InferenceCall.from_body(Body(b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], '
                                        b'"data": [1, 2, 3, 4, 5]}]}'))

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.support.fakes import client_request, model_version, rows_of
-from tierserve.calls import Body, InferenceCall
 from tierserve.client import Bearer, Client
 from tierserve.edge.forward import CloudBackend
 from tierserve.errors import BackendUnavailableError
+from tierserve.protocol.calls import Body, InferenceCall
 
 
 class Gateway:

@@ -22,15 +22,15 @@ from tests.support.make_events import http_event
 from tierserve import errors
 from tierserve.api import handle_http
 from tierserve.app import build_runtime, set_runtime
-from tierserve.calls import Reply
-from tierserve.codec import decode_response, encode_request, tensor_from_numpy
-from tierserve.dataplane import model_metadata
-from tierserve.http import decode_body
 from tierserve.manifest import ModelVersion, TensorSpec, Variant
 from tierserve.observability import metrics
+from tierserve.protocol.calls import Reply
+from tierserve.protocol.dataplane import model_metadata
+from tierserve.protocol.http_api import decode_body
+from tierserve.protocol.messages import InferRequest, RequestedOutput
+from tierserve.protocol.tensors import decode_response, encode_request, tensor_from_numpy
 from tierserve.settings import Settings
 from tierserve.store import ModelStore
-from tierserve.types import InferRequest, RequestedOutput
 
 
 @dataclass
@@ -299,7 +299,7 @@ def test_an_unbatched_models_config_keeps_every_dim(tmp_path: Path, runtime_env:
 
 def test_a_batch_only_output_has_dims_1_and_an_empty_reshape_as_triton_wants() -> None:
     from tierserve.manifest import ModelVersion, TensorSpec
-    from tierserve.model_config import model_config
+    from tierserve.protocol.model_config import model_config
 
     # Given a batched classifier whose label output is [batch] only
     mv = ModelVersion("clf", "1", (TensorSpec("x", "FP32", (-1, 4)),),
@@ -619,7 +619,7 @@ def test_a_response_larger_than_predicted_is_still_a_413_never_a_failed_reply(wi
     # Given a CPU tier whose BYTES output is far longer than the prediction's short strings: 10 rows of 1 MB
     big = np.empty(10, dtype=object)
     big[:] = [b"x" * (1 << 20)] * 10
-    from tierserve.types import InferResponse
+    from tierserve.protocol.messages import InferResponse
 
     wide_out.cpu.reply = Reply(InferResponse("blob", "1", [tensor_from_numpy("s", big)]))
     # When it is asked for

@@ -12,8 +12,8 @@ import pytest
 from tests.support.fakes import model_version, rows_of
 from tierserve import errors
 from tierserve.backends.split import binary_outputs, max_batch_bounds, run_parts
-from tierserve.codec import tensor_from_numpy
-from tierserve.types import InferRequest, InferResponse, RequestedOutput
+from tierserve.protocol.messages import InferRequest, InferResponse, RequestedOutput
+from tierserve.protocol.tensors import tensor_from_numpy
 
 MODEL = model_version("m", max_batch_size=4)
 

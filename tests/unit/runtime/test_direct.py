@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from tests.support.fakes import json_body, rows_of, write_linear
-from tierserve.calls import Body, InferenceCall
-from tierserve.codec import decode_response, encode_request, tensor_from_numpy
 from tierserve.direct import handle_direct
-from tierserve.http import decode_body
 from tierserve.invoke_payload import payload
 from tierserve.manifest import Manifest, ModelVersion
-from tierserve.types import InferRequest
+from tierserve.protocol.calls import Body, InferenceCall
+from tierserve.protocol.http_api import decode_body
+from tierserve.protocol.messages import InferRequest
+from tierserve.protocol.tensors import decode_response, encode_request, tensor_from_numpy
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from tierserve import errors
 from tierserve.api import handle_http
 from tierserve.app import build_runtime, set_runtime
 from tierserve.direct import handle_direct
-from tierserve.http import decode_body
 from tierserve.invoke_payload import payload
+from tierserve.protocol.http_api import decode_body
 from tierserve.settings import Settings
 from tierserve.store import ModelStore
 

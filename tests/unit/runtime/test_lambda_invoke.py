@@ -19,12 +19,12 @@ import pytest
 from tests.support.fakes import FakeLambdaClient, json_body, model_version, rows_of, write_linear
 from tierserve import errors
 from tierserve.backends.lambda_invoke import LambdaInvokeBackend
-from tierserve.calls import Body, InferenceCall
-from tierserve.codec import decode_request, encode_request, tensor_from_numpy
 from tierserve.direct import handle_direct
-from tierserve.http import error_response, response
 from tierserve.manifest import ModelVersion
-from tierserve.types import InferRequest
+from tierserve.protocol.calls import Body, InferenceCall
+from tierserve.protocol.http_api import error_response, response
+from tierserve.protocol.messages import InferRequest
+from tierserve.protocol.tensors import decode_request, encode_request, tensor_from_numpy
 
 FUNCTION = "tierserve-CpuInferenceFunction"
 #: A model the CPU function's store does not hold (its replies here are scripted, not served).

@@ -177,7 +177,8 @@ def test_a_generation_entry_round_trips_with_its_tier_figures():
                                      "source": "measured"}})
     mv = Manifest.from_json(doc).resolve("lm", None)
     assert mv.generative and mv.generation is not None
-    assert (mv.generation.context_length, mv.generation.eos_token_ids, mv.generation.chat_template) == (1024, (2,), True)
+    g = mv.generation
+    assert (g.context_length, g.eos_token_ids, g.chat_template) == (1024, (2,), True)
     cpu = mv.generation.tiers["cpu"]
     assert (cpu.ttft_at(16), cpu.ttft_at(72), cpu.ttft_at(1024)) == (10.0, 25.0, 320.0)
     assert Manifest.from_json(json.loads(json.dumps(Manifest.from_json(doc).to_json()))).resolve("lm", None) == mv

@@ -13,8 +13,8 @@ import pytest
 from tests.support.models import write_embedding
 from tierserve.backends.base import is_input_error
 from tierserve.backends.onnx import OnnxBackend
-from tierserve.calls import Body, InferenceCall
 from tierserve.errors import ArtifactError, InferenceError, InvalidRequestError
+from tierserve.protocol.calls import Body, InferenceCall
 from tierserve.store import ModelStore
 
 
@@ -125,9 +125,9 @@ def test_a_tampered_artifact_is_not_ready_for_its_integrity_error(tmp_path) -> N
 def test_bytes_inputs_reach_a_string_model_as_the_text_they_are(tmp_path, binary: bool) -> None:
     # Given a string lookup model (a -> 1, b -> 2, é -> 3) on the CPU tier
     from tests.support.models import label_encoder_onnx, write_model
-    from tierserve.codec import tensor_from_numpy
     from tierserve.manifest import TensorSpec
-    from tierserve.types import InferRequest
+    from tierserve.protocol.messages import InferRequest
+    from tierserve.protocol.tensors import tensor_from_numpy
 
     mv = write_model(tmp_path / "store", "text", "1", label_encoder_onnx(), (TensorSpec("s", "BYTES", (-1,)),),
                      (TensorSpec("y", "INT64", (-1,)),))
@@ -145,9 +145,9 @@ def test_bytes_inputs_reach_a_string_model_as_the_text_they_are(tmp_path, binary
 
 def test_bytes_that_are_not_utf8_are_the_clients_error_for_a_string_model(tmp_path) -> None:
     from tests.support.models import label_encoder_onnx, write_model
-    from tierserve.codec import tensor_from_numpy
     from tierserve.manifest import TensorSpec
-    from tierserve.types import InferRequest
+    from tierserve.protocol.messages import InferRequest
+    from tierserve.protocol.tensors import tensor_from_numpy
 
     mv = write_model(tmp_path / "store", "text", "1", label_encoder_onnx(), (TensorSpec("s", "BYTES", (-1,)),),
                      (TensorSpec("y", "INT64", (-1,)),))

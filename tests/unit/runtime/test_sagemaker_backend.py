@@ -23,8 +23,6 @@ from tierserve.backends.sagemaker import (
     header_length_of,
     map_client_error,
 )
-from tierserve.calls import Body, InferenceCall
-from tierserve.codec import encode_request, encode_response, tensor_from_numpy
 from tierserve.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -32,7 +30,9 @@ from tierserve.errors import (
     InferenceError,
     InvalidRequestError,
 )
-from tierserve.types import InferRequest, InferResponse, RequestedOutput
+from tierserve.protocol.calls import Body, InferenceCall
+from tierserve.protocol.messages import InferRequest, InferResponse, RequestedOutput
+from tierserve.protocol.tensors import encode_request, encode_response, tensor_from_numpy
 from tierserve_tools.sagemaker import LocalEndpoint, SageMakerRuntime
 
 MODEL = model_version("m", ("gpu", "cpu"), max_batch_size=8)
@@ -73,7 +73,7 @@ class Container:
 
     def ones(self, raw: bytes, ctype: str) -> tuple[int, str, bytes]:
         """y = ones(rows, 3), binary, for model 'm' v1 (rows read from the request's header)."""
-        from tierserve.codec import decode_request
+        from tierserve.protocol.tensors import decode_request
 
         request = decode_request(raw, header_length_of(ctype))
         rows = request.inputs[0].shape[0]

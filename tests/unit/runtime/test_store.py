@@ -398,7 +398,7 @@ class _FailingS3:
 ])
 def test_s3_failing_during_a_fetch_is_unavailable_not_a_broken_model_and_leaves_no_cache(tmp_path, failure, error,
                                                                                         code):
-    from tierserve.http import error_response
+    from tierserve.protocol.http_api import error_response
 
     # Given a store whose S3 answers the manifest but fails this way for the model's bytes
     data, _, _ = linear_onnx()

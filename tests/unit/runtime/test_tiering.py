@@ -11,9 +11,9 @@ import pytest
 from tests.support.fakes import FakeBackend, FakeClock, FakeLambdaContext, json_call, model_version, rows_of
 from tierserve import errors
 from tierserve.breaker import CircuitBreaker, HealthCache
-from tierserve.calls import InferenceCall
-from tierserve.http import error_response
 from tierserve.manifest import Manifest, ModelEntry
+from tierserve.protocol.calls import InferenceCall
+from tierserve.protocol.http_api import error_response
 from tierserve.routing import Decision, Policy, RouteContext, size_aware
 from tierserve.tiering import RESPONSE_MARGIN_S, Deadline, TierDispatcher, pick_version
 
@@ -289,8 +289,8 @@ def test_values_the_manifest_refuses_never_reach_the_gpu_and_never_touch_the_bre
 
 
 def _scaled(rows: int, value: float):
-    from tierserve.codec import tensor_from_numpy
-    from tierserve.types import InferRequest
+    from tierserve.protocol.messages import InferRequest
+    from tierserve.protocol.tensors import tensor_from_numpy
 
     return InferRequest([tensor_from_numpy("x", rows_of(rows) * 0 + value)])
 
@@ -298,8 +298,8 @@ def _scaled(rows: int, value: float):
 def test_non_finite_inputs_are_the_clients_error_on_the_gpu_path(clock) -> None:
     import numpy as np
 
-    from tierserve.codec import tensor_from_numpy
-    from tierserve.types import InferRequest
+    from tierserve.protocol.messages import InferRequest
+    from tierserve.protocol.tensors import tensor_from_numpy
 
     # Given both tiers up and a GPU-sized batch holding one NaN
     x = rows_of(32)

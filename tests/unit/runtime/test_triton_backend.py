@@ -12,7 +12,6 @@ import pytest
 
 from tests.support.fakes import model_version
 from tierserve.backends.triton import HTTP_TIMEOUT_BUCKETS, TritonBackend, _bucket, _split_url, map_exception
-from tierserve.calls import InferenceCall
 from tierserve.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -20,7 +19,8 @@ from tierserve.errors import (
     InferenceError,
     InvalidRequestError,
 )
-from tierserve.types import InferRequest, Tensor
+from tierserve.protocol.calls import InferenceCall
+from tierserve.protocol.messages import InferRequest, Tensor
 
 MODEL = model_version("m", ("gpu",), max_batch_size=8)
 

@@ -1,6 +1,6 @@
 """The binary tensor extension against JSON, for one request as the router reads it.
 
-For a 224x224x3 FP32 image and a 1M-element FP32 tensor: the client's encoding (tierserve.codec's
+For a 224x224x3 FP32 image and a 1M-element FP32 tensor: the client's encoding (tierserve.protocol.tensors's
 ``encode_request``, the same layout tritonclient writes) plus the server's read (``wire.parse_request``
 and materialising the numpy tensor), interleaved, binary then JSON. Ratio = binary / JSON time.
 
@@ -21,9 +21,9 @@ SUITE = "codec"
 
 
 def run(ctx: Context) -> None:
-    from tierserve.calls import Body, InferenceCall
-    from tierserve.codec import encode_request, tensor_from_numpy
-    from tierserve.types import InferRequest
+    from tierserve.protocol.calls import Body, InferenceCall
+    from tierserve.protocol.messages import InferRequest
+    from tierserve.protocol.tensors import encode_request, tensor_from_numpy
 
     rng = np.random.default_rng(0)
     cases = [("224x224x3 FP32 image", rng.standard_normal((1, 224, 224, 3)).astype(np.float32)),

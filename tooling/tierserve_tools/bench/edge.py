@@ -119,7 +119,7 @@ class EdgeProcess:
 def body_for(inputs: dict[str, np.ndarray], binary: bool, outputs: list[str]) -> tuple[bytes, dict[str, str]]:
     import tritonclient.http as httpclient
 
-    from tierserve.codec import dtype_to_datatype
+    from tierserve.protocol.tensors import dtype_to_datatype
 
     ins = []
     for name, arr in inputs.items():

@@ -72,10 +72,10 @@ def run(ctx: Context) -> None:
     from tierserve.api import handle_http
     from tierserve.app import build_runtime
     from tierserve.backends.lambda_invoke import LambdaInvokeBackend
-    from tierserve.calls import Body, InferenceCall
     from tierserve.direct import handle_direct
     from tierserve.manifest import Manifest
     from tierserve.observability import logger
+    from tierserve.protocol.calls import Body, InferenceCall
     from tierserve.sessions import session_options
     from tierserve.settings import Settings
 

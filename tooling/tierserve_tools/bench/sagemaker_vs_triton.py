@@ -46,8 +46,8 @@ def main() -> int:
     import tritonclient.http as httpclient
 
     from tierserve.backends.sagemaker import BINARY_CONTENT_TYPE, SageMakerBackend
-    from tierserve.calls import Body, InferenceCall
     from tierserve.manifest import Manifest
+    from tierserve.protocol.calls import Body, InferenceCall
     from tierserve_tools.sagemaker import (
         ENDPOINT_NAME,
         LocalEndpoint,

@@ -20,12 +20,12 @@ from typing import Any
 
 from tierserve import errors
 from tierserve.breaker import CircuitBreaker, HealthCache
-from tierserve.calls import Body, InferenceCall, Reply
 from tierserve.manifest import ModelVersion, TensorSpec, Variant
+from tierserve.protocol.calls import Body, InferenceCall, Reply
+from tierserve.protocol.messages import InferResponse
 from tierserve.routing import get_policy
 from tierserve.tier_health import MemoryHealthStore, SharedCircuitBreaker
 from tierserve.tiering import Deadline, TierDispatcher
-from tierserve.types import InferResponse
 
 
 class Clock:

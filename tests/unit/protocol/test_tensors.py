@@ -1,7 +1,7 @@
 """Open Inference Protocol codec: numpy tensors to and from the wire, round trips against the real
 tritonclient, and every error found while materialising data.
 
-Header-level parsing and the checks against the manifest are tierserve.wire's (test_wire.py).
+Header-level parsing and the checks against the manifest are tierserve.protocol.header's (test_wire.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytest
 import tritonclient.http as httpclient
 
 from tests.support.fakes import ALL_DATATYPES, client_request, fp32_input, raw_request, sample
-from tierserve.codec import (
+from tierserve.errors import InferenceError, InvalidRequestError
+from tierserve.protocol.messages import InferRequest, InferResponse, RequestedOutput, Tensor
+from tierserve.protocol.tensors import (
     DATATYPE_TO_DTYPE,
     datatype_to_dtype,
     decode_request,
@@ -25,8 +27,6 @@ from tierserve.codec import (
     error_body,
     tensor_from_numpy,
 )
-from tierserve.errors import InferenceError, InvalidRequestError
-from tierserve.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 
 def client_result(body: bytes, headers: dict[str, str]) -> httpclient.InferResult:
@@ -422,7 +422,7 @@ def _request(x, ids=((0, 0, 0),)) -> InferRequest:
 
 @pytest.mark.parametrize(("value", "shown"), [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")])
 def test_non_finite_inputs_are_refused_by_default_naming_the_tensor_and_the_index(value, shown):
-    from tierserve.codec import check_values
+    from tierserve.protocol.tensors import check_values
 
     # Given a model whose manifest says nothing about non-finite values, and a 2x3 input with one at [1, 2]
     x = np.zeros((2, 3), dtype=np.float32)
@@ -436,7 +436,7 @@ def test_non_finite_inputs_are_refused_by_default_naming_the_tensor_and_the_inde
 
 
 def test_values_outside_an_inputs_range_are_refused_naming_the_value_and_the_range():
-    from tierserve.codec import check_values
+    from tierserve.protocol.tensors import check_values
 
     model = _model(value_range=(0, 9))
     check_values(_request([[1, 2, 3]], [[0, 9, 5]]), model)

@@ -1,6 +1,6 @@
 """HTTP plumbing for API Gateway HTTP API (payload format 2.0) events.
 
-Errors become HTTP status codes in one place, ``tierserve.rendering`` (``STATUS_BY_ERROR``, the one
+Errors become HTTP status codes in one place, ``tierserve.protocol.rendering`` (``STATUS_BY_ERROR``, the one
 error wrapper for every transport); every handler and the local API emulator go through
 ``error_response``, and no stack trace ever reaches a client.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierserve import errors
-from tierserve.rendering import STATUS_BY_ERROR, render_error, status_for  # noqa: F401 - re-exported
-from tierserve.wire import Base64Body, BodyBytes
+from tierserve.protocol.header import Base64Body, BodyBytes
+from tierserve.protocol.rendering import STATUS_BY_ERROR, render_error, status_for  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -192,7 +192,7 @@ def response(
 
 
 def error_response(exc: BaseException, headers: dict[str, str] | None = None, request_id: str = "") -> dict:
-    """An exception as an HTTP response in the Open Inference Protocol's shape (``tierserve.rendering``, the
+    """An exception as an HTTP response in the Open Inference Protocol's shape (``tierserve.protocol.rendering``, the
     one error wrapper: status, code, ``retry-after``, the tier that answered); no stack trace."""
     answer = render_error(exc, "oip", headers, request_id)
     return response(answer.status, answer.document, answer.headers)

@@ -7,7 +7,7 @@ operation exists once, as KServe's ``protocol/dataplane.py`` does it: it takes a
 already parsed (names, versions, options, a body), never HTTP, returns an :class:`Answer` (a document
 plus the headers the transport carries, ``x-served-by`` among them), and raises the project's errors
 (``tierserve.errors``). Each transport is an adapter: it parses its own wire format, calls one method
-here, and renders the answer or the error (``tierserve.http.error_response`` for the OIP routes, the
+here, and renders the answer or the error (``tierserve.protocol.http_api.error_response`` for the OIP routes, the
 gRPC status for the edge's gRPC). What streams (generation, next) returns an iterator of events.
 
 Readiness is one predicate (:meth:`DataPlane.model_problem`) for HTTP's ``/ready`` and gRPC's
@@ -25,7 +25,7 @@ from tierserve.tiers import Tier
 
 if TYPE_CHECKING:
     from tierserve.app import Runtime
-    from tierserve.calls import Body
+    from tierserve.protocol.calls import Body
 
 SERVER_NAME = "tierserve"
 SERVER_VERSION = "0.1.0"
@@ -117,7 +117,7 @@ class DataPlane:
         return self._answer(model_metadata(mv, self.listed_versions(mv.name)))
 
     def model_config(self, name: str, version: str | None) -> Answer:
-        from tierserve.model_config import model_config
+        from tierserve.protocol.model_config import model_config
 
         return self._answer(model_config(self.model(name, version)))
 
@@ -136,7 +136,7 @@ class DataPlane:
         """Every listed model version with its state (``model_config.repository_index``). In the cloud the
         state is what the manifest and the configuration say (it probes nothing); a dispatcher that answers
         readiness cheaply (the edge's ``index_readiness``) decides it with ``/ready``'s own predicate."""
-        from tierserve.model_config import repository_index
+        from tierserve.protocol.model_config import repository_index
 
         dispatcher = self.rt.dispatcher
         return self._answer(repository_index(self.rt.store.manifest(), getattr(dispatcher, "gpu", None) is not None,

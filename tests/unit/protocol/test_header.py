@@ -1,4 +1,4 @@
-"""tierserve.wire: request headers read without numpy (names, datatypes, shapes, where the data is),
+"""tierserve.protocol.header: request headers read without numpy (names, datatypes, shapes, where the data is),
 every malformed header refused with what to send instead, and the checks against the manifest.
 
 What the header's data turns into (numpy arrays) and its data errors are the codec's (test_codec.py).
@@ -16,11 +16,11 @@ import pytest
 import tritonclient.http as httpclient
 
 from tests.support.fakes import ALL_DATATYPES, client_request, fp32_input, raw_request, sample
-from tierserve.codec import request_from_header, tensor_from_numpy
 from tierserve.errors import InvalidRequestError
 from tierserve.manifest import ModelVersion, TensorSpec, Variant
-from tierserve.types import InferRequest, RequestedOutput
-from tierserve.wire import Base64Body, check_request, parse_request
+from tierserve.protocol.header import Base64Body, check_request, parse_request
+from tierserve.protocol.messages import InferRequest, RequestedOutput
+from tierserve.protocol.tensors import request_from_header, tensor_from_numpy
 
 
 def model(inputs, outputs=(("out", "FP32", (-1, 2)),), max_batch_size: int = 8) -> ModelVersion:
@@ -39,7 +39,7 @@ def model(inputs, outputs=(("out", "FP32", (-1, 2)),), max_batch_size: int = 8) 
 
 NUMPY_FREE = """
 import json, struct, sys
-from tierserve.wire import parse_request
+from tierserve.protocol.header import parse_request
 
 header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2],
                                  "parameters": {"binary_data_size": 8}}]}).encode()
@@ -52,7 +52,7 @@ print(json.dumps("numpy" in sys.modules))
 
 
 def test_parsing_a_json_and_a_binary_request_never_imports_numpy():
-    # Given a fresh interpreter that imports only tierserve.wire
+    # Given a fresh interpreter that imports only tierserve.protocol.header
     # When it parses a JSON body and a binary body
     out = subprocess.run([sys.executable, "-c", NUMPY_FREE], capture_output=True, text=True, check=True)
     # Then numpy was never imported

@@ -1,9 +1,9 @@
 """The Open Inference Protocol's tensor datatypes: the one table every module reads.
 
 Why here and pure Python (no numpy): the manifest (the compiler/runtime contract), the router's header
-reader (``tierserve.wire``) and the compiler all need the datatypes' names and sizes, and none of them may
+reader (``tierserve.protocol.header``) and the compiler all need the datatypes' names and sizes, and none of them may
 pay numpy's import. The numpy dtypes are derived from the same table on first use (``numpy_dtypes``),
-only by the paths that materialise tensors (``tierserve.codec``, the Triton backend).
+only by the paths that materialise tensors (``tierserve.protocol.tensors``, the Triton backend).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-from tierserve import wire
-from tierserve.types import InferRequest, InferResponse, RequestedOutput
+from tierserve.protocol import header as wire
+from tierserve.protocol.messages import InferRequest, InferResponse, RequestedOutput
 
 
 @dataclass
@@ -125,7 +125,7 @@ class InferenceCall:
     def request(self) -> InferRequest:
         """numpy tensors (binary data viewed in place); materialised on first use."""
         if self._request is None:
-            from tierserve.codec import request_from_header
+            from tierserve.protocol.tensors import request_from_header
 
             assert self.header is not None
             self._request = request_from_header(self.header)
@@ -134,7 +134,7 @@ class InferenceCall:
     def body(self) -> Body:
         """The body to forward: the client's own, or this request encoded once with binary tensors."""
         if self._body is None:
-            from tierserve.codec import encode_request
+            from tierserve.protocol.tensors import encode_request
 
             data, header_length = encode_request(self.request(), binary=True)
             self._body = Body(data, header_length)
@@ -162,7 +162,7 @@ class Reply:
     def decoded(self) -> InferResponse:
         """The outputs as numpy tensors (decoding the HTTP body when that is what came back)."""
         if self.response is None:
-            from tierserve.codec import decode_response
+            from tierserve.protocol.tensors import decode_response
 
             assert self.http is not None
             headers = {k.lower(): v for k, v in (self.http.get("headers") or {}).items()}

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.support.fakes import json_body, model_version, ones_like_outputs, rows_of, sample
-from tierserve.calls import Body, InferenceCall, Reply
-from tierserve.codec import decode_request, encode_request, encode_response, tensor_from_numpy
-from tierserve.http import response
-from tierserve.types import InferRequest, RequestedOutput
+from tierserve.protocol.calls import Body, InferenceCall, Reply
+from tierserve.protocol.http_api import response
+from tierserve.protocol.messages import InferRequest, RequestedOutput
+from tierserve.protocol.tensors import decode_request, encode_request, encode_response, tensor_from_numpy
 
 
 def binary_call(x: np.ndarray, request_id: str = "b-1") -> tuple[InferenceCall, bytes]:

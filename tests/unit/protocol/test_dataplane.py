@@ -25,9 +25,9 @@ from tests.support.fakes import rows_of, write_linear
 from tests.support.make_events import http_event
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
-from tierserve.dataplane import EXTENSIONS, DataPlane
 from tierserve.direct import handle_direct
-from tierserve.http import decode_body
+from tierserve.protocol.dataplane import EXTENSIONS, DataPlane
+from tierserve.protocol.http_api import decode_body
 from tierserve.settings import Settings
 
 X = rows_of(2, seed=3)

@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe v2) codec: numpy tensors to and from the wire.
 
-``tierserve.wire`` reads a body's header without numpy (what routing needs); this module
+``tierserve.protocol.header`` reads a body's header without numpy (what routing needs); this module
 materialises its tensors and encodes responses, as Triton and ``tritonclient.http`` speak them:
 
 * JSON: tensor ``data`` is a (possibly nested) JSON array flattened in row-major order. BYTES
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from tierserve import wire
-from tierserve.datatypes import DATATYPES
 from tierserve.errors import InferenceError, InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion
-from tierserve.types import InferRequest, InferResponse, RequestedOutput, Tensor
+from tierserve.protocol import header as wire
+from tierserve.protocol.datatypes import DATATYPES
+from tierserve.protocol.messages import InferRequest, InferResponse, RequestedOutput, Tensor
 
 #: Protocol datatype -> numpy dtype (little-endian; BYTES is an object array of ``bytes``), from the one table.
 DATATYPE_TO_DTYPE: dict[str, np.dtype] = {name: np.dtype(dt) for name, (dt, _) in DATATYPES.items()}

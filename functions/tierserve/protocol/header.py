@@ -11,7 +11,7 @@ million JSON numbers would cost more than the routing itself, so this module sto
   little-endian bytes follow the header, in the order the tensors are listed. Its bytes are only
   located here (offset and size), never copied.
 
-``tierserve.codec`` turns a header into numpy arrays and back. Request errors raise
+``tierserve.protocol.tensors`` turns a header into numpy arrays and back. Request errors raise
 :class:`InvalidRequestError`; a malformed backend *response* raises :class:`InferenceError`.
 """
 
@@ -27,10 +27,10 @@ from typing import Any
 
 import orjson
 
-from tierserve.datatypes import DATATYPES, UNSUPPORTED
 from tierserve.errors import InvalidRequestError, TierserveError
 from tierserve.manifest import ModelVersion, TensorSpec
-from tierserve.types import RequestedOutput, batch_rows
+from tierserve.protocol.datatypes import DATATYPES, UNSUPPORTED
+from tierserve.protocol.messages import RequestedOutput, batch_rows
 
 ErrorType = type[TierserveError]
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tierserve.datatypes import triton_type
 from tierserve.manifest import Manifest, ModelVersion, TensorSpec
+from tierserve.protocol.datatypes import triton_type
 
 
 def _dims(spec: TensorSpec, batched: bool) -> list[int]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tierserve import errors
-from tierserve.http import (
+from tierserve.protocol.http_api import (
     STATUS_BY_ERROR,
     encode_content,
     error_response,
