@@ -102,6 +102,15 @@ CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str]] = [
     ("cpu-hint-gpu-only", "lin-gpu", lin_body(1), {"x-target": "cpu"}, 400, "not deployed on cpu"),
     ("bad-model-name", "../etc", lin_body(1), None, 404, "no route"),
     ("unknown-model", "nope", lin_body(1), None, 404, "unknown model"),
+    # issue 16, defect 11: an integer past float64 in float data, and strings that cannot be echoed back as JSON
+    ("fp32-integer-past-float64", "lin", b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1' +
+     b"0" * 400 + b',2,3,4]}]}', None, 400, "out of range for FP32"),
+    ("fp64-integer-past-float64", "lin", b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[-9' +
+     b"9" * 330 + b',2,3,4]}]}', None, 400, "out of range for FP32"),
+    ("id-lone-surrogate", "lin", b'{"id":"\\udfff","inputs":[{"name":"x","datatype":"FP32","shape":[1,4],'
+     b'"data":[1,2,3,4]}]}', None, 400, "id"),
+    ("parameter-lone-surrogate", "lin", b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,2,3,4],'
+     b'"parameters":{"p":"\\ud800"}}]}', None, 400, "parameter"),
 ]
 
 
