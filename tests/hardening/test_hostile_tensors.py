@@ -105,7 +105,7 @@ CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str]] = [
     # issue 16, defect 11: an integer past float64 in float data, and strings that cannot be echoed back as JSON
     ("fp32-integer-past-float64", "lin", b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1' +
      b"0" * 400 + b',2,3,4]}]}', None, 400, "out of range for FP32"),
-    ("fp64-integer-past-float64", "lin", b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[-9' +
+    ("fp32-negative-integer-past-float64", "lin", b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[-9' +
      b"9" * 330 + b',2,3,4]}]}', None, 400, "out of range for FP32"),
     ("id-lone-surrogate", "lin", b'{"id":"\\udfff","inputs":[{"name":"x","datatype":"FP32","shape":[1,4],'
      b'"data":[1,2,3,4]}]}', None, 400, "id"),
