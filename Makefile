@@ -98,8 +98,8 @@ test-hardening: $(STAMP) $(LINT_STAMP) ## the full hardening suite (issue 8): fu
 validate: $(LINT_STAMP) ## sam validate --lint on template.yaml (tests lint a rendering of each GpuTier with all three)
 	$(TOOLS)/bin/sam validate --lint --region us-east-1
 
-build: ## sam build: arm64 / Python 3.12 wheels through functions/Makefile
-	sam build
+build: $(LINT_STAMP) ## sam build: every function template.yaml declares, arm64 / Python 3.12, through functions/Makefile
+	$(TOOLS)/bin/sam build
 
 events: $(STAMP) ## regenerate events/*.json from the sam generate-event shapes
 	$(PY) -m tests.support.make_events
@@ -107,8 +107,9 @@ events: $(STAMP) ## regenerate events/*.json from the sam generate-event shapes
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .aws-sam .pytest_cache .ruff_cache .mypy_cache
 
-package: ## build the three Lambda packages for arm64/py3.12 into build/lambda (no SAM needed) and print sizes
-	for f in RouterFunction CpuInferenceFunction BatchInferenceFunction; do \
-	  rm -rf build/lambda/$$f && mkdir -p build/lambda/$$f && \
-	  $(MAKE) -s -C functions build-$$f ARTIFACTS_DIR=$(CURDIR)/build/lambda/$$f PIP="$(CURDIR)/$(PY) -m pip" || exit 1; \
-	done; du -sm build/lambda/* | awk '{print $$2": "$$1" MB unzipped (Lambda limit 250 MB)"}'
+package: ## every function's Lambda package for arm64/py3.12 in build/lambda (no SAM needed): sizes, module counts
+	rm -rf build/lambda && mkdir -p build/lambda
+	for f in $$($(MAKE) -s -C functions functions); do \
+	  $(MAKE) -s -C functions build-$$f ARTIFACTS_DIR=$(CURDIR)/build/lambda/$$f || exit 1; \
+	done
+	PYTHONPATH=tooling $(PYTHON) -m tierserve_tools.lambda_build report build/lambda/*

@@ -105,10 +105,33 @@ def _body(resp: dict) -> dict:
 def test_the_artifacts_hold_their_function_and_nothing_of_the_emulation(artifacts):
     for fn, task in artifacts.items():
         assert (task / "tierserve" / "handlers").is_dir()
-        assert not (task / "tierserve" / "local").exists()  # developer tooling never ships
+        assert not (task / "tierserve_tools").exists() and not (task / "tierserve" / "edge").exists()  # never ships
         assert not (task / "boto3").exists()  # Lambda's runtime provides it
     assert (artifacts["CpuInferenceFunction"] / "onnxruntime").is_dir()
     assert not (artifacts["RouterFunction"] / "onnxruntime").exists()  # the router never runs a model
+
+
+def test_every_module_an_artifact_ships_imports_from_the_artifact_alone(artifacts, runtime):
+    """Each tierserve module shipped, and each third-party package its handler imports that the artifact
+    holds (pyarrow.parquet, tritonclient's clients: trimmed and pruned by tierserve_tools.lambda_build),
+    imports in the isolated interpreter: nothing the allowlist left out is needed at import."""
+    import subprocess
+    import sys
+
+    from tierserve_tools.lambda_build import package_modules
+    from tierserve_tools.reach import reachable, template_functions
+
+    handlers = template_functions((ROOT / "template.yaml").read_text())
+    extra = {"pyarrow": ["pyarrow.parquet"], "tritonclient": ["tritonclient.http", "tritonclient.grpc"]}
+    for fn, task in artifacts.items():
+        found = reachable(ROOT / "functions", handlers[fn])
+        names = package_modules(task) + [m for top in sorted(found.third_party) if (task / top).is_dir()
+                                         for m in [top, *extra.get(top, [])]]
+        program = ("import importlib, sys; sys.path[:0] = sys.argv[1:3]\n"
+                   "for name in sys.argv[3:]: importlib.import_module(name)\n")
+        done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", program, str(task), str(runtime), *names],
+                              capture_output=True, text=True, cwd=task, timeout=300, check=False)
+        assert done.returncode == 0, f"{fn}: {done.stderr[-3000:]}"
 
 
 def test_router_events_get_their_documented_responses(sam):

@@ -5,9 +5,10 @@
 template.yaml and ``--env-vars``, one event. Whatever the developer's virtualenv holds is not there.
 This module does the same on the host:
 
-1. **build** the artifact with the same ``functions/Makefile`` target SAM runs
-   (``BuildMethod: makefile``), for the host's architecture and Python (``ARCH``, ``PYTHON_VERSION``;
-   SAM builds arm64 / 3.12 for Lambda), into ``ARTIFACTS_DIR``;
+1. **build** the artifact with the same ``functions/Makefile`` target SAM runs (``BuildMethod: makefile``;
+   :mod:`tierserve_tools.lambda_build`: the requirements' wheels and the modules the handler can reach), for
+   the host's architecture and Python (``ARCH``, ``PYTHON_VERSION``; SAM builds arm64 / 3.12 for Lambda),
+   into ``ARTIFACTS_DIR``;
 2. **runtime**: boto3 and botocore installed on their own, standing in for ``/var/runtime`` (the
    Makefile strips them from artifacts because Lambda's Python runtime provides them);
 3. **invoke** the handler in an isolated interpreter (``python -I -S -B``: no site-packages, no
