@@ -36,7 +36,10 @@ TIERS = {
 }
 #: Beside the tiers: every CPU memory class deployed, with provisioned concurrency (tierserve deploy-config's output).
 RENDERINGS = {**TIERS, "cpu-classes": {"CpuClass3538": "true", "CpuClass5307": "true", "CpuClass10240": "true",
-                                       "CpuColdStart": "provisioned", "CpuEphemeralStorageMb": "4096"}}
+                                       "CpuColdStart": "provisioned", "CpuEphemeralStorageMb": "4096"},
+              # the streaming REST API behind the Cognito authorizer (every other rendering: ApiAuth=keys)
+              "api-auth-jwt": {"ApiAuth": "jwt", "JwtAudience": "1example23456789",
+                               "JwtIssuer": f"https://cognito-idp.{REGION}.amazonaws.com/{REGION}_EXAMPLE"}}
 GPU_RESOURCES = {"GpuModelRole", "GpuModel", "GpuEndpointConfig", "GpuEndpoint", "GpuScalableTarget",
                  "GpuScalingPolicy"}
 

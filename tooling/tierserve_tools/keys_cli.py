@@ -10,7 +10,7 @@ tierserve key is that token, kept hashed in the stack's keys table and checked b
 authorizer (``tierserve.handlers.authorizer``). ``create`` prints the secret once (only its SHA-256 is
 stored: a lost key cannot be shown again; revoke it and create another); ``list`` never shows a secret;
 ``revoke`` refuses the key from the moment the authorizer's cached answer for it expires
-(``ApiAuthCacheTtl``, 300 s by default).
+(the REST API caches an answer per Authorization header for 300 s).
 
 The table is ``--table``, else ``KEYS_TABLE``, else the ``KeysTableName`` output of ``--stack-name``'s
 CloudFormation stack. ``--stack DIR`` targets a running ``tierserve serve`` (its ``DIR/env.json``): its

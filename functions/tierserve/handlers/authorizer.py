@@ -5,7 +5,7 @@ Why: the OpenAI routes are on a REST API (HTTP APIs cannot stream), and LLM clie
 table (``tierserve.keys``: one consistent ``GetItem``, the only permission it has) and answers API Gateway:
 
 * a usable key: an ``Allow`` policy for every method of the API's stage (``.../STAGE/*/*``: API Gateway caches
-  the answer per Authorization header, ``AuthorizerResultTtlInSeconds``, and reuses it on every route), with
+  the answer per Authorization header for 300 s, ``authorizerResultTtlInSeconds``, and reuses it on every route), with
   the context ``{"caller", "key_id"}`` that reaches the router as ``requestContext.authorizer`` (usage and
   budgets per caller, issue 18);
 * no header, a header that is not ``Bearer <token>``, a token that is not a tierserve key (a JWT is checked by
@@ -70,8 +70,9 @@ def policy(principal: str, effect: str, resource: str, context: dict[str, str] |
     return answer
 
 
-def authorize(event: dict[str, Any], key_store: keys.KeyStore) -> dict[str, Any]:
-    """The authorizer's answer for a REQUEST event; raises Unauthorized for a 401."""
+def authorize(event: dict[str, Any], key_store: keys.KeyStore | None = None) -> dict[str, Any]:
+    """The authorizer's answer for a REQUEST event; raises Unauthorized for a 401. The table (default: ``store()``)
+    is read only for a well-formed key."""
     try:
         token = keys.bearer_token(keys.header(event.get("headers"), "Authorization"))
     except keys.MalformedKeyError as exc:
@@ -85,7 +86,7 @@ def authorize(event: dict[str, Any], key_store: keys.KeyStore) -> dict[str, Any]
         logger.warning("denied", extra={"reason": "methodArn is not an execute-api ARN",
                                         "method_arn": event.get("methodArn")})
         return policy("unknown", "Deny", str(event.get("methodArn") or "*"))
-    key = key_store.lookup(token)
+    key = (key_store or store()).lookup(token)
     if key is None:
         logger.info("refused", extra={"reason": "unknown, revoked or expired key", "key_id": keys.key_id_of(token)})
         raise Unauthorized()
@@ -94,4 +95,4 @@ def authorize(event: dict[str, Any], key_store: keys.KeyStore) -> dict[str, Any]
 
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return authorize(event, store())
+    return authorize(event)

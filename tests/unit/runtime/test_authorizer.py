@@ -91,8 +91,12 @@ def test_a_method_arn_that_is_not_an_api_method_is_denied(key_store) -> None:
 
 
 def test_without_a_table_it_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tierserve import errors, keys
+    from tierserve import errors
 
     monkeypatch.delenv("KEYS_TABLE", raising=False)
+    # a key is looked up: with no table that is an error (API Gateway's 500), never an Allow
     with pytest.raises(errors.ConfigurationError):
         authorizer.lambda_handler(event(f"Bearer {keys.new_secret()}"), None)
+    # a request without a key is still a 401: the table is read only for a well-formed key
+    with pytest.raises(authorizer.Unauthorized):
+        authorizer.lambda_handler(event(None), None)
