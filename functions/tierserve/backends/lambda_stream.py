@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tierserve import errors
-from tierserve.backends.lambda_invoke import THROTTLED_CODES, _tier_error
+from tierserve.backends.lambda_invoke import THROTTLED_CODES
 
 HTTP_INTEGRATION = "application/vnd.awslambda.http-integration-response"
 DELIMITER = b"\x00" * 8
@@ -188,27 +188,49 @@ def _buffered(function_name: str, body: bytes, close: Any) -> ResponseStream:
     return ResponseStream(function_name, status, headers, data, iter(()), close)
 
 
+#: The CPU function's HTTP status -> the error the router raises (``lambda_invoke``'s table, plus 429).
+ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
+    400: errors.InvalidRequestError,
+    404: errors.ModelNotFoundError,
+    413: errors.PayloadTooLargeError,
+    429: errors.TooManyRequestsError,
+    503: errors.BackendUnavailableError,
+    504: errors.BackendTimeoutError,
+}
+
+
+def _tier_error(status: int, error: Any, retry_after: Any = None) -> errors.TierserveError:
+    """The CPU tier's error as it answered it: the class its status maps to, its message and its own code.
+    ``error`` is the body's ``error`` (a message, or OpenAI's ``{message, code}``) or the body itself."""
+    code = None
+    if isinstance(error, dict):
+        code = error.get("code")
+        error = error.get("message") or error.get("error")
+    exc = ERROR_BY_STATUS.get(status, errors.InferenceError)(str(error or f"the CPU tier answered {status}"))
+    if isinstance(code, str):
+        exc.code = code  # the tier's own code survives the hop (e.g. context_length_exceeded)
+    if retry_after is not None and hasattr(exc, "retry_after_s"):
+        with contextlib.suppress(TypeError, ValueError):
+            exc.retry_after_s = float(retry_after)
+    return exc
+
+
 def _status_error(function_name: str, status: int, reply: dict[str, Any]) -> errors.TierserveError:
-    """The CPU function's non-2xx answer as ``lambda_invoke`` maps it; a 429 (its cap on concurrent
-    generations) keeps its status and ``Retry-After``."""
-    if status != 429:
-        return _tier_error(function_name, status, reply)
+    """The CPU function's non-2xx HTTP answer (an API Gateway response object) as the tier's error."""
     raw = reply.get("body") or ""
     body = base64.b64decode(raw) if reply.get("isBase64Encoded") else str(raw).encode()
     try:
         obj = json.loads(body)
     except ValueError:
-        obj = {}
-    err = obj.get("error") if isinstance(obj, dict) else None
-    message = (err.get("message") if isinstance(err, dict) else err) or f"{function_name} is at its cap (429)"
-    exc = _error_for(429)(str(message))
-    code = err.get("code") if isinstance(err, dict) else obj.get("code") if isinstance(obj, dict) else None
-    if isinstance(code, str):
-        exc.code = code
+        obj = None
+    if isinstance(obj, dict):
+        error: Any = obj.get("error") if "error" in obj else obj
+        if isinstance(error, str) and isinstance(obj.get("code"), str):
+            error = {"message": error, "code": obj["code"]}
+    else:
+        error = body[:200].decode("utf-8", "replace") or f"{function_name} answered {status}"
     retry = {str(k).lower(): v for k, v in (reply.get("headers") or {}).items()}.get("retry-after")
-    if retry is not None and hasattr(exc, "retry_after_s"):
-        exc.retry_after_s = float(retry)
-    return exc
+    return _tier_error(status, error, retry)
 
 
 def event_lines(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
@@ -240,27 +262,11 @@ def _line(line: bytes) -> dict[str, Any]:
     return obj
 
 
-def _error_for(status: int) -> type[errors.TierserveError]:
-    """An error line's status -> the error the router raises (``lambda_invoke``'s table, plus 429)."""
-    from tierserve.backends.lambda_invoke import _ERROR_BY_STATUS
-
-    if status == 429:
-        return errors.TooManyRequestsError
-    return _ERROR_BY_STATUS.get(status, errors.InferenceError)
-
-
 def raise_error_line(obj: dict[str, Any]) -> None:
     """An ``{"error": {status, code, message}}`` line as the tier's error (its code kept); else nothing."""
     err = obj.get("error")
-    if not isinstance(err, dict):
-        return
-    status = int(err.get("status") or 500)
-    exc = _error_for(status)(str(err.get("message") or f"the CPU tier failed ({status})"))
-    if isinstance(err.get("code"), str):
-        exc.code = err["code"]
-    if hasattr(exc, "retry_after_s") and err.get("retry_after_s") is not None:
-        exc.retry_after_s = float(err["retry_after_s"])
-    raise exc
+    if isinstance(err, dict):
+        raise _tier_error(int(err.get("status") or 500), err, err.get("retry_after_s"))
 
 
 def generation_events(chunks: Iterable[bytes]) -> Iterator[Any]:
