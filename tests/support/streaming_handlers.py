@@ -8,6 +8,7 @@ API emulator. ``event["marker"]``, when given, is a file the response's ``close`
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,8 @@ def buffered(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return {"statusCode": 200, "headers": {"content-type": "application/json"},
             "body": json.dumps({"echo": event, "request_id": context.aws_request_id,
                                 "remaining_ms": context.get_remaining_time_in_millis(),
-                                "function_name": context.function_name})}
+                                "function_name": context.function_name,
+                                "streaming_runtime": os.environ.get("TIERSERVE_STREAMING_RUNTIME")})}
 
 
 def streamed(event: dict[str, Any], context: Any) -> StreamingResponse:

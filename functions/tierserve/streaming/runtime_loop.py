@@ -53,6 +53,9 @@ MAX_BUFFERED_BYTES = 6 * 1024 * 1024
 MAX_STREAMED_BYTES = 200 * 1024 * 1024
 #: A stream still running this close to the deadline is ended with an error trailer while it still can be.
 DEADLINE_MARGIN_MS = 250
+#: Set to "1" in the environment before the handler is imported: a handler returns a StreamingResponse only
+#: under this loop (the managed runtime would fail to serialise one).
+STREAMING_RUNTIME_ENV = "TIERSERVE_STREAMING_RUNTIME"
 
 
 class LambdaContext:
@@ -302,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     task_root = os.environ.get("LAMBDA_TASK_ROOT")
     if task_root and task_root not in sys.path:
         sys.path.insert(0, task_root)
+    os.environ[STREAMING_RUNTIME_ENV] = "1"
     client = RuntimeClient(address)
     name = argv[0] if argv else os.environ.get("_HANDLER", "")
     try:

@@ -71,6 +71,7 @@ def test_a_dict_answer_is_posted_buffered_with_the_context(runtime: Start) -> No
     body = json.loads(reply["body"])
     assert body["echo"] == {"hello": "world"} and body["request_id"] == inv.request_id
     assert 20_000 < body["remaining_ms"] <= 30_000 and body["function_name"] == api.function_name
+    assert body["streaming_runtime"] == "1"  # handlers can tell they may return a StreamingResponse
     # And the same warm process answers the next one
     assert json.loads(json.loads(api.invoke({"n": 2}).wait(10).response)["body"])["echo"] == {"n": 2}
 
