@@ -2,7 +2,8 @@
 
 Why: every other batch module (the readers, the job spec, the planner of shards, the closing) names S3
 objects and refuses bad ones the same way; the rules for a bucket, a key, a job's name and the input
-formats are written once here, with ``BatchInputError``, the error that makes a message poison.
+formats are written once here, with ``BatchInputError``, the error that makes a message poison, and so is
+the one read of an input object pinned to the version seen at the job's start (``get_body``).
 """
 
 from __future__ import annotations
@@ -86,3 +87,20 @@ def error_reason(exc: Exception) -> str:
     if err:
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
     return f"{type(exc).__name__}: {exc}"
+
+
+def get_body(s3: Any, loc: S3Location, version: dict[str, str], start: int = 0, stop: int | None = None) -> Any:
+    """A streaming body for bytes ``[start, stop)`` of ``loc`` (``stop`` None: to the end), pinned to the
+    version seen at the job's start: its ``version_id``, else its ``etag`` (``IfMatch``)."""
+    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
+    if version.get("version_id") and version["version_id"] != "null":
+        kwargs["VersionId"] = version["version_id"]
+    elif version.get("etag"):
+        kwargs["IfMatch"] = version["etag"]
+    if start or stop is not None:
+        kwargs["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
+    try:
+        return s3.get_object(**kwargs)["Body"]
+    except Exception as exc:
+        raise BatchInputError(f"cannot read {loc.uri} ({error_reason(exc)}); check that the object exists, "
+                              "was not replaced during the job, and that the function may read it") from exc

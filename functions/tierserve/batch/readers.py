@@ -23,28 +23,12 @@ from typing import IO, Any
 import numpy as np
 
 from tierserve.batch.chunks import ColumnChunk, LineChunk
-from tierserve.batch.locations import BatchInputError, S3Location, error_reason
+from tierserve.batch.locations import BatchInputError, S3Location, get_body
 from tierserve.batch.records import Record
 from tierserve.manifest import ModelVersion
 from tierserve.protocol.tensors import datatype_to_dtype
 
 _READ_CHUNK = 1 << 20
-
-
-def get_body(s3: Any, loc: S3Location, version: dict[str, str], start: int = 0) -> Any:
-    """A streaming body for ``loc`` pinned to the version seen at the job's start."""
-    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
-    if version.get("version_id") and version["version_id"] != "null":
-        kwargs["VersionId"] = version["version_id"]
-    elif version.get("etag"):
-        kwargs["IfMatch"] = version["etag"]
-    if start:
-        kwargs["Range"] = f"bytes={start}-"
-    try:
-        return s3.get_object(**kwargs)["Body"]
-    except Exception as exc:
-        raise BatchInputError(f"cannot read {loc.uri} ({error_reason(exc)}); check that the object exists, "
-                              "was not replaced during the job, and that the function may read it") from exc
 
 
 def iter_lines(body: Any, start: int, first_line: int) -> Iterator[tuple[int, int, bytes]]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from tierserve.batch.locations import BatchInputError, S3Location, error_reason, input_format
+from tierserve.batch.locations import BatchInputError, S3Location, get_body, input_format
 from tierserve.batch.state import JobConflictError
 from tierserve.dynamo import from_dynamo, to_dynamo
 
@@ -122,7 +122,7 @@ def plan_jsonl(s3: Any, loc: S3Location, version: dict[str, str], size: int, n: 
         pos = max(lo - 1, 0)
         if hi <= pos:
             return 0, None
-        body = _ranged_body(s3, loc, version, pos, hi)
+        body = get_body(s3, loc, version, pos, hi)
         try:
             while block := body.read(_BLOCK):
                 if first is None and (j := block.find(b"\n")) >= 0:
@@ -155,24 +155,6 @@ def plan_jsonl(s3: Any, loc: S3Location, version: dict[str, str], size: int, n: 
     return [Shard(i, len(starts), a[0], b[0], a[1]) for i, (a, b) in enumerate(pairwise(bounds))]
 
 
-def _version_kwargs(loc: S3Location, version: dict[str, str]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
-    if version.get("version_id") and version["version_id"] != "null":
-        kwargs["VersionId"] = version["version_id"]
-    elif version.get("etag"):
-        kwargs["IfMatch"] = version["etag"]
-    return kwargs
-
-
-def _ranged_body(s3: Any, loc: S3Location, version: dict[str, str], start: int, stop: int) -> Any:
-    """Bytes ``[start, stop)`` of the pinned version of ``loc``, streaming."""
-    try:
-        return s3.get_object(**_version_kwargs(loc, version), Range=f"bytes={start}-{stop - 1}")["Body"]
-    except Exception as exc:
-        raise BatchInputError(f"cannot read {loc.uri} ({error_reason(exc)}); check that the object exists, "
-                              "was not replaced during the job, and that the function may read it") from exc
-
-
 class _S3Range(io.RawIOBase):
     """A seekable, read-only file over the pinned version of an S3 object: each read is a ranged GET.
 
@@ -200,7 +182,7 @@ class _S3Range(io.RawIOBase):
         n = min(len(b), self.size - self.pos)
         if n <= 0:
             return 0
-        body = _ranged_body(self.s3, self.loc, self.version, self.pos, self.pos + n)
+        body = get_body(self.s3, self.loc, self.version, self.pos, self.pos + n)
         try:
             data = body.read()
         finally:
