@@ -375,10 +375,12 @@ class HttpServer:
     async def _head(self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float) -> h11.Request | None:
         """The request line and headers, by the header deadline; None when the client closed first."""
         limits = self.limits
+        most = limits.max_request_line + limits.max_header_bytes
         checked = False
         while True:
+            # h11 bounds only a head that is still incomplete: one that arrives whole is measured here
+            buf = conn.trailing_data[0].lstrip(b"\r\n")
             if not checked:
-                buf = conn.trailing_data[0].lstrip(b"\r\n")
                 end = buf.find(b"\n")
                 if end < 0 and len(buf) > limits.max_request_line:
                     raise HttpError(414, "uri_too_long", f"the request line is over {limits.max_request_line} "
@@ -386,6 +388,10 @@ class HttpServer:
                 if end >= 0:
                     _check_line(buf[:end].rstrip(b"\r"), limits.max_request_line)
                     checked = True
+            end = buf.find(b"\r\n\r\n")
+            if end > most or (end < 0 and len(buf) > most):
+                raise HttpError(431, "headers_too_large", f"the request line and headers are over {most} bytes; "
+                                "send large values in the body")
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:

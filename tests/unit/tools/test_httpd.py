@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import raw_http
+from tests.support.raw_http import read_response
 from tierserve.httpserver import Limits
 from tierserve_tools.apigw import MAX_BODY_BYTES, ApiGatewayServer
 
@@ -34,23 +36,8 @@ def gw() -> Iterator[ApiGatewayServer]:
 def exchange(gw: ApiGatewayServer, raw: bytes, wait_s: float = 5.0) -> tuple[int, dict[str, str], bytes, float]:
     """Send ``raw``, read one response; (status, headers, body, seconds it took)."""
     t0 = time.monotonic()
-    with socket.create_connection((gw.host, gw.port), timeout=wait_s) as s:
-        s.sendall(raw)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        while len(body) < int(headers.get("content-length", 0)):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    return int(lines[0].split()[1]), headers, body, time.monotonic() - t0
+    status, headers, body = raw_http.exchange(gw.host, gw.port, raw, wait_s)
+    return status, headers, body, time.monotonic() - t0
 
 
 def error_of(body: bytes) -> dict:
@@ -139,23 +126,6 @@ def test_a_burst_of_connections_is_queued_not_dropped(gw) -> None:
 # --- issue 16: defects 2, 4, 12 and 13 on the local API ------------------------------------------------------------
 
 
-def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response from an open connection (keep-alive: the connection stays usable)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        body += s.recv(65536)
-    assert lines[0].startswith("HTTP/1.1 "), lines[0]
-    return int(lines[0].split()[1]), headers, body
-
-
 def trickle(gw: ApiGatewayServer, head: bytes, rest: bytes, every_s: float = 0.1,
             wait_s: float = 20.0) -> tuple[int, float]:
     """Send ``head`` at once, then ``rest`` one byte every ``every_s``; (the status answered, seconds it took)."""
@@ -236,7 +206,8 @@ def test_defect_13_a_body_shorter_than_its_length_is_a_408_at_the_body_deadline(
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", {400, 505}),
     (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", {505}),
     (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", {400}),
-], ids=["line-over-64k", "http-0.9", "http2-preface", "http-9.9", "two-lengths"])
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 140_000 + b"\r\n\r\n", {431}),
+], ids=["line-over-64k", "http-0.9", "http2-preface", "http-9.9", "two-lengths", "headers-over-128k-at-once"])
 def test_defect_13_bad_framing_gets_a_status_line_and_the_apis_json(gw, raw, statuses) -> None:
     status, headers, body, took = exchange(gw, raw)
     assert headers["content-type"] == "application/json"
