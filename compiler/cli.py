@@ -33,15 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "source",
         metavar="SOURCE",
         help="path to .onnx, or package.module:attr (fitted sklearn estimator/pipeline, torch nn.Module, "
-        "or a zero-argument factory returning one)",
+        "or a zero-argument factory returning one), or a causal LM folder: Hugging Face layout (config.json with a "
+        "*ForCausalLM architecture, safetensors, tokenizer.json) or built for onnxruntime-genai (genai_config.json)",
     )
     p.add_argument("--name", required=True, help="model name in the manifest")
     p.add_argument("--version", help="version (positive integer); default: next after the highest existing one")
     p.add_argument(
         "--validation",
         type=Path,
-        metavar="FILE.npz",
-        help="arrays keyed by input name (one array for single-input models); optional _labels",
+        metavar="FILE",
+        help="FILE.npz: arrays keyed by input name (one array for single-input models), optional _labels; for a "
+        "causal LM, FILE.txt (prompts separated by blank lines) or FILE.jsonl ({\"prompt\": ...} per line), "
+        "default: a text shipped with the compiler",
     )
     p.add_argument("--calibration", type=Path, metavar="FILE.npz", help="inputs for static int8 calibration")
     p.add_argument("--example-inputs", type=Path, metavar="FILE.npz", help="example inputs for the torch exporter")
@@ -53,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="INPUT:AXIS",
         help="extra dynamic axis besides the batch axis, e.g. input_ids:1 (repeatable)",
     )
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="variant choice (default auto)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help="variant choice (default auto); dynamic|static|fp16 for ONNX models, int4|int8 for causal LMs")
     p.add_argument(
         "--per-channel",
         dest="per_channel",
@@ -70,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="accuracy metric(s) overriding the task default: label_agreement, accuracy, max_abs, mean_rel, cosine",
     )
     p.add_argument("--slo-ms", type=float, help="p95 latency objective at batch 1 in milliseconds")
+    p.add_argument("--slo-ttft-ms", type=float,
+                   help="causal LMs: time to first token objective (ms) at a 128-token prompt")
+    p.add_argument("--slo-tokens-per-s", type=float, help="causal LMs: decode tokens/s objective at batch 1")
     p.add_argument("--target", choices=("cpu", "gpu", "both", "edge"),
                    help="force the placement (default: rules decide); edge: also on devices, beside the cloud tier")
     p.add_argument("--edge-profile", metavar="NAME|FILE.json",
@@ -109,6 +116,8 @@ def run_compile(args: argparse.Namespace) -> int:
             calibration_method=args.calibration_method,
             metrics=tuple(args.metric) or None,
             slo_ms=args.slo_ms,
+            slo_ttft_ms=args.slo_ttft_ms,
+            slo_tokens_per_s=args.slo_tokens_per_s,
             target=args.target,
             edge_profile=args.edge_profile,
             prices=args.prices,

@@ -52,6 +52,7 @@ class LambdaLimits:
     runtime_deps_mb: float = 121.0
     # Session memory overhead over the model file size (weights are loaded once, plus arena).
     memory_overhead_mb: float = 160.0
+    snapstart_tmp_mb: float = 512.0  # with SnapStart, a function's /tmp is at most 512 MB
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class Budget:
     max_rel_drop: float = 0.01  # <= 1 % relative drop of accuracy / relative error of regressors
     min_cosine: float = 0.99
     min_label_agreement: float = 0.995
+    # Causal LMs, against the source model (transformers on PyTorch) on the validation text:
+    min_top1_agreement: float = 0.90  # next-token top-1 agreement over every position
+    max_perplexity_ratio: float = 1.10  # the variant's perplexity / the source model's
+    min_greedy_match: float = 0.25  # share of greedy continuations equal token for token
 
 
 @dataclass
@@ -92,6 +97,8 @@ class CompileConfig:
     calibration_method: str | None = None  # None = minmax, and "not given" for combo checks
     metrics: tuple[str, ...] = ()
     slo_ms: float | None = None
+    slo_ttft_ms: float | None = None  # causal LMs: time to first token at a 128-token prompt
+    slo_tokens_per_s: float | None = None  # causal LMs: decode tokens/s at batch 1
     target: str = "auto"
     edge_profile: str | None = None  # a device profile (tierserve_compiler.edge.PROFILES) or a JSON file
     prices: Path | None = None
@@ -110,7 +117,10 @@ class CompileConfig:
 
     def validate(self) -> CompileConfig:
         """Refuse impossible combinations, with a message that says what to do instead."""
+        from tierserve_compiler.sources import source_task
         from tierserve_compiler.variants import check_options  # the variant rules live with the variants
+
+        task = source_task(self.source)
 
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target!r} is unknown; use one of cpu, gpu, both, edge (or omit it)")
@@ -123,15 +133,24 @@ class CompileConfig:
                 f"--calibration-method {self.calibration_method!r} is unknown; use one of "
                 f"{', '.join(CALIBRATION_METHODS)}"
             )
-        check_options(self)
-        if self.slo_ms is not None and self.slo_ms <= 0:
-            raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
+        check_options(self, task)
+        for flag, value in (("--slo-ms", self.slo_ms), ("--slo-ttft-ms", self.slo_ttft_ms),
+                            ("--slo-tokens-per-s", self.slo_tokens_per_s)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{flag} must be positive, got {value}")
+        if task == "text-generation":
+            from tierserve_compiler.causal_lm import check_options as check_causal_lm
+
+            check_causal_lm(self)
+        elif self.slo_ttft_ms is not None or self.slo_tokens_per_s is not None:
+            raise ConfigError("--slo-ttft-ms and --slo-tokens-per-s apply to causal LMs (a Hugging Face folder with a "
+                              "*ForCausalLM config.json, or an onnxruntime-genai folder); use --slo-ms for this model")
         if self.optimization_level not in ("basic", "extended"):
             raise ConfigError("optimization_level must be 'basic' or 'extended'")
         if self.max_batch_size < 0:
             raise ConfigError("max_batch_size must be >= 0")
         for name, path in (
-            ("--validation", self.validation),
+            ("--validation", self.validation if task != "text-generation" else None),
             ("--calibration", self.calibration),
             ("--example-inputs", self.example_inputs),
             ("--prices", self.prices),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tierserve.manifest import ModelVersion
+from tierserve.manifest import TASK_INFERENCE, ModelVersion
 from tierserve_compiler.config import CompileConfig, load_prices
 from tierserve_compiler.data import Dataset, load_npz, row_nbytes, synthetic_dataset
 from tierserve_compiler.errors import CompilerError, VariantError
@@ -204,38 +204,43 @@ def profile(variants: list[BuiltVariant], data: Dataset, cfg: CompileConfig, wor
             v.profile = profile_variant(v.path, data, cfg.profile, workdir)
 
 
-def select(variants: list[BuiltVariant], cfg: CompileConfig) -> Selection:
+def select(variants: list[BuiltVariant], cfg: CompileConfig, task: str = TASK_INFERENCE) -> Selection:
     """Pick the CPU variant and the GPU (Triton) variant; record why each variant was kept or rejected.
 
     ``auto``: the fastest (p50 at batch 1, 1 thread) CPU-tier variant within its accuracy budget that
     is also no slower than fp32 at the largest batch; never one slower than fp32. A variant that does
     not serve the CPU tier is only ever the GPU variant (the first such variant within budget, else
     fp32). Explicit modes select what was asked.
+
+    A causal LM (``task`` text-generation) goes through the same rules: its profile's "latency" at batch 1 and 8
+    is the time of one decode step (``profile.profile_generative``), so faster means more tokens/s.
     """
     by = {v.key: v for v in variants}
-    fp32 = by[REFERENCE]
+    fp32 = by.get(REFERENCE) or variants[0]  # a prebuilt causal LM has one variant, its own reference
+    ref = fp32.key
     assert fp32.profile is not None
     b1, bmax = min(cfg.profile.batch_sizes), max(cfg.profile.batch_sizes)
     f1, fmax = latency(fp32.profile, b1, stat="p50_ms"), latency(fp32.profile, bmax, stat="p50_ms")
-    fp32.decision, fp32.reason = "kept", f"reference; p50 b{b1} {f1:.3f} ms, b{bmax} {fmax:.3f} ms"
-    candidates = [REFERENCE]
+    fp32.decision, fp32.reason = "kept", f"reference; {_speed(fp32.profile, b1)}, {_speed(fp32.profile, bmax)}"
+    candidates = [ref]
     for v in variants:
-        if v.key == REFERENCE or v.path is None or v.profile is None:
+        if v.key == ref or v.path is None or v.profile is None:
             continue
         l1, lmax = latency(v.profile, b1, stat="p50_ms"), latency(v.profile, bmax, stat="p50_ms")
-        speed = f"p50 b{b1} {l1:.3f} ms vs fp32 {f1:.3f}; b{bmax} {lmax:.3f} vs {fmax:.3f}"
+        speed = (f"{_speed(v.profile, b1)} vs {ref} {_speed(fp32.profile, b1)}; "
+                 f"{_speed(v.profile, bmax)} vs {_speed(fp32.profile, bmax)}")
         budget = "; ".join(v.budget_reasons)
-        if not serves(v.key, CPU):
+        if not serves(v.key, CPU, task):
             v.decision = "kept" if v.within_budget else "rejected"
             v.reason = f"GPU variant only ({'within' if v.within_budget else 'over'} budget: {budget})"
         elif not v.within_budget:
             v.decision, v.reason = "rejected", f"over the accuracy budget: {budget}"
         elif l1 > f1 or lmax > fmax:
-            v.decision, v.reason = "rejected", f"slower than fp32 ({speed})"
+            v.decision, v.reason = "rejected", f"slower than {ref} ({speed})"
         else:
             v.decision, v.reason = "kept", f"within budget ({budget}); {speed}"
             candidates.append(v.key)
-    asked = [k for k in mode_variants(cfg.quantize)[1:] if k in by and by[k].path is not None]
+    asked = [k for k in mode_variants(cfg.quantize, task)[1:] if k in by and by[k].path is not None]
     if cfg.quantize != "auto" and asked:
         selected = asked[0]
         if by[selected].decision == "rejected":
@@ -246,10 +251,19 @@ def select(variants: list[BuiltVariant], cfg: CompileConfig) -> Selection:
     gpu = [
         v.key
         for v in variants
-        if v.key != REFERENCE and serves(v.key, GPU) and v.path is not None
+        if v.key != ref and serves(v.key, GPU, task) and v.path is not None
         and (v.within_budget or v.key == selected)
     ]  # fmt: skip
-    return Selection(selected, selected if serves(selected, CPU) else REFERENCE, gpu[0] if gpu else REFERENCE)
+    return Selection(selected, selected if serves(selected, CPU, task) else ref, gpu[0] if gpu else ref)
+
+
+def _speed(prof: dict[str, Any], batch: int) -> str:
+    """One speed figure for a reason: p50 latency per request, or decode tokens/s for a causal LM."""
+    p50 = latency(prof, batch, stat="p50_ms")
+    if prof.get("kind") == "text-generation":
+        tok_s = next(iter(prof["threads"].values()))["batches"][str(batch)]["tokens_per_s"]
+        return f"b{batch} {tok_s:,.1f} tokens/s ({p50:.3f} ms/step)"
+    return f"p50 b{batch} {p50:.3f} ms"
 
 
 def place(cpu_variant: BuiltVariant, data: Dataset, cfg: CompileConfig, prices: dict[str, Any]) -> Placement:
@@ -312,7 +326,15 @@ def model_version(
 
 
 def compile_model(cfg: CompileConfig) -> CompileResult:
-    """Run every step; returns the manifest entry and the report. Raises :class:`CompilerError`."""
+    """Run every step; returns the manifest entry and the report. Raises :class:`CompilerError`.
+
+    A causal LM folder (task text-generation) goes through :func:`tierserve_compiler.causal_lm.compile_causal_lm`."""
+    from tierserve_compiler.sources import source_task
+
+    if source_task(cfg.source) != TASK_INFERENCE:
+        from tierserve_compiler.causal_lm import compile_causal_lm
+
+        return compile_causal_lm(cfg)
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tierserve_compiler.config import CompileConfig, LambdaLimits
@@ -214,3 +215,187 @@ def place(
     return Placement(
         targets, {"memory_mb": int(memory), "threads": int(threads)}, routing, reasons, forced, deployment, costs
     )
+
+
+# --- causal LMs (issue 17) ---------------------------------------------------------------------------------
+#
+# A causal LM is placed by its weights plus its KV cache at the full context, and by its speed in tokens:
+#
+# 1. ``lambda_tmp``: its files (with room to verify them) in the function's /tmp; up to 512 MB SnapStart can
+#    restore the function, above that the function needs CpuEphemeralStorageMb and starts without SnapStart;
+# 2. ``lambda_memory``: the measured peak RSS (at least the files plus the session overhead) plus the KV cache
+#    at the full context (layers x 2 x KV heads x head size x 4 bytes x context, checked against the profile's
+#    measurement) in the largest memory class (10,240 MB); one generation per execution environment;
+# 3. ``slo``: the smallest memory class that holds it and whose estimated decode tokens/s (batch 1) and time to
+#    first token (a 128-token prompt), Amdahl-scaled from the 1-thread and all-thread measurements to the class's
+#    vCPUs, meet ``--slo-tokens-per-s`` and ``--slo-ttft-ms``; without SLOs, the smallest class that holds it;
+# 4. ``cost``: Lambda $ per 1M generated tokens at that class (GB-s for 1M tokens at its tokens/s, plus one
+#    request per default completion) against the GPU tier's, from ``gpu_generation.json`` (cited estimates).
+#
+# Decision: fits and meets the SLOs -> ``cpu``; does not fit 10,240 MB or cannot meet the SLOs -> ``gpu`` (served
+# by vLLM, issue 18); ``--target`` forces it. The edge: the smallest variant within its budget, whose files, KV
+# cache at the full context and runtime fit the device profile's memory, with its tokens/s and TTFT estimated
+# from the measured profile at the device's cores and speed.
+
+GPU_GENERATION_FILE = Path(__file__).with_name("gpu_generation.json")
+SLO_TTFT_PROMPT = 128
+
+
+def gpu_figures(parameters: int, table: dict[str, Any] | None = None) -> Any:
+    """The GPU tier's figures for a model of ``parameters``, estimated from the cited table."""
+    import json
+
+    from tierserve.manifest import TierFigures
+
+    t = table or json.loads(GPU_GENERATION_FILE.read_text())
+    weights = max(1, parameters) * float(t["weight_bytes_per_parameter"])
+    tok_s = float(t["bandwidth_efficiency"]) * float(t["memory_bandwidth_gb_s"]) * 1e9 / weights
+    flops = float(t["fp16_tensor_tflops"]) * 1e12 * float(t["prefill_mfu"])
+    ttft = {n: 2 * max(1, parameters) * n / flops * 1000 for n in (16, 128, 512)}
+    src = (f"estimated for {t['gpu']} ({t['instance']}) from compiler/gpu_generation.json: "
+           + "; ".join(f"{k}: {v}" for k, v in t["sources"].items()))
+    return TierFigures(ttft, tok_s, None, src), t
+
+
+def place_generation(src: Any, profile: dict[str, Any], cfg: CompileConfig, prices: dict[str, Any],
+                     limits: LambdaLimits | None = None) -> tuple[Placement, dict[str, Any]]:
+    """The rules above for the CPU variant's profile; returns the placement and each cloud tier's figures."""
+    from tierserve.manifest import TierFigures
+    from tierserve_compiler.profile import generative_at
+
+    lim = limits or cfg.limits
+    reasons: list[Reason] = []
+    size_mb = profile["size_bytes"] / 2**20
+    kv = profile["kv"]
+    kv_full_mb = kv["full_context_bytes"] / 2**20
+    tmp_need = size_mb * lim.tmp_headroom
+    snap = tmp_need <= lim.snapstart_tmp_mb
+    reasons.append(Reason("lambda_tmp", tmp_need <= lim.tmp_mb,
+                          f"files {size_mb:.1f} MB (~{tmp_need:,.1f} MB of /tmp while verified): "
+                          + (f"within SnapStart's {lim.snapstart_tmp_mb:.0f} MB /tmp" if snap else
+                             f"over SnapStart's {lim.snapstart_tmp_mb:.0f} MB /tmp: the function needs "
+                             f"CpuEphemeralStorageMb (at most {lim.tmp_mb:,.0f} MB) and starts without SnapStart")))
+    base_mb = max(float(profile.get("peak_rss_mb", 0.0)), size_mb + lim.memory_overhead_mb)
+    need = base_mb + kv_full_mb
+    fits = need <= lim.max_memory_mb
+    reasons.append(Reason("lambda_memory", fits,
+                          f"needs ~{need:,.0f} MB: runtime and weights {base_mb:,.0f} MB (peak RSS "
+                          f"{profile.get('peak_rss_mb', 0):.0f} MB measured) + KV cache at the full context "
+                          f"{src.context_length:,} tokens {kv_full_mb:,.1f} MB ({src.kv_bytes_per_token:,} bytes/token "
+                          f"computed, {kv['measured_bytes_per_token']:,.0f} measured at {kv['context']} tokens) vs the "
+                          f"largest class, {lim.max_memory_mb:,} MB"))
+
+    def vcpus(mem: int) -> float:
+        return min(lim.max_vcpus, mem / lim.mb_per_vcpu)
+
+    def meets(mem: int) -> bool:
+        est = generative_at(profile, vcpus(mem))
+        return ((cfg.slo_tokens_per_s is None or est["tokens_per_s"] >= cfg.slo_tokens_per_s)
+                and (cfg.slo_ttft_ms is None or est["ttft_ms"][_nearest(est["ttft_ms"])] <= cfg.slo_ttft_ms))
+
+    steps = [m for m in lim.memory_classes_mb if need <= m] or [lim.max_memory_mb]
+    ok_classes = [m for m in steps if meets(m)]
+    memory = ok_classes[0] if ok_classes else steps[-1]
+    slo_ok = bool(ok_classes)
+    est = generative_at(profile, vcpus(memory))
+    ttft128 = est["ttft_ms"][_nearest(est["ttft_ms"])]
+    slos = [f"--slo-tokens-per-s {cfg.slo_tokens_per_s:g}" if cfg.slo_tokens_per_s else "",
+            f"--slo-ttft-ms {cfg.slo_ttft_ms:g}" if cfg.slo_ttft_ms else ""]
+    asked = " and ".join(s for s in slos if s) or "no SLO given"
+    reasons.append(Reason("slo", slo_ok, f"at {memory:,} MB ({vcpus(memory):.2f} vCPU): ~{est['tokens_per_s']:,.1f} "
+                          f"tokens/s at batch 1, TTFT ~{ttft128:,.1f} ms at a {_nearest(est['ttft_ms'])}-token prompt "
+                          f"(Amdahl-scaled from 1 and {max(int(k) for k in profile['threads'])} measured threads) vs "
+                          f"{asked}"))
+    threads = max(1, min(lim.max_vcpus, math.floor(vcpus(memory))))
+    default_tokens = min(256, src.context_length - 1)
+    lam_per_m = (memory / 1024 * (1e6 / max(est["tokens_per_s"], 1e-9)) * prices["lambda_gb_s_usd"]
+                 + prices["lambda_request_usd"] * 1e6 / default_tokens)
+    gpu, table = gpu_figures(src.parameters or int(profile["size_bytes"] / 4))
+    gpu_per_m = (prices["gpu_hourly_usd"] / (gpu.tokens_per_s * float(table["concurrency_gain"])
+                 * float(prices["gpu_utilisation"]) * 3600) * 1e6)
+    reasons.append(Reason("cost", True, f"Lambda ${lam_per_m:,.2f} per 1M tokens ({memory:,} MB at "
+                          f"{est['tokens_per_s']:,.1f} tokens/s) vs GPU {table['instance']} ${gpu_per_m:,.2f} per 1M "
+                          f"tokens (estimated {gpu.tokens_per_s:,.0f} tokens/s x {table['concurrency_gain']} "
+                          f"concurrency x {prices['gpu_utilisation']} utilisation)"))
+    spare = max(0.0, memory - base_mb)
+    concurrency = max(1, min(4, int(spare // max(kv_full_mb, 1e-9)))) if fits else 1
+    forced = cfg.target not in ("auto", "edge")
+    if forced:
+        targets = {"cpu": ["cpu"], "gpu": ["gpu"], "both": ["gpu", "cpu"]}[cfg.target]
+        failed = [r.rule for r in reasons if not r.ok]
+        note = f" (rules that failed and were overridden: {', '.join(failed)})" if failed and "cpu" in targets else ""
+        reasons.append(Reason("forced", True, f"targets forced to {targets} by --target {cfg.target}{note}"))
+    elif not fits or reasons[0].ok is False:
+        targets = ["gpu"]
+        reasons.append(Reason("decision", True, "gpu: does not fit the CPU tier's functions (10,240 MB with its KV "
+                              "cache, or /tmp); the GPU tier serves it with vLLM (issue 18)"))
+    elif not slo_ok:
+        targets = ["gpu"]
+        reasons.append(Reason("decision", True, f"gpu: no CPU memory class meets {asked}; the GPU tier serves it "
+                              "with vLLM (issue 18)"))
+    else:
+        targets = ["cpu"]
+        reasons.append(Reason("decision", True, f"cpu: fits the {memory:,} MB class with its KV cache and meets "
+                              f"{asked}"))
+    cpu_fig = TierFigures({int(k): round(v, 3) for k, v in est["ttft_ms"].items()}, round(est["tokens_per_s"], 3),
+                          round(lam_per_m, 4), f"measured: 1 and {max(int(k) for k in profile['threads'])} threads on "
+                          f"the build machine, estimated at {vcpus(memory):.2f} vCPU ({memory:,} MB) by Amdahl's law")
+    gpu = TierFigures(gpu.ttft_ms, gpu.tokens_per_s, round(gpu_per_m, 4), gpu.source)
+    placement = Placement(targets, {"memory_mb": int(memory), "threads": int(threads), "max_concurrency": concurrency},
+                          {}, reasons, forced, "zip", {"lambda_usd_per_1m_tokens": lam_per_m,
+                                                       "gpu_usd_per_1m_tokens": gpu_per_m})
+    placement.edge = {}
+    return placement, {"cpu": cpu_fig, "gpu": gpu}
+
+
+def _nearest(ttft: dict[int, float]) -> int:
+    return min(ttft, key=lambda n: abs(n - SLO_TTFT_PROMPT))
+
+
+def place_generation_edge(placement: Placement, variants: list[Any], src: Any, cfg: CompileConfig,
+                          prices: dict[str, Any]) -> tuple[str | None, Any]:
+    """The edge rules for a causal LM (``--target edge`` or ``--edge-profile``): the smallest variant within its
+    budget, its memory (files + KV cache at the full context + runtime) against the device's, its tokens/s and
+    TTFT estimated at the device's cores and speed. Returns (the variant the edge serves or None, its figures)."""
+    if cfg.target != "edge" and cfg.edge_profile is None:
+        return None, None
+    from tierserve.manifest import TASK_TEXT_GENERATION, TierFigures
+    from tierserve_compiler.edge import load_profile
+    from tierserve_compiler.profile import generative_at
+    from tierserve_compiler.variants import REFERENCE, serves
+
+    device = load_profile(cfg.edge_profile)
+    cands = [v for v in variants if v.path is not None and v.profile is not None
+             and serves(v.key, "cpu", TASK_TEXT_GENERATION) and (v.key == REFERENCE or v.within_budget)]
+    best = min(cands, key=lambda v: (v.profile["size_bytes"], v.key))
+    prof = best.profile
+    size_mb = prof["size_bytes"] / 2**20
+    need = max(float(prof.get("peak_rss_mb", 0.0)), size_mb + 8) + prof["kv"]["full_context_bytes"] / 2**20
+    mem_ok = need <= device.memory_mb
+    est = generative_at(prof, device.cores)
+    tok_s = est["tokens_per_s"] * device.speed
+    ttft = {k: v / device.speed for k, v in est["ttft_ms"].items()}
+    slo_ok = ((cfg.slo_tokens_per_s is None or tok_s >= cfg.slo_tokens_per_s)
+              and (cfg.slo_ttft_ms is None or ttft[_nearest(ttft)] <= cfg.slo_ttft_ms))
+    reasons = [
+        Reason("edge_variant", True, f"{best.key}: the smallest variant within its accuracy budget "
+               f"({size_mb:.2f} MB; candidates {', '.join(v.key for v in cands)})"),
+        Reason("edge_memory", mem_ok, f"needs ~{need:,.0f} MB with the KV cache at {src.context_length:,} tokens vs "
+               f"{device.memory_mb:,} MB on {device.name}"),
+        Reason("edge_speed", slo_ok, f"estimated {tok_s:,.1f} tokens/s and TTFT {ttft[_nearest(ttft)]:,.1f} ms at a "
+               f"{_nearest(ttft)}-token prompt on {device.name} ({device.cores} cores at {device.speed:g}x this "
+               "machine's)"),
+    ]
+    on_edge = cfg.target == "edge" or (mem_ok and slo_ok)
+    forced = ", forced by --target edge" if cfg.target == "edge" else f": it fits {device.name}"
+    reasons.append(Reason("edge_decision", True,
+                          f"on the edge{forced}" if on_edge else f"not on the edge: it does not fit {device.name}"))
+    placement.reasons.extend(reasons)
+    placement.edge = {"profile": device.to_json(), "variant": best.key, "tokens_per_s_estimate": round(tok_s, 3),
+                      "memory_mb_estimate": round(need, 1), "placed": on_edge}
+    fig = TierFigures({int(k): round(v, 3) for k, v in ttft.items()}, round(tok_s, 3), None,
+                      f"estimated from the measured profile at {device.cores} cores x {device.speed:g} ({device.name})")
+    if not on_edge:
+        return None, fig
+    placement.targets = ["edge", *[t for t in placement.targets if t != "edge"]]
+    return best.key, fig

@@ -94,7 +94,8 @@ def _content(v: Variant) -> tuple[str, tuple[str, ...]]:
 
 
 def existing_version(
-    manifest: Manifest, out_dir: Path, name: str, version: str, fp32: Variant, explicit: bool
+    manifest: Manifest, out_dir: Path, name: str, version: str, fp32: Variant, explicit: bool,
+    reference: str = REFERENCE,
 ) -> ModelVersion | None:
     """The version that already holds this fp32 content, external data included (a no-op compile), or
     None to write a new one.
@@ -106,7 +107,8 @@ def existing_version(
     mv = entry.versions.get(version) if entry else None
     if mv is None and not explicit and entry:
         latest = entry.versions[max(entry.versions, key=int)]
-        return latest if _content(latest.variants[REFERENCE]) == _content(fp32) else None
+        same = reference in latest.variants and _content(latest.variants[reference]) == _content(fp32)
+        return latest if same else None
     if mv is None:
         vdir = out_dir / name / version
         if vdir.exists() and any(vdir.iterdir()):
@@ -115,11 +117,12 @@ def existing_version(
                 "artifacts are immutable: delete that folder or compile another --version"
             )
         return None
-    if _content(mv.variants[REFERENCE]) == _content(fp32):
+    if reference in mv.variants and _content(mv.variants[reference]) == _content(fp32):
         return mv
+    held = mv.variants.get(reference)
     raise ArtifactExistsError(
-        f"{name} version {version} already exists with different content (fp32 sha256 "
-        f"{mv.variants[REFERENCE].sha256[:12]}... != {fp32.sha256[:12]}..., or other external data); "
+        f"{name} version {version} already exists with different content ({reference} sha256 "
+        f"{held.sha256[:12] if held else 'absent'}... != {fp32.sha256[:12]}..., or other external data); "
         "artifacts are immutable: omit --version "
         f"to get version {next_version(manifest, name)}, or pick an unused --version"
     )
@@ -129,13 +132,32 @@ def _record(path: Path, store_path: str) -> ExternalFile:
     return ExternalFile(store_path, sha256_file(path), path.stat().st_size)
 
 
+def is_genai_folder(model: Path) -> bool:
+    """A causal LM's variant: an onnxruntime-genai folder (``model.onnx`` beside its ``genai_config.json``)."""
+    return (model.parent / "genai_config.json").is_file()
+
+
+def companions(model: Path) -> list[str]:
+    """The files a variant needs besides its model, relative to the model's folder: its external data, and for
+    an onnxruntime-genai folder every other file in it (genai_config.json, tokenizer files, chat template)."""
+    if is_genai_folder(model):
+        return sorted(p.name for p in model.parent.iterdir() if p.is_file() and p != model)
+    return locations(model)
+
+
+def _prefix(model: Path) -> str:
+    """Where a variant sits in its version folder: ``KEY/`` for an onnxruntime-genai folder, else at the root."""
+    return f"{model.parent.name}/" if is_genai_folder(model) else ""
+
+
 def variant_entries(name: str, version: str, staged: dict[str, Path]) -> dict[str, Variant]:
     """Manifest records for the staged variant files and their external data (sha256 and size of each),
-    with the paths they will have in the store."""
+    with the paths they will have in the store; an onnxruntime-genai variant lists every file of its folder."""
     out = {}
     for key, p in staged.items():
-        model = _record(p, f"{name}/{version}/{p.name}")
-        ext = tuple(_record(p.parent / loc, f"{name}/{version}/{loc}") for loc in locations(p))
+        base = f"{name}/{version}/{_prefix(p)}"
+        model = _record(p, f"{base}{p.name}")
+        ext = tuple(_record(p.parent / loc, f"{base}{loc}") for loc in companions(p))
         out[key] = Variant(model.path, model.sha256, model.size_bytes, ext)
     return out
 
@@ -159,11 +181,12 @@ def publish(
     entry last. Returns the version folder and the Triton model folder."""
     vdir = Path(out_dir) / mv.name / mv.version
     vdir.mkdir(parents=True, exist_ok=True)
-    final = {key: vdir / p.name for key, p in staged.items()}
+    final = {key: vdir / _prefix(p) / p.name for key, p in staged.items()}
     for key, p in staged.items():
-        for loc in locations(p):  # external data first: the model is never there without it
-            (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(p.parent / loc, vdir / loc)
+        dest = final[key].parent
+        for loc in companions(p):  # external data (and a genai folder's files) first: never a model without them
+            (dest / loc).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p.parent / loc, dest / loc)
         os.replace(p, final[key])
     triton_dir = None
     if triton_variant is not None:

@@ -87,7 +87,7 @@ def build_report(
 SELECTED, OTHER = "tab:orange", "0.65"
 #: Metrics that equal 1 when a variant computes what fp32 does: plotted as 1 - value on a log axis, where
 #: 0.993 and 0.99999 are decades apart (on a 0-1 axis they are two bars of the same height).
-SIMILARITIES = ("cosine", "label_agreement")
+SIMILARITIES = ("cosine", "label_agreement", "top1_agreement", "greedy_match")
 #: Where a distance of exactly 0 (the variant equals fp32) is drawn on a log axis.
 LOG_FLOOR = 1e-7
 
@@ -126,7 +126,8 @@ def chart_figure(report: dict[str, Any]) -> Any:
         axes[1].bar([j + i * width for j in range(len(keys))], vals, width, label=f"batch {b}",
                     color=shades(0.35 + 0.6 * i / max(1, len(batches) - 1)))
     axes[1].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(keys))], keys)
-    axes[1].set_title("p50 latency (ms), 1 thread")
+    axes[1].set_title("p50 decode step (ms), 1 thread" if report.get("task") == "text-generation"
+                      else "p50 latency (ms), 1 thread")
     axes[1].set_ylim(0, axes[1].get_ylim()[1] * 1.3)  # room for the legend above the bars
     axes[1].legend(fontsize=7, loc="upper left", ncols=max(1, len(batches)))
     metric = report["metrics"][0] if report["metrics"] else None
@@ -144,6 +145,10 @@ def _metric_panel(ax: Any, metric: str, keys: list[str], values: list[float | No
     """The metric against fp32, on an axis zoomed to the data: ``1 - value`` on a log axis for a similarity, a
     log axis for an error, each bar labelled with its value."""
     known = [v for v in values if v is not None]
+    if not known:  # nothing was compared (e.g. a prebuilt causal LM, its own reference)
+        ax.set_title(f"{metric}: not compared")
+        ax.bar(keys, [0.0] * len(keys), color=colors)
+        return
     if metric in SIMILARITIES:
         heights = [max(1.0 - v, LOG_FLOOR) if v is not None else 0.0 for v in values]
         ax.set_yscale("log")
@@ -174,6 +179,8 @@ def _edge_line(p: dict[str, Any]) -> list[str]:
 
 
 def _markdown(r: dict[str, Any]) -> str:
+    if r.get("task") == "text-generation":
+        return _markdown_generation(r)
     p = r["placement"]
     out = [
         f"# {r['name']} version {r['version']}",
@@ -227,6 +234,128 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def build_generation_report(cfg: CompileConfig, exported: Exported, variants: list[BuiltVariant],
+                            placement: Placement, mv: ModelVersion, gate: dict[str, Any]) -> dict[str, Any]:
+    """A causal LM's report: the same document as every model's (variants with their decision and reason,
+    placement with its rules), with the gate on token predictions and the profile in tokens."""
+    import onnxruntime
+    import onnxruntime_genai
+
+    from tierserve_compiler.variants import spec
+
+    assert mv.generation is not None
+    return {
+        "name": mv.name,
+        "version": mv.version,
+        "created_at": mv.created_at,
+        "source": cfg.source,
+        "source_kind": exported.source_kind,
+        "task": "text-generation",
+        "metrics": ["top1_agreement", "perplexity_ratio", "greedy_match"],
+        "notes": exported.notes,
+        "gate": gate,
+        "evaluation_data": {"source": gate.get("validation"), "rows": gate.get("prompts"), "labels": False},
+        "selected_variant": mv.selected_variant,
+        "cpu_variant": mv.cpu_variant,
+        "edge_variant": mv.edge_variant,
+        "triton_variant": None,
+        "generation": mv.generation.to_json(),
+        "variants": {
+            v.key: {
+                "file": f"{v.path.parent.name}/{v.path.name}" if v.path else None,
+                "size_bytes": (v.profile or {}).get("size_bytes"),
+                "build": v.build,
+                "metrics": v.metrics,
+                "gate": (gate.get("variants") or {}).get(v.key),
+                "within_budget": v.within_budget,
+                "budget": v.budget_reasons,
+                "budget_limits": vars(cfg.budget or spec(v.key, "text-generation").budget),
+                "profile": v.profile,
+                "decision": v.decision,
+                "reason": v.reason,
+            }
+            for v in variants
+        },
+        "placement": placement.to_json(),
+        "config": {"quantize": cfg.quantize, "target": cfg.target, "slo_ttft_ms": cfg.slo_ttft_ms,
+                   "slo_tokens_per_s": cfg.slo_tokens_per_s, "preset": cfg.preset,
+                   "budget": vars(cfg.budget) if cfg.budget else "each variant's default (variants.*.budget_limits)",
+                   "limits": vars(cfg.limits)},
+        "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__},
+    }
+
+
+def _markdown_generation(r: dict[str, Any]) -> str:
+    p, g = r["placement"], r["gate"]
+    gen = r["generation"]
+    out = [
+        f"# {r['name']} version {r['version']} (text-generation)",
+        "",
+        f"- source: `{r['source']}` ({r['source_kind']}); " + "; ".join(r["notes"]),
+        f"- selected variant (CPU tier): **{r['selected_variant']}**; edge: **{r.get('edge_variant') or '-'}**",
+        f"- targets: **{', '.join(p['targets'])}**" + (" (forced by --target)" if p["forced"] else ""),
+        f"- Lambda: {p['cpu']['memory_mb']:,} MB, {p['cpu']['threads']} thread(s), up to "
+        f"{p['cpu'].get('max_concurrency', 1)} concurrent generation(s) per environment",
+        f"- context {gen['context_length']:,} tokens, EOS {gen['eos_token_ids']}, KV cache "
+        f"{gen['kv_bytes_per_token']:,} bytes/token, chat template: {'yes' if gen['chat_template'] else 'no'}",
+        *_edge_line_generation(p),
+        f"- created: {r['created_at']}",
+        "",
+        "![report](report.png)",
+        "",
+        "## Accuracy gate against the source model",
+        "",
+        f"Validation text: {g.get('validation')} ({g.get('prompts')} prompts).",
+    ]
+    if g.get("checked"):
+        out.append(f"Reference: {g['reference']}; {g['positions']} positions; greedy continuations of "
+                   f"{g['greedy_tokens']} tokens; reference perplexity {g['reference_perplexity']:.3f}.")
+    else:
+        out.append(f"Not compared: {g.get('reason')}")
+    chat = g.get("chat_template") or {}
+    out.append("Chat template: " + (("token ids equal transformers' apply_chat_template on "
+                                     f"{chat.get('conversations')} conversations ({chat.get('renderer')})")
+                                    if chat.get("equal") else f"not checked: {chat.get('reason')}"))
+    out += ["", "## Variants", "",
+            "| variant | size (MB) | top-1 | ppl ratio | greedy | tokens/s b1 (1 thr / all) | tokens/s b8 | "
+            "TTFT 16/128/512 (ms, 1 thr) | decision |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for k, v in r["variants"].items():
+        prof, m = v.get("profile"), v.get("metrics") or {}
+        if prof:
+            th = prof["threads"]
+            one, many = th["1"], th[str(max(int(t) for t in th))]
+            b1 = f"{one['batches']['1']['tokens_per_s']:,.1f} / {many['batches']['1']['tokens_per_s']:,.1f}"
+            b8 = f"{one['batches']['8']['tokens_per_s']:,.1f}"
+            ttft = " / ".join(f"{x:,.1f}" for x in one["ttft_ms"].values())
+        else:
+            b1 = b8 = ttft = "-"
+        size = f"{v['size_bytes'] / 2**20:.3f}" if v.get("size_bytes") else "-"
+
+        def fmt(x: Any) -> str:
+            return "-" if x is None else f"{x:.4f}"
+
+        out.append(f"| {k} | {size} | {fmt(m.get('top1_agreement'))} | {fmt(m.get('perplexity_ratio'))} | "
+                   f"{fmt(m.get('greedy_match'))} | {b1} | {b8} | {ttft} | {v['decision']}: {v['reason']} |")
+    out += ["", "## Placement rules", ""]
+    out += [f"- {'✅' if x['ok'] else '❌'} **{x['rule']}**: {x['detail']}" for x in p["reasons"]]
+    out += ["", "## Tier figures (manifest)", ""]
+    for tier, f in (gen.get("tiers") or {}).items():
+        cost = f" ${f['cost_per_1m_tokens']:,.4f} per 1M tokens;" if f.get("cost_per_1m_tokens") is not None else ""
+        out.append(f"- {tier}: {f['tokens_per_s']:,.1f} tokens/s; TTFT {f['ttft_ms']} ms;{cost} {f.get('source', '')}")
+    out += ["", "Every figure was measured on the build machine, one fresh process per variant (see report.json).", ""]
+    return "\n".join(out)
+
+
+def _edge_line_generation(p: dict[str, Any]) -> list[str]:
+    e = p.get("edge") or {}
+    if not e:
+        return []
+    where = "on the edge" if e.get("placed") else "not on the edge"
+    return [f"- edge: {where}; {e['variant']} on {e['profile']['name']}, estimated {e['tokens_per_s_estimate']:,.1f} "
+            f"tokens/s, ~{e['memory_mb_estimate']:,.0f} MB"]
 
 
 def write_report(version_dir: Path, report: dict[str, Any]) -> dict[str, Path]:

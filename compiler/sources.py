@@ -3,6 +3,9 @@ checks the result against the source framework is :mod:`tierserve_compiler.gate`
 
 A SOURCE is a path to an ``.onnx`` file, or ``package.module:attr`` where ``attr`` is a fitted
 scikit-learn estimator/pipeline, a ``torch.nn.Module``, or a zero-argument callable returning one.
+A folder is a causal language model (task text-generation, :mod:`tierserve_compiler.causal_lm`): in
+Hugging Face's layout (``config.json`` naming a ``*ForCausalLM`` architecture, safetensors, tokenizer
+files), or already built for onnxruntime-genai (``genai_config.json``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Exported:
     task_hint: str | None = None
     gate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    causal: Any = None  # a causal LM's tierserve_compiler.causal_lm.CausalSource (task text-generation)
 
 
 # --- source kinds -------------------------------------------------------------------------------
@@ -259,6 +263,25 @@ def export_torch(module: Any, cfg: CompileConfig, workdir: Path) -> Exported:
     )
 
 
+def _is_hf_causal_lm(obj: Any) -> bool:
+    return isinstance(obj, Path) and obj.is_dir() and (obj / "config.json").is_file() \
+        and not (obj / "genai_config.json").is_file()
+
+
+def _is_genai_folder(obj: Any) -> bool:
+    return isinstance(obj, Path) and obj.is_dir() and (obj / "genai_config.json").is_file()
+
+
+def export_causal_lm(folder: Path, cfg: CompileConfig, workdir: Path) -> Exported:
+    """A causal LM folder, inspected (architecture, family, shape, tokenizer, chat template); its variants are
+    built by onnxruntime-genai's model builder (``variants.VARIANTS``, task text-generation)."""
+    from tierserve_compiler.causal_lm import describe, inspect_source
+
+    src = inspect_source(folder)
+    return Exported(src.model_file, src.kind, list(src.inputs), list(src.outputs), task_hint="text-generation",
+                    notes=describe(src), causal=src)
+
+
 @dataclass(frozen=True)
 class SourceKind:
     accepts: Callable[[Any], bool]
@@ -267,14 +290,35 @@ class SourceKind:
 
 #: Source kinds, tried in order on the loaded object.
 SOURCES: dict[str, SourceKind] = {
+    "hf-causal-lm": SourceKind(_is_hf_causal_lm, export_causal_lm),
+    "onnxruntime-genai": SourceKind(_is_genai_folder, export_causal_lm),
     "onnx": SourceKind(_is_onnx_path, export_onnx_file),
     "sklearn": SourceKind(_is_sklearn, export_sklearn),
     "torch": SourceKind(_is_torch, export_torch),
 }
 
 
+#: The kinds whose models are causal LMs (task text-generation).
+CAUSAL_LM_KINDS = ("hf-causal-lm", "onnxruntime-genai")
+
+
+def source_task(source: str) -> str:
+    """``text-generation`` for a causal LM folder, else ``inference``; cheap (looks at file names only)."""
+    if ":" not in source and Path(source).is_dir():
+        return "text-generation"
+    return "inference"
+
+
 def load_source(source: str) -> tuple[str, Any]:
     """Resolve SOURCE to ``(kind, object)``; zero-argument factories are called."""
+    if ":" not in source and Path(source).is_dir():
+        folder = Path(source)
+        for kind in CAUSAL_LM_KINDS:
+            if SOURCES[kind].accepts(folder):
+                return kind, folder
+        raise SourceError(f"SOURCE {source!r} is a folder without config.json or genai_config.json; a folder is a "
+                          "causal LM in Hugging Face's layout (config.json, safetensors, tokenizer.json) or one built "
+                          "for onnxruntime-genai (genai_config.json)")
     if source.endswith(".onnx") or (":" not in source and Path(source).exists()):
         return "onnx", Path(source)
     if ":" not in source:

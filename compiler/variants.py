@@ -15,10 +15,27 @@
   ``onnxconverter_common`` when installed, else ``onnxruntime.transformers.float16`` (ships with
   onnxruntime); numerically sensitive ops and ``ai.onnx.ml`` ops stay fp32.
 
+Causal language models (``task`` text-generation, issue 17) have their own variants, each an
+onnxruntime-genai folder (``model.onnx`` + ``model.onnx.data`` + ``genai_config.json`` + tokenizer files)
+written by onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder -p PRECISION
+-e cpu``, :func:`tierserve_compiler.causal_lm.run_builder`) and measured in tokens/s and time to first token:
+
+* ``fp32`` (``fp32/model.onnx``): the reference; its greedy continuations must equal transformers'.
+* ``int4`` (``int4/model.onnx``): ``MatMulNBits`` 4-bit weights (block 32, RTN, accuracy level 4 on CPU:
+  the builder's defaults for ``-p int4 -e cpu``).
+* ``int8`` (``int8/model.onnx``): ``MatMulNBits`` 8-bit weights: the builder lists "INT8 CPU" among its
+  valid combinations (``-p int8 -e cpu``), so no extra option is needed.
+
+fp16 of a causal LM is not built here: the builder's fp16 targets CUDA/DML only (not ``-e cpu``), and the
+GPU tier serves a generative model with vLLM from its Hugging Face weights (issue 18).
+
 Each variant is ONE :class:`VariantSpec` record in :data:`VARIANTS` (builder, file name, the tiers
-it serves, its ``--quantize`` mode, whether it needs calibration, its default accuracy budget). The
-``--quantize`` modes, :data:`MODE_VARIANTS`, the option checks and the pipeline's skip and selection
-rules read the records, so adding a variant means adding a builder and a record here, nothing else.
+it serves, its ``--quantize`` mode, whether it needs calibration, its default accuracy budget, the task it
+applies to and the unit its speed is measured in). The ``--quantize`` modes, :data:`MODE_VARIANTS`, the
+option checks and the pipeline's skip and selection rules read the records, so adding a variant means
+adding a builder and a record here, nothing else. A registry key is the manifest's variant key for the
+``inference`` task, and ``TASK:KEY`` for another task (:func:`registry_key`): a causal LM's reference is
+called ``fp32`` in its manifest entry too.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tierserve.manifest import TASK_INFERENCE, TASK_TEXT_GENERATION
 from tierserve_compiler.config import Budget, CompileConfig
 from tierserve_compiler.errors import ConfigError, VariantError, require
 
@@ -169,6 +187,19 @@ def build_fp16(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -
     return {"method": f"{lib}.convert_float_to_float16(keep_io_types=True)", "op_block_list": block}
 
 
+def _genai_builder(precision: str) -> VariantBuilder:
+    """A builder for one precision of a causal LM: ``src`` is the Hugging Face folder, ``dst`` the variant's
+    ``model.onnx`` (its folder receives every file the builder writes)."""
+
+    def build(src: Path, dst: Path, cfg: CompileConfig, data: Dataset | None) -> dict[str, Any]:
+        from tierserve_compiler.causal_lm import run_builder
+
+        return run_builder(src, dst.parent, precision)
+
+    build.__name__ = f"build_genai_{precision}"
+    return build
+
+
 # --- the registry ---------------------------------------------------------------------------------
 
 CPU, GPU = "cpu", "gpu"
@@ -187,6 +218,8 @@ class VariantSpec:
     per_channel: bool = False  # honours --per-channel / --per-tensor
     budget: Budget = field(default_factory=Budget)  # default accuracy budget against fp32 (``cfg.budget`` wins)
     why_tiers: str = ""  # one line: why it serves only ``tiers`` (shown when an option contradicts them)
+    task: str = TASK_INFERENCE  # the kind of model it applies to: inference | text-generation
+    unit: str = "ms"  # how its speed is measured: "ms" per request, or "tokens/s" (+ time to first token)
 
 
 #: The fp32 variant: the reference the others are measured against, and the GPU tier's fallback.
@@ -219,38 +252,70 @@ VARIANTS: dict[str, VariantSpec] = {
         "fp16",
         why_tiers="onnxruntime's CPU kernels mostly lack fp16 and insert casts, so fp16 is slower on CPU",
     ),
+    # Causal LMs (task text-generation): onnxruntime-genai folders, measured in tokens/s and TTFT.
+    f"{TASK_TEXT_GENERATION}:{REFERENCE}": VariantSpec(
+        _genai_builder("fp32"), "fp32/model.onnx", (CPU,), "none", task=TASK_TEXT_GENERATION, unit="tokens/s",
+        budget=Budget(min_top1_agreement=1.0, max_perplexity_ratio=1.001, min_greedy_match=1.0),
+        why_tiers="the GPU tier serves a causal LM with vLLM from its Hugging Face weights (issue 18)",
+    ),
+    f"{TASK_TEXT_GENERATION}:int4": VariantSpec(
+        _genai_builder("int4"), "int4/model.onnx", (CPU,), "int4", task=TASK_TEXT_GENERATION, unit="tokens/s",
+        budget=Budget(min_top1_agreement=0.90, max_perplexity_ratio=1.10, min_greedy_match=0.25),
+        why_tiers="MatMulNBits int4 is built for onnxruntime-genai on CPU; the GPU tier runs vLLM (issue 18)",
+    ),
+    f"{TASK_TEXT_GENERATION}:int8": VariantSpec(
+        _genai_builder("int8"), "int8/model.onnx", (CPU,), "int8", task=TASK_TEXT_GENERATION, unit="tokens/s",
+        budget=Budget(min_top1_agreement=0.97, max_perplexity_ratio=1.02, min_greedy_match=0.5),
+        why_tiers="MatMulNBits int8 is built for onnxruntime-genai on CPU; the GPU tier runs vLLM (issue 18)",
+    ),
 }
 
 
-def quantize_modes() -> tuple[str, ...]:
-    """``auto`` plus the mode of every registered variant (``none`` = fp32 only)."""
-    return ("auto", *dict.fromkeys(s.mode for s in VARIANTS.values()))
+def registry_key(key: str, task: str = TASK_INFERENCE) -> str:
+    """The :data:`VARIANTS` key of the manifest variant ``key`` of a ``task`` model."""
+    return key if task == TASK_INFERENCE else f"{task}:{key}"
 
 
-def mode_variants(mode: str) -> tuple[str, ...]:
+def variants_for(task: str = TASK_INFERENCE) -> dict[str, VariantSpec]:
+    """Manifest variant key -> record, for the variants of ``task`` models, in build order."""
+    return {k.split(":", 1)[-1] if s.task != TASK_INFERENCE else k: s for k, s in VARIANTS.items() if s.task == task}
+
+
+def spec(key: str, task: str = TASK_INFERENCE) -> VariantSpec:
+    return VARIANTS[registry_key(key, task)]
+
+
+def quantize_modes(task: str | None = None) -> tuple[str, ...]:
+    """``auto`` plus the mode of every registered variant (``none`` = fp32 only), of ``task`` or of every task."""
+    specs = VARIANTS.values() if task is None else variants_for(task).values()
+    return ("auto", *dict.fromkeys(s.mode for s in specs))
+
+
+def mode_variants(mode: str, task: str = TASK_INFERENCE) -> tuple[str, ...]:
     """The variants a ``--quantize`` mode builds: fp32 first, then the mode's own (all for ``auto``)."""
-    others = [k for k, s in VARIANTS.items() if k != REFERENCE and (mode == "auto" or s.mode == mode)]
+    others = [k for k, s in variants_for(task).items() if k != REFERENCE and (mode == "auto" or s.mode == mode)]
     return (REFERENCE, *others)
 
 
-#: ``--quantize`` modes (the CLI's choices), derived from the registry at import.
+#: ``--quantize`` modes (the CLI's choices: every task's), derived from the registry at import.
 QUANTIZE_MODES: tuple[str, ...] = quantize_modes()
-#: Which variants each ``--quantize`` mode builds (fp32 first), derived from the registry at import; the
-#: pipeline calls :func:`mode_variants`, so a variant registered later (a plug-in, a test) is seen too.
-MODE_VARIANTS: dict[str, tuple[str, ...]] = {m: mode_variants(m) for m in QUANTIZE_MODES}
+#: Which variants each ``--quantize`` mode builds for a model of the ``inference`` task (fp32 first), derived
+#: from the registry at import; the pipeline calls :func:`mode_variants`, so a variant registered later (a
+#: plug-in, a test) is seen too.
+MODE_VARIANTS: dict[str, tuple[str, ...]] = {m: mode_variants(m) for m in quantize_modes(TASK_INFERENCE)}
 
 
-def filename(key: str) -> str:
-    return VARIANTS[key].filename
+def filename(key: str, task: str = TASK_INFERENCE) -> str:
+    return spec(key, task).filename
 
 
-def serves(key: str, tier: str) -> bool:
-    return tier in VARIANTS[key].tiers
+def serves(key: str, tier: str, task: str = TASK_INFERENCE) -> bool:
+    return tier in spec(key, task).tiers
 
 
-def _modes(pred: Callable[[VariantSpec], bool]) -> str:
+def _modes(pred: Callable[[VariantSpec], bool], task: str = TASK_INFERENCE) -> str:
     """``a|b``: the --quantize modes of the (non-reference) variants for which ``pred`` holds."""
-    return "|".join(dict.fromkeys(s.mode for k, s in VARIANTS.items() if k != REFERENCE and pred(s)))
+    return "|".join(dict.fromkeys(s.mode for k, s in variants_for(task).items() if k != REFERENCE and pred(s)))
 
 
 def _check_explicit(key: str, spec: VariantSpec, cfg: CompileConfig) -> None:
@@ -270,11 +335,19 @@ def _check_explicit(key: str, spec: VariantSpec, cfg: CompileConfig) -> None:
         )
 
 
-def check_options(cfg: CompileConfig) -> None:
+def check_options(cfg: CompileConfig, task: str = TASK_INFERENCE) -> None:
     """Refuse option combinations that contradict the asked variants' records (before any work)."""
-    modes = quantize_modes()
+    modes = quantize_modes(task)
     if cfg.quantize not in modes:
-        raise ConfigError(f"--quantize {cfg.quantize!r} is unknown; use one of {', '.join(modes)}")
+        other = [t for t in (TASK_INFERENCE, TASK_TEXT_GENERATION) if t != task and cfg.quantize in quantize_modes(t)]
+        kind = "a causal LM (text-generation)" if task == TASK_TEXT_GENERATION else "this model (inference)"
+        hint = f" (it applies to {other[0]} models)" if other else ""
+        if task == TASK_TEXT_GENERATION and cfg.quantize == "fp16":
+            hint = (" (onnxruntime-genai's builder writes fp16 for CUDA/DML only, and the GPU tier serves a causal "
+                    "LM with vLLM from its Hugging Face weights, issue 18)")
+        raise ConfigError(f"--quantize {cfg.quantize!r} does not apply to {kind}{hint}; use one of {', '.join(modes)}")
+    if task != TASK_INFERENCE:
+        return  # the causal-LM options are checked in tierserve_compiler.causal_lm.check_options
     asked = {k: VARIANTS[k] for k in mode_variants(cfg.quantize) if k != REFERENCE}
     mode = f"--quantize {cfg.quantize}"
     for key, spec in asked.items() if cfg.quantize != "auto" else ():

@@ -51,3 +51,7 @@ def cfg_for(tmp_path: Path):
         return make_config(str(source), name, preset="test", **kw)
 
     return make
+
+
+# Causal LMs (issue 17): tiny models and a compiled store, once per session.
+from tests.support.genai_store import genai_store, genai_validation, tiny_llama_hf, tiny_qwen2_hf  # noqa: E402, F401

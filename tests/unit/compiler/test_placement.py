@@ -141,3 +141,66 @@ def test_end_to_end_too_large_for_small_limits_writes_triton_repo(mlp_onnx, tmp_
     assert "CpuEphemeralStorageMb" in (res.version_dir / "report.md").read_text()
     assert (tmp_path / "models" / "triton" / "big" / "1" / "model.onnx").is_file()
 
+
+
+# --- causal LMs (issue 17) ---------------------------------------------------------------------------------
+
+
+def gen_profile(step_ms: float = 20.0, ttft_ms: float = 100.0, size_mb: float = 80.0, peak_mb: float = 300.0,
+                kv_per_token: int = 36_864, context: int = 2048) -> dict:
+    """A causal LM's profile as profile.profile_generative writes it (1 and 2 threads; 2 threads 1.6x faster)."""
+    def th(f: float) -> dict:
+        return {"load_s": 0.1, "ttft_ms": {"16": ttft_ms / 8 * f, "128": ttft_ms * f, "512": ttft_ms * 4 * f},
+                "batches": {"1": {"p50_ms": step_ms * f, "p95_ms": step_ms * f, "mean_ms": step_ms * f,
+                                  "tokens_per_s": 1000 / (step_ms * f)},
+                            "8": {"p50_ms": 3 * step_ms * f, "p95_ms": 3 * step_ms * f, "mean_ms": 3 * step_ms * f,
+                                  "tokens_per_s": 8000 / (3 * step_ms * f)}}}
+    return {"kind": "text-generation", "threads": {"1": th(1.0), "2": th(1 / 1.6)}, "peak_rss_mb": peak_mb,
+            "size_bytes": int(size_mb * 2**20), "load_s": 0.1,
+            "kv": {"context": 256, "measured_bytes": kv_per_token * 256, "measured_bytes_per_token": kv_per_token,
+                   "computed_bytes_per_token": kv_per_token, "full_context": context,
+                   "full_context_bytes": kv_per_token * context, "matches": True}}
+
+
+def gen_source(context: int = 2048, parameters: int = 135_000_000):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(context_length=context, kv_bytes_per_token=36_864, parameters=parameters)
+
+
+def test_a_small_causal_lm_lands_on_cpu_in_the_smallest_class_with_its_kv_cache():
+    from tierserve_compiler.placement import place_generation
+
+    cfg = make_config("m.onnx", "m", slo_tokens_per_s=40.0)
+    placement, figures = place_generation(gen_source(), gen_profile(), cfg, load_prices())
+    assert placement.targets == ["cpu"] and placement.cpu["memory_mb"] == 1769
+    rules = {r.rule: r for r in placement.reasons}
+    assert rules["lambda_tmp"].ok and "within SnapStart's 512 MB" in rules["lambda_tmp"].detail
+    assert "KV cache at the full context 2,048 tokens 72.0 MB" in rules["lambda_memory"].detail
+    # 1 vCPU: 20 ms/token = 50 tokens/s >= 40; the cpu figures are the estimate at that class
+    assert figures["cpu"].tokens_per_s == pytest.approx(50.0) and figures["cpu"].cost_per_1m_tokens > 0
+    assert figures["gpu"].tokens_per_s > figures["cpu"].tokens_per_s
+
+
+def test_a_tokens_per_s_slo_buys_vcpus_then_goes_to_gpu():
+    from tierserve_compiler.placement import place_generation
+
+    # 2 threads run 1.6x faster: serial fraction 0.25; at 2 vCPUs ~80 tokens/s
+    cfg = make_config("m.onnx", "m", slo_tokens_per_s=75.0)
+    placement, _ = place_generation(gen_source(), gen_profile(), cfg, load_prices())
+    assert placement.targets == ["cpu"] and placement.cpu["memory_mb"] == 3538
+    cfg = make_config("m.onnx", "m", slo_tokens_per_s=500.0)
+    placement, _ = place_generation(gen_source(), gen_profile(), cfg, load_prices())
+    assert placement.targets == ["gpu"] and "no CPU memory class meets --slo-tokens-per-s 500" in \
+        placement.reasons[-1].detail
+
+
+def test_a_causal_lm_whose_kv_cache_does_not_fit_goes_to_gpu_and_large_files_lose_snapstart():
+    from tierserve_compiler.placement import place_generation
+
+    prof = gen_profile(size_mb=2000.0, peak_mb=2300.0, context=131_072, kv_per_token=131_072)
+    placement, _ = place_generation(gen_source(context=131_072), prof, make_config("m.onnx", "m"), load_prices())
+    rules = {r.rule: r for r in placement.reasons}
+    assert not rules["lambda_memory"].ok and placement.targets == ["gpu"]
+    assert "over SnapStart's 512 MB /tmp" in rules["lambda_tmp"].detail
+    assert "does not fit the CPU tier" in rules["decision"].detail

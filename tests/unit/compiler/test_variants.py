@@ -15,19 +15,40 @@ from tierserve_compiler.variants import (
     VARIANTS,
     VariantSpec,
     build_int8_dynamic,
+    mode_variants,
+    quantize_modes,
+    variants_for,
 )
 
 
 def test_modes_and_option_rules_are_derived_from_the_records():
     # Given the registry / Then every mode builds fp32 first plus the variants whose record names that mode
-    assert QUANTIZE_MODES == ("auto", "none", "dynamic", "static", "fp16")
-    assert MODE_VARIANTS["none"] == (REFERENCE,) and MODE_VARIANTS["auto"] == tuple(VARIANTS)
-    for key, spec in VARIANTS.items():
+    inference = variants_for("inference")
+    assert quantize_modes("inference") == ("auto", "none", "dynamic", "static", "fp16")
+    assert quantize_modes("text-generation") == ("auto", "none", "int4", "int8")
+    assert QUANTIZE_MODES == ("auto", "none", "dynamic", "static", "fp16", "int4", "int8")
+    assert MODE_VARIANTS["none"] == (REFERENCE,) and MODE_VARIANTS["auto"] == tuple(inference)
+    for key, spec in inference.items():
         if key != REFERENCE:
             assert MODE_VARIANTS[spec.mode] == (REFERENCE, key)
     # And the records say which tier serves what, and what needs calibration
-    assert [k for k, s in VARIANTS.items() if "cpu" not in s.tiers] == ["fp16"]
+    assert [k for k, s in inference.items() if "cpu" not in s.tiers] == ["fp16"]
     assert [k for k, s in VARIANTS.items() if s.needs_calibration] == ["int8_static"]
+
+
+def test_causal_lm_variants_are_records_of_their_task_measured_in_tokens():
+    # Given the registry / Then a causal LM's variants are onnxruntime-genai folders keyed like the manifest's
+    gen = variants_for("text-generation")
+    assert list(gen) == ["fp32", "int4", "int8"]
+    assert {s.filename for s in gen.values()} == {"fp32/model.onnx", "int4/model.onnx", "int8/model.onnx"}
+    assert all(s.task == "text-generation" and s.unit == "tokens/s" for s in gen.values())
+    assert all(s.task == "inference" and s.unit == "ms" for s in variants_for("inference").values())
+    # And each --quantize mode builds fp32 plus its own
+    assert mode_variants("int4", "text-generation") == ("fp32", "int4")
+    assert mode_variants("auto", "text-generation") == ("fp32", "int4", "int8")
+    # And the quantized ones carry named budgets, fp32 the exact one
+    assert gen["fp32"].budget.min_greedy_match == 1.0
+    assert gen["int4"].budget.min_top1_agreement == 0.90 and gen["int8"].budget.min_top1_agreement == 0.97
 
 
 def test_a_variant_added_to_the_registry_alone_is_built_evaluated_and_selectable(mlp_onnx, cfg_for, monkeypatch):
