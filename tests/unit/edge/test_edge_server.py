@@ -15,6 +15,7 @@ import pytest
 from tests.support.edge import EDGE, synced_edge
 from tests.support.fakes import json_body, rows_of, write_linear
 from tests.support.make_events import http_event
+from tests.support.raw_http import exchange, read_response
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.client import Client
@@ -35,17 +36,7 @@ def edge(store_dir: Path, tmp_path: Path) -> Iterator[EdgeRuntime]:
 def raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes, read one response (status, lower-cased headers, body)."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += s.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        while len(body) < int(headers.get("content-length", 0)):
-            body += s.recv(65536)
-        return int(lines[0].split()[1]), headers, body
+    return exchange(host, int(port), request)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
@@ -155,28 +146,12 @@ def test_defect_4_an_unknown_method_with_a_body_gets_405_with_allow_and_the_conn
     with connect(edge.url) as s:
         s.sendall(b"QUERY /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b'Content-Length: 13\r\n\r\n{"inputs": 1}')
-        status, headers, body = read_one(s)
+        status, headers, body = read_response(s)
         assert (status, headers.get("allow"), json.loads(body)["code"]) == (405, "POST", "method_not_allowed")
         s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_one(s)[0] == 200
+        assert read_response(s)[0] == 200
     status, headers, _ = raw(edge.url, b"GET /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (status, headers.get("allow")) == (405, "POST")
-
-
-def read_one(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 "), lines[0]
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        body += s.recv(65536)
-    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.mark.parametrize(("head", "rest"), [
@@ -222,6 +197,6 @@ def test_defect_13_bad_framing_gets_a_status_line_and_the_protocols_json(quick_e
     t0 = time.monotonic()
     with connect(quick_edge.url) as s:
         s.sendall(request_bytes)
-        status, headers, body = read_one(s)
+        status, headers, body = read_response(s)
     assert status in statuses and json.loads(body)["code"] and headers["x-served-by"] == "edge"
     assert time.monotonic() - t0 < 1.5
