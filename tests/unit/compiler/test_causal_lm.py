@@ -207,3 +207,53 @@ def test_a_prebuilt_onnxruntime_genai_folder_is_published_as_it_is(genai_store, 
     # And re-quantizing it is refused
     with pytest.raises(ConfigError, match="already built for onnxruntime-genai"):
         make_config(str(src), "pre", quantize="int8").validate()
+
+
+def test_a_tiny_phi3_exports_and_matches_transformers(tiny_llama_hf, tmp_path):
+    # Given a tiny random-weight Phi-3 (the Phi family) with the tiny Llama's tokenizer files
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    src = tmp_path / "phi3"
+    src.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(tiny_llama_hf / name, src / name)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512, eos_token_id=2,
+        pad_token_id=0, bos_token_id=None, tie_word_embeddings=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(src, safe_serialization=True)
+    # When compiled (fp32 only) / Then the gate passed (fp32 greedy == transformers') and the entry says phi3
+    out = tmp_path / "store"
+    proc = tierserve_compile(str(src), "--name", "tiny-phi3", "--quantize", "none", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mv = load(out).resolve("tiny-phi3")
+    assert mv.generation is not None and (mv.generation.family, mv.generation.context_length) == ("phi3", 512)
+    report = json.loads((out / "tiny-phi3" / "1" / "report.json").read_text())
+    assert report["variants"]["fp32"]["metrics"]["greedy_match"] == 1.0
+
+
+def test_the_edge_gets_a_causal_lm_with_its_figures_and_the_same_content_is_a_no_op(genai_store, tmp_path):
+    # Given a prebuilt onnxruntime-genai folder
+    src = tmp_path / "prebuilt"
+    shutil.copytree(genai_store / GENAI_MODEL / "1" / "fp32", src)
+    from tierserve_compiler.pipeline import compile_model
+
+    # When compiled with --target edge / Then the edge serves it, with figures estimated for the device
+    cfg = make_config(str(src), "e", out_dir=tmp_path / "out", progress=False, target="edge", edge_profile="rpi5")
+    res = compile_model(cfg)
+    mv = res.model_version
+    assert mv.targets == ("edge", "cpu") and mv.edge_variant == "fp32"
+    assert mv.generation is not None and set(mv.generation.tiers) == {"cpu", "gpu", "edge"}
+    assert "rpi5" in mv.generation.tiers["edge"].source
+    rules = {r["rule"]: r for r in res.report["placement"]["reasons"]}
+    assert rules["edge_memory"]["ok"] and "KV cache" in rules["edge_memory"]["detail"]
+    # And compiling the same content again writes nothing
+    again = compile_model(make_config(str(src), "e", out_dir=tmp_path / "out", progress=False, target="edge",
+                                      edge_profile="rpi5"))
+    assert again.noop and again.version == "1"
