@@ -15,7 +15,7 @@ import pytest
 from tests.support.edge import EDGE, synced_edge
 from tests.support.fakes import json_body, rows_of, write_linear
 from tests.support.make_events import http_event
-from tests.support.raw_http import exchange, read_response
+from tests.support.raw_http import exchange, read_response, trickle
 from tierserve.api import handle_http
 from tierserve.app import build_runtime
 from tierserve.client import Client
@@ -159,28 +159,9 @@ def test_defect_4_an_unknown_method_with_a_body_gets_405_with_allow_and_the_conn
     (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b"a" * 100),
 ], ids=["headers", "body"])
 def test_defect_12_a_trickle_is_cut_at_its_deadline(quick_edge: EdgeRuntime, head: bytes, rest: bytes) -> None:
-    t0 = time.monotonic()
-    with connect(quick_edge.url) as s:
-        s.sendall(head)
-        s.settimeout(0.1)
-        answer = b""
-        for i in range(len(rest)):
-            try:
-                s.send(rest[i:i + 1])
-                answer += s.recv(65536)
-                break
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        s.settimeout(10)
-        while b"\r\n" not in answer:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    took = time.monotonic() - t0
-    assert answer.startswith(b"HTTP/1.1 408 ") and 0.5 <= took < 1.5, (answer[:40], took)
+    host, port = quick_edge.url.removeprefix("http://").split(":")
+    status, took = trickle(host, int(port), head, rest, every_s=0.1, wait_s=10)
+    assert status == 408 and 0.5 <= took < 1.5, took
 
 
 @pytest.mark.parametrize(("request_bytes", "statuses"), [

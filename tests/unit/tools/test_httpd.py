@@ -126,32 +126,9 @@ def test_a_burst_of_connections_is_queued_not_dropped(gw) -> None:
 # --- issue 16: defects 2, 4, 12 and 13 on the local API ------------------------------------------------------------
 
 
-def trickle(gw: ApiGatewayServer, head: bytes, rest: bytes, every_s: float = 0.1,
-            wait_s: float = 20.0) -> tuple[int, float]:
-    """Send ``head`` at once, then ``rest`` one byte every ``every_s``; (the status answered, seconds it took)."""
-    t0 = time.monotonic()
-    with socket.create_connection((gw.host, gw.port), timeout=wait_s) as s:
-        s.sendall(head)
-        s.setblocking(False)
-        answer = b""
-        for i in range(len(rest)):
-            try:
-                s.send(rest[i:i + 1])
-            except OSError:
-                break
-            time.sleep(every_s)
-            try:
-                answer += s.recv(65536)
-            except BlockingIOError:
-                continue
-            break
-        s.setblocking(True)
-        while b"\r\n" not in answer:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return int(answer.split(b" ", 2)[1]), time.monotonic() - t0
+def trickle(gw: ApiGatewayServer, head: bytes, rest: bytes) -> tuple[int, float]:
+    """Send ``head`` at once, then ``rest`` one byte every 0.1 s; (the status answered, seconds it took)."""
+    return raw_http.trickle(gw.host, gw.port, head, rest)
 
 
 def test_defect_2_a_post_without_a_body_or_a_length_has_an_empty_body(gw) -> None:
