@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.hardening.conftest import FIGURES, FULL, scale
+from tests.support import raw_http
 from tierserve.httpserver import Limits
 
 REAL = Limits()
@@ -63,29 +64,8 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         server.limits = real
 
 
-def read_answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise AssertionError(f"no HTTP/1.1 answer, got {data[:200]!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 "), f"no status line: {data[:200]!r}"
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(lines[0].split()[1]), headers, body
-
-
 def send(t: Target, raw: bytes, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
-    with socket.create_connection((t.host, t.port), timeout=timeout) as s:
-        s.sendall(raw)
-        return read_answer(s)
+    return raw_http.exchange(t.host, t.port, raw, timeout)
 
 
 def post(t: Target, body: str) -> bytes:
@@ -136,28 +116,7 @@ def test_hostile_values_and_bad_framing_never_get_a_5xx(target: Target, capfd: p
 
 def trickle(t: Target, head: bytes, rest: bytes, every_s: float) -> tuple[int, float]:
     """``head`` at once, then ``rest`` a byte every ``every_s`` (empty: send nothing more): (status, seconds)."""
-    t0 = time.monotonic()
-    with socket.create_connection((t.host, t.port), timeout=120) as s:
-        s.sendall(head)
-        s.settimeout(every_s)
-        answer = b""
-        for i in range(len(rest)):
-            try:
-                s.send(rest[i:i + 1])
-                answer = s.recv(65536)
-                break
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        s.settimeout(120)
-        while b"\r\n" not in answer:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 "), answer[:100]
-    return int(answer.split(b" ", 2)[1]), time.monotonic() - t0
+    return raw_http.trickle(t.host, t.port, head, rest, every_s, wait_s=120)
 
 
 def test_slow_clients_are_cut_at_their_deadlines_within_a_second(target: Target) -> None:
