@@ -58,6 +58,38 @@ class UnsupportedEncodingError(TierserveError):
     code = "unsupported_content_encoding"
 
 
+class InvalidParameterError(InvalidRequestError):
+    """One request parameter is wrong, unknown or not supported (the OpenAI-compatible routes): ``param`` names
+    it, and ``code`` says which (``invalid_value``, ``unknown_parameter``, ``unsupported_parameter``,
+    ``missing_required_parameter``, ``invalid_type``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt plus the completion asked for do not fit the model's context window (refused before any work)."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, param: str | None = "messages") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TooManyRequestsError(TierserveError):
+    """This execution environment is at its cap of concurrent generations for the model: retry after
+    ``retry_after_s`` (a 429 with Retry-After). Nothing ran."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class InvalidNameError(InvalidRequestError):
     """A model name, version or S3 key fails the allowlist pattern."""
 

@@ -55,6 +55,7 @@ STATUS_BY_ERROR: dict[type[errors.TierserveError], int] = {
     errors.ModelNotFoundError: 404,
     errors.MethodNotAllowedError: 405,
     errors.PayloadTooLargeError: 413,
+    errors.TooManyRequestsError: 429,
     errors.ArtifactUnavailableError: 503,
     errors.UnsupportedEncodingError: 415,
     errors.BackendUnavailableError: 503,

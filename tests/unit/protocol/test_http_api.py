@@ -20,7 +20,7 @@ from tierserve.protocol.http_api import (
 def test_every_error_class_maps_to_a_status_in_the_one_table():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.TierserveError)]
     for cls in classes:
-        assert status_for(cls.__new__(cls)) in {400, 404, 405, 413, 415, 500, 503, 504}
+        assert status_for(cls.__new__(cls)) in {400, 404, 405, 413, 415, 429, 500, 503, 504}
     assert status_for(errors.InvalidNameError("x")) == 400
     assert status_for(errors.BackendTimeoutError("x")) == 504
     assert errors.TierserveError in STATUS_BY_ERROR
