@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -307,9 +308,13 @@ def run_builder(src: Path, out: Path, precision: str) -> dict[str, Any]:
     cache = Path(tempfile.mkdtemp(prefix=f".builder-cache-{precision}-", dir=out.parent))
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache)]
+    # The builder stamps producer_version with `git rev-parse HEAD` run five folders above its own file, which in
+    # a venv inside a git working tree is that tree's commit: model.onnx (and its sha256, the version's identity)
+    # would change with every commit. Without a git directory it uses the package's own commit.
+    env = {**os.environ, "GIT_DIR": str(cache / "no-git")}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False, env=env)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     seconds = time.perf_counter() - t0

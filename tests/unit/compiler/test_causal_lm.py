@@ -257,3 +257,17 @@ def test_the_edge_gets_a_causal_lm_with_its_figures_and_the_same_content_is_a_no
     again = compile_model(make_config(str(src), "e", out_dir=tmp_path / "out", progress=False, target="edge",
                                       edge_profile="rpi5"))
     assert again.noop and again.version == "1"
+
+
+def test_a_variant_depends_on_its_source_only_not_on_the_working_trees_git_commit(genai_store):
+    # The builder stamps producer_version with `git rev-parse HEAD` run five folders above its own file: in a
+    # venv inside a git working tree, that is the project's commit, so every commit changed model.onnx's sha256
+    # and compiling the same source again was never a no-op.
+    import subprocess
+
+    import onnx
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    model = onnx.load(str(genai_store / GENAI_MODEL / "1" / "fp32" / "model.onnx"), load_external_data=False)
+    assert model.producer_name == "onnxruntime-genai"
+    assert not head or head[:7] not in model.producer_version
