@@ -53,6 +53,8 @@ log = logging.getLogger("tierserve.protocol.http_api")
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 _READ = 65536
 _LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \x00-\x1f\x7f]+ HTTP/(\d)\.(\d)$")
+#: How long a handler runs before the connection is watched for the client going away.
+WATCH_AFTER_S = 0.05
 _HOP = {"content-length", "connection", "transfer-encoding", "date", "server", "keep-alive"}
 
 
@@ -363,14 +365,26 @@ class HttpServer:
                               headers=[("allow", ", ".join(self.allowed_methods))])
             return await self._respond(conn, writer, request, self.error_response(error), head_only)
         assert self._pool is not None and self._loop is not None
-        # the connection is read while the handler runs and while a streamed answer is sent
-        watcher = asyncio.ensure_future(self._watch(conn, reader, request))
+        # The connection is read while a handler runs (from WATCH_AFTER_S on: most answers come sooner, and
+        # a watcher per request costs more than the request) and while a streamed answer is sent.
+        loop = self._loop
+        watching: list[asyncio.Task[None]] = []
+
+        def watch() -> None:
+            if not watching:
+                watching.append(loop.create_task(self._watch(conn, reader, request)))
+
+        timer = loop.call_later(WATCH_AFTER_S, watch)
         try:
-            response = await self._pool.run(self._loop, self._handle, request)
+            response = await self._pool.run(loop, self._handle, request)
+            if not isinstance(response.body, bytes | bytearray | memoryview):
+                watch()
             return await self._respond(conn, writer, request, response, head_only)
         finally:
-            watcher.cancel()
-            await asyncio.wait([watcher])  # its read is over before the next one starts
+            timer.cancel()
+            if watching:
+                watching[0].cancel()
+                await asyncio.wait(watching)  # its read is over before the next one starts
 
     async def _head(self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float) -> h11.Request | None:
         """The request line and headers, by the header deadline; None when the client closed first."""

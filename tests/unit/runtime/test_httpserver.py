@@ -29,6 +29,12 @@ class Streams(HttpServer):
     def handle(self, request: Request) -> Response:
         if request.path == "/boom":
             raise RuntimeError("a bug")
+        if request.path == "/wait":  # a long computation that checks for the client going away
+            t0 = time.monotonic()
+            request.disconnected.wait(5)
+            self.gone_at = time.monotonic() - t0
+            self.closed.set()
+            return Response(200, [], b"late")
         if request.path != "/stream":
             return Response(200, [("content-type", "text/plain")], b"plain")
 
@@ -76,6 +82,15 @@ def test_a_client_that_goes_away_is_seen_within_a_second_and_the_stream_is_close
     s.close()
     assert server.closed.wait(2)
     assert server.gone_at is not None and server.gone_at - gone < 1.0
+
+
+def test_a_handler_that_computes_sees_its_client_go_away_within_a_second(server: Streams) -> None:
+    s = socket.create_connection((server.host, server.port), timeout=5)
+    s.sendall(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    s.close()
+    assert server.closed.wait(3)
+    assert server.gone_at is not None and server.gone_at < 0.2 + 1.0
 
 
 def test_a_handler_that_raises_is_a_500_in_json_and_the_server_goes_on(server: Streams) -> None:
