@@ -19,6 +19,14 @@ Order of a dispatch:
    ``cpu-unavailable``; if that GPU call fails too, the request gets a 503 (never a CPU retry).
 
 A GPU call is never retried on the GPU: it may already have run.
+
+A generation (issue 17) runs on the CPU tier only until issue 18 adds the GPU tier. ``generate`` is the
+dispatcher's generation backend when the CPU tier is remote (``CPU_BACKEND=lambda``): the model's CPU class
+function over ``InvokeWithResponseStream`` (``backends.lambda_stream``), relayed event by event; a throttled
+CPU function is a 429 with ``Retry-After``; the request's deadline and ``cancelled()`` are checked between
+events. With the CPU tier in this process ``generate`` is None, and the data plane runs
+``generation.service.generate_local`` itself (the dispatcher never imports the engine's service: it would
+close an import cycle through ``tierserve.app``).
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tierserve import errors
 from tierserve.backends.base import Backend
@@ -38,6 +46,14 @@ from tierserve.protocol.calls import InferenceCall, Reply
 from tierserve.protocol.messages import InferRequest, RequestedOutput
 from tierserve.routing import Decision, Policy, RouteContext
 from tierserve.tiers import Tier
+
+if TYPE_CHECKING:
+    from tierserve.generation.events import GenerationEvent
+    from tierserve.generation.requests import GenerationRequest
+
+#: A generation backend: (model, prepared request, deadline, cancelled) -> events.
+GenerateFn = Callable[["ModelVersion", "GenerationRequest", "Deadline | None", Callable[[], bool]],
+                      Iterator["GenerationEvent"]]
 
 #: Time kept back from the caller's remaining budget for encoding and the response's way out.
 RESPONSE_MARGIN_S = 0.25
@@ -273,6 +289,54 @@ class TierDispatcher:
         """Batch scoring: numpy feeds in, every output as a numpy array out, through the same tiers."""
         return score_arrays(self, model, arrays, deadline)
 
+    @property
+    def generate(self) -> GenerateFn | None:
+        """This dispatcher's generation backend, ``generate(model, request, deadline, cancelled)``, when its CPU
+        tier is a CPU function (``CPU_BACKEND=lambda``: :meth:`generate_remote`); None when the CPU tier runs
+        in this process (the data plane runs ``generation.service.generate_local``)."""
+        return self.generate_remote if getattr(self.cpu, "function_for", None) is not None else None
+
+    def generate_remote(self, model: ModelVersion, request: GenerationRequest, deadline: Deadline | None = None,
+                        cancelled: Callable[[], bool] = lambda: False) -> Iterator[GenerationEvent]:
+        """One generation (``request`` prepared: prompt ids and ``max_tokens`` set) on the model's CPU function,
+        as events.
+
+        The caller (``DataPlane.generate``) reads the first event at once, so a refusal (429 with Retry-After
+        when the CPU function is throttled or at its cap, the tier's own 4xx with its code) is raised before
+        anything is streamed. Between events the deadline (``BackendTimeoutError``) and ``cancelled()`` (the
+        stream ends and is closed) are checked."""
+        deadline = deadline or Deadline(None)
+        if self.cpu is None or not model.serves_cpu:
+            raise errors.BackendUnavailableError(
+                f"model {model.name!r} v{model.version} has no CPU variant; generation runs on the CPU tier only "
+                "here (the GPU tier does not generate yet)", retry_after_s=60)
+        return _bounded(self._generate_remote(model, request, deadline, cancelled), deadline, cancelled, model)
+
+    def _generate_remote(self, model: ModelVersion, request: GenerationRequest, deadline: Deadline,
+                         cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        """The CPU class function over ``InvokeWithResponseStream``: ``{"generate": request}`` with the version
+        pinned (this router's canary pick stands), its NDJSON lines as events."""
+        import json
+
+        from tierserve.backends import lambda_stream
+
+        cpu: Any = self.cpu
+        function_name = cpu.function_for(model)
+        pinned = replace(request, version=model.version)
+        payload = json.dumps({"generate": pinned.to_json()}).encode()
+        timeout = deadline.budget(lambda_stream.MAX_STREAM_S)
+        client = lambda_stream.client_for(cpu, timeout)
+        try:
+            stream = lambda_stream.invoke_stream(client, function_name, payload, timeout)
+        except errors.TierThrottledError as exc:  # nothing ran; no other tier generates yet
+            raise errors.TooManyRequestsError(f"the CPU tier is at its concurrency limit ({exc.message}); retry "
+                                              "after the Retry-After seconds",
+                                              retry_after_s=exc.retry_after_s or 1) from exc
+        try:
+            yield from lambda_stream.generation_events(stream)
+        finally:
+            stream.close()
+
     def _cpu(self, model: ModelVersion, call: InferenceCall, deadline: Deadline) -> Reply:
         if self.cpu is None or not model.serves_cpu:
             raise errors.BackendUnavailableError(
@@ -370,6 +434,26 @@ class TierDispatcher:
         reply = self._cpu(model, call, deadline)
         fallback = Decision(Tier.CPU, f"{decision.reason}; GPU tier unavailable ({why})", "gpu-unavailable")
         return Dispatched(reply, Tier.CPU, fallback, "gpu-unavailable")
+
+
+def _bounded(events: Iterator[GenerationEvent], deadline: Deadline, cancelled: Callable[[], bool],
+             model: ModelVersion) -> Iterator[GenerationEvent]:
+    """``events`` until the last one, the client gone (``cancelled()``: the source is closed, the stream ends)
+    or the deadline passed (``BackendTimeoutError`` mid-stream, the source closed)."""
+    try:
+        for event in events:
+            yield event
+            if event.final or cancelled():
+                return
+            left = deadline.remaining()
+            if left is not None and left <= 0:
+                raise errors.BackendTimeoutError(
+                    f"model {model.name!r} v{model.version}: the generation ran past the request's time limit; "
+                    "ask for fewer tokens (max_tokens), or stream it on the streaming API")
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
 
 def score_arrays(dispatcher: Any, model: ModelVersion, arrays: dict[str, Any],

@@ -115,3 +115,67 @@ def test_cpu_function_serves_the_direct_payload(env, lambda_context):
 def test_cpu_function_rejects_a_payload_of_the_wrong_shape(env, lambda_context):
     resp = cpu_inference.lambda_handler({"hello": "world"}, lambda_context)
     assert resp["statusCode"] == 400 and "cpu_direct_infer.json" in _body(resp)["error"]
+
+
+# --- which API sent the event, and its time limit (issue 17) -------------------------------------------------
+
+
+def test_an_http_api_request_gets_29_s_and_a_rest_request_15_minutes_whatever_the_functions_timeout(
+        env, monkeypatch) -> None:
+    from tierserve_tools.emulation import LocalContext
+
+    seen: dict[str, int] = {}
+
+    def http(event, context):
+        seen["http"] = context.get_remaining_time_in_millis()
+        return {"statusCode": 200, "body": ""}
+
+    def rest(event, context):
+        seen["rest"] = context.get_remaining_time_in_millis()
+        seen["name"] = context.function_name  # the rest of the context is the runtime's
+        return {"statusCode": 200, "body": ""}
+
+    monkeypatch.setattr(router, "handle_http", http)
+    monkeypatch.setattr(router.api, "handle_rest", rest, raising=False)
+    # Given RouterFunction's 900 s timeout
+    context = LocalContext("RouterFunction", 1024, 900)
+    router.lambda_handler(load_event("http_infer.json"), context)
+    router.lambda_handler(_rest_event(), context)
+    # Then an HTTP API event (2.0) sees at most 29 s left, a REST event (1.0) the REST API's 15 minutes
+    assert 28_500 < seen["http"] <= 29_000
+    assert 895_000 < seen["rest"] <= 900_000 and seen["name"] == "RouterFunction"
+    # And a shorter function timeout still wins
+    router.lambda_handler(_rest_event(), LocalContext("RouterFunction", 1024, 10))
+    assert seen["rest"] <= 10_000
+
+
+def _rest_event() -> dict:
+    return {"resource": "/v1/chat/completions", "path": "/v1/chat/completions", "httpMethod": "POST",
+            "headers": {"content-type": "application/json"}, "multiValueHeaders": {}, "queryStringParameters": None,
+            "requestContext": {"requestId": "r-1", "stage": "api", "httpMethod": "POST"},
+            "body": "{}", "isBase64Encoded": False}
+
+
+def test_a_streamed_answer_is_buffered_where_the_runtime_cannot_stream_it(env, monkeypatch, lambda_context) -> None:
+    from tierserve.streaming.response import StreamingResponse
+
+    closed = []
+
+    def rest(event, context):
+        return StreamingResponse(200, {"content-type": "text/event-stream"}, iter([b"data: 1\n\n", b"data: 2\n\n"]),
+                                 lambda: closed.append(True))
+
+    monkeypatch.setattr(router.api, "handle_rest", rest, raising=False)
+    monkeypatch.delenv("TIERSERVE_STREAMING_RUNTIME", raising=False)
+    resp = router.lambda_handler(_rest_event(), lambda_context)
+    assert resp == {"statusCode": 200, "headers": {"content-type": "text/event-stream"},
+                    "body": "data: 1\n\ndata: 2\n\n", "isBase64Encoded": False} and closed == [True]
+    # under the streaming runtime loop it is returned as it is, for the loop to stream
+    monkeypatch.setenv("TIERSERVE_STREAMING_RUNTIME", "1")
+    assert isinstance(router.lambda_handler(_rest_event(), lambda_context), StreamingResponse)
+
+
+def test_a_rest_event_without_a_rest_entry_point_is_a_404_in_openais_shape(env, monkeypatch, lambda_context) -> None:
+    monkeypatch.delattr(router.api, "handle_rest", raising=False)
+    resp = router.lambda_handler(_rest_event(), lambda_context)
+    assert resp["statusCode"] == 404 and json.loads(resp["body"])["error"]["code"] == "route_not_found"

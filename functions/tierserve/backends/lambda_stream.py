@@ -33,6 +33,11 @@ DELIMITER = b"\x00" * 8
 MAX_PRELUDE_BYTES = 64 * 1024
 #: ``InvokeComplete`` error codes that mean the function ran out of time.
 TIMEOUT_CODES = ("Sandbox.Timedout", "Function.Timeout", "TimeoutError")
+#: The longest a streamed invocation runs (Lambda's 15-minute function timeout; the REST API's stream limit).
+MAX_STREAM_S = 900.0
+#: Read timeouts (s) of the streaming clients: the wait for one chunk (the first one includes a cold start and
+#: the model's load), picked by the stream's budget; past 300 s the REST API's idle timeout has ended it anyway.
+READ_TIMEOUT_BUCKETS_S = (30.0, 60.0, 120.0, 300.0)
 
 
 class ResponseStream:
@@ -65,6 +70,19 @@ class ResponseStream:
         if callable(close):
             with contextlib.suppress(Exception):  # closing a half-read HTTP stream may fail; nothing to do
                 close()
+
+
+def client_for(backend: Any, timeout_s: float | None) -> Any:
+    """A boto3 Lambda client for a stream whose whole budget is ``timeout_s``: the backend's injected client
+    (``LambdaInvokeBackend(client=...)``, tests) when it has one, else one per read-timeout bucket."""
+    injected = getattr(backend, "_client", None)
+    if injected is not None:
+        return injected
+    from tierserve.backends.base import ClientsByTimeout
+
+    budget = MAX_STREAM_S if timeout_s is None else timeout_s
+    read = next((b for b in READ_TIMEOUT_BUCKETS_S if b >= budget), READ_TIMEOUT_BUCKETS_S[-1])
+    return ClientsByTimeout("lambda").get(read)
 
 
 def _call_error(function_name: str, exc: Exception, timeout_s: float | None) -> errors.TierserveError:
@@ -202,13 +220,15 @@ ERROR_BY_STATUS: dict[int, type[errors.TierserveError]] = {
 def _tier_error(status: int, error: Any, retry_after: Any = None) -> errors.TierserveError:
     """The CPU tier's error as it answered it: the class its status maps to, its message and its own code.
     ``error`` is the body's ``error`` (a message, or OpenAI's ``{message, code}``) or the body itself."""
-    code = None
+    code = param = None
     if isinstance(error, dict):
-        code = error.get("code")
+        code, param = error.get("code"), error.get("param")
         error = error.get("message") or error.get("error")
     exc = ERROR_BY_STATUS.get(status, errors.InferenceError)(str(error or f"the CPU tier answered {status}"))
     if isinstance(code, str):
         exc.code = code  # the tier's own code survives the hop (e.g. context_length_exceeded)
+    if isinstance(param, str):
+        exc.param = param  # type: ignore[attr-defined]  # OpenAI's "param" too (the renderer reads it)
     if retry_after is not None and hasattr(exc, "retry_after_s"):
         with contextlib.suppress(TypeError, ValueError):
             exc.retry_after_s = float(retry_after)

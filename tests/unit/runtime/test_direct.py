@@ -125,3 +125,117 @@ def test_a_version_published_after_this_function_read_its_manifest_is_served_at_
     # Then the function re-reads the manifest and serves it (a request in flight is never broken)
     body = json.loads(decode_body(resp))
     assert resp["statusCode"] == 200 and body["model_version"] == "2"
+
+
+# --- a generation over a streamed Invoke (issue 17) ----------------------------------------------------------
+
+
+class FakeGeneration:
+    """What DataPlane.generate returns (started: a refusal is raised by the call), over scripted events."""
+
+    def __init__(self, events, fail_after: BaseException | None = None) -> None:
+        self.events, self.fail_after, self.closed = list(events), fail_after, False
+
+    def __iter__(self):
+        yield from self.events
+        if self.fail_after is not None:
+            raise self.fail_after
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_plane(runtime_env: pytest.MonkeyPatch, tmp_path: Path):
+    """DataPlane.generate replaced by a script: ``calls`` records (request, cancelled); ``answer`` is what
+    it returns or raises."""
+    from tierserve.protocol import dataplane
+
+    runtime_env.setenv("MODEL_STORE_URI", str(tmp_path / "store"))
+    runtime_env.setenv("TIERSERVE_STREAMING_RUNTIME", "1")
+    state: dict = {"calls": [], "answer": None}
+
+    def generate(self, request, cancelled=lambda: False, context=None):
+        state["calls"].append((request, cancelled))
+        if isinstance(state["answer"], BaseException):
+            raise state["answer"]
+        return state["answer"]
+
+    runtime_env.setattr(dataplane.DataPlane, "generate", generate, raising=False)
+    return state
+
+
+def _generate_event() -> dict:
+    from tierserve.generation.requests import KIND_CHAT, GenerationRequest, SamplingParams
+
+    request = GenerationRequest("tiny", "2", KIND_CHAT, SamplingParams(max_tokens=4, temperature=0.0),
+                                messages=({"role": "user", "content": "hi"},), request_id="r-1")
+    return {"generate": request.to_json()}
+
+
+def test_a_generation_is_streamed_as_one_json_line_per_event_and_close_cancels_it(fake_plane) -> None:
+    from tierserve.generation.events import GenerationEvent, Usage
+    from tierserve.streaming.response import StreamingResponse
+
+    # Given a generation of two events
+    events = [GenerationEvent("Hé", (7, 8), served_by="cpu", ttft_ms=3.0),
+              GenerationEvent("!", (9,), "stop", Usage(5, 3), "cpu", tokens_per_s=99.0)]
+    fake_plane["answer"] = generation = FakeGeneration(events)
+    # When the CPU function gets {"generate": ...}
+    resp = handle_direct(_generate_event())
+    # Then the request reached the data plane whole, and the answer is an NDJSON stream
+    request, cancelled = fake_plane["calls"][0]
+    assert (request.model, request.version, request.messages, request.params.max_tokens) == (
+        "tiny", "2", ({"role": "user", "content": "hi"},), 4)
+    assert isinstance(resp, StreamingResponse)
+    assert resp.status == 200 and resp.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in b"".join(resp.chunks).splitlines()]
+    assert [GenerationEvent.from_json(line) for line in lines] == events
+    # And closing it (the runtime loop does, at the end or when abandoned) cancels the generation
+    assert not cancelled()
+    resp.release()
+    assert cancelled() and generation.closed
+
+
+@pytest.mark.parametrize(("error", "status", "code", "retry"), [
+    ("too_many", 429, "rate_limit_exceeded", "2"),
+    ("not_found", 404, "model_not_found", None),
+    ("too_long", 400, "context_length_exceeded", None),
+])
+def test_a_generation_refused_before_its_first_event_is_a_buffered_answer_with_its_status(
+        fake_plane, error: str, status: int, code: str, retry: str | None) -> None:
+    from tierserve import errors
+
+    exc = {"too_many": errors.TooManyRequestsError("at its cap", retry_after_s=1.5),
+           "not_found": errors.ModelNotFoundError("model 'tiny' not found"),
+           "too_long": errors.ContextLengthExceededError("over the context window")}[error]
+    if error == "too_many":
+        exc.code = code
+    fake_plane["answer"] = exc
+    resp = handle_direct(_generate_event())
+    assert isinstance(resp, dict) and resp["statusCode"] == status
+    body = json.loads(resp["body"])
+    assert body["error"]["code"] == code and set(body["error"]) == {"message", "type", "param", "code"}
+    assert resp["headers"].get("retry-after") == retry
+
+
+def test_an_error_after_the_first_event_is_one_error_line_then_the_end(fake_plane) -> None:
+    from tierserve import errors
+    from tierserve.generation.events import GenerationEvent
+
+    fake_plane["answer"] = FakeGeneration([GenerationEvent("a", (1,))], errors.InferenceError("the engine broke"))
+    resp = handle_direct(_generate_event())
+    lines = [json.loads(line) for line in b"".join(resp.chunks).splitlines()]
+    assert lines[0]["text"] == "a"
+    assert lines[1] == {"error": {"status": 500, "code": "inference_error", "message": "the engine broke"}}
+    assert len(lines) == 2
+
+
+def test_a_generation_outside_the_streaming_runtime_or_malformed_is_a_clear_400(fake_plane, runtime_env) -> None:
+    resp = handle_direct({"generate": {"model": "tiny"}})  # no "kind"
+    assert resp["statusCode"] == 400 and "GenerationRequest.to_json()" in json.loads(resp["body"])["error"]["message"]
+    runtime_env.delenv("TIERSERVE_STREAMING_RUNTIME")
+    resp = handle_direct(_generate_event())
+    message = json.loads(resp["body"])["error"]["message"]
+    assert resp["statusCode"] == 400 and "AWS_LAMBDA_EXEC_WRAPPER=/var/task/tierserve/streaming/wrapper.sh" in message
+    assert fake_plane["calls"] == []

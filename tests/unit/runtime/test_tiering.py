@@ -595,3 +595,145 @@ def test_the_tiers_state_serialises_with_orjson(clock) -> None:
     d = dispatcher(FakeBackend("cpu"), FakeBackend("gpu"), clock)
     assert orjson.loads(orjson.dumps(d.state())) == {"cpu": "configured", "gpu": "closed"}
     assert orjson.loads(orjson.dumps(d.dispatch(BOTH, json_call(32)).served_by)) == "gpu"
+
+
+# --- generation (issue 17) ----------------------------------------------------------------------------------
+
+
+class _StreamClient:
+    """invoke_with_response_stream answering a CPU function's NDJSON generation (HTTP-integration prelude)."""
+
+    def __init__(self, lines: list[bytes] | None = None, exc: BaseException | None = None,
+                 prelude: dict | None = None, body: bytes = b"") -> None:
+        self.lines, self.exc, self.calls, self.closed, self.pulled = lines or [], exc, [], False, 0
+        self.prelude = prelude or {"statusCode": 200, "headers": {"content-type": "application/x-ndjson"}}
+        self.body = body
+
+    def invoke_with_response_stream(self, **kwargs):
+        import json as _json
+
+        self.calls.append(kwargs)
+        if self.exc is not None:
+            raise self.exc
+        client = self
+        events = [{"PayloadChunk": {"Payload": _json.dumps(self.prelude).encode() + b"\x00" * 8 + self.body}},
+                  *({"PayloadChunk": {"Payload": line}} for line in self.lines), {"InvokeComplete": {}}]
+
+        class Stream:
+            def __iter__(self):
+                for ev in events:
+                    client.pulled += 1
+                    yield ev
+
+            def close(self) -> None:
+                client.closed = True
+
+        return {"StatusCode": 200, "EventStream": Stream(),
+                "ResponseStreamContentType": "application/vnd.awslambda.http-integration-response"}
+
+
+def _lambda_dispatcher(client, clock=None) -> TierDispatcher:
+    from tierserve.backends.lambda_invoke import LambdaInvokeBackend
+
+    cpu = LambdaInvokeBackend("cpu-fn", client=client, functions={1769: "cpu-1769"})
+    return TierDispatcher(cpu, None, size_aware)
+
+
+def _request(version=None):
+    from tierserve.generation.requests import KIND_COMPLETION, GenerationRequest, SamplingParams
+
+    return GenerationRequest("m", version, KIND_COMPLETION, SamplingParams(max_tokens=3), prompt_ids=(1, 2, 3))
+
+
+def _line(text: str, ids: tuple[int, ...], finish: str | None = None) -> bytes:
+    import json as _json
+
+    from tierserve.generation.events import GenerationEvent, Usage
+
+    usage = Usage(3, 2) if finish else None
+    return _json.dumps(GenerationEvent(text, ids, finish, usage, "cpu").to_json()).encode() + b"\n"
+
+
+def test_a_generation_goes_to_the_models_cpu_function_over_a_response_stream_with_its_version_pinned() -> None:
+    import json as _json
+
+    # Given a router whose CPU tier is the CPU class functions, and a function streaming three events in pieces
+    body = _line("He", (5,)) + _line("llo", (6,)) + _line("", (), "stop")
+    client = _StreamClient([body[:7], body[7:30], body[30:]])
+    d = _lambda_dispatcher(client)
+    # When a generation for the model's default version runs
+    events = list(d.generate_remote(BOTH, _request(), Deadline(60), lambda: False))
+    # Then the model's memory-class function got {"generate": request} with the version the router picked
+    call = client.calls[0]
+    assert call["FunctionName"] == "cpu-1769"
+    sent = _json.loads(call["Payload"])["generate"]
+    assert sent["version"] == "1" and sent["prompt_ids"] == [1, 2, 3] and sent["params"]["max_tokens"] == 3
+    # And the events came back whole, however the lines were split, the last with its usage
+    assert [e.text for e in events] == ["He", "llo", ""] and events[-1].finish_reason == "stop"
+    assert events[-1].usage is not None and events[-1].usage.total_tokens == 5 and client.closed
+
+
+def test_a_throttled_cpu_function_is_a_429_with_retry_after_before_any_event() -> None:
+    from botocore.exceptions import ClientError
+
+    exc = ClientError({"Error": {"Code": "TooManyRequestsException", "Message": "Rate Exceeded."}},
+                      "InvokeWithResponseStream")
+    d = _lambda_dispatcher(_StreamClient(exc=exc))
+    with pytest.raises(errors.TooManyRequestsError, match="concurrency limit") as info:
+        next(d.generate_remote(BOTH, _request(), Deadline(60), lambda: False))
+    assert info.value.retry_after_s == 1
+    assert error_response(info.value)["statusCode"] == 429
+
+
+def test_the_cpu_functions_4xx_keeps_its_status_code_and_retry_after() -> None:
+    import json as _json
+
+    # Given a CPU function that refused before its first event: at the model's cap (429), or a bad request (400)
+    busy = _StreamClient(prelude={"statusCode": 429, "headers": {"retry-after": "3"}},
+                         body=_json.dumps({"error": {"message": "at its cap", "code": "rate_limit_exceeded"}}).encode())
+    with pytest.raises(errors.TooManyRequestsError, match="at its cap") as info:
+        next(_lambda_dispatcher(busy).generate_remote(BOTH, _request(), Deadline(60), lambda: False))
+    assert info.value.retry_after_s == 3.0 and info.value.code == "rate_limit_exceeded"
+    bad = _StreamClient(prelude={"statusCode": 400, "headers": {}}, body=_json.dumps(
+        {"error": {"message": "too long", "code": "context_length_exceeded", "param": "messages"}}).encode())
+    with pytest.raises(errors.InvalidRequestError, match="too long") as info2:
+        next(_lambda_dispatcher(bad).generate_remote(BOTH, _request(), Deadline(60), lambda: False))
+    assert info2.value.code == "context_length_exceeded" and getattr(info2.value, "param", None) == "messages"
+
+
+def test_cancelled_stops_reading_the_stream_after_the_event_in_hand() -> None:
+    body = [_line("a", (1,)), _line("b", (2,)), _line("c", (3,)), _line("", (), "length")]
+    client = _StreamClient(body)
+    gone = {"yes": False}
+    it = _lambda_dispatcher(client).generate_remote(BOTH, _request(), Deadline(60), lambda: gone["yes"])
+    assert next(it).text == "a"
+    gone["yes"] = True  # the client went away
+    assert list(it) == [] and client.closed
+    assert client.pulled <= 2  # the prelude chunk and the first line: nothing more was read
+
+
+def test_a_generation_past_its_deadline_ends_with_a_timeout_and_closes_its_source(clock) -> None:
+    # Given a CPU function streaming many events, 0.5 s apart, and a request with 2 s left
+    client = _StreamClient([_line("x", (1,)) for _ in range(20)])
+
+    def cancelled() -> bool:  # read after each event: the clock moves on by the gap between events
+        clock.advance(0.5)
+        return False
+
+    got = []
+    with pytest.raises(errors.BackendTimeoutError, match="past the request's time limit"):
+        for event in _lambda_dispatcher(client).generate_remote(BOTH, _request(), Deadline(2.0, clock=clock),
+                                                                cancelled):
+            got.append(event)
+    # Then it ended at the deadline, with the stream closed
+    assert len(got) == 4 and client.closed
+
+
+def test_generation_is_the_cpu_functions_and_none_in_process_and_refuses_a_gpu_only_model() -> None:
+    # Given an in-process CPU tier: no generation backend (the data plane runs the engine itself)
+    assert TierDispatcher(FakeBackend("cpu"), FakeBackend("gpu"), size_aware).generate is None
+    # And with the CPU tier remote, a GPU-only model is refused (the GPU tier does not generate yet)
+    d = _lambda_dispatcher(_StreamClient())
+    assert d.generate is not None
+    with pytest.raises(errors.BackendUnavailableError, match="GPU tier does not generate yet"):
+        d.generate(GPU_ONLY, _request(), Deadline(60), lambda: False)
