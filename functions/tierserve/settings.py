@@ -84,6 +84,9 @@ class Settings:
     # Threads for onnxruntime; 0 means "derive from the function's memory".
     ort_threads: int = 0
     memory_mb: int = MB_PER_VCPU
+    # Concurrent generations per model version in one execution environment; 0 = the manifest's
+    # generation.max_concurrency (issue 17: one more is a 429 with Retry-After).
+    generation_max_concurrency: int = 0
     # Batch inference.
     job_table: str = ""
     continuation_queue_url: str = ""
@@ -145,6 +148,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SHARD_BYTES": ("shard_bytes", int),
     "SHARD_ROWS": ("shard_rows", int),
     "CHECKPOINT_MARGIN_MS": ("checkpoint_margin_ms", int),
+    "GENERATION_MAX_CONCURRENCY": ("generation_max_concurrency", int),
     "IDEMPOTENCY_EXPIRY_S": ("idempotency_expiry_s", int),
     "POWERTOOLS_SERVICE_NAME": ("service_name", str),
     "MANIFEST_TTL_S": ("manifest_ttl_s", float),

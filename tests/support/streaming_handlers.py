@@ -81,3 +81,9 @@ def with_metrics(event: dict[str, Any], context: Any) -> Any:
         return StreamingResponse(200, {}, chunks())
 
     return handler(event, context)
+
+
+def sleeps(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Runs ``event["s"]`` seconds without answering (a function past its timeout is killed)."""
+    time.sleep(float(event["s"]))
+    return {"statusCode": 200, "body": "late"}

@@ -15,7 +15,10 @@ real process against the same HTTP API. It serves:
 * ``POST /runtime/invocation/{id}/error`` and ``POST /runtime/init/error``.
 
 Each :class:`Invocation` is live: :meth:`Invocation.stream` yields the bytes as they arrive, which is what
-the Invoke endpoint relays as ``PayloadChunk`` frames. :func:`start_runtime` starts the loop (through the
+the Invoke endpoint relays as ``PayloadChunk`` frames. :meth:`Invocation.abandon` (closing that stream before
+its end does it) is the caller gone: the runtime's streamed response connection is reset, so the loop's next
+write fails and it closes the handler's stream (a generation is cancelled within one token). ``polled`` is set
+by the runtime's first ``/next``: its init is over. :func:`start_runtime` starts the loop (through the
 shipped ``AWS_LAMBDA_EXEC_WRAPPER`` script, as Lambda does) against an emulator.
 """
 
@@ -28,6 +31,7 @@ import os
 import queue
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -68,7 +72,9 @@ class Invocation:
     error: dict[str, Any] | None = None  # from /error, the trailers or a broken limit
     taken_at: float | None = None
     finished_at: float | None = None
+    abandoned: bool = False
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _sock: socket.socket | None = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
@@ -101,9 +107,26 @@ class Invocation:
             skip = 0
         return prelude, rest
 
+    def abandon(self) -> None:
+        """The caller went away: reset the runtime's streamed response connection (now, or as soon as it
+        opens), so that the loop's next write fails and it closes the handler's stream."""
+        with self._cond:
+            self.abandoned = True
+            sock = self._sock
+        if sock is not None and not self.done:
+            _reset(sock)
+
     def stream(self, timeout: float = 900.0) -> Iterator[bytes]:
         """The answer's bytes as they arrive (a buffered answer: once); :class:`FunctionStreamError` when the
-        function failed (an ``/error``, the trailers, a limit), after the bytes that came before it."""
+        function failed (an ``/error``, the trailers, a limit), after the bytes that came before it. Closed
+        before the end, the invocation is abandoned (:meth:`abandon`)."""
+        try:
+            yield from self._stream(timeout)
+        finally:
+            if not self.done:
+                self.abandon()
+
+    def _stream(self, timeout: float) -> Iterator[bytes]:
         seen = 0
         deadline = time.monotonic() + timeout
         while True:
@@ -123,6 +146,10 @@ class Invocation:
             raise FunctionStreamError(str(error.get("errorType") or "Unhandled"),
                                       str(error.get("errorMessage") or error))
 
+    def finish(self, error: dict[str, Any] | None = None) -> None:
+        """End the invocation from outside the runtime (it was killed, or timed out): ``error`` is why."""
+        self._finish(error)
+
     def _moved_past(self, seen: int) -> bool:
         return self.done or len(self.chunks) > seen
 
@@ -133,6 +160,13 @@ class Invocation:
             if self.finished_at is None:
                 self.finished_at = time.time()
             self._cond.notify_all()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Reset a connection (RST, not FIN): the peer's next write fails at once. A reader blocked on it wakes."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
 
 
 class RuntimeApiEmulator:
@@ -147,6 +181,7 @@ class RuntimeApiEmulator:
         self.invocations: dict[str, Invocation] = {}
         self.init_error: dict[str, Any] | None = None
         self.init_failed = threading.Event()
+        self.polled = threading.Event()  # the runtime asked for its first event: its init is over
         self._queue: queue.Queue[Invocation] = queue.Queue()
         self._closing = threading.Event()
         self._server = _QuietServer((host, port), _handler_class(self))
@@ -248,6 +283,7 @@ def _handler_class(api: RuntimeApiEmulator) -> type[BaseHTTPRequestHandler]:
             if self.path != f"/{API_VERSION}/runtime/invocation/next":
                 self._json(404, {"errorType": "NotFound", "errorMessage": f"no route {self.path}"})
                 return
+            api.polled.set()
             inv = api._next()
             if inv is None:
                 self._json(503, {"errorType": "ShuttingDown", "errorMessage": "the emulator is stopping"}, close=True)
@@ -350,6 +386,11 @@ def _handler_class(api: RuntimeApiEmulator) -> type[BaseHTTPRequestHandler]:
                 self._json(202, {"status": "OK"})
                 return
             size = 0
+            with inv._cond:
+                inv._sock = self.connection
+                abandoned = inv.abandoned
+            if abandoned:
+                _reset(self.connection)
             try:
                 for chunk in self._chunks():
                     size += len(chunk)
@@ -364,10 +405,17 @@ def _handler_class(api: RuntimeApiEmulator) -> type[BaseHTTPRequestHandler]:
                     with inv._cond:
                         inv.chunks.append((time.time(), chunk))
                         inv._cond.notify_all()
-            except (ConnectionError, ValueError) as exc:
-                inv._finish({"errorType": "Runtime.ExitError", "errorMessage": f"the stream broke: {exc}"})
+            except (ConnectionError, ValueError, OSError) as exc:
+                if inv.abandoned:
+                    inv._finish({"errorType": "Client.Disconnected",
+                                 "errorMessage": "the caller went away; the runtime's stream was reset"})
+                else:
+                    inv._finish({"errorType": "Runtime.ExitError", "errorMessage": f"the stream broke: {exc}"})
                 self.close_connection = True
                 return
+            finally:
+                with inv._cond:
+                    inv._sock = None
             inv.trailers = dict(self._trailers)
             error = None
             if inv.trailers.get(ERROR_TYPE):
@@ -396,13 +444,15 @@ def wrapper_path() -> Path:
 
 def start_runtime(api: RuntimeApiEmulator, handler: str, env: Mapping[str, str] | None = None,
                   task_root: str | None = None, python: str = sys.executable,
-                  stderr: Any = None) -> subprocess.Popen[bytes]:
+                  stderr: Any = None, stdout: Any = subprocess.PIPE, inherit: bool = True) -> subprocess.Popen[bytes]:
     """Start the streaming runtime loop as Lambda would: ``wrapper.sh PYTHON BOOTSTRAP-ARGS`` with
-    ``_HANDLER``, ``AWS_LAMBDA_RUNTIME_API`` and the function's environment."""
-    full = {**os.environ, **(env or {})}
+    ``_HANDLER``, ``AWS_LAMBDA_RUNTIME_API`` and the function's environment (over this process's unless
+    ``inherit`` is False: ``env`` is then the whole environment). Its own process group (``start_new_session``):
+    kill the group to end it, as Lambda ends an environment."""
+    full = {**(os.environ if inherit else {}), **(env or {})}
     full.update({"AWS_LAMBDA_RUNTIME_API": api.address, "_HANDLER": handler,
                  "AWS_LAMBDA_FUNCTION_NAME": api.function_name, "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST"})
     if task_root:
         full["LAMBDA_TASK_ROOT"] = task_root
     return subprocess.Popen(["/bin/sh", str(wrapper_path()), python, "/var/runtime/bootstrap.py"],
-                            env=full, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+                            env=full, stdout=stdout, stderr=stderr, start_new_session=True)
