@@ -23,9 +23,10 @@ counts only in ``ErrorsByCode``.
 Metrics: ``Requests``, ``Errors`` (5xx), ``ClientErrors`` (4xx), ``Latency`` (ms, successes), ``Rows``,
 ``Fallbacks``; ``ErrorsByCode``; ``BreakerTransitions``; ``ModelLoadTime`` (ms, a session built on a cold
 cache); the batch function's ``BatchRows``, ``BatchErrors``, ``BatchJobDuration``, ``BatchJobsCompleted``,
-``BatchJobsFailed``; Powertools adds ``ColdStart``. Each line goes to stdout, which Lambda sends to
-CloudWatch Logs, which extracts the metrics; ``tierserve serve`` does the same locally
-(``tierserve_tools.emf_bridge``: PutMetricData into moto_server, and its ``/metrics`` page).
+``BatchJobsFailed``; generation's ``TimeToFirstToken``, ``InterTokenLatency`` (ms), ``PromptTokens``,
+``CompletionTokens`` and ``TokensPerSecond`` (:func:`generation`); Powertools adds ``ColdStart``. Each line
+goes to stdout, which Lambda sends to CloudWatch Logs, which extracts the metrics; ``tierserve serve`` does the
+same locally (``tierserve_tools.emf_bridge``: PutMetricData into moto_server, and its ``/metrics`` page).
 """
 
 from __future__ import annotations
@@ -112,3 +113,21 @@ def batch_job_failed() -> None:
     """A batch job failed (its message goes back to the queue, then to the DLQ): function-wide only, since
     the model named by a failed job may not exist."""
     emit(base(), [["service", "function"]], {"BatchJobsFailed": (COUNT, 1)})
+
+
+def generation(model: str, version: str, tier: str, *, ttft_ms: float | None, itl_ms: float | None,
+               prompt_tokens: int, completion_tokens: int, tokens_per_s: float | None) -> None:
+    """One generation (issue 17), emitted once its last event is out (a stream's metrics are known only then;
+    Powertools' decorators would flush them when the handler returns, before the stream ends): time to first
+    token, mean inter-token latency (ms), prompt and completion tokens, decode tokens/s; per model and version,
+    and per model and tier. A figure that does not exist (no token came out) is left out."""
+    metrics: dict[str, tuple[str, float]] = {"PromptTokens": (COUNT, prompt_tokens),
+                                             "CompletionTokens": (COUNT, completion_tokens)}
+    if ttft_ms is not None:
+        metrics["TimeToFirstToken"] = (MS, round(ttft_ms, 3))
+    if itl_ms is not None:
+        metrics["InterTokenLatency"] = (MS, round(itl_ms, 3))
+    if tokens_per_s is not None:
+        metrics["TokensPerSecond"] = ("Count/Second", round(tokens_per_s, 3))
+    emit({**base(), "model": model, "version": version, "tier": tier},
+         [["service", "function", "model", "version"], ["service", "function", "model", "tier"]], metrics)

@@ -75,6 +75,8 @@ class GenerationRequest:
     caller: str = ""
     #: The ``x-target`` header / ``parameters.target`` hint; None lets the policy choose.
     hint: str | None = None
+    #: Triton's generate: the vLLM backend's extra outputs asked for (``return_finish_reason``, ...).
+    extras: tuple[str, ...] = ()
 
     def with_ids(self, prompt_ids: list[int] | tuple[int, ...]) -> GenerationRequest:
         return replace(self, prompt_ids=tuple(int(t) for t in prompt_ids))
@@ -90,6 +92,8 @@ class GenerationRequest:
             d["messages"] = list(self.messages)
         if self.prompt_ids is not None:
             d["prompt_ids"] = list(self.prompt_ids)
+        if self.extras:
+            d["extras"] = list(self.extras)
         return d
 
     @classmethod
@@ -102,4 +106,5 @@ class GenerationRequest:
                    prompt_ids=tuple(int(t) for t in ids) if ids is not None else None,
                    stream=bool(d.get("stream", False)), include_usage=bool(d.get("include_usage", False)),
                    request_id=str(d.get("request_id") or ""), echo_prompt=bool(d.get("echo_prompt", False)),
-                   caller=str(d.get("caller") or ""), hint=d.get("hint"))
+                   caller=str(d.get("caller") or ""), hint=d.get("hint"),
+                   extras=tuple(str(x) for x in d.get("extras") or ()))

@@ -16,6 +16,8 @@ Readiness is one predicate (:meth:`DataPlane.model_problem`) for HTTP's ``/ready
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,8 @@ from tierserve.tiers import Tier
 
 if TYPE_CHECKING:
     from tierserve.app import Runtime
+    from tierserve.generation.events import GenerationEvent
+    from tierserve.generation.requests import GenerationRequest
     from tierserve.protocol.calls import Body
 
 SERVER_NAME = "tierserve"
@@ -147,3 +151,85 @@ class DataPlane:
     def infer(self, name: str, version: str | None, body: Body, hint: str | None, context: Any) -> dict[str, Any]:
         """One inference: the encoded reply (status, headers, body) as the client asked for it."""
         return inference.infer(self.rt, name, version, body, hint, context)
+
+    # --- generation (issue 17) ------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False,
+                 context: Any = None) -> Generation:
+        """One generation, as a stream of events (:class:`Generation`: the resolved model version and the
+        prepared request ride along for the renderers).
+
+        The model is resolved (404 ``model_not_found``; the canary split by request id, as for inference) and
+        must be a text-generation model (400 otherwise); the request is prepared (chat template, tokens,
+        ``max_tokens``; 400s before any work); then the dispatcher's generation backend runs it when it has
+        one (``dispatcher.generate(model, request, deadline, cancelled)``: the router's CPU function over a
+        streamed Invoke, the GPU tier), else this process does (``generation.service.generate_local``). The
+        stream is started before this returns, so whatever fails before the first event (admission's 429, a
+        load failure, the remote tier's refusal) is raised here and the adapter answers it with a status; what
+        fails later is raised by the iteration, and the adapter ends its stream with an error event."""
+        from tierserve.generation import service
+        from tierserve.tiering import Deadline, pick_version
+
+        name, version = inference.resolve_name(self.rt, request.model, request.version)
+        model = pick_version(self.rt.store.manifest(), name, version, request.request_id or None)
+        if not model.generative:
+            raise errors.InvalidRequestError(f"model {model.name!r} is not a text-generation model; use "
+                                             f"/v2/models/{model.name}/infer")
+        tier = Tier.EDGE if self.answered_by == Tier.EDGE else Tier.CPU
+        remote = getattr(self.rt.dispatcher, "generate", None)
+        prepared = service.prepare(self.rt, model, request, tier)
+        if remote is not None:
+            events: Iterator[GenerationEvent] = remote(model, prepared, Deadline.from_context(context), cancelled)
+        else:
+            events = service.generate_local(self.rt, model, prepared, cancelled, tier)
+        return Generation(model, prepared, events)
+
+    def models_list(self) -> Answer:
+        """OpenAI's ``GET /v1/models``: every listed model (generative or not), ``NAME`` for its default version
+        and ``NAME:VERSION`` for each listed version; ``created`` is when the version was published (or
+        compiled), in seconds."""
+        from tierserve.manifest import parse_time
+
+        data: list[dict[str, Any]] = []
+        for name, entry in sorted(self.rt.store.manifest().models.items()):
+            listed = entry.listed()
+            default = listed.get(entry.default_version)
+            ids = [(name, default)] if default is not None else []
+            ids += [(f"{name}:{v}", listed[v]) for v in sorted(listed, key=int)]
+            for ident, mv in ids:
+                created = parse_time(mv.published_at or mv.created_at)
+                data.append({"id": ident, "object": "model", "created": int(created or 0), "owned_by": SERVER_NAME})
+        return self._answer({"object": "list", "data": data})
+
+
+class Generation:
+    """A started generation: iterate it for its events. ``model`` is the version serving it, ``request`` the
+    prepared request (prompt ids, resolved ``max_tokens``), ``served_by`` the tier of the first event;
+    :meth:`close` stops it (the client went away)."""
+
+    def __init__(self, model: ModelVersion, request: GenerationRequest, events: Iterator[GenerationEvent]) -> None:
+        self.model = model
+        self.request = request
+        self._source = events
+        self.served_by = ""
+        try:
+            first = next(events)
+        except StopIteration:
+            self._events: Iterator[GenerationEvent] = iter(())
+        except BaseException:
+            self.close()
+            raise
+        else:
+            self._events = itertools.chain((first,), events)
+            self.served_by = first.served_by
+
+    def __iter__(self) -> Iterator[GenerationEvent]:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()

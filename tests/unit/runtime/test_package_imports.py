@@ -19,7 +19,7 @@ import pytest
 import tierserve
 
 HEAVY = {"onnxruntime", "tritonclient", "torch", "onnx", "sklearn", "skl2onnx", "tierserve_compiler", "gevent",
-         "grpc", "matplotlib"}
+         "grpc", "matplotlib", "onnxruntime_genai", "tokenizers", "jinja2", "transformers"}
 PACKAGE = Path(tierserve.__file__).parent
 OUTSIDE_RUNTIME = ("tierserve_tools", "tierserve_compiler")
 
@@ -34,7 +34,9 @@ def _modules_after_import(module: str, env: dict[str, str] | None = None, then: 
     return set(json.loads(out.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("handler", ["tierserve.handlers.router", "tierserve.handlers.cpu_inference"])
+@pytest.mark.parametrize("handler", ["tierserve.handlers.router", "tierserve.handlers.cpu_inference",
+                                     "tierserve.generation.service", "tierserve.generation.openai",
+                                     "tierserve.generation.triton_generate", "tierserve.protocol.dataplane"])
 def test_importing_a_handler_pulls_in_no_heavy_library(handler):
     # When the handler module is imported cold, Then none of the heavy libraries is loaded yet
     loaded = _modules_after_import(handler)

@@ -1,0 +1,281 @@
+"""The engine: an onnxruntime-genai model and its tokenizer, generating one request token by token.
+
+Why its own module: the loop that turns token ids into a stream of text events is where the subtle
+promises of issue 17 live, and they hold on every tier that runs a model in process (the CPU function,
+the edge, ``tierserve serve``):
+
+- **Sessions.** :func:`load` caches one ``og.Model`` per model folder (the store's verified folder, named by
+  the model's sha256) and thread count, for the life of the execution environment; the threads are set with
+  an ``og.Config`` overlay of ``genai_config.json`` (``intra_op_num_threads``, one inter-op thread, no
+  spinning: the vCPU Lambda bills must not spin between tokens).
+- **Decoding.** ``temperature == 0`` is greedy (``do_sample`` off); otherwise sampling with temperature,
+  ``top_p`` and ``top_k`` (0: no top-k filter), and ``seed`` becomes onnxruntime-genai's ``random_seed``, so
+  the same seed gives the same text.
+- **Text.** Token ids are detokenized incrementally (:class:`TextStream`): a delta is released only when
+  the text decoded so far does not end in an incomplete character, so a multi-byte character split across
+  tokens is never broken, and the concatenated deltas equal ``decode(all ids)`` exactly (the final flush
+  releases whatever invalid bytes remain, as ``decode`` renders them). Special tokens are skipped, as vLLM's
+  OpenAI server does by default.
+- **Stop sequences** (:class:`StopMatcher`): text that could still be the start of a stop string is held
+  back; the stop string itself is never emitted; ``finish_reason`` is ``stop``. An EOS id ends with ``stop``
+  too; ``max_new_tokens`` with ``length``.
+- **Disconnects.** ``cancelled()`` is checked before the prompt is run and before every token, so a client
+  that goes away stops the generation within one token.
+- **Usage** is counted from ids: the prompt's ids, and every id the model produced (EOS included).
+
+Heavy imports (onnxruntime_genai, tokenizers) happen inside functions, on first use only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tierserve.errors import ArtifactError, InferenceError
+from tierserve.generation.events import FINISH_LENGTH, FINISH_STOP, GenerationEvent, Usage
+from tierserve.generation.requests import SamplingParams
+
+REPLACEMENT = "\ufffd"
+#: onnxruntime-genai's ``random_seed`` is a 32-bit signed int (negative: a random seed).
+SEED_MODULUS = 2**31
+
+_lock = threading.RLock()  # load() builds the tokenizer under it
+_models: dict[tuple[str, int], LoadedModel] = {}
+_tokenizers: dict[str, Any] = {}
+
+
+def genai_overlay(threads: int) -> str:
+    """The ``og.Config`` overlay that sets the decoder's threads (no spinning between tokens)."""
+    return json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": int(threads), "inter_op_num_threads": 1,
+        "session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}}}})
+
+
+def tokenizer(folder: Path) -> Any:
+    """The ``tokenizers.Tokenizer`` of ``folder/tokenizer.json`` (cached per folder): what counts tokens without
+    loading the model (the router may need it without onnxruntime-genai)."""
+    key = str(folder)
+    tok = _tokenizers.get(key)
+    if tok is not None:
+        return tok
+    with _lock:
+        tok = _tokenizers.get(key)
+        if tok is None:
+            from tokenizers import Tokenizer
+
+            path = folder / "tokenizer.json"
+            try:
+                tok = Tokenizer.from_file(str(path))
+            except Exception as exc:  # tokenizers raises its own Exception type
+                raise ArtifactError(f"cannot read the model's tokenizer {path.name} ({exc}); recompile it") from exc
+            _tokenizers[key] = tok
+        return tok
+
+
+def load(folder: Path, threads: int) -> LoadedModel:
+    """The model in ``folder`` (an onnxruntime-genai folder), loaded once per folder and thread count."""
+    key = (str(folder), int(threads))
+    model = _models.get(key)
+    if model is not None:
+        return model
+    with _lock:
+        model = _models.get(key)
+        if model is None:
+            model = LoadedModel(folder, threads)
+            _models[key] = model
+        return model
+
+
+def is_loaded(folder: Path, threads: int) -> bool:
+    return (str(folder), int(threads)) in _models
+
+
+def evict(shas: set[str]) -> None:
+    """Forget the models whose folders are named by ``shas`` (the store's cache folders): versions no longer
+    served. A generation in flight keeps the model it holds."""
+    with _lock:
+        for key in [k for k in _models if Path(k[0]).name in shas]:
+            del _models[key]
+        for folder in [k for k in _tokenizers if Path(k).name in shas]:
+            del _tokenizers[folder]
+
+
+def clear() -> None:
+    with _lock:
+        _models.clear()
+        _tokenizers.clear()
+
+
+class LoadedModel:
+    """One onnxruntime-genai model with its tokenizer; :meth:`generate` runs one request."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        import onnxruntime_genai as og
+
+        self.folder = folder
+        self.threads = threads
+        t0 = time.perf_counter()
+        try:
+            config = og.Config(str(folder))
+            config.overlay(genai_overlay(threads))
+            self.model = og.Model(config)
+        except Exception as exc:  # onnxruntime-genai raises RuntimeError / its own types
+            raise ArtifactError(f"onnxruntime-genai cannot load {folder.name} ({exc}); recompile the model") from exc
+        self.load_ms = (time.perf_counter() - t0) * 1000
+        self.tokenizer = tokenizer(folder)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: Sequence[int],
+                 max_new_tokens: int, cancelled: Callable[[], bool] = lambda: False,
+                 served_by: str = "") -> Iterator[GenerationEvent]:
+        """One generation, as events: one per token (its text may be empty while bytes or a possible stop
+        string are held back), the last with ``finish_reason``, usage and tokens/s. Nothing at all when
+        ``cancelled()`` before the first token; a cancelled generation simply ends (no final event)."""
+        import onnxruntime_genai as og
+
+        if max_new_tokens < 1:
+            raise InferenceError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompt_ids:
+            raise InferenceError("the prompt is empty: there is no token to continue from")
+        t0 = time.perf_counter()
+        options: dict[str, Any] = {"max_length": len(prompt_ids) + max_new_tokens, "num_beams": 1,
+                                   "num_return_sequences": 1, "min_length": 0, "repetition_penalty": 1.0}
+        if params.greedy:
+            options["do_sample"] = False
+        else:
+            options.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
+                           top_k=int(params.top_k))
+            if params.seed is not None:
+                options["random_seed"] = int(params.seed) % SEED_MODULUS
+        if cancelled():
+            return
+        try:
+            gp = og.GeneratorParams(self.model)
+            gp.set_search_options(**options)
+            generator = og.Generator(self.model, gp)
+            generator.append_tokens(list(prompt_ids))
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime-genai refused the prompt ({exc})") from exc
+        yield from self._loop(generator, len(prompt_ids), params.stop, frozenset(int(e) for e in eos_ids),
+                              max_new_tokens, cancelled, served_by, t0)
+
+    def _loop(self, generator: Any, prompt_len: int, stop: Sequence[str], eos: frozenset[int], max_new: int,
+              cancelled: Callable[[], bool], served_by: str, t0: float) -> Iterator[GenerationEvent]:
+        text = TextStream(self.decode)
+        stops = StopMatcher(stop)
+        n = 0
+        first_at: float | None = None
+        while True:
+            if cancelled():
+                return
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            n += 1
+            now = time.perf_counter()
+            ttft = None
+            if first_at is None:
+                first_at = now
+                ttft = (now - t0) * 1000
+            finish: str | None = None
+            if token in eos:
+                finish = FINISH_STOP
+                delta, stopped = stops.finish(text.flush())
+            else:
+                text.add(token)
+                if n >= max_new or generator.is_done():
+                    finish = FINISH_LENGTH if n >= max_new else FINISH_STOP  # done early: the model's own EOS
+                    delta, stopped = stops.finish(text.flush())
+                else:
+                    delta, stopped = stops.feed(text.step())
+            if stopped:
+                finish = FINISH_STOP
+            if finish is None:
+                yield GenerationEvent(delta, (token,), served_by=served_by, ttft_ms=ttft)
+                continue
+            decode_s = now - first_at
+            tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else None
+            yield GenerationEvent(delta, (token,), finish_reason=finish, usage=Usage(prompt_len, n),
+                                  served_by=served_by, ttft_ms=ttft, tokens_per_s=tps)
+            return
+
+
+class TextStream:
+    """Incremental detokenization that never breaks a character.
+
+    The text of a window of ids (from ``prefix``) is decoded as a whole, and what it adds to the text of the
+    window up to ``read`` is released only when it does not end in U+FFFD (an incomplete UTF-8 sequence, as
+    the byte-level decoder renders it). Decoding a window rather than one id keeps decoders that strip or add
+    spaces at a boundary (SentencePiece's) right. :meth:`flush` releases the rest, invalid bytes included, so
+    the concatenation equals ``decode(all ids)``."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+
+    def step(self) -> str:
+        prefix_text = self.decode(self.ids[self.prefix:self.read])
+        new_text = self.decode(self.ids[self.prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
+            self.prefix, self.read = self.read, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self.decode(self.ids[self.prefix:self.read])
+        new_text = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+class StopMatcher:
+    """Stop sequences over streamed text: :meth:`feed` returns what may be released now and whether a stop
+    string was found (the text before it is released, the stop string and anything after it never are)."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if not self.stop:
+            return delta, False
+        self.pending += delta
+        found = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if found:
+            out, self.pending = self.pending[:min(found)], ""
+            return out, True
+        hold = self._held()
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def finish(self, delta: str) -> tuple[str, bool]:
+        """The last text: a stop string it completes still stops it; otherwise everything held is released."""
+        out, stopped = self.feed(delta)
+        if stopped:
+            return out, True
+        out, self.pending = out + self.pending, ""
+        return out, False
+
+    def _held(self) -> int:
+        """The length of the longest end of the pending text that is the start of some stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:k]):
+                    best = k
+                    break
+        return best

@@ -1,0 +1,102 @@
+"""The service: prepare (template, tokens, max_tokens, the context window), admission (429 past the cap) and the
+metrics emitted after the last event; on a real store and real onnxruntime-genai sessions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support.genai_models import TinyLM
+from tierserve.errors import ContextLengthExceededError, InvalidParameterError, TooManyRequestsError
+from tierserve.generation import openai, service
+from tierserve.protocol.rendering import render_error
+
+
+def _model(rt, name="tiny"):
+    return rt.store.manifest().resolve(name)
+
+
+def test_prepare_renders_the_template_and_counts_as_transformers(genai_runtime, llama: TinyLM) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Café 🙂"}]
+    req = service.prepare(genai_runtime, _model(genai_runtime), openai.parse_chat({"model": "tiny",
+                                                                                  "messages": messages}))
+    hf = AutoTokenizer.from_pretrained(str(llama.hf))
+    assert list(req.prompt_ids) == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=False))
+    assert req.params.max_tokens == 16  # the manifest's default_max_tokens
+
+
+def test_max_tokens_is_capped_and_the_context_window_is_a_400_before_any_work(genai_runtime) -> None:
+    model = _model(genai_runtime)
+    with pytest.raises(InvalidParameterError, match="cap of 200") as err:
+        service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "x",
+                                                                       "max_tokens": 201}))
+    assert err.value.param == "max_tokens"
+    with pytest.raises(ContextLengthExceededError) as ctx:
+        service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "word " * 100,
+                                                                       "max_tokens": 200}))
+    answer = render_error(ctx.value, "openai")
+    assert answer.status == 400 and answer.document["error"]["code"] == "context_length_exceeded"
+    assert "256" in answer.message
+    # Without max_tokens, the default shrinks to what the context leaves
+    long = service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": [5] * 250}))
+    assert long.params.max_tokens == 6
+
+
+def test_a_chat_request_to_a_model_without_a_template_is_a_400_that_says_so(genai_runtime) -> None:
+    with pytest.raises(InvalidParameterError, match="no chat template") as err:
+        service.prepare(genai_runtime, _model(genai_runtime, "plain"),
+                        openai.parse_chat({"model": "plain", "messages": [{"role": "user", "content": "x"}]}))
+    assert render_error(err.value, "openai").status == 400
+
+
+def test_past_the_cap_a_generation_is_a_429_until_a_slot_frees(genai_runtime) -> None:
+    model = _model(genai_runtime)
+    req = service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "x",
+                                                                         "temperature": 0}))
+    first = service.generate_local(genai_runtime, model, req)
+    second = service.generate_local(genai_runtime, model, req)
+    with pytest.raises(TooManyRequestsError) as err:  # max_concurrency 2
+        service.generate_local(genai_runtime, model, req)
+    answer = render_error(err.value, "openai")
+    assert answer.status == 429 and answer.headers["retry-after"] == "1"
+    list(first)  # one stream ends: its slot is free
+    third = service.generate_local(genai_runtime, model, req)
+    second.close()  # a client that went away frees its slot too
+    third.close()
+    assert service.ADMISSION.running(model) == 0
+
+
+def test_the_cap_follows_the_setting_when_set(genai_runtime, monkeypatch) -> None:
+    from dataclasses import replace
+
+    model = _model(genai_runtime)
+    monkeypatch.setattr(genai_runtime, "settings", replace(genai_runtime.settings, generation_max_concurrency=1))
+    req = service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "x"}))
+    held = service.generate_local(genai_runtime, model, req)
+    with pytest.raises(TooManyRequestsError):
+        service.generate_local(genai_runtime, model, req)
+    held.close()
+
+
+def test_metrics_are_emitted_after_the_last_event_not_before(genai_runtime, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TIERSERVE_METRICS", "true")
+    model = _model(genai_runtime)
+    req = service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "Hello",
+                                                                         "temperature": 0, "max_tokens": 5}))
+    stream = service.generate_local(genai_runtime, model, req)
+    events = [next(stream) for _ in range(5)]
+    assert events[-1].final
+    before = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert not any("TimeToFirstToken" in d for d in before)  # the last event is out; the stream is not over
+    assert list(stream) == []
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    gen = [d for d in docs if "CompletionTokens" in d]
+    assert len(gen) == 1
+    d = gen[0]
+    assert (d["model"], d["version"], d["tier"], d["PromptTokens"], d["CompletionTokens"]) == (
+        "tiny", "1", "cpu", len(req.prompt_ids), 5)
+    assert d["TimeToFirstToken"] > 0 and d["InterTokenLatency"] >= 0 and d["TokensPerSecond"] > 0
