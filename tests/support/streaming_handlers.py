@@ -87,3 +87,26 @@ def sleeps(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Runs ``event["s"]`` seconds without answering (a function past its timeout is killed)."""
     time.sleep(float(event["s"]))
     return {"statusCode": 200, "body": "late"}
+
+
+def rest_stream(event: dict[str, Any], context: Any) -> Any:
+    """A router for the streaming REST API's tests: ``POST .../stream`` bodies {"n", "gap_s", "marker"} are
+    answered with SSE events (the event's resource, path parameters and authorizer in the first), a
+    ``buffered`` body field with a buffered proxy response."""
+    body = json.loads(event.get("body") or "{}")
+    if body.get("buffered"):
+        return {"statusCode": 201, "headers": {"content-type": "application/json", "x-kind": "buffered"},
+                "body": json.dumps({"resource": event["resource"]})}
+    first = {"resource": event["resource"], "params": event.get("pathParameters"), "version": event.get("version"),
+             "authorizer": event["requestContext"].get("authorizer"), "method": event["httpMethod"],
+             "remaining_ms": context.get_remaining_time_in_millis()}
+
+    def events() -> Iterator[bytes]:
+        yield b"data: " + json.dumps(first).encode() + b"\n\n"
+        for i in range(int(body.get("n", 3))):
+            time.sleep(float(body.get("gap_s", 0.2)))
+            yield b"data: " + json.dumps({"i": i, "t": time.time()}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(200, {"content-type": "text/event-stream", "content-encoding": "gzip"}, events(),
+                             _closer(body))

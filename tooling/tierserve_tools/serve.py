@@ -3,11 +3,16 @@
 * **API Gateway HTTP API** (``tierserve_tools.apigw``): every HTTP request becomes a real
   payload-format-2.0 event and is handed to RouterFunction's handler, in this process, with a
   LambdaContext-like object (30 s, API Gateway's integration limit).
+* **The streaming REST API** on the same port (``apigw.REST_ROUTES``: ``/v1/...`` and Triton's generate
+  extension, G4's StreamingApi): payload-format-1.0 events to RouterFunction in its own execution
+  environments running the streaming runtime loop, its answer relayed chunk by chunk (15 minutes, 5 minutes
+  idle). ``--auth keys`` checks a bearer API key there (``tierserve keys --stack WORKDIR`` makes one).
 * **Lambda Invoke endpoint** (``tierserve_tools.lambda_endpoint``, on its own port, never the API's):
   CpuInferenceFunction (and
-  BatchInferenceFunction) in warm worker processes, each with its own environment from
-  template.yaml. The router runs with ``CPU_BACKEND=lambda`` and reaches it with boto3 ``Invoke``
-  through ``AWS_ENDPOINT_URL_LAMBDA``, the same code path as in AWS.
+  BatchInferenceFunction) in warm execution environments running the streaming runtime loop that
+  ``AWS_LAMBDA_EXEC_WRAPPER`` starts in AWS, each with its own environment from template.yaml. The router
+  runs with ``CPU_BACKEND=lambda`` and reaches it with boto3 ``Invoke`` (``InvokeWithResponseStream`` for a
+  generation) through ``AWS_ENDPOINT_URL_LAMBDA``, the same code path as in AWS.
 * **Triton**: the real ``tritonserver`` from the nvidia-pytriton wheel over ``MODELS/triton``
   (converted for the local Python backend by ``tierserve_tools.triton``), when both exist.
 * **GPU tier as SageMaker** (``gpu_tier="sagemaker"``, ``--gpu-tier sagemaker``): the GPU model's
@@ -65,6 +70,7 @@ CPU_CLASSES = {1769: CPU, 3538: "CpuInferenceFunction3538", 5307: "CpuInferenceF
 BUCKET = "tierserve-models-123456789012-us-east-1"
 MODEL_PREFIX = "models"
 JOB_TABLE = "tierserve-jobs"
+AUTH_MODES = ("none", "iam", "keys")
 _AWS_LOCAL = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
     "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
@@ -89,10 +95,13 @@ class LocalStack:
         router_inprocess: call RouterFunction's handler in this process (default, as the API
             emulation does); False = in a worker process like the other functions.
         cpu_workers: concurrent execution environments for CpuInferenceFunction.
-        router_workers: with ``router_inprocess=False``, RouterFunction's concurrent execution environments
+        router_workers: RouterFunction's concurrent execution environments (the streaming REST API's always; the
+            HTTP API's too with ``router_inprocess=False``)
             (Lambda's concurrency: each one invocation at a time, so throughput scales with them).
         auth: "iam" = the API verifies SigV4 signatures made with the local credentials (403 otherwise),
-            as the deployed API does; "none" (default) = no authorization, for plain tritonclient.
+            as the deployed API does; "keys" = the streaming REST API's routes need ``Authorization: Bearer
+            <tierserve API key>`` (a keys table on moto, as ``ApiAuth=keys`` deploys it; 401 otherwise);
+            "none" (default) = no authorization, for plain tritonclient.
         triton_restart_backoff_s: the Triton supervisor's first restart delay and the most it doubles to, after
             the stack's tritonserver exits on its own (``stack_ops``); ``on_triton_event`` hears each exit and
             restart as a line of text (``triton_events`` keeps them).
@@ -126,8 +135,8 @@ class LocalStack:
         self.router_inprocess = router_inprocess
         self.cpu_workers = cpu_workers
         self.router_workers = max(1, router_workers)
-        if auth not in ("none", "iam"):
-            raise ConfigurationError(f"auth {auth!r} is not known; use 'none' or 'iam'")
+        if auth not in AUTH_MODES:
+            raise ConfigurationError(f"auth {auth!r} is not known; use one of {', '.join(AUTH_MODES)}")
         self.auth = auth
         self.invoke_port_derived = invoke_port is None  # --port + 1: said in the startup lines and when busy
         self.invoke_port = (port + 1 if port else 0) if invoke_port is None else invoke_port
@@ -203,8 +212,9 @@ class LocalStack:
                                                       max_workers=self.cpu_workers))
         if self.want_batch:
             functions.append(self._local_function(specs[BATCH], max_workers=self.batch_workers))
-        if not self.router_inprocess:
-            functions.append(self._local_function(specs[ROUTER], max_workers=self.router_workers))
+        # RouterFunction's own environments: the streaming REST API always runs it there (through the streaming
+        # runtime loop), and the HTTP API too unless it runs in this process
+        functions.append(self._local_function(specs[ROUTER], max_workers=self.router_workers))
         assert self.lambda_endpoint is not None and self.api is not None  # bound by _bind_ports
         for fn in functions:
             self.lambda_endpoint.add(fn)
@@ -221,7 +231,8 @@ class LocalStack:
         starts, with the port and the flag that moves it."""
         with ports.naming(self.host, self.port, "--port", "the API"):
             self.api = ApiGatewayServer(self._route_http, lambda: None, self.host, self.port,
-                                        extra=self._local_pages, authorizer=self._authorizer())
+                                        extra=self._local_pages, authorizer=self._authorizer(), rest=self._route_rest,
+                                        rest_authorizer=self._rest_authorizer())
         self.port = self.api.port
         note = f"it is --port {self.port} + 1, the default of --invoke-port" if self.invoke_port_derived else ""
         with ports.naming(self.host, self.invoke_port, "--invoke-port", "the Lambda Invoke API", note):
@@ -237,6 +248,35 @@ class LocalStack:
         self.notes.append("auth: iam (SigV4, local credentials)")
         return iam_authorizer({_AWS_LOCAL["AWS_ACCESS_KEY_ID"]: _AWS_LOCAL["AWS_SECRET_ACCESS_KEY"]},
                               _AWS_LOCAL["AWS_REGION"])
+
+    def _rest_authorizer(self) -> Any:
+        """``--auth keys``: the streaming REST API's bearer-key check (``tierserve_tools.keys_auth``) against the
+        keys table on this stack's moto_server; the key's caller is the authorizer's context, as in AWS."""
+        if self.auth != "keys":
+            return None
+        from tierserve import keys
+        from tierserve_tools.keys_auth import keys_authorizer
+        from tierserve_tools.keys_cli import LOCAL_TABLE
+
+        self.notes.append(f"auth: keys (Bearer API keys in {LOCAL_TABLE} on moto; tierserve keys --stack "
+                          f"{self.workdir} create --caller NAME)")
+        stores: list[Any] = []
+
+        def store() -> Any:
+            if not stores:
+                stores.append(keys.KeyStore(LOCAL_TABLE, self.client("dynamodb")))
+            return stores[0]
+
+        def authorize(method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+            denied = keys_authorizer(store())(method, target, headers, body)
+            if denied is not None:
+                return denied
+            key = store().lookup(keys.bearer_token(keys.header(headers, "Authorization")))
+            if key is None:  # revoked between the two reads
+                return keys_authorizer(store())(method, target, {}, body)
+            return {"caller": key.caller, "key_id": key.key_id, "principalId": key.caller}
+
+        return authorize
 
     @property
     def cpu_classes(self) -> dict[int, str]:
@@ -263,6 +303,10 @@ class LocalStack:
             env.update({"CPU_BACKEND": "lambda", "CPU_FUNCTION_NAME": CPU, "AWS_ENDPOINT_URL_LAMBDA": self.invoke_url,
                         "CPU_FUNCTIONS": ",".join(f"{mb}={fn}" for mb, fn in self.cpu_classes.items()),
                         **_AWS_LOCAL})
+            if self.auth == "keys":
+                from tierserve_tools.keys_cli import LOCAL_TABLE
+
+                env["KEYS_TABLE"] = LOCAL_TABLE
         else:
             env["CPU_BACKEND"] = "inprocess"
         if self.moto is not None:
@@ -330,6 +374,12 @@ class LocalStack:
         assert self.lambda_endpoint is not None
         return self.lambda_endpoint.functions[ROUTER].invoke(event)
 
+    def _route_rest(self, payload: bytes, answer: dict[str, Any]) -> Any:
+        """The streaming REST API's integration: RouterFunction invoked with response streaming, in its own
+        environments (the streaming runtime loop)."""
+        assert self.lambda_endpoint is not None
+        return self.lambda_endpoint.functions[ROUTER].stream(payload, answer)
+
     def _local_pages(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
         """The emulator's own pages on the API's port (GET /metrics); None for the API's requests."""
         return self.ops.http(method, target) if self.ops is not None else None
@@ -395,6 +445,10 @@ class LocalStack:
 
         self.moto = MotoServer(self.workdir / "moto.log").start()
         create_rollout_table(self.client("dynamodb"))
+        if self.auth == "keys":
+            from tierserve_tools.keys_cli import LOCAL_TABLE, create_table
+
+            create_table(self.client("dynamodb"), LOCAL_TABLE)
         if not self.s3:
             self.notes.append(f"metrics and rollouts: moto {self.moto.url}")
             return
@@ -528,7 +582,8 @@ class LocalStack:
         """The one ready line."""
         where = "in-process" if self.router_inprocess else "worker"
         cpu = f"cpu: lambda-invoke {CPU} at {self.invoke_url}/2015-03-31/functions/{CPU}/invocations"
-        return (f"tierserve serve: ready on {self.url} (router: {where}; {cpu}; {'; '.join(self.notes)}; "
+        return (f"tierserve serve: ready on {self.url} (router: {where}; openai: {self.url}/v1 streamed by the "
+                f"router's own environments; {cpu}; {'; '.join(self.notes)}; "
                 f"logs and env.json in {self.workdir})")
 
     ready_line = describe
@@ -572,9 +627,12 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
                    help="when tritonserver exits on its own, seconds before it is started again, doubling after "
                         "each failed start up to MOST (default: %(default)s)")
     p.add_argument("--workdir", type=Path, default=Path("build/serve"), help="logs, caches, env.json")
-    p.add_argument("--auth", choices=("none", "iam"), default="none",
+    p.add_argument("--auth", choices=AUTH_MODES, default="none",
                    help="iam: verify SigV4 signatures made with the local credentials (AWS_ACCESS_KEY_ID=testing), "
-                        "403 otherwise, as the deployed API does")
+                        "403 otherwise, as the deployed API does; keys: the OpenAI and generate routes (the streaming "
+                        "REST API) need 'Authorization: Bearer <API key>' (the openai SDK's api_key), 401 otherwise, "
+                        "as ApiAuth=keys deploys it: make one with 'tierserve keys --stack WORKDIR create --caller "
+                        "NAME'; none: no authorization")
     p.add_argument("-t", "--template", type=Path, default=None,
                    help="the SAM template (default: ./template.yaml, else the one that ships with tierserve)")
     p.add_argument("-n", "--env-vars", type=Path, default=None,
