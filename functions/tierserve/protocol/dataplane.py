@@ -33,11 +33,15 @@ if TYPE_CHECKING:
 
 SERVER_NAME = "tierserve"
 SERVER_VERSION = "0.1.0"
-#: The protocol extensions served, by Triton's names and in its order (docs/protocol/extension_*.md): the
+#: The protocol extensions listed, by Triton's names and in its order (docs/protocol/extension_*.md): the
 #: repository index (load and unload are not served: the store is the repository, as in Triton's polling
-#: modes, which also list model_repository), model config, binary tensors and statistics. Shared memory,
-#: classification and sequences are refused, so they are not listed.
-EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data", "statistics"]
+#: modes, which also list model_repository), model config and binary tensors. Shared memory, classification
+#: and sequences are refused, so they are not listed. Statistics are served (``/v2/models[/NAME]/stats``) but
+#: not listed: a listed "statistics" promises the aggregate of all activity since the server started, while
+#: these are one execution environment's counters (one of the API's many Lambda environments, or router
+#: workers under ``tierserve serve``), so two reads can go backwards; perf_analyzer polls them around every
+#: window when the extension is listed and then stops with "failed to find the requested model version".
+EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data"]
 #: What model metadata reports as the platform: every variant is an ONNX model run by onnxruntime.
 PLATFORM = "onnxruntime_onnx"
 

@@ -264,3 +264,26 @@ def test_the_data_plane_knows_no_transport(store: Path, tmp_path: Path) -> None:
     assert plane.listed_versions("lin") == ["1"]
     ready = plane.model_ready("lin", "1")
     assert (ready.document, ready.headers["x-served-by"]) == ({"name": "lin", "version": "1", "ready": True}, "cpu")
+
+
+def test_server_metadata_does_not_list_statistics_that_one_execution_environment_answers(
+        store: Path, tmp_path: Path) -> None:
+    # Given two execution environments of the same API (Lambda runs as many as there are concurrent requests;
+    # `tierserve serve --router-workers`), the first of which has answered two inferences
+    first, second = Router(store, tmp_path / "a"), Router(store, tmp_path / "b")
+    for _ in range(2):
+        assert first("POST", "/v2/models/lin/infer", INFER_BODY)[0] == 200
+
+    def queued(env: Router) -> int:
+        return env("GET", "/v2/models/lin/stats", None)[1]["model_stats"][0]["inference_stats"]["queue"]["count"]
+
+    # When a client reads the statistics twice and the API routes the reads to different environments
+    before, after = queued(first), queued(second)
+    # Then the counts went backwards: each environment answers its own counters, never the server's aggregate
+    # since it started, which is what Triton's statistics extension promises (extension_statistics.md)
+    assert (before, after) == (2, 0)
+    # So the server metadata does not list the extension: perf_analyzer reads server statistics around every
+    # window when it is listed and stops with "failed to find the requested model version" when a model's
+    # queue count did not grow (the gateway bench, issue 16). The statistics stay served for those who ask.
+    status, doc = second("GET", "/v2", None)
+    assert status == 200 and "statistics" not in doc["extensions"], doc
