@@ -19,6 +19,11 @@ Two layers, so that callers pay only for what they use:
   :class:`~tierserve.errors.BackendUnavailableError` / :class:`~tierserve.errors.BackendTimeoutError`.
 * ``Client.infer(model, inputs, outputs)`` and the health and metadata calls build requests with
   tritonclient's objects (JSON or binary tensors) and raise :class:`ApiError` for an error answer.
+* ``Client.chat(model, messages, **params)`` and ``Client.complete(model, prompt, **params)`` (issue 17): OpenAI's
+  chat completions and completions; ``stream=True`` yields each chunk (a dict) as it arrives, and an error event
+  in the stream is raised as :class:`ApiError`. ``Client.stream(...)`` is the raw streamed call under them (the
+  edge relays a stream from the cloud with it). ``ApiKey(key)`` sends a tierserve API key as the bearer token
+  (the streaming REST API's default authorizer), as the ``openai`` SDK sends its ``api_key``.
 
 Example::
 
@@ -31,6 +36,10 @@ Example::
     x.set_data_from_numpy(np.zeros((1, 64), np.float32), binary_data=True)
     result = api.infer("digits", [x], [httpclient.InferRequestedOutput("label", binary_data=True)])
     print(result.as_numpy("label"), result.served_by)
+
+    llm = Client(stack_outputs["StreamingApiUrl"], auth=ApiKey(os.environ["TIERSERVE_API_KEY"]))
+    for chunk in llm.chat("tiny-llama", [{"role": "user", "content": "Hi"}], stream=True, max_tokens=32):
+        print(chunk["choices"][0]["delta"].get("content", "") if chunk["choices"] else "", end="", flush=True)
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -76,6 +85,17 @@ class Bearer:
     def headers(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> dict[str, str]:
         token = self._token() if callable(self._token) else self._token
         return {"Authorization": f"Bearer {token.strip()}"}
+
+
+class ApiKey(Bearer):
+    """A tierserve API key (``tierserve keys create``) as ``Authorization: Bearer ts-...``: the streaming REST
+    API's REQUEST authorizer checks it, as it does the ``openai`` SDK's ``api_key``."""
+
+    def __init__(self, key: str | Callable[[], str]) -> None:
+        if isinstance(key, str) and key.strip() and not key.strip().startswith("ts-"):
+            raise errors.ConfigurationError("a tierserve API key starts with 'ts-' (tierserve keys create prints it "
+                                            "once); for a JWT use Bearer(token)")
+        super().__init__(key)
 
 
 class SigV4:
@@ -159,6 +179,7 @@ class ApiError(errors.TierserveError):
         self.code = code
         self.retry_after_s = retry_after_s
         self.served_by = served_by
+        self.param: str | None = None  # OpenAI's error names the parameter at fault
 
     @classmethod
     def from_response(cls, resp: Response) -> ApiError:
@@ -167,12 +188,24 @@ class ApiError(errors.TierserveError):
         except ValueError:
             obj = None
         obj = obj if isinstance(obj, dict) else {}
-        # Protocol errors carry {"error", "code"}; API Gateway's own (403, 429, 5xx) carry {"message"}.
-        message = str(obj.get("error") or obj.get("message") or resp.body[:200].decode("utf-8", "replace")
-                      or f"HTTP {resp.status}")
         retry = resp.header("retry-after")
-        return cls(resp.status, message, str(obj.get("code") or "http_error"),
-                   float(retry) if retry and retry.replace(".", "", 1).isdigit() else None, resp.served_by)
+        return cls.from_document(resp.status, obj, resp.body, retry, resp.served_by)
+
+    @classmethod
+    def from_document(cls, status: int, obj: Any, raw: bytes = b"", retry: str | None = None,
+                      served_by: str | None = None) -> ApiError:
+        """From an error document: the protocol's ``{"error", "code"}``, OpenAI's ``{"error": {"message", "type",
+        "param", "code"}}`` (``param`` kept) or API Gateway's own ``{"message"}`` (403, 429, 5xx)."""
+        obj = obj if isinstance(obj, dict) else {}
+        error = obj.get("error")
+        nested = error if isinstance(error, dict) else {}
+        message = str(nested.get("message") or (error if not nested else "") or obj.get("message")
+                      or raw[:200].decode("utf-8", "replace") or f"HTTP {status}")
+        code = str(nested.get("code") or obj.get("code") or "http_error")
+        out = cls(status, message, code, float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+                  served_by)
+        out.param = nested.get("param")
+        return out
 
 
 @dataclass
@@ -246,6 +279,67 @@ class Client:
             raise errors.BackendUnavailableError(f"cannot reach {self.url}: {reason}") from exc
         return Response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.data)
 
+    def stream(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
+               timeout_s: float | None = None) -> StreamedResponse:
+        """Send one signed request and return as soon as the answer's head is in: its body is read as it
+        arrives (``StreamedResponse.chunks()``). ``timeout_s`` bounds the wait for each read, not the whole
+        stream. Close it (or read it to the end) to free the connection; closing early drops the connection, so
+        the server sees its client go away."""
+        import urllib3
+
+        url = f"{self.url}{path}"
+        sent = {k: v for k, v in (headers or {}).items()}
+        sent.update(self.auth.headers(method, url, sent, body))
+        read = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
+        timeout = urllib3.Timeout(connect=min(self.connect_timeout_s, read), read=read)
+        try:
+            r = self._http.request(method, url, body=body or None, headers=sent, timeout=timeout, retries=False,
+                                   redirect=False, preload_content=False)
+        except urllib3.exceptions.NewConnectionError as exc:
+            raise errors.BackendUnavailableError(f"cannot reach {self.url}: {exc}") from exc
+        except urllib3.exceptions.TimeoutError as exc:
+            raise errors.BackendTimeoutError(f"{self.url} did not answer {method} {path} within {read:g} s") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise errors.BackendUnavailableError(f"cannot reach {self.url}: {reason}") from exc
+        return StreamedResponse(r.status, {k.lower(): v for k, v in r.headers.items()}, r, self.url)
+
+    # --- OpenAI's routes (issue 17) -----------------------------------------------------------------------
+
+    def _v1(self, route: str) -> str:
+        """``/v1/<route>`` below this client's URL (a URL that already ends in ``/v1``, the stack's OpenAIBaseUrl,
+        is taken as the OpenAI base URL, as the ``openai`` SDK takes it)."""
+        return f"/{route}" if self.url.endswith("/v1") else f"/v1/{route}"
+
+    def chat(self, model: str, messages: list[dict[str, Any]], *, stream: bool = False,
+             timeout_s: float | None = None, **params: Any) -> Any:
+        """``POST /v1/chat/completions``: the ``chat.completion`` document, or with ``stream=True`` an iterator of
+        ``chat.completion.chunk`` documents as they arrive. ``params`` are OpenAI's (``max_tokens``,
+        ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream_options``...). Raises :class:`ApiError`."""
+        return self._openai(self._v1("chat/completions"), {"model": model, "messages": messages, **params}, stream,
+                            timeout_s)
+
+    def complete(self, model: str, prompt: str | list[int], *, stream: bool = False, timeout_s: float | None = None,
+                 **params: Any) -> Any:
+        """``POST /v1/completions``: the ``text_completion`` document, or with ``stream=True`` its chunks."""
+        return self._openai(self._v1("completions"), {"model": model, "prompt": prompt, **params}, stream, timeout_s)
+
+    def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: every model id (``NAME`` and ``NAME:VERSION``) this API serves."""
+        return list(self._ok(self.request("GET", self._v1("models"))).json()["data"])
+
+    def _openai(self, path: str, body: dict[str, Any], stream: bool, timeout_s: float | None) -> Any:
+        if stream:
+            body = {**body, "stream": True}
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if not stream:
+            return self._ok(self.request("POST", path, data, headers, timeout_s)).json()
+        streamed = self.stream("POST", path, data, {**headers, "Accept": "text/event-stream"}, timeout_s)
+        if streamed.status >= 400:
+            raise ApiError.from_response(streamed.read())
+        return sse_documents(streamed)
+
     def _ok(self, resp: Response) -> Response:
         if resp.status >= 400:
             raise ApiError.from_response(resp)
@@ -292,6 +386,89 @@ class Client:
         return InferResult(result, resp.served_by, resp.headers)
 
 
+class StreamedResponse:
+    """An answer whose body is still arriving: ``status`` and ``headers`` now, ``chunks()`` as they come."""
+
+    def __init__(self, status: int, headers: dict[str, str], raw: Any, url: str) -> None:
+        self.status = status
+        self.headers = headers
+        self._raw = raw
+        self._url = url
+        self._done = False
+
+    @property
+    def served_by(self) -> str | None:
+        return self.headers.get("x-served-by")
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body's bytes as they arrive (each HTTP chunk of a chunked answer as it comes); the connection is
+        released at the end, dropped if the iteration stops early. A broken connection or a read past the timeout
+        raises BackendUnavailableError / BackendTimeoutError."""
+        import urllib3
+
+        raw = self._raw
+        try:
+            if raw.chunked and raw.supports_chunked_reads():
+                parts: Iterator[bytes] = raw.read_chunked(decode_content=True)
+            else:
+                parts = iter(lambda: raw.read1(65536), b"")
+            yield from (p for p in parts if p)
+            self._done = True
+        except urllib3.exceptions.TimeoutError as exc:
+            raise errors.BackendTimeoutError(f"{self._url} stopped sending its stream ({exc})") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise errors.BackendUnavailableError(f"the stream from {self._url} broke: {exc}") from exc
+        finally:
+            self.close()
+
+    def read(self) -> Response:
+        """The whole body, as a :class:`Response`."""
+        return Response(self.status, self.headers, b"".join(self.chunks()))
+
+    def close(self) -> None:
+        """Release the connection when the answer was read to its end, else drop it (the server sees its
+        client go away, and a generation there stops)."""
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        if self._done:
+            raw.release_conn()
+        else:
+            raw.close()
+
+
+def sse_documents(streamed: StreamedResponse) -> Iterator[Any]:
+    """The JSON documents of an SSE stream (``data: {...}`` events), until ``data: [DONE]``; an error event (OpenAI's
+    ``{"error": {...}}`` or Triton's ``{"error": "..."}``) is raised as :class:`ApiError`."""
+    buffer = b""
+    try:
+        for chunk in streamed.chunks():
+            buffer += chunk
+            while True:
+                end = _event_end(buffer)
+                if end is None:
+                    break
+                event, buffer = buffer[:end[0]], buffer[end[1]:]
+                data = b"\n".join(line[5:].lstrip(b" ") for line in event.replace(b"\r\n", b"\n").split(b"\n")
+                                  if line.startswith(b"data:"))
+                if not data:
+                    continue
+                if data.strip() == b"[DONE]":
+                    return
+                doc = json.loads(data)
+                if isinstance(doc, dict) and "error" in doc:
+                    raise ApiError.from_document(200, doc, data, None, streamed.served_by)
+                yield doc
+    finally:
+        streamed.close()
+
+
+def _event_end(buffer: bytes) -> tuple[int, int] | None:
+    """Where the first SSE event in ``buffer`` ends (its blank line), as (end of event, start of the next)."""
+    ends = [(i, i + len(sep)) for sep in (b"\n\n", b"\r\n\r\n") if (i := buffer.find(sep)) >= 0]
+    return min(ends) if ends else None
+
+
 def _model_path(name: str, version: str = "") -> str:
     path = f"/v2/models/{quote(name, safe='')}"
     return f"{path}/versions/{quote(str(version), safe='')}" if version else path
@@ -299,9 +476,10 @@ def _model_path(name: str, version: str = "") -> str:
 
 def auth_from(kind: str, *, region: str | None = None, token: str | None = None,
               token_file: str | None = None) -> Auth:
-    """The Auth for ``kind`` (``none``, ``iam``, ``jwt``): what a command line or a recipe names.
+    """The Auth for ``kind`` (``none``, ``iam``, ``jwt``, ``key``): what a command line or a recipe names.
 
-    ``jwt`` takes the token itself or a file re-read on every request (a sidecar can rotate it)."""
+    ``jwt`` and ``key`` (a tierserve API key) take the token itself or a file re-read on every request (a sidecar
+    can rotate it)."""
     if kind == "none":
         return NoAuth()
     if kind == "iam":
@@ -315,4 +493,13 @@ def auth_from(kind: str, *, region: str | None = None, token: str | None = None,
         if token:
             return Bearer(token)
         raise errors.ConfigurationError("jwt auth needs a token or a token file (--cloud-token-file)")
-    raise errors.ConfigurationError(f"auth {kind!r} is not known; use none, iam or jwt")
+    if kind == "key":
+        if token_file:
+            from pathlib import Path
+
+            key_path = Path(token_file)
+            return ApiKey(lambda: key_path.read_text().strip())
+        if token:
+            return ApiKey(token)
+        raise errors.ConfigurationError("key auth needs a tierserve API key or a file holding one (--cloud-token-file)")
+    raise errors.ConfigurationError(f"auth {kind!r} is not known; use none, iam, jwt or key")

@@ -17,15 +17,25 @@ dispatch:
 
 ``FORWARDED`` tells the HTTP and gRPC servers, per request, whether the answer came from the cloud (its
 ``x-served-by`` stands) or from this device (``x-served-by: edge``, health and metadata included).
+
+Generation (issue 17): a text-generation model the device holds runs here (:meth:`EdgeDispatcher.generate`:
+``generation.service.generate_local`` with the edge variant, onnxruntime-genai), admitted within the device's KV
+memory (:class:`KvAdmission`: past it, a 429 with ``Retry-After``) as well as the model's cap on concurrent
+generations. Any other is relayed to the cloud's own route as it came (:meth:`relay_generation`: the client's
+body, the cloud's answer and its stream passed on chunk by chunk; the client going away drops the connection, so
+the cloud stops too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tierserve import errors
 from tierserve.breaker import CircuitBreaker, HealthCache
@@ -39,11 +49,110 @@ from tierserve.routing import DEFAULT_EDGE_MAX_ROWS, Decision, EdgeFacts, Policy
 from tierserve.tiering import Deadline, Dispatched, score_arrays
 from tierserve.tiers import Tier
 
+if TYPE_CHECKING:
+    from tierserve.app import Runtime
+    from tierserve.generation.events import GenerationEvent
+    from tierserve.generation.requests import GenerationRequest
+    from tierserve.protocol.http_api import HttpRequest
+    from tierserve.streaming.response import StreamingResponse
+
 #: True while a request's answer comes from the cloud (set per request by the dispatcher).
 FORWARDED: ContextVar[bool] = ContextVar("tierserve_edge_forwarded", default=False)
+#: Seconds a client is told to wait when the device's KV memory is full.
+KV_RETRY_AFTER_S = 2.0
+#: Headers of the cloud's generation answer passed back to the client.
+GENERATION_PASSED_BACK = ("content-type", "retry-after", "x-served-by", "cache-control")
+
+
+def kv_bytes_per_token(model: ModelVersion, folder: Path | None) -> int:
+    """The KV cache's bytes per token of ``model``: the manifest's figure, else computed from the folder's
+    ``genai_config.json`` (layers x 2 (keys, values) x KV heads x head size x 4 bytes: fp32, the CPU's KV type)."""
+    spec = model.generation
+    if spec is not None and spec.kv_bytes_per_token > 0:
+        return spec.kv_bytes_per_token
+    if folder is None:
+        return 0
+    try:
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        layers, heads, size = (int(decoder[k]) for k in ("num_hidden_layers", "num_key_value_heads", "head_size"))
+        return layers * 2 * heads * size * 4
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+class KvAdmission:
+    """Generations running on the device, each holding the KV cache of its prompt plus ``max_tokens``: together
+    within ``budget()`` bytes (the device's memory budget less what its loaded models take). One more is a 429
+    with Retry-After; one that could never fit, even alone, is a 400 that says how many tokens would."""
+
+    def __init__(self, budget: Callable[[], int]) -> None:
+        self.budget = budget
+        self._lock = threading.Lock()
+        self.reserved = 0
+        self.running = 0
+
+    def acquire(self, model: ModelVersion, tokens: int, per_token: int) -> Callable[[], None]:
+        need = tokens * per_token
+        budget = self.budget()
+        with self._lock:
+            if need > budget:
+                fits = budget // per_token if per_token else 0
+                raise errors.InvalidParameterError(
+                    f"{tokens} tokens of {model.name!r} need {need / 2**20:.1f} MB of KV cache, more than this edge "
+                    f"device has for it ({max(0, budget) / 2**20:.1f} MB of --max-memory-mb); ask for fewer tokens "
+                    f"(prompt plus max_tokens at most {fits})", param="max_tokens", code="context_length_exceeded")
+            if self.reserved + need > budget:
+                raise errors.TooManyRequestsError(
+                    f"this edge device's KV memory is held by {self.running} generation(s) "
+                    f"({self.reserved / 2**20:.1f} of {budget / 2**20:.1f} MB); retry after the Retry-After seconds",
+                    retry_after_s=KV_RETRY_AFTER_S)
+            self.reserved += need
+            self.running += 1
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            with self._lock:
+                self.reserved -= need
+                self.running -= 1
+
+        return release
+
+
+class _Held:
+    """A generation's events with its KV reservation held until they end, fail or are closed."""
+
+    def __init__(self, events: Iterator[GenerationEvent], release: Callable[[], None]) -> None:
+        self._events = events
+        self._release = release
+
+    def __iter__(self) -> _Held:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        try:
+            return next(self._events)
+        except BaseException:
+            self._release()
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._release()
 
 
 class EdgeDispatcher:
+    #: What this process answers as (``x-served-by``, the data plane's tier for what it runs itself).
+    answered_by = Tier.EDGE
+    #: The runtime this dispatcher serves (set by the edge runtime once composed): generation runs through it.
+    runtime: Runtime | None = None
+
     def __init__(self, store: EdgeStore, edge: EdgeBackend, cloud: CloudBackend | None, policy: Policy,
                  breaker: CircuitBreaker, health: HealthCache, *, max_rows: int = 0, concurrency: int = 1,
                  forward_timeout_s: float = 30.0, edge_timeout_s: float = 30.0,
@@ -60,6 +169,7 @@ class EdgeDispatcher:
         self.edge_timeout_s = edge_timeout_s
         self.counters = counters or EdgeCounters()
         self._inflight = 0
+        self.kv = KvAdmission(self._kv_budget)
 
     # --- what the runtime asks -----------------------------------------------------------------------
 
@@ -187,6 +297,86 @@ class EdgeDispatcher:
         self.breaker.record_success()
         self.counters.forward(model.name, model.version, served_by)
         return Dispatched(reply, served_by, decision, fallback)
+
+    # --- generation (issue 17) -----------------------------------------------------------------------------
+
+    def _kv_budget(self) -> int:
+        """Bytes the KV caches of generations may take: the device's memory budget, less the sessions loaded and
+        the weights of the generative models it holds (their files, as onnxruntime-genai maps them)."""
+        weights = sum(h.size_bytes for h in self.store.snapshot.held.values() if h.model.generative)
+        return int(getattr(self.edge.pool, "max_bytes", 0)) - self.edge.pool.used_bytes - weights
+
+    def generate(self, model: ModelVersion, request: GenerationRequest, deadline: Deadline | None = None,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[GenerationEvent]:
+        """Run a prepared generation on this device (``relay_generation`` sent the others to the cloud): within
+        the KV memory (429 past it), then the model's cap on concurrent generations, then onnxruntime-genai."""
+        from tierserve.generation import service
+
+        runtime = self.runtime
+        if runtime is None:
+            raise errors.ConfigurationError("the edge dispatcher has no runtime to generate with")
+        held = self.store.held(model)
+        if held is None:
+            raise errors.BackendUnavailableError(f"model {model.name!r} v{model.version} is not held by this edge "
+                                                 "device", retry_after_s=5)
+        assert request.prompt_ids is not None and request.params.max_tokens is not None
+        tokens = len(request.prompt_ids) + request.params.max_tokens
+        release = self.kv.acquire(model, tokens, kv_bytes_per_token(model, held.path.parent))
+        try:
+            events = service.generate_local(runtime, model, request, cancelled, Tier.EDGE)
+        except BaseException:
+            release()
+            raise
+        self.counters.hit(model.name, model.version)
+        return _Held(events, release)
+
+    def relay_generation(self, model: ModelVersion, req: HttpRequest, cancelled: Callable[[], bool] | None = None
+                         ) -> dict[str, Any] | StreamingResponse | None:
+        """None when this device generates for ``model`` (it holds it); else the cloud's answer to the same route
+        and body, its stream relayed chunk by chunk (a 503 with Retry-After when the cloud cannot be used)."""
+        from tierserve.protocol.header import body_view
+        from tierserve.protocol.http_api import response
+        from tierserve.streaming.response import StreamingResponse
+
+        if self.store.held(model) is not None:
+            return None
+        cloud = self.cloud
+        why = ("no cloud gateway is configured (--cloud-url)" if cloud is None
+               else "circuit open" if not self.breaker.allow() else "")
+        if cloud is None or why:
+            raise errors.BackendUnavailableError(
+                f"model {model.name!r} v{model.version} is not held by this edge device and is generated in the cloud, "
+                f"which it cannot use ({why}); retry later",
+                retry_after_s=self.breaker.retry_after_s() or self.breaker.cooldown_s)
+        headers = {"Content-Type": req.header("content-type") or "application/json",
+                   "Accept": req.header("accept") or "*/*"}
+        if req.header("x-target"):
+            headers["x-target"] = str(req.header("x-target"))
+        FORWARDED.set(True)
+        try:
+            streamed = cloud.client.stream(req.method, req.path, bytes(body_view(req.body)), headers,
+                                           self.forward_timeout_s)
+        except errors.BackendUnavailableError:
+            self.breaker.record_failure()
+            self.counters.forward_failure(model.name)
+            FORWARDED.set(False)
+            raise
+        if streamed.status in (401, 403):
+            self.breaker.record_failure()
+            refusal = streamed.read()
+            FORWARDED.set(False)
+            raise errors.BackendUnavailableError(
+                f"the cloud gateway {cloud.url} refused this device's credentials ({refusal.body[:200]!r}); check "
+                "--cloud-auth and the device's role or token", retry_after_s=60)
+        self.breaker.record_success()
+        served_by = streamed.served_by or Tier.CPU
+        self.counters.forward(model.name, model.version, served_by)
+        out = {k: v for k, v in streamed.headers.items() if k in GENERATION_PASSED_BACK}
+        out["x-served-by"] = served_by
+        if not out.get("content-type", "").startswith("text/event-stream"):
+            whole = streamed.read()
+            return response(whole.status, whole.body, out)
+        return StreamingResponse(streamed.status, out, streamed.chunks(), streamed.close)
 
     def _fallback(self, model: ModelVersion, call: InferenceCall, decision: Decision, deadline: Deadline,
                   why: str) -> Dispatched:

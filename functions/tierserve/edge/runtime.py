@@ -66,6 +66,7 @@ class EdgeRuntime:
             HealthCache(s.health_ttl_s), max_rows=edge.max_rows, concurrency=edge.concurrency,
             forward_timeout_s=edge.forward_timeout_s, counters=self.counters)
         self.runtime = Runtime(s, self.store, self.dispatcher)
+        self.dispatcher.runtime = self.runtime  # generation on the device runs through it (issue 17)
         self.http: EdgeHttpServer | None = None
         self.grpc: Any = None
         self.startup_s = 0.0

@@ -18,6 +18,12 @@ one asyncio loop, handlers on a bounded pool), as for the local emulators:
 
 Two routes are the device's own: ``GET /metrics`` (Prometheus text) and ``GET /v2/health/edge`` (JSON:
 sync state, versions held, hit and forward counts).
+
+Generation (issue 17): the OpenAI routes and Triton's generate extension are the endpoint table's too; a streamed
+answer (a :class:`~tierserve.streaming.response.StreamingResponse`) is sent chunked, each SSE event flushed as it
+is produced, never compressed. The server reads the connection while it streams: a client that goes away sets
+``Request.disconnected``, which the generation checks before every token (``handle_request``'s ``cancelled``), and
+the stream is released (its slot and KV memory freed; a stream relayed from the cloud drops its connection).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -38,6 +44,7 @@ from tierserve.edge.dispatch import FORWARDED
 from tierserve.edge.metrics import EdgeCounters
 from tierserve.httpserver import HttpError, HttpServer, Limits, Request, Response
 from tierserve.protocol.http_api import HttpRequest, error_response
+from tierserve.streaming.response import StreamingResponse
 
 #: The deadlines and bounds of the device's HTTP (the body limit comes from the runtime's settings).
 LIMITS = Limits(header_timeout_s=10.0, body_timeout_s=30.0, max_connections=512, workers=16)
@@ -68,8 +75,10 @@ class EdgeHttpServer(HttpServer):
 
     def handle(self, request: Request) -> Response:
         FORWARDED.set(False)
+        body: bytes | Iterator[bytes]
         try:
-            status, headers, body = self.answer(request.method, request.target, request.header_map(), request.body)
+            status, headers, body = self.answer(request.method, request.target, request.header_map(), request.body,
+                                                request.disconnected.is_set)
         except Exception:  # never a stack trace to a client
             log.exception("edge request failed")
             status, headers, body = _unpack(error_response(RuntimeError()))
@@ -91,9 +100,10 @@ class EdgeHttpServer(HttpServer):
         m = _MODEL.match(path)
         self.counters.request(m.group(1) if m else "-", served_by, "http", status)
 
-    def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str],
-                                                                                                 bytes]:
-        """(status, headers, body) for one request whose body has been read."""
+    def answer(self, method: str, target: str, headers: dict[str, str], body: bytes,
+               disconnected: Callable[[], bool] | None = None) -> tuple[int, dict[str, str], bytes | Iterator[bytes]]:
+        """(status, headers, body) for one request whose body has been read; a streamed answer's body is an
+        iterator of chunks (closing it releases the stream). ``disconnected`` says the client went away."""
         path, _, raw_query = target.partition("?")
         if method == "GET" and path == "/metrics":
             return 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"}, self.metrics().encode()
@@ -101,7 +111,19 @@ class EdgeHttpServer(HttpServer):
             return 200, {"content-type": "application/json"}, json.dumps(self.status()).encode()
         query = dict(parse_qsl(raw_query, keep_blank_values=True))
         req = HttpRequest(method, path, headers, query, uuid.uuid4().hex[:16], _body=body)
-        return _unpack(handle_request(req, None, self.runtime))
+        answered = handle_request(req, None, self.runtime, cancelled=disconnected)
+        if isinstance(answered, StreamingResponse):
+            out = {str(k).lower(): str(v) for k, v in answered.headers.items()}
+            return answered.status, out, _chunks(answered)
+        return _unpack(answered)
+
+
+def _chunks(stream: StreamingResponse) -> Iterator[bytes]:
+    """A stream's chunks; closed (the client went away) or ended, the stream is released."""
+    try:
+        yield from stream.chunks
+    finally:
+        stream.release()
 
 
 def _unpack(resp: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:

@@ -38,8 +38,25 @@ def _tensor(spec: TensorSpec, batched: bool, **fields: Any) -> dict[str, Any]:
     return entry
 
 
+#: The inputs of Triton's vLLM backend a client may leave out (``text_input`` is required).
+_OPTIONAL_GENERATION_INPUTS = {"stream", "sampling_parameters", "exclude_input_in_output"}
+
+
 def model_config(model: ModelVersion) -> dict[str, Any]:
     """Triton's model configuration JSON (``GET /v2/models/NAME/config``) for one model version."""
+    config = _config(model)
+    if model.generative:
+        # issue 17: a causal LM answers as Triton's vLLM backend does: decoupled (a request may get many
+        # responses, the generate_stream route), its inputs and outputs by that backend's names, the optional
+        # ones marked optional; the backend that runs it is onnxruntime-genai
+        config.update(platform="", backend="onnxruntime_genai", model_transaction_policy={"decoupled": True})
+        for entry in config["input"]:
+            entry["optional"] = entry["name"] in _OPTIONAL_GENERATION_INPUTS
+        config["default_model_filename"] = ""
+    return config
+
+
+def _config(model: ModelVersion) -> dict[str, Any]:
     batched = model.max_batch_size > 0
     kind = "KIND_GPU" if model.serves_gpu else "KIND_CPU"
     return {

@@ -559,6 +559,10 @@ def test_template_routes_and_endpoints_are_in_step() -> None:
     root = Path(__file__).resolve().parents[3]
     events = load_template(root / "template.yaml")["Resources"]["RouterFunction"]["Properties"]["Events"]
     routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in events.values() if e["Type"] == "HttpApi"}
+    # the streaming REST API's routes (issue 17: the OpenAI routes and the generate extension), also RouterFunction's
+    streaming = load_template(root / "template.yaml")["Resources"]["StreamingApi"]["Properties"]["DefinitionBody"]
+    routes |= {(method.upper(), path.replace("{model}", "{name}")) for path, item in streaming["paths"].items()
+               for method in item}
 
     def served(method: str, path: str) -> bool:
         return any(m == method and p.fullmatch(path) for m, p, _ in ENDPOINTS)
