@@ -334,7 +334,15 @@ class GenerationSpec:
     AWS nothing tells a function that its client went away, so this bounds the waste); ``max_concurrency``:
     generations at once per execution environment (one more is a 429 with Retry-After);
     ``kv_bytes_per_token``: the KV cache's size per token (placement and batch sizing); ``tiers``: each
-    tier's figures (:class:`TierFigures`)."""
+    tier's figures (:class:`TierFigures`).
+
+    Token-aware routing (issue 18, ``routing.token_aware``) holds each tier to the model's objectives, written by
+    ``tierserve compile --slo-ttft-ms / --slo-tokens-per-s / --slo-total-ms`` (None: no objective):
+    ``slo_ttft_ms`` bounds the time to first token at the request's prompt length, ``slo_tokens_per_s`` the
+    decode speed, ``slo_total_ms`` the estimated time to complete (first token plus ``max_tokens`` at the tier's
+    speed). The router counts a prompt's tokens without the tokenizer with the compiler's calibration
+    (``tierserve.generation.tokens``): ``chars_per_token`` for ASCII text, ``tokens_per_nonascii_byte`` for the
+    rest, and ``token_estimate_error``, the largest relative error the compiler measured on its texts."""
 
     context_length: int
     eos_token_ids: tuple[int, ...]
@@ -346,6 +354,12 @@ class GenerationSpec:
     vocab_size: int = 0
     family: str = ""
     tiers: dict[str, TierFigures] = field(default_factory=dict)
+    slo_ttft_ms: float | None = None
+    slo_tokens_per_s: float | None = None
+    slo_total_ms: float | None = None
+    chars_per_token: float | None = None
+    tokens_per_nonascii_byte: float | None = None
+    token_estimate_error: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -358,6 +372,9 @@ class GenerationSpec:
             d["family"] = self.family
         if self.tiers:
             d["tiers"] = {k: v.to_json() for k, v in sorted(self.tiers.items())}
+        for key in GENERATION_OPTIONAL:
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
@@ -374,6 +391,7 @@ class GenerationSpec:
                 vocab_size=int(d.get("vocab_size", 0)),
                 family=str(d.get("family") or ""),
                 tiers={str(k): TierFigures.from_json(v) for k, v in (d.get("tiers") or {}).items()},
+                **{k: float(_number(d[k])) for k in GENERATION_OPTIONAL if d.get(k) is not None},
             )
 
         g = _fields("generation", d, parse)
@@ -386,7 +404,17 @@ class GenerationSpec:
             raise ManifestError("generation: max_concurrency must be at least 1")
         if any(t not in TARGETS for t in g.tiers):
             raise ManifestError(f"generation.tiers names {sorted(g.tiers)}; tiers are {TARGETS}")
+        for key in GENERATION_OPTIONAL:
+            value = getattr(g, key)
+            if value is not None and not (value > 0 or (key == "token_estimate_error" and value == 0)):
+                raise ManifestError(f"generation.{key} must be positive, got {value}; recompile the model")
         return g
+
+
+#: GenerationSpec's optional numbers (issue 18): the SLOs token-aware routing holds the tiers to, and the
+#: prompt-token estimate's calibration; written only when set.
+GENERATION_OPTIONAL = ("slo_ttft_ms", "slo_tokens_per_s", "slo_total_ms", "chars_per_token",
+                       "tokens_per_nonascii_byte", "token_estimate_error")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ which probes lazily; none of the built-in ones does. Add a policy by adding a fu
 4. when the time left is below the CPU's measured p95 for a batch this size (``cpu_p95_ms``
    in the manifest's routing block, if present) the GPU is preferred.
 
+``token-aware`` (issue 18) routes a generation from its tokens (:func:`token_aware`; any other request as
+``size-aware`` does): it estimates each tier's time to complete from the manifest's figures and takes the
+cheapest tier that meets the model's SLOs. The dispatcher routes a generation with :func:`decide_generation`.
+
 At an edge device (``tierserve edge``) the same registry decides, with one step in front of each
 policy (``at_edge``): a request is served on the device when the device holds the model's version,
 the batch fits the device (``edge_max_rows``) and the device is not saturated; otherwise the cloud
@@ -29,7 +33,7 @@ theirs to choose).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tierserve.errors import ConfigurationError, InvalidRequestError
 from tierserve.manifest import ModelVersion
@@ -54,6 +58,10 @@ class RouteContext:
     gpu_usable: Callable[[], bool] = field(default=_unknown_health, compare=False)
     #: Set only at an edge device: what the device holds and can take now.
     edge: EdgeFacts | None = None
+    #: Set only for a generation (issue 18): the prompt's length in tokens (exact, or the calibrated estimate:
+    #: ``tierserve.generation.tokens``) and the completion's ``max_tokens`` (resolved: never None for a generation).
+    prompt_tokens: int | None = None
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,116 @@ cpu_first = _first(Tier.CPU)
 gpu_first = _first(Tier.GPU)
 
 
+# --- token-aware (issue 18) ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierEstimate:
+    """What one tier would make of a generation, from the manifest's figures for it (``TierFigures``).
+
+    ``total_ms`` is the time to first token at the prompt's length plus ``max_tokens`` at the tier's decode
+    speed. ``cost_usd`` prices the time the tier is busy with the request: its cost per generated token times
+    the tokens it could have decoded meanwhile (``max_tokens`` plus ``tokens_per_s`` x the prefill time), so a
+    long prompt costs its prefill on the tier that bills by the millisecond (Lambda); None when the manifest
+    gives the tier no cost. ``misses`` names each objective the tier would miss (empty: it meets them all)."""
+
+    tier: str
+    ttft_ms: float
+    total_ms: float
+    cost_usd: float | None
+    misses: tuple[str, ...]
+
+    def describe(self) -> str:
+        cost = "cost unknown" if self.cost_usd is None else f"${self.cost_usd:.6f}"
+        return f"{self.tier} ~{self.ttft_ms:,.0f} ms to first token, ~{self.total_ms:,.0f} ms in all, {cost}"
+
+
+def estimate_tier(ctx: RouteContext, tier: str) -> TierEstimate | None:
+    """``tier``'s estimate for the generation in ``ctx`` (None when the manifest has no figures for it)."""
+    spec = ctx.model.generation
+    figures = spec.tiers.get(tier) if spec is not None else None
+    if spec is None or figures is None or figures.tokens_per_s <= 0:
+        return None
+    prompt, answer = max(0, ctx.prompt_tokens or 0), max(0, ctx.max_tokens or 0)
+    ttft = figures.ttft_at(prompt)
+    total = ttft + answer / figures.tokens_per_s * 1000
+    cost = None
+    if figures.cost_per_1m_tokens is not None:
+        cost = figures.cost_per_1m_tokens * (answer + figures.tokens_per_s * ttft / 1000) / 1e6
+    misses = []
+    if spec.slo_ttft_ms is not None and ttft > spec.slo_ttft_ms:
+        misses.append(f"time to first token {ttft:,.0f} ms > slo_ttft_ms {spec.slo_ttft_ms:g}")
+    if spec.slo_tokens_per_s is not None and figures.tokens_per_s < spec.slo_tokens_per_s:
+        misses.append(f"{figures.tokens_per_s:,.1f} tokens/s < slo_tokens_per_s {spec.slo_tokens_per_s:g}")
+    if spec.slo_total_ms is not None and total > spec.slo_total_ms:
+        misses.append(f"{total:,.0f} ms to complete > slo_total_ms {spec.slo_total_ms:g}")
+    if ctx.remaining_ms is not None and total > ctx.remaining_ms:
+        misses.append(f"{total:,.0f} ms to complete > {ctx.remaining_ms:,.0f} ms left")
+    return TierEstimate(tier, ttft, total, cost, tuple(misses))
+
+
+def _token_rule(ctx: RouteContext) -> Decision:
+    """A generation on a model in both cloud tiers: the cheapest tier that meets the SLOs, else the fastest."""
+    order = (Tier.CPU, Tier.GPU)  # ties go to the CPU tier (Lambda): it scales with the requests
+    facts = f"{ctx.prompt_tokens} prompt tokens, max_tokens {ctx.max_tokens}"
+    estimates = {t: estimate_tier(ctx, t) for t in order}
+    known = [e for e in estimates.values() if e is not None]
+    meeting = [e for e in known if not e.misses]
+    if meeting:
+        best = min(meeting, key=lambda e: (e.cost_usd is None, e.cost_usd or 0.0, order.index(Tier(e.tier))))
+        others = "; ".join(f"{e.describe()}" + (f" (misses {', '.join(e.misses)})" if e.misses else "")
+                           for e in known if e is not best)
+        why = "the cheapest tier that meets the SLO" if len(meeting) > 1 else "the only tier that meets the SLO"
+        return Decision(best.tier, f"{facts}: {why}, {best.describe()}" + (f"; {others}" if others else ""))
+    unknown = [t for t in order if estimates[t] is None]
+    if known and unknown:
+        return Decision(unknown[-1], f"{facts}: no tier with figures meets the SLO ("
+                        + "; ".join(f"{e.tier} misses {', '.join(e.misses)}" for e in known)
+                        + f"); {unknown[-1]} has no figures in the manifest")
+    if not known:
+        return size_aware(replace(ctx, prompt_tokens=None, max_tokens=None))
+    fastest = min(known, key=lambda e: (e.total_ms, order.index(Tier(e.tier))))
+    return Decision(fastest.tier, f"{facts}: no tier meets the SLO ("
+                    + "; ".join(f"{e.tier} misses {', '.join(e.misses)}" for e in known)
+                    + f"); the fastest, {fastest.describe()}")
+
+
+def token_aware(ctx: RouteContext) -> Decision:
+    """Route a generation by its tokens; any other request as ``size-aware`` does.
+
+    For a generation (``ctx.prompt_tokens`` set), in order:
+    1. a client hint (``x-target`` / ``parameters.target``) wins, checked as in ``size-aware``;
+    2. a model deployed on one cloud tier goes there;
+    3. each tier with figures in the manifest (``GenerationSpec.tiers``) gets an estimate
+       (:func:`estimate_tier`): time to first token at this prompt length, time to complete with
+       ``max_tokens``, and the cost of that time; it meets the SLO when it misses none of ``slo_ttft_ms``,
+       ``slo_tokens_per_s``, ``slo_total_ms`` and the request's time left;
+    4. the cheapest tier that meets the SLO (a tie: the CPU); none: a tier without figures if there is one,
+       else the fastest. No figures at all: ``size-aware``.
+    The figures come from the manifest only (the compiler's measured profile, GPU figures from its cited
+    table); the policy never reads ``compiler/prices.json``."""
+    if ctx.prompt_tokens is None:
+        return size_aware(ctx)
+    hint = _check_hint(ctx)
+    if hint is not None:
+        return Decision(hint, f"client hint {hint}")
+    if ctx.model.cloud_targets == (Tier.CPU,):
+        return Decision(Tier.CPU, "model is deployed on cpu only")
+    if ctx.model.cloud_targets == (Tier.GPU,):
+        return Decision(Tier.GPU, "model is deployed on gpu only")
+    return _token_rule(ctx)
+
+
+def decide_generation(ctx: RouteContext, policy: Policy | None = None) -> Decision:
+    """The tier for a generation (``ctx.prompt_tokens`` and ``ctx.max_tokens`` set): ``policy`` decides, except
+    that ``size-aware`` (the default), whose rows and bytes say nothing about a generation, hands it to
+    :func:`token_aware`. ``cpu-first``, ``gpu-first``, ``token-aware`` and a custom policy decide themselves."""
+    if ctx.prompt_tokens is None or ctx.max_tokens is None:
+        raise ValueError("decide_generation needs the generation's facts: prompt_tokens and max_tokens")
+    chosen = policy if policy is not None and policy is not size_aware else token_aware
+    return chosen(ctx)
+
+
 #: The largest batch an edge device serves itself when neither the manifest nor the device says.
 DEFAULT_EDGE_MAX_ROWS = 64
 
@@ -179,6 +297,7 @@ POLICIES: dict[str, Policy] = {
     "size-aware": size_aware,
     "cpu-first": cpu_first,
     "gpu-first": gpu_first,
+    "token-aware": token_aware,
 }
 
 

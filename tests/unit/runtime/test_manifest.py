@@ -184,6 +184,20 @@ def test_a_generation_entry_round_trips_with_its_tier_figures():
     assert Manifest.from_json(json.loads(json.dumps(Manifest.from_json(doc).to_json()))).resolve("lm", None) == mv
 
 
+def test_a_generation_entrys_slos_and_token_calibration_round_trip_and_are_checked():
+    # issue 18: what token-aware routing and the prompt-token estimate read; absent ones stay absent
+    extra = {"slo_ttft_ms": 800.0, "slo_tokens_per_s": 20.0, "slo_total_ms": 30000.0, "chars_per_token": 3.9,
+             "tokens_per_nonascii_byte": 0.4, "token_estimate_error": 0.12}
+    doc = _generative(**extra)
+    g = Manifest.from_json(doc).resolve("lm", None).generation
+    assert g is not None and {k: getattr(g, k) for k in extra} == extra
+    assert {k: v for k, v in g.to_json().items() if k in extra} == extra
+    assert not set(extra) & set(Manifest.from_json(_generative()).resolve("lm", None).generation.to_json())
+    for bad in ({"slo_ttft_ms": 0}, {"chars_per_token": -1.0}, {"slo_total_ms": "fast"}):
+        with pytest.raises(errors.ManifestError):
+            Manifest.from_json(_generative(**bad)).resolve("lm", None)
+
+
 @pytest.mark.parametrize(("change", "reason"), [
     (lambda v: v.pop("generation"), "needs a 'generation' entry"),
     (lambda v: v["generation"].update(eos_token_ids=[]), "eos_token_ids"),

@@ -6,6 +6,7 @@ contexts; none of them may probe the GPU (falling back is the tier dispatcher's 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from tests.support.fakes import model_version
 from tierserve import routing
 from tierserve.errors import ConfigurationError, InvalidRequestError
+from tierserve.manifest import GenerationSpec, ModelVersion, TierFigures
 from tierserve.routing import (
     DEFAULT_GPU_MIN_BYTES,
     DEFAULT_GPU_MIN_ROWS,
@@ -252,7 +254,7 @@ def test_registry_names() -> None:
     # Given the registry
     # When each name is looked up
     # Then it returns the function registered under it
-    assert set(POLICIES) == {"size-aware", "cpu-first", "gpu-first"}
+    assert set(POLICIES) == {"size-aware", "cpu-first", "gpu-first", "token-aware"}
     for name, fn in POLICIES.items():
         assert get_policy(name) is fn
 
@@ -264,7 +266,7 @@ def test_unknown_policy_is_a_configuration_error_listing_the_names() -> None:
         get_policy("sizeaware")
     # Then the message names the bad value and every known policy
     assert "ROUTING_POLICY='sizeaware'" in info.value.message
-    assert "cpu-first, gpu-first, size-aware" in info.value.message
+    assert "cpu-first, gpu-first, size-aware, token-aware" in info.value.message
 
 
 def test_a_new_policy_plugs_in_through_the_registry_and_routing_policy(monkeypatch, tmp_path) -> None:
@@ -355,3 +357,174 @@ def test_at_edge_serves_here_only_what_fits_else_names_a_cloud_tier(name: str) -
             assert held and (c.hint == "edge" or (c.rows <= c.edge.max_rows and not saturated))
         else:
             assert d.target in c.model.cloud_targets
+
+
+# --- token-aware (issue 18): a generation routed by its prompt and answer lengths ---------------------------
+
+#: A small int4 model's CPU figures (Lambda, 2 vCPU: the SmolLM-135M shape measured here, ENVIRONMENT.md) and a
+#: GPU's (network and queueing included in its time to first token), priced so that Lambda is cheaper per token.
+CPU_FIGURES = TierFigures({16: 60.0, 128: 225.0, 512: 900.0}, 135.0, 0.34, "measured")
+GPU_FIGURES = TierFigures({16: 20.0, 128: 30.0, 512: 60.0}, 1700.0, 0.50, "cited")
+SLOS = {"slo_ttft_ms": 1000.0, "slo_total_ms": 10_000.0}
+
+
+def generative(targets: tuple[str, ...] = BOTH, tiers: dict | None = None, **spec) -> ModelVersion:
+    g = GenerationSpec(context_length=8192, eos_token_ids=(2,), max_tokens_cap=4096,
+                       tiers=tiers if tiers is not None else {"cpu": CPU_FIGURES, "gpu": GPU_FIGURES},
+                       **({**SLOS, **spec}))
+    return dataclasses.replace(model_version("m", targets), task="text-generation", generation=g)
+
+
+def gen_ctx(prompt: int, answer: int, model: ModelVersion | None = None, **kw) -> RouteContext:
+    kw.setdefault("gpu_usable", never_probed)
+    return RouteContext(model=model or generative(), rows=1, tensor_bytes=0, prompt_tokens=prompt,
+                        max_tokens=answer, **kw)
+
+
+@pytest.mark.parametrize(("prompt", "answer", "target", "why"), [
+    (20, 64, "cpu", "the cheapest tier that meets the SLO"),        # a short chat: Lambda
+    (300, 256, "cpu", "the cheapest tier that meets the SLO"),
+    (2000, 64, "gpu", "the only tier that meets the SLO"),          # a long prompt: CPU's first token too late
+    (100, 2048, "gpu", "the only tier that meets the SLO"),         # a long answer: CPU would take ~15 s
+])
+def test_token_aware_sends_short_chats_to_cpu_and_long_prompts_and_answers_to_gpu(prompt, answer, target, why):
+    d = routing.token_aware(gen_ctx(prompt, answer))
+    assert d.target == target, d.reason
+    assert why in d.reason and f"{prompt} prompt tokens, max_tokens {answer}" in d.reason
+    assert d.fallback is None
+
+
+def test_token_aware_takes_the_fastest_when_no_tier_meets_the_slo() -> None:
+    d = routing.token_aware(gen_ctx(6000, 4000, generative(slo_total_ms=2000.0)))
+    assert d.target == "gpu" and "no tier meets the SLO" in d.reason and "the fastest, gpu" in d.reason
+    assert "gpu misses 2,842 ms to complete > slo_total_ms 2000" in d.reason
+
+
+def test_token_aware_names_what_the_cpu_would_miss() -> None:
+    d = routing.token_aware(gen_ctx(2000, 64))
+    assert "time to first token 3,516 ms > slo_ttft_ms 1000" in d.reason
+    d = routing.token_aware(gen_ctx(100, 2048))
+    assert "ms to complete > slo_total_ms 10000" in d.reason
+
+
+def test_token_aware_takes_the_cheapest_tier_meeting_the_slo() -> None:
+    # Given a GPU cheaper per token than Lambda (a well-utilised GPU), both meeting the SLOs
+    model = generative(tiers={"cpu": CPU_FIGURES, "gpu": dataclasses.replace(GPU_FIGURES, cost_per_1m_tokens=0.05)})
+    # Then even a short chat goes to the GPU: the policy is "cheapest within the SLO", not "CPU first"
+    assert routing.token_aware(gen_ctx(20, 64, model)).target == "gpu"
+    # And equal costs go to the CPU tier
+    same = generative(tiers={"cpu": dataclasses.replace(CPU_FIGURES, cost_per_1m_tokens=None),
+                             "gpu": dataclasses.replace(GPU_FIGURES, cost_per_1m_tokens=None)})
+    assert routing.token_aware(gen_ctx(20, 64, same)).target == "cpu"
+
+
+def test_token_aware_prefill_on_the_cpu_is_part_of_its_cost() -> None:
+    # Given no SLO at all, a long prompt costs its CPU prefill time (Lambda bills by the millisecond)
+    model = generative(slo_ttft_ms=None, slo_total_ms=None)
+    cpu = routing.estimate_tier(gen_ctx(2000, 16, model), "cpu")
+    gpu = routing.estimate_tier(gen_ctx(2000, 16, model), "gpu")
+    assert cpu is not None and gpu is not None and not cpu.misses and not gpu.misses
+    assert cpu.cost_usd == pytest.approx(0.34 * (16 + 135.0 * cpu.ttft_ms / 1000) / 1e6)
+    assert gpu.cost_usd < cpu.cost_usd
+    assert routing.token_aware(gen_ctx(2000, 16, model)).target == "gpu"
+    assert routing.token_aware(gen_ctx(20, 16, model)).target == "cpu"
+
+
+def test_token_aware_tokens_per_s_slo_and_the_time_left() -> None:
+    # A CPU below the tokens/s objective never serves a generation the GPU can
+    assert routing.token_aware(gen_ctx(20, 16, generative(slo_tokens_per_s=200.0))).target == "gpu"
+    # A deadline the CPU cannot make (29 s of an HTTP API, here 400 ms) sends it to the GPU
+    d = routing.token_aware(gen_ctx(20, 64, remaining_ms=400.0))
+    assert d.target == "gpu" and "ms to complete > 400 ms left" in d.reason
+
+
+def test_token_aware_hints_and_single_tier_models_win() -> None:
+    assert routing.token_aware(gen_ctx(6000, 4000, hint="cpu")) == Decision("cpu", "client hint cpu")
+    assert routing.token_aware(gen_ctx(20, 16, hint="GPU")) == Decision("gpu", "client hint gpu")
+    with pytest.raises(InvalidRequestError, match="not deployed on gpu"):
+        routing.token_aware(gen_ctx(20, 16, generative(("cpu",)), hint="gpu"))
+    assert routing.token_aware(gen_ctx(6000, 4000, generative(("cpu",)))).target == "cpu"
+    assert routing.token_aware(gen_ctx(20, 16, generative(("gpu",)))).target == "gpu"
+
+
+def test_token_aware_without_figures() -> None:
+    # No figures at all: size-aware's answer (a generation is one row)
+    assert routing.token_aware(gen_ctx(6000, 4000, generative(tiers={}))).target == "cpu"
+    # Only the CPU's, and it misses: the GPU, whose figures are unknown
+    d = routing.token_aware(gen_ctx(6000, 16, generative(tiers={"cpu": CPU_FIGURES})))
+    assert d.target == "gpu" and "gpu has no figures in the manifest" in d.reason
+    # A request that is not a generation: size-aware
+    assert routing.token_aware(ctx(rows=100)) == size_aware(ctx(rows=100))
+
+
+def test_decide_generation_uses_token_aware_under_the_default_policy() -> None:
+    c = gen_ctx(2000, 64)
+    assert routing.decide_generation(c) == routing.token_aware(c)
+    assert routing.decide_generation(c, size_aware) == routing.token_aware(c)  # rows say nothing of tokens
+    assert routing.decide_generation(c, cpu_first).target == "cpu"  # an explicit policy decides itself
+    with pytest.raises(ValueError, match="prompt_tokens and max_tokens"):
+        routing.decide_generation(ctx())
+
+
+def gen_grid(seed: int, n: int = 400) -> list[RouteContext]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        def figures(fast: float) -> TierFigures:
+            base = float(rng.uniform(5, 300)) / fast
+            return TierFigures({16: base, 128: base * 3, 512: base * 10}, float(rng.uniform(5, 200)) * fast,
+                               [None, float(rng.uniform(0.01, 3))][rng.integers(2)], "grid")
+        tiers = {t: figures(f) for t, f in (("cpu", 1.0), ("gpu", 10.0)) if rng.random() < 0.9}
+        slos = {k: [None, float(v)][rng.integers(2)] for k, v in (
+            ("slo_ttft_ms", rng.uniform(50, 3000)), ("slo_total_ms", rng.uniform(500, 60_000)),
+            ("slo_tokens_per_s", rng.uniform(5, 500)))}
+        model = generative(TARGET_SETS[rng.integers(len(TARGET_SETS))], tiers, **slos)
+        out.append(gen_ctx(int(rng.integers(1, 8000)), int(rng.integers(1, 4096)), model,
+                           hint=[None, None, None, "cpu", "gpu"][rng.integers(5)],
+                           remaining_ms=[None, float(rng.uniform(100, 900_000))][rng.integers(2)]))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_aware_properties(seed: int) -> None:
+    for c in gen_grid(seed):
+        try:
+            d = routing.token_aware(c)
+        except InvalidRequestError:
+            assert c.hint and c.hint not in c.model.targets
+            continue
+        # Then a deployed tier, a reason, never a fallback, the same answer again
+        assert d.target in c.model.cloud_targets and d.reason and d.fallback is None
+        assert routing.token_aware(c) == d
+        if c.hint or len(c.model.cloud_targets) == 1:
+            continue
+        est = {t: routing.estimate_tier(c, t) for t in ("cpu", "gpu")}
+        known = {t: e for t, e in est.items() if e is not None}
+        meeting = {t: e for t, e in known.items() if not e.misses}
+        if meeting:
+            # a tier meets the SLO: the chosen one does, and none that does is cheaper
+            chosen = meeting[d.target]
+            costs = [e.cost_usd for e in meeting.values() if e.cost_usd is not None]
+            if chosen.cost_usd is not None:
+                assert chosen.cost_usd <= min(costs)
+            else:
+                assert not costs
+        elif len(known) == 2:
+            # none meets it: the fastest
+            assert known[d.target].total_ms <= min(e.total_ms for e in known.values())
+
+
+def test_token_aware_decision_table(capsys) -> None:
+    """The decisions on a mix of prompt and answer lengths (printed with -s; the report's table)."""
+    prompts, answers = (16, 128, 512, 1024, 2000, 4096), (16, 128, 512, 1024, 2048)
+    rows = [f"{'prompt':>7} | " + " | ".join(f"max {a:>5}" for a in answers)]
+    for p in prompts:
+        rows.append(f"{p:>7} | " + " | ".join(f"{routing.token_aware(gen_ctx(p, a)).target:>9}" for a in answers))
+    print("\n".join(rows))
+    table = {(p, a): routing.token_aware(gen_ctx(p, a)).target for p in prompts for a in answers}
+    assert table[(16, 16)] == table[(128, 128)] == "cpu"
+    assert table[(4096, 16)] == table[(16, 2048)] == "gpu"
+    # more tokens never move a generation from the GPU back to the CPU with these figures
+    for (p, a), t in table.items():
+        if t == "gpu":
+            assert all(table[(p2, a2)] == "gpu" for (p2, a2) in table if p2 >= p and a2 >= a)
