@@ -167,7 +167,7 @@ class EdgeRuntime:
             role = "default" if entry is not None and entry.default_version == version else "canary"
             models.append({"name": name, "version": version, "role": role,
                            "variant": held.model.edge_variant or held.model.cpu_variant or held.model.selected_variant,
-                           "sha256": held.sha256, "bytes": held.size_bytes, "loaded": held.sha256 in loaded})
+                           "sha256": held.sha256, "bytes": held.size_bytes, "loaded": held.digest in loaded})
         return {
             "sync": {"state": st.state(snap.manifest is not None), "store": self.edge.store_uri,
                      "interval_s": self.edge.sync_interval_s, "syncs": st.syncs, "failures": st.failures,
