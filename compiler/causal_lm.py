@@ -378,6 +378,7 @@ def build_variants(src: CausalSource, cfg: CompileConfig, work: Path) -> list[Bu
 
 def compile_causal_lm(cfg: CompileConfig) -> CompileResult:
     """Every step for a causal LM (``compile_model`` sends a causal LM folder here)."""
+    from tierserve.generation.tokens import calibrate_folder
     from tierserve_compiler.gate import check_chat_template, gate_causal_lm
     from tierserve_compiler.pipeline import CompileResult, Progress, _unchanged, select
     from tierserve_compiler.placement import place_generation, place_generation_edge
@@ -444,11 +445,15 @@ def compile_causal_lm(cfg: CompileConfig) -> CompileResult:
         tiers = dict(figures)
         if edge_figures is not None:
             tiers["edge"] = edge_figures
+        hf_staged = _stage_gpu_weights(src, placement, work, prog)
         generation = GenerationSpec(
             context_length=src.context_length, eos_token_ids=src.eos_token_ids, chat_template=bool(src.chat_template),
             max_concurrency=int(placement.cpu.get("max_concurrency", 1)), kv_bytes_per_token=src.kv_bytes_per_token,
             vocab_size=src.vocab_size, family=src.family, tiers=tiers,
             default_max_tokens=min(256, src.context_length - 1), max_tokens_cap=min(4096, src.context_length - 1),
+            slo_ttft_ms=cfg.slo_ttft_ms, slo_tokens_per_s=cfg.slo_tokens_per_s, slo_total_ms=cfg.slo_total_ms,
+            **calibrate_folder(built[ref.key], prompts),
+            hf_weights=None if hf_staged is None else _weights_entry(name, version, hf_staged),
         )
         staged = {v.key: v.path for v in variants if v.path is not None}
         from tierserve_compiler.publish import now_utc
@@ -463,11 +468,47 @@ def compile_causal_lm(cfg: CompileConfig) -> CompileResult:
         )
         report = build_generation_report(cfg, exported, variants, placement, mv, gate)
         with prog.step("publish"):
+            if hf_staged is not None:  # the GPU tier's vLLM entry (tierserve_compiler.vllm): before the manifest entry
+                report["gpu_entry"] = _publish_gpu_entry(out_dir, mv, src, hf_staged)
             vdir, _ = publish(out_dir, mv, staged, report, None)
+            if hf_staged is not None:
+                from tierserve_compiler.publish import write_triton_model_config
+
+                write_triton_model_config(out_dir, name)
     prog.note(f"{name} v{version}: selected {sel.selected}, targets {list(placement.targets)} -> {vdir}")
     result = CompileResult(name, version, out_dir, vdir, mv, report)
     prog.note(result.next_steps)
     return result
+
+
+def _stage_gpu_weights(src: CausalSource, placement: Any, work: Path, prog: Any) -> Path | None:
+    """The Hugging Face weights staged for the GPU tier's vLLM entry when the placement names the GPU, else None."""
+    if "gpu" not in placement.targets:
+        return None
+    if src.kind != "hf-causal-lm":
+        prog.note("GPU tier: no vLLM entry written: vLLM serves a causal LM from its Hugging Face weights, which a "
+                  "prebuilt onnxruntime-genai folder does not have; compile the Hugging Face folder")
+        return None
+    from tierserve_compiler.vllm import HF_DIR, stage_weights
+
+    return stage_weights(src.folder, work / HF_DIR)
+
+
+def _weights_entry(name: str, version: str, staged: Path) -> Any:
+    from tierserve_compiler.vllm import weights_entry
+
+    return weights_entry(name, version, staged)
+
+
+def _publish_gpu_entry(out_dir: Path, mv: ModelVersion, src: CausalSource, staged: Path) -> dict[str, Any]:
+    """Move the weights into the store and write ``triton/NAME/VERSION`` for vLLM; what the report says of it."""
+    from tierserve_compiler import vllm
+
+    args = vllm.engine_args(mv.name, mv.version, context_length=src.context_length, dtype=vllm.dtype_of(src.folder))
+    vllm.publish_gpu_entry(out_dir, mv.name, mv.version, staged, list(mv.inputs), list(mv.outputs), args)
+    pin = vllm.pinned()
+    return {"backend": "vllm", "image": pin["triton_image"], "vllm_version": pin["vllm_version"],
+            "engine_args": args, "triton": f"triton/{mv.name}/{mv.version}"}
 
 
 def _judge(variants: list[BuiltVariant], gate: dict[str, Any], cfg: CompileConfig) -> None:

@@ -21,6 +21,12 @@ deployable unit:
   an fp32 model on TensorRT FP16 would compute something the accuracy gate never checked, and
   TensorRT builds its engines at load, which a SageMaker health check may not wait for.
 
+A generative version (a causal LM, issue 18) has a vLLM entry instead (``tierserve_compiler.vllm``): its archive
+holds ``NAME/config.pbtxt`` (``backend: "vllm"``, decoupled, this version alone), ``NAME/VERSION/model.json`` with
+the weights' path rewritten to ``/opt/ml/model/NAME/VERSION/hf`` (vLLM reads an absolute path) and the weights
+themselves, each checked against the manifest's sha256 first. The endpoint serving it sets
+``SAGEMAKER_TRITON_INFERENCE_TYPE=generate_stream`` and runs NVIDIA's vLLM image (docs/deploy.md).
+
 The archive is deterministic (sorted members, fixed owner and times), so publishing the same
 version twice gives the same bytes and the same sha256. The file is named ``NAME-VERSION.tar.gz``,
 which serves both as a single-model endpoint's ``ModelDataUrl`` and as a multi-model endpoint's
@@ -124,13 +130,15 @@ def package(models: Path | str, name: str, version: str | None = None, out_dir: 
                            "recompile it with --target gpu or --target both to serve it from SageMaker")
     src = models / "triton" / name
     vdir = src / version
+    out = Path(out_dir) if out_dir is not None else models / SAGEMAKER_DIR
+    if (vdir / "model.json").is_file():
+        return _package_vllm(mv, vdir, out)
     # The version's own config (the compiler keeps one beside its files); else the model's, from older compilers.
     own = vdir / "config.pbtxt" if (vdir / "config.pbtxt").is_file() else src / "config.pbtxt"
     if not own.is_file() or not (vdir / "model.onnx").is_file():
         raise PackageError(f"{own} or {vdir}/model.onnx is missing; recompile {name} v{version}")
     variant = _gpu_variant(models, name, version, vdir / "model.onnx")
     config = production_config(own.read_text(), version, fp16=variant == "fp16")
-    out = Path(out_dir) if out_dir is not None else models / SAGEMAKER_DIR
     out.mkdir(parents=True, exist_ok=True)
     dest = out / archive_name(name, version)
     members: list[tuple[str, bytes | Path]] = [(f"{name}/config.pbtxt", config.encode())]
@@ -142,6 +150,45 @@ def package(models: Path | str, name: str, version: str | None = None, out_dir: 
     _write_tar(tmp, members)
     os.replace(tmp, dest)
     return Package(dest, name, version, variant, sha256_file(dest), dest.stat().st_size, config)
+
+
+def _package_vllm(mv: Any, vdir: Path, out: Path) -> Package:
+    """A generative version's archive: its vLLM entry (``tierserve_compiler.vllm``) with ``model.json`` pointing at
+    the weights where SageMaker unpacks them (``/opt/ml/model/NAME/VERSION/hf``), each weight file checked against
+    the manifest's sha256 (GenerationSpec.hf_weights) before it goes in."""
+    import posixpath
+
+    from tierserve_compiler import vllm
+
+    name, version = mv.name, mv.version
+    weights = mv.generation.hf_weights if mv.generation is not None else None
+    if weights is None:
+        raise PackageError(f"{name} v{version} has a vLLM entry but its manifest lists no hf_weights; recompile it")
+    listed = {posixpath.basename(f.path): f.sha256 for f in weights.files()}
+    hf = vdir / vllm.HF_DIR
+    present = {p.name for p in hf.iterdir() if p.is_file()} if hf.is_dir() else set()
+    if present != set(listed):
+        raise PackageError(f"{hf} holds {sorted(present)}, the manifest lists {sorted(listed)}; recompile "
+                           f"{name} v{version}")
+    for fname, sha in sorted(listed.items()):
+        got = sha256_file(hf / fname)
+        if got != sha:
+            raise PackageError(f"{hf / fname}: sha256 {got[:12]}... is not the manifest's {sha[:12]}...; the weights "
+                               "changed after compiling: recompile the model")
+    args = json.loads((vdir / vllm.MODEL_JSON).read_text())
+    model_json = vllm.model_json_text(args, root=vllm.SAGEMAKER_REPOSITORY_ROOT)
+    config = vllm.config_pbtxt(name, list(mv.inputs), list(mv.outputs), version=version)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / archive_name(name, version)
+    members: list[tuple[str, bytes | Path]] = [
+        (f"{name}/config.pbtxt", config.encode()),
+        (f"{name}/{version}/{vllm.MODEL_JSON}", model_json.encode()),
+        *((f"{name}/{version}/{vllm.HF_DIR}/{fname}", hf / fname) for fname in sorted(listed)),
+    ]
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    _write_tar(tmp, members)
+    os.replace(tmp, dest)
+    return Package(dest, name, version, "vllm", sha256_file(dest), dest.stat().st_size, config)
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes | Path]]) -> None:
