@@ -136,12 +136,16 @@ def test_each_artifact_holds_what_its_handler_reaches_and_nothing_else(sam_build
     import modulefinder
 
     from tierserve_tools.lambda_build import package_modules, size_bytes
-    from tierserve_tools.reach import reachable
+    from tierserve_tools.reach import WRAPPER_MODULE, reachable, wrapper_file
 
     for fn, handler in declared_functions().items():
         task = sam_build[fn]
         shipped = set(package_modules(task))
         found = reachable(ROOT / "functions", handler)
+        wrapper = wrapper_file(ROOT / "template.yaml", fn, ROOT / "functions")
+        if wrapper is not None:  # the streaming runtime loop (AWS_LAMBDA_EXEC_WRAPPER) ships, executable
+            assert os.access(task / wrapper, os.X_OK), f"{fn}: {wrapper} is not executable in its artifact"
+            found.modules.update(reachable(ROOT / "functions", WRAPPER_MODULE).modules)
         # no emulation, no tooling, no compiler, no edge runtime
         assert not (task / "tierserve_tools").exists() and not (task / "tierserve_compiler").exists(), fn
         assert not (task / "benchmarks").exists() and not (task / "tierserve" / "edge").exists(), fn
@@ -152,6 +156,8 @@ def test_each_artifact_holds_what_its_handler_reaches_and_nothing_else(sam_build
         others = [p.name.split(".")[0] for p in task.iterdir() if p.name != "tierserve"]
         finder = modulefinder.ModuleFinder(path=[str(task)], excludes=others)
         finder.import_hook(found.handler_module)
+        if wrapper is not None:
+            finder.import_hook(WRAPPER_MODULE)
         unreached = shipped - set(finder.modules)
         assert not unreached, f"{fn} ships modules its handler cannot import: {sorted(unreached)}"
         # third party: only what its requirements file asks for, transitively

@@ -5,7 +5,9 @@ Why: ``functions/Makefile``'s ``build-%`` target runs this for every function te
 (``sam build``'s ``BuildMethod: makefile``, ``make package``, ``tierserve artifact-invoke``), so a new
 function, a memory class, needs no new target (issue 16, defect 1), and what ships is an allowlist
 computed from the template's ``Handler`` (:mod:`tierserve_tools.reach`), never the whole package minus an
-``rm -rf`` list.
+``rm -rf`` list. A function whose template environment sets ``AWS_LAMBDA_EXEC_WRAPPER`` (the streaming runtime
+loop, issue 17: ``/var/task/tierserve/streaming/wrapper.sh``) also ships that script, executable, and the
+modules its loop (``tierserve.streaming.runtime_loop``) reaches.
 
 Speed: ``sam build`` builds seven functions from four requirements files. The third-party part of an
 artifact is installed once per (requirements file, platform) into a cache (``build/lambda-deps``, or
@@ -246,6 +248,12 @@ def build(logical_id: str, out: Path, template: Path, source: Path, requirements
     try:
         handler = reach.function_handler(template, logical_id)
         found = reach.reachable(source, handler)
+        wrapper = reach.wrapper_file(template, logical_id, source)
+        if wrapper is not None:  # the exec wrapper execs the streaming runtime loop: it and what it imports ship
+            loop = reach.reachable(source, reach.WRAPPER_MODULE)
+            for name, path in loop.modules.items():
+                found.modules.setdefault(name, path)
+            found.third_party |= loop.third_party
     except reach.ReachError as exc:
         raise BuildError(str(exc)) from exc
     if found.handler_module not in requirements_map:
@@ -261,6 +269,10 @@ def build(logical_id: str, out: Path, template: Path, source: Path, requirements
     for rel in found.files():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / rel, out / rel)
+    if wrapper is not None:
+        (out / wrapper).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / wrapper, out / wrapper)
+        (out / wrapper).chmod(0o755)  # Lambda execs it
     log(f"{logical_id}: {len(found.modules)} {reach.PACKAGE} modules from {handler}, "
         f"{requirements.name}, {size_bytes(out) / 2**20:.1f} MB unzipped")
     return found

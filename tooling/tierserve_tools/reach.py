@@ -196,6 +196,51 @@ def reachable(root: Path, handler: str, package: str = PACKAGE) -> Reach:
 
 _RESOURCE = re.compile(r"^  (?P<name>[A-Za-z0-9]+):\s*(#.*)?$")
 _KEY = re.compile(r"^\s+(?P<key>Type|Handler):\s*(?P<value>[^#\s]+)")
+_WRAPPER = re.compile(r"^\s+AWS_LAMBDA_EXEC_WRAPPER:\s*(?P<value>[^#\s]+)")
+#: Where Lambda unpacks a function's code: an exec wrapper of the artifact is named under it.
+TASK_ROOT = "/var/task/"
+#: The module a shipped exec wrapper starts (``tierserve/streaming/wrapper.sh`` execs it): it ships beside it.
+WRAPPER_MODULE = f"{PACKAGE}.streaming.runtime_loop"
+
+
+def exec_wrappers(template_text: str) -> dict[str, str]:
+    """logical id -> its literal ``AWS_LAMBDA_EXEC_WRAPPER`` (under ``Environment: Variables:``), for every
+    resource that sets one; read as :func:`template_functions` reads the template."""
+    found: dict[str, str] = {}
+    in_resources = False
+    current: str | None = None
+    for line in template_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            current = None
+            in_resources = line.rstrip().startswith("Resources:")
+            continue
+        if not in_resources:
+            continue
+        top = _RESOURCE.match(line)
+        if top:
+            current = top.group("name")
+            continue
+        wrapper = _WRAPPER.match(line)
+        if wrapper and current is not None:
+            found[current] = wrapper.group("value").strip("'\"")
+    return found
+
+
+def wrapper_file(template: Path, logical_id: str, root: Path) -> Path | None:
+    """The artifact file ``logical_id``'s ``AWS_LAMBDA_EXEC_WRAPPER`` names (``/var/task/<file>``), relative to
+    ``root``; None when it sets none; a :class:`ReachError` when it names a file outside the artifact or one
+    that does not exist under ``root``."""
+    value = exec_wrappers(Path(template).read_text(encoding="utf-8")).get(logical_id)
+    if value is None:
+        return None
+    if not value.startswith(TASK_ROOT):
+        raise ReachError(f"{logical_id}: AWS_LAMBDA_EXEC_WRAPPER {value} is not in the artifact ({TASK_ROOT}...)")
+    rel = Path(value[len(TASK_ROOT):])
+    if not (Path(root) / rel).is_file():
+        raise ReachError(f"{logical_id}: AWS_LAMBDA_EXEC_WRAPPER names {value}, but there is no {rel} under {root}")
+    return rel
 
 
 def template_functions(template_text: str) -> dict[str, str]:

@@ -100,3 +100,27 @@ def test_the_real_handlers_reach_no_emulation_and_no_edge_runtime():
         edge = [m for m in found.modules if m.startswith("tierserve.edge")]
         assert not edge, f"{handler} reaches the edge runtime: {found.why(edge[0])}"
         assert not found.third_party & {"tierserve_tools", "tierserve_compiler", "benchmarks"}
+
+
+def test_the_streaming_functions_name_the_exec_wrapper_that_ships_in_their_artifact(tmp_path):
+    from tierserve_tools.reach import exec_wrappers, wrapper_file
+
+    # Given the template: RouterFunction and every CPU class function start the streaming runtime loop
+    wrappers = exec_wrappers((ROOT / "template.yaml").read_text())
+    assert set(wrappers) == {"RouterFunction", "CpuInferenceFunction", "CpuInferenceFunction3538",
+                             "CpuInferenceFunction5307", "CpuInferenceFunction10240"}
+    assert set(wrappers.values()) == {"/var/task/tierserve/streaming/wrapper.sh"}
+    # Then the file each names is the artifact's (relative to functions/), and it exists
+    rel = wrapper_file(ROOT / "template.yaml", "RouterFunction", ROOT / "functions")
+    assert rel is not None and rel.as_posix() == "tierserve/streaming/wrapper.sh"
+    assert wrapper_file(ROOT / "template.yaml", "BatchInferenceFunction", ROOT / "functions") is None
+    # And a wrapper outside /var/task, or missing, is a build error naming it
+    bad = tmp_path / "t.yaml"
+    bad.write_text("Resources:\n  F:\n    Type: AWS::Serverless::Function\n    Properties:\n      Handler: a.b\n"
+                   "      Environment:\n        Variables:\n          AWS_LAMBDA_EXEC_WRAPPER: /opt/w.sh\n"
+                   "  G:\n    Type: AWS::Serverless::Function\n    Properties:\n      Handler: a.b\n"
+                   "      Environment:\n        Variables:\n          AWS_LAMBDA_EXEC_WRAPPER: /var/task/nope.sh\n")
+    with pytest.raises(ReachError, match="/opt/w.sh is not in the artifact"):
+        wrapper_file(bad, "F", tmp_path)
+    with pytest.raises(ReachError, match="no nope.sh under"):
+        wrapper_file(bad, "G", tmp_path)
