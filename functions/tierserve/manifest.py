@@ -72,6 +72,7 @@ import it cheaply.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import json
 import posixpath
@@ -246,6 +247,27 @@ class Variant(ExternalFile):
     def files(self) -> tuple[ExternalFile, ...]:
         """The model and its external data: every file a session needs."""
         return (ExternalFile(self.path, self.sha256, self.size_bytes), *self.external_data)
+
+    @property
+    def digest(self) -> str:
+        """The variant's identity: what its cache folder, its published objects and its sessions are keyed by.
+
+        A variant is all of its files, not its ``.onnx`` alone: two versions of a causal LM can share
+        ``model.onnx`` and differ in their chat template or tokenizer, and an ONNX graph with external data can be
+        saved again with other weights under the same ``model.onnx``. Keyed by the model's sha256 alone, such
+        versions shared one cache folder and one published prefix, so one served (or overwrote) the other's files.
+
+        The digest is the sha256 of canonical JSON (sorted keys, no spaces) mapping each file's location relative
+        to the model's folder (the model under its file name) to its sha256. A variant with no external files
+        keeps its model's sha256 as its digest: one file already identifies it, and so the cache folders
+        (``MODEL_CACHE_DIR/<sha256>/``), published objects (``_objects/<sha256>/``), sessions and edge state of
+        plain ONNX models made before the digest existed stay valid, with nothing fetched or published again.
+        Every file is still verified against its own sha256 and size at fetch; the digest only names the set."""
+        if not self.external_data:
+            return self.sha256
+        listing = {posixpath.basename(self.path): self.sha256,
+                   **{self.location(e): e.sha256 for e in self.external_data}}
+        return hashlib.sha256(json.dumps(listing, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         d = super().to_json()
