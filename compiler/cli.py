@@ -77,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--slo-ttft-ms", type=float,
                    help="causal LMs: time to first token objective (ms) at a 128-token prompt")
     p.add_argument("--slo-tokens-per-s", type=float, help="causal LMs: decode tokens/s objective at batch 1")
+    p.add_argument("--slo-total-ms", type=float,
+                   help="causal LMs: time-to-complete objective (ms) that token-aware routing holds each tier to")
     p.add_argument("--target", choices=("cpu", "gpu", "both", "edge"),
                    help="force the placement (default: rules decide); edge: also on devices, beside the cloud tier")
     p.add_argument("--edge-profile", metavar="NAME|FILE.json",
@@ -118,6 +120,7 @@ def run_compile(args: argparse.Namespace) -> int:
             slo_ms=args.slo_ms,
             slo_ttft_ms=args.slo_ttft_ms,
             slo_tokens_per_s=args.slo_tokens_per_s,
+            slo_total_ms=args.slo_total_ms,
             target=args.target,
             edge_profile=args.edge_profile,
             prices=args.prices,

@@ -99,6 +99,7 @@ class CompileConfig:
     slo_ms: float | None = None
     slo_ttft_ms: float | None = None  # causal LMs: time to first token at a 128-token prompt
     slo_tokens_per_s: float | None = None  # causal LMs: decode tokens/s at batch 1
+    slo_total_ms: float | None = None  # causal LMs: time to complete (routing: first token + max_tokens)
     target: str = "auto"
     edge_profile: str | None = None  # a device profile (tierserve_compiler.edge.PROFILES) or a JSON file
     prices: Path | None = None
@@ -135,16 +136,17 @@ class CompileConfig:
             )
         check_options(self, task)
         for flag, value in (("--slo-ms", self.slo_ms), ("--slo-ttft-ms", self.slo_ttft_ms),
-                            ("--slo-tokens-per-s", self.slo_tokens_per_s)):
+                            ("--slo-tokens-per-s", self.slo_tokens_per_s), ("--slo-total-ms", self.slo_total_ms)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{flag} must be positive, got {value}")
         if task == "text-generation":
             from tierserve_compiler.causal_lm import check_options as check_causal_lm
 
             check_causal_lm(self)
-        elif self.slo_ttft_ms is not None or self.slo_tokens_per_s is not None:
-            raise ConfigError("--slo-ttft-ms and --slo-tokens-per-s apply to causal LMs (a Hugging Face folder with a "
-                              "*ForCausalLM config.json, or an onnxruntime-genai folder); use --slo-ms for this model")
+        elif self.slo_ttft_ms is not None or self.slo_tokens_per_s is not None or self.slo_total_ms is not None:
+            raise ConfigError("--slo-ttft-ms, --slo-tokens-per-s and --slo-total-ms apply to causal LMs (a Hugging "
+                              "Face folder with a *ForCausalLM config.json, or an onnxruntime-genai folder); use "
+                              "--slo-ms for this model")
         if self.optimization_level not in ("basic", "extended"):
             raise ConfigError("optimization_level must be 'basic' or 'extended'")
         if self.max_batch_size < 0:

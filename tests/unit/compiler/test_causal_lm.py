@@ -65,6 +65,10 @@ def test_tiny_llama_compiles_to_a_generative_entry_served_from_the_store(genai_s
     assert set(g.tiers) == {"cpu", "gpu"} and set(g.tiers["cpu"].ttft_ms) == {16, 128, 512}
     assert g.tiers["cpu"].tokens_per_s > 0 and g.tiers["cpu"].source.startswith("measured")
     assert "gpu_generation.json" in g.tiers["gpu"].source and g.tiers["gpu"].cost_per_1m_tokens is not None
+    # And the router's prompt-token estimate is calibrated on the validation text (issue 18), with its error
+    assert g.chars_per_token is not None and 1.0 < g.chars_per_token < 6.0
+    assert g.tokens_per_nonascii_byte is not None and 0 < g.tokens_per_nonascii_byte <= 1.0
+    assert g.token_estimate_error is not None and 0 <= g.token_estimate_error < 0.5
     # And fp32 and int4 are onnxruntime-genai folders, int4 selected and on the CPU tier
     assert set(mv.variants) == {"fp32", "int4"} and mv.selected_variant == mv.cpu_variant == "int4"
     assert mv.targets == ("cpu",) and mv.cpu["memory_mb"] == 1769

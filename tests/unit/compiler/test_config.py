@@ -31,6 +31,7 @@ def test_prices_file_is_editable(tmp_path):
     ("overrides", "message"),
     [
         ({"slo_ms": -1.0}, "must be positive"),
+        ({"slo_total_ms": 0.0}, "--slo-total-ms must be positive"),
         ({"validation": "missing.npz"}, "no such file"),
         ({"target": "tpu"}, "use one of cpu, gpu, both"),
         ({"calibration_method": "histogram"}, "use one of minmax, entropy, percentile"),
