@@ -88,9 +88,10 @@ def checked_name_version(cfg: CompileConfig, manifest: Manifest) -> tuple[str, s
         raise ConfigError(f"{exc.message} (--name / --version)") from exc
 
 
-def _content(v: Variant) -> tuple[str, tuple[str, ...]]:
-    """What identifies a variant's content: the model's sha256 and each external file's."""
-    return v.sha256, tuple(e.sha256 for e in v.external_data)
+def _content(v: Variant) -> str:
+    """What identifies a variant's content: ``Variant.digest``, each file's sha256 at its location beside the
+    model (the version folder it sits in does not change it)."""
+    return v.digest
 
 
 def existing_version(

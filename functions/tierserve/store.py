@@ -3,10 +3,12 @@
 A store is a local folder or an ``s3://bucket/prefix``; ``manifest.json`` sits at its root
 and artifact paths in it are relative to that root. :meth:`ModelStore.fetch` copies every file a
 model needs (the ``.onnx`` and each external-data file the manifest lists) into a cache folder of
-its own, ``MODEL_CACHE_DIR/<sha256 of the model>/``, hashing as it copies, and only then hands
-out the path, so onnxruntime finds the external data next to the model and never reads a byte that
-was not verified. The folder is built under a temporary name and renamed into place (atomic: a
-failed or concurrent fetch never leaves a half-written model). A warm Lambda reuses it; a new
+its own, ``MODEL_CACHE_DIR/<digest of the variant>/`` (``Variant.digest``: all of its files, since two
+versions can share a ``model.onnx`` and differ in their weights, tokenizer or chat template; a model with no
+other file keeps its sha256), hashing every file as it copies, and only then hands out the path, so
+onnxruntime finds the external data next to the model and never reads a byte that was not verified. The
+folder is built under a temporary name and renamed into place (atomic: a failed or concurrent fetch never
+leaves a half-written model). A warm Lambda reuses it; a new
 process re-verifies it once and fetches it again if anything changed.
 
 The manifest is re-read every ``MANIFEST_TTL_S`` (and at once, at most once a second, when a request
@@ -151,9 +153,10 @@ class ModelStore:
         self._lock = threading.Lock()
         self._manifest: Manifest | None = None
         self._manifest_at = 0.0
-        self._verified: dict[str, Path] = {}  # sha256 -> verified local path
+        self._verified: dict[str, Path] = {}  # Variant.digest -> verified local path
         self._manifest_bytes: bytes | None = None
-        #: Called with the sha256s evicted when the manifest no longer uses them (the session cache).
+        #: Called with the digests (``Variant.digest``) evicted when the manifest no longer uses them (the session
+        #: cache, the generation engine's models).
         self.on_evict: list[Callable[[set[str]], None]] = []
         if uri.startswith("s3://"):
             bucket, _, prefix = uri[5:].partition("/")
@@ -209,16 +212,16 @@ class ModelStore:
         first = self._manifest is None
         self._manifest, self._manifest_bytes = manifest, data
         if not first:
-            self._evict(live_shas(manifest))
+            self._evict(live_digests(manifest))
 
     def _evict(self, live: set[str]) -> None:
         """Forget and delete every cached model the manifest no longer serves (called under the lock)."""
-        gone = {sha for sha in self._verified if sha not in live}
+        gone = {digest for digest in self._verified if digest not in live}
         if self.cache_dir.is_dir():
             gone |= {p.name for p in self.cache_dir.iterdir() if SHA256_RE.fullmatch(p.name) and p.name not in live}
-        for sha in gone:
-            self._verified.pop(sha, None)
-            shutil.rmtree(self.cache_dir / sha, ignore_errors=True)
+        for digest in gone:
+            self._verified.pop(digest, None)
+            shutil.rmtree(self.cache_dir / digest, ignore_errors=True)
         if gone:
             for listener in self.on_evict:
                 listener(gone)
@@ -244,20 +247,21 @@ class ModelStore:
 
     def fetch(self, variant: Variant) -> Path:
         """A verified local path for ``variant``'s model, with its external data beside it."""
-        cached = self._verified.get(variant.sha256)
+        digest = variant.digest
+        cached = self._verified.get(digest)
         if cached is not None and cached.exists():
             return cached
         with self._lock:
-            cached = self._verified.get(variant.sha256)
+            cached = self._verified.get(digest)
             if cached is not None and cached.exists():
                 return cached
             path = self._materialize(variant)
-            self._verified[variant.sha256] = path
+            self._verified[digest] = path
             return path
 
     def _materialize(self, variant: Variant) -> Path:
-        """``cache/<sha256>/model.onnx`` plus external data: reused when it verifies, else fetched anew."""
-        folder = self.cache_dir / variant.sha256
+        """``cache/<digest>/model.onnx`` plus external data: reused when it verifies, else fetched anew."""
+        folder = self.cache_dir / variant.digest
         if folder.is_dir():
             try:
                 self._verify_folder(variant, folder)
@@ -265,7 +269,7 @@ class ModelStore:
             except (ArtifactError, OSError):
                 shutil.rmtree(folder, ignore_errors=True)  # corrupted or half-deleted: fetch it again
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".fetch-{variant.sha256[:12]}-"))
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".fetch-{variant.digest[:12]}-"))
         try:
             self._copy(variant.files()[0], tmp / MODEL_FILE)
             check_external_data(tmp / MODEL_FILE, variant)
@@ -340,8 +344,9 @@ class ModelStore:
                           retries={"total_max_attempts": 3, "mode": "standard"})
 
 
-def live_shas(manifest: Manifest) -> set[str]:
-    """The sha256 of every model a request can still get: listed versions, and retired ones in their grace."""
+def live_digests(manifest: Manifest) -> set[str]:
+    """The digest (``Variant.digest``, a cache folder's name) of every variant a request can still get: listed
+    versions, and retired ones in their grace."""
     live: set[str] = set()
     for name, entry in manifest.models.items():
         for version, mv in entry.versions.items():
@@ -350,7 +355,7 @@ def live_shas(manifest: Manifest) -> set[str]:
                     manifest.resolve(name, version)
                 except ModelNotFoundError:
                     continue
-            live |= {v.sha256 for v in mv.variants.values()}
+            live |= {v.digest for v in mv.variants.values()}
     return live
 
 

@@ -4,10 +4,12 @@
 of the store never sees a version whose files are not all there:
 
 1. refuses a version that the store already holds with other content (before uploading anything);
-2. uploads the artifacts content-addressed, ``_objects/<sha256 of the model>/<file>`` (external data
-   beside the model, under the name the model refers to), skipping every object whose sha256 is already
-   there, so republishing, or publishing a version that shares a variant with an older one, uploads nothing
-   twice; the manifest entry it commits points at these keys. When the store IS the compiler's folder, the
+2. uploads the artifacts content-addressed, ``_objects/<digest of the variant>/<file>`` (``Variant.digest``:
+   all of the variant's files, so two versions sharing a ``model.onnx`` with other weights, tokenizer or chat
+   template never share, or overwrite, a prefix; a model with no other file keeps its sha256 as before), the
+   external data beside the model under the name the model refers to, skipping every object whose sha256 is
+   already there, so republishing, or publishing a version that shares a variant with an older one, uploads
+   nothing twice; the manifest entry it commits points at these keys. When the store IS the compiler's folder, the
    files are already in place and are not copied;
 3. uploads the Triton repository of a GPU-placed version, ``triton/NAME/VERSION/`` with its own config, and its
    SageMaker archive, ``sagemaker/NAME-VERSION.tar.gz`` (``tierserve_compiler.sagemaker``: what a SageMaker
@@ -77,8 +79,8 @@ def _same_folder(objects: ObjectStore, root: Path) -> bool:
 
 
 def content_addressed(variant: Variant) -> Variant:
-    """The variant as the store keeps it: ``_objects/<model sha256>/<file>``, external data beside it."""
-    folder = f"{OBJECTS_PREFIX}/{variant.sha256}"
+    """The variant as the store keeps it: ``_objects/<Variant.digest>/<file>``, external data beside it."""
+    folder = f"{OBJECTS_PREFIX}/{variant.digest}"
     exts = tuple(dataclasses.replace(e, path=f"{folder}/{variant.location(e)}") for e in variant.external_data)
     return Variant(f"{folder}/{posixpath.basename(variant.path)}", variant.sha256, variant.size_bytes, exts)
 
@@ -98,7 +100,7 @@ def publish_version(version_dir: Path, objects: ObjectStore, registry: Registry,
     root, mv = read_compiled(version_dir)
     current = registry.manifest().models.get(mv.name)
     existing = current.versions.get(mv.version) if current else None
-    if existing is not None and _shas(existing) != _shas(mv):
+    if existing is not None and _digests(existing) != _digests(mv):
         raise LifecycleError(f"{mv.name} version {mv.version} is already published in {objects.uri} with different "
                              "content; versions are immutable: compile a new version")
     result = PublishResult(record={})
@@ -184,5 +186,6 @@ def sync_triton_config(objects: ObjectStore, registry: Registry, name: str, atte
     raise ConflictError(f"triton/{name}/config.pbtxt kept changing; run the command again")
 
 
-def _shas(mv: ModelVersion) -> dict[str, str]:
-    return {k: v.sha256 for k, v in mv.variants.items()}
+def _digests(mv: ModelVersion) -> dict[str, str]:
+    """Each variant's identity, all of its files (where the store keeps them does not change it)."""
+    return {k: v.digest for k, v in mv.variants.items()}

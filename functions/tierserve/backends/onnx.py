@@ -30,10 +30,11 @@ class OnnxBackend:
         from tierserve.sessions import get_session, is_cached
 
         variant = model.cpu_artifact
-        if is_cached(variant.sha256, self.threads):
-            return get_session(self.store.fetch(variant), variant.sha256, self.threads)
+        key = variant.digest  # all of its files: versions sharing a model.onnx with other weights are apart
+        if is_cached(key, self.threads):
+            return get_session(self.store.fetch(variant), key, self.threads)
         t0 = time.perf_counter()  # a cold model: fetched (verified) and loaded, timed as ModelLoadTime
-        sess = get_session(self.store.fetch(variant), variant.sha256, self.threads)
+        sess = get_session(self.store.fetch(variant), key, self.threads)
         telemetry.model_loaded(model.name, model.version, (time.perf_counter() - t0) * 1000)
         return sess
 
@@ -84,7 +85,7 @@ class OnnxBackend:
                 return InferenceError(f"model {model.name!r} v{model.version} failed its readiness run: {exc}")
             return None
 
-        self.readiness.check(model.cpu_artifact.sha256, probe)
+        self.readiness.check(model.cpu_artifact.digest, probe)
 
     def ready(self, model: ModelVersion | None = None) -> bool:
         return ready_by(self.check_ready, model)

@@ -21,7 +21,8 @@ from tierserve.tiers import Tier
 
 
 class SessionPool:
-    """onnxruntime sessions keyed by the artifact's sha256, bounded by ``max_bytes`` of estimated memory (LRU)."""
+    """onnxruntime sessions keyed by the variant's digest (all of its files), bounded by ``max_bytes`` of estimated
+    memory (LRU)."""
 
     def __init__(self, max_bytes: int, threads: int) -> None:
         self.max_bytes = max_bytes
@@ -40,13 +41,13 @@ class SessionPool:
 
     def get(self, held: Held) -> Any:
         with self._lock:
-            entry = self._sessions.get(held.sha256)
+            entry = self._sessions.get(held.digest)
             if entry is not None:
-                self._sessions.move_to_end(held.sha256)
+                self._sessions.move_to_end(held.digest)
                 return entry[0]
         with self._build_lock:  # one build at a time: a device has few cores and little memory
             with self._lock:
-                entry = self._sessions.get(held.sha256)
+                entry = self._sessions.get(held.digest)
                 if entry is not None:
                     return entry[0]
             session = self._build(held)
@@ -55,7 +56,7 @@ class SessionPool:
                 while self._sessions and self.used_bytes + size > self.max_bytes:
                     self._sessions.popitem(last=False)
                     self.evictions += 1
-                self._sessions[held.sha256] = (session, size)
+                self._sessions[held.digest] = (session, size)
             touch(held.path)
             return session
 

@@ -1,11 +1,11 @@
 """The model store as an edge device sees it: synced every interval, verified, swapped atomically, kept offline.
 
 ``EdgeStore`` is a :class:`~tierserve.store.ModelStore` (same folder or S3 store, same sha256-verified,
-link-refusing fetch into ``cache_dir/<sha256>/``) whose ``manifest()`` never touches the network: it
-answers the last good sync. ``sync()`` reads the store's manifest and, for every model whose default or
-canary version is placed on the edge (``"edge"`` in its targets), fetches that version's edge variant
-(``edge_variant``) and verifies every file against its sha256 and size. Only then is the new view
-swapped in, in one assignment: a request sees the old view or the new one, never a mix.
+link-refusing fetch into ``cache_dir/<digest>/``, one folder per variant, named by ``Variant.digest``) whose
+``manifest()`` never touches the network: it answers the last good sync. ``sync()`` reads the store's manifest
+and, for every model whose default or canary version is placed on the edge (``"edge"`` in its targets), fetches
+that version's edge variant (``edge_variant``) and verifies every file against its sha256 and size. Only then is
+the new view swapped in, in one assignment: a request sees the old view or the new one, never a mix.
 
 What a device does when something goes wrong:
 
@@ -47,7 +47,7 @@ from tierserve.store import ModelStore
 
 STATE_FILE = "edge-state.json"
 STATE_SCHEMA = 1
-_SHA_DIR = re.compile(r"[0-9a-f]{64}")
+_DIGEST_DIR = re.compile(r"[0-9a-f]{64}")
 MB = 1024 * 1024
 
 
@@ -67,7 +67,13 @@ class Held:
 
     @property
     def sha256(self) -> str:
+        """The model file's sha256 (what status shows)."""
         return self.model.edge_artifact.sha256
+
+    @property
+    def digest(self) -> str:
+        """The variant's identity, all of its files (``Variant.digest``): its cache folder and session key."""
+        return self.model.edge_artifact.digest
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,7 @@ class EdgeStore(ModelStore):
     def held(self, model: ModelVersion) -> Held | None:
         """The version, if the device holds its edge variant (verified); None: it is forwarded."""
         h = self._snapshot.held.get((model.name, model.version))
-        return h if h is not None and h.sha256 == model.edge_artifact.sha256 else None
+        return h if h is not None and h.digest == model.edge_artifact.digest else None
 
     # --- sync ------------------------------------------------------------------------------------------
 
@@ -233,43 +239,45 @@ class EdgeStore(ModelStore):
                 f"{mv.name} v{mv.version} ({variant.path}) needs about {self.estimate(need) / MB:.0f} MB of memory "
                 f"once loaded, over this device's budget of {self.max_memory_bytes / MB:.0f} MB (--max-memory-mb); "
                 "it is forwarded to the cloud")
-        kept = {h.sha256: h.size_bytes for h in held.values()}
-        if variant.sha256 not in kept and sum(kept.values()) + need > self.max_disk_bytes:
+        digest = variant.digest
+        kept = {h.digest: h.size_bytes for h in held.values()}
+        if digest not in kept and sum(kept.values()) + need > self.max_disk_bytes:
             raise ArtifactError(
                 f"{mv.name} v{mv.version} needs {need / MB:.1f} MB of disk beside {sum(kept.values()) / MB:.1f} MB "
                 f"held, over this device's budget of {self.max_disk_bytes / MB:.0f} MB (--max-disk-mb); "
                 "it is forwarded to the cloud")
-        if not (self.cache_dir / variant.sha256).is_dir():
-            self.evict(keep={*kept, variant.sha256}, room=need)
+        if not (self.cache_dir / digest).is_dir():
+            self.evict(keep={*kept, digest}, room=need)
         return Held(mv, self.fetch(variant), need)
 
     # --- disk ------------------------------------------------------------------------------------------
 
     def disk_usage(self) -> dict[str, int]:
-        """Bytes of each cached version folder (cache_dir/<sha256>/)."""
+        """Bytes of each cached variant folder (cache_dir/<digest>/)."""
         out: dict[str, int] = {}
         if not self.cache_dir.is_dir():
             return out
         for d in self.cache_dir.iterdir():
-            if d.is_dir() and _SHA_DIR.fullmatch(d.name):
+            if d.is_dir() and _DIGEST_DIR.fullmatch(d.name):
                 out[d.name] = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         return out
 
     def evict(self, keep: set[str] | frozenset[str] | None = None, room: int = 0) -> list[str]:
         """Remove cached versions no longer held, least recently used first, until the cache plus ``room``
-        fits ``max_disk_bytes``; returns the sha256 prefixes evicted."""
-        keep = set(keep or ()) | {h.sha256 for h in self._snapshot.held.values()}
+        fits ``max_disk_bytes``; ``keep`` and the folders are digests (``Variant.digest``); returns the prefixes
+        of the digests evicted."""
+        keep = set(keep or ()) | {h.digest for h in self._snapshot.held.values()}
         usage = self.disk_usage()
         total = sum(usage.values()) + room
         evicted = []
         candidates = sorted((d for d in usage if d not in keep), key=lambda d: (self.cache_dir / d).stat().st_mtime)
-        for sha in candidates:
+        for digest in candidates:
             if total <= self.max_disk_bytes:
                 break
-            shutil.rmtree(self.cache_dir / sha, ignore_errors=True)
-            self._verified.pop(sha, None)
-            total -= usage[sha]
-            evicted.append(sha[:12])
+            shutil.rmtree(self.cache_dir / digest, ignore_errors=True)
+            self._verified.pop(digest, None)
+            total -= usage[digest]
+            evicted.append(digest[:12])
         return evicted
 
     # --- persistence and seeding -----------------------------------------------------------------------
@@ -313,10 +321,10 @@ class EdgeStore(ModelStore):
     def _cached(self, mv: ModelVersion) -> Path:
         """The verified cached folder of ``mv``'s edge variant, without asking the store (offline start)."""
         variant = mv.edge_artifact
-        folder = self.cache_dir / variant.sha256
+        folder = self.cache_dir / variant.digest
         self._verify_folder(variant, folder)
         path = folder / "model.onnx"
-        self._verified[variant.sha256] = path
+        self._verified[variant.digest] = path
         return path
 
     def seed_from(self, seed_dir: str | Path) -> SyncStatus:

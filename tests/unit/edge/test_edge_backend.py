@@ -47,3 +47,21 @@ def test_sessions_are_evicted_least_recently_used_within_the_memory_budget(tmp_p
     loaded = {store.held(store.manifest().resolve(n)).sha256: n for n in "abc"}
     assert [loaded[s] for s in backend.pool.loaded()] == ["c", "a"]
     assert backend.pool.evictions == 2 and backend.pool.used_bytes <= 2 * one
+
+
+def test_versions_sharing_model_onnx_run_each_with_their_own_weights(tmp_path: Path) -> None:
+    # Given v1 (default) and v2 (canary) held: the same model.onnx, other external weights (issue 17)
+    from tests.support.models import linear_onnx
+    from tests.support.variant_pairs import write_pair
+
+    write_pair(tmp_path / "store", "pair", "external")
+    store = EdgeStore(str(tmp_path / "store"), tmp_path / "cache")
+    assert store.sync().refused == {}
+    backend = EdgeBackend(store, threads=1, max_memory_bytes=64 << 20)
+    # When each is run, in turn, on the same rows
+    for v in ("1", "2", "1"):
+        out = backend.infer(store.manifest().resolve("pair", v), json_call(2), 1.0).arrays()["y"]
+        # Then each answers with its own weights (its own session in the pool), not the other's
+        _, w, b = linear_onnx(seed=int(v))
+        np.testing.assert_allclose(out, rows_of(2) @ w + b, rtol=1e-5, atol=1e-5)
+    assert len(backend.pool.loaded()) == 2

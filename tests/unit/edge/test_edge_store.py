@@ -184,3 +184,49 @@ def test_knows_a_model_held_or_in_the_last_manifest_only(store_dir: Path, tmp_pa
     assert not store.knows("lin")  # nothing synced yet
     store.sync()
     assert store.knows("lin") and store.knows("gpu-only") and not store.knows("nosuch")
+
+
+# --- a variant is all of its files (issue 17): versions sharing model.onnx ---------------------------------
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+@pytest.mark.parametrize("kind", ["genai", "external"])
+def test_versions_sharing_model_onnx_are_held_each_with_their_own_files(tmp_path: Path, kind: str,
+                                                                        where: str) -> None:
+    import boto3
+    from moto import mock_aws
+
+    from tests.support.variant_pairs import assert_holds, write_pair
+
+    with mock_aws():
+        # Given v1 (default) and v2 (canary) on the edge: the same model.onnx, another chat template or weights
+        root = tmp_path / "store"
+        files = write_pair(root, "pair", kind)
+        uri, s3 = str(root), None
+        if where == "s3":
+            s3 = boto3.client("s3", region_name="us-east-1")
+            s3.create_bucket(Bucket="tierserve-edge-test")
+            for f in (p for p in root.rglob("*") if p.is_file()):
+                s3.upload_file(str(f), "tierserve-edge-test", f"models/{f.relative_to(root).as_posix()}")
+            uri = "s3://tierserve-edge-test/models"
+        store = EdgeStore(uri, tmp_path / "cache", s3_client=s3)
+        # When the device syncs
+        status = store.sync()
+        # Then it holds both, each verified beside its own files, in its own folder named by the variant's digest
+        assert status.refused == {} and held(store) == {"pair/1", "pair/2"}
+        manifest = store.manifest()
+        holds = {v: store.held(manifest.resolve("pair", v)) for v in ("1", "2")}
+        for v, h in holds.items():
+            assert h is not None
+            assert_holds(h.path, files[v])
+        assert all(h is not None and h.path.parent.name == h.model.edge_artifact.digest for h in holds.values())
+        assert len(store.disk_usage()) == 2
+        # And after a restart offline, the saved state re-verifies and holds both, each with its own files
+        restarted = EdgeStore("s3://unreachable-bucket/models", tmp_path / "cache")
+        assert restarted.load_state() and held(restarted) == {"pair/1", "pair/2"} and restarted.status.refused == {}
+        for v in ("1", "2"):
+            h = restarted.held(restarted.manifest().resolve("pair", v))
+            assert h is not None
+            assert_holds(h.path, files[v])
+        # And eviction keeps both folders: each is held, by its digest
+        assert restarted.evict(room=restarted.max_disk_bytes) == [] and len(restarted.disk_usage()) == 2

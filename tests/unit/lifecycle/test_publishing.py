@@ -44,9 +44,14 @@ def test_content_addresses_keep_external_data_beside_the_model():
 
     v = Variant("m/1/model.onnx", "a" * 64, 10, (ExternalFile("m/1/w/model.onnx.data", "b" * 64, 5),))
     ca = content_addressed(v)
-    assert ca.path == f"_objects/{'a' * 64}/model.onnx"
-    assert ca.external_data[0].path == f"_objects/{'a' * 64}/w/model.onnx.data" and ca.location(ca.external_data[0]) \
+    # the prefix is the variant's digest (all of its files), which the move does not change
+    assert ca.digest == v.digest != v.sha256
+    assert ca.path == f"_objects/{v.digest}/model.onnx"
+    assert ca.external_data[0].path == f"_objects/{v.digest}/w/model.onnx.data" and ca.location(ca.external_data[0]) \
         == "w/model.onnx.data"
+    # and a model with no other file keeps its sha256 as its prefix, as stores published before the digest have it
+    plain = Variant("m/1/model.onnx", "a" * 64, 10)
+    assert content_addressed(plain).path == f"_objects/{'a' * 64}/model.onnx"
 
 
 def test_gpu_versions_go_to_the_triton_repository_which_lists_the_published_ones(tmp_path, store):
@@ -99,3 +104,69 @@ def test_a_gpu_version_is_published_as_its_sagemaker_archive_too(tmp_path, store
         assert sorted(m.name for m in tar.getmembers() if m.isfile()) == ["g/1/model.onnx", "g/config.pbtxt"]
     # And publishing it again uploads nothing new
     assert "sagemaker/g-1.tar.gz" in publish_version(tmp_path / "build" / "g" / "1", objects, reg).skipped
+
+
+# --- a variant is all of its files (issue 17): versions sharing model.onnx ---------------------------------
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+@pytest.mark.parametrize("kind", ["genai", "external"])
+def test_versions_sharing_model_onnx_are_published_apart_and_each_fetched_with_its_files(tmp_path, kind, where):
+    import boto3
+    from moto import mock_aws
+
+    from tests.support.variant_pairs import assert_holds, write_pair
+    from tierserve.edge.store import EdgeStore
+    from tierserve.lifecycle.objects import S3Objects
+    from tierserve.store import ModelStore
+
+    with mock_aws():
+        # Given v1 and v2 compiled with the same model.onnx and another chat template (genai) or weights (external)
+        build = tmp_path / "build"
+        files = write_pair(build, "pair", kind)
+        s3 = None
+        if where == "s3":
+            s3 = boto3.client("s3", region_name="us-east-1")
+            s3.create_bucket(Bucket="tierserve-publish-test")
+            objects = S3Objects("s3://tierserve-publish-test/models", s3)
+        else:
+            objects = FolderObjects(tmp_path / "store")
+        reg = Registry(objects, actor="ci")
+        # When both are published into one store, v2 as the canary
+        first = publish_version(build / "pair" / "1", objects, reg)
+        second = publish_version(build / "pair" / "2", objects, reg, canary=50)
+        # Then the cloud fetches both, each verified beside its own files
+        entry = reg.entry("pair")
+        v1, v2 = (entry.versions[v].cpu_artifact for v in ("1", "2"))
+        cloud = ModelStore(objects.uri, tmp_path / "cache", s3_client=s3)
+        assert_holds(cloud.fetch(v1), files["1"])
+        assert_holds(cloud.fetch(v2), files["2"])
+        # And v2 shares no object with v1 (nothing of v1's was overwritten): each is under its variant's digest
+        assert set(first.uploaded).isdisjoint(second.uploaded) and second.skipped == []
+        assert v1.path == f"_objects/{v1.digest}/model.onnx" and v2.path == f"_objects/{v2.digest}/model.onnx"
+        # And so does an edge device holding the default (v1) and the canary (v2)
+        edge = EdgeStore(objects.uri, tmp_path / "edge-cache", s3_client=s3)
+        assert edge.sync().refused == {}
+        for v in ("1", "2"):
+            h = edge.held(edge.manifest().resolve("pair", v))
+            assert h is not None
+            assert_holds(h.path, files[v])
+        # And publishing v1 again with one file changed is refused before anything is uploaded
+        changed = next(p for p in sorted((build / "pair" / "1").rglob("*")) if p.name in ("chat_template.jinja",
+                                                                                         "weights.bin"))
+        changed.write_bytes(files["2"][changed.name])
+        import dataclasses
+
+        from tierserve_compiler.publish import variant_entries, write_manifest_entry
+
+        mv1 = reg.entry("pair").versions["1"]
+        model = changed.parent / "model.onnx"
+        redone = dataclasses.replace(mv1, variants=variant_entries("pair", "1", {"fp32": model}), published_at="",
+                                     published_by="")
+        (build / "manifest.json").unlink()
+        write_manifest_entry(build, redone)
+        before = objects.list("_objects")
+        with pytest.raises(LifecycleError, match="different content"):
+            publish_version(build / "pair" / "1", objects, reg)
+        assert objects.list("_objects") == before
+        assert_holds(ModelStore(objects.uri, tmp_path / "cache2", s3_client=s3).fetch(v1), files["1"])

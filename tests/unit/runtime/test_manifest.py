@@ -213,3 +213,29 @@ def test_a_bad_generation_entry_takes_down_its_model_with_the_reason(change, rea
     change(doc["models"]["lm"]["versions"]["1"])
     with pytest.raises(errors.ManifestError, match=reason):
         Manifest.from_json(doc).resolve("lm", None)
+
+
+def test_a_variants_digest_covers_every_file_and_is_its_sha256_when_it_has_one():
+    # issue 17: a variant's identity (cache folder, published prefix, sessions) is all of its files
+    import hashlib
+
+    from tierserve.manifest import ExternalFile, Variant
+
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    plain = Variant("m/1/model.onnx", a, 10)
+    assert plain.digest == a  # caches and stores of plain models from before the digest stay valid
+    v = Variant("m/1/fp32/model.onnx", a, 10, (ExternalFile("m/1/fp32/tokenizer.json", b, 5),
+                                                 ExternalFile("m/1/fp32/sub/model.onnx.data", c, 7)))
+    listing = json.dumps({"model.onnx": a, "sub/model.onnx.data": c, "tokenizer.json": b}, sort_keys=True,
+                         separators=(",", ":"))
+    assert v.digest == hashlib.sha256(listing.encode()).hexdigest() != a
+    # the same files elsewhere (another version, a published prefix), listed in another order: the same digest
+    moved = Variant("_objects/x/model.onnx", a, 10, (ExternalFile("_objects/x/sub/model.onnx.data", c, 7),
+                                                     ExternalFile("_objects/x/tokenizer.json", b, 5)))
+    assert moved.digest == v.digest
+    # one file's content, or its location, changed: another digest
+    other = Variant("m/1/fp32/model.onnx", a, 10, (ExternalFile("m/1/fp32/tokenizer.json", c, 5),
+                                                     ExternalFile("m/1/fp32/sub/model.onnx.data", c, 7)))
+    renamed = Variant("m/1/fp32/model.onnx", a, 10, (ExternalFile("m/1/fp32/tokenizer.json", b, 5),
+                                                       ExternalFile("m/1/fp32/model.onnx.data", c, 7)))
+    assert len({v.digest, other.digest, renamed.digest}) == 3

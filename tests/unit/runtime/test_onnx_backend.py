@@ -155,3 +155,22 @@ def test_bytes_that_are_not_utf8_are_the_clients_error_for_a_string_model(tmp_pa
     request = InferRequest(inputs=[tensor_from_numpy("s", np.array([b"a", b"\xff\xfe"], object))])
     with pytest.raises(InvalidRequestError, match=r"input 's': BYTES element 1 is not UTF-8 text"):
         backend.infer(mv, InferenceCall.from_request(request))
+
+
+def test_versions_sharing_model_onnx_run_each_with_their_own_weights(tmp_path) -> None:
+    # Given v1 and v2 with the same model.onnx and other external weights (issue 17: a variant is all its files)
+    from tests.support.fakes import json_call, rows_of
+    from tests.support.models import linear_onnx
+    from tests.support.variant_pairs import write_pair
+    from tierserve.sessions import clear_sessions
+
+    clear_sessions()
+    write_pair(tmp_path / "store", "pair", "external")
+    store = ModelStore(str(tmp_path / "store"), tmp_path / "cache")
+    backend = OnnxBackend(store)
+    # When each is run, in turn, on the same rows
+    for v in ("1", "2", "1"):
+        out = backend.infer(store.manifest().resolve("pair", v), json_call(2)).arrays()["y"]
+        # Then each answers with its own weights (its own session), not the other's
+        _, w, b = linear_onnx(seed=int(v))
+        np.testing.assert_allclose(out, rows_of(2) @ w + b, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -188,8 +189,8 @@ def test_model_with_external_data_is_fetched_into_its_own_cache_folder_and_runs(
     variant = store.manifest().resolve("ext").cpu_artifact
     # When it is fetched
     path = store.fetch(variant)
-    # Then model and weights sit together in a cache folder named after the model's sha256, and it runs
-    assert path.parent == tmp_path / "cache" / variant.sha256
+    # Then model and weights sit together in a cache folder named after the variant's digest, and it runs
+    assert path.parent == tmp_path / "cache" / variant.digest
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "weights.bin"]
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_allclose(_run(path, x), expected, rtol=1e-6)
@@ -415,3 +416,66 @@ def test_s3_failing_during_a_fetch_is_unavailable_not_a_broken_model_and_leaves_
     if code == "artifact_unavailable":
         assert resp["headers"]["retry-after"] == "5"
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+# --- a variant is all of its files (issue 17): versions sharing model.onnx ---------------------------------
+
+
+def _pair_store(tmp_path: Path, kind: str, where: str) -> tuple[ModelStore, dict[str, dict[str, bytes]]]:
+    """A store (folder, or S3 under mock_aws) holding 'pair' v1 and v2: the same model.onnx, one other file apart."""
+    from tests.support.variant_pairs import write_pair
+
+    root = tmp_path / "models"
+    files = write_pair(root, "pair", kind)
+    if where == "folder":
+        return ModelStore(str(root), tmp_path / "cache", manifest_ttl_s=0), files
+    return ModelStore("s3://tierserve-models-test/models", tmp_path / "cache", manifest_ttl_s=0,
+                      s3_client=_upload(root)), files
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+@pytest.mark.parametrize("kind", ["genai", "external"])
+def test_versions_sharing_model_onnx_are_each_fetched_with_their_own_files(tmp_path, kind, where):
+    from tests.support.variant_pairs import assert_holds
+
+    with mock_aws():
+        # Given v1 and v2 with the same model.onnx and another chat template (genai) or other weights (external)
+        store, files = _pair_store(tmp_path, kind, where)
+        manifest = store.manifest()
+        v1, v2 = (manifest.resolve("pair", v).cpu_artifact for v in ("1", "2"))
+        assert v1.sha256 == v2.sha256 and v1.digest != v2.digest
+        # When both are fetched by one store
+        p1, p2 = store.fetch(v1), store.fetch(v2)
+        # Then each sits beside its own files, verified, in its own cache folder named by its digest
+        assert_holds(p1, files["1"])
+        assert_holds(p2, files["2"])
+        assert p1.parent == tmp_path / "cache" / v1.digest and p2.parent == tmp_path / "cache" / v2.digest
+        # And a new process (a store over the same cache) reuses both, in either order, without refetching
+        fresh = ModelStore(store.uri, tmp_path / "cache", s3_client=store._s3)
+        assert (fresh.fetch(v2), fresh.fetch(v1)) == (p2, p1)
+        assert_holds(p1, files["1"])
+        assert_holds(p2, files["2"])
+
+
+def test_eviction_keeps_the_version_still_served_when_another_shares_its_model_onnx(tmp_path):
+    from tests.support.variant_pairs import assert_holds
+
+    # Given v1 and v2 (same model.onnx, other weights) both fetched, and a session listener
+    store, files = _pair_store(tmp_path, "external", "folder")
+    evicted: list[set[str]] = []
+    store.on_evict.append(evicted.append)
+    manifest = store.manifest()
+    v1, v2 = (manifest.resolve("pair", v).cpu_artifact for v in ("1", "2"))
+    p1, p2 = store.fetch(v1), store.fetch(v2)
+    # When the store's manifest no longer lists v1
+    doc = manifest.to_json()
+    entry = doc["models"]["pair"]
+    entry.pop("canary")
+    entry["default_version"] = "2"
+    del entry["versions"]["1"]
+    (tmp_path / "models" / "manifest.json").write_text(json.dumps(doc))
+    store.manifest()
+    # Then v2's folder is kept, with v2's files, and v1's folder and sessions are evicted (by its digest)
+    assert_holds(store.fetch(v2), files["2"])
+    assert store.fetch(v2) == p2 and p2.exists()
+    assert evicted == [{v1.digest}] and not p1.exists()
