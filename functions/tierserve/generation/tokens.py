@@ -262,7 +262,10 @@ class TokenCounter:
 def _load_tokenizer(data: bytes) -> Any:
     from tokenizers import Tokenizer  # here only: the router's handler never imports it
 
-    return Tokenizer.from_str(data.decode("utf-8"))
+    tok = Tokenizer.from_str(data.decode("utf-8"))
+    tok.no_padding()  # a tokenizer.json may pad or truncate every encoding (sentence-transformers' do): a count
+    tok.no_truncation()  # must see the text's own tokens
+    return tok
 
 
 def calibrate_folder(folder: Any, texts: Iterable[str]) -> dict[str, float]:
