@@ -192,17 +192,31 @@ def estimate_tier(ctx: RouteContext, tier: str) -> TierEstimate | None:
 
 
 def _token_rule(ctx: RouteContext) -> Decision:
-    """A generation on a model in both cloud tiers: the cheapest tier that meets the SLOs, else the fastest."""
+    """A generation on a model in both cloud tiers: Lambda when it meets the SLOs, else the cheapest tier that
+    does, else the fastest.
+
+    Why Lambda first and not simply the cheapest per token: a GPU endpoint's per-token price (the manifest's
+    ``cost_per_1m_tokens``) assumes the endpoint is kept busy, and it is paid by the hour whether or not it
+    is; Lambda is paid per request. A short chat that Lambda serves within the SLO costs its own milliseconds
+    there, while on the GPU it takes capacity that long prompts and long answers need (sizing the endpoint up).
+    With the compiler's figures a busy GPU is cheaper per token than Lambda for every request, so "cheapest"
+    alone would send every chat to the GPU; the cost decides among the tiers that meet the SLO when Lambda
+    does not."""
     order = (Tier.CPU, Tier.GPU)  # ties go to the CPU tier (Lambda): it scales with the requests
     facts = f"{ctx.prompt_tokens} prompt tokens, max_tokens {ctx.max_tokens}"
     estimates = {t: estimate_tier(ctx, t) for t in order}
     known = [e for e in estimates.values() if e is not None]
     meeting = [e for e in known if not e.misses]
     if meeting:
-        best = min(meeting, key=lambda e: (e.cost_usd is None, e.cost_usd or 0.0, order.index(Tier(e.tier))))
+        cpu = next((e for e in meeting if e.tier == Tier.CPU), None)
+        if cpu is not None and len(meeting) > 1:
+            best = cpu
+            why = "the CPU tier (Lambda) meets the SLO, so the GPU's capacity stays for what only it can serve"
+        else:
+            best = min(meeting, key=lambda e: (e.cost_usd is None, e.cost_usd or 0.0, order.index(Tier(e.tier))))
+            why = "the cheapest tier that meets the SLO" if len(meeting) > 1 else "the only tier that meets the SLO"
         others = "; ".join(f"{e.describe()}" + (f" (misses {', '.join(e.misses)})" if e.misses else "")
                            for e in known if e is not best)
-        why = "the cheapest tier that meets the SLO" if len(meeting) > 1 else "the only tier that meets the SLO"
         return Decision(best.tier, f"{facts}: {why}, {best.describe()}" + (f"; {others}" if others else ""))
     unknown = [t for t in order if estimates[t] is None]
     if known and unknown:
@@ -227,8 +241,9 @@ def token_aware(ctx: RouteContext) -> Decision:
        (:func:`estimate_tier`): time to first token at this prompt length, time to complete with
        ``max_tokens``, and the cost of that time; it meets the SLO when it misses none of ``slo_ttft_ms``,
        ``slo_tokens_per_s``, ``slo_total_ms`` and the request's time left;
-    4. the cheapest tier that meets the SLO (a tie: the CPU); none: a tier without figures if there is one,
-       else the fastest. No figures at all: ``size-aware``.
+    4. the CPU tier (Lambda) when it meets the SLO; else the cheapest tier that meets it; none: a tier without
+       figures if there is one, else the fastest (see :func:`_token_rule` for why Lambda first). No figures at
+       all: ``size-aware``.
     The figures come from the manifest only (the compiler's measured profile, GPU figures from its cited
     table); the policy never reads ``compiler/prices.json``."""
     if ctx.prompt_tokens is None:

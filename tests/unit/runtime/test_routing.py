@@ -382,8 +382,8 @@ def gen_ctx(prompt: int, answer: int, model: ModelVersion | None = None, **kw) -
 
 
 @pytest.mark.parametrize(("prompt", "answer", "target", "why"), [
-    (20, 64, "cpu", "the cheapest tier that meets the SLO"),        # a short chat: Lambda
-    (300, 256, "cpu", "the cheapest tier that meets the SLO"),
+    (20, 64, "cpu", "the CPU tier (Lambda) meets the SLO"),         # a short chat: Lambda
+    (300, 256, "cpu", "the CPU tier (Lambda) meets the SLO"),
     (2000, 64, "gpu", "the only tier that meets the SLO"),          # a long prompt: CPU's first token too late
     (100, 2048, "gpu", "the only tier that meets the SLO"),         # a long answer: CPU would take ~15 s
 ])
@@ -407,15 +407,14 @@ def test_token_aware_names_what_the_cpu_would_miss() -> None:
     assert "ms to complete > slo_total_ms 10000" in d.reason
 
 
-def test_token_aware_takes_the_cheapest_tier_meeting_the_slo() -> None:
-    # Given a GPU cheaper per token than Lambda (a well-utilised GPU), both meeting the SLOs
+def test_token_aware_keeps_lambda_first_even_when_a_busy_gpu_is_cheaper_per_token() -> None:
+    # Given a GPU cheaper per token than Lambda (the compiler's figure for a well-utilised GPU), both meeting the SLOs
     model = generative(tiers={"cpu": CPU_FIGURES, "gpu": dataclasses.replace(GPU_FIGURES, cost_per_1m_tokens=0.05)})
-    # Then even a short chat goes to the GPU: the policy is "cheapest within the SLO", not "CPU first"
-    assert routing.token_aware(gen_ctx(20, 64, model)).target == "gpu"
-    # And equal costs go to the CPU tier
-    same = generative(tiers={"cpu": dataclasses.replace(CPU_FIGURES, cost_per_1m_tokens=None),
-                             "gpu": dataclasses.replace(GPU_FIGURES, cost_per_1m_tokens=None)})
-    assert routing.token_aware(gen_ctx(20, 64, same)).target == "cpu"
+    # Then a short chat still goes to Lambda: the GPU's capacity is kept for what only it can serve
+    d = routing.token_aware(gen_ctx(20, 64, model))
+    assert d.target == "cpu" and "GPU's capacity stays for what only it can serve" in d.reason
+    # And when only the GPU meets the SLO it is chosen, whatever its price
+    assert routing.token_aware(gen_ctx(2000, 64, model)).target == "gpu"
 
 
 def test_token_aware_prefill_on_the_cpu_is_part_of_its_cost() -> None:
@@ -426,8 +425,9 @@ def test_token_aware_prefill_on_the_cpu_is_part_of_its_cost() -> None:
     assert cpu is not None and gpu is not None and not cpu.misses and not gpu.misses
     assert cpu.cost_usd == pytest.approx(0.34 * (16 + 135.0 * cpu.ttft_ms / 1000) / 1e6)
     assert gpu.cost_usd < cpu.cost_usd
-    assert routing.token_aware(gen_ctx(2000, 16, model)).target == "gpu"
-    assert routing.token_aware(gen_ctx(20, 16, model)).target == "cpu"
+    # And without an SLO Lambda meets it, so even that long prompt stays there (an SLO is what sends it away)
+    assert routing.token_aware(gen_ctx(2000, 16, model)).target == "cpu"
+    assert routing.token_aware(gen_ctx(2000, 16)).target == "gpu"
 
 
 def test_token_aware_tokens_per_s_slo_and_the_time_left() -> None:
@@ -502,8 +502,11 @@ def test_token_aware_properties(seed: int) -> None:
         known = {t: e for t, e in est.items() if e is not None}
         meeting = {t: e for t, e in known.items() if not e.misses}
         if meeting:
-            # a tier meets the SLO: the chosen one does, and none that does is cheaper
+            # a tier meets the SLO: the chosen one does; Lambda when it does, else none that does is cheaper
             chosen = meeting[d.target]
+            if "cpu" in meeting:
+                assert d.target == "cpu"
+                continue
             costs = [e.cost_usd for e in meeting.values() if e.cost_usd is not None]
             if chosen.cost_usd is not None:
                 assert chosen.cost_usd <= min(costs)
