@@ -34,9 +34,16 @@ TIERS = {
     "sagemaker": {"GpuTier": "sagemaker", "GpuModelName": "minilm", "GpuModelVersion": "1",
                   "GpuModelDataUrl": f"s3://tierserve-models-{ACCOUNT}-{REGION}/models/sagemaker/minilm-1.tar.gz"},
 }
+#: GpuTier=sagemaker with a generative model on its own endpoint (the vLLM Triton image, issue 18).
+GENERATIVE = {**TIERS["sagemaker"], "GenerativeModelName": "tiny-llama",
+              "GenerativeModelDataUrl": f"s3://tierserve-models-{ACCOUNT}-{REGION}/models/sagemaker/tiny-llama-1.tar.gz",
+              "GenerativeImageUri": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/tritonserver:24.12-vllm-python-py3"}
+GENERATIVE_RESOURCES = {"GenerativeModelRole", "GenerativeModel", "GenerativeEndpointConfig", "GenerativeEndpoint",
+                        "RouterStreamsFromTheGenerativeEndpoint"}
 #: Beside the tiers: every CPU memory class deployed, with provisioned concurrency (tierserve deploy-config's output).
-RENDERINGS = {**TIERS, "cpu-classes": {"CpuClass3538": "true", "CpuClass5307": "true", "CpuClass10240": "true",
-                                       "CpuColdStart": "provisioned", "CpuEphemeralStorageMb": "4096"},
+RENDERINGS = {**TIERS, "sagemaker-vllm": GENERATIVE,
+              "cpu-classes": {"CpuClass3538": "true", "CpuClass5307": "true", "CpuClass10240": "true",
+                              "CpuColdStart": "provisioned", "CpuEphemeralStorageMb": "4096"},
               # the streaming REST API behind the Cognito authorizer (every other rendering: ApiAuth=keys)
               "api-auth-jwt": {"ApiAuth": "jwt", "JwtAudience": "1example23456789",
                                "JwtIssuer": f"https://cognito-idp.{REGION}.amazonaws.com/{REGION}_EXAMPLE"}}
@@ -144,11 +151,47 @@ def test_sagemaker_deploys_tritons_container_on_an_autoscaled_endpoint(rendered)
     assert s3["Action"] == "s3:GetObject"
 
 
+def test_a_generative_model_gets_its_own_streaming_endpoint_on_the_vllm_image(rendered):
+    doc, _ = rendered["sagemaker-vllm"]
+    res = doc["Resources"]
+    assert set(res) >= GPU_RESOURCES | GENERATIVE_RESOURCES
+    for tier in ("none", "url", "sagemaker"):  # only with GpuTier=sagemaker and a generative archive
+        assert not GENERATIVE_RESOURCES & set(rendered[tier][0]["Resources"])
+    container = res["GenerativeModel"]["Properties"]["PrimaryContainer"]
+    assert container["Image"] == {"Ref": "GenerativeImageUri"}
+    assert container["ModelDataUrl"] == {"Ref": "GenerativeModelDataUrl"}
+    # generation enabled, streamed: one inference type per container, so this endpoint is the generative one
+    assert container["Environment"] == {"SAGEMAKER_TRITON_DEFAULT_MODEL_NAME": {"Ref": "GenerativeModelName"},
+                                        "SAGEMAKER_TRITON_INFERENCE_TYPE": "generate_stream"}
+    assert res["GenerativeModel"]["Properties"]["EnableNetworkIsolation"] is True
+    variant = res["GenerativeEndpointConfig"]["Properties"]["ProductionVariants"][0]
+    assert variant["InstanceType"] == {"Ref": "GenerativeInstanceType"}
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] >= 600  # vLLM loads weights before /ping
+    assert doc["Parameters"]["GenerativeInstanceType"]["Default"] == "ml.g5.xlarge"
+    assert "24.12-vllm-python-py3" in doc["Parameters"]["GenerativeImageUri"]["Description"]
+    # least privilege: the router may stream from this endpoint and nothing else; the GPU endpoint is unchanged
+    policy = res["RouterStreamsFromTheGenerativeEndpoint"]["Properties"]
+    assert policy["Roles"] == [{"Ref": "RouterFunctionRole"}]
+    assert policy["PolicyDocument"]["Statement"] == [{
+        "Sid": "StreamFromTheGenerativeEndpointOnly", "Effect": "Allow",
+        "Action": "sagemaker:InvokeEndpointWithResponseStream", "Resource": {"Ref": "GenerativeEndpoint"}}]
+    assert res["GpuModel"]["Properties"]["PrimaryContainer"]["Environment"] == {
+        "SAGEMAKER_TRITON_DEFAULT_MODEL_NAME": {"Ref": "GpuModelName"}}
+    # its role reads its own archive, exactly
+    s3 = next(s for s in res["GenerativeModelRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+              if s["Sid"] == "ReadTheGenerativeArchive")
+    assert s3["Action"] == "s3:GetObject" and "*" not in str(s3["Resource"])
+    assert doc["Outputs"]["GenerativeEndpointName"]["Value"] == {"Fn::GetAtt": ["GenerativeEndpoint", "EndpointName"]}
+
+
 def test_rules_refuse_a_tier_without_what_it_needs(template):
     rules = template["Rules"]
     assert rules["UrlTierNeedsTriton"]["RuleCondition"] == {"Fn::Equals": [{"Ref": "GpuTier"}, "url"]}
     needs = {a["Assert"]["Fn::Not"][0]["Fn::Equals"][0]["Ref"] for a in rules["SageMakerTierNeedsAModel"]["Assertions"]}
     assert needs == {"GpuModelDataUrl", "GpuModelName"}
+    rule = rules["GenerativeModelNeedsItsImage"]
+    needs = {a["Assert"]["Fn::Not"][0]["Fn::Equals"][0]["Ref"] for a in rule["Assertions"]}
+    assert needs == {"GenerativeImageUri", "GenerativeModelName"}
 
 
 # --- the linters, on every rendering ---------------------------------------------------------------
