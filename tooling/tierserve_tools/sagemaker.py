@@ -17,6 +17,15 @@ server plays SageMaker's part:
   ``container_timeout_s`` (SageMaker: 60 s) is a ``ModelError`` "invocation timed out"; a container
   that cannot be reached is 503 ``ServiceUnavailable``; a body over 6 MB is 400 ``ValidationError``.
 
+``InvokeEndpointWithResponseStream`` (``POST /endpoints/{EndpointName}/invocations-response-stream``) streams a
+generative model's tokens: the body (Triton's generate request with the vLLM backend's inputs) goes to Triton's
+``generate_stream`` and each piece of its server-sent events comes back, as it arrives, in a ``PayloadPart``
+event of the AWS event-stream framing (``tierserve.streaming.eventstream``); a stream Triton cuts ends with a
+``ModelStreamError`` event, as SageMaker ends one. In AWS the Triton container does this itself with generation
+enabled (``SAGEMAKER_TRITON_INFERENCE_TYPE``); the Triton 2.51 binary here has no such SageMaker mode, so the
+emulator calls ``generate_stream`` on the container's HTTP port (``LocalEndpoint.generate_url``) instead. A
+``PayloadPart`` holds whatever bytes arrived, so an event (a line) may be split across parts, as in AWS.
+
 Not emulated: IAM (any signature passes), multi-model endpoints (``TargetModel`` is refused: the local
 endpoints are single-model), production variants and autoscaling.
 """
@@ -35,6 +44,8 @@ from urllib.parse import unquote, urlsplit
 from tierserve.httpserver import HttpError, HttpServer, Limits, Request, Response
 
 INVOKE_PATH = re.compile(r"^/endpoints/(?P<name>[^/]+)/invocations/?$")
+STREAM_PATH = re.compile(r"^/endpoints/(?P<name>[^/]+)/invocations-response-stream/?$")
+EVENTSTREAM = "application/vnd.amazon.eventstream"
 #: InvokeEndpoint's request payload limit.
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 #: How long SageMaker waits for a container's answer.
@@ -51,7 +62,10 @@ class LocalEndpoint:
 
     name: str
     container_url: str  # http://127.0.0.1:PORT
-    model: str = ""  # what SAGEMAKER_TRITON_DEFAULT_MODEL_NAME names (for messages only)
+    model: str = ""  # what SAGEMAKER_TRITON_DEFAULT_MODEL_NAME names
+    #: Triton's HTTP base URL (http://127.0.0.1:PORT) for InvokeEndpointWithResponseStream; "" when the endpoint
+    #: does not generate.
+    generate_url: str = ""
 
 
 def _reply(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Reply:
@@ -114,6 +128,74 @@ def invoke(endpoints: Mapping[str, LocalEndpoint], method: str, target: str, hea
     return _model_error(endpoint, status, data.decode("utf-8", "replace"))
 
 
+StreamReply = tuple[int, dict[str, str], Any]
+
+
+def invoke_stream(endpoints: Mapping[str, LocalEndpoint], method: str, target: str, headers: Mapping[str, str],
+                  body: bytes, container_timeout_s: float = CONTAINER_TIMEOUT_S) -> StreamReply | None:
+    """InvokeEndpointWithResponseStream for one HTTP request (see the module docstring); None when the path is
+    not its. The answer's body is an iterator of event-stream frames once Triton has started streaming."""
+    m = STREAM_PATH.match(target.split("?", 1)[0])
+    if m is None or method != "POST":
+        return None
+    name = unquote(m.group("name"))
+    endpoint = endpoints.get(name)
+    if endpoint is None:
+        return _aws_error(400, "ValidationError", f"Endpoint {name} of account {ACCOUNT} not found.")
+    if not endpoint.generate_url or not endpoint.model:
+        return _aws_error(400, "ValidationError", f"Endpoint {name} does not stream responses: its container does "
+                                                  "not serve a generative model.")
+    if len(body) > MAX_PAYLOAD_BYTES:
+        return _aws_error(400, "ValidationError",
+                          f"Request payload of {len(body)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit.")
+    url = urlsplit(endpoint.generate_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 8000, timeout=container_timeout_s)
+    try:
+        conn.request("POST", f"/v2/models/{endpoint.model}/generate_stream", body=body,
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        resp = conn.getresponse()
+    except TimeoutError:
+        conn.close()
+        return _model_error(endpoint, 0, "Your invocation timed out while waiting for a response from container "
+                                         "primary.")
+    except OSError as exc:
+        conn.close()
+        return _aws_error(503, "ServiceUnavailable",
+                          f"The endpoint {name} is unavailable: its container does not answer ({type(exc).__name__}).")
+    if not 200 <= resp.status < 300:
+        data = resp.read()
+        conn.close()
+        return _model_error(endpoint, resp.status, data.decode("utf-8", "replace"))
+    out = {"Content-Type": EVENTSTREAM, "x-amzn-RequestId": str(uuid.uuid4()),
+           "X-Amzn-SageMaker-Content-Type": resp.getheader("Content-Type", "text/event-stream"),
+           "x-Amzn-Invoked-Production-Variant": "AllTraffic"}
+    return 200, out, _payload_parts(conn, resp)
+
+
+def _payload_parts(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> Any:
+    """A ``PayloadPart`` event per piece of the container's stream as it arrives; ``ModelStreamError`` when the
+    container's stream is cut (closing this closes the container's connection, which cancels the request)."""
+    from tierserve.streaming import eventstream
+
+    try:
+        while True:
+            try:
+                data = resp.read1(65536)
+            except (OSError, http.client.HTTPException) as exc:
+                yield eventstream.encode_message(
+                    {":message-type": "exception", ":exception-type": "ModelStreamError",
+                     ":content-type": "application/json"},
+                    json.dumps({"Message": f"The container's response stream was interrupted "
+                                           f"({type(exc).__name__}: {exc}).", "ErrorCode": "ModelStreamError"}
+                               ).encode())
+                return
+            if not data:
+                return
+            yield eventstream.event("PayloadPart", data, "application/octet-stream")
+    finally:
+        conn.close()
+
+
 class SageMakerRuntime(HttpServer):
     """Serves InvokeEndpoint for ``endpoints`` on its own port (``tierserve.httpserver``: deadlines, bounded
     connections); a context manager."""
@@ -130,8 +212,11 @@ class SageMakerRuntime(HttpServer):
         self.limits = limits or Limits(max_body_bytes=2 * MAX_PAYLOAD_BYTES, workers=64)
 
     def handle(self, request: Request) -> Response:
-        reply = invoke(self.endpoints, request.method, request.target, request.header_map(), request.body,
-                       self.container_timeout_s)
+        reply: Any = invoke(self.endpoints, request.method, request.target, request.header_map(), request.body,
+                            self.container_timeout_s)
+        if reply is None:
+            reply = invoke_stream(self.endpoints, request.method, request.target, request.header_map(),
+                                  request.body, self.container_timeout_s)
         status, headers, body = reply or _aws_error(404, "UnknownOperationException",
                                                     f"no such operation: {request.method} {request.path}")
         return Response(status, list(headers.items()), body)

@@ -39,6 +39,8 @@ from tierserve.errors import ConfigurationError, TierserveError
 from tierserve_tools.emulation import free_port
 
 SHIM_SOURCE = Path(__file__).with_name("triton_shim.py")
+#: The decoupled Python-backend model.py that stands in for the vLLM backend (a GPU-placed generative model).
+GENAI_SHIM_SOURCE = Path(__file__).with_name("triton_genai_shim.py")
 SITE_PACKAGES_PARAM = "tierserve_site_packages"
 LOCAL_HEADER = """\
 # LOCAL DEVELOPMENT COPY written by tierserve_tools.triton.build_local_repository from
@@ -142,6 +144,67 @@ def build_local_repository(production_repo: Path, out_dir: Path, site_packages: 
         text = LOCAL_HEADER.format(source=src / "config.pbtxt") + text_format.MessageToString(cfg)
         (dst / "config.pbtxt").write_text(text)
     return out_dir
+
+
+# --- a generative model: the local stand-in for the vLLM backend ------------------------------------
+
+GENAI_HEADER = """\
+# LOCAL DEVELOPMENT COPY written by tierserve_tools.triton from {source}
+# Production serves this generative model with Triton's vLLM backend (backend "vllm", decoupled, model.json
+# with the engine arguments and the Hugging Face weights) on a GPU. The local tritonserver has neither vLLM nor
+# a GPU, so this copy is a decoupled Python-backend model (model.py: tierserve_tools/triton_genai_shim.py)
+# running the model's onnxruntime-genai variant (the CPU tier's) on the CPU, with the vLLM backend's inputs
+# and outputs (see docs/architecture.md for what differs).
+"""
+#: The vLLM backend's inputs the stand-in implements: (name, TYPE_*, dims, optional).
+GENAI_INPUTS = (("text_input", "TYPE_STRING", [1], False), ("stream", "TYPE_BOOL", [1], True),
+                ("sampling_parameters", "TYPE_STRING", [1], True), ("exclude_input_in_output", "TYPE_BOOL", [1], True),
+                ("return_finish_reason", "TYPE_BOOL", [1], True), ("return_logprobs", "TYPE_BOOL", [1], True),
+                ("return_num_input_tokens", "TYPE_BOOL", [1], True),
+                ("return_num_output_tokens", "TYPE_BOOL", [1], True))
+#: ... and its outputs.
+GENAI_OUTPUTS = (("text_output", "TYPE_STRING", [-1]), ("finish_reason", "TYPE_STRING", [-1]),
+                 ("logprobs", "TYPE_STRING", [-1]), ("num_input_tokens", "TYPE_UINT32", [1]),
+                 ("num_output_tokens", "TYPE_UINT32", [-1]))
+
+
+def genai_local_config(name: str, versions: list[str], site_packages: str, threads: int = 0,
+                       max_concurrency: int = 4, source: str = "the model store") -> str:
+    """The local ``config.pbtxt`` of a generative model: the stand-in's decoupled Python-backend config serving
+    ``versions`` (``version_policy: specific``), with the vLLM backend's inputs and outputs."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
+    cfg.model_transaction_policy.decoupled = True
+    for in_name, dtype, dims, optional in GENAI_INPUTS:
+        cfg.input.add(name=in_name, data_type=pb.DataType.Value(dtype), dims=dims, optional=optional)
+    for out_name, dtype, dims in GENAI_OUTPUTS:
+        cfg.output.add(name=out_name, data_type=pb.DataType.Value(dtype), dims=dims)
+    cfg.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+    cfg.version_policy.specific.versions.extend(int(v) for v in versions)
+    cfg.parameters[SITE_PACKAGES_PARAM].string_value = site_packages
+    cfg.parameters["tierserve_ort_threads"].string_value = str(int(threads))
+    cfg.parameters["tierserve_max_concurrency"].string_value = str(int(max_concurrency))
+    return GENAI_HEADER.format(source=source) + text_format.MessageToString(cfg)
+
+
+def write_genai_version(vdir: Path, fetch: Callable[[str, Path], None], variant: Any) -> None:
+    """Fill ``vdir`` (a version folder) with ``variant``'s onnxruntime-genai files, each at its location in the
+    model's folder (``fetch(store_path, destination)`` copies one), and the stand-in's ``model.py``; atomically
+    (a temporary sibling renamed into place)."""
+    vdir = Path(vdir)
+    tmp = vdir.with_name(f".{vdir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fetch(variant.path, tmp / Path(variant.path).name)
+    for ext in variant.external_data:
+        dst = tmp / variant.location(ext)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fetch(ext.path, dst)
+    (tmp / "model.py").write_text(GENAI_SHIM_SOURCE.read_text())
+    shutil.rmtree(vdir, ignore_errors=True)
+    tmp.rename(vdir)
 
 
 # --- locating and preparing the binary ---------------------------------------------------------

@@ -4,7 +4,9 @@
 manifest every ``interval_s`` and, for each model whose set of GPU versions changed (a publish, a retire):
 
 1. copies each new version's folder from the store (``triton/NAME/VERSION/``) into the local repository,
-   with the Python-backend shim (``tierserve_tools.triton``);
+   with the Python-backend shim (``tierserve_tools.triton``); a generative model's version folder is its CPU
+   tier's onnxruntime-genai variant instead, with the decoupled stand-in for the vLLM backend
+   (``tierserve_tools.triton_genai_shim``), and its config is written from the manifest;
 2. rewrites the local ``config.pbtxt`` from the versions' own configs (``tierserve.lifecycle.triton_repo``)
    with ``version_policy: specific`` naming them, converted for the local CPU server;
 3. ``POST /v2/repository/models/NAME/load``: Triton re-reads the config, loads the new versions and
@@ -32,7 +34,14 @@ from tierserve.errors import ModelNotFoundError
 from tierserve.lifecycle.objects import ObjectStore
 from tierserve.lifecycle.triton_repo import TRITON_DIR, model_config_key, model_config_text, version_config_key
 from tierserve.manifest import MANIFEST_FILE, Manifest
-from tierserve_tools.triton import LOCAL_HEADER, SHIM_SOURCE, default_site_packages, localize_config
+from tierserve_tools.triton import (
+    LOCAL_HEADER,
+    SHIM_SOURCE,
+    default_site_packages,
+    genai_local_config,
+    localize_config,
+    write_genai_version,
+)
 
 log = logging.getLogger("tierserve_tools.triton_sync")
 
@@ -55,8 +64,9 @@ def served_gpu_versions(manifest: Manifest) -> dict[str, list[str]]:
 
 class TritonSync:
     def __init__(self, http_url: str, repo_dir: Path, objects: ObjectStore, interval_s: float = 1.0,
-                 site_packages: str | None = None) -> None:
+                 site_packages: str | None = None, genai_threads: int = 0) -> None:
         self.http_url = http_url
+        self.genai_threads = genai_threads  # the stand-in's onnxruntime threads (0: the machine's cores)
         self.repo_dir = Path(repo_dir)
         self.objects = objects
         self.interval_s = interval_s
@@ -96,7 +106,10 @@ class TritonSync:
         changed: dict[str, list[str]] = {}
         for name, versions in desired.items():
             if self.loaded.get(name) != versions:
-                self._load(name, versions, manifest.revision)
+                if manifest.resolve(name, versions[-1]).generative:
+                    self._load_generative(name, versions, manifest)
+                else:
+                    self._load(name, versions, manifest.revision)
                 changed[name] = versions
         for name in sorted(set(self.loaded) - set(desired)):
             self._post(f"/v2/repository/models/{name}/unload")
@@ -131,6 +144,27 @@ class TritonSync:
         self._post(f"/v2/repository/models/{name}/load")
         self.loaded[name] = served
         log.info("triton: %s serves versions %s", name, served)
+
+    def _load_generative(self, name: str, versions: list[str], manifest: Manifest) -> None:
+        """A generative model: each version folder holds its CPU tier's onnxruntime-genai variant and the stand-in
+        for the vLLM backend (``tierserve_tools.triton_genai_shim``); the config is written here, not read from
+        the store, whose entry is the production vLLM one (``backend: "vllm"``, ``model.json``)."""
+        dst = self.repo_dir / name
+        dst.mkdir(parents=True, exist_ok=True)
+        concurrency = 1
+        for v in versions:
+            mv = manifest.resolve(name, v)
+            if mv.generation is not None:
+                concurrency = max(concurrency, mv.generation.max_concurrency)
+            vdir = dst / v
+            if not (vdir / "genai_config.json").is_file():
+                write_genai_version(vdir, self.objects.download, mv.cpu_artifact)
+        (dst / "config.pbtxt").write_text(genai_local_config(
+            name, versions, self.site_packages, self.genai_threads, concurrency,
+            source=f"{self.objects.uri} (manifest revision {manifest.revision})"))
+        self._post(f"/v2/repository/models/{name}/load")
+        self.loaded[name] = list(versions)
+        log.info("triton: %s (generative, local stand-in for vLLM) serves versions %s", name, versions)
 
     def _copy_version(self, name: str, version: str, vdir: Path) -> None:
         tmp = vdir.with_name(f".{version}.tmp")

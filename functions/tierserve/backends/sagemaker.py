@@ -35,6 +35,16 @@ Timeouts: the request's remaining deadline, rounded down to one of ``TIMEOUT_BUC
 clients fix their read timeout at construction; one client per bucket, shared by threads). No
 automatic retries: an InvokeEndpoint may have run. SageMaker itself gives a container 60 s.
 
+Generation (issue 18): :meth:`SageMakerBackend.generate` streams a generative model's tokens with
+``InvokeEndpointWithResponseStream``: the body is Triton's generate request with the vLLM backend's inputs
+(``tierserve.backends.generate_stream``), and the endpoint's ``PayloadPart`` events carry the container's
+server-sent events. A ``PayloadPart`` holds whatever bytes the container had written, so an event (a line) may
+be split across parts, or several share one: the bytes are reassembled before any event is parsed. A container
+error before the stream is a ``ModelError`` whose original status decides (4xx: the input's fault, unless the
+model is not there; 5xx: the tier's); ``ModelStreamError`` / ``InternalStreamFailure`` during the stream, a cut
+connection or a read timeout are the tier's failures. The API has no ``TargetModel``: a generative model needs
+a single-model endpoint of its own (as SageMaker's Triton container sets its inference type per container).
+
 Health: SageMaker has no data-plane health call (``DescribeEndpoint`` is a control-plane API with low
 rate limits), so ``ready()`` answers from configuration; the shared breaker carries the tier's
 health, opened by failed calls.
@@ -43,7 +53,8 @@ health, opened by failed calls.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tierserve import errors
 from tierserve.backends.base import ClientsByTimeout, shared_pool
@@ -53,6 +64,10 @@ from tierserve.protocol.calls import InferenceCall, Reply
 from tierserve.protocol.messages import InferRequest, InferResponse
 from tierserve.tiers import Tier
 
+if TYPE_CHECKING:
+    from tierserve.generation.events import GenerationEvent
+    from tierserve.generation.requests import GenerationRequest
+
 #: The content type of a body whose JSON header is followed by binary tensors (Triton's SageMaker front end).
 BINARY_CONTENT_TYPE = "application/vnd.sagemaker-triton.binary+json;json-header-size="
 JSON_CONTENT_TYPE = "application/json"
@@ -60,6 +75,8 @@ JSON_CONTENT_TYPE = "application/json"
 TIMEOUT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 #: InvokeEndpoint's request payload limit.
 MAX_REQUEST_BYTES = 6 * 1024 * 1024
+#: The longest a generation streams (the REST API's 15-minute streamed response).
+MAX_STREAM_S = 900.0
 #: Concurrent InvokeEndpoint calls for the parts of requests split by max_batch_size (the process's pool).
 SPLIT_THREADS = 32
 
@@ -264,6 +281,93 @@ class SageMakerBackend:
                 f"endpoint {self.endpoint_name!r} answered with model {served[0]!r} v{served[1]}, not "
                 f"{model.name!r} v{model.version}: set SAGEMAKER_MODEL to the name/version its model.tar.gz holds")
         return response
+
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    def generate(self, model: ModelVersion, request: GenerationRequest, deadline: Any = None,
+                 cancelled: Callable[[], bool] = lambda: False, *, text_input: str | None = None
+                 ) -> Iterator[GenerationEvent]:
+        """One generation of ``request`` (prepared) on the endpoint, as events (see the module docstring);
+        ``text_input`` as for ``TritonBackend.generate``. A generator: what fails before the first event is
+        raised by the first ``next()``."""
+        import json
+        import time
+
+        from tierserve.backends import generate_stream as gs
+
+        what = f"model {model.name!r} version {model.version!r}"
+        if not self.serves(model):
+            raise errors.BackendUnavailableError(
+                f"endpoint {self.endpoint_name!r} serves model {self.model!r}, not {model.name!r} v{model.version}")
+        if self.target_model:
+            raise errors.BackendUnavailableError(
+                f"InvokeEndpointWithResponseStream has no TargetModel: {what} needs a single-model endpoint of its "
+                "own to stream (unset SAGEMAKER_TARGET_MODEL)")
+        text = text_input if text_input is not None else request.prompt
+        if text is None:
+            raise errors.InvalidRequestError(f"the GPU tier needs the prompt's text for {what}: pass text_input")
+        budget = float(deadline.budget(MAX_STREAM_S)) if deadline is not None else MAX_STREAM_S
+        if budget <= 0:
+            raise errors.BackendTimeoutError("no time left in the request's budget to call the GPU endpoint")
+        body = json.dumps(gs.request_body(request, text)).encode()
+        started = time.perf_counter()
+        try:
+            out = self.client(min(self.timeout_s, budget)).invoke_endpoint_with_response_stream(
+                EndpointName=self.endpoint_name, Body=body, ContentType=JSON_CONTENT_TYPE,
+                Accept="text/event-stream")
+        except Exception as exc:
+            raise _stream_error(exc, what) from None
+        stream = out["Body"]
+        try:
+            yield from gs.events(gs.sse_data(payload_parts(stream, what)), request, what, started,
+                                 time.monotonic() + budget, cancelled)
+        finally:
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
+
+
+def payload_parts(stream: Iterable[dict[str, Any]], what: str) -> Iterator[bytes]:
+    """The bytes of each ``PayloadPart`` of an InvokeEndpointWithResponseStream body, as they come; a stream
+    error event, a cut connection or a read timeout as the project's error."""
+    try:
+        for event in stream:
+            part = event.get("PayloadPart")
+            if part is not None:
+                data = part.get("Bytes") or b""
+                if data:
+                    yield bytes(data)
+            elif "ModelStreamError" in event or "InternalStreamFailure" in event:
+                (kind, detail), = ((k, v) for k, v in event.items())
+                raise errors.InferenceError(f"the GPU endpoint's stream for {what} failed ({kind}: "
+                                            f"{(detail or {}).get('Message')})")
+    except errors.TierserveError:
+        raise
+    except Exception as exc:
+        raise _stream_error(exc, what) from None
+
+
+def _stream_error(exc: BaseException, what: str) -> errors.TierserveError:
+    """InvokeEndpointWithResponseStream's errors: a container's 4xx before the stream is the input's fault
+    (unless the model is not there), everything else as for InvokeEndpoint."""
+    from tierserve.backends import generate_stream as gs
+
+    response = getattr(exc, "response", None)
+    err = (response.get("Error") or {}) if isinstance(response, dict) else {}
+    if err.get("Code") == "ModelError":
+        assert isinstance(response, dict)
+        try:
+            status = int(response.get("OriginalStatusCode", err.get("OriginalStatusCode")) or 0)
+        except (TypeError, ValueError):
+            status = 0
+        message = str(response.get("OriginalMessage") or err.get("OriginalMessage") or err.get("Message") or exc)
+        if 400 <= status < 500:
+            return gs.error_for_status(status, gs.error_message(message.encode()), what)
+    if err.get("Code") in ("ModelStreamError", "InternalStreamFailure"):
+        return errors.InferenceError(f"the GPU endpoint's stream for {what} failed ({err.get('Code')}: "
+                                     f"{err.get('Message')})")
+    return map_client_error(exc, what)
 
 
 def _view(data: Any) -> memoryview:

@@ -31,6 +31,15 @@ Timeouts, honestly:
 * Both: the remaining budget is also sent to Triton as the request's server-side ``timeout``
   (microseconds). Triton honours it only for models with dynamic batching (a request still queued
   after the deadline is rejected); it does not interrupt a running execution.
+
+Generation (issue 18): :meth:`TritonBackend.generate` streams a generative model's tokens from the decoupled
+model (the vLLM backend in production, its local stand-in here) over Triton's ``generate_stream`` (server-sent
+events on the HTTP port; ``tierserve.backends.generate_stream`` builds the body and reads the events), or over
+gRPC's bidirectional ``ModelStreamInfer`` when ``TRITON_PROTOCOL=grpc``. It runs on the caller's thread, one
+connection per generation (a stream holds it for its whole length): each wait for bytes is bounded by the
+configured timeout (the time to first token, then between tokens) and the whole stream by the request's
+deadline; closing the stream (the client went away) closes the connection, which Triton passes on to the
+model as a cancellation.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ import contextlib
 import math
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tierserve.backends.base import is_input_error, shared_pool
 from tierserve.backends.split import max_batch_bounds, run_parts
@@ -55,6 +65,10 @@ from tierserve.manifest import ModelVersion
 from tierserve.protocol.calls import InferenceCall, Reply
 from tierserve.protocol.messages import InferRequest, InferResponse, Tensor
 from tierserve.tiers import Tier
+
+if TYPE_CHECKING:
+    from tierserve.generation.events import GenerationEvent
+    from tierserve.generation.requests import GenerationRequest
 
 #: Timeout values (seconds) the HTTP clients are built with; budgets are rounded down to one of them.
 HTTP_TIMEOUT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -361,6 +375,134 @@ class TritonBackend:
             id=rid or request.id,
         )
 
+    # --- generation ------------------------------------------------------------------------------------
+
+    def generate(self, model: ModelVersion, request: GenerationRequest, deadline: Any = None,
+                 cancelled: Callable[[], bool] = lambda: False, *, text_input: str | None = None
+                 ) -> Iterator[GenerationEvent]:
+        """One generation of ``request`` (prepared: ``prompt_ids`` and ``max_tokens`` set) on ``model``'s
+        decoupled Triton model, as events (see the module docstring). ``text_input`` is the prompt's text as the
+        vLLM backend takes it (``generate_stream.prompt_text``); by default the request's own ``prompt``.
+        ``deadline``: a ``tiering.Deadline`` (its ``budget(cap)``) or None. A generator: whatever fails before
+        the first event is raised by the first ``next()``."""
+        from tierserve.backends import generate_stream as gs
+
+        what = f"model {model.name!r} version {model.version!r}"
+        text = text_input if text_input is not None else request.prompt
+        if text is None:
+            raise InvalidRequestError(f"the GPU tier needs the prompt's text for {what} (the vLLM backend takes "
+                                      "text): pass text_input=generate_stream.prompt_text(tokenizer, prompt_ids)")
+        budget = self._stream_budget(deadline)
+        deadline_at = time.monotonic() + budget
+        body = gs.request_body(request, text)
+        started = time.perf_counter()
+        if self.protocol == "grpc":
+            objects = self._grpc_stream(model, body, budget, what)
+        else:
+            objects = self._http_stream(model, body, budget, what)
+        try:
+            yield from gs.events(objects, request, what, started, deadline_at, cancelled)
+        finally:
+            close = getattr(objects, "close", None)
+            if close is not None:
+                close()
+
+    def _stream_budget(self, deadline: Any) -> float:
+        budget = float(deadline.budget(MAX_STREAM_S)) if deadline is not None else MAX_STREAM_S
+        if budget <= 0:
+            raise BackendTimeoutError("no time left in the request's budget to call Triton")
+        return budget
+
+    def _http_stream(self, model: ModelVersion, body: dict[str, Any], budget: float, what: str
+                     ) -> Iterator[dict[str, Any]]:
+        """POST .../generate_stream; the decoded SSE events as they arrive."""
+        import http.client
+        import json
+
+        from tierserve.backends import generate_stream as gs
+
+        host, _, port = self.url.rpartition(":")
+        conn_cls = http.client.HTTPSConnection if self._ssl else http.client.HTTPConnection
+        conn = conn_cls(host, int(port), timeout=min(self.timeout_s, budget))
+        path = f"/v2/models/{model.name}/versions/{model.version}/generate_stream"
+        try:
+            try:
+                conn.request("POST", path, body=json.dumps(body).encode(),
+                             headers={"content-type": "application/json", "accept": "text/event-stream"})
+                resp = conn.getresponse()
+                if resp.status >= 300:
+                    raise gs.error_for_status(resp.status, gs.error_message(resp.read()), what)
+            except TierserveError:
+                raise
+            except TimeoutError as exc:
+                raise BackendTimeoutError(f"Triton did not answer {what} in time ({type(exc).__name__})") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise BackendUnavailableError(f"Triton is unreachable for {what} ({type(exc).__name__}: {exc})"
+                                              ) from None
+            yield from gs.sse_data(_read_chunks(resp, what))
+        finally:
+            conn.close()
+
+    def _grpc_stream(self, model: ModelVersion, body: dict[str, Any], budget: float, what: str
+                     ) -> Iterator[dict[str, Any]]:
+        """gRPC ``ModelStreamInfer`` (a decoupled model's responses as they come), each response's outputs as
+        the same dict a ``generate_stream`` event holds."""
+        import queue
+
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.url, ssl=self._ssl, channel_args=_grpc_channel_args())
+        answers: queue.Queue[Any] = queue.Queue()
+        inputs = []
+        for name, value in body.items():
+            if isinstance(value, bool):
+                inp = grpcclient.InferInput(name, [1], "BOOL")
+                inp.set_data_from_numpy(np.array([value], dtype=bool))
+            else:
+                inp = grpcclient.InferInput(name, [1], "BYTES")
+                inp.set_data_from_numpy(np.array([str(value).encode()], dtype=np.object_))
+            inputs.append(inp)
+        outputs = ["text_output", "finish_reason", "logprobs"]
+        try:
+            try:
+                client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                                    stream_timeout=budget)
+                client.async_stream_infer(model.name, inputs, model_version=str(model.version),
+                                          outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                                          enable_empty_final_response=True)
+            except Exception as exc:
+                raise map_exception(exc, what) from None
+            while True:
+                try:
+                    result, error = answers.get(timeout=min(self.timeout_s, budget))
+                except queue.Empty:
+                    raise BackendTimeoutError(f"Triton did not stream {what} in time") from None
+                if error is not None:
+                    err = map_exception(error, what)
+                    if isinstance(err, InvalidRequestError):
+                        raise err
+                    yield {"error": str(getattr(err, "message", err))}
+                    return
+                response = result.get_response()
+                final = bool(response.parameters.get("triton_final_response").bool_param) if \
+                    "triton_final_response" in response.parameters else False
+                if response.outputs:
+                    obj = {}
+                    for name in outputs:
+                        arr = result.as_numpy(name)
+                        if arr is not None:
+                            v = arr.reshape(-1)[0]
+                            obj[name] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                    yield obj
+                if final:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                client.stop_stream(cancel_requests=True)
+            with contextlib.suppress(Exception):
+                client.close()
+
     def ready(self, model: ModelVersion | None = None) -> bool:
         """Server readiness (or the model's, when given), within ``ready_timeout_s``; never raises."""
         try:
@@ -407,12 +549,31 @@ def _as_manifest_shape(model: ModelVersion, name: str, arr: Any) -> Any:
     return arr.reshape(target)
 
 
+def _read_chunks(resp: Any, what: str) -> Iterator[bytes]:
+    """A streamed HTTP body's bytes as they arrive; a cut connection or a stalled read as the project's error."""
+    import http.client
+
+    while True:
+        try:
+            data = resp.read1(65536)
+        except TimeoutError:
+            raise BackendTimeoutError(f"Triton stopped streaming {what}: no bytes within the timeout") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise BackendUnavailableError(f"Triton's stream for {what} was cut ({type(exc).__name__}: {exc})"
+                                          ) from None
+        if not data:
+            return
+        yield data
+
+
 # --- the call pool -------------------------------------------------------------------------------------
 
 #: Threads (each with its own HTTP clients) that make every call to Triton; created as needed.
 CALL_THREADS = 32
 #: The least time a call is sent with; below it the deadline has passed.
 MIN_CALL_S = 0.01
+#: The longest a generation streams (the REST API's 15-minute streamed response).
+MAX_STREAM_S = 900.0
 
 
 def _call_pool() -> Any:
