@@ -198,7 +198,7 @@ class EdgeDispatcher:
         of ``/v2/models/NAME/ready``, gRPC ``ModelReady`` and the repository index's state (HTTP and gRPC):
         the device runs the version it holds, else the cloud (configured, its circuit not open) reports the
         model ready (cached for ``HEALTH_TTL_S``)."""
-        if self.edge.ready(model):
+        if self._runs_here(model):
             return None
         here = ("this device holds it but cannot load it" if self.store.held(model) is not None
                 else "this device does not hold it")
@@ -212,6 +212,22 @@ class EdgeDispatcher:
         else:
             why = f"{here}, and the cloud gateway does not report it ready"
         return errors.BackendUnavailableError(why, retry_after_s=self.breaker.retry_after_s() or 5)
+
+    def _runs_here(self, model: ModelVersion) -> bool:
+        """The device holds ``model`` and can load it: onnxruntime (a probe run) for an inference model,
+        onnxruntime-genai (the model loaded, then cached for its generations) for a text-generation one."""
+        if not model.generative:
+            return self.edge.ready(model)
+        held = self.store.held(model)
+        if held is None or self.runtime is None:
+            return False
+        from tierserve.generation import engine, service
+
+        try:
+            engine.load(held.path.parent, service.threads_for(self.runtime))
+        except Exception:  # ArtifactError, or a bug: a model the device cannot load is not ready here
+            return False
+        return True
 
     #: What the repository index asks for each version (``api`` / ``model_config.repository_index``).
     index_readiness = readiness

@@ -162,3 +162,18 @@ def test_models_and_an_unknown_model_at_the_edge(edge) -> None:
     missing = post(edge.url, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     resp = missing.read()
     assert resp.status == 404 and json.loads(resp.body)["error"]["code"] == "model_not_found"
+
+
+def test_a_generative_model_the_device_holds_is_ready_there_without_a_cloud(tmp_path: Path, llama: TinyLM) -> None:
+    from tierserve.generation import engine
+
+    store = write_serving_store(tmp_path / "store", llama)
+    write_genai_store(store, "cloudy", llama, targets=("cpu",))
+    with synced_edge(LIMIT, store_uri=str(store), cache_dir=str(tmp_path / "cache"), port=0, grpc_port=-1,
+                     threads=1) as rt:
+        api = Client(rt.url)
+        assert api.request("GET", "/v2/models/tiny/ready").status == 200  # onnxruntime-genai loads it here
+        assert api.request("GET", "/v2/models/cloudy/ready").status == 503  # not held, no cloud
+        index = {m["name"]: m["state"] for m in api.request("POST", "/v2/repository/index").json()}
+        assert index["tiny"] == "READY" and index["cloudy"] == "UNAVAILABLE"
+    engine.clear()
