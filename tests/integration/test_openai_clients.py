@@ -224,3 +224,29 @@ def test_tierserve_client_chat_and_complete(edge: object) -> None:
     with pytest.raises(ApiError) as bad:
         list(api.complete("tiny", "Hello", stream=True, logprobs=True))
     assert (bad.value.status, bad.value.param) == (400, "logprobs")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_n_gets_each_event_as_it_is_generated_at_the_edge(edge: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierserve.generation import service
+
+    real = service.generate_local
+
+    def paced(*args, **kwargs):  # 50 ms a token, so that a buffered answer would show
+        events = real(*args, **kwargs)
+
+        def gen():
+            try:
+                for event in events:
+                    time.sleep(0.05)
+                    yield event
+            finally:
+                events.close()
+        return gen()
+
+    monkeypatch.setattr(service, "generate_local", paced)
+    lines, total = _curl(f"{edge.url}/v1/completions", {"model": "tiny", "prompt": "Hello", "temperature": 0,
+                                                          "max_tokens": 20, "stream": True})
+    first = next(t for t, line in lines if line.startswith(b"data: {"))
+    assert total > 0.9 and first < total / 2, (first, total)  # the first event came long before the last
+    assert lines[-2][1] == b"data: [DONE]\n"
