@@ -108,6 +108,13 @@ class Settings:
     rollout_table: str = ""
     router_function_name: str = "RouterFunction"
     metrics_namespace: str = "tierserve"
+    # Tokens as the unit of account (issue 18, tierserve.usage): the table of usage counters, budget windows and
+    # per-caller budget overrides ("" = usage as metrics only, no budget enforced); each caller's default budget
+    # in tokens per fixed UTC minute and day (0 = no limit); how long a day's usage counters are kept.
+    usage_table: str = ""
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    usage_retention_days: int = 400
 
     @property
     def intra_op_threads(self) -> int:
@@ -156,6 +163,10 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ROLLOUT_TABLE": ("rollout_table", str),
     "ROUTER_FUNCTION_NAME": ("router_function_name", str),
     "POWERTOOLS_METRICS_NAMESPACE": ("metrics_namespace", str),
+    "USAGE_TABLE": ("usage_table", str),
+    "TOKENS_PER_MINUTE": ("tokens_per_minute", int),
+    "TOKENS_PER_DAY": ("tokens_per_day", int),
+    "USAGE_RETENTION_DAYS": ("usage_retention_days", int),
 }
 
 _POSITIVE = {

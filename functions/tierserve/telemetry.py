@@ -131,3 +131,20 @@ def generation(model: str, version: str, tier: str, *, ttft_ms: float | None, it
         metrics["TokensPerSecond"] = ("Count/Second", round(tokens_per_s, 3))
     emit({**base(), "model": model, "version": version, "tier": tier},
          [["service", "function", "model", "version"], ["service", "function", "model", "tier"]], metrics)
+
+
+def caller_usage(caller: str, model: str, version: str, tier: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """One generation's tokens, per caller (issue 18, ``tierserve.usage``): ``CallerPromptTokens`` and
+    ``CallerCompletionTokens`` with the caller as their one dimension besides the service (each caller is a
+    custom metric: a few per caller, not per model), and model, version and tier as properties for Logs
+    Insights."""
+    emit({"service": base()["service"], "function": function_name(), "caller": caller, "model": model,
+          "version": version, "tier": tier}, [["service", "caller"]],
+         {"CallerPromptTokens": (COUNT, prompt_tokens), "CallerCompletionTokens": (COUNT, completion_tokens)})
+
+
+def budget_refused(caller: str, window: str) -> None:
+    """A request refused for its caller's token budget (a 429): ``BudgetRefusals`` per caller, ``window``
+    ("minute" or "day") as a property."""
+    emit({"service": base()["service"], "caller": caller, "window": window}, [["service"], ["service", "caller"]],
+         {"BudgetRefusals": (COUNT, 1)})

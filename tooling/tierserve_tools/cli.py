@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "artifact-invoke": "tierserve_tools.artifact",
     "deploy-config": "tierserve_tools.deploy_config",
     "keys": "tierserve_tools.keys_cli",  # the streaming REST API's API keys (ApiAuth=keys)
+    "usage": "tierserve_tools.usage_cli",  # tokens per caller, model and tier, their cost; budgets (issue 18)
 }
 
 
