@@ -3,7 +3,8 @@
 Why: a generative model is paid for by the token, and LLM gateway users ask for two things most: usage they can
 bill, and budgets that stop one caller from spending everyone's capacity. This module is both, for the router
 (and any process that runs a generation): :func:`admit` before a generation starts, :meth:`Reservation.finish`
-(or :func:`metered` around its events) when it ends.
+(or :class:`Metered` around its events) when it ends; :func:`run_metered` is both, the one call in
+``DataPlane.generate``.
 
 Who is a caller. What the gateway's authorizer says (:func:`caller_of`): a tierserve API key's caller (the
 name `tierserve keys create --caller` gave it, so every key of one caller shares its budget, as LiteLLM's
@@ -491,23 +492,79 @@ def admit_request(request: GenerationRequest, model: ModelVersion) -> Reservatio
     return admit(request.caller, model, reserve_for(request))
 
 
-def metered(events: Iterator[GenerationEvent], reservation: Reservation,
-            prompt_tokens: int = 0) -> Iterator[GenerationEvent]:
-    """``events`` as they come; when they end (the last event, an error, or the consumer closing the stream)
-    the generation's usage is recorded and its reservation settled: the last event's ``usage`` when it has one,
-    else ``prompt_tokens`` plus the token ids seen. A generation that failed before its first event is charged
-    nothing."""
-    prompt, completion, tier, seen, final = prompt_tokens, 0, "", False, False
-    try:
-        for event in events:
-            seen = True
-            completion += len(event.token_ids)
-            tier = event.served_by or tier
-            if event.usage is not None:
-                prompt, completion, final = event.usage.prompt_tokens, event.usage.completion_tokens, True
-            yield event
-    finally:
-        if seen or final:
-            reservation.finish(prompt, completion, tier)
+class Metered:
+    """A generation's events as they come (an iterator with ``close``); when they end (the final event, the end
+    of the stream, an error, or :meth:`close`: the client went away) the generation's usage is recorded and its
+    reservation settled, once: the final event's ``usage`` when it came, else ``prompt_tokens`` plus the token
+    ids seen. A generation that failed before its first event is charged nothing. :meth:`close` closes the
+    wrapped stream too (its own release: a concurrency slot, a remote stream)."""
+
+    def __init__(self, events: Iterator[GenerationEvent], reservation: Reservation, prompt_tokens: int = 0) -> None:
+        self._events = events
+        self.reservation = reservation
+        self.prompt_tokens, self.completion_tokens, self.tier = prompt_tokens, 0, ""
+        self._seen = False
+        self._ended = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Metered:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        try:
+            event = next(self._events)
+        except BaseException:  # StopIteration included: the stream is over either way
+            self._end()
+            raise
+        self._seen = True
+        self.completion_tokens += len(event.token_ids)
+        self.tier = event.served_by or self.tier
+        if event.usage is not None:
+            self.prompt_tokens, self.completion_tokens = event.usage.prompt_tokens, event.usage.completion_tokens
+        if event.final:
+            self._end()
+        return event
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        if self._seen:
+            self.reservation.finish(self.prompt_tokens, self.completion_tokens, self.tier)
         else:
-            reservation.settle(0)
+            self.reservation.settle(0)
+
+
+def metered(events: Iterator[GenerationEvent], reservation: Reservation, prompt_tokens: int = 0) -> Metered:
+    """``events`` wrapped in :class:`Metered`."""
+    return Metered(events, reservation, prompt_tokens)
+
+
+def run_metered(request: GenerationRequest, model: ModelVersion,
+                start: Callable[[], Iterator[GenerationEvent]]) -> Iterator[GenerationEvent]:
+    """THE HOOK for a generation's path (``DataPlane.generate``): admit the prepared ``request`` against its
+    caller's budget (429 before any work), then ``start()`` the generation and meter its events (usage recorded
+    and the reservation settled when they end; given back whole when ``start`` raises).
+
+    Only a process with a usage table meters (the router: ``USAGE_TABLE``); elsewhere this is ``start()`` as it
+    is. That keeps a generation counted once when the router relays it from the CPU function, whose own
+    ``DataPlane.generate`` runs it again without a table."""
+    led = ledger()
+    if not led.table:
+        return start()
+    reservation = led.admit(request.caller, model, reserve_for(request))
+    try:
+        events = start()
+    except BaseException:
+        reservation.settle(0)
+        raise
+    return Metered(events, reservation, len(request.prompt_ids or ()))

@@ -221,6 +221,72 @@ def test_metered_settles_with_the_final_usage_a_disconnect_or_an_error(dynamodb)
     assert [(r.prompt_tokens, r.completion_tokens, r.requests) for r in rows] == [(12, 11, 3)]
 
 
+class Upstream:
+    """A generation's stream as the data plane has it: events, and ``close`` (its own release)."""
+
+    def __init__(self, n: int) -> None:
+        self._events = _events(n)
+        self.closed = False
+
+    def __iter__(self) -> Upstream:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _request(caller: str, prompt: int, max_tokens: int) -> Any:
+    from tierserve.generation.requests import GenerationRequest, SamplingParams
+
+    return GenerationRequest("llm", "1", "completion", SamplingParams(max_tokens=max_tokens),
+                             prompt_ids=tuple(range(prompt)), caller=caller)
+
+
+class Model:
+    name, version = "llm", "1"
+
+
+def test_run_metered_admits_before_starting_and_settles_at_the_end(dynamodb, monkeypatch) -> None:
+    led = ledger(dynamodb, tpm=100)
+    monkeypatch.setattr(usage, "ledger", lambda: led)
+    started: list[Upstream] = []
+
+    def start(n: int = 6) -> Upstream:
+        started.append(Upstream(n))
+        return started[-1]
+
+    stream = usage.run_metered(_request("team-a", 4, 60), Model(), start)  # reserves 64
+    assert led.window_tokens("team-a", usage.MINUTE) == 64
+    assert len(list(stream)) == 6 and led.window_tokens("team-a", usage.MINUTE) == 10
+    # over budget: a 429 and the generation never starts
+    usage.run_metered(_request("team-a", 4, 60), Model(), start)
+    with pytest.raises(errors.TooManyRequestsError):
+        usage.run_metered(_request("team-a", 4, 60), Model(), start)
+    assert len(started) == 2 and led.window_tokens("team-a", usage.MINUTE) == 74
+    # closing the stream (the client went away) closes the generation and settles what came out
+    stream = usage.run_metered(_request("team-b", 4, 60), Model(), start)
+    next(stream)
+    stream.close()
+    assert started[-1].closed and led.window_tokens("team-b", usage.MINUTE) == 5
+
+    # start raising: the reservation is given back whole
+    def broken() -> Upstream:
+        raise errors.BackendUnavailableError("no tier")
+
+    with pytest.raises(errors.BackendUnavailableError):
+        usage.run_metered(_request("team-c", 4, 60), Model(), broken)
+    assert led.window_tokens("team-c", usage.MINUTE) == 0
+
+
+def test_run_metered_without_a_table_is_the_generation_as_it_is(monkeypatch) -> None:
+    monkeypatch.setattr(usage, "ledger", lambda: usage.Ledger("", usage.Budget(1, 1)))
+    upstream = Upstream(3)
+    assert usage.run_metered(_request("team-a", 4, 60), Model(), lambda: upstream) is upstream
+
+
 def test_the_process_ledger_follows_the_settings(monkeypatch) -> None:
     from tierserve.settings import reset_settings
 
