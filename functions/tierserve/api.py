@@ -215,7 +215,7 @@ def _start(rt: Runtime, req: HttpRequest, request: GenerationRequest, context: A
 def _streamed(generation: Generation, stop: threading.Event, chunks: Iterator[bytes]) -> Answered:
     """An SSE answer: a StreamingResponse whose ``close`` stops the generation (the client went away), or,
     where the transport cannot stream (the REST API under the managed runtime), the same bytes buffered."""
-    headers = {**SSE_HEADERS, "x-served-by": generation.served_by or Tier.CPU.value}
+    headers = {**SSE_HEADERS, **generation.headers}  # x-served-by: the first tier (x-fallback when moved)
 
     def close() -> None:
         stop.set()
@@ -235,7 +235,7 @@ def _buffered(generation: Generation, render: Callable[[Generation], Any]) -> di
         document = render(generation)
     finally:
         generation.close()
-    return response(200, document, {"x-served-by": generation.served_by or Tier.CPU.value})
+    return response(200, document, generation.headers)  # x-served-by: the tier that finished
 
 
 def _openai_generate(rt: Runtime, req: HttpRequest, context: Any, chat: bool) -> Answered:

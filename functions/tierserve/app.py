@@ -3,7 +3,8 @@
 Why one place: the three functions (router, CPU, batch) and the local emulator differ only in
 their settings, not in how the parts fit together. ``build_runtime`` wires the model store, the
 CPU and GPU backends, the routing policy, the GPU circuit breaker and health cache into one
-``TierDispatcher``, plus the AWS clients the batch path uses. HTTP (``tierserve.api``), the CPU
+``TierDispatcher`` (with the token counter that routes a generation: ``generation.tokens``), plus the AWS
+clients the batch path uses. HTTP (``tierserve.api``), the CPU
 function's Invoke entry (``tierserve.direct``) and batch (``tierserve.batch``) all take their
 dependencies from ``get_runtime()`` and never build or inspect parts themselves.
 
@@ -103,6 +104,8 @@ def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backen
     from tierserve.sessions import evict_sessions
 
     store.on_evict.append(evict_sessions)  # versions no longer served leave the session cache too
+    from tierserve.generation.tokens import TokenCounter
+
     dispatcher = TierDispatcher(
         cpu=cpu if cpu is not None else build_cpu_backend(settings, store),
         gpu=gpu if gpu is not None else build_gpu_backend(settings),
@@ -110,6 +113,7 @@ def build_runtime(settings: Settings, *, cpu: Backend | None = None, gpu: Backen
         breaker=build_breaker(settings),
         health=HealthCache(settings.health_ttl_s),
         gpu_timeout_s=settings.triton_timeout_s,
+        tokens=TokenCounter(store),  # a generation's prompt tokens when it is not tokenized yet (routing)
     )
     return Runtime(settings, store, dispatcher)
 

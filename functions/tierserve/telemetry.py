@@ -148,3 +148,13 @@ def budget_refused(caller: str, window: str) -> None:
     ("minute" or "day") as a property."""
     emit({"service": base()["service"], "caller": caller, "window": window}, [["service"], ["service", "caller"]],
          {"BudgetRefusals": (COUNT, 1)})
+
+
+def failover_mid_stream(model: str, version: str, from_tier: str, to_tier: str, after_tokens: int) -> None:
+    """A generation whose tier failed after ``after_tokens`` tokens went on on another tier (issue 18, ``tiering``):
+    ``FailoverMidStream`` (count; alarm on its rate) and ``FailoverAfterTokens`` per model version and per tier
+    (the tier it left), ``to`` as a property."""
+    emit({**base(), "model": model, "version": version, "tier": from_tier, "to": to_tier},
+         [["service", "function"], ["service", "function", "model", "version"],
+          ["service", "function", "model", "tier"]],
+         {"FailoverMidStream": (COUNT, 1), "FailoverAfterTokens": (COUNT, after_tokens)})

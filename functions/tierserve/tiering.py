@@ -20,21 +20,37 @@ Order of a dispatch:
 
 A GPU call is never retried on the GPU: it may already have run.
 
-A generation (issue 17) runs on the CPU tier only until issue 18 adds the GPU tier. ``generate`` is the
-dispatcher's generation backend when the CPU tier is remote (``CPU_BACKEND=lambda``): the model's CPU class
-function over ``InvokeWithResponseStream`` (``backends.lambda_stream``), relayed event by event; a throttled
-CPU function is a 429 with ``Retry-After``; the request's deadline and ``cancelled()`` are checked between
-events. With the CPU tier in this process ``generate`` is None, and the data plane runs
-``generation.service.generate_local`` itself (the dispatcher never imports the engine's service: it would
-close an import cycle through ``tierserve.app``).
+A generation (issues 17 and 18) is routed by :meth:`TierDispatcher.generate_tiers`: ``routing.decide_generation``
+from its prompt's tokens and ``max_tokens`` (the ``x-target`` header / ``parameters.target`` still override), then
+:class:`TieredGeneration` carries the decision out as one stream of events:
+
+- on the GPU tier, ``gpu.generate`` (Triton's ``generate_stream`` or SageMaker's response stream) with the prompt
+  as the vLLM backend takes it (text, ``generate_stream.prompt_text``); the breaker and the health cache as for
+  an inference; a failure before the first token (or an open circuit) goes to the model's CPU copy, marked
+  ``x-fallback: gpu-unavailable``; an input error is the client's 400 and never counts against the tier;
+- when the GPU stream breaks after N tokens, the same generation goes on on the CPU copy (**failover in the middle
+  of a stream**): the prompt's ids plus the N ids already streamed (never re-tokenized text), ``max_tokens - N``;
+  the text goes on from the ids already sent (:class:`ContinuedText` decodes the combined ids, so a character
+  split across the failover, a space a SentencePiece decoder adds at a boundary or a stop string that spans it
+  come out right); the final event records it (``extra["failover"]``: from, to, after_tokens) and so does the
+  ``FailoverMidStream`` metric; when no tier can continue, the stream ends with an error (the adapter's error
+  event), never a silent truncation;
+- on the CPU tier, the model's CPU class function over ``InvokeWithResponseStream`` (``backends.lambda_stream``)
+  when the CPU tier is remote (``CPU_BACKEND=lambda``), else the data plane's in-process path
+  (``generation.service.generate_local``, passed in as ``local``: the dispatcher never imports the engine's
+  service, which would close an import cycle through ``tierserve.app``); a CPU tier at its limit before the first
+  event goes to the GPU when the policy chose (no hint) and the GPU can take it, marked ``cpu-unavailable``.
+
+The request's deadline and ``cancelled()`` are checked between events on every path (:func:`_bounded`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,6 +70,8 @@ if TYPE_CHECKING:
 #: A generation backend: (model, prepared request, deadline, cancelled) -> events.
 GenerateFn = Callable[["ModelVersion", "GenerationRequest", "Deadline | None", Callable[[], bool]],
                       Iterator["GenerationEvent"]]
+#: The data plane's in-process generation: (model, prepared request, cancelled) -> events.
+LocalGenerateFn = Callable[["ModelVersion", "GenerationRequest", Callable[[], bool]], Iterator["GenerationEvent"]]
 
 #: Time kept back from the caller's remaining budget for encoding and the response's way out.
 RESPONSE_MARGIN_S = 0.25
@@ -194,6 +212,7 @@ class TierDispatcher:
         health: HealthCache | None = None,
         gpu_timeout_s: float = 10.0,
         cpu_timeout_s: float = 30.0,
+        tokens: Any = None,
     ) -> None:
         self.cpu = cpu
         self.gpu = gpu
@@ -202,6 +221,8 @@ class TierDispatcher:
         self.health = health or HealthCache()
         self.gpu_timeout_s = gpu_timeout_s
         self.cpu_timeout_s = cpu_timeout_s
+        #: Counts a prompt that is not tokenized yet (``generation.tokens.TokenCounter``), or None.
+        self.tokens = tokens
         #: How the post-timeout health check runs: a daemon thread (tests run it inline).
         self.run_in_background: Callable[[Callable[[], None]], None] = _daemon
         self._probe_lock = threading.Lock()
@@ -291,10 +312,52 @@ class TierDispatcher:
 
     @property
     def generate(self) -> GenerateFn | None:
-        """This dispatcher's generation backend, ``generate(model, request, deadline, cancelled)``, when its CPU
-        tier is a CPU function (``CPU_BACKEND=lambda``: :meth:`generate_remote`); None when the CPU tier runs
-        in this process (the data plane runs ``generation.service.generate_local``)."""
-        return self.generate_remote if getattr(self.cpu, "function_for", None) is not None else None
+        """This dispatcher's generation backend, ``generate(model, request, deadline, cancelled)``, when it can
+        generate without the data plane's in-process path: its CPU tier is a CPU function (``CPU_BACKEND=lambda``)
+        or its GPU tier generates. None otherwise (the data plane runs ``generation.service.generate_local``). The
+        data plane itself calls :meth:`generate_tiers`, passing its in-process path."""
+        if getattr(self.cpu, "function_for", None) is None and getattr(self.gpu, "generate", None) is None:
+            return None
+        return self.generate_tiers
+
+    def generation_facts(self, model: ModelVersion, request: GenerationRequest) -> tuple[int, int]:
+        """(prompt tokens, max_tokens) for routing: exact from the prepared ids; else the token counter (the
+        tokenizer or the manifest's calibrated estimate); ``max_tokens`` resolved, else the model's default."""
+        if request.prompt_ids is not None:
+            prompt = len(request.prompt_ids)
+        elif self.tokens is not None:
+            prompt = int(self.tokens.count(model, request).count)
+        else:
+            prompt = 0
+        asked = request.params.max_tokens
+        spec = model.generation
+        default = min(spec.default_max_tokens, spec.max_tokens_cap) if spec is not None else 0
+        return prompt, int(asked if asked is not None else default)
+
+    def decide_generation(self, model: ModelVersion, request: GenerationRequest,
+                          deadline: Deadline | None = None) -> Decision:
+        """The tier for a generation: ``routing.decide_generation`` from its facts (hints override)."""
+        from tierserve.routing import decide_generation
+
+        prompt, max_tokens = self.generation_facts(model, request)
+        ctx = RouteContext(model=model, rows=1, tensor_bytes=0, hint=request.hint or None,
+                           remaining_ms=deadline.remaining_ms() if deadline is not None else None,
+                           gpu_usable=lambda: self.gpu_usable(model), prompt_tokens=prompt, max_tokens=max_tokens)
+        return decide_generation(ctx, self.policy)
+
+    def generate_tiers(self, model: ModelVersion, request: GenerationRequest, deadline: Deadline | None = None,
+                       cancelled: Callable[[], bool] = lambda: False, local: LocalGenerateFn | None = None,
+                       tokenizer: Callable[[], Any] | None = None) -> TieredGeneration:
+        """One generation (``request`` prepared: prompt ids and ``max_tokens`` set) on the tier the policy picks,
+        with the fallback before the first token and the failover in the middle of a stream (module docstring).
+
+        ``local(model, request, cancelled)`` runs a generation in this process (the data plane's
+        ``generate_local``; needed when the CPU tier is in process); ``tokenizer()`` gives the model's
+        ``tokenizers.Tokenizer`` (the GPU tier's prompt text for a chat, and the text of a continuation), called
+        only when needed. What fails before the first event is raised by the first ``next()``."""
+        deadline = deadline or Deadline(None)
+        decision = self.decide_generation(model, request, deadline)
+        return TieredGeneration(self, model, request, deadline, cancelled, decision, local, tokenizer)
 
     def generate_remote(self, model: ModelVersion, request: GenerationRequest, deadline: Deadline | None = None,
                         cancelled: Callable[[], bool] = lambda: False) -> Iterator[GenerationEvent]:
@@ -308,8 +371,8 @@ class TierDispatcher:
         deadline = deadline or Deadline(None)
         if self.cpu is None or not model.serves_cpu:
             raise errors.BackendUnavailableError(
-                f"model {model.name!r} v{model.version} has no CPU variant; generation runs on the CPU tier only "
-                "here (the GPU tier does not generate yet)", retry_after_s=60)
+                f"model {model.name!r} v{model.version} has no CPU variant; the CPU tier cannot generate it",
+                retry_after_s=60)
         return _bounded(self._generate_remote(model, request, deadline, cancelled), deadline, cancelled, model)
 
     def _generate_remote(self, model: ModelVersion, request: GenerationRequest, deadline: Deadline,
@@ -322,7 +385,8 @@ class TierDispatcher:
 
         cpu: Any = self.cpu
         function_name = cpu.function_for(model)
-        pinned = replace(request, version=model.version)
+        # the version this router picked stands, and so does its tier: the CPU function generates it itself
+        pinned = replace(request, version=model.version, hint=Tier.CPU.value)
         payload = json.dumps({"generate": pinned.to_json()}).encode()
         timeout = deadline.budget(lambda_stream.MAX_STREAM_S)
         client = lambda_stream.client_for(cpu, timeout)
@@ -436,8 +500,331 @@ class TierDispatcher:
         return Dispatched(reply, Tier.CPU, fallback, "gpu-unavailable")
 
 
+    def gpu_failed(self, model: ModelVersion, exc: errors.TierserveError) -> None:
+        """A GPU call failed for the tier's own reasons: count it, forget the cached probe, check the server after
+        a timeout."""
+        self.breaker.record_failure(exc.code)
+        self.health.invalidate(f"{model.name}/{model.version}")
+        if isinstance(exc, errors.BackendTimeoutError) and self.gpu is not None:
+            self._check_server(self.gpu)
+
+#: What a tier failure is, before the first token or in the middle of a stream (an input error never is).
+TIER_FAILURES = (errors.BackendUnavailableError, errors.InferenceError)
+
+
+class TieredGeneration:
+    """One generation carried out on the tiers (:meth:`TierDispatcher.generate_tiers`), as an iterator of events.
+
+    ``decision`` is the policy's; ``served_by`` the tier of the first event; ``fallback`` the ``x-fallback`` value
+    when the decided tier could not start it (``gpu-unavailable``, ``cpu-unavailable``); ``failover`` the record of a
+    failover in the middle of the stream (``{"from", "to", "after_tokens"}``), also on the final event's
+    ``extra["failover"]``. :meth:`close` stops it (the client went away)."""
+
+    def __init__(self, dispatcher: TierDispatcher, model: ModelVersion, request: GenerationRequest,
+                 deadline: Deadline, cancelled: Callable[[], bool], decision: Decision,
+                 local: LocalGenerateFn | None = None, tokenizer: Callable[[], Any] | None = None) -> None:
+        self.d = dispatcher
+        self.model = model
+        self.request = request
+        self.deadline = deadline
+        self.cancelled = cancelled
+        self.decision = decision
+        self.local = local
+        self._tokenizer_fn = tokenizer
+        self._tokenizer: Any = None
+        self.served_by = ""
+        self.fallback: str | None = None
+        self.failover: dict[str, Any] | None = None
+        self._it = _bounded(self._run(), deadline, cancelled, model)
+
+    def __iter__(self) -> TieredGeneration:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        event = next(self._it)
+        if not self.served_by:
+            self.served_by = event.served_by
+        return event
+
+    def close(self) -> None:
+        self._it.close()
+
+    # --- the paths -------------------------------------------------------------------------------------------
+
+    def _run(self) -> Iterator[GenerationEvent]:
+        if self.decision.target == Tier.GPU:
+            started, why = self._start_gpu()
+            if started is None:
+                yield from self._cpu_instead(why)
+                return
+            yield from self._gpu_stream(started)
+            return
+        yield from self._cpu_first()
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (once), or None when there is no way to get it here."""
+        if self._tokenizer is None and self._tokenizer_fn is not None:
+            self._tokenizer = self._tokenizer_fn()
+        return self._tokenizer
+
+    def _prompt_text(self) -> str:
+        """The prompt as the vLLM backend takes it: the completion's own text, else the text of the prepared ids
+        (``generate_stream.prompt_text``: InvalidRequestError when no text gives the same ids)."""
+        request = self.request
+        if request.messages is None and request.prompt is not None:
+            return request.prompt
+        from tierserve.backends import generate_stream as gs
+
+        tok = self.tokenizer()
+        if tok is None:
+            raise errors.InvalidRequestError("the prompt's text cannot be rebuilt here (no tokenizer) for the GPU "
+                                             "tier, which takes text only; serve it on the CPU tier (x-target: cpu)")
+        return gs.prompt_text(tok, request.prompt_ids or ())
+
+    def _start_gpu(self) -> tuple[Iterator[GenerationEvent] | None, str]:
+        """The GPU stream with its first event read (None and why not, when the GPU cannot start it)."""
+        d, model = self.d, self.model
+        gpu: Any = d.gpu
+        if gpu is None or getattr(gpu, "generate", None) is None:
+            return None, "no GPU tier that generates is configured"
+        if not d.gpu_usable(model):
+            return None, "circuit open" if d.breaker.state == "open" else "not ready"
+        try:
+            text = self._prompt_text()
+        except errors.InvalidRequestError as exc:
+            if (self.request.hint or "").lower() == Tier.GPU or not model.serves_cpu:
+                exc.served_by = Tier.GPU
+                raise
+            return None, exc.message  # the prompt cannot go there as text: the CPU copy serves it (never counted)
+        if not d.breaker.allow():
+            return None, "circuit open"
+        try:
+            events = gpu.generate(model, self.request, self.deadline, self.cancelled, text_input=text)
+            first = next(events)
+        except StopIteration:
+            d.breaker.record_success()
+            return iter(()), ""
+        except errors.InvalidRequestError as exc:
+            d.breaker.record_success()  # the GPU answered; the request was wrong
+            exc.served_by = Tier.GPU
+            raise
+        except TIER_FAILURES as exc:
+            d.gpu_failed(model, exc)
+            return None, exc.message
+        except BaseException:
+            d.breaker.record_failure()  # release a half-open trial whatever happened
+            raise
+        d.breaker.record_success()
+        return itertools.chain((first,), events), ""
+
+    def _cpu_events(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
+        """``request`` on the CPU tier: its CPU function (remote) or this process (``local``)."""
+        d, model = self.d, self.model
+        if d.cpu is None or not model.serves_cpu:
+            raise errors.BackendUnavailableError(
+                f"model {model.name!r} v{model.version} has no CPU variant here", retry_after_s=60)
+        if getattr(d.cpu, "function_for", None) is not None:
+            return d._generate_remote(model, request, self.deadline, self.cancelled)
+        if self.local is None:
+            raise errors.ConfigurationError("the CPU tier runs in this process but no in-process generation was "
+                                            "given (generate_tiers(local=...))")
+        return self.local(model, request, self.cancelled)
+
+    def _cpu_instead(self, why: str) -> Iterator[GenerationEvent]:
+        """The GPU could not start it: the CPU copy (``gpu-unavailable``), or a fast 503 for a GPU-only model."""
+        d, model = self.d, self.model
+        if not model.serves_cpu or d.cpu is None:
+            retry = d.breaker.retry_after_s() or d.breaker.cooldown_s
+            raise errors.BackendUnavailableError(
+                f"model {model.name!r} v{model.version} runs on the GPU tier only, which is unavailable ({why}); "
+                "retry later, or recompile it with a CPU variant (--target both)", retry_after_s=retry)
+        self.fallback = "gpu-unavailable"
+        self.decision = Decision(Tier.CPU, f"{self.decision.reason}; GPU tier unavailable ({why})", self.fallback)
+        yield from self._cpu_events(self.request)
+
+    def _cpu_first(self) -> Iterator[GenerationEvent]:
+        """The CPU tier; at its limit before the first event (a 429: nothing ran) a generation the policy placed
+        (no hint) goes to the GPU when it can take it (``cpu-unavailable``)."""
+        try:
+            events = self._cpu_events(self.request)
+            first = next(events)
+        except StopIteration:
+            return
+        except errors.TooManyRequestsError as exc:
+            if self.request.hint or not self.model.serves_gpu or not self.d.gpu_usable(self.model):
+                raise
+            started, why = self._start_gpu()
+            if started is None:
+                raise errors.BackendUnavailableError(
+                    f"model {self.model.name!r} v{self.model.version}: the CPU tier is at its limit ({exc.message}) "
+                    f"and the GPU tier failed ({why}); retry later", retry_after_s=exc.retry_after_s or 1) from exc
+            self.fallback = "cpu-unavailable"
+            self.decision = Decision(Tier.GPU, f"{self.decision.reason}; CPU tier at its limit", self.fallback)
+            yield from self._gpu_stream(started)
+            return
+        yield first
+        yield from events
+
+    def _gpu_stream(self, events: Iterator[GenerationEvent]) -> Iterator[GenerationEvent]:
+        """The GPU's events; when the stream breaks for the tier's reasons, the rest on the CPU copy."""
+        ids: list[int] = []
+        text: list[str] = []
+        try:
+            for event in events:
+                ids.extend(event.token_ids)
+                text.append(event.text)
+                yield event
+                if event.final:
+                    return
+            return  # ended without a final event: cancelled
+        except errors.InvalidRequestError:
+            raise
+        except TIER_FAILURES as exc:
+            left = self.deadline.remaining()
+            if left is not None and left <= MIN_CALL_S:
+                raise errors.BackendTimeoutError(
+                    f"model {self.model.name!r} v{self.model.version}: the generation ran past the request's time "
+                    "limit; ask for fewer tokens (max_tokens)") from exc
+            self.d.gpu_failed(self.model, exc)
+            failure = exc
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+        yield from self._continue(ids, "".join(text), failure)
+
+    def _continue(self, sent_ids: list[int], sent_text: str, failure: errors.TierserveError
+                  ) -> Iterator[GenerationEvent]:
+        """The failover in the middle of a stream: the same generation on the CPU copy, from the ids sent."""
+        from tierserve import telemetry
+        from tierserve.generation.events import FINISH_LENGTH, FINISH_STOP, GenerationEvent, Usage
+        from tierserve.observability import logger
+
+        model, request = self.model, self.request
+        n = len(sent_ids)
+        prompt = tuple(request.prompt_ids or ())
+        max_tokens = int(request.params.max_tokens or 0)
+        self.failover = {"from": Tier.GPU.value, "to": Tier.CPU.value, "after_tokens": n}
+        logger.warning("generation failover mid-stream", extra={
+            "event": "failover_mid_stream", "model": model.name, "version": model.version, "after_tokens": n,
+            "reason": failure.message})
+        telemetry.failover_mid_stream(model.name, model.version, Tier.GPU.value, Tier.CPU.value, n)
+        if self.d.cpu is None or not model.serves_cpu:
+            raise errors.BackendUnavailableError(
+                f"the GPU tier failed after {n} tokens ({failure.message}) and model {model.name!r} "
+                f"v{model.version} has no CPU copy to continue it; retry the request", retry_after_s=5) from failure
+        eos = frozenset(model.generation.eos_token_ids) if model.generation is not None else frozenset()
+        tok = None
+        try:
+            tok = self.tokenizer()
+        except errors.TierserveError:
+            tok = None
+        follow = ContinuedText(tok, sent_ids, sent_text, request.params.stop, eos)
+        record = dict(self.failover)
+        remaining = max_tokens - n
+        if remaining <= 0:  # every token was sent; only the end was lost
+            delta, _ = follow.finish()
+            yield GenerationEvent(delta, (), finish_reason=FINISH_LENGTH, usage=Usage(len(prompt), n),
+                                  served_by=Tier.CPU.value, extra={"failover": record})
+            return
+        cont = replace(request.with_ids(prompt + tuple(sent_ids)),
+                       params=replace(request.params, max_tokens=remaining))
+        try:
+            events = self._cpu_events(cont)
+        except errors.TierserveError as exc:
+            raise self._lost(n, failure, exc) from exc
+        produced = 0
+        try:
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration:
+                    return  # cancelled
+                except errors.TierserveError as exc:
+                    if produced:
+                        raise
+                    raise self._lost(n, failure, exc) from exc
+                produced += len(event.token_ids)
+                delta, stopped = follow.feed(event.token_ids, event.text, final=event.final)
+                if not (event.final or stopped):
+                    yield replace(event, text=delta, served_by=Tier.CPU.value, extra=dict(event.extra))
+                    continue
+                finish = FINISH_STOP if stopped else (event.finish_reason or FINISH_LENGTH)
+                yield GenerationEvent(delta, event.token_ids, finish_reason=finish,
+                                      usage=Usage(len(prompt), n + produced), served_by=Tier.CPU.value,
+                                      tokens_per_s=event.tokens_per_s, extra={**event.extra, "failover": record})
+                return
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def _lost(self, n: int, failure: errors.TierserveError, exc: errors.TierserveError) -> errors.TierserveError:
+        return errors.BackendUnavailableError(
+            f"the GPU tier failed after {n} tokens ({failure.message}) and the CPU tier could not continue the "
+            f"generation ({exc.message}); the answer is incomplete: retry the request",
+            retry_after_s=getattr(exc, "retry_after_s", None) or 5)
+
+
+class ContinuedText:
+    """The text of a continuation that must join what a client already has, decoded from the combined ids.
+
+    ``sent_ids`` / ``sent_text``: the completion's ids and the text the client got for them (the GPU's deltas).
+    :meth:`feed` takes the continuation's next ids and returns the text they add, from the tokenizer's decode of
+    every completion id so far (so the detokenizer's state accounts for the ids already sent: a multi-byte
+    character split across the failover is whole, a SentencePiece space at the boundary is right), held back
+    while it ends in an incomplete character; and whether a stop string appeared (also one that started in the
+    text already sent). Without a tokenizer the continuation's own text is used as it comes."""
+
+    def __init__(self, tokenizer: Any, sent_ids: Sequence[int], sent_text: str, stop: Sequence[str],
+                 eos: frozenset[int]) -> None:
+        from tierserve.generation.engine import StopMatcher
+
+        self.tok = tokenizer
+        self.eos = eos
+        self.ids = [int(t) for t in sent_ids if int(t) not in eos]
+        self.emitted = sent_text
+        self.matcher = StopMatcher(stop)
+        longest = max((len(s) for s in self.matcher.stop), default=1)
+        tail = sent_text[len(sent_text) - (longest - 1):] if longest > 1 else ""
+        self.matcher.pending = tail  # a stop string may have started in the text already sent
+        self.skip = len(tail)
+
+    def _decoded(self) -> str:
+        return str(self.tok.decode(self.ids, skip_special_tokens=True))
+
+    def _delta(self, text: str, final: bool) -> str:
+        if self.tok is None:
+            return text
+        full = self._decoded()
+        if not final and full.endswith("\ufffd"):
+            return ""
+        if len(full) <= len(self.emitted):
+            return ""
+        delta = full[len(self.emitted):]  # (a decoder that disagrees with the GPU's text: best effort, no repeat)
+        self.emitted = full
+        return delta
+
+    def feed(self, ids: Sequence[int], text: str, final: bool = False) -> tuple[str, bool]:
+        self.ids.extend(int(t) for t in ids if int(t) not in self.eos)
+        delta = self._delta(text, final)
+        out, stopped = self.matcher.finish(delta) if final else self.matcher.feed(delta)
+        return self._unskip(out), stopped
+
+    def finish(self) -> tuple[str, bool]:
+        out, stopped = self.matcher.finish(self._delta("", True))
+        return self._unskip(out), stopped
+
+    def _unskip(self, out: str) -> str:
+        """Drop the already-sent tail the stop matcher was seeded with."""
+        if self.skip:
+            cut = min(self.skip, len(out))
+            out, self.skip = out[cut:], self.skip - cut
+        return out
+
+
 def _bounded(events: Iterator[GenerationEvent], deadline: Deadline, cancelled: Callable[[], bool],
-             model: ModelVersion) -> Iterator[GenerationEvent]:
+             model: ModelVersion) -> Generator[GenerationEvent, None, None]:
     """``events`` until the last one, the client gone (``cancelled()``: the source is closed, the stream ends)
     or the deadline passed (``BackendTimeoutError`` mid-stream, the source closed)."""
     try:

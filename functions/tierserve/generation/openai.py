@@ -281,14 +281,15 @@ def completion_body(request: GenerationRequest, events: Iterable[GenerationEvent
     content = "".join(text)
     created = int(time.time()) if created is None else created
     usage = (final.usage or Usage(0, 0)).to_json()
+    failover = {"x_failover": final.extra["failover"]} if final.extra.get("failover") else {}
     if request.kind == KIND_CHAT:
         return {"id": _ident(request), "object": "chat.completion", "created": created, "model": model_label(request),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
                              "logprobs": None, "finish_reason": final.finish_reason}],
-                "usage": usage, "system_fingerprint": fingerprint(served_by), "x_served_by": served_by}
+                "usage": usage, "system_fingerprint": fingerprint(served_by), "x_served_by": served_by, **failover}
     return {"id": _ident(request), "object": "text_completion", "created": created, "model": model_label(request),
             "choices": [{"text": content, "index": 0, "logprobs": None, "finish_reason": final.finish_reason}],
-            "usage": usage, "system_fingerprint": fingerprint(served_by), "x_served_by": served_by}
+            "usage": usage, "system_fingerprint": fingerprint(served_by), "x_served_by": served_by, **failover}
 
 
 def fingerprint(served_by: str) -> str | None:
@@ -314,7 +315,10 @@ def chunk(request: GenerationRequest, event: GenerationEvent | None, created: in
     if request.include_usage:
         out["usage"] = None
     if finish is not None:
-        out["x_served_by"] = served_by
+        out["x_served_by"] = served_by  # after a failover: the tier that finished (x_failover says the rest)
+        failover = event.extra.get("failover") if event is not None else None
+        if failover:
+            out["x_failover"] = failover
     return out
 
 

@@ -180,13 +180,35 @@ class DataPlane:
             raise errors.InvalidRequestError(f"model {model.name!r} is not a text-generation model; use "
                                              f"/v2/models/{model.name}/infer")
         tier = Tier.EDGE if self.answered_by == Tier.EDGE else Tier.CPU
-        remote = getattr(self.rt.dispatcher, "generate", None)
+        dispatcher = self.rt.dispatcher
+        tiers = getattr(dispatcher, "generate_tiers", None)
+        remote = getattr(dispatcher, "generate", None)
         prepared = service.prepare(self.rt, model, request, tier)
-        if remote is not None:
-            events: Iterator[GenerationEvent] = remote(model, prepared, Deadline.from_context(context), cancelled)
+        deadline = Deadline.from_context(context)
+        events: Iterator[GenerationEvent]
+        if tiers is not None:  # the cloud's dispatcher: routed across the tiers, with failover (issue 18)
+            rt = self.rt
+
+            def local(m: ModelVersion, r: GenerationRequest, c: Callable[[], bool]) -> Iterator[GenerationEvent]:
+                return service.generate_local(rt, m, r, c, tier)
+
+            events = tiers(model, prepared, deadline, cancelled, local=local,
+                           tokenizer=lambda: self.tokenizer(model, tier))
+        elif remote is not None:
+            events = remote(model, prepared, deadline, cancelled)
         else:
             events = service.generate_local(self.rt, model, prepared, cancelled, tier)
         return Generation(model, prepared, events)
+
+    def tokenizer(self, model: ModelVersion, tier: str = Tier.CPU) -> Any:
+        """The model's ``tokenizers.Tokenizer`` (the one ``prepare`` tokenizes with): what turns a prepared prompt
+        back into the GPU tier's text and decodes a continuation after a failover."""
+        from tierserve.generation import engine, service
+
+        text_side = getattr(service, "text_side", None)  # the tokenizer files alone, never the weights
+        if text_side is not None:
+            return text_side(self.rt, model, tier).tokenizer
+        return engine.tokenizer(service.folder_of(self.rt, model, tier))
 
     def models_list(self) -> Answer:
         """OpenAI's ``GET /v1/models``: every listed model (generative or not), ``NAME`` for its default version
@@ -208,14 +230,17 @@ class DataPlane:
 
 class Generation:
     """A started generation: iterate it for its events. ``model`` is the version serving it, ``request`` the
-    prepared request (prompt ids, resolved ``max_tokens``), ``served_by`` the tier of the first event;
-    :meth:`close` stops it (the client went away)."""
+    prepared request (prompt ids, resolved ``max_tokens``), ``served_by`` the tier of the first event, then of the
+    last one read (after a failover in the middle of the stream, the tier that finished); ``fallback`` the
+    ``x-fallback`` value when the tier the policy chose could not start it; :attr:`headers` what the transport
+    sends with it; :meth:`close` stops it (the client went away)."""
 
     def __init__(self, model: ModelVersion, request: GenerationRequest, events: Iterator[GenerationEvent]) -> None:
         self.model = model
         self.request = request
         self._source = events
         self.served_by = ""
+        self.fallback: str | None = None
         try:
             first = next(events)
         except StopIteration:
@@ -226,12 +251,24 @@ class Generation:
         else:
             self._events = itertools.chain((first,), events)
             self.served_by = first.served_by
+        self.fallback = getattr(events, "fallback", None)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``x-served-by`` (and ``x-fallback`` when the chosen tier could not start it)."""
+        out = {"x-served-by": self.served_by or Tier.CPU.value}
+        if self.fallback:
+            out["x-fallback"] = self.fallback
+        return out
 
     def __iter__(self) -> Iterator[GenerationEvent]:
         return self
 
     def __next__(self) -> GenerationEvent:
-        return next(self._events)
+        event = next(self._events)
+        if event.served_by:
+            self.served_by = event.served_by
+        return event
 
     def close(self) -> None:
         close = getattr(self._source, "close", None)

@@ -137,3 +137,17 @@ def test_an_error_after_the_stream_started_is_an_error_event_then_done() -> None
     assert got[0]["choices"][0]["text"] == "Hel" and got[0]["object"] == "text_completion"
     assert got[-1] == {"error": {"message": "gone", "type": "rate_limit_error", "param": None,
                                  "code": "rate_limit_exceeded"}}
+
+
+def test_the_final_chunk_records_a_failover_and_names_the_tier_that_finished() -> None:
+    from dataclasses import replace
+
+    record = {"from": "gpu", "to": "cpu", "after_tokens": 1}
+    events = [replace(EVENTS[0], served_by="gpu"), EVENTS[1],
+              replace(EVENTS[2], served_by="cpu", extra={"failover": record})]
+    chunks = _chunks(list(openai.stream(openai.parse_chat({**CHAT, "stream": True}), iter(events), created=1)))
+    assert chunks[-1]["x_served_by"] == "cpu" and chunks[-1]["x_failover"] == record
+    assert all("x_failover" not in c for c in chunks[:-1])
+    body = openai.completion_body(openai.parse_completion({"model": "tiny", "prompt": "x"}), events)
+    assert body["x_failover"] == record and body["x_served_by"] == "cpu"
+    assert "x_failover" not in openai.completion_body(openai.parse_chat(CHAT), EVENTS)

@@ -730,10 +730,238 @@ def test_a_generation_past_its_deadline_ends_with_a_timeout_and_closes_its_sourc
 
 
 def test_generation_is_the_cpu_functions_and_none_in_process_and_refuses_a_gpu_only_model() -> None:
-    # Given an in-process CPU tier: no generation backend (the data plane runs the engine itself)
+    # Given an in-process CPU tier and a GPU tier that does not generate: no generation backend of its own
     assert TierDispatcher(FakeBackend("cpu"), FakeBackend("gpu"), size_aware).generate is None
-    # And with the CPU tier remote, a GPU-only model is refused (the GPU tier does not generate yet)
+    # And with the CPU tier remote, a GPU-only model with no GPU tier that generates is a fast 503
     d = _lambda_dispatcher(_StreamClient())
     assert d.generate is not None
-    with pytest.raises(errors.BackendUnavailableError, match="GPU tier does not generate yet"):
-        d.generate(GPU_ONLY, _request(), Deadline(60), lambda: False)
+    with pytest.raises(errors.BackendUnavailableError, match="runs on the GPU tier only"):
+        next(d.generate(_generative(GPU_ONLY), _request(), Deadline(60), lambda: False))
+
+
+# --- generation across the tiers (issue 18) ------------------------------------------------------------------
+
+#: A byte-level vocabulary: 4 and 5 are the two bytes of "é" (a character split across two tokens); 0 is EOS.
+VOCAB = {0: b"", 1: b"He", 2: b"llo", 3: b" w", 4: b"\xc3", 5: b"\xa9", 6: b"!", 7: b" x", 8: b"ST", 9: b"OP"}
+
+
+class _Tokenizer:
+    """decode as a byte-level BPE does (invalid bytes as U+FFFD), the EOS skipped as a special token."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(VOCAB[int(i)] for i in ids if not (skip_special_tokens and int(i) == 0)).decode(
+            "utf-8", "replace")
+
+
+def _generative(mv, cpu_tps: float = 20.0):
+    from dataclasses import replace as _replace
+
+    from tierserve.manifest import GenerationSpec, TierFigures
+
+    spec = GenerationSpec(context_length=4096, eos_token_ids=(0,), default_max_tokens=16, slo_total_ms=5000.0,
+                          tiers={"cpu": TierFigures({16: 50.0, 1024: 3000.0}, cpu_tps, 5.0),
+                                 "gpu": TierFigures({16: 20.0, 1024: 100.0}, 200.0, 1.0)})
+    return _replace(mv, task="text-generation", generation=spec)
+
+
+GEN = _generative(BOTH)
+
+
+def _gen_request(ids=(1, 2), max_tokens: int = 8, hint: str | None = None, stop: tuple[str, ...] = ()):
+    from tierserve.generation.requests import KIND_COMPLETION, GenerationRequest, SamplingParams
+
+    return GenerationRequest("m", "1", KIND_COMPLETION, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                       stop=stop),
+                             prompt="Hello", prompt_ids=tuple(ids), hint=hint)
+
+
+def _event(tier: str, ids: tuple[int, ...], text: str | None = None, finish: str | None = None, prompt: int = 2):
+    from tierserve.generation.events import GenerationEvent, Usage
+
+    text = _Tokenizer().decode(ids) if text is None else text
+    return GenerationEvent(text, ids, finish, Usage(prompt, 0) if finish else None, tier)
+
+
+class _GenTier(FakeBackend):
+    """A tier that generates: ``script`` (events, then an exception or nothing) per call, recorded."""
+
+    def __init__(self, tier: str, scripts: list[tuple[list, BaseException | None]] | None = None, **kw) -> None:
+        super().__init__(tier, **kw)
+        self.scripts = list(scripts or [])
+        self.generations: list = []
+        self.text_inputs: list = []
+        self.closed = 0
+
+    def generate(self, model, request, deadline=None, cancelled=lambda: False, *, text_input=None):
+        self.generations.append(request)
+        self.text_inputs.append(text_input)
+        events, exc = self.scripts.pop(0) if self.scripts else ([_event(self.tier, (6,), finish="stop")], None)
+        return self._run(events, exc)
+
+    def local(self, model, request, cancelled):
+        return self.generate(model, request, None, cancelled)
+
+    def _run(self, events, exc):
+        try:
+            yield from events
+            if exc is not None:
+                raise exc
+        finally:
+            self.closed += 1
+
+
+def _tiers(cpu: _GenTier, gpu: _GenTier | None, clock, **kw) -> TierDispatcher:
+    return dispatcher(cpu, gpu, clock, **kw)
+
+
+def _run_tiers(d: TierDispatcher, cpu: _GenTier, request, model=GEN):
+    gen = d.generate_tiers(model, request, Deadline(60), lambda: False, local=cpu.local,
+                           tokenizer=lambda: _Tokenizer())
+    return gen, list(gen)
+
+
+def test_a_short_generation_goes_to_the_cpu_and_a_long_one_to_the_gpu(clock) -> None:
+    # Given a model whose figures make the CPU meet a 5 s SLO for short answers only
+    cpu, gpu = _GenTier("cpu"), _GenTier("gpu")
+    d = _tiers(cpu, gpu, clock)
+    # When a short completion and a long prompt with a large max_tokens arrive
+    short, short_events = _run_tiers(d, cpu, _gen_request(max_tokens=16))
+    long_, long_events = _run_tiers(d, cpu, _gen_request(ids=tuple(range(1, 10)) * 60, max_tokens=400))
+    # Then the CPU serves the first and the GPU the second, each saying so, neither as a fallback
+    assert (short.served_by, short.fallback, long_.served_by, long_.fallback) == ("cpu", None, "gpu", None)
+    assert short.decision.target == "cpu" and long_.decision.target == "gpu"
+    assert short_events[-1].served_by == "cpu" and long_events[-1].served_by == "gpu"
+    # And the GPU got the completion's own text (the vLLM backend takes text)
+    assert gpu.text_inputs == ["Hello"] and len(cpu.generations) == 1
+
+
+def test_a_hint_overrides_the_token_rule(clock) -> None:
+    cpu, gpu = _GenTier("cpu"), _GenTier("gpu")
+    d = _tiers(cpu, gpu, clock)
+    gen, _ = _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="gpu"))
+    assert gen.served_by == "gpu" and "client hint gpu" in gen.decision.reason
+    gen, _ = _run_tiers(d, cpu, _gen_request(ids=(1,) * 600, max_tokens=400, hint="cpu"))
+    assert gen.served_by == "cpu"
+
+
+def test_a_gpu_failing_before_its_first_token_falls_back_to_the_cpu_and_counts_against_the_breaker(clock) -> None:
+    # Given a GPU tier whose stream fails before any token (a 503, a refused connection)
+    cpu = _GenTier("cpu")
+    gpu = _GenTier("gpu", scripts=[([], errors.BackendUnavailableError("Triton is unreachable"))] * 2)
+    d = _tiers(cpu, gpu, clock)
+    # When a generation the GPU should serve runs
+    gen, events = _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="gpu"))
+    # Then the CPU copy served all of it, marked gpu-unavailable, and the failure counted
+    assert (gen.served_by, gen.fallback) == ("cpu", "gpu-unavailable") and events[-1].final
+    assert cpu.generations[0].prompt_ids == (1, 2) and cpu.generations[0].params.max_tokens == 16
+    assert "Triton is unreachable" in gen.decision.reason
+    _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="gpu"))
+    assert d.breaker.state == "open"
+    # And with the circuit open the GPU is not even asked
+    gen, _ = _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="gpu"))
+    assert (gen.fallback, len(gpu.generations)) == ("gpu-unavailable", 2) and "circuit open" in gen.decision.reason
+
+
+def test_an_input_error_from_the_gpu_is_the_clients_and_never_counts(clock) -> None:
+    cpu = _GenTier("cpu")
+    gpu = _GenTier("gpu", scripts=[([], errors.InvalidRequestError("maximum context length"))] * 3)
+    d = _tiers(cpu, gpu, clock)
+    for _ in range(3):
+        with pytest.raises(errors.InvalidRequestError) as info:
+            _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="gpu"))
+        assert info.value.served_by == "gpu"
+    assert d.breaker.state == "closed" and cpu.generations == []
+
+
+def test_a_gpu_only_model_whose_gpu_fails_gets_a_fast_503(clock) -> None:
+    gpu = _GenTier("gpu", scripts=[([], errors.BackendUnavailableError("down"))])
+    d = _tiers(_GenTier("cpu"), gpu, clock)
+    with pytest.raises(errors.BackendUnavailableError, match="GPU tier only"):
+        next(d.generate_tiers(_generative(GPU_ONLY), _gen_request(), Deadline(60), lambda: False))
+
+
+def test_a_gpu_stream_broken_mid_way_goes_on_on_the_cpu_from_the_ids_already_sent(clock, monkeypatch) -> None:
+    from tierserve import telemetry
+
+    metrics: list = []
+    monkeypatch.setattr(telemetry, "failover_mid_stream", lambda *a: metrics.append(a))
+    # Given a GPU that streams "He", "llo" and the first byte of "é" (text held back), then breaks
+    gpu = _GenTier("gpu", scripts=[([_event("gpu", (1,)), _event("gpu", (2,)), _event("gpu", (4,), "")],
+                                    errors.BackendUnavailableError("the connection was cut"))])
+    # And a CPU copy whose own detokenizer starts afresh (the second byte of "é" alone is U+FFFD)
+    cpu = _GenTier("cpu", scripts=[([_event("cpu", (5,)), _event("cpu", (6,)),
+                                     _event("cpu", (0,), "", finish="stop", prompt=5)], None)])
+    d = _tiers(cpu, gpu, clock)
+    # When the generation runs
+    gen, events = _run_tiers(d, cpu, _gen_request(max_tokens=10, hint="gpu"))
+    # Then the CPU was asked to continue from the prompt plus the 3 ids streamed, for the 7 tokens left
+    cont = cpu.generations[0]
+    assert cont.prompt_ids == (1, 2, 1, 2, 4) and cont.params.max_tokens == 7 and cont.params.greedy
+    # And the client saw one stream whose text is the decode of every id, nothing lost or repeated
+    assert "".join(e.text for e in events) == "Helloé!" == _Tokenizer().decode([1, 2, 4, 5, 6, 0])
+    assert [t for e in events for t in e.token_ids] == [1, 2, 4, 5, 6, 0]
+    # And the final event records the failover, the usage counts every token, the CPU tier finished
+    final = events[-1]
+    assert final.extra["failover"] == {"from": "gpu", "to": "cpu", "after_tokens": 3} == gen.failover
+    assert final.usage is not None and (final.usage.prompt_tokens, final.usage.completion_tokens) == (2, 6)
+    assert final.served_by == "cpu" and gen.served_by == "gpu" and gen.fallback is None
+    assert metrics == [("m", "1", "gpu", "cpu", 3)] and gpu.closed == 1 and cpu.closed == 1
+    assert d.breaker._failures == 1  # a tier failure, counted
+
+
+def test_a_stop_string_that_spans_the_failover_still_stops_the_stream(clock) -> None:
+    gpu = _GenTier("gpu", scripts=[([_event("gpu", (1,)), _event("gpu", (8,), "")],
+                                    errors.InferenceError("the GPU tier failed mid-stream"))])
+    cpu = _GenTier("cpu", scripts=[([_event("cpu", (9,)), _event("cpu", (7,)), _event("cpu", (6,), finish="length",
+                                                                                       prompt=4)], None)])
+    d = _tiers(cpu, gpu, clock)
+    _, events = _run_tiers(d, cpu, _gen_request(max_tokens=10, hint="gpu", stop=("STOP",)))
+    assert "".join(e.text for e in events) == "He" and events[-1].finish_reason == "stop"
+    assert cpu.closed == 1  # the continuation was stopped at the stop string
+
+
+def test_when_no_tier_can_continue_the_stream_ends_with_an_error_never_a_silent_truncation(clock) -> None:
+    gpu = _GenTier("gpu", scripts=[([_event("gpu", (1,))], errors.BackendUnavailableError("cut"))])
+    cpu = _GenTier("cpu", scripts=[([], errors.TooManyRequestsError("at its cap", retry_after_s=1))])
+    d = _tiers(cpu, gpu, clock)
+    gen = d.generate_tiers(GEN, _gen_request(max_tokens=10, hint="gpu"), Deadline(60), lambda: False,
+                           local=cpu.local, tokenizer=lambda: _Tokenizer())
+    assert next(gen).text == "He"
+    with pytest.raises(errors.BackendUnavailableError, match=r"after 1 tokens .* could not continue"):
+        next(gen)
+    # And a GPU-only model has nothing to continue on
+    gpu = _GenTier("gpu", scripts=[([_event("gpu", (1,))], errors.BackendUnavailableError("cut"))])
+    d = _tiers(_GenTier("cpu"), gpu, clock)
+    gen = d.generate_tiers(_generative(GPU_ONLY), _gen_request(), Deadline(60), lambda: False)
+    assert next(gen).text == "He"
+    with pytest.raises(errors.BackendUnavailableError, match="no CPU copy"):
+        next(gen)
+
+
+def test_a_stream_broken_after_its_last_token_ends_with_length_without_asking_the_cpu(clock) -> None:
+    gpu = _GenTier("gpu", scripts=[([_event("gpu", (1,)), _event("gpu", (2,))], errors.BackendUnavailableError("cut"))])
+    cpu = _GenTier("cpu")
+    d = _tiers(cpu, gpu, clock)
+    _, events = _run_tiers(d, cpu, _gen_request(max_tokens=2, hint="gpu"))
+    assert events[-1].finish_reason == "length" and events[-1].extra["failover"]["after_tokens"] == 2
+    assert cpu.generations == [] and "".join(e.text for e in events) == "Hello"
+
+
+def test_a_cpu_tier_at_its_limit_moves_a_placed_generation_to_the_gpu(clock) -> None:
+    cpu = _GenTier("cpu", scripts=[([], errors.TooManyRequestsError("at its cap", retry_after_s=1))] * 2)
+    gpu = _GenTier("gpu")
+    d = _tiers(cpu, gpu, clock)
+    gen, events = _run_tiers(d, cpu, _gen_request(max_tokens=16))
+    assert (gen.served_by, gen.fallback) == ("gpu", "cpu-unavailable") and events[-1].final
+    # but a request that asked for the CPU gets the 429
+    with pytest.raises(errors.TooManyRequestsError):
+        _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="cpu"))
+
+
+def test_the_cpu_function_is_asked_to_generate_itself(clock) -> None:
+    import json as _json
+
+    body = _line("He", (5,)) + _line("", (), "stop")
+    client = _StreamClient([body])
+    list(_lambda_dispatcher(client).generate_remote(BOTH, _request(), Deadline(60), lambda: False))
+    assert _json.loads(client.calls[0]["Payload"])["generate"]["hint"] == "cpu"
