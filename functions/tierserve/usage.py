@@ -497,7 +497,8 @@ class Metered:
     of the stream, an error, or :meth:`close`: the client went away) the generation's usage is recorded and its
     reservation settled, once: the final event's ``usage`` when it came, else ``prompt_tokens`` plus the token
     ids seen. A generation that failed before its first event is charged nothing. :meth:`close` closes the
-    wrapped stream too (its own release: a concurrency slot, a remote stream)."""
+    wrapped stream too (its own release: a concurrency slot, a remote stream); any other attribute is the wrapped
+    stream's (``fallback``)."""
 
     def __init__(self, events: Iterator[GenerationEvent], reservation: Reservation, prompt_tokens: int = 0) -> None:
         self._events = events
@@ -509,6 +510,12 @@ class Metered:
 
     def __iter__(self) -> Metered:
         return self
+
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapped stream says of itself (``fallback``: the x-fallback of a routed generation...)."""
+        if name.startswith("__") or name == "_events":
+            raise AttributeError(name)
+        return getattr(self._events, name)
 
     def __next__(self) -> GenerationEvent:
         try:

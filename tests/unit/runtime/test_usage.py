@@ -237,6 +237,8 @@ class Upstream:
     def close(self) -> None:
         self.closed = True
 
+    fallback = "gpu-unavailable"
+
 
 def _request(caller: str, prompt: int, max_tokens: int) -> Any:
     from tierserve.generation.requests import GenerationRequest, SamplingParams
@@ -260,6 +262,7 @@ def test_run_metered_admits_before_starting_and_settles_at_the_end(dynamodb, mon
 
     stream = usage.run_metered(_request("team-a", 4, 60), Model(), start)  # reserves 64
     assert led.window_tokens("team-a", usage.MINUTE) == 64
+    assert stream.fallback == "gpu-unavailable"  # what the stream says of itself shows through
     assert len(list(stream)) == 6 and led.window_tokens("team-a", usage.MINUTE) == 10
     # over budget: a 429 and the generation never starts
     usage.run_metered(_request("team-a", 4, 60), Model(), start)
@@ -377,3 +380,59 @@ def test_a_shared_budget_admits_exactly_what_fits_under_concurrency(moto_http, m
     assert led.window_tokens("hot", usage.MINUTE) == 1000
     # the other caller is served while "hot" is refused
     usage.Ledger(table, usage.Budget(1000, 0), client=_http_client(moto_http), clock=Clock()).admit("cold", "llm", 100)
+
+
+# --- through the streaming REST API, once DataPlane.generate calls usage.run_metered -----------------------------
+
+
+def _rest_event(caller: str, body: dict) -> dict:
+    path = "/v1/completions"
+    return {"resource": path, "path": path, "httpMethod": "POST", "headers": {"content-type": "application/json"},
+            "multiValueHeaders": {}, "queryStringParameters": None, "pathParameters": None,
+            "requestContext": {"requestId": f"r-{caller}", "stage": "api", "path": f"/api{path}",
+                               "authorizer": {"caller": caller, "key_id": "0123456789abcdef"}},
+            "body": json.dumps(body), "isBase64Encoded": False}
+
+
+def test_a_caller_over_budget_gets_429_with_retry_after_while_another_is_served(runtime_env, dynamodb, tmp_path,
+                                                                                 monkeypatch) -> None:
+    import inspect
+
+    from tests.support.genai_models import export
+    from tests.support.genai_serving import write_serving_store
+    from tierserve import api
+    from tierserve.app import build_runtime
+    from tierserve.generation import engine
+    from tierserve.protocol.dataplane import DataPlane
+    from tierserve.protocol.http_api import decode_body
+    from tierserve.settings import Settings, reset_settings
+
+    if "run_metered" not in inspect.getsource(DataPlane.generate):
+        pytest.skip("DataPlane.generate does not call usage.run_metered yet (issue 18: the hook R3's report gives)")
+    monkeypatch.delenv("TIERSERVE_STREAMING_RUNTIME", raising=False)
+    for var, value in (("USAGE_TABLE", TABLE), ("TOKENS_PER_MINUTE", "100"), ("TOKENS_PER_DAY", "0")):
+        monkeypatch.setenv(var, value)
+    reset_settings()
+    usage.reset()
+    root = write_serving_store(tmp_path / "store", export(tmp_path / "lm", "llama"))
+    rt = build_runtime(Settings(model_store_uri=str(root), model_cache_dir=str(tmp_path / "cache"), ort_threads=1))
+    body = {"model": "tiny", "prompt": "The with statement", "max_tokens": 60, "temperature": 0}
+    try:
+        used: list[dict[str, int]] = []
+        for _ in range(10):  # each reserves its prompt + 60 of 100 tokens a minute; what it used stays charged
+            answer = api.handle_rest(_rest_event("team-a", body), None, rt)
+            if answer["statusCode"] != 200:
+                break
+            used.append(json.loads(decode_body(answer))["usage"])
+        assert used and answer["statusCode"] == 429, decode_body(answer)
+        assert 1 <= int(answer["headers"]["retry-after"]) <= 60
+        assert json.loads(decode_body(answer))["error"]["code"] == "rate_limit_exceeded"
+        assert api.handle_rest(_rest_event("team-b", body), None, rt)["statusCode"] == 200
+        rows = usage.Ledger(TABLE, client=dynamodb).usage("team-a")
+        assert [(r.prompt_tokens, r.completion_tokens, r.requests) for r in rows] == [
+            (sum(u["prompt_tokens"] for u in used), sum(u["completion_tokens"] for u in used), len(used))]
+    finally:
+        engine.clear()
+        usage.reset()
+        monkeypatch.delenv("USAGE_TABLE")
+        reset_settings()
