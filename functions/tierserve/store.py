@@ -11,6 +11,13 @@ folder is built under a temporary name and renamed into place (atomic: a failed 
 leaves a half-written model). A warm Lambda reuses it; a new
 process re-verifies it once and fetches it again if anything changed.
 
+Some readers need a few of a variant's files and never its weights: the router renders a generative model's chat
+template and tokenizes its prompt, which needs ``tokenizer.json`` and the template, not ``model.onnx.data``
+(hundreds of MB to GBs in its ``/tmp``, seconds of its cold start). :meth:`ModelStore.fetch_files` materialises
+only the named files, with the same checks (each file's sha256 and size, links refused, names among the
+variant's listed files, built under a temporary name and renamed into place) in a folder of their own,
+``MODEL_CACHE_DIR/<digest>.files-<names>/``; :meth:`ModelStore.read_file` reads one verified file into memory.
+
 The manifest is re-read every ``MANIFEST_TTL_S`` (and at once, at most once a second, when a request
 names a version this copy does not know: :meth:`ModelStore.refresh`, so the CPU function serves a version
 the router has just seen published). When it changed, every cached model that no version still served
@@ -35,7 +42,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,6 +64,8 @@ S3_KEY_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,1024}")
 #: The model's file name inside its cache folder.
 MODEL_FILE = "model.onnx"
 _CHUNK = 1 << 20
+#: A folder of some of a variant's files (:meth:`ModelStore.fetch_files`): ``<digest>.files-<12 hex of the names>``.
+PARTIAL_DIR_RE = re.compile(r"([0-9a-f]{64})\.files-[0-9a-f]{12}")
 #: S3 client timeouts (seconds): per connection attempt, and per read of an object's bytes.
 S3_CONNECT_TIMEOUT_S = 3.0
 S3_READ_TIMEOUT_S = 10.0
@@ -154,6 +163,7 @@ class ModelStore:
         self._manifest: Manifest | None = None
         self._manifest_at = 0.0
         self._verified: dict[str, Path] = {}  # Variant.digest -> verified local path
+        self._partial: dict[str, Path] = {}  # partial folder's name (digest.files-...) -> verified local folder
         self._manifest_bytes: bytes | None = None
         #: Called with the digests (``Variant.digest``) evicted when the manifest no longer uses them (the session
         #: cache, the generation engine's models).
@@ -215,13 +225,23 @@ class ModelStore:
             self._evict(live_digests(manifest))
 
     def _evict(self, live: set[str]) -> None:
-        """Forget and delete every cached model the manifest no longer serves (called under the lock)."""
+        """Forget and delete every cached model the manifest no longer serves, and the folders of its files fetched
+        alone (:meth:`fetch_files`) (called under the lock)."""
         gone = {digest for digest in self._verified if digest not in live}
         if self.cache_dir.is_dir():
             gone |= {p.name for p in self.cache_dir.iterdir() if SHA256_RE.fullmatch(p.name) and p.name not in live}
         for digest in gone:
             self._verified.pop(digest, None)
             shutil.rmtree(self.cache_dir / digest, ignore_errors=True)
+        partial = set(self._partial)
+        if self.cache_dir.is_dir():
+            partial |= {p.name for p in self.cache_dir.iterdir() if PARTIAL_DIR_RE.fullmatch(p.name)}
+        for name in partial:
+            match = PARTIAL_DIR_RE.fullmatch(name)
+            if match is not None and match.group(1) not in live:
+                self._partial.pop(name, None)
+                shutil.rmtree(self.cache_dir / name, ignore_errors=True)
+                gone.add(match.group(1))
         if gone:
             for listener in self.on_evict:
                 listener(gone)
@@ -285,6 +305,97 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder / MODEL_FILE
 
+    def fetch_files(self, variant: Variant, names: Iterable[str]) -> Path:
+        """A verified local folder holding ``names`` of ``variant``'s files, each at its location (its path relative
+        to the model's folder, as :meth:`Variant.location` gives it: ``tokenizer.json``, ``chat_template.jinja``).
+
+        Only those files are fetched: never the model or its weights unless named. Each is checked as
+        :meth:`fetch` checks it (sha256 and size against the manifest, a link or a non-regular source refused), and
+        each name must be one of the files the manifest lists for the variant. The folder,
+        ``<cache>/<digest>.files-<12 hex of the sorted names>/``, is built under a temporary name and renamed into
+        place; a later process re-verifies it before using it. When this store has already verified the variant's
+        whole folder (:meth:`fetch`), that folder is returned: it holds the same verified files."""
+        wanted = sorted(set(names))
+        if not wanted:
+            raise ArtifactError("fetch_files needs at least one file name")
+        listed = files_by_location(variant)
+        for name in wanted:
+            if name not in listed:
+                raise ArtifactNotFoundError(
+                    f"{name!r} is not one of the files the manifest lists for {variant.path} "
+                    f"({', '.join(sorted(listed))}); recompile the model with it")
+        full = self._verified.get(variant.digest)
+        if full is not None and full.exists():
+            return full.parent
+        key = f"{variant.digest}.files-{hashlib.sha256(chr(10).join(wanted).encode()).hexdigest()[:12]}"
+        cached = self._partial.get(key)
+        if cached is not None and cached.exists():
+            return cached
+        with self._lock:
+            cached = self._partial.get(key)
+            if cached is not None and cached.exists():
+                return cached
+            folder = self._materialize_files(variant, [(n, listed[n]) for n in wanted], self.cache_dir / key)
+            self._partial[key] = folder
+            return folder
+
+    def read_file(self, variant: Variant, name: str) -> bytes:
+        """The bytes of ``variant``'s file at location ``name`` (see :meth:`fetch_files`), sha256/size-verified, read
+        into memory and nothing written: from a folder this store verified, else from the store itself."""
+        listed = files_by_location(variant)
+        artifact = listed.get(name)
+        if artifact is None:
+            raise ArtifactNotFoundError(
+                f"{name!r} is not one of the files the manifest lists for {variant.path} "
+                f"({', '.join(sorted(listed))}); recompile the model with it")
+        local = self._verified.get(variant.digest)
+        folders = [*([local.parent] if local is not None else []),
+                   *(p for k, p in list(self._partial.items()) if k.startswith(variant.digest + "."))]
+        for folder in folders:
+            path = folder / name
+            if path.exists():
+                with open_regular(path, f"cached {artifact.path}") as src:
+                    return _read_verified(src, artifact, f"cached copy of {artifact.path}")
+        check_artifact_path(artifact.path)
+        if self.root is not None:
+            with self._open_local(artifact) as src:
+                return _read_verified(src, artifact, artifact.path)
+        key = self._key(artifact.path)
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            return _read_verified(self._s3_body(key), artifact, where)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # the connection dropped or stalled mid-object
+            raise _s3_failure(exc, where) from exc
+
+    def _materialize_files(self, variant: Variant, files: list[tuple[str, ExternalFile]], folder: Path) -> Path:
+        """``folder`` with each ``(location, artifact)`` of ``files``: reused when it verifies, else fetched anew."""
+        if folder.is_dir():
+            try:
+                for name, artifact in files:
+                    with open_regular(folder / name, f"cached {artifact.path}") as src:
+                        _check_digest(artifact, _digest(src, None), f"cached copy of {artifact.path}")
+                return folder
+            except (ArtifactError, OSError):
+                shutil.rmtree(folder, ignore_errors=True)  # corrupted or half-deleted: fetch it again
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".fetch-{variant.digest[:12]}-"))
+        try:
+            for name, artifact in files:
+                dst = tmp / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                self._copy(artifact, dst)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process published the same folder first: use it if it verifies
+                for name, artifact in files:
+                    with open_regular(folder / name, f"cached {artifact.path}") as src:
+                        _check_digest(artifact, _digest(src, None), f"cached copy of {artifact.path}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
     def _verify_folder(self, variant: Variant, folder: Path) -> None:
         targets = [folder / MODEL_FILE, *(folder / variant.location(e) for e in variant.external_data)]
         for artifact, path in zip(variant.files(), targets, strict=True):
@@ -344,6 +455,20 @@ class ModelStore:
                           retries={"total_max_attempts": 3, "mode": "standard"})
 
 
+def files_by_location(variant: Variant) -> dict[str, ExternalFile]:
+    """Each of ``variant``'s files by its location in the variant's folder (the model as ``model.onnx``); a location
+    that would leave the folder (absolute, ``..``) is an unsafe model."""
+    out = {MODEL_FILE: variant.files()[0]}
+    for ext in variant.external_data:
+        location = variant.location(ext)
+        parts = location.split("/")
+        if location.startswith("/") or "\\" in location or any(p in ("", ".", "..") for p in parts):
+            raise UnsafeModelError(f"file {ext.path!r} of {variant.path} lies outside the model's folder "
+                                   f"({location!r}); refusing it. Recompile the model")
+        out[location] = ext
+    return out
+
+
 def live_digests(manifest: Manifest) -> set[str]:
     """The digest (``Variant.digest``, a cache folder's name) of every variant a request can still get: listed
     versions, and retired ones in their grace."""
@@ -397,6 +522,13 @@ def _digest(src: Any, out: BinaryIO | None) -> tuple[str, int]:
         if out is not None:
             out.write(chunk)
     return h.hexdigest(), size
+
+
+def _read_verified(src: Any, artifact: ExternalFile, where: str) -> bytes:
+    """All of ``src`` (at most one byte more than the manifest's size), refused unless it is the manifest's file."""
+    data = src.read(artifact.size_bytes + 1)
+    _check_digest(artifact, (hashlib.sha256(data).hexdigest(), len(data)), where)
+    return bytes(data)
 
 
 def _check_digest(artifact: ExternalFile, got: tuple[str, int], where: str) -> None:

@@ -7,7 +7,11 @@ Why its own module: the same steps hold on every tier that runs a model itself (
   manifest's ``default_max_tokens`` when the request names none, never more than the context left;
   ``max_tokens_cap`` bounds what a request may ask for, because in AWS nothing tells a function that its
   client went away), and refuses a prompt plus ``max_tokens`` over the context window with OpenAI's 400
-  ``context_length_exceeded``, all before any model runs.
+  ``context_length_exceeded``, all before any model runs. It reads the variant's tokenizer and chat template
+  files only (:data:`PREPARE_FILES`, through ``ModelStore.fetch_files``: each sha256-verified), never its
+  weights: the router prepares every request, and the weights it never runs would cost its ``/tmp`` hundreds of
+  MB to GBs and its cold start seconds. The tokenizer (``tokenizers``) and the template are loaded once per
+  variant digest (:func:`text_side`), on the first generative request, and forgotten when the store evicts it.
 - :class:`Admission` caps concurrent generations per model version in this execution environment
   (``GenerationSpec.max_concurrency``, or the ``GENERATION_MAX_CONCURRENCY`` setting): a streamed CPU
   generation holds two Lambda environments for its whole length, and a new account has 10. One more is a 429
@@ -23,9 +27,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tierserve import errors, telemetry
 from tierserve.generation.events import GenerationEvent
@@ -34,6 +38,11 @@ from tierserve.manifest import GenerationSpec, ModelVersion, Variant
 
 if TYPE_CHECKING:
     from tierserve.app import Runtime
+    from tierserve.generation.chat import ChatTemplate
+
+#: The files :func:`prepare` reads from a variant (those it lists): the tokenizer, the chat template and the named
+#: special tokens the template sees (``generation.chat``); never ``model.onnx`` or its weights.
+PREPARE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 #: Seconds a client is told to wait when a model is at its cap (a short generation frees a slot in about this).
 RETRY_AFTER_S = 1.0
@@ -74,7 +83,71 @@ def _hook_eviction(runtime: Runtime) -> None:
 
     if engine.evict not in store.on_evict:
         store.on_evict.append(engine.evict)
+    if forget not in store.on_evict:
+        store.on_evict.append(forget)
     _hooked.add(id(store))
+
+
+# --- the text side: tokenizer and chat template, without the weights ----------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """A variant's tokenizer (``tokenizers.Tokenizer``) and chat template (None when it has none)."""
+
+    tokenizer: Any
+    template: ChatTemplate | None
+
+
+_text_lock = threading.Lock()
+_texts: dict[str, TextSide] = {}  # Variant.digest -> its text side
+
+
+def text_side(runtime: Runtime, model: ModelVersion, tier: str = "cpu") -> TextSide:
+    """The tokenizer and chat template of the variant ``tier`` runs, loaded once per variant digest from its
+    tokenizer files alone (``ModelStore.fetch_files``: verified; the weights are never fetched)."""
+    variant = variant_for(model, tier)
+    side = _texts.get(variant.digest)
+    if side is not None:
+        return side
+    _hook_eviction(runtime)
+    with _text_lock:
+        side = _texts.get(variant.digest)
+        if side is None:
+            side = _load_text_side(runtime, variant)
+            _texts[variant.digest] = side
+        return side
+
+
+def _load_text_side(runtime: Runtime, variant: Variant) -> TextSide:
+    from tierserve.generation import chat, tokens
+    from tierserve.store import files_by_location
+
+    store = runtime.store
+    names = [n for n in PREPARE_FILES if n in files_by_location(variant)]
+    if tokens.TOKENIZER_FILE not in names:
+        raise errors.ArtifactError(f"{variant.path} lists no {tokens.TOKENIZER_FILE}, so its prompts cannot be "
+                                   "tokenized; recompile the model (tierserve compile writes the tokenizer files)")
+    fetch_files = getattr(store, "fetch_files", None)
+    folder = fetch_files(variant, names) if fetch_files is not None else store.fetch(variant).parent
+    try:
+        tok = tokens.load_tokenizer((folder / tokens.TOKENIZER_FILE).read_bytes())
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise errors.ArtifactError(f"cannot read the model's tokenizer {tokens.TOKENIZER_FILE} ({exc}); recompile "
+                                   "it") from exc
+    return TextSide(tok, chat.ChatTemplate.from_folder(folder))
+
+
+def forget(digests: set[str]) -> None:
+    """Drop the text sides of variants the store evicted (``ModelStore.on_evict``)."""
+    with _text_lock:
+        for digest in digests:
+            _texts.pop(digest, None)
+
+
+def clear() -> None:
+    with _text_lock:
+        _texts.clear()
 
 
 # --- prepare ------------------------------------------------------------------------------------------------
@@ -84,10 +157,8 @@ def prepare(runtime: Runtime, model: ModelVersion, request: GenerationRequest, t
             ) -> GenerationRequest:
     """``request`` with ``prompt_ids`` filled and ``params.max_tokens`` resolved; 400s before any model runs."""
     spec = spec_of(model)
-    folder = None
-    if request.prompt_ids is None:
-        folder = folder_of(runtime, model, tier)
-    ids = list(request.prompt_ids) if request.prompt_ids is not None else _tokenize(folder, model, request)
+    ids = (list(request.prompt_ids) if request.prompt_ids is not None
+           else _tokenize(text_side(runtime, model, tier), model, request))
     param = "messages" if request.kind == KIND_CHAT else "prompt"
     if not ids:
         raise errors.InvalidParameterError("the prompt is empty: give the model some text to continue",
@@ -99,13 +170,10 @@ def prepare(runtime: Runtime, model: ModelVersion, request: GenerationRequest, t
     return replace(request, prompt_ids=tuple(ids), params=replace(request.params, max_tokens=max_tokens))
 
 
-def _tokenize(folder: Path | None, model: ModelVersion, request: GenerationRequest) -> list[int]:
-    from tierserve.generation import chat, engine
-
-    assert folder is not None
-    tok = engine.tokenizer(folder)
+def _tokenize(side: TextSide, model: ModelVersion, request: GenerationRequest) -> list[int]:
+    tok = side.tokenizer
     if request.kind == KIND_CHAT or request.messages is not None:
-        template = chat.ChatTemplate.from_folder(folder)
+        template = side.template
         if template is None:
             raise errors.InvalidParameterError(
                 f"model {model.name!r} has no chat template, so /v1/chat/completions cannot format a conversation "

@@ -24,7 +24,6 @@ jinja2, and the engine renders it exactly before generating), so a chat's count 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import posixpath
 import re
@@ -34,11 +33,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tierserve import errors
-
 if TYPE_CHECKING:
     from tierserve.generation.requests import GenerationRequest
-    from tierserve.manifest import ExternalFile, GenerationSpec, ModelVersion
+    from tierserve.manifest import ExternalFile, GenerationSpec, ModelVersion, Variant
 
 #: How long a request waits for its model's tokenizer to load before it is counted by the estimate.
 DEFAULT_BUDGET_S = 0.2
@@ -148,42 +145,22 @@ def _content(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def variant_of(model: ModelVersion, tier: str = "cpu") -> Variant:
+    """The variant ``tier`` runs: the edge's at the edge, else the CPU tier's."""
+    return model.edge_artifact if tier == "edge" else model.cpu_artifact
+
+
 def tokenizer_file(model: ModelVersion, tier: str = "cpu") -> ExternalFile | None:
     """The ``tokenizer.json`` among the files of the variant ``tier`` runs (None when it lists none)."""
-    variant = model.edge_artifact if tier == "edge" else model.cpu_artifact
+    variant = variant_of(model, tier)
     return next((e for e in variant.external_data if posixpath.basename(e.path) == TOKENIZER_FILE), None)
 
 
-def read_verified(store: Any, artifact: ExternalFile) -> bytes:
-    """``artifact``'s bytes from ``store`` (a ``ModelStore``: a folder or S3), refused unless its sha256 and size
-    are the manifest's (``IntegrityError``). Only this file is read: not the variant's weights."""
-    from tierserve.manifest import check_artifact_path
-    from tierserve.store import open_regular
-
-    check_artifact_path(artifact.path)
-    if getattr(store, "root", None) is not None:
-        root = store.root.resolve()
-        path = root / artifact.path
-        if not path.parent.resolve().is_relative_to(root):
-            raise errors.UnsafeModelError(f"artifact {artifact.path!r} resolves outside the model store {root}")
-        try:
-            with open_regular(path, f"artifact {artifact.path!r}") as f:
-                data = f.read(artifact.size_bytes + 1)
-        except FileNotFoundError as exc:
-            raise errors.ArtifactNotFoundError(f"artifact {artifact.path!r} is listed in the manifest but missing "
-                                               f"from {root}; recompile the model or restore the file") from exc
-        where = artifact.path
-    else:
-        key = f"{store.prefix}/{artifact.path}" if store.prefix else artifact.path
-        where = f"s3://{store.bucket}/{key}"
-        body = store._s3_client().get_object(Bucket=store.bucket, Key=key)["Body"]
-        data = body.read(artifact.size_bytes + 1)
-    sha = hashlib.sha256(data).hexdigest()
-    if sha != artifact.sha256 or len(data) != artifact.size_bytes:
-        raise errors.IntegrityError(
-            f"{where} has sha256 {sha[:12]}... ({len(data)} bytes), the manifest expects {artifact.sha256[:12]}... "
-            f"({artifact.size_bytes} bytes); refusing to use it. Recompile or re-upload the model.")
-    return data
+def read_verified(store: Any, variant: Variant, artifact: ExternalFile) -> bytes:
+    """``artifact`` (one of ``variant``'s files) from ``store`` (a ``ModelStore``: a folder or S3), refused unless its
+    sha256 and size are the manifest's (``IntegrityError``): ``ModelStore.read_file``. Only this file is read:
+    not the variant's weights."""
+    return bytes(store.read_file(variant, variant.location(artifact)))
 
 
 class TokenCounter:
@@ -197,7 +174,7 @@ class TokenCounter:
                  load: Callable[[bytes], Any] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.budget_s = budget_s
-        self._load = load or _load_tokenizer
+        self._load = load or load_tokenizer
         self._clock = clock
         self._lock = threading.Lock()
         self._ready: dict[str, Any] = {}  # sha256 -> tokenizer
@@ -231,8 +208,8 @@ class TokenCounter:
             done = self._loading.get(key)
             if done is None:
                 done = self._loading[key] = threading.Event()
-                threading.Thread(target=self._fetch, args=(artifact, done), name="tokenizer-load",
-                                 daemon=True).start()
+                threading.Thread(target=self._fetch, args=(variant_of(model, tier), artifact, done),
+                                 name="tokenizer-load", daemon=True).start()
         done.wait(self.budget_s)
         with self._lock:
             return self._ready.get(key)
@@ -243,9 +220,9 @@ class TokenCounter:
         failed = self._failed.get(artifact.sha256) if artifact is not None else None
         return None if failed is None else failed[1]
 
-    def _fetch(self, artifact: ExternalFile, done: threading.Event) -> None:
+    def _fetch(self, variant: Variant, artifact: ExternalFile, done: threading.Event) -> None:
         try:
-            tok = self._load(read_verified(self.store, artifact))
+            tok = self._load(read_verified(self.store, variant, artifact))
         except Exception as exc:  # any failure: the estimate serves, and it is retried later
             with self._lock:
                 self._failed[artifact.sha256] = (self._clock(), f"{type(exc).__name__}: {exc}")
@@ -259,13 +236,18 @@ class TokenCounter:
             done.set()
 
 
-def _load_tokenizer(data: bytes) -> Any:
+def load_tokenizer(data: bytes) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``'s bytes, encoding a text's own tokens: no padding and no
+    truncation, as transformers encodes a text it is not asked to pad or truncate."""
     from tokenizers import Tokenizer  # here only: the router's handler never imports it
 
     tok = Tokenizer.from_str(data.decode("utf-8"))
     tok.no_padding()  # a tokenizer.json may pad or truncate every encoding (sentence-transformers' do): a count
     tok.no_truncation()  # must see the text's own tokens
     return tok
+
+
+_load_tokenizer = load_tokenizer
 
 
 def calibrate_folder(folder: Any, texts: Iterable[str]) -> dict[str, float]:
@@ -276,7 +258,7 @@ def calibrate_folder(folder: Any, texts: Iterable[str]) -> dict[str, float]:
     path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
         return {}
-    tok = _load_tokenizer(path.read_bytes())
+    tok = load_tokenizer(path.read_bytes())
     cal = calibrate(lambda t: len(tok.encode(t, add_special_tokens=False).ids), texts)
     return {"chars_per_token": cal.chars_per_token, "tokens_per_nonascii_byte": cal.tokens_per_nonascii_byte,
             "token_estimate_error": cal.error or 0.0}

@@ -27,7 +27,7 @@ def genai_runtime(runtime_env: pytest.MonkeyPatch, tmp_path: Path, llama: TinyLM
     """A runtime (in-process CPU tier, 1 thread) over a store holding 'tiny' v1 (the Llama) and 'plain' v1 (the
     same model without a chat template)."""
     from tierserve.app import build_runtime
-    from tierserve.generation import engine
+    from tierserve.generation import engine, service
     from tierserve.settings import Settings
 
     root = tmp_path / "store"
@@ -35,5 +35,7 @@ def genai_runtime(runtime_env: pytest.MonkeyPatch, tmp_path: Path, llama: TinyLM
                       max_tokens_cap=200)
     write_genai_store(root, "plain", llama, drop=("chat_template.jinja",))
     runtime_env.setenv("TIERSERVE_METRICS", "false")
+    service.clear()  # the tokenizers and templates of earlier tests' stores (same digests, other caches)
     yield build_runtime(Settings(model_store_uri=str(root), model_cache_dir=str(tmp_path / "cache"), ort_threads=1))
     engine.clear()
+    service.clear()

@@ -100,3 +100,33 @@ def test_metrics_are_emitted_after_the_last_event_not_before(genai_runtime, monk
     assert (d["model"], d["version"], d["tier"], d["PromptTokens"], d["CompletionTokens"]) == (
         "tiny", "1", "cpu", len(req.prompt_ids), 5)
     assert d["TimeToFirstToken"] > 0 and d["InterTokenLatency"] >= 0 and d["TokensPerSecond"] > 0
+
+
+# --- the router's prepare reads the tokenizer files, never the weights (issue 17/18) ------------------------
+
+
+def _files_under(folder) -> set[str]:
+    return {p.name for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
+
+
+def test_prepare_fetches_only_the_tokenizer_files_and_never_the_weights(genai_runtime, llama: TinyLM) -> None:
+    from transformers import AutoTokenizer
+
+    # Given a store whose weights cannot be read at all (the router must never need them)
+    model = _model(genai_runtime)
+    root = genai_runtime.store.root
+    (root / "tiny/1/fp32/model.onnx.data").unlink()
+    (root / "tiny/1/fp32/model.onnx").unlink()
+    messages = [{"role": "user", "content": "Café 🙂"}]
+    # When the router prepares a chat and a completion
+    chat = service.prepare(genai_runtime, model, openai.parse_chat({"model": "tiny", "messages": messages}))
+    done = service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "Hello 🙂"}))
+    # Then the ids are transformers' (the full folder's tokenizer gives the same: the tokenizer files are the same)
+    hf = AutoTokenizer.from_pretrained(str(llama.hf))
+    assert list(chat.prompt_ids) == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False))
+    assert list(done.prompt_ids) == list(hf("Hello 🙂")["input_ids"])
+    # And the cache holds the tokenizer files only
+    cache = genai_runtime.store.cache_dir
+    assert _files_under(cache) <= set(service.PREPARE_FILES)
+    assert "tokenizer.json" in _files_under(cache) and not _files_under(cache) & {"model.onnx", "model.onnx.data"}

@@ -122,7 +122,7 @@ def test_a_tokenizer_that_does_not_verify_is_never_used(tmp_path, tok) -> None:
     assert got == tokens.PromptTokens(4, False, "estimate", 0.2)
     assert "IntegrityError" in (counter.failure(model) or "")
     with pytest.raises(errors.IntegrityError, match="sha256"):
-        tokens.read_verified(counter.store, tokens.tokenizer_file(model))
+        tokens.read_verified(counter.store, model.cpu_artifact, tokens.tokenizer_file(model))
 
 
 def test_a_slow_tokenizer_load_costs_a_request_only_its_budget(tmp_path, tok) -> None:
@@ -131,7 +131,7 @@ def test_a_slow_tokenizer_load_costs_a_request_only_its_budget(tmp_path, tok) ->
 
     def slow_load(data: bytes):
         release.wait(10)
-        return tokens._load_tokenizer(data)
+        return tokens.load_tokenizer(data)
 
     counter = TokenCounter(ModelStore(str(tmp_path / "store"), tmp_path / "cache"), budget_s=0.05, load=slow_load)
     first = counter.count(model, completion("abcdefgh"))
