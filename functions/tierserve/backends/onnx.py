@@ -73,6 +73,10 @@ class OnnxBackend:
         means the model loaded and ran its checks."""
         from tierserve.protocol.tensors import probe_request
 
+        if model.generative:  # a causal LM with its KV cache: ready means onnxruntime-genai loads it
+            self.readiness.check(model.cpu_artifact.digest, lambda: self._genai_probe(model))
+            return
+
         def probe() -> TierserveError | None:
             try:
                 request = probe_request(model)
@@ -86,6 +90,19 @@ class OnnxBackend:
             return None
 
         self.readiness.check(model.cpu_artifact.digest, probe)
+
+    def _genai_probe(self, model: ModelVersion) -> TierserveError | None:
+        """A text-generation model's readiness: its folder fetched and verified, loaded by onnxruntime-genai
+        (its graph takes input ids and a KV cache, which the tensor probe cannot feed)."""
+        try:
+            from tierserve.generation import engine
+
+            engine.load(self.store.fetch(model.cpu_artifact).parent, self.threads)
+        except TierserveError as exc:
+            return exc
+        except Exception as exc:  # a bug must not make readiness raise
+            return InferenceError(f"model {model.name!r} v{model.version} failed to load in onnxruntime-genai: {exc}")
+        return None
 
     def ready(self, model: ModelVersion | None = None) -> bool:
         return ready_by(self.check_ready, model)
