@@ -23,7 +23,7 @@ def test_a_generative_model_whose_weights_are_unreadable_is_not_ready(genai_runt
 
     mv = genai_runtime.store.manifest().resolve("tiny", None)
     store_root = genai_runtime.settings.model_store_uri
-    data = [e for e in mv.cpu_artifact.external_data if e.path.endswith("model.onnx.data")][0]
+    data = next(e for e in mv.cpu_artifact.external_data if e.path.endswith("model.onnx.data"))
     from pathlib import Path
 
     Path(store_root, data.path).write_bytes(b"tampered")
