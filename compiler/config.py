@@ -30,7 +30,8 @@ class LambdaLimits:
     Why not Lambda's quota maxima (10,240 MB, 10 GB, 900 s): a model placed on the CPU runs in one of the
     template's memory-class functions (``tierserve.memory_classes``), with the ``/tmp`` that
     ``CpuEphemeralStorageMb`` gives it (``tierserve deploy-config`` raises it to what the models need, up to
-    10,240 MB) and their 30 s timeout; a model that passed the quota maxima could still fail once deployed.
+    10,240 MB), their timeout (900 s, for streamed generation) and API Gateway's 29 s for a synchronous
+inference; a model that passed the quota maxima could still fail once deployed.
     Models are fetched from S3 into ``/tmp``, never packaged, so the zip package is the runtime alone and
     the project builds no container images. ``tests/unit/compiler/test_config.py`` checks these values
     against ``template.yaml``; tests pass smaller ones to exercise the rules cheaply.
@@ -43,7 +44,8 @@ class LambdaLimits:
     mb_per_vcpu: int = 1_769  # Lambda allocates 1 vCPU per 1,769 MB
     max_vcpus: int = 6
     sync_payload_mb: float = 6.0  # synchronous invoke request/response
-    timeout_s: float = 30.0  # the class functions' Timeout (a synchronous request: API Gateway's is 30 s too)
+    timeout_s: float = 900.0  # the class functions' Timeout (15 minutes: a streamed generation can last that long)
+    sync_request_s: float = 29.0  # a synchronous inference through API Gateway's HTTP API (30 s integration)
     tmp_mb: float = 10 * 1024.0  # the most /tmp CpuEphemeralStorageMb gives a class function (Lambda's maximum)
     tmp_headroom: float = 1.25  # /tmp kept besides a model while the store verifies it (as deploy-config counts)
     # Unzipped size of the runtime the CPU function ships besides the model: onnxruntime 1.32 +
