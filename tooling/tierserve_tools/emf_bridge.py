@@ -7,8 +7,9 @@ follows those files and hands every document
 * to moto_server's CloudWatch as ``PutMetricData`` (one datum per metric and dimension set, with the
   document's timestamp), so that the rollout reads them with ``GetMetricData`` exactly as in AWS;
 * to :class:`MetricsRegistry`, which ``tierserve serve`` renders as Prometheus text on ``GET /metrics``
-  (counters and latency histograms labelled with every dimension of the document), followed by Triton's
-  own metrics.
+  (counters, latency histograms, and summaries for rates such as generation's ``TokensPerSecond``, labelled
+  with the dimension names of the document: the names ``tierserve.telemetry`` fixes, whose values come from the
+  manifest, never from a request), followed by Triton's own metrics.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class MetricsRegistry:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}  # buckets.., sum, count
+        self._summaries: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}  # sum, count
 
     def add(self, doc: dict[str, Any]) -> None:
         for directive in doc["_aws"]["CloudWatchMetrics"]:
@@ -96,6 +98,10 @@ class MetricsRegistry:
                     h[i] += 1
             h[-2] += v
             h[-1] += 1
+        elif unit.endswith("/Second"):  # a rate (TokensPerSecond): summed over requests it means nothing
+            s = self._summaries.setdefault((name, labels), [0.0, 0.0])
+            s[0] += v
+            s[1] += 1
         else:
             key = (name, labels)
             self._counters[key] = self._counters.get(key, 0.0) + v
@@ -110,6 +116,7 @@ class MetricsRegistry:
         with self._lock:
             counters = sorted(self._counters.items())
             histograms = sorted(self._histograms.items())
+            summaries = sorted(self._summaries.items())
         seen: set[str] = set()
         for (name, labels), value in counters:
             metric = f"tierserve_{_snake(name)}_total"
@@ -128,6 +135,14 @@ class MetricsRegistry:
             lines.append(f"{metric}_bucket{_labels(labels, le='+Inf')} {h[-1]:g}")
             lines.append(f"{metric}_sum{_labels(labels)} {h[-2]:g}")
             lines.append(f"{metric}_count{_labels(labels)} {h[-1]:g}")
+        for (name, labels), (total, count) in summaries:
+            metric = f"tierserve_{_snake(name)}"
+            if metric not in seen:
+                lines += [f"# HELP {metric} {name} (EMF rate; sum / count is the mean), from the functions' logs",
+                          f"# TYPE {metric} summary"]
+                seen.add(metric)
+            lines.append(f"{metric}_sum{_labels(labels)} {total:g}")
+            lines.append(f"{metric}_count{_labels(labels)} {count:g}")
         return "\n".join(lines) + "\n"
 
 

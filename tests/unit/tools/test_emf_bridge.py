@@ -78,3 +78,27 @@ def test_the_bridge_follows_log_files_into_cloudwatch_and_prometheus(tmp_path, c
     assert 'tierserve_latency_ms_bucket{function="RouterFunction",model="m",service="tierserve",tier="cpu",' \
            'version="1",le="5"} 1' in text
     assert 'tierserve_latency_ms_count{' in text and 'tierserve_errors_by_code_total{code="model_not_found"' in text
+
+
+def test_a_generations_metrics_on_the_page_a_rate_as_a_summary_never_a_summed_counter(capsys, monkeypatch):
+    # Given two generations of m v2 on the CPU tier (issue 17's metrics: TTFT, ITL, tokens, tokens/s)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "CpuInferenceFunction")
+    registry = MetricsRegistry()
+    for ttft, rate in ((40.0, 100.0), (60.0, 50.0)):
+        (doc,) = emitted(capsys, lambda t=ttft, r=rate: telemetry.generation(
+            "m", "2", "cpu", ttft_ms=t, itl_ms=10.0, prompt_tokens=7, completion_tokens=5, tokens_per_s=r))
+        registry.add(doc)
+    text = registry.render()
+    labels = '{function="CpuInferenceFunction",model="m",service="tierserve",tier="cpu",version="2"}'
+    # Then the tokens are counters, the latencies histograms, labelled with the document's dimensions only
+    assert f"tierserve_prompt_tokens_total{labels} 14" in text
+    assert f"tierserve_completion_tokens_total{labels} 10" in text
+    assert f"tierserve_time_to_first_token_ms_count{labels} 2" in text
+    assert f"tierserve_time_to_first_token_ms_sum{labels} 100" in text
+    assert f"tierserve_inter_token_latency_ms_count{labels} 2" in text
+    # And tokens/s, a rate, is a summary whose sum over its count is the mean (150 tokens/s is no figure)
+    assert "# TYPE tierserve_tokens_per_second summary" in text
+    assert f"tierserve_tokens_per_second_sum{labels} 150" in text
+    assert f"tierserve_tokens_per_second_count{labels} 2" in text
+    assert "tierserve_tokens_per_second_total" not in text
+    assert registry.value("PromptTokens", model="m", version="2") == 14
