@@ -130,3 +130,78 @@ def test_prepare_fetches_only_the_tokenizer_files_and_never_the_weights(genai_ru
     cache = genai_runtime.store.cache_dir
     assert _files_under(cache) <= set(service.PREPARE_FILES)
     assert "tokenizer.json" in _files_under(cache) and not _files_under(cache) & {"model.onnx", "model.onnx.data"}
+
+
+def test_prepare_gives_the_ids_the_full_folder_gives(genai_runtime) -> None:
+    from tests.support.causal_lm import MULTIBYTE_TEXT
+    from tierserve.generation import chat, engine
+
+    # Given the router's prepare (tokenizer files alone) and the whole verified folder the CPU function runs
+    model = _model(genai_runtime)
+    full = genai_runtime.store.fetch(model.cpu_artifact).parent
+    service.clear()
+    tok, template = engine.tokenizer(full), chat.ChatTemplate.from_folder(full)
+    assert template is not None
+    for text in ("Hello", MULTIBYTE_TEXT, "  spaces\tand\nlines  ", "<|im_start|>user"):
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+        chat_req = service.prepare(genai_runtime, model, openai.parse_chat({"model": "tiny", "messages": messages}))
+        plain = service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": text}))
+        # Then the ids are the same token for token
+        assert list(chat_req.prompt_ids) == tok.encode(template.render(messages), add_special_tokens=False).ids
+        assert list(plain.prompt_ids) == tok.encode(text, add_special_tokens=True).ids
+
+
+def test_a_tampered_tokenizer_is_refused_before_any_work(genai_runtime) -> None:
+    from tierserve.errors import IntegrityError
+
+    model = _model(genai_runtime)
+    path = genai_runtime.store.root / "tiny/1/fp32/tokenizer.json"
+    path.write_bytes(path.read_bytes().replace(b'"<|im_end|>"', b'"<|im_END|>"', 1))
+    with pytest.raises(IntegrityError, match=r"tokenizer\.json.*refusing"):
+        service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "x"}))
+
+
+def test_the_router_prepares_from_s3_without_the_weights(genai_runtime, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    import boto3
+    from moto import mock_aws
+
+    from tierserve.store import ModelStore
+
+    with mock_aws():
+        # Given the store in S3, without its weights
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="tierserve-models-test")
+        root = genai_runtime.store.root
+        for f in root.rglob("*"):
+            if f.is_file() and f.name not in ("model.onnx", "model.onnx.data"):
+                s3.upload_file(str(f), "tierserve-models-test", f"models/{f.relative_to(root).as_posix()}")
+        store = ModelStore("s3://tierserve-models-test/models", tmp_path / "s3-cache", s3_client=s3)
+        rt = SimpleNamespace(store=store, settings=genai_runtime.settings)
+        service.clear()
+        # When the router prepares a chat
+        messages = [{"role": "user", "content": "Café 🙂"}]
+        req = service.prepare(rt, store.manifest().resolve("tiny"),
+                              openai.parse_chat({"model": "tiny", "messages": messages}))
+        # Then its ids are the folder store's, and only the tokenizer files were fetched
+        service.clear()
+        local = service.prepare(genai_runtime, _model(genai_runtime),
+                                openai.parse_chat({"model": "tiny", "messages": messages}))
+        assert req.prompt_ids == local.prompt_ids
+        names = _files_under(tmp_path / "s3-cache")
+        assert "tokenizer.json" in names and names <= set(service.PREPARE_FILES)
+
+
+def test_an_evicted_version_forgets_its_tokenizer(genai_runtime) -> None:
+    store = genai_runtime.store
+    model = _model(genai_runtime)
+    service.prepare(genai_runtime, model, openai.parse_completion({"model": "tiny", "prompt": "x"}))
+    digest = model.cpu_artifact.digest
+    assert digest in service._texts
+    doc = json.loads((store.root / "manifest.json").read_text())
+    del doc["models"]["tiny"]
+    (store.root / "manifest.json").write_text(json.dumps(doc))
+    store.refresh()
+    assert digest not in service._texts
+    assert not [p for p in store.cache_dir.iterdir() if p.name.startswith(digest)]

@@ -150,3 +150,27 @@ def test_importing_the_module_imports_no_tokenizer_library() -> None:
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_tokenizer_comes_from_s3_alone_verified(tmp_path, tok) -> None:
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        # Given the store in S3 without the model (the weights are never read)
+        model = write_store(tmp_path / "store", tok)
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="tierserve-models-test")
+        for f in (tmp_path / "store").rglob("*"):
+            if f.is_file() and f.name != "model.onnx":
+                s3.upload_file(str(f), "tierserve-models-test", f"m/{f.relative_to(tmp_path / 'store').as_posix()}")
+        store = ModelStore("s3://tierserve-models-test/m", tmp_path / "cache", s3_client=s3)
+        counter = TokenCounter(store, budget_s=30)
+        # When a prompt is counted / Then exactly, and nothing was written to the cache
+        assert counter.count(model, completion(MULTIBYTE_TEXT)) == tokens.PromptTokens(
+            len(tok.encode(MULTIBYTE_TEXT).ids), True, "tokenizer")
+        assert not (tmp_path / "cache").exists()
+        # And a tampered object is refused
+        s3.put_object(Bucket="tierserve-models-test", Key="m/lm/1/int4/tokenizer.json", Body=b"{}")
+        with pytest.raises(errors.IntegrityError, match="sha256"):
+            tokens.read_verified(store, model.cpu_artifact, tokens.tokenizer_file(model))

@@ -14,7 +14,14 @@ from moto import mock_aws
 
 from tests.support.models import linear_onnx, write_model
 from tests.support.onnx_external import external_linear, with_custom_op, with_location, write_entry
-from tierserve.errors import ArtifactNotFoundError, IntegrityError, InvalidNameError, ManifestError, UnsafeModelError
+from tierserve.errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    IntegrityError,
+    InvalidNameError,
+    ManifestError,
+    UnsafeModelError,
+)
 from tierserve.manifest import TensorSpec, Variant
 from tierserve.store import ModelStore, check_s3_key
 
@@ -479,3 +486,147 @@ def test_eviction_keeps_the_version_still_served_when_another_shares_its_model_o
     assert_holds(store.fetch(v2), files["2"])
     assert store.fetch(v2) == p2 and p2.exists()
     assert evicted == [{v1.digest}] and not p1.exists()
+
+
+# --- some of a variant's files, never its weights (issue 17/18: the router's tokenizer) --------------------
+
+TOKENIZER_FILES = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _cached_files(cache: Path) -> dict[str, set[str]]:
+    """{cache folder: the names of the files in it} (temporary folders included)."""
+    return {d.name: {f.name for f in d.rglob("*") if f.is_file()} for d in cache.iterdir()} if cache.exists() else {}
+
+
+def _drop_weights(store: ModelStore, root: Path, version: str) -> None:
+    """Delete pair vN's model.onnx and model.onnx.data from the store (folder or S3): nothing may need them."""
+    for name in ("model.onnx", "model.onnx.data"):
+        rel = f"pair/{version}/fp32/{name}"
+        if store.root is not None:
+            (root / rel).unlink()
+        else:
+            store._s3.delete_object(Bucket="tierserve-models-test", Key=f"models/{rel}")
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_fetch_files_materialises_only_the_named_files_verified(tmp_path, where):
+    from tests.support.variant_pairs import assert_holds
+
+    with mock_aws():
+        # Given a genai store (folder or S3) whose weights cannot be read at all
+        store, files = _pair_store(tmp_path, "genai", where)
+        v1, v2 = (store.manifest().resolve("pair", v).cpu_artifact for v in ("1", "2"))
+        _drop_weights(store, tmp_path / "models", "1")
+        _drop_weights(store, tmp_path / "models", "2")
+        # When the tokenizer files of each version are fetched
+        f1, f2 = store.fetch_files(v1, TOKENIZER_FILES), store.fetch_files(v2, reversed(TOKENIZER_FILES))
+        # Then each sits in a folder of its own, named by the variant's digest, holding exactly those files
+        assert f1.parent == f2.parent == tmp_path / "cache"
+        assert f1.name.startswith(v1.digest + ".files-") and f2.name.startswith(v2.digest + ".files-")
+        assert_holds(f1 / "model.onnx", {n: files["1"][n] for n in TOKENIZER_FILES})
+        assert_holds(f2 / "model.onnx", {n: files["2"][n] for n in TOKENIZER_FILES})
+        assert _cached_files(tmp_path / "cache") == {f1.name: set(TOKENIZER_FILES), f2.name: set(TOKENIZER_FILES)}
+        assert store.fetch_files(v1, TOKENIZER_FILES) == f1  # cached in this process
+        # And a new process over the same cache reuses them (the store's copies are gone: nothing refetched)
+        for name in TOKENIZER_FILES:
+            if store.root is not None:
+                (tmp_path / "models" / f"pair/1/fp32/{name}").unlink()
+            else:
+                store._s3.delete_object(Bucket="tierserve-models-test", Key=f"models/pair/1/fp32/{name}")
+        fresh = ModelStore(store.uri, tmp_path / "cache", s3_client=store._s3)
+        assert fresh.fetch_files(v1, TOKENIZER_FILES) == f1
+        # And read_file reads one verified file without writing anything
+        assert fresh.read_file(v1, "chat_template.jinja") == files["1"]["chat_template.jinja"]
+        assert store.read_file(v2, "tokenizer.json") == files["2"]["tokenizer.json"]
+        assert len(_cached_files(tmp_path / "cache")) == 2
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_fetch_files_refuses_a_tampered_file_and_leaves_nothing(tmp_path, where):
+    with mock_aws():
+        # Given a store whose v1 tokenizer.json was changed after compilation
+        store, _ = _pair_store(tmp_path, "genai", where)
+        v1 = store.manifest().resolve("pair", "1").cpu_artifact
+        if store.root is not None:
+            (tmp_path / "models" / "pair/1/fp32/tokenizer.json").write_text('{"tampered": true}')
+        else:
+            store._s3.put_object(Bucket="tierserve-models-test", Key="models/pair/1/fp32/tokenizer.json",
+                                 Body=b'{"tampered": true}')
+        # When its files are fetched or read / Then it is refused, and no folder is left behind
+        with pytest.raises(IntegrityError, match=r"pair/1/fp32/tokenizer\.json.*refusing"):
+            store.fetch_files(v1, TOKENIZER_FILES)
+        with pytest.raises(IntegrityError, match=r"tokenizer\.json"):
+            store.read_file(v1, "tokenizer.json")
+        assert _cached_files(tmp_path / "cache") == {}
+        # The other files still fetch
+        assert store.fetch_files(v1, ["chat_template.jinja"]).is_dir()
+
+
+def test_fetch_files_takes_only_files_the_manifest_lists(tmp_path):
+    store, _ = _pair_store(tmp_path, "genai", "folder")
+    v1 = store.manifest().resolve("pair", "1").cpu_artifact
+    for name in ("special_tokens_map.json", "../2/fp32/tokenizer.json", "/etc/passwd", "manifest.json"):
+        with pytest.raises(ArtifactNotFoundError, match="not one of the files the manifest lists"):
+            store.fetch_files(v1, [name])
+        with pytest.raises(ArtifactNotFoundError, match="not one of the files the manifest lists"):
+            store.read_file(v1, name)
+    with pytest.raises(ArtifactError, match="at least one"):
+        store.fetch_files(v1, [])
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_fetch_files_refuses_links(tmp_path, kind):
+    # Given a tokenizer.json that is a link to the same bytes elsewhere
+    store, _ = _pair_store(tmp_path, "genai", "folder")
+    v1 = store.manifest().resolve("pair", "1").cpu_artifact
+    target = tmp_path / "models" / "pair/1/fp32/tokenizer.json"
+    outside = tmp_path / "outside.json"
+    target.rename(outside)
+    target.symlink_to(outside) if kind == "symlink" else os.link(outside, target)
+    # When its files are fetched / Then the link is refused before anything reads it
+    with pytest.raises(UnsafeModelError, match=r"symbolic|hard link"):
+        store.fetch_files(v1, TOKENIZER_FILES)
+    with pytest.raises(UnsafeModelError, match=r"symbolic|hard link"):
+        store.read_file(v1, "tokenizer.json")
+
+
+def test_a_corrupted_partial_cache_is_fetched_again(tmp_path):
+    from tests.support.variant_pairs import assert_holds
+
+    store, files = _pair_store(tmp_path, "genai", "folder")
+    v1 = store.manifest().resolve("pair", "1").cpu_artifact
+    folder = store.fetch_files(v1, TOKENIZER_FILES)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "chat_template.jinja").unlink()
+    fresh = ModelStore(store.uri, tmp_path / "cache")
+    assert fresh.fetch_files(v1, TOKENIZER_FILES) == folder
+    assert_holds(folder / "model.onnx", {n: files["1"][n] for n in TOKENIZER_FILES})
+
+
+def test_fetch_files_uses_the_whole_folder_once_it_is_fetched(tmp_path):
+    store, _ = _pair_store(tmp_path, "genai", "folder")
+    v1 = store.manifest().resolve("pair", "1").cpu_artifact
+    full = store.fetch(v1).parent
+    assert store.fetch_files(v1, TOKENIZER_FILES) == full
+    assert sorted(_cached_files(tmp_path / "cache")) == [v1.digest]
+
+
+def test_eviction_removes_the_partial_folders_of_versions_no_longer_served(tmp_path):
+    # Given v1's and v2's tokenizer files fetched alone
+    store, _ = _pair_store(tmp_path, "genai", "folder")
+    evicted: list[set[str]] = []
+    store.on_evict.append(evicted.append)
+    manifest = store.manifest()
+    v1, v2 = (manifest.resolve("pair", v).cpu_artifact for v in ("1", "2"))
+    f1, f2 = store.fetch_files(v1, TOKENIZER_FILES), store.fetch_files(v2, TOKENIZER_FILES)
+    # When the manifest no longer lists v1
+    doc = manifest.to_json()
+    entry = doc["models"]["pair"]
+    entry.pop("canary")
+    entry["default_version"] = "2"
+    del entry["versions"]["1"]
+    (tmp_path / "models" / "manifest.json").write_text(json.dumps(doc))
+    store.manifest()
+    # Then v1's folder is gone and its digest told to the listeners; v2's stays
+    assert not f1.exists() and f2.exists() and evicted == [{v1.digest}]
+    assert store.fetch_files(v2, TOKENIZER_FILES) == f2
