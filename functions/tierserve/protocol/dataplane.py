@@ -171,6 +171,7 @@ class DataPlane:
         stream is started before this returns, so whatever fails before the first event (admission's 429, a
         load failure, the remote tier's refusal) is raised here and the adapter answers it with a status; what
         fails later is raised by the iteration, and the adapter ends its stream with an error event."""
+        from tierserve import usage
         from tierserve.generation import service
         from tierserve.tiering import Deadline, pick_version
 
@@ -185,19 +186,22 @@ class DataPlane:
         remote = getattr(dispatcher, "generate", None)
         prepared = service.prepare(self.rt, model, request, tier)
         deadline = Deadline.from_context(context)
-        events: Iterator[GenerationEvent]
-        if tiers is not None:  # the cloud's dispatcher: routed across the tiers, with failover (issue 18)
-            rt = self.rt
 
-            def local(m: ModelVersion, r: GenerationRequest, c: Callable[[], bool]) -> Iterator[GenerationEvent]:
-                return service.generate_local(rt, m, r, c, tier)
+        def start() -> Iterator[GenerationEvent]:
+            if tiers is not None:  # the cloud's dispatcher: routed across the tiers, with failover (issue 18)
+                rt = self.rt
 
-            events = tiers(model, prepared, deadline, cancelled, local=local,
-                           tokenizer=lambda: self.tokenizer(model, tier))
-        elif remote is not None:
-            events = remote(model, prepared, deadline, cancelled)
-        else:
-            events = service.generate_local(self.rt, model, prepared, cancelled, tier)
+                def local(m: ModelVersion, r: GenerationRequest, c: Callable[[], bool]) -> Iterator[GenerationEvent]:
+                    return service.generate_local(rt, m, r, c, tier)
+
+                return tiers(model, prepared, deadline, cancelled, local=local,
+                             tokenizer=lambda: self.tokenizer(model, tier))
+            if remote is not None:
+                return remote(model, prepared, deadline, cancelled)
+            return service.generate_local(self.rt, model, prepared, cancelled, tier)
+
+        # issue 18: the caller's token budget (a 429 before any work), its usage recorded when the stream ends
+        events = usage.run_metered(prepared, model, start)
         return Generation(model, prepared, events)
 
     def tokenizer(self, model: ModelVersion, tier: str = Tier.CPU) -> Any:
