@@ -66,6 +66,7 @@ class Closing:
             "timings_s": {"read": round(st.read_s, 3), "infer": round(st.infer_s, 3),
                           "write": round(st.write_s, 3), "wall": round(time.time() - st.started_at, 3)},
         }
+        _generation_summary(summary, st.format, vars(st))
         self.s3.put_object(Bucket=out.bucket, Key=f"{out.key}/_SUCCESS",
                            Body=(json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),
                            ContentType="application/json")
@@ -88,6 +89,7 @@ class Closing:
                                  "errors": st.lines_error, "blank_lines": st.lines_blank},
                       "timings_s": {"read": round(st.read_s, 3), "infer": round(st.infer_s, 3),
                                     "write": round(st.write_s, 3)}}
+        _generation_summary(st.summary, st.format, vars(st))
         self.jobs.save(st, expected)
         return self.complete_shard()
 
@@ -98,7 +100,9 @@ class Closing:
         assert shard is not None
         figures = {"lines": st.lines, "lines_ok": st.lines_ok, "rows_ok": st.rows_ok, "lines_error": st.lines_error,
                    "lines_blank": st.lines_blank, "invocations": st.invocations, "parts": st.next_part,
-                   "read_s": round(st.read_s, 6), "infer_s": round(st.infer_s, 6), "write_s": round(st.write_s, 6)}
+                   "read_s": round(st.read_s, 6), "infer_s": round(st.infer_s, 6), "write_s": round(st.write_s, 6),
+                   "prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
+                   "requests_failed": st.requests_failed}
         closes, parent = shard_done(self.jobs.table, job_item_id(self.spec.parent_key), shard, figures)
         logger.info("batch shard completed", extra={"job": self.spec.parent_key, "shard": shard.index,
                                                      "closes_job": closes})
@@ -120,6 +124,7 @@ class Closing:
                    "invocations": int(parent["invocations"]),
                    "timings_s": {"read": round(float(parent["read_s"]), 3), "infer": round(float(parent["infer_s"]), 3),
                                  "write": round(float(parent["write_s"]), 3), "wall": round(wall, 3)}}
+        _generation_summary(summary, str(parent.get("format") or ""), parent)
         self.work_prefix = f"{WORK_PREFIX}{job_item_id(self.spec.parent_key)[4:36]}"  # every shard's fragments
         key = f"{out.key}/_SUCCESS"
         # Each step can be run again by the closer's redelivery: once _SUCCESS exists, errors.jsonl (written
@@ -185,3 +190,15 @@ class Closing:
         for i in range(0, len(keys), 1000):
             self.s3.delete_objects(Bucket=self.spec.output.bucket,
                                    Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+
+def _generation_summary(summary: dict[str, Any], fmt: str, figures: dict[str, Any]) -> None:
+    """A generation job's ``_SUCCESS`` (``tierserve.batch.generate``): its format, token usage and the lines
+    answered with a 400 (counted among ``output_lines``)."""
+    if fmt != "openai":
+        return
+    from tierserve.batch.generate import usage_of
+
+    summary["format"] = fmt
+    summary["usage"] = usage_of(figures)
+    summary["counts"]["failed_requests"] = int(figures.get("requests_failed") or 0)

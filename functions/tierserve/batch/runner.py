@@ -34,6 +34,8 @@ from tierserve import errors
 from tierserve.app import Runtime, get_runtime
 from tierserve.batch.chunks import Batch, Chunk, iter_chunks, part_rows
 from tierserve.batch.closing import Closing, work_prefix
+from tierserve.batch.generate import FORMAT_OPENAI, GenerationPart, job_format, write_part
+from tierserve.batch.generate import part_rows as generation_part_rows
 from tierserve.batch.locations import BatchInputError, input_format
 from tierserve.batch.parts import encode_errors, encode_parquet_part, encode_part
 from tierserve.batch.readers import jsonl_records, npz_records, parquet_records
@@ -70,8 +72,7 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     head = _head(s3, spec)
     if not spec.input_version:  # a job message names an object: pin the version it has now
         pin = {k: v for k, v in (("version_id", head.get("VersionId")), ("etag", head.get("ETag"))) if v}
-        spec = JobSpec(spec.model, spec.input, spec.output, spec.version, pin, spec.continuation,
-                       spec.idempotency_key, spec.shard, spec.shards)
+        spec = dataclasses.replace(spec, input_version=pin)
     state = jobs.load(spec.job_key)
     if spec.shard is not None:
         return _run_shard(app, s3, jobs, spec, state, context)
@@ -83,19 +84,21 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     if state is None:
         model = app.store.manifest().resolve(spec.model, spec.version)
         size = int(head["ContentLength"])
+        fmt = job_format(spec.format, model, spec.input.key)  # OpenAI batch lines, or tensors
         if spec.continuation is None:
             shards = _plan(app, s3, spec, size, model)
             if len(shards) > 1:
                 parent = JobState(job_key=spec.job_key, status="sharded", model=model.name, version=model.version,
                                   variant_sha256=_variant_sha256(model), input_version=dict(spec.input_version),
-                                  input_size=size, chunk_rows=_part_rows(settings, spec, model), started_at=time.time(),
-                                  invocations=1, shards=len(shards), shard_plan=[sh.bounds() for sh in shards])
+                                  input_size=size, chunk_rows=_part_rows(app, spec, model), started_at=time.time(),
+                                  invocations=1, shards=len(shards), shard_plan=[sh.bounds() for sh in shards],
+                                  format=fmt)
                 jobs.save(parent, None)
                 return _fan_out(app, spec, parent)
         state = JobState(job_key=spec.job_key, model=model.name, version=model.version,
                          variant_sha256=_variant_sha256(model),
                          input_version=dict(spec.input_version), input_size=size,
-                         chunk_rows=_part_rows(settings, spec, model), started_at=time.time())
+                         chunk_rows=_part_rows(app, spec, model), started_at=time.time(), format=fmt)
         jobs.save(state, None)
     else:
         model = app.store.manifest().resolve(state.model, state.version)
@@ -131,7 +134,7 @@ def _run_shard(app: Runtime, s3: Any, jobs: JobStore, spec: JobSpec, state: JobS
         state = JobState(job_key=spec.job_key, model=parent.model, version=parent.version,
                          variant_sha256=parent.variant_sha256, input_version=dict(parent.input_version),
                          input_size=parent.input_size, chunk_rows=parent.chunk_rows, started_at=time.time(),
-                         next_offset=shard.start, next_line=shard.line)
+                         next_offset=shard.start, next_line=shard.line, format=parent.format)
         jobs.save(state, None)
     if state.status == "completed":  # finished before: count it and close the job again (both idempotent)
         return {**Closing(s3, jobs, spec, state).complete_shard(), "status": "already_completed"}
@@ -161,7 +164,10 @@ def _fan_out(app: Runtime, spec: JobSpec, parent: JobState) -> dict[str, Any]:
             "output": spec.output.uri}
 
 
-def _part_rows(settings: Any, spec: JobSpec, model: ModelVersion) -> int:
+def _part_rows(app: Runtime, spec: JobSpec, model: ModelVersion) -> int:
+    if model.generative:  # bounded by the KV cache of a batch and the time to generate it
+        return generation_part_rows(app, model)
+    settings = app.settings
     return part_rows(input_format(spec.input.key), model, settings.chunk_rows, settings.columnar_chunk_rows,
                      settings.memory_mb)
 
@@ -204,6 +210,8 @@ class _Runner:
         self.work_prefix = work_prefix(spec, state)
         self.writer: PartWriter | None = None
         self._pending: list[Callable[[], None]] = []  # the current part's writes, until its checkpoint
+        self.generation = (GenerationPart(app, model, spec.input, spec.output.key, state.input_version, s3)
+                           if state.format == FORMAT_OPENAI else None)  # OpenAI batch lines
 
     def run(self) -> dict[str, Any]:
         """Parts in order, each checkpointed after its objects are written. For NPZ and Parquet inputs the
@@ -280,6 +288,13 @@ class _Runner:
 
     def _part(self, chunk: Chunk) -> None:
         st = self.state
+        if self.generation is not None:  # OpenAI batch lines (tierserve.batch.generate)
+            before = st.completion_tokens
+            write_part(self.generation, chunk, st, self._put, f"{self.spec.output.key}/{self._part_name()}.jsonl",
+                       f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl")
+            tokens = st.completion_tokens - before
+            self._pending.append(lambda: metrics.add_metric("BatchCompletionTokens", MetricUnit.Count, tokens))
+            return
         t0 = time.perf_counter()
         good = chunk.assemble(self.model)  # the scorable lines as columns (one numpy call per input)
         feeds = good.feeds
@@ -294,8 +309,7 @@ class _Runner:
         t0 = time.perf_counter()
         if bad:
             self._put(f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl", encode_errors(bad))
-        # part-PPPPP, or part-SSSSS-PPPPP for a shard: the names list in the input's order either way
-        name = f"part-{st.next_part:05d}" if self.shard is None else f"part-{self.shard.index:05d}-{st.next_part:05d}"
+        name = self._part_name()
         if self.parquet:  # encoded where it is written: pyarrow lets the next chunk be scored meanwhile
             encode = functools.partial(encode_parquet_part, good, outputs or {})
             self._put(f"{self.spec.output.key}/{name}.parquet", encode, "application/vnd.apache.parquet")
@@ -313,6 +327,11 @@ class _Runner:
         st.lines_blank += good.blank
         rows = good.rows
         self._pending.append(lambda: metrics.add_metric("BatchRows", MetricUnit.Count, rows))
+
+    def _part_name(self) -> str:
+        """part-PPPPP, or part-SSSSS-PPPPP for a shard: the names list in the input's order either way."""
+        st = self.state
+        return f"part-{st.next_part:05d}" if self.shard is None else f"part-{self.shard.index:05d}-{st.next_part:05d}"
 
     def _infer(self, feeds: dict[str, np.ndarray], good: Batch) -> dict[str, np.ndarray] | None:
         try:

@@ -52,7 +52,7 @@ MAX_SHARDS = 1000
 PLAN_STREAMS = 16
 #: The job's counters that every finished shard adds its own figures to (JobState fields).
 COUNTERS = ("lines", "lines_ok", "rows_ok", "lines_error", "lines_blank", "invocations", "parts",
-            "read_s", "infer_s", "write_s")
+            "read_s", "infer_s", "write_s", "prompt_tokens", "completion_tokens", "requests_failed")
 _BLOCK = 1 << 20
 
 
@@ -245,7 +245,7 @@ def shard_done(table: Any, parent_id: str, shard: Shard, figures: dict[str, floa
 
 
     names = {f"#{k}": k for k in COUNTERS}
-    values = {f":{k}": to_dynamo(figures[k]) for k in COUNTERS}
+    values = {f":{k}": to_dynamo(figures.get(k, 0)) for k in COUNTERS}  # a counter left out adds nothing
     try:
         item = table.update_item(
             Key={"id": parent_id},

@@ -2,7 +2,7 @@
 
 Why: a job is identified by its input object *version* and its output prefix (``job_key``), whatever
 delivered it: an S3 ``ObjectCreated`` record of ``batch/in/{model}/{job}.{jsonl,npz,parquet}``, a job
-message ``{"model", "version"?, "input", "output"?, "shards"?}``, a continuation of a job that ran out of
+message ``{"model", "version"?, "input", "output"?, "shards"?, "format"?}``, a continuation of a job that ran out of
 time, or one shard of a job that fanned out (``tierserve.batch.shards``). Every message is checked here,
 before anything runs, with an error that says what was wrong; each delivery gets the idempotency key that
 ``tierserve.batch.service`` runs it under.
@@ -38,6 +38,7 @@ class JobSpec:
     idempotency_key: str = ""
     shard: Shard | None = None  # one shard of a job that fanned out (tierserve.batch.shards)
     shards: int | None = None  # a job message may ask for this many shards
+    format: str | None = None  # a job message may name its lines' format (tierserve.batch.generate.FORMATS)
 
     @property
     def parent_key(self) -> str:
@@ -62,6 +63,8 @@ class JobSpec:
             d["shard"] = self.shard.to_json()
         if self.shards:
             d["shards"] = self.shards
+        if self.format:
+            d["format"] = self.format
         d["idempotency_key"] = self.idempotency_key
         return d
 
@@ -124,5 +127,9 @@ def job_from_message(body: dict[str, Any]) -> JobSpec:
         if shard is not None or cont is not None:
             raise BatchInputError('"shards" asks a whole job to fan out; a shard or continuation message '
                                   "cannot carry it")
+    fmt = body.get("format")
+    if fmt is not None and fmt not in ("openai", "tensors"):
+        raise BatchInputError(f'"format" must be "openai" (OpenAI batch lines, for a text-generation model) or '
+                              f'"tensors", not {fmt!r}; leave it out to follow the model')
     idem = _hash(["job", {k: body[k] for k in sorted(body) if k != "idempotency_key"}])
-    return JobSpec(model, loc, out, version, {k: str(v) for k, v in pin.items()}, cont, idem, shard, shards)
+    return JobSpec(model, loc, out, version, {k: str(v) for k, v in pin.items()}, cont, idem, shard, shards, fmt)

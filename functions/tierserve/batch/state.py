@@ -58,6 +58,12 @@ class JobState:
     shards: int = 0
     shard_plan: list[list[int]] = field(default_factory=list)
     parts: int = 0
+    # The job's line format (pinned at its start; ``tierserve.batch.generate``): "tensors", or "openai" for a
+    # text-generation model's OpenAI batch lines, whose token usage and 400-answered lines are counted here.
+    format: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests_failed: int = 0
 
     @property
     def item_id(self) -> str:

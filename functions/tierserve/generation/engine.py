@@ -279,3 +279,125 @@ class StopMatcher:
                     best = k
                     break
         return best
+
+
+# --- batched generation (issue 19: batch jobs) ---------------------------------------------------------------
+
+
+def pad_token_id(folder: Path) -> int | None:
+    """The pad token onnxruntime-genai masks out of a padded batch (``genai_config.json``'s ``pad_token_id``)."""
+    try:
+        value = json.loads((folder / "genai_config.json").read_text())["model"].get("pad_token_id")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) else None
+
+
+def genai_eos_ids(folder: Path) -> frozenset[int]:
+    """The EOS ids onnxruntime-genai itself stops a sequence at (``genai_config.json``'s ``eos_token_id``)."""
+    try:
+        value = json.loads((folder / "genai_config.json").read_text())["model"].get("eos_token_id")
+    except (OSError, ValueError, KeyError, TypeError):
+        return frozenset()
+    values = value if isinstance(value, list) else [value]
+    return frozenset(int(v) for v in values if isinstance(v, int))
+
+
+class _BatchStep:
+    """One onnxruntime-genai generator over a right-padded batch, stepped once for all rows when the first
+    row asks for a step's token."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+        self.steps = 0
+        self.tokens: Any = None
+
+    def token(self, row: int, step: int) -> int:
+        while self.steps < step:
+            self.generator.generate_next_token()
+            self.tokens = self.generator.get_next_tokens()
+            self.steps += 1
+        return int(self.tokens[row])
+
+
+class _RowGenerator:
+    """What :meth:`LoadedModel._loop` needs of a generator (``generate_next_token``, ``get_next_tokens``,
+    ``is_done``), for one row of a batch: the same loop, so the same text, stops and finish reasons."""
+
+    def __init__(self, batch: _BatchStep, row: int, genai_eos: frozenset[int]) -> None:
+        self.batch, self.row, self.genai_eos = batch, row, genai_eos
+        self.step = 0
+        self.last: int | None = None
+
+    def generate_next_token(self) -> None:
+        self.step += 1
+        self.last = self.batch.token(self.row, self.step)
+
+    def get_next_tokens(self) -> list[int]:
+        assert self.last is not None
+        return [self.last]
+
+    def is_done(self) -> bool:
+        # a row of a batch is done as a generator of its own would be: at onnxruntime-genai's EOS (its
+        # max_length is the caller's max_new_tokens, which the loop counts itself)
+        return self.last in self.genai_eos
+
+
+def generate_batch(model: LoadedModel, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                   eos_ids: Sequence[int], max_new_tokens: Sequence[int], served_by: str = ""
+                   ) -> list[list[GenerationEvent]]:
+    """Several prompts generated together, one onnxruntime-genai generator over the batch (the prompts
+    right-padded with the pad token, which onnxruntime-genai masks), each row's tokens decoded by the same loop
+    as :meth:`LoadedModel.generate`: every row's events are those the row would get alone (greedy output
+    equal token for token; tested). ``params`` is the rows' shared decoding (``SamplingParams.key()``); the
+    caller runs a seeded, sampled prompt alone. A row stops at its own ``max_new_tokens``, EOS or stop string;
+    the batch stops when every row has."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    if len(prompts) != len(max_new_tokens) or not prompts:
+        raise InferenceError("generate_batch needs one max_new_tokens per prompt, and at least one prompt")
+    if any(not p for p in prompts) or any(n < 1 for n in max_new_tokens):
+        raise InferenceError("every prompt needs a token and every row at least one new token")
+    t0 = time.perf_counter()
+    width = max(len(p) for p in prompts)
+    pad = pad_token_id(model.folder)
+    ids = np.full((len(prompts), width), 0 if pad is None else pad, dtype=np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    options: dict[str, Any] = {"max_length": width + max(max_new_tokens), "num_beams": 1,
+                               "num_return_sequences": 1, "min_length": 0, "repetition_penalty": 1.0,
+                               "batch_size": len(prompts)}
+    if params.greedy:
+        options["do_sample"] = False
+    else:
+        options.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
+                       top_k=int(params.top_k))
+        if params.seed is not None:
+            options["random_seed"] = int(params.seed) % SEED_MODULUS
+    try:
+        gp = og.GeneratorParams(model.model)
+        gp.set_search_options(**options)
+        generator = og.Generator(model.model, gp)
+        generator.append_tokens(ids)
+    except Exception as exc:
+        raise InferenceError(f"onnxruntime-genai refused the batch ({exc})") from exc
+    step = _BatchStep(generator)
+    genai_eos = genai_eos_ids(model.folder)
+    eos = frozenset(int(e) for e in eos_ids)
+    loops = [model._loop(_RowGenerator(step, i, genai_eos), len(p), params.stop, eos, n, lambda: False,
+                         served_by, t0) for i, (p, n) in enumerate(zip(prompts, max_new_tokens, strict=True))]
+    events: list[list[GenerationEvent]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    while live:  # one step for every row still going, in lockstep with the shared generator
+        still = []
+        for i in live:
+            event = next(loops[i], None)
+            if event is not None:
+                events[i].append(event)
+                if not event.final:
+                    still.append(i)
+        live = still
+    return events

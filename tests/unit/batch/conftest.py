@@ -1,10 +1,12 @@
-"""In-process AWS (moto.mock_aws) with the batch resources, and the digits model in a local store."""
+"""In-process AWS (moto.mock_aws) with the batch resources, and the digits model in a local store (and the tiny
+compiled Llama, ``genai_store``, for batch generation)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.support.batch_aws import BUCKET, TABLE, mocked_batch_aws
+from tests.support.genai_store import genai_store, genai_validation, tiny_llama_hf  # noqa: F401 (test_generate)
 from tierserve.batch import runner as batch_runner
 from tierserve.manifest import Manifest
 

@@ -17,7 +17,7 @@ from tests.support.batch_jobs import BODY_ROWS, drain, jsonl_body, outputs, sqs_
 from tests.unit.batch.conftest import BUCKET, TABLE
 from tierserve.batch import runner as batch_runner
 from tierserve.batch.locations import BatchInputError, S3Location
-from tierserve.batch.shards import MAX_SHARDS, Shard, count_rows, plan, plan_jsonl, shard_done
+from tierserve.batch.shards import COUNTERS, MAX_SHARDS, Shard, count_rows, plan, plan_jsonl, shard_done
 from tierserve.batch.spec import job_from_message
 from tierserve.batch.state import JobState, JobStore, job_item_id
 from tierserve.handlers import batch_inference
@@ -314,8 +314,7 @@ def test_the_jobs_item_at_max_shards_fits_dynamodb_items_with_room_to_spare(aws)
     table = JobStore(TABLE).table
     table.update_item(Key={"id": parent.item_id}, UpdateExpression="ADD done_shards :s",
                       ExpressionAttributeValues={":s": set(range(MAX_SHARDS - 1))})
-    figures = {k: 10**12 for k in ("lines", "lines_ok", "rows_ok", "lines_error", "lines_blank", "parts",
-                                    "invocations")} | {k: 123456.789012 for k in ("read_s", "infer_s", "write_s")}
+    figures = {k: 10**12 for k in COUNTERS} | {k: 123456.789012 for k in ("read_s", "infer_s", "write_s")}
     closes, item = shard_done(table, parent.item_id, shards[-1], figures)
     # Then the item was accepted (moto enforces DynamoDB's 400 KB) and it is under a quarter of the limit
     assert closes and len(item["done_shards"]) == MAX_SHARDS

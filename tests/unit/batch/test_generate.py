@@ -1,0 +1,236 @@
+"""tierserve.batch.generate: OpenAI batch lines generated a part at a time, on real onnxruntime-genai sessions of the
+tiny Llama compiled by ``tierserve compile`` (the ``genai_store`` fixture), through BatchInferenceFunction's handler
+on in-process moto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.batch_aws import BUCKET, mocked_batch_aws
+from tests.support.batch_jobs import outputs, sqs_batch
+from tests.support.genai_store import GENAI_MODEL
+from tierserve.batch import generate
+from tierserve.batch import runner as batch_runner
+from tierserve.batch.locations import BatchInputError
+from tierserve.batch.spec import job_from_message
+from tierserve.generation.requests import SamplingParams
+from tierserve.manifest import Manifest
+
+PROMPTS = ["The with statement", "Hello there, how are you doing on this fine and sunny day?", "a",
+           "Café, naïve façade: 5 € — ½ 🙂 über straße.", "def f(x):\n    return"]
+
+
+def _chat(cid: str, text: str, **kw) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": GENAI_MODEL, "messages": [{"role": "user", "content": text}], **kw}}
+
+
+def _completion(cid: str, text: str, **kw) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"prompt": text, **kw}}
+
+
+#: Chat and completion lines, greedy with different lengths, a seeded sampled one, blank, malformed and 400 lines.
+LINES: list[bytes] = [json.dumps(x).encode() for x in (
+    _chat("c0", PROMPTS[0], max_tokens=12, temperature=0),
+    _completion("p1", PROMPTS[1], max_tokens=7, temperature=0),
+    _chat("c2", PROMPTS[3], max_tokens=20, temperature=0, stop=["e"]),
+    _completion("p3", PROMPTS[2], max_tokens=16, temperature=0.8, seed=7),
+)] + [b"", b'{"custom_id": "broken"', json.dumps({**_completion("u5", "x"), "url": "/v1/embeddings"}).encode(),
+      json.dumps(_completion("e7", "x", logprobs=True)).encode(),
+      json.dumps(_completion("e8", "x", max_tokens=100_000)).encode()] + [
+    json.dumps(_completion(f"g{i}", PROMPTS[i % 5], max_tokens=5 + i, temperature=0)).encode() for i in range(9, 13)]
+BAD_LINES = [6, 7]  # 1-based: not JSON, a url that is not a generation route
+ANSWERED_400 = {"e7": "logprobs", "e8": "max_tokens"}
+
+
+@pytest.fixture
+def aws(runtime_env, genai_store):
+    with mocked_batch_aws(runtime_env, genai_store, CHUNK_ROWS="5") as clients:
+        yield clients
+    batch_runner.after_part_hook = None
+
+
+def _run(aws, lambda_context, key: str, out: str, **extra) -> dict:
+    from tierserve.handlers import batch_inference
+
+    body = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}", "output": f"s3://{BUCKET}/{out}", **extra}
+    return batch_inference.lambda_handler(sqs_batch(body), lambda_context)
+
+
+def _sync_body(line: dict) -> dict:
+    """The synchronous API's answer for ``line`` (in process: DataPlane.generate and openai.py's renderer)."""
+    from tierserve.app import get_runtime
+    from tierserve.generation import openai
+    from tierserve.protocol.dataplane import DataPlane
+
+    body = {"model": GENAI_MODEL, **line["body"]}
+    parse = openai.parse_chat if line["url"] == "/v1/chat/completions" else openai.parse_completion
+    generation = DataPlane(get_runtime()).generate(parse(body))
+    return openai.completion_body(generation.request, generation)
+
+
+def _without_ids(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+def test_batched_greedy_generation_equals_batch_one_token_for_token(genai_store):
+    # Given the compiled tiny Llama, prompts of 1 to 46 tokens, and different max_tokens per row
+    from tierserve.generation import engine
+    from tierserve.store import ModelStore
+
+    store = ModelStore(str(genai_store), cache_dir=genai_store.parent / "batch-gen-cache")
+    mv = store.manifest().resolve(GENAI_MODEL)
+    loaded = engine.load(store.fetch(mv.cpu_artifact).parent, 1)
+    prompts = [loaded.encode(p) for p in PROMPTS]
+    maxes = [20, 7, 33, 12, 25]
+    greedy = SamplingParams(temperature=0.0)
+    # And an EOS set holding a token the rows produce, so that rows stop early at different steps
+    alone = [list(loaded.generate(p, greedy, (), n)) for p, n in zip(prompts, maxes, strict=True)]
+    eos = {alone[0][3].token_ids[0], alone[2][5].token_ids[0]}
+    for params in (greedy, SamplingParams(temperature=0.0, stop=("e", "th"))):
+        # When they are generated alone and together
+        one = [list(loaded.generate(p, params, tuple(eos), n)) for p, n in zip(prompts, maxes, strict=True)]
+        many = engine.generate_batch(loaded, prompts, params, tuple(eos), maxes)
+        # Then every row has the same tokens, text, finish reason and usage as alone
+        for a, b in zip(one, many, strict=True):
+            assert [e.token_ids for e in b] == [e.token_ids for e in a]
+            assert [e.text for e in b] == [e.text for e in a]
+            assert (b[-1].finish_reason, b[-1].usage) == (a[-1].finish_reason, a[-1].usage)
+        assert any(a[-1].finish_reason == "stop" for a in one) and len({len(a) for a in one}) > 2  # rows end apart
+
+
+def test_a_generation_job_answers_each_line_as_the_synchronous_api_in_order(aws, lambda_context, monkeypatch):
+    # Given an OpenAI batch file of chat and completion lines with a blank line, malformed lines and two 400s
+    from tierserve.generation import engine
+
+    key = f"batch/in/{GENAI_MODEL}/nightly.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    batched: list[int] = []
+    real = engine.generate_batch
+    monkeypatch.setattr(engine, "generate_batch", lambda m, prompts, *a, **k: batched.append(len(prompts)) or
+                        real(m, prompts, *a, **k))
+    # When it runs (parts of 5 lines)
+    assert _run(aws, lambda_context, key, "batch/out/one/nightly") == {"batchItemFailures": []}
+    out = outputs(aws, "batch/out/one/nightly")
+    # (a part's greedy lines with equal parameters were generated together: c0 + p1, then g10 ... g12)
+    assert batched == [2, 3]
+    # Then every good line is answered, in the input's order, in OpenAI's batch output shape
+    answers = [json.loads(x) for k in sorted(out) if k.startswith("part-") for x in out[k].splitlines()]
+    given = [json.loads(x) for i, x in enumerate(LINES, 1) if x and i not in BAD_LINES]
+    assert [a["custom_id"] for a in answers] == [g["custom_id"] for g in given]
+    created = int(aws["s3"].head_object(Bucket=BUCKET, Key=key)["LastModified"].timestamp())
+    for a, g in zip(answers, given, strict=True):
+        assert set(a) == {"id", "custom_id", "response", "error"} and a["error"] is None
+        assert a["id"].startswith("batch_req_")
+        if g["custom_id"] in ANSWERED_400:  # the API's 400, in OpenAI's error shape
+            assert a["response"]["status_code"] == 400
+            assert a["response"]["body"]["error"]["param"] == ANSWERED_400[g["custom_id"]]
+            continue
+        # And each body is the synchronous API's answer, except id and created (from the job, custom_id)
+        body = a["response"]["body"]
+        assert a["response"]["status_code"] == 200 and body["created"] == created
+        assert body["id"].startswith("chatcmpl-" if g["url"] == "/v1/chat/completions" else "cmpl-")
+        assert _without_ids(body) == _without_ids(_sync_body(g)), g["custom_id"]
+    # And the malformed lines are named with their line numbers
+    errs = [json.loads(x) for x in out["errors.jsonl"].splitlines()]
+    assert [e["line"] for e in errs] == BAD_LINES and "JSON" in errs[0]["reason"] and "url" in errs[1]["reason"]
+    # And _SUCCESS carries the job's token usage
+    success = json.loads(out["_SUCCESS"])
+    usage = {k: sum(a["response"]["body"]["usage"][k] for a in answers if a["response"]["status_code"] == 200)
+             for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert success["usage"] == usage and usage["completion_tokens"] > 0
+    assert success["counts"] | {} == {"lines": len(LINES), "output_lines": len(answers), "rows": len(answers) - 2,
+                                      "errors": 2, "blank_lines": 1, "failed_requests": 2}
+
+
+def test_a_redelivered_job_rewrites_nothing_and_a_crash_resumes_to_identical_parts(aws, lambda_context):
+    key = f"batch/in/{GENAI_MODEL}/redo.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    assert _run(aws, lambda_context, key, "batch/out/a/redo") == {"batchItemFailures": []}
+    listed = aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix="batch/out/a/redo/")["Contents"]
+    # When the same message is delivered again
+    assert _run(aws, lambda_context, key, "batch/out/a/redo") == {"batchItemFailures": []}
+    # Then no object was written again
+    again = aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix="batch/out/a/redo/")["Contents"]
+    assert [(o["Key"], o["ETag"], o["LastModified"]) for o in again] == \
+        [(o["Key"], o["ETag"], o["LastModified"]) for o in listed]
+
+    # And a run of the same input that crashes after part 1's checkpoint, retried, writes the same bytes
+    def crash(stage: str, part: int) -> None:
+        if stage == "checkpointed" and part == 1:
+            raise RuntimeError("simulated crash")
+
+    batch_runner.after_part_hook = crash
+    assert _run(aws, lambda_context, key, "batch/out/b/redo")["batchItemFailures"] == [{"itemIdentifier": "m0"}]
+    batch_runner.after_part_hook = None
+    assert _run(aws, lambda_context, key, "batch/out/b/redo") == {"batchItemFailures": []}
+    one, two = outputs(aws, "batch/out/a/redo"), outputs(aws, "batch/out/b/redo")
+    assert {k: v for k, v in one.items() if k != "_SUCCESS"} == {k: v for k, v in two.items() if k != "_SUCCESS"}
+    assert json.loads(two["_SUCCESS"])["invocations"] == 2
+
+
+def test_a_job_fanned_out_over_shards_writes_the_bytes_of_one_run(aws, lambda_context):
+    from tests.support.batch_jobs import drain
+
+    key = f"batch/in/{GENAI_MODEL}/wide.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    assert _run(aws, lambda_context, key, "batch/out/one/wide") == {"batchItemFailures": []}
+    # When the same job is asked to fan out into 3 shards, each shard run from the jobs queue
+    assert _run(aws, lambda_context, key, "batch/out/fan/wide", shards=3) == {"batchItemFailures": []}
+    messages = drain(aws)
+    assert len(messages) == 3
+    from tierserve.handlers import batch_inference
+
+    assert batch_inference.lambda_handler(sqs_batch(*messages), lambda_context) == {"batchItemFailures": []}
+    one, fan = outputs(aws, "batch/out/one/wide"), outputs(aws, "batch/out/fan/wide")
+    # Then the output lines, in order, and errors.jsonl are byte-identical to one run's, and so is the usage
+    assert len({k[:10] for k in fan if k.startswith("part-")}) == 3
+
+    def lines(out: dict[str, bytes]) -> bytes:
+        return b"".join(out[k] for k in sorted(out) if k.startswith("part-"))
+
+    assert lines(fan) == lines(one) and fan["errors.jsonl"] == one["errors.jsonl"]
+    assert json.loads(fan["_SUCCESS"])["usage"] == json.loads(one["_SUCCESS"])["usage"]
+
+
+def test_a_tensor_format_for_a_text_generation_model_is_the_jobs_poison_alone(aws, lambda_context):
+    key = f"batch/in/{GENAI_MODEL}/t.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    got = _run(aws, lambda_context, key, "batch/out/t", format="tensors")
+    assert got == {"batchItemFailures": [{"itemIdentifier": "m0"}]}
+    with pytest.raises(BatchInputError, match='"format" must be'):
+        job_from_message({"model": "m", "input": f"s3://{BUCKET}/a.jsonl", "format": "csv"})
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"[1]", "not a JSON object"),
+    (b'{"method": "POST", "url": "/v1/completions", "body": {}}', "custom_id"),
+    (b'{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}', "method"),
+    (b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "x"}', "body"),
+])
+def test_a_malformed_line_says_what_is_wrong(raw, reason):
+    line, body, _ = generate.parse_line(raw, 3)
+    assert body is None and line.line == 3 and reason in (line.error or "")
+
+
+def test_the_part_size_is_bounded_by_the_kv_cache_of_a_batch_at_the_full_context(genai_store, runtime_env):
+    # Given the tiny Llama with a stated KV cache of 1 MiB a token and a 1,024-token context
+    from dataclasses import replace
+
+    from tierserve.app import get_runtime
+
+    runtime_env.setenv("MODEL_STORE_URI", str(genai_store))
+    mv = Manifest.loads((Path(genai_store) / "manifest.json").read_text()).resolve(GENAI_MODEL)
+    assert mv.generation is not None
+    big = replace(mv, generation=replace(mv.generation, kv_bytes_per_token=1 << 20, context_length=1024, tiers={}))
+    for memory_mb, rows in ((4096, 1), (10240, 4)):
+        runtime_env.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", str(memory_mb))
+        from tierserve.app import reset_runtime
+
+        reset_runtime()
+        # Then a part holds as many lines as their KV caches at the full context fit in half the memory
+        assert generate.part_rows(get_runtime(), big) == rows
+    assert generate.budget_bytes(big, 10240) // ((1 << 20) * 1024) == 4
