@@ -35,6 +35,7 @@ SUITES: dict[str, str] = {
     "batch": "tierserve_tools.bench.batch_throughput",
     "gateway": "tierserve_tools.bench.gateway",
     "load": "tierserve_tools.bench.load",
+    "generate": "tierserve_tools.bench.generate",  # before cost: cost prices its measured tokens/s
     "cost": "tierserve_tools.bench.cost",
     "edge": "tierserve_tools.bench.edge",
 }

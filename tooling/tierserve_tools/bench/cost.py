@@ -249,7 +249,192 @@ def simulate(p: Profile, kind: str, rate: float, seconds: float, seed: int = 1) 
     return out
 
 
+# --- the generation workload (issue 19) --------------------------------------------------------------------
+#: (class, prompt tokens, output tokens, share of requests): short chats and long documents
+GEN_MIX = (("short chat", 128, 64, 0.8), ("long document", 4096, 256, 0.2))
+#: the SLO each configuration is held to (and token-aware routing decides by)
+GEN_SLO = {"ttft_ms": 1000.0, "tokens_per_s": 10.0}
+#: Lambda's memory for a generation: 1,769 MB = 1 vCPU, the thread count the figures were measured at
+GEN_LAMBDA_MB = 1769
+GEN_CONFIGS = ("lambda", "gpu", "hybrid")
+
+
+@dataclass
+class GenerationInputs:
+    cpu: Any  # tierserve.manifest.TierFigures, measured (1 thread)
+    gpu: Any  # TierFigures estimated from compiler/gpu_generation.json (cited)
+    table: dict[str, Any]  # compiler/gpu_generation.json
+    prices: dict[str, Any]
+    model: Any  # tierserve.manifest.ModelVersion on both tiers with both figures and GEN_SLO, for token_aware
+    source: str
+
+
+def generation_inputs(figures: dict[str, Any], model: Any, parameters: int) -> GenerationInputs:
+    """The tiers' figures: the CPU tier's measured decode tokens/s and TTFT by prompt length (``figures``), the
+    GPU's from the compiler's cited vLLM table for a model of ``parameters``; each priced per 1M tokens as the
+    compiler's placement prices them."""
+    import dataclasses
+
+    from tierserve.manifest import TierFigures
+    from tierserve_compiler.placement import gpu_figures
+
+    prices = json.loads(PRICES.read_text())
+    gpu, table = gpu_figures(parameters)
+    tok_s = float(figures["decode_tokens_per_s"])
+    lam_per_m = GEN_LAMBDA_MB / 1024 * (1e6 / tok_s) * prices["lambda_gb_s_usd"]
+    gpu_per_m = prices["gpu_hourly_usd"] / (gpu.tokens_per_s * float(table["concurrency_gain"])
+                                            * float(prices["gpu_utilisation"]) * 3600) * 1e6
+    cpu = TierFigures({int(k): float(v) for k, v in figures["ttft_ms"].items()}, tok_s, lam_per_m,
+                      str(figures.get("source", "measured")))
+    gpu = dataclasses.replace(gpu, cost_per_1m_tokens=gpu_per_m)
+    spec = dataclasses.replace(model.generation, tiers={"cpu": cpu, "gpu": gpu}, slo_ttft_ms=GEN_SLO["ttft_ms"],
+                               slo_tokens_per_s=GEN_SLO["tokens_per_s"], slo_total_ms=None)
+    both = dataclasses.replace(model, targets=("gpu", "cpu"), generation=spec)
+    return GenerationInputs(cpu, gpu, table, prices, both, str(figures.get("source", "measured")))
+
+
+def route_classes(g: GenerationInputs) -> dict[str, str]:
+    """Each workload class's tier under token-aware routing (``routing.decide_generation``)."""
+    from tierserve.routing import RouteContext, decide_generation
+
+    return {name: str(decide_generation(RouteContext(g.model, 1, 0, prompt_tokens=p, max_tokens=o)).target)
+            for name, p, o, _ in GEN_MIX}
+
+
+def generation_cost(g: GenerationInputs, rate: float, routes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Steady state at ``rate`` requests/s of GEN_MIX: per configuration, USD per 1M output tokens, USD per
+    month, GPU instances and the share of requests that meet GEN_SLO.
+
+    Lambda bills each request's duration (TTFT at its prompt + output / decode tokens/s) at GEN_LAMBDA_MB plus
+    the request fee; the GPU fleet bills whole instances around the clock, sized for the busy time of what it
+    serves (prefill + output / (tokens/s x the table's concurrency gain)) at the compiler's utilisation target,
+    at least one instance while it serves anything."""
+    month_s = HOURS_PER_MONTH * 3600
+    util = float(g.prices["gpu_utilisation"])
+    gain = float(g.table["concurrency_gain"])
+    out: dict[str, dict[str, Any]] = {}
+    plans = {"lambda": {n: "cpu" for n, *_ in GEN_MIX}, "gpu": {n: "gpu" for n, *_ in GEN_MIX}, "hybrid": routes}
+    for config, plan in plans.items():
+        lam_usd = gpu_busy = tokens = met = 0.0
+        for name, prompt, output, share in GEN_MIX:
+            n = rate * share * month_s
+            tokens += n * output
+            tier = plan[name]
+            figs = g.cpu if tier == "cpu" else g.gpu
+            ttft = figs.ttft_at(prompt)
+            if tier == "cpu":
+                seconds = ttft / 1000 + output / g.cpu.tokens_per_s
+                lam_usd += n * (seconds * GEN_LAMBDA_MB / 1024 * g.prices["lambda_gb_s_usd"]
+                                + g.prices["lambda_request_usd"])
+            else:
+                gpu_busy += n * (ttft / 1000 + output / (g.gpu.tokens_per_s * gain))
+            if ttft <= GEN_SLO["ttft_ms"] and figs.tokens_per_s >= GEN_SLO["tokens_per_s"]:
+                met += share
+        instances = 0 if gpu_busy == 0 else max(1, math.ceil(gpu_busy / month_s / util))
+        gpu_usd = instances * HOURS_PER_MONTH * g.prices["gpu_hourly_usd"]
+        total = lam_usd + gpu_usd
+        out[config] = {"usd_per_1m_output_tokens": total / tokens * 1e6, "usd_per_month": total,
+                       "lambda_usd": lam_usd, "gpu_usd": gpu_usd, "gpu_instances": instances, "slo_met_share": met}
+    return out
+
+
+def run_generation(ctx: Context) -> str | None:
+    """The generation workload: a figure per rate (the hybrid against the cheapest configuration that meets the
+    SLO for every request), the plot ``cost_generation.png`` and the notes. Returns why it could not run, or None."""
+    from tierserve_tools.bench import generate
+
+    figures = ctx.notes.get("generate")
+    store = Path(figures["store"]) if figures else generate.cache_folder() / "store"
+    if not (store / "manifest.json").is_file():
+        return "no bench model: run the generate suite first (tierserve bench --suite generate --suite cost)"
+    from tierserve.manifest import Manifest
+
+    model = Manifest.from_json(json.loads((store / "manifest.json").read_text())).resolve(generate.MODEL)
+    if figures is None:  # the compiler's measured CPU figures of the same model (1 thread) when generate did not run
+        cpu = model.generation.tiers["cpu"]
+        figures = {"decode_tokens_per_s": cpu.tokens_per_s, "ttft_ms": cpu.ttft_ms,
+                   "source": f"the compiler's profile of {generate.MODEL} ({cpu.source})"}
+    g = generation_inputs(figures, model, int(figures.get("parameters") or generate.parameters() or 0))
+    routes = route_classes(g)
+    rates = (0.01, 0.1, 1, 10, 100) if ctx.quick else (0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300)
+    results = {rate: generation_cost(g, rate, routes) for rate in rates}
+    for rate, r in results.items():
+        meeting = [c for c in GEN_CONFIGS if c != "hybrid" and r[c]["slo_met_share"] >= r["hybrid"]["slo_met_share"]]
+        best = min(meeting or ["lambda", "gpu"], key=lambda c: r[c]["usd_per_1m_output_tokens"])
+        h, b = r["hybrid"], r[best]
+        note = "" if meeting else "; no single tier meets the SLO as often as the hybrid: compared with the cheapest"
+        ctx.add(Figure(
+            SUITE, f"generation, {rate:g} req/s: hybrid (token-aware) vs {best} only, USD per 1M output tokens",
+            Series("hybrid USD/1M output tokens", unit="USD/1M tokens", rate=h["usd_per_1m_output_tokens"]),
+            Series(f"{best} only USD/1M output tokens", unit="USD/1M tokens", rate=b["usd_per_1m_output_tokens"]),
+            better="lower",
+            conditions=f"{', '.join(f'{s:.0%} {n} ({p} prompt + {o} output tokens)' for n, p, o, s in GEN_MIX)}; "
+                       f"SLO TTFT <= {GEN_SLO['ttft_ms']:g} ms, >= {GEN_SLO['tokens_per_s']:g} tokens/s; CPU: "
+                       f"{g.source}; GPU: {g.table['instance']} from compiler/gpu_generation.json (cited vLLM "
+                       f"figure); steady state{note}",
+            extra={"workload": "generation", "rate": rate, "routes": routes, "all": r}))
+    plot = _plot_generation(results, ctx.workdir, routes)
+    notes = ctx.notes.setdefault("suite_notes", {}).setdefault(SUITE, {})
+    notes["generation"] = {
+        "workload": [{"class": n, "prompt_tokens": p, "output_tokens": o, "share": s} for n, p, o, s in GEN_MIX],
+        "slo": GEN_SLO, "routes": routes, "plot": "cost_generation.png" if plot else None,
+        "cpu": g.cpu.to_json(), "gpu": g.gpu.to_json(), "lambda_memory_mb": GEN_LAMBDA_MB,
+        "results": {str(rate): v for rate, v in results.items()}}
+    if plot:
+        ctx.notes["plot_files"] = [*ctx.notes.get("plot_files", []), plot]
+    return None
+
+
+def _plot_generation(results: dict[float, Any], workdir: Path, routes: dict[str, str]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rates = sorted(results)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for config, style in (("lambda", "o-"), ("gpu", "s-"), ("hybrid", "^--")):
+        ax.plot(rates, [results[r][config]["usd_per_1m_output_tokens"] for r in rates], style,
+                label=f"{config}" + (f" ({', '.join(f'{k} -> {v}' for k, v in routes.items())})"
+                                     if config == "hybrid" else " only"))
+        ax2.plot(rates, [100 * results[r][config]["slo_met_share"] for r in rates], style, label=config)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean requests/s (steady)")
+    ax.set_ylabel("USD per 1M output tokens")
+    ax.set_title("generation workload: cost per 1M output tokens")
+    ax.legend(fontsize=7)
+    ax2.set_xscale("log")
+    ax2.set_ylim(0, 105)
+    ax2.set_xlabel("mean requests/s (steady)")
+    ax2.set_ylabel("% of requests meeting the SLO")
+    ax2.set_title("generation workload: SLO met")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    out = workdir / "cost_generation.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def run(ctx: Context) -> None:
+    skipped = run_generation(ctx)
+    if skipped:
+        ctx.notes.setdefault("suite_notes", {}).setdefault(SUITE, {})["generation"] = {"skipped": skipped}
+        ctx.progress(f"generation workload skipped: {skipped}")
+    try:
+        run_requests(ctx)
+    except Skip as exc:
+        if skipped:
+            raise Skip(f"{exc}; and the generation workload: {skipped}") from exc
+        ctx.notes["suite_notes"][SUITE]["requests"] = {"skipped": str(exc)}
+        ctx.progress(f"request workload skipped: {exc}")
+
+
+def run_requests(ctx: Context) -> None:
+    """The inference workload (MiniLM-sized requests): CPU only, GPU only and the size-aware hybrid."""
     name, prof = load_profile(ctx.models, ctx.notes.get("cold_start_ms"))
     rates = (0.5, 5, 50, 200) if ctx.quick else (0.2, 1, 5, 20, 50, 100, 200, 500)
     seconds = 600.0 if ctx.quick else 3600.0
@@ -277,11 +462,11 @@ def run(ctx: Context) -> None:
                            f"month; p95 in the p95 column (ms){note}",
                 extra={"trace": kind, "rate": rate, "all": r}))
     plot = _plot(results, ctx.workdir, name)
-    ctx.notes.setdefault("suite_notes", {})[SUITE] = {
+    ctx.notes.setdefault("suite_notes", {}).setdefault(SUITE, {}).update({
         "model": name, "plot": "cost.png" if plot else None, "workload": dict(MIX),
         "profile": {"cpu_p50_ms": prof.cpu_p50, "cpu_p95_ms": prof.cpu_p95, "gpu_ms": {b: round(prof.gpu_ms(b), 2)
                     for b in (1, 4, 8, 32, 64)}, "cold_start_ms": prof.cold_ms, "gpu_min_rows": prof.gpu_min_rows},
-        "results": {k: {str(rate): v for rate, v in d.items()} for k, d in results.items()}}
+        "results": {k: {str(rate): v for rate, v in d.items()} for k, d in results.items()}})
     ctx.notes["plot_files"] = [*ctx.notes.get("plot_files", []), plot] if plot else ctx.notes.get("plot_files", [])
 
 

@@ -131,6 +131,8 @@ def markdown(doc: dict[str, Any], plots: dict[str, str]) -> str:
         lines += [""] + [f"- {c}" for c in conditions] + [""]
         if suite in plots:
             lines += [f"![{suite}]({plots[suite]})", ""]
+        for key in sorted(k for k in plots if k.startswith(f"{suite}:")):  # a suite's further plots
+            lines += [f"![{key}]({plots[key]})", ""]
         notes = info.get("notes")
         if notes:
             lines += ["```", json.dumps(notes, indent=1, default=str)[:4000], "```", ""]
@@ -173,7 +175,39 @@ def _plots(doc: dict[str, Any], out_dir: Path) -> dict[str, str]:
     cost = doc["suites"].get("cost", {}).get("notes", {}).get("plot")
     if cost:
         made["cost"] = cost
+    gen_cost = (doc["suites"].get("cost", {}).get("notes", {}).get("generation") or {}).get("plot")
+    if gen_cost:
+        made["cost:generation"] = gen_cost
+    if any(f["suite"] == "generate" for f in figs):
+        fig = generate_figure(figs)
+        fig.savefig(out_dir / "generate.png", dpi=110)
+        plt.close(fig)
+        made["generate"] = "generate.png"
     return made
+
+
+def generate_figure(figs: list[dict[str, Any]]) -> Any:
+    """The generate suite: time to first token by prompt length, and output tokens/s by concurrency, each for
+    the gateway (measured) and the raw onnxruntime-genai loop (baseline)."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind, key, ylabel in ((left, "ttft", "prompt_tokens", "p50 time to first token (ms)"),
+                                  (right, "tokens_per_s", "concurrency", "output tokens/s")):
+        rows = sorted((f["extra"][key], f) for f in figs
+                      if f["suite"] == "generate" and (f.get("extra") or {}).get("kind") == kind)
+        for side, style in (("measured", "o-"), ("baseline", "s--")):
+            pts = [(x, f[side]["value"]) for x, f in rows if f[side]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=rows[0][1][side]["name"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(key.replace("_", " "))
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    left.set_title("generate: time to first token by prompt length")
+    right.set_title("generate: output tokens/s by concurrency")
+    fig.tight_layout()
+    return fig
 
 
 def configuration(extra: dict[str, Any]) -> str:
