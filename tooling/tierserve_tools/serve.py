@@ -6,7 +6,9 @@
 * **The streaming REST API** on the same port (``apigw.REST_ROUTES``: ``/v1/...`` and Triton's generate
   extension, G4's StreamingApi): payload-format-1.0 events to RouterFunction in its own execution
   environments running the streaming runtime loop, its answer relayed chunk by chunk (15 minutes, 5 minutes
-  idle). ``--auth keys`` checks a bearer API key there (``tierserve keys --stack WORKDIR`` makes one).
+  idle). ``--auth keys`` checks a bearer API key there (``tierserve keys --stack WORKDIR`` makes one);
+  ``--auth jwt`` an ID token of a Cognito user pool on moto_server, as API Gateway's Cognito authorizer does
+  (``tierserve_tools.jwt_auth``; ``LocalStack.id_token(user)`` signs a user in).
 * **Lambda Invoke endpoint** (``tierserve_tools.lambda_endpoint``, on its own port, never the API's):
   CpuInferenceFunction (and
   BatchInferenceFunction) in warm execution environments running the streaming runtime loop that
@@ -70,7 +72,7 @@ CPU_CLASSES = {1769: CPU, 3538: "CpuInferenceFunction3538", 5307: "CpuInferenceF
 BUCKET = "tierserve-models-123456789012-us-east-1"
 MODEL_PREFIX = "models"
 JOB_TABLE = "tierserve-jobs"
-AUTH_MODES = ("none", "iam", "keys")
+AUTH_MODES = ("none", "iam", "keys", "jwt")
 _AWS_LOCAL = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
     "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
@@ -100,7 +102,8 @@ class LocalStack:
             (Lambda's concurrency: each one invocation at a time, so throughput scales with them).
         auth: "iam" = the API verifies SigV4 signatures made with the local credentials (403 otherwise),
             as the deployed API does; "keys" = the streaming REST API's routes need ``Authorization: Bearer
-            <tierserve API key>`` (a keys table on moto, as ``ApiAuth=keys`` deploys it; 401 otherwise);
+            <tierserve API key>`` (a keys table on moto, as ``ApiAuth=keys`` deploys it; 401 otherwise); "jwt" =
+            they need an ID token of a user pool on moto (``ApiAuth=jwt``'s Cognito authorizer; :meth:`id_token`);
             "none" (default) = no authorization, for plain tritonclient.
         triton_restart_backoff_s: the Triton supervisor's first restart delay and the most it doubles to, after
             the stack's tritonserver exits on its own (``stack_ops``); ``on_triton_event`` hears each exit and
@@ -138,6 +141,7 @@ class LocalStack:
         if auth not in AUTH_MODES:
             raise ConfigurationError(f"auth {auth!r} is not known; use one of {', '.join(AUTH_MODES)}")
         self.auth = auth
+        self.jwt_pool: tuple[str, str, str] | None = None  # --auth jwt: (user pool id, app client id, issuer)
         self.invoke_port_derived = invoke_port is None  # --port + 1: said in the startup lines and when busy
         self.invoke_port = (port + 1 if port else 0) if invoke_port is None else invoke_port
         self.triton: Any = None
@@ -251,7 +255,11 @@ class LocalStack:
 
     def _rest_authorizer(self) -> Any:
         """``--auth keys``: the streaming REST API's bearer-key check (``tierserve_tools.keys_auth``) against the
-        keys table on this stack's moto_server; the key's caller is the authorizer's context, as in AWS."""
+        keys table on this stack's moto_server; the key's caller is the authorizer's context, as in AWS.
+        ``--auth jwt``: the Cognito authorizer's check (``tierserve_tools.jwt_auth``) of the local user pool's ID
+        tokens; the token's claims are the context."""
+        if self.auth == "jwt":
+            return self._jwt_authorizer()
         if self.auth != "keys":
             return None
         from tierserve import keys
@@ -277,6 +285,29 @@ class LocalStack:
             return {"caller": key.caller, "key_id": key.key_id, "principalId": key.caller}
 
         return authorize
+
+    def _jwt_authorizer(self) -> Any:
+        from tierserve_tools.jwt_auth import cognito_authorizer
+
+        checks: list[Any] = []
+
+        def authorize(method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+            if not checks:  # the pool is made with moto_server, after the API's port is bound
+                assert self.jwt_pool is not None and self.moto is not None
+                pool, _, issuer = self.jwt_pool
+                checks.append(cognito_authorizer(issuer, f"{self.moto.url}/{pool}/.well-known/jwks.json"))
+            return checks[0](method, target, headers, body)
+
+        return authorize
+
+    def id_token(self, username: str) -> str:
+        """``--auth jwt``: sign ``username`` in to the local user pool (made if new) and return its ID token, the
+        bearer token (the openai SDK's ``api_key``) the streaming REST API takes."""
+        from tierserve_tools.jwt_auth import id_token
+
+        assert self.jwt_pool is not None, "the stack runs without --auth jwt"
+        pool, client, _ = self.jwt_pool
+        return id_token(self.client("cognito-idp"), pool, client, username)
 
     @property
     def cpu_classes(self) -> dict[int, str]:
@@ -449,6 +480,13 @@ class LocalStack:
             from tierserve_tools.keys_cli import LOCAL_TABLE, create_table
 
             create_table(self.client("dynamodb"), LOCAL_TABLE)
+        if self.auth == "jwt":
+            from tierserve_tools.jwt_auth import create_user_pool
+
+            self.jwt_pool = create_user_pool(self.client("cognito-idp"))
+            self.notes.append(f"auth: jwt (ID tokens of user pool {self.jwt_pool[0]} on moto, app client "
+                              f"{self.jwt_pool[1]}, issuer {self.jwt_pool[2]}; admin-initiate-auth against "
+                              f"{self.moto.url} signs a user in)")
         if not self.s3:
             self.notes.append(f"metrics and rollouts: moto {self.moto.url}")
             return
@@ -632,7 +670,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
                         "403 otherwise, as the deployed API does; keys: the OpenAI and generate routes (the streaming "
                         "REST API) need 'Authorization: Bearer <API key>' (the openai SDK's api_key), 401 otherwise, "
                         "as ApiAuth=keys deploys it: make one with 'tierserve keys --stack WORKDIR create --caller "
-                        "NAME'; none: no authorization")
+                        "NAME'; jwt: the same routes need an ID token of a Cognito user pool made on the stack's "
+                        "moto_server (ApiAuth=jwt), checked as API Gateway's Cognito authorizer does; none: no "
+                        "authorization")
     p.add_argument("-t", "--template", type=Path, default=None,
                    help="the SAM template (default: ./template.yaml, else the one that ships with tierserve)")
     p.add_argument("-n", "--env-vars", type=Path, default=None,
