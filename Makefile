@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install lint-tools test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
         compile-minilm invoke serve triton bench validate build package events clean template-lint \
-        test-hardening
+        test-hardening bench-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -85,6 +85,15 @@ triton: $(STAMP) ## the real local tritonserver over $(MODELS)/triton
 
 bench: $(STAMP) ## tierserve bench: every suite -> bench/results/latest.{json,md} (QUICK=1 for --quick)
 	$(BIN)/tierserve bench --models $(MODELS) $(if $(QUICK),--quick,)
+
+# The field's generation bench tool (issue 19) in a virtualenv of its own: guidellm needs numpy >= 2 and datasets;
+# torch==2.13.0 goes in first, or guidellm's transformers pulls a CUDA torch (GBs)
+BENCH_VENV := .venv-bench
+bench-venv: ## guidellm in .venv-bench (torch 2.13.0 CPU first); run it against tierserve serve's /v1
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q guidellm==0.8.1 "numpy>=2" datasets
 
 template-lint: $(STAMP) $(LINT_STAMP) ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
 	$(TOOLS)/bin/checkov -f template.yaml --compact --quiet --skip-download
