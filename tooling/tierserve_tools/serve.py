@@ -438,7 +438,12 @@ class LocalStack:
         if self.gpu_tier == "sagemaker":
             self._start_sagemaker(prod, repo_dir)
             return
-        repo = build_local_repository(prod, repo_dir)
+        onnx = self._onnx_entries(prod, repo_dir.with_name("triton-onnx"))
+        if onnx is not None:
+            repo = build_local_repository(onnx, repo_dir)
+        else:  # generative models only: TritonSync writes their entries (the stand-in for the vLLM backend)
+            repo_dir.mkdir(parents=True)
+            repo = repo_dir
         self.triton = TritonServer(repo, log_path=self.workdir / "triton.log", extra_args=TRITON_EXPLICIT).start()
         self._own_triton = True
         self.notes.append(f"gpu: triton {self.triton.http_url}")
@@ -454,15 +459,65 @@ class LocalStack:
             triton_container,
         )
 
-        repo, name, version, others = endpoint_repository(self.models, prod, repo_dir, self.sagemaker_model)
+        generative = self._generative_endpoint(prod, repo_dir)
+        if generative is not None:
+            repo, name, version, others = generative
+        else:
+            repo, name, version, others = endpoint_repository(self.models, prod, repo_dir, self.sagemaker_model)
         server, container_url = triton_container(repo, name, log_path=self.workdir / "triton.log")
         self.triton = server.start()
         self._own_triton = True
         self.endpoint_model = f"{name}/{version}"
-        self.sagemaker = SageMakerRuntime([LocalEndpoint(ENDPOINT_NAME, container_url, name)], host=self.host).start()
+        # A generative model's endpoint streams (InvokeEndpointWithResponseStream): the 2.51 binary has no SageMaker
+        # generate mode, so the emulator maps it to the container's generate_stream on Triton's HTTP port.
+        generate_url = f"http://{server.http_url}" if generative is not None else ""
+        endpoint = LocalEndpoint(ENDPOINT_NAME, container_url, name, generate_url=generate_url)
+        self.sagemaker = SageMakerRuntime([endpoint], host=self.host).start()
         extra = f"; {', '.join(others)} not on it (CPU fallback)" if others else ""
         self.notes.append(f"gpu: sagemaker endpoint {ENDPOINT_NAME} ({name} v{version}) at {self.sagemaker.url} "
                           f"-> triton {container_url}{extra}")
+
+    def _onnx_entries(self, prod: Path, work: Path) -> Path | None:
+        """``prod`` without its generative models (a ``backend: "vllm"`` entry, which the local server cannot run and
+        TritonSync writes as the stand-in instead): ``prod`` itself when it has none, else a folder of links to the
+        others (None when nothing is left)."""
+        from tierserve.manifest import Manifest
+
+        manifest = Manifest.loads((self.models / "manifest.json").read_bytes())
+        generative = {n for n, e in manifest.models.items() if any(v.generative for v in e.versions.values())}
+        entries = sorted(p for p in prod.iterdir() if (p / "config.pbtxt").is_file())
+        if not generative & {p.name for p in entries}:
+            return prod
+        kept = [p for p in entries if p.name not in generative]
+        if not kept:
+            return None
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for p in kept:
+            (work / p.name).symlink_to(p.resolve(), target_is_directory=True)
+        return work
+
+    def _generative_endpoint(self, prod: Path, repo_dir: Path) -> tuple[Path, str, str, list[str]] | None:
+        """When the endpoint's model is generative: its repository as TritonSync writes a generative entry (the
+        stand-in for the vLLM backend over the CPU tier's onnxruntime-genai variant; the production entry's
+        ``backend: "vllm"`` cannot run here), with (repository, name, version, the other GPU models); else None."""
+        from tierserve.lifecycle.objects import open_objects
+        from tierserve.manifest import Manifest
+        from tierserve_tools.triton import default_site_packages, genai_local_config, write_genai_version
+
+        manifest = Manifest.loads((self.models / "manifest.json").read_bytes())
+        gpu = sorted(n for n in manifest.models if manifest.resolve(n).serves_gpu and (prod / n).is_dir())
+        name = self.sagemaker_model or (gpu[0] if gpu else "")
+        if name not in gpu or not manifest.resolve(name).generative:
+            return None
+        mv = manifest.resolve(name)
+        repo = repo_dir / "repository"
+        objects = open_objects(str(self.models))
+        write_genai_version(repo / name / mv.version, objects.download, mv.cpu_artifact)
+        concurrency = mv.generation.max_concurrency if mv.generation is not None else 1
+        (repo / name / "config.pbtxt").write_text(genai_local_config(
+            name, [mv.version], default_site_packages(), 0, concurrency, source=f"{self.models} (SageMaker endpoint)"))
+        return repo, name, mv.version, [n for n in gpu if n != name]
 
     def client(self, service: str) -> Any:
         """A boto3 client for the stack's moto_server."""
