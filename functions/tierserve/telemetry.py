@@ -11,6 +11,10 @@ dimension set                          what reads it
 ``service, function, model, tier``     the dashboard's per-tier widgets (cpu / gpu, fallbacks)
 ``service, function, code``            errors by code (``ErrorsByCode``), a document of its own
 ``service, function, state``           circuit breaker transitions (``BreakerTransitions``)
+``service, model, version``            generation's figures per version whichever function generated
+                                       (the rollout's TTFT p99 and tokens/s: the CPU function, or the router
+                                       with its CPU tier in process)
+``service``                            generation's figures service-wide (the TTFT p99 alarm)
 =====================================  =====================================================================
 
 EMF allows 30 dimensions per set and 100 metrics per document; we use at most 4 and 7. Cost: CloudWatch
@@ -24,7 +28,9 @@ Metrics: ``Requests``, ``Errors`` (5xx), ``ClientErrors`` (4xx), ``Latency`` (ms
 ``Fallbacks``; ``ErrorsByCode``; ``BreakerTransitions``; ``ModelLoadTime`` (ms, a session built on a cold
 cache); the batch function's ``BatchRows``, ``BatchErrors``, ``BatchJobDuration``, ``BatchJobsCompleted``,
 ``BatchJobsFailed``; generation's ``TimeToFirstToken``, ``InterTokenLatency`` (ms), ``PromptTokens``,
-``CompletionTokens`` and ``TokensPerSecond`` (:func:`generation`); Powertools adds ``ColdStart``. Each line
+``CompletionTokens`` and ``TokensPerSecond`` (:func:`generation`), and each generation a function answers counted
+like a request (:func:`generation_request`, ``Generations``: the rollout's error rate, the failover rate's
+denominator); Powertools adds ``ColdStart``. Each line
 goes to stdout, which Lambda sends to CloudWatch Logs, which extracts the metrics; ``tierserve serve`` does the
 same locally (``tierserve_tools.emf_bridge``: PutMetricData into moto_server, and its ``/metrics`` page).
 """
@@ -35,6 +41,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 SERVICE_ENV = "POWERTOOLS_SERVICE_NAME"
@@ -120,7 +127,12 @@ def generation(model: str, version: str, tier: str, *, ttft_ms: float | None, it
     """One generation (issue 17), emitted once its last event is out (a stream's metrics are known only then;
     Powertools' decorators would flush them when the handler returns, before the stream ends): time to first
     token, mean inter-token latency (ms), prompt and completion tokens, decode tokens/s; per model and version,
-    and per model and tier. A figure that does not exist (no token came out) is left out."""
+    and per model and tier. A figure that does not exist (no token came out) is left out.
+
+    Also (issue 18) per model and version without the function (``service, model, version``: what a rollout
+    judges, whichever function ran the engine) and service-wide (``service``: what an alarm can name, since
+    an alarm's dimensions are fixed). Only the process that runs the engine emits these, once per generation,
+    so neither set counts a generation twice. Cost: 5 metrics more per listed version and 5 for the service."""
     metrics: dict[str, tuple[str, float]] = {"PromptTokens": (COUNT, prompt_tokens),
                                              "CompletionTokens": (COUNT, completion_tokens)}
     if ttft_ms is not None:
@@ -130,7 +142,86 @@ def generation(model: str, version: str, tier: str, *, ttft_ms: float | None, it
     if tokens_per_s is not None:
         metrics["TokensPerSecond"] = ("Count/Second", round(tokens_per_s, 3))
     emit({**base(), "model": model, "version": version, "tier": tier},
-         [["service", "function", "model", "version"], ["service", "function", "model", "tier"]], metrics)
+         [["service", "function", "model", "version"], ["service", "function", "model", "tier"],
+          ["service", "model", "version"], ["service"]], metrics)
+
+
+def generation_request(model: str, version: str, *, tier: str | None, status: int, fallback: bool = False) -> None:
+    """One generation this function answered, counted as :func:`request` counts an inference (issue 18): ``Requests``,
+    ``Errors`` (5xx), ``ClientErrors`` (4xx), ``Fallbacks`` per function, per model version (the rollout's error
+    rate) and per model and tier, and ``Generations`` (the mid-stream failover rate's denominator). No
+    ``Latency``: a generation lasts as long as its answer, which would swamp the p99 of the inferences (its
+    figures are :func:`generation`'s time to first token and tokens/s)."""
+    values = {**base(), "model": model, "version": version}
+    sets = [["service", "function"], ["service", "function", "model", "version"]]
+    if tier:
+        values["tier"] = tier
+        sets.append(["service", "function", "model", "tier"])
+    emit(values, sets, {"Requests": (COUNT, 1), "Errors": (COUNT, int(status >= 500)),
+                        "ClientErrors": (COUNT, int(400 <= status < 500)), "Fallbacks": (COUNT, int(fallback)),
+                        "Generations": (COUNT, 1)})
+
+
+class CountedGeneration:
+    """Counts one generation with :func:`generation_request` once its outcome is known: a refusal before it starts
+    (:meth:`guard`), the end of its stream (200), an error the stream raised (its status), or :meth:`close`
+    before the end (the client went away: not the version's failure). The tier is the last event's
+    ``served_by``; ``fallback`` is read from the wrapped stream. Other attributes pass through to the stream."""
+
+    def __init__(self, model: str, version: str, status_of: Callable[[BaseException], int]) -> None:
+        self._model, self._version, self._status_of = model, version, status_of
+        self._events: Iterator[Any] | None = None
+        self._tier: str | None = None
+        self._done = False
+
+    def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; an exception it raises counts (with its status) before it propagates."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._count(self._status_of(exc))
+            raise
+
+    def stream(self, events: Iterator[Any]) -> CountedGeneration:
+        self._events = events
+        return self
+
+    def __iter__(self) -> CountedGeneration:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done or self._events is None:
+            raise StopIteration
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self._count(200)
+            raise
+        except Exception as exc:
+            self._count(self._status_of(exc))
+            raise
+        self._tier = getattr(event, "served_by", None) or self._tier
+        return event
+
+    def close(self) -> None:
+        close = getattr(self._events, "close", None)
+        try:
+            if close is not None:
+                close()
+        finally:
+            self._count(200)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._events, name)
+
+    def _count(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        generation_request(self._model, self._version, tier=self._tier, status=status,
+                           fallback=bool(getattr(self._events, "fallback", None)))
 
 
 def caller_usage(caller: str, model: str, version: str, tier: str, prompt_tokens: int, completion_tokens: int) -> None:

@@ -171,8 +171,9 @@ class DataPlane:
         stream is started before this returns, so whatever fails before the first event (admission's 429, a
         load failure, the remote tier's refusal) is raised here and the adapter answers it with a status; what
         fails later is raised by the iteration, and the adapter ends its stream with an error event."""
-        from tierserve import usage
+        from tierserve import telemetry, usage
         from tierserve.generation import service
+        from tierserve.protocol.rendering import status_for
         from tierserve.tiering import Deadline, pick_version
 
         name, version = inference.resolve_name(self.rt, request.model, request.version)
@@ -184,7 +185,9 @@ class DataPlane:
         dispatcher = self.rt.dispatcher
         tiers = getattr(dispatcher, "generate_tiers", None)
         remote = getattr(dispatcher, "generate", None)
-        prepared = service.prepare(self.rt, model, request, tier)
+        # issue 18: counted as a request of its version (the rollout's error rate), whatever its outcome
+        counted = telemetry.CountedGeneration(model.name, model.version, status_for)
+        prepared = counted.guard(service.prepare, self.rt, model, request, tier)
         deadline = Deadline.from_context(context)
 
         def start() -> Iterator[GenerationEvent]:
@@ -201,8 +204,8 @@ class DataPlane:
             return service.generate_local(self.rt, model, prepared, cancelled, tier)
 
         # issue 18: the caller's token budget (a 429 before any work), its usage recorded when the stream ends
-        events = usage.run_metered(prepared, model, start)
-        return Generation(model, prepared, events)
+        events = counted.guard(usage.run_metered, prepared, model, start)
+        return Generation(model, prepared, counted.stream(events))
 
     def tokenizer(self, model: ModelVersion, tier: str = Tier.CPU) -> Any:
         """The model's ``tokenizers.Tokenizer`` (the one ``prepare`` tokenizes with): what turns a prepared prompt

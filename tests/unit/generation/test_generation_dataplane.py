@@ -66,3 +66,59 @@ def test_models_list_names_each_model_and_each_listed_version(genai_runtime) -> 
     assert doc["object"] == "list"
     assert [m["id"] for m in doc["data"]] == ["plain", "plain:1", "tiny", "tiny:1"]
     assert all(m["object"] == "model" and m["owned_by"] == "tierserve" and m["created"] > 0 for m in doc["data"])
+
+
+# --- each generation counts for its model version, as an inference does (issue 18: rollouts) ----------------
+
+
+def _emf(capsys, metric: str) -> list[dict]:
+    import json
+
+    return [d for d in map(json.loads, capsys.readouterr().out.splitlines()) if metric in d]
+
+
+def test_each_generation_counts_as_a_request_of_its_version_so_a_rollout_can_judge_it(
+        genai_runtime, runtime_env, monkeypatch, capsys) -> None:
+    from tierserve.errors import BackendUnavailableError
+    from tierserve.generation.events import GenerationEvent, Usage
+
+    runtime_env.setenv("TIERSERVE_METRICS", "true")
+    dp = DataPlane(genai_runtime)
+    # a generation that ends: one request of tiny v1, no error, no Latency (a stream's length is not a latency)
+    list(dp.generate(openai.parse_completion({"model": "tiny", "prompt": "x", "max_tokens": 3})))
+    [doc] = _emf(capsys, "Generations")
+    assert (doc["model"], doc["version"], doc["tier"]) == ("tiny", "1", "cpu")
+    assert (doc["Requests"], doc["Errors"], doc["ClientErrors"], doc["Generations"]) == (1, 0, 0, 1)
+    assert "Latency" not in doc
+    dims = doc["_aws"]["CloudWatchMetrics"][0]["Dimensions"]
+    assert ["service", "function", "model", "version"] in dims and ["service", "function"] in dims
+    # a prompt over the context window: refused before any work, a client error of that version
+    with pytest.raises(InvalidRequestError):
+        dp.generate(openai.parse_completion({"model": "tiny", "prompt": "x " * 400, "max_tokens": 3}))
+    [doc] = _emf(capsys, "Generations")
+    assert (doc["version"], doc["Requests"], doc["Errors"], doc["ClientErrors"]) == ("1", 1, 0, 1)
+
+    # a stream that fails after its first event: a server error of that version
+    def broken(model, request, deadline, cancelled, **_):
+        yield GenerationEvent("hi", (1,), served_by="gpu")
+        raise BackendUnavailableError("the tier went away")
+
+    monkeypatch.setattr(genai_runtime.dispatcher, "generate_tiers", broken)
+    gen = dp.generate(openai.parse_completion({"model": "tiny", "prompt": "x"}))
+    with pytest.raises(BackendUnavailableError):
+        list(gen)
+    gen.close()
+    [doc] = _emf(capsys, "Generations")
+    assert (doc["tier"], doc["Requests"], doc["Errors"], doc["ClientErrors"]) == ("gpu", 1, 1, 0)
+
+    # a client that goes away after the first event: counted once, not as the version's failure
+    def endless(model, request, deadline, cancelled, **_):
+        while True:
+            yield GenerationEvent("a", (1,), served_by="cpu", usage=Usage(1, 1))
+
+    monkeypatch.setattr(genai_runtime.dispatcher, "generate_tiers", endless)
+    gen = dp.generate(openai.parse_completion({"model": "tiny", "prompt": "x"}))
+    next(gen)
+    gen.close()
+    [doc] = _emf(capsys, "Generations")
+    assert (doc["Requests"], doc["Errors"], doc["ClientErrors"]) == (1, 0, 0)
