@@ -9,6 +9,7 @@
     tierserve models retire NAME VERSION
     tierserve models history NAME [--json]
     tierserve models rollout NAME VERSION --steps 10,50,100 --interval 5m --max-error-rate 0.01 --max-p99-ms N
+                             [--max-ttft-p99-ms 2000 --min-tokens-per-s-ratio 0.8]   (text-generation models)
 
 The store is a folder or ``s3://bucket/prefix`` (``--store``, default ``MODEL_STORE_URI``). ``--stack DIR``
 targets a running ``tierserve serve`` (its ``DIR/env.json``): its store, and its moto_server for S3,

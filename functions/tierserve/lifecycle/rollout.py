@@ -11,7 +11,9 @@ Each tick, for the running step (canary at ``steps[step]`` percent since ``step_
    promotion itself);
 2. the canary's and the baseline's (the default's) figures over the step so far are read from the
    per-version metrics (:class:`CloudWatchMetrics`: ``GetMetricData`` on the EMF metrics RouterFunction
-   emits with ``model`` and ``version`` dimensions): requests, server errors, fallbacks, p99 latency;
+   emits with ``model`` and ``version`` dimensions): requests, server errors, fallbacks, p99 latency; for a
+   text-generation model also the time to first token's p99 and the mean decode tokens/s (issue 18), from
+   the generation metrics of whichever function ran the engine (``service, model, version``);
 3. **as soon as** the canary has ``min_requests`` requests and crosses a threshold, it is rolled back
    (``Registry.rollback``: the canary share goes to the default at once), with the figures in the history;
 4. when the interval has passed with enough traffic and no threshold crossed, the next step starts, and
@@ -19,7 +21,9 @@ Each tick, for the running step (canary at ``steps[step]`` percent since ``step_
 
 A threshold counts against the canary only if the canary is also worse than the baseline over the same
 window (``canary > baseline``): an outage that hits every version (the GPU tier down) is not the canary's
-fault. If someone else changes the model while a rollout runs (promotes, rolls back, moves the canary), the
+fault. Tokens/s is judged against the baseline alone: a canary slower than ``min_tokens_per_s_ratio`` times
+the default's tokens/s is rolled back (an absolute floor would depend on the model and the tier). If someone
+else changes the model while a rollout runs (promotes, rolls back, moves the canary), the
 rollout stops (``aborted``) rather than fight them.
 """
 
@@ -39,6 +43,11 @@ from tierserve.lifecycle.registry import Registry
 RUNNING, PROMOTED, ROLLED_BACK, ABORTED = "running", "promoted", "rolled_back", "aborted"
 #: CloudWatch accepts these periods below a minute (high-resolution), then multiples of 60.
 _PERIODS = (1, 5, 10, 30, 60)
+#: A text-generation canary's defaults (issue 18): p99 time to first token, and the share of the default's
+#: decode tokens/s it must keep. 2 s is a common interactive bound (it applies only where the canary is also
+#: slower than the default); 0.8 tolerates the noise of a few hundred generations on shared Lambda CPUs.
+DEFAULT_MAX_TTFT_P99_MS = 2000.0
+DEFAULT_MIN_TOKENS_PER_S_RATIO = 0.8
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,10 @@ class Thresholds:
     max_fallback_rate: float | None = None
     #: Canary requests needed before a rate or a p99 is trusted, for a rollback as for a step.
     min_requests: int = 20
+    #: Text-generation models only (the figures exist for no other model): TTFT p99 bound (ms), and the share of
+    #: the default's mean tokens/s the canary must keep (0: not judged).
+    max_ttft_p99_ms: float | None = DEFAULT_MAX_TTFT_P99_MS
+    min_tokens_per_s_ratio: float | None = DEFAULT_MIN_TOKENS_PER_S_RATIO
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,9 @@ class Figures:
     fallbacks: float = 0.0
     p99_ms: float | None = None
     client_errors: float = 0.0
+    #: A text-generation model's (None for the others, or without a generation in the window).
+    ttft_p99_ms: float | None = None
+    tokens_per_s: float | None = None
 
     @property
     def failed(self) -> float:
@@ -74,10 +90,16 @@ class Figures:
         return self.fallbacks / self.requests if self.requests else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"requests": int(self.requests), "errors": int(self.errors), "client_errors": int(self.client_errors),
-                "error_rate": round(self.error_rate, 4),
-                "fallbacks": int(self.fallbacks), "fallback_rate": round(self.fallback_rate, 4),
-                "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2)}
+        out: dict[str, Any] = {
+            "requests": int(self.requests), "errors": int(self.errors), "client_errors": int(self.client_errors),
+            "error_rate": round(self.error_rate, 4),
+            "fallbacks": int(self.fallbacks), "fallback_rate": round(self.fallback_rate, 4),
+            "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2)}
+        if self.ttft_p99_ms is not None:
+            out["ttft_p99_ms"] = round(self.ttft_p99_ms, 2)
+        if self.tokens_per_s is not None:
+            out["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return out
 
 
 def breaches(canary: Figures, baseline: Figures, t: Thresholds) -> list[str]:
@@ -101,6 +123,14 @@ def breaches(canary: Figures, baseline: Figures, t: Thresholds) -> list[str]:
             and canary.fallback_rate > baseline.fallback_rate):
         out.append(f"fallback rate {canary.fallback_rate:.2%} > {t.max_fallback_rate:.2%} "
                    f"(default: {baseline.fallback_rate:.2%})")
+    if (t.max_ttft_p99_ms is not None and canary.ttft_p99_ms is not None and canary.ttft_p99_ms > t.max_ttft_p99_ms
+            and canary.ttft_p99_ms > (baseline.ttft_p99_ms or 0.0)):
+        out.append(f"TTFT p99 {canary.ttft_p99_ms:.1f} ms > {t.max_ttft_p99_ms:g} ms (default: "
+                   f"{'-' if baseline.ttft_p99_ms is None else f'{baseline.ttft_p99_ms:.1f}'} ms)")
+    if (t.min_tokens_per_s_ratio and canary.tokens_per_s is not None and baseline.tokens_per_s
+            and canary.tokens_per_s < t.min_tokens_per_s_ratio * baseline.tokens_per_s):
+        out.append(f"tokens/s {canary.tokens_per_s:.1f} < {t.min_tokens_per_s_ratio:g} x the default's "
+                   f"{baseline.tokens_per_s:.1f} ({canary.tokens_per_s / baseline.tokens_per_s:.2f}x)")
     return out
 
 
@@ -147,6 +177,12 @@ def new_rollout(registry: Registry, model: str, version: str, steps: list[float]
         raise LifecycleError(f"steps must rise within (0, 100] and end at 100 (the promotion), got {steps}")
     if interval_s <= 0:
         raise LifecycleError(f"the interval must be positive, got {interval_s} s")
+    if thresholds.max_ttft_p99_ms is not None and not thresholds.max_ttft_p99_ms > 0:
+        raise LifecycleError(f"the TTFT p99 bound must be positive, got {thresholds.max_ttft_p99_ms} ms")
+    ratio = thresholds.min_tokens_per_s_ratio
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise LifecycleError(f"the tokens/s ratio is the share of the default's tokens/s the canary must keep, "
+                             f"within [0, 1] (0: not judged), got {ratio}")
     mv = entry.versions.get(version)
     if mv is None or mv.retired:
         raise LifecycleError(f"{model} has no published version {version}; publish it first")
@@ -159,8 +195,10 @@ def new_rollout(registry: Registry, model: str, version: str, steps: list[float]
 
 
 class MetricsSource(Protocol):
-    def figures(self, model: str, versions: list[str], start: float, end: float) -> dict[str, Figures]:
-        """Each version's figures over [start, end) (epoch seconds)."""
+    def figures(self, model: str, versions: list[str], start: float, end: float, *,
+                generative: bool = False) -> dict[str, Figures]:
+        """Each version's figures over [start, end) (epoch seconds); with ``generative`` (a text-generation model)
+        also its TTFT p99 and mean tokens/s."""
 
 
 def tick(state: RolloutState, registry: Registry, metrics: MetricsSource, now: float | None = None) -> RolloutState:
@@ -186,7 +224,9 @@ def tick(state: RolloutState, registry: Registry, metrics: MetricsSource, now: f
                                    f"canary {canary}); the rollout stopped", now)
     if s.step_started_at is None or float(canary["percent"]) != s.percent:  # type: ignore[index]
         return _start_step(s, registry, now)  # a new step, or one whose share was not saved: (re)start it
-    figures = metrics.figures(s.model, [s.version, s.baseline], s.step_started_at, now)
+    mv = entry.versions.get(s.version)
+    figures = metrics.figures(s.model, [s.version, s.baseline], s.step_started_at, now,
+                              generative=mv is not None and mv.generative)
     mine, base = figures.get(s.version, Figures()), figures.get(s.baseline, Figures())
     crossed = breaches(mine, base, s.thresholds)
     judged = {"canary": mine.to_json(), "default": base.to_json(), "step_percent": s.percent,
@@ -320,7 +360,9 @@ def advance(store: DynamoRollouts, registry: Registry, metrics: MetricsSource, m
 class CloudWatchMetrics:
     """Per-version figures from the metrics RouterFunction emits (``tierserve.telemetry``): dimensions
     ``service``, ``function``, ``model``, ``version``; Sum of Requests, Errors, ClientErrors and Fallbacks,
-    p99 of Latency."""
+    p99 of Latency. For a text-generation model also (dimensions ``service``, ``model``, ``version``: the
+    generation metrics of whichever function ran the engine) the p99 of TimeToFirstToken and the mean of
+    TokensPerSecond (its Sum over its SampleCount: exact over any number of datapoints)."""
 
     def __init__(self, namespace: str, function: str, service: str = "tierserve", client: Any = None) -> None:
         self.namespace = namespace
@@ -336,7 +378,7 @@ class CloudWatchMetrics:
             self._client = aws.client("cloudwatch")
         return self._client
 
-    def queries(self, model: str, versions: list[str], period: int) -> list[dict[str, Any]]:
+    def queries(self, model: str, versions: list[str], period: int, generative: bool = False) -> list[dict[str, Any]]:
         out = []
         for i, v in enumerate(versions):
             dims = [{"Name": "service", "Value": self.service}, {"Name": "function", "Value": self.function},
@@ -346,23 +388,36 @@ class CloudWatchMetrics:
                 out.append({"Id": f"{metric.lower()}_{i}", "ReturnData": True, "MetricStat": {
                     "Metric": {"Namespace": self.namespace, "MetricName": metric, "Dimensions": dims},
                     "Period": period, "Stat": stat}})
+            if generative:
+                gen_dims = [{"Name": "service", "Value": self.service}, {"Name": "model", "Value": model},
+                            {"Name": "version", "Value": v}]
+                for qid, metric, stat in (("ttft", "TimeToFirstToken", "p99"), ("tpssum", "TokensPerSecond", "Sum"),
+                                          ("tpsn", "TokensPerSecond", "SampleCount")):
+                    out.append({"Id": f"{qid}_{i}", "ReturnData": True, "MetricStat": {
+                        "Metric": {"Namespace": self.namespace, "MetricName": metric, "Dimensions": gen_dims},
+                        "Period": period, "Stat": stat}})
         return out
 
-    def figures(self, model: str, versions: list[str], start: float, end: float) -> dict[str, Figures]:
+    def figures(self, model: str, versions: list[str], start: float, end: float, *,
+                generative: bool = False) -> dict[str, Figures]:
         begin = int(start)
         finish = max(int(end) + 1, begin + 1)
         period = next((p for p in _PERIODS if p >= finish - begin), 60 * -(-(finish - begin) // 60))
         result = self.client.get_metric_data(
-            MetricDataQueries=self.queries(model, versions, period),
+            MetricDataQueries=self.queries(model, versions, period, generative),
             StartTime=dt.datetime.fromtimestamp(begin, dt.UTC), EndTime=dt.datetime.fromtimestamp(finish, dt.UTC))
         values = {r["Id"]: [float(x) for x in r.get("Values") or []] for r in result["MetricDataResults"]}
         out = {}
         for i, v in enumerate(versions):
             p99 = values.get(f"latency_{i}") or []
+            ttft = values.get(f"ttft_{i}") or []
+            tps_n = sum(values.get(f"tpsn_{i}") or [])
             out[v] = Figures(requests=sum(values.get(f"requests_{i}") or []),
                              errors=sum(values.get(f"errors_{i}") or []),
                              fallbacks=sum(values.get(f"fallbacks_{i}") or []), p99_ms=max(p99) if p99 else None,
-                             client_errors=sum(values.get(f"clienterrors_{i}") or []))
+                             client_errors=sum(values.get(f"clienterrors_{i}") or []),
+                             ttft_p99_ms=max(ttft) if ttft else None,
+                             tokens_per_s=sum(values.get(f"tpssum_{i}") or []) / tps_n if tps_n else None)
         return out
 
 
