@@ -79,7 +79,8 @@ def direct(triton_http: str, model: str, version: str, max_tokens: int) -> dict[
     return _figures(t0, events, sum(len(gs.token_ids(e)) for _, e in events))
 
 
-def routed(stack: Any, model: str, max_tokens: int, kill_after: int | None = None) -> dict[str, Any]:
+def routed(stack: Any, model: str, max_tokens: int, kill_after: int | None = None, target: str = "gpu"
+           ) -> dict[str, Any]:
     """The same greedy completion through the stack's API (streamed, ``x-target: gpu``, usage asked); with
     ``kill_after`` Triton is killed when that many chunks have arrived, and the longest gap between two chunks
     is reported with where it fell."""
@@ -93,7 +94,7 @@ def routed(stack: Any, model: str, max_tokens: int, kill_after: int | None = Non
             stack.triton.kill()
 
     t0, events = _sse(http.client.HTTPConnection(stack.host, stack.port, timeout=600), "/v1/completions", body,
-                      {"x-target": "gpu"}, on_event)
+                      {"x-target": target}, on_event)
     usage = events[-1][1].get("usage") or {}
     chunks = [(t, e) for t, e in events if e.get("choices")]
     out = _figures(t0, chunks, int(usage.get("completion_tokens") or 0))
@@ -126,12 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         version = Manifest.loads((Path(store) / "manifest.json").read_bytes()).resolve(name).version
         with LocalStack(store, port=0, batch=False, s3=False, workdir=work / "serve",
                         triton_restart_backoff_s=(600.0, 600.0)) as stack:
-            routed(stack, name, 8)  # warm: both tiers' models loaded, the router's environments up
+            routed(stack, name, 8)  # warm: both tiers' models loaded, the router's and CPU function's environments up
+            routed(stack, name, 8, target="cpu")
             direct(stack.triton.http_url, name, version, 8)
             result = {
                 "conditions": {"max_tokens": args.max_tokens, "prompt": PROMPT, "greedy": True, "model": name,
                                "gpu": "local tritonserver 2.51, the stand-in for vLLM (onnxruntime-genai on CPU)",
-                               "cpu": "CpuInferenceFunction under the streaming runtime loop (local Invoke)"},
+                               "cpu": "CpuInferenceFunction under the streaming runtime loop (local Invoke), warm"},
                 "triton_direct_generate_stream": direct(stack.triton.http_url, name, version, args.max_tokens),
                 "router_to_triton": routed(stack, name, args.max_tokens),
                 "failover_mid_stream": routed(stack, name, args.max_tokens, kill_after=args.kill_after),
