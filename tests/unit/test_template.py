@@ -91,6 +91,70 @@ def test_every_alarm_notifies_the_optional_topic(template: dict) -> None:
     assert template["Parameters"]["AlarmTopicArn"]["Default"] == ""
 
 
+def _emitted_sets(capsys, monkeypatch) -> dict[str, list[list[str]]]:
+    """Each generation metric's dimension sets as tierserve.telemetry emits them."""
+    import json
+
+    from tierserve import telemetry
+
+    monkeypatch.setenv("TIERSERVE_METRICS", "true")
+    capsys.readouterr()
+    telemetry.generation("m", "1", "cpu", ttft_ms=1.0, itl_ms=1.0, prompt_tokens=1, completion_tokens=1,
+                         tokens_per_s=1.0)
+    telemetry.generation_request("m", "1", tier="gpu", status=200)
+    telemetry.failover_mid_stream("m", "1", "gpu", "cpu", 3)
+    out: dict[str, list[list[str]]] = {}
+    for doc in map(json.loads, capsys.readouterr().out.splitlines()):
+        directive = doc["_aws"]["CloudWatchMetrics"][0]
+        for m in directive["Metrics"]:
+            out.setdefault(m["Name"], []).extend(directive["Dimensions"])
+    return out
+
+
+def test_generation_alarms_name_dimension_sets_the_telemetry_emits(template: dict, capsys, monkeypatch) -> None:
+    """issue 18: TTFT p99 and the mid-stream failover rate alarm on fixed dimensions, which must be sets that
+    tierserve.telemetry really emits (an alarm on a set nobody emits never fires); the streaming REST API's 5xx
+    rate is read by its ApiName and Stage."""
+    res = template["Resources"]
+    emitted = _emitted_sets(capsys, monkeypatch)
+
+    def names(dims: list[dict]) -> list[str]:
+        return [d["Name"] for d in dims]
+
+    ttft = res["GenerationTtftAlarm"]["Properties"]
+    assert (ttft["MetricName"], ttft["ExtendedStatistic"], ttft["Threshold"]) == (
+        "TimeToFirstToken", "p99", {"Ref": "TtftAlarmMs"})
+    assert names(ttft["Dimensions"]) in emitted["TimeToFirstToken"]
+    failover = {m["Id"]: m for m in res["FailoverMidStreamAlarm"]["Properties"]["Metrics"]}
+    assert failover["rate"]["Expression"] == "IF(generations > 0, 100 * failovers / generations, 0)"
+    for qid, metric in (("failovers", "FailoverMidStream"), ("generations", "Generations")):
+        stat = failover[qid]["MetricStat"]["Metric"]
+        assert stat["MetricName"] == metric and names(stat["Dimensions"]) in emitted[metric]
+        assert stat["Dimensions"][1]["Value"] == {"Ref": "RouterFunction"}
+    api = {m["Id"]: m for m in res["StreamingApiErrorRateAlarm"]["Properties"]["Metrics"]}
+    dims = api["errors"]["MetricStat"]["Metric"]["Dimensions"]
+    assert api["errors"]["MetricStat"]["Metric"]["MetricName"] == "5XXError"
+    assert dims == [{"Name": "ApiName", "Value": res["StreamingApi"]["Properties"]["Name"]},
+                    {"Name": "Stage", "Value": res["StreamingApi"]["Properties"]["StageName"]}]
+    assert api["requests"]["MetricStat"]["Metric"]["Dimensions"] == dims
+
+
+def test_the_dashboard_shows_tokens_per_tier_and_ttft_per_version(template: dict, capsys, monkeypatch) -> None:
+    import json
+    import re
+
+    body = template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    doc = json.loads(re.sub(r"\$\{[A-Za-z:.]+\}", "X", body))
+    searches = re.findall(r"SEARCH\('\{tierserve,([a-z,]+)\} MetricName=\"(\w+)\"", json.dumps(doc).replace('\\"', '"'))
+    shown = {(metric, tuple(dims.split(","))) for dims, metric in searches}
+    for metric, dims in (("PromptTokens", ("service", "function", "model", "tier")),
+                         ("CompletionTokens", ("service", "function", "model", "tier")),
+                         ("TimeToFirstToken", ("service", "model", "version")),
+                         ("InterTokenLatency", ("service", "model", "version"))):
+        assert (metric, dims) in shown
+        assert list(dims) in _emitted_sets(capsys, monkeypatch)[metric]  # a SEARCH on a set nobody emits is empty
+
+
 def test_the_dashboard_is_valid_json_per_model_and_tier(template: dict) -> None:
     import json
     import re
