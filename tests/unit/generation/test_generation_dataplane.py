@@ -51,14 +51,16 @@ def test_the_dispatchers_generation_backend_is_used_when_it_has_one(genai_runtim
 
     calls = []
 
-    def remote(model, request, deadline, cancelled):
-        calls.append((model.name, request.prompt_ids is not None, request.params.max_tokens))
+    def tiers(model, request, deadline, cancelled, local=None, tokenizer=None):
+        # the cloud's dispatcher routes across the tiers (issue 18), given the in-process path and the tokenizer
+        calls.append((model.name, request.prompt_ids is not None, request.params.max_tokens, callable(local),
+                      tokenizer().decode([1]) == tokenizer().decode([1])))
         yield GenerationEvent("hi", (1,), finish_reason="stop", usage=Usage(1, 1), served_by="gpu")
 
-    monkeypatch.setattr(type(genai_runtime.dispatcher), "generate", property(lambda self: remote))
+    monkeypatch.setattr(type(genai_runtime.dispatcher), "generate_tiers", lambda self, *a, **kw: tiers(*a, **kw))
     gen = DataPlane(genai_runtime).generate(openai.parse_completion({"model": "tiny", "prompt": "x"}))
     assert gen.served_by == "gpu" and [e.text for e in gen] == ["hi"]
-    assert calls == [("tiny", True, 16)]
+    assert calls == [("tiny", True, 16, True, True)]
 
 
 def test_models_list_names_each_model_and_each_listed_version(genai_runtime) -> None:
