@@ -344,6 +344,8 @@ class LocalStack:
             env.update({**_AWS_LOCAL, "AWS_ENDPOINT_URL_S3": self.moto.url, "AWS_ENDPOINT_URL_SQS": self.moto.url,
                         "AWS_ENDPOINT_URL_DYNAMODB": self.moto.url, "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto.url,
                         "AWS_ENDPOINT_URL_STS": self.moto.url, "ROLLOUT_TABLE": ROLLOUT_TABLE})
+            if logical_id == ROUTER:  # issue 18: usage per caller and token budgets, as the router has them in AWS
+                env.update(self._usage_env())
         if self.queues and logical_id in (ROUTER, BATCH):  # the JobTable exists: share the GPU tier's health
             env["TIER_HEALTH_TABLE"] = JOB_TABLE
         if logical_id == BATCH and self.queues:
@@ -352,6 +354,20 @@ class LocalStack:
         env.update(self.env_overrides.get("Parameters", {}))
         env.update(self.env_overrides.get(logical_id, {}))
         return {k: str(v) for k, v in env.items()}
+
+    def _usage_env(self) -> dict[str, str]:
+        """RouterFunction's usage table (on moto_server, made by _start_moto) and the default budgets of
+        template.yaml's TokensPerMinute / TokensPerDay (``--env TOKENS_PER_MINUTE=N`` overrides them), so that
+        ``tierserve serve`` enforces budgets (429 with Retry-After) and ``tierserve usage --stack`` reads real usage."""
+        from tierserve_tools.usage_cli import LOCAL_TABLE
+
+        params = (load_template(self.template).get("Parameters") or {}) if self.template.is_file() else {}
+        env = {"USAGE_TABLE": LOCAL_TABLE}
+        for var, param in (("TOKENS_PER_MINUTE", "TokensPerMinute"), ("TOKENS_PER_DAY", "TokensPerDay")):
+            default = (params.get(param) or {}).get("Default")
+            if default is not None:
+                env[var] = str(default)
+        return env
 
     def _spec(self, template: dict[str, Any], file_overrides: dict[str, Any], logical_id: str,
               local: dict[str, str]) -> FunctionSpec:
@@ -531,6 +547,9 @@ class LocalStack:
 
         self.moto = MotoServer(self.workdir / "moto.log").start()
         create_rollout_table(self.client("dynamodb"))
+        from tierserve_tools import usage_cli
+
+        usage_cli.create_table(self.client("dynamodb"), usage_cli.LOCAL_TABLE)  # RouterFunction's USAGE_TABLE
         if self.auth == "keys":
             from tierserve_tools.keys_cli import LOCAL_TABLE, create_table
 
