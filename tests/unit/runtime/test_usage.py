@@ -436,3 +436,15 @@ def test_a_caller_over_budget_gets_429_with_retry_after_while_another_is_served(
         usage.reset()
         monkeypatch.delenv("USAGE_TABLE")
         reset_settings()
+
+
+def test_an_iam_principal_is_the_caller_on_both_apis() -> None:
+    # Given events signed with SigV4 (no API key, no JWT): the HTTP API's and the REST API's shapes
+    from tierserve.api import _caller
+
+    arn = "arn:aws:sts::123456789012:assumed-role/app/alice"
+    http_event = {"version": "2.0", "requestContext": {"authorizer": {"iam": {"userArn": arn}}}}
+    rest_event = {"httpMethod": "POST", "requestContext": {"identity": {"userArn": arn}}}
+    # Then the principal is the caller usage and budgets count against; an unsigned request has none
+    assert _caller(http_event) == _caller(rest_event) == arn
+    assert _caller({"requestContext": {}}) == ""
