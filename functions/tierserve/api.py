@@ -365,13 +365,22 @@ def endpoint(req: HttpRequest) -> tuple[Operation, dict[str, str]]:
     )
 
 
+def _caller(event: dict[str, Any]) -> str:
+    """Who is calling, for usage and budgets: an API key's caller, a JWT's ``sub``, else the IAM principal that
+    signed the request (``usage.caller_of``: the same rule on both APIs)."""
+    from tierserve.usage import ANONYMOUS, caller_of
+
+    found = caller_of(event)
+    return "" if found == ANONYMOUS else found
+
+
 def handle_http(event: dict[str, Any], context: Any = None, runtime: Runtime | None = None) -> dict[str, Any]:
     """Serve one API Gateway HTTP API event (with the environment's runtime unless one is given); never raises.
 
     The HTTP API buffers and gives up after 29 s, so generation here never streams (``stream: true`` is a 400
     that points at the streaming REST API) and one that cannot finish in time is refused before any work."""
     answer = _answer(lambda rt: parse_http_event(event, rt.settings.max_payload_bytes), context, runtime,
-                     HTTP_API, streams=False)
+                     HTTP_API, streams=False, caller=_caller(event) if isinstance(event, dict) else "")
     assert isinstance(answer, dict)  # nothing streams on the HTTP API
     return answer
 
@@ -397,9 +406,7 @@ def handle_rest(event: dict[str, Any], context: Any = None, runtime: Runtime | N
 
     streams = os.environ.get(STREAMING_RUNTIME_ENV) == "1"
     ctx = event.get("requestContext") if isinstance(event, dict) else None
-    authorizer = (ctx or {}).get("authorizer") or {}
-    claims = authorizer.get("claims") or {}
-    caller = str(authorizer.get("caller") or claims.get("sub") or "")
+    caller = _caller(event) if ctx is not None else ""
     answer = _answer(lambda rt: parse_rest_event(event, rt.settings.max_payload_bytes), context, runtime, REST,
                      streams=streams, caller=caller)
     if streams and isinstance(answer, dict):
