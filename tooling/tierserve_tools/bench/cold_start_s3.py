@@ -13,6 +13,14 @@ bucket as in AWS (`MODEL_STORE_URI=s3://...`, an empty `/tmp` cache each run). R
 
     python -m tierserve_tools.bench.cold_start_s3 [--models build/models] [--runs 5] [--artifact DIR]
 
+A text-generation model (issue 17) is measured as the router reaches it: ``{"generate": GenerationRequest}`` (a
+greedy completion of ``--prompt``, its ids from the variant's ``tokenizer.json`` as the router prepares them,
+``--max-tokens`` tokens) with ``TIERSERVE_STREAMING_RUNTIME=1`` (what the streaming runtime loop sets), the
+handler's streamed answer read in the same isolated interpreter: ``init`` as above, ``first token`` from the
+handler call to its first NDJSON event (manifest + S3 fetch of every file of the variant + sha256 + the
+onnxruntime-genai model and tokenizer + prefill + one token), ``all tokens`` to the stream's end; baseline
+``import onnxruntime_genai`` alone.
+
 Lambda adds its own sandbox start and code download before ``init``; this measures what the function's
 code costs on this machine's CPU (2 shared cores), not Lambda's.
 """
@@ -50,11 +58,89 @@ def _payload(models: Path, name: str) -> dict:
             "body": body, "isBase64Encoded": False}
 
 
+#: The isolated interpreter for a generation: as ``tierserve_tools.artifact.BOOT``, but the handler's
+#: StreamingResponse is read here (the first chunk timed) and a summary is the last stdout line.
+GENERATE_BOOT = r"""
+import json, os, sys, time, uuid
+task, runtime, handler = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path[:0] = [task, runtime]
+os.chdir(task)
+class Context:
+    def __init__(self):
+        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "function")
+        self.function_version = "$LATEST"
+        self.memory_limit_in_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"))
+        self.invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:" + self.function_name
+        self.aws_request_id = str(uuid.uuid4())
+        self.log_group_name = "/aws/lambda/" + self.function_name
+        self.log_stream_name = "artifact"
+        self._deadline = time.monotonic() + float(os.environ.get("AWS_LAMBDA_FUNCTION_TIMEOUT", "3"))
+    def get_remaining_time_in_millis(self):
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+event = json.loads(sys.stdin.read())
+real_stdout = sys.stdout
+sys.stdout = sys.stderr
+t0 = time.perf_counter()
+module, _, name = handler.rpartition(".")
+fn = getattr(__import__(module, fromlist=[name]), name)
+t1 = time.perf_counter()
+answer = fn(event, Context())
+if isinstance(answer, dict):
+    raise SystemExit("not streamed: " + json.dumps(answer)[:2000])
+chunks = iter(answer.chunks)
+first = next(chunks)
+t2 = time.perf_counter()
+lines = [first] + list(chunks)
+t3 = time.perf_counter()
+answer.release()
+events = [json.loads(x) for x in b"".join(lines).splitlines() if x.strip()]
+real_stdout.write(json.dumps({"init_s": t1 - t0, "first_token_s": t2 - t1, "all_s": t3 - t1, "events": events[-1:],
+                              "status": answer.status}) + "\n")
+real_stdout.flush()
+"""
+
+
+def _generate_event(models: Path, name: str, prompt: str, max_tokens: int) -> dict:
+    """The router's InvokeWithResponseStream payload for a greedy completion of ``prompt`` (ids prepared)."""
+    from tokenizers import Tokenizer
+
+    from tierserve.generation.requests import KIND_COMPLETION, GenerationRequest, SamplingParams
+    from tierserve.manifest import Manifest
+
+    mv = Manifest.loads((models / "manifest.json").read_text()).resolve(name)
+    variant = mv.cpu_artifact
+    tok = next(f for f in variant.external_data if f.path.endswith("tokenizer.json"))
+    ids = Tokenizer.from_file(str(models / tok.path)).encode(prompt).ids
+    request = GenerationRequest(model=name, version=mv.version, kind=KIND_COMPLETION, prompt=prompt,
+                                prompt_ids=tuple(ids), params=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return {"generate": request.to_json()}
+
+
+def _generate_cold(task: Path, runtime: Path, handler: str, event: dict, env: dict[str, str],
+                   timeout_s: float) -> dict:
+    clean = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    clean.setdefault("PATH", "/usr/bin:/bin")
+    clean["TIERSERVE_STREAMING_RUNTIME"] = "1"
+    done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", GENERATE_BOOT, str(task), str(runtime), handler],
+                          input=json.dumps(event), capture_output=True, text=True, env=clean, cwd=task,
+                          timeout=timeout_s, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"generation cold start failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    out: dict = json.loads(lines[-1])
+    last = out["events"][-1] if out["events"] else {}
+    if out["status"] != 200 or "error" in last:
+        raise SystemExit(f"generation failed: {out}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", type=Path, default=Path("build/models"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--artifact", type=Path, default=None, help="a built CpuInferenceFunction (default: build one)")
+    ap.add_argument("--prompt", default="The with statement", help="a text-generation model's prompt")
+    ap.add_argument("--max-tokens", type=int, default=16, help="a text-generation model's completion tokens")
     args = ap.parse_args()
     import boto3
 
@@ -63,8 +149,10 @@ def main() -> int:
     from tierserve_tools.batch import create_local_stack
     from tierserve_tools.moto import MotoServer
 
-    names = [n for n, e in Manifest.loads((args.models / "manifest.json").read_text()).models.items()
-             if e.versions[e.default_version].serves_cpu]
+    manifest = Manifest.loads((args.models / "manifest.json").read_text())
+    names = [n for n, e in manifest.models.items() if e.versions[e.default_version].serves_cpu]
+    generative = {n for n in names if manifest.resolve(n).generative}
+    gen_rows = []
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
         work = Path(tmp)
         task = args.artifact or build("CpuInferenceFunction", work / "CpuInferenceFunction", Path("functions"))
@@ -93,8 +181,23 @@ def main() -> int:
 
             base = [bare("pass") for _ in range(args.runs)]
             ort = [bare("import onnxruntime") for _ in range(args.runs)]
+            genai = [bare("import onnxruntime_genai") for _ in range(args.runs)] if generative else []
             rows = []
+            for name in sorted(generative):
+                event = _generate_event(args.models, name, args.prompt, args.max_tokens)
+                for preload in ("", "class"):
+                    runs = []
+                    for run in range(args.runs):
+                        e = {**env, "MODEL_CACHE_DIR": str(work / f"cache-{name}-{preload}-{run}"),
+                             "PRELOAD_MODELS": preload}
+                        t0 = time.perf_counter()
+                        gen = _generate_cold(task, runtime, handler, event, e, timeout + 30)
+                        runs.append((gen["init_s"] * 1000, gen["first_token_s"] * 1000, gen["all_s"] * 1000,
+                                     (time.perf_counter() - t0) * 1000, gen["events"][-1]["usage"]))
+                    gen_rows.append((name, preload or "on demand", runs))
             for name in names:
+                if name in generative:
+                    continue
                 event = _payload(args.models, name)
                 for preload in ("", "class"):
                     inits, firsts, totals = [], [], []
@@ -119,6 +222,18 @@ def main() -> int:
     print(f"  {'model':<10}{'loading':<12}{'init':>8}{'first invoke':>14}{'process total':>15}")
     for name, mode, inits, firsts, totals in rows:
         print(f"  {name:<10}{mode:<12}{med(inits):>8.0f}{med(firsts):>14.0f}{med(totals):>15.0f}")
+    if gen_rows:
+        print(f"  text generation: + import onnxruntime_genai: {med(genai):.0f} ms; greedy completion of "
+              f"{args.prompt!r}, {args.max_tokens} tokens at most")
+        print(f"  {'model':<10}{'loading':<12}{'init':>8}{'first token':>13}{'init + first':>14}{'all tokens':>12}"
+              f"{'process total':>15}  usage")
+        for name, mode, runs in gen_rows:
+            init, first, every, total = (med(r[i] for r in runs) for i in range(4))
+            print(f"  {name:<10}{mode:<12}{init:>8.0f}{first:>13.0f}{med(r[0] + r[1] for r in runs):>14.0f}"
+                  f"{every:>12.0f}{total:>15.0f}  {runs[-1][4]}")
+        each = [[(round(r[0]), round(r[1])) for r in runs] for *_, runs in gen_rows]
+        print(f"  each run (init, first token) ms: {each}")
+    print(f"  load average: {[round(x, 2) for x in os.getloadavg()]}")
     return 0
 
 

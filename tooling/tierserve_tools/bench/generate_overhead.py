@@ -8,6 +8,14 @@ greedy, ``--prompt`` tokens of prompt, at most ``--new`` tokens (both paths stop
 same tokens, checked), runs alternated raw / served so drift hits both, medians reported.
 
     python -m tierserve_tools.bench.generate_overhead --layers 8 --hidden 256 --threads 1 --runs 15
+
+``--through serve`` measures the same against ``tierserve serve`` instead (goal: TTFT <= raw + 15 ms): a streamed
+``POST /v1/completions`` (the prompt as token ids, greedy, ``include_usage``) through the streaming REST API ->
+RouterFunction -> ``InvokeWithResponseStream`` -> CpuInferenceFunction (``ORT_THREADS`` = ``--threads``), timed
+by the client (TTFT: the first text chunk; decode tokens/s: completion tokens - 1 over the time from the first to
+the last text chunk), against the raw loop on an ``og.Model`` of the same files and threads in this process
+(the served path's processes are idle while the raw loop runs, and the other way round). The load average is
+recorded with the figures: on a shared machine a ratio means something only beside it.
 """
 
 from __future__ import annotations
@@ -62,6 +70,40 @@ def _served(dataplane: Any, name: str, prompt: list[int], new: int) -> tuple[flo
     return (first - t0) * 1000, (n - 1) / (end - first), n
 
 
+def _served_http(host: str, port: int, name: str, prompt: list[int], new: int) -> tuple[float, float, int]:
+    """(TTFT ms, decode tokens/s, completion tokens) of a streamed completion through ``tierserve serve``."""
+    import http.client
+
+    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise SystemExit(f"tierserve serve answered {resp.status}: {resp.read()[:2000]!r}")
+    first = last = 0.0
+    tokens = 0
+    while line := resp.readline():
+        if not line.startswith(b"data: {"):
+            continue
+        now = time.perf_counter()
+        chunk = json.loads(line[6:])
+        if chunk.get("choices"):
+            first = first or now
+            last = now
+        if chunk.get("usage"):
+            tokens = int(chunk["usage"]["completion_tokens"])
+    conn.close()
+    return (first - t0) * 1000, (tokens - 1) / (last - first) if last > first else 0.0, tokens
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -70,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
     ap.add_argument("--new", type=int, default=128, help="tokens generated per run")
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--through", choices=("inprocess", "serve"), default="inprocess",
+                    help="inprocess: DataPlane.generate in this process, warm; serve: tierserve serve's streaming "
+                         "REST API -> RouterFunction -> CpuInferenceFunction")
     args = ap.parse_args(argv)
 
     import os
@@ -94,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store = root / "store"
         write_genai_store(store, "bench", lm, context_length=args.prompt + args.new + 8,
                           default_max_tokens=args.new, max_tokens_cap=args.new)
+        if args.through == "serve":
+            return _through_serve(args, root, store, out)
         rt = build_runtime(Settings(model_store_uri=str(store), model_cache_dir=str(root / "cache"),
                                     ort_threads=args.threads))
         dp = DataPlane(rt)
@@ -120,8 +167,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokens_per_s_ratio": round(med["served"][1] / med["raw"][1], 3),
             "ttft_delta_ms": round(med["served"][0] - med["raw"][0], 2),
             "goals": {"tokens_per_s_ratio": ">= 0.95", "ttft_delta_ms": "<= 5"},
+            "load_average": _load(),
         }
         engine.clear()
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _through_serve(args: argparse.Namespace, root: Path, store: Path, folder: Path) -> dict[str, Any]:
+    from tierserve.generation import engine
+    from tierserve_tools.serve import LocalStack
+
+    prompt = [(7 * i) % 500 + 3 for i in range(args.prompt)]
+    raw_model = engine.load(folder, args.threads).model
+    load_before = _load()
+    with LocalStack(store, port=0, triton=False, batch=False, s3=False, workdir=root / "serve",
+                    env={"ORT_THREADS": str(args.threads)}) as stack:
+        for _ in range(2):  # warm both: the router's and the CPU function's environments, the model loaded
+            _raw(raw_model, prompt, args.new)
+            _served_http(stack.host, stack.port, "bench", prompt, args.new)
+        raw, served = [], []
+        for _ in range(args.runs):
+            raw.append(_raw(raw_model, prompt, args.new))
+            served.append(_served_http(stack.host, stack.port, "bench", prompt, args.new))
+            assert raw[-1][2] == served[-1][2], f"raw made {raw[-1][2]} tokens, served {served[-1][2]}"
+    engine.clear()
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+           for k, v in (("raw", raw), ("served", served))}
+    result = {
+        "conditions": {"through": "tierserve serve (REST API -> RouterFunction -> CpuInferenceFunction)",
+                       "layers": args.layers, "hidden": args.hidden, "threads": args.threads,
+                       "prompt_tokens": args.prompt, "new_tokens": raw[-1][2], "runs": args.runs, "greedy": True,
+                       "variant": "fp32"},
+        "raw": {"ttft_ms": round(med["raw"][0], 2), "tokens_per_s": round(med["raw"][1], 1)},
+        "served": {"ttft_ms": round(med["served"][0], 2), "tokens_per_s": round(med["served"][1], 1)},
+        "tokens_per_s_ratio": round(med["served"][1] / med["raw"][1], 3),
+        "ttft_delta_ms": round(med["served"][0] - med["raw"][0], 2),
+        "ttft_ms_each": {"raw": [round(x[0], 1) for x in raw], "served": [round(x[0], 1) for x in served]},
+        "goals": {"ttft_delta_ms": "<= 15"},
+        "load_average": {"before": load_before, "after": _load()},
+    }
     print(json.dumps(result, indent=2))
     return result
 
