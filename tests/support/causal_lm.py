@@ -5,7 +5,8 @@ onnxruntime-genai builder's export, a real byte-level BPE tokenizer and a real J
 and the only weights available offline are the ones we make. A model here is a random-weight (seeded)
 Llama or Qwen2 from a transformers config, 2 layers and hidden size 64, with a byte-level BPE of 512
 tokens trained with ``tokenizers`` on the documentation Python ships (``pydoc_data.topics``), and a
-ChatML-style chat template. It is saved with ``save_pretrained`` in Hugging Face's layout, the layout
+ChatML-style chat template (the tokenizer trainer and the template live in tierserve_tools.tiny_lm, which
+also trains make demo's model). It is saved with ``save_pretrained`` in Hugging Face's layout, the layout
 ``tierserve compile`` reads. Each build is cached per session folder and takes a few seconds.
 
 The tokenizer keeps byte-level tokens for non-ASCII text (``é``, ``€``, emoji are split across tokens),
@@ -18,16 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: ChatML, as Qwen2's tokenizer_config ships it (a real template: loops, conditionals, a generation prompt).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from tierserve_tools.tiny_lm import CHAT_TEMPLATE, SPECIAL_TOKENS, hf_tokenizer
+from tierserve_tools.tiny_lm import train_tokenizer as train_bpe
+
+__all__ = ["CHAT_TEMPLATE", "MULTIBYTE_TEXT", "SPECIAL_TOKENS", "VOCAB_SIZE", "build_causal_lm", "config_of",
+           "hf_greedy", "train_tokenizer"]
+
 VOCAB_SIZE = 512
 #: Text with multi-byte characters, for prompts whose tokens split characters across bytes.
 MULTIBYTE_TEXT = "Café, naïve façade: 5 € — ½ 🙂 über straße"
@@ -40,33 +37,23 @@ def _corpus() -> list[str]:
 
 
 def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
-    """A byte-level BPE (GPT-2 style) trained on Python's own documentation; deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
-    return tok
+    """The tests' byte-level BPE (tierserve_tools.tiny_lm.train_tokenizer) on Python's documentation and
+    :data:`MULTIBYTE_TEXT`; deterministic."""
+    return train_bpe(vocab_size, _corpus())
 
 
 def build_causal_lm(out: Path, family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
                     chat_template: str | None = CHAT_TEMPLATE, max_positions: int = 1024) -> Path:
     """Write a random-weight (seeded) causal LM of ``family`` (llama | qwen2) with its tokenizer to ``out``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if (out / "config.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
     eos = tok.token_to_id("<|im_end|>")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
-    if chat_template is not None:
-        fast.chat_template = chat_template
+    fast = hf_tokenizer(tok, chat_template)
     common: dict[str, Any] = {
         "vocab_size": VOCAB_SIZE, "hidden_size": hidden, "intermediate_size": hidden * 2,
         "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
