@@ -7,7 +7,8 @@ the data plane (``tierserve.protocol.dataplane``: no HTTP there), then renders t
 through ``tierserve.protocol.http_api.error_response`` (``tierserve.protocol.rendering``, the one error wrapper).
 
 Generation (issue 17) adds OpenAI's routes (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
-``/v1/embeddings``; errors in OpenAI's shape, ``render_error(exc, "openai")``) and Triton's generate extension
+``/v1/embeddings``; errors in OpenAI's shape, ``render_error(exc, "openai")``; and vLLM's ``GET /health``, issue
+19) and Triton's generate extension
 (``/v2/models/{m}[/versions/{v}]/generate[_stream]``). A streamed answer is a
 :class:`~tierserve.streaming.response.StreamingResponse`: SSE (``text/event-stream``, never compressed), whose
 ``close`` sets the generation's cancelled flag, so a client that goes away stops it within one token. Three
@@ -70,6 +71,13 @@ def _live(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -
 
 def _ready(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
     return _ok(DataPlane(rt).ready())
+
+
+def _health(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
+    """vLLM's ``GET /health`` (the OpenAI surface's health check, which guidellm asks before a run): 200 with an
+    empty body when the data plane is ready, else the readiness error's status."""
+    DataPlane(rt).ready()
+    return response(200, b"", {"content-type": "text/plain"})
 
 
 def _server_metadata(rt: Runtime, req: HttpRequest, params: dict[str, str], context: Any) -> dict[str, Any]:
@@ -343,6 +351,7 @@ ENDPOINTS: list[tuple[str, re.Pattern[str], Operation]] = [
     ("POST", re.compile(r"^/v1/completions$"), _completions),
     ("GET", re.compile(r"^/v1/models$"), _models),
     ("POST", re.compile(r"^/v1/embeddings$"), _embeddings),
+    ("GET", re.compile(r"^/health$"), _health),  # vLLM's OpenAI server's health check (issue 19: guidellm asks it)
 ]
 #: Paths whose errors are rendered in OpenAI's shape (``render_error(exc, "openai")``).
 OPENAI_PREFIX = "/v1/"

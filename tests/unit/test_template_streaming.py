@@ -20,6 +20,7 @@ ROUTES = {
     ("post", "/v2/models/{model}/generate"), ("post", "/v2/models/{model}/generate_stream"),
     ("post", "/v2/models/{model}/versions/{version}/generate"),
     ("post", "/v2/models/{model}/versions/{version}/generate_stream"),
+    ("get", "/health"),  # vLLM's health check on the OpenAI surface (issue 19: guidellm asks it first)
 }
 STREAMING_URI = {"Fn::Sub": "arn:${AWS::Partition}:apigateway:${AWS::Region}:lambda:path/2021-11-15/functions/"
                             "${RouterFunction.Arn}/response-streaming-invocations"}

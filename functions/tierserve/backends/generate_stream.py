@@ -71,6 +71,8 @@ def request_body(request: GenerationRequest, text_input: str) -> dict[str, Any]:
         sampling["seed"] = int(p.seed)
     if p.stop:
         sampling["stop"] = list(p.stop)
+    if p.ignore_eos:  # vLLM's own parameter: the GPU tier goes on past EOS as the CPU tier does
+        sampling["ignore_eos"] = True
     return {"text_input": text_input, "stream": True, "exclude_input_in_output": True,
             "return_finish_reason": True, "return_logprobs": True, "sampling_parameters": json.dumps(sampling)}
 

@@ -19,6 +19,14 @@ the edge, ``tierserve serve``):
 - **Stop sequences** (:class:`StopMatcher`): text that could still be the start of a stop string is held
   back; the stop string itself is never emitted; ``finish_reason`` is ``stop``. An EOS id ends with ``stop``
   too; ``max_new_tokens`` with ``length``.
+- **ignore_eos** (vLLM's extension, sent by the field's bench tools): an EOS id is generated and kept like any
+  token, and the generation goes on to ``max_new_tokens`` (``length``), as vLLM does (its ``min_tokens`` is the
+  other thing: it masks EOS). onnxruntime-genai has no such option: its ``min_length`` masks EOS's logits (that is
+  ``min_tokens``), and a generator that produced one of ``genai_config.json``'s EOS ids is done for good (it pads
+  after it; ``rewind_to`` on a CPU export then diverges from transformers, checked). So :class:`_PastEos` starts a
+  new generator from the prompt and every id so far, the EOS included, when that happens: greedy output then equals
+  transformers' ``generate`` with no EOS (tested); a seeded sampled one restarts its random stream there (still
+  reproducible). The cost is one prefill per EOS the model produces.
 - **Disconnects.** ``cancelled()`` is checked before the prompt is run and before every token, so a client
   that goes away stops the generation within one token.
 - **Usage** is counted from ids: the prompt's ids, and every id the model produced (EOS included).
@@ -158,15 +166,23 @@ class LoadedModel:
                 options["random_seed"] = int(params.seed) % SEED_MODULUS
         if cancelled():
             return
-        try:
-            gp = og.GeneratorParams(self.model)
-            gp.set_search_options(**options)
-            generator = og.Generator(self.model, gp)
-            generator.append_tokens(list(prompt_ids))
-        except Exception as exc:
-            raise InferenceError(f"onnxruntime-genai refused the prompt ({exc})") from exc
-        yield from self._loop(generator, len(prompt_ids), params.stop, frozenset(int(e) for e in eos_ids),
-                              max_new_tokens, cancelled, served_by, t0)
+
+        def start(ids: list[int]) -> Any:
+            try:
+                gp = og.GeneratorParams(self.model)
+                gp.set_search_options(**options)
+                generator = og.Generator(self.model, gp)
+                generator.append_tokens(ids)
+            except Exception as exc:
+                raise InferenceError(f"onnxruntime-genai refused the prompt ({exc})") from exc
+            return generator
+
+        if params.ignore_eos:  # every id is a token like any other: only max_new_tokens ends it
+            generator: Any = _PastEos(start, list(prompt_ids))
+            eos: frozenset[int] = frozenset()
+        else:
+            generator, eos = start(list(prompt_ids)), frozenset(int(e) for e in eos_ids)
+        yield from self._loop(generator, len(prompt_ids), params.stop, eos, max_new_tokens, cancelled, served_by, t0)
 
     def _loop(self, generator: Any, prompt_len: int, stop: Sequence[str], eos: frozenset[int], max_new: int,
               cancelled: Callable[[], bool], served_by: str, t0: float) -> Iterator[GenerationEvent]:
@@ -206,6 +222,34 @@ class LoadedModel:
             yield GenerationEvent(delta, (token,), finish_reason=finish, usage=Usage(prompt_len, n),
                                   served_by=served_by, ttft_ms=ttft, tokens_per_s=tps)
             return
+
+
+class _PastEos:
+    """What :meth:`LoadedModel._loop` needs of a generator, for ``ignore_eos``: onnxruntime-genai's generator,
+    started again from the prompt and every id so far (the EOS included) when it stopped at an EOS id of its own,
+    so the generation goes on as if the EOS were any token. Never done: the loop counts ``max_new_tokens``."""
+
+    def __init__(self, start: Callable[[list[int]], Any], prompt_ids: list[int]) -> None:
+        self.start = start
+        self.ids = list(prompt_ids)
+        self.generator = start(self.ids)
+        self.last: int | None = None
+        self.restarts = 0
+
+    def generate_next_token(self) -> None:
+        if self.generator.is_done():  # its last token was one of genai_config.json's EOS ids: it would pad now
+            self.generator = self.start(self.ids)
+            self.restarts += 1
+        self.generator.generate_next_token()
+        self.last = int(self.generator.get_next_tokens()[0])
+        self.ids.append(self.last)
+
+    def get_next_tokens(self) -> list[int]:
+        assert self.last is not None
+        return [self.last]
+
+    def is_done(self) -> bool:
+        return False
 
 
 class TextStream:
@@ -361,6 +405,9 @@ def generate_batch(model: LoadedModel, prompts: Sequence[Sequence[int]], params:
         raise InferenceError("generate_batch needs one max_new_tokens per prompt, and at least one prompt")
     if any(not p for p in prompts) or any(n < 1 for n in max_new_tokens):
         raise InferenceError("every prompt needs a token and every row at least one new token")
+    if params.ignore_eos:  # a batched row that produced an EOS is padded ever after: each row runs on its own
+        return [list(model.generate(p, params, eos_ids, n, served_by=served_by))
+                for p, n in zip(prompts, max_new_tokens, strict=True)]
     t0 = time.perf_counter()
     width = max(len(p) for p in prompts)
     pad = pad_token_id(model.folder)

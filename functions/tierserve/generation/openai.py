@@ -9,11 +9,16 @@ Parameters: ``model`` (``NAME`` or ``NAME:VERSION``), ``messages`` / ``prompt``,
 ``max_completion_tokens`` (absent: the model's ``default_max_tokens``, 256 unless the compiler says otherwise,
 never past the context window; at most its ``max_tokens_cap``), ``temperature`` (0: greedy; default 1),
 ``top_p``, ``top_k`` (vLLM's extension; -1 or 0: off), ``seed``, ``stop`` (a string or up to 16), ``n`` (1
-only), ``stream``, ``stream_options.include_usage``. Parameters that change nothing (``user``, ``metadata``,
-``store``, ``service_tier``, ``parallel_tool_calls``) are accepted. Any other parameter that would change the
-output (``logprobs``, ``echo``, ``tools``, ``response_format``, ``logit_bias``, penalties, ...) is a 400 naming
-it unless it is given its neutral value (``logprobs: false``, ``n: 1``, ``presence_penalty: 0``, ...), and an
-unknown parameter is a 400 too: nothing is silently ignored. A ``null`` value is the parameter left out.
+only), ``stream``, ``stream_options.include_usage``, and two more of vLLM's extensions that the field's bench tools
+(guidellm, genai-perf) send: ``ignore_eos`` (an EOS id does not end the generation: it goes on to ``max_tokens``,
+``finish_reason`` ``length``; EOS tokens count in the usage, and special ones add no text, as in vLLM) and
+``stream_options.continuous_usage_stats`` (with ``include_usage``: every chunk carries the usage so far, the
+prompt's tokens and the completion's tokens generated up to that chunk). Parameters that change nothing
+(``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``) are accepted. Any other parameter
+that would change the output (``logprobs``, ``echo``, ``tools``, ``response_format``, ``logit_bias``, penalties,
+...) is a 400 naming it unless it is given its neutral value (``logprobs: false``, ``n: 1``,
+``presence_penalty: 0``, ...), and an unknown parameter is a 400 too: nothing is silently ignored. A ``null``
+value is the parameter left out.
 
 Answers follow the openai-python types (``ChatCompletion``, ``ChatCompletionChunk``, ``Completion``): ids
 ``chatcmpl-...`` / ``cmpl-...``, ``created`` in seconds, ``finish_reason`` ``stop`` or ``length``; ``usage`` in
@@ -58,7 +63,7 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "guided_choice": (), "guided_grammar": (), "verbosity": (),
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
-           "stream_options"}
+           "stream_options", "ignore_eos"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 _COMPLETION = _COMMON | {"prompt"}
 
@@ -137,7 +142,8 @@ def sampling(body: dict[str, Any], max_tokens_keys: tuple[str, ...]) -> Sampling
     return SamplingParams(max_tokens=given[0][1] if given else None,
                           temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                           top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                          top_k=0 if top_k is None or top_k <= 0 else top_k, seed=seed, stop=_stop(body.get("stop")))
+                          top_k=0 if top_k is None or top_k <= 0 else top_k, seed=seed, stop=_stop(body.get("stop")),
+                          ignore_eos=_flag(body, "ignore_eos"))
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -153,21 +159,29 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous usage): vLLM's ``continuous_usage_stats`` counts only with
+    ``include_usage``, as vLLM's server reads it."""
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         raise _bad("stream_options is only allowed when stream is true", "stream_options")
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object such as {\"include_usage\": true}", "stream_options",
                    "invalid_type")
-    unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
+    unknown = sorted(set(options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"})
     if unknown:
-        raise _bad(f"stream_options.{unknown[0]} is not supported; only include_usage is",
-                   f"stream_options.{unknown[0]}", "unsupported_parameter")
-    return stream, _flag(options, "include_usage")
+        raise _bad(f"stream_options.{unknown[0]} is not supported; only include_usage and continuous_usage_stats "
+                   "are", f"stream_options.{unknown[0]}", "unsupported_parameter")
+    include_usage = _flag(options, "include_usage")
+    try:
+        continuous = _flag(options, "continuous_usage_stats")
+    except errors.InvalidParameterError as exc:
+        exc.param = "stream_options.continuous_usage_stats"
+        raise
+    return stream, include_usage, include_usage and continuous
 
 
 def _body(body: Any) -> dict[str, Any]:
@@ -214,10 +228,11 @@ def parse_chat(body: Any, request_id: str = "") -> GenerationRequest:
         raise _bad("messages is required: a non-empty list of {\"role\", \"content\"} objects", "messages",
                    "missing_required_parameter" if messages is None else "invalid_value")
     params = sampling(body, ("max_completion_tokens", "max_tokens"))
-    stream, include_usage = _streaming(body)
+    stream, include_usage, continuous = _streaming(body)
     return GenerationRequest(model=name, version=version, kind=KIND_CHAT, params=params,
                              messages=tuple(_message(m, i) for i, m in enumerate(messages)), stream=stream,
-                             include_usage=include_usage, request_id=request_id or new_id(KIND_CHAT))
+                             include_usage=include_usage, continuous_usage=continuous,
+                             request_id=request_id or new_id(KIND_CHAT))
 
 
 def parse_completion(body: Any, request_id: str = "") -> GenerationRequest:
@@ -242,10 +257,10 @@ def parse_completion(body: Any, request_id: str = "") -> GenerationRequest:
         raise _bad("prompt is required: a string (or a list of token ids)", "prompt",
                    "missing_required_parameter" if prompt is None else "invalid_type")
     params = sampling(body, ("max_tokens",))
-    stream, include_usage = _streaming(body)
+    stream, include_usage, continuous = _streaming(body)
     return GenerationRequest(model=name, version=version, kind=KIND_COMPLETION, params=params, prompt=text,
                              prompt_ids=ids, stream=stream, include_usage=include_usage,
-                             request_id=request_id or new_id(KIND_COMPLETION))
+                             continuous_usage=continuous, request_id=request_id or new_id(KIND_COMPLETION))
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
@@ -297,8 +312,10 @@ def fingerprint(served_by: str) -> str | None:
 
 
 def chunk(request: GenerationRequest, event: GenerationEvent | None, created: int, first: bool = False,
-          served_by: str = "") -> dict[str, Any]:
-    """One streamed chunk for ``event`` (None with ``first``: the chat stream's opening role chunk)."""
+          served_by: str = "", usage: Usage | None = None) -> dict[str, Any]:
+    """One streamed chunk for ``event`` (None with ``first``: the chat stream's opening role chunk); ``usage`` is
+    the usage so far, which a chunk carries with ``continuous_usage`` (else ``"usage": null`` with
+    ``include_usage``)."""
     served_by = (event.served_by if event is not None else "") or served_by
     text = event.text if event is not None else ""
     finish = event.finish_reason if event is not None else None
@@ -313,7 +330,7 @@ def chunk(request: GenerationRequest, event: GenerationEvent | None, created: in
     out: dict[str, Any] = {"id": _ident(request), "object": obj, "created": created, "model": model_label(request),
                            "system_fingerprint": fingerprint(served_by), "choices": [choice]}
     if request.include_usage:
-        out["usage"] = None
+        out["usage"] = usage.to_json() if request.continuous_usage and usage is not None else None
     if finish is not None:
         out["x_served_by"] = served_by  # after a failover: the tier that finished (x_failover says the rest)
         failover = event.extra.get("failover") if event is not None else None
@@ -347,18 +364,22 @@ def stream(request: GenerationRequest, events: Iterable[GenerationEvent], create
     events after the stream started becomes an error event; the stream always ends with ``[DONE]``."""
     created = int(time.time()) if created is None else created
     served_by = str(getattr(events, "served_by", "") or "")  # a started DataPlane Generation knows its tier
+    prepared = getattr(events, "request", None)  # a started DataPlane Generation holds the prepared request
+    ids = getattr(prepared, "prompt_ids", None) or request.prompt_ids or ()
+    so_far = Usage(len(ids), 0)  # continuous usage: the completion's tokens generated up to each chunk
     it = iter(events)
     if request.kind == KIND_CHAT:
-        yield sse(chunk(request, None, created, first=True, served_by=served_by))
+        yield sse(chunk(request, None, created, first=True, served_by=served_by, usage=so_far))
     try:
         for event in it:
             served_by = event.served_by or served_by
+            so_far = event.usage or Usage(so_far.prompt_tokens, so_far.completion_tokens + len(event.token_ids))
             if event.final:
-                yield sse(chunk(request, event, created, served_by=served_by))
+                yield sse(chunk(request, event, created, served_by=served_by, usage=so_far))
                 if request.include_usage and event.usage is not None:
                     yield sse(usage_chunk(request, event.usage, created, served_by))
             elif event.text:
-                yield sse(chunk(request, event, created, served_by=served_by))
+                yield sse(chunk(request, event, created, served_by=served_by, usage=so_far))
     except Exception as exc:
         yield sse(error_event(exc))
     finally:

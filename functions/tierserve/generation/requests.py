@@ -30,6 +30,9 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: vLLM's ``ignore_eos``: an EOS id does not end the generation; it goes on to ``max_tokens`` (issue 19: the
+    #: field's bench tools send it to fix the output length).
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -37,17 +40,20 @@ class SamplingParams:
 
     def key(self) -> tuple[Any, ...]:
         """What must be equal for two requests to be generated together in one batch (issue 19)."""
-        return (self.temperature, self.top_p, self.top_k, self.seed, self.stop)
+        return (self.temperature, self.top_p, self.top_k, self.seed, self.stop, self.ignore_eos)
 
     def to_json(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop)}
+        d: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                             "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop)}
+        if self.ignore_eos:  # only when set: the hop's JSON is unchanged for every other request
+            d["ignore_eos"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(max_tokens=d.get("max_tokens"), temperature=float(d.get("temperature", 1.0)),
                    top_p=float(d.get("top_p", 1.0)), top_k=int(d.get("top_k", 0)), seed=d.get("seed"),
-                   stop=tuple(str(s) for s in d.get("stop") or ()))
+                   stop=tuple(str(s) for s in d.get("stop") or ()), ignore_eos=bool(d.get("ignore_eos", False)))
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] | None = None
     stream: bool = False
     include_usage: bool = False
+    #: vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk carries the usage so far.
+    continuous_usage: bool = False
     request_id: str = ""
     #: Triton's generate: echo the prompt before the completion unless ``exclude_input_in_output``.
     echo_prompt: bool = False
@@ -94,6 +102,8 @@ class GenerationRequest:
             d["prompt_ids"] = list(self.prompt_ids)
         if self.extras:
             d["extras"] = list(self.extras)
+        if self.continuous_usage:
+            d["continuous_usage"] = True
         return d
 
     @classmethod
@@ -105,6 +115,7 @@ class GenerationRequest:
                    messages=tuple(messages) if messages is not None else None,
                    prompt_ids=tuple(int(t) for t in ids) if ids is not None else None,
                    stream=bool(d.get("stream", False)), include_usage=bool(d.get("include_usage", False)),
+                   continuous_usage=bool(d.get("continuous_usage", False)),
                    request_id=str(d.get("request_id") or ""), echo_prompt=bool(d.get("echo_prompt", False)),
                    caller=str(d.get("caller") or ""), hint=d.get("hint"),
                    extras=tuple(str(x) for x in d.get("extras") or ()))

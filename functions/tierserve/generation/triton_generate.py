@@ -34,7 +34,7 @@ from tierserve.generation.requests import KIND_TRITON, GenerationRequest
 
 _FLAGS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
           "return_num_output_tokens")
-_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n"}
+_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}  # as vLLM's backend
 #: Top-level keys besides the inputs (``id`` is Triton's request id).
 _TOP = {"text_input", "parameters", "sampling_parameters", "id", *_FLAGS}
 

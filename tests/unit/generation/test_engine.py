@@ -4,6 +4,9 @@ EOS, max tokens, incremental text that never breaks a character, and a disconnec
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +115,43 @@ def test_an_eos_id_ends_with_stop_and_counts_the_eos_token(llama: TinyLM) -> Non
     assert _ids(ended) == ids[:4]
     assert ended[-1].finish_reason == FINISH_STOP and ended[-1].usage.completion_tokens == 4
     assert "".join(e.text for e in ended) == model.decode(ids[:3])
+
+
+def test_ignore_eos_goes_on_past_eos_to_max_tokens_as_transformers_generates(llama: TinyLM, tmp_path: Path) -> None:
+    # Given the tiny Llama with genai_config.json's EOS set to the 4th token greedy generates after the prompt, so
+    # onnxruntime-genai's generator itself stops there (and would pad after it), and that id as the manifest's EOS
+    model = engine.load(llama.genai, 1)
+    prompt = model.encode("Hello there")
+    reference = hf_greedy(llama.hf, prompt, 20)  # transformers' generate, which never meets its own EOS here
+    assert len(reference) == 20 and llama.eos_id not in reference
+    eos = reference[3]
+    assert eos not in reference[:3]
+    folder = tmp_path / "eos-at-4"
+    shutil.copytree(llama.genai, folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = eos
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    forced = engine.load(folder, 1)
+    try:
+        stopped = list(forced.generate(prompt, GREEDY, (eos,), 20))
+        assert _ids(stopped) == reference[:4] and stopped[-1].finish_reason == FINISH_STOP
+        # When ignore_eos is asked (vLLM's extension)
+        going = list(forced.generate(prompt, replace(GREEDY, ignore_eos=True), (eos,), 20))
+        # Then exactly max_tokens tokens come, the EOS among them, each the token transformers generates
+        assert _ids(going) == reference
+        assert going[-1].finish_reason == FINISH_LENGTH and going[-1].usage.completion_tokens == 20
+        assert "".join(e.text for e in going) == forced.decode(reference)
+        # And batched, each row is what it is alone (a batched row would be padded after its EOS)
+        other = model.encode("The with statement")
+        rows = engine.generate_batch(forced, [prompt, other], replace(GREEDY, ignore_eos=True), (eos,), [20, 12])
+        assert _ids(rows[0]) == reference and _ids(rows[1]) == hf_greedy(llama.hf, other, 12)
+        assert [r[-1].finish_reason for r in rows] == [FINISH_LENGTH, FINISH_LENGTH]
+        # And a seeded sampled generation goes on to max_tokens too, the same twice
+        sampled = SamplingParams(temperature=1.0, seed=7, ignore_eos=True)
+        first, again = (_ids(list(forced.generate(prompt, sampled, (eos,), 30))) for _ in range(2))
+        assert first == again and len(first) == 30
+    finally:
+        engine.evict({folder.name})
 
 
 def test_a_disconnect_stops_the_generation_within_one_token(llama: TinyLM) -> None:

@@ -55,6 +55,11 @@ def test_defaults_and_a_completion_body() -> None:
     ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
     ({**CHAT, "stream": "yes"}, "stream", "invalid_type"),
     ({**CHAT, "seed": 1.5}, "seed", "invalid_type"),
+    ({**CHAT, "ignore_eos": "yes"}, "ignore_eos", "invalid_type"),
+    ({**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": 1}},
+     "stream_options.continuous_usage_stats", "invalid_type"),
+    ({**CHAT, "stream": True, "stream_options": {"chunk_size": 1}}, "stream_options.chunk_size",
+     "unsupported_parameter"),
     ({"messages": CHAT["messages"]}, "model", "missing_required_parameter"),
     ({"model": "tiny"}, "messages", "missing_required_parameter"),
     ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
@@ -82,6 +87,51 @@ def test_a_bad_completion_parameter_is_a_400_that_names_it(body, param) -> None:
     with pytest.raises(InvalidParameterError) as err:
         openai.parse_completion(body)
     assert err.value.param == param
+
+
+#: What guidellm 0.8.1 sends with ``output_tokens`` set (its backends/openai/request_handlers.py, and checked on the
+#: wire through a logging proxy): vLLM's ignore_eos and continuous_usage_stats, and stop: null
+GUIDELLM_OPTIONS = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                    "stop": None, "ignore_eos": True}
+GUIDELLM_COMPLETION = {"model": "tiny", **GUIDELLM_OPTIONS, "max_tokens": 64, "prompt": "a b c"}
+GUIDELLM_CHAT = {"model": "tiny", **GUIDELLM_OPTIONS, "max_completion_tokens": 64,
+                 "messages": [{"role": "user", "content": [{"type": "text", "text": "a b c"}]}]}
+
+
+def test_what_guidellm_sends_parses_with_ignore_eos_and_continuous_usage() -> None:
+    for req in (openai.parse_completion(GUIDELLM_COMPLETION), openai.parse_chat(GUIDELLM_CHAT)):
+        assert (req.params.ignore_eos, req.params.max_tokens, req.params.stop) == (True, 64, ())
+        assert (req.stream, req.include_usage, req.continuous_usage) == (True, True, True)
+    plain = openai.parse_chat({**CHAT, "ignore_eos": False})
+    assert (plain.params.ignore_eos, plain.continuous_usage) == (False, False)
+    # continuous_usage_stats counts only with include_usage, as vLLM's server reads it
+    alone = openai.parse_chat({**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    assert (alone.include_usage, alone.continuous_usage) == (False, False)
+
+
+class _Started:
+    """What DataPlane.generate hands the renderer: the events, and the prepared request (its prompt ids)."""
+
+    def __init__(self, request, events) -> None:
+        self.request, self._events, self.served_by = request, iter(events), "cpu"
+
+    def __iter__(self):
+        return self._events
+
+
+def test_continuous_usage_puts_the_usage_so_far_on_every_chunk() -> None:
+    # A completion: the usage after each sent chunk counts every token so far (the held-back one too)
+    req = openai.parse_completion(GUIDELLM_COMPLETION).with_ids((5, 6, 7, 8))
+    chunks = _chunks(list(openai.stream(req, iter(EVENTS), created=1)))
+    assert [(c["choices"][0]["text"] if c["choices"] else None, c["usage"]) for c in chunks] == [
+        ("Hel", {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}),
+        ("lo", {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}),
+        (None, {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7})]  # the usage chunk, as before
+    # A chat: the prompt's count comes from the prepared request; the role chunk has no completion token yet
+    chat = openai.parse_chat(GUIDELLM_CHAT)
+    chunks = _chunks(list(openai.stream(chat, _Started(chat.with_ids((1, 2, 3, 4)), EVENTS), created=1)))
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 3, 3]
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {4}
 
 
 def test_a_429_has_openais_shape_and_retry_after() -> None:

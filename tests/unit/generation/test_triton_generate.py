@@ -20,6 +20,10 @@ def test_parameters_and_sampling_parameters_parse() -> None:
     p = req.params
     assert (req.prompt, p.temperature, p.max_tokens, p.stop, p.top_p, p.seed) == ("Hello", 0.0, 5, ("x",), 0.5, 3)
     assert req.echo_prompt is False and req.stream is False and req.kind == "triton"
+    # vLLM's ignore_eos, which its Triton backend takes in sampling_parameters (issue 19)
+    forced = tg.parse({"text_input": "Hello", "sampling_parameters": json.dumps({"ignore_eos": True})}, "tiny", None,
+                      stream=True)
+    assert forced.params.ignore_eos is True and req.params.ignore_eos is False
 
 
 def test_the_answer_echoes_the_prompt_unless_excluded_as_vllm_does() -> None:

@@ -219,6 +219,21 @@ def test_liveness_and_server_metadata_need_no_model(rig: Rig, path: str, expecte
     assert (rig.cpu.ready_calls, rig.gpu.ready_calls) == ([], [])
 
 
+def test_vllms_health_check_is_an_empty_200_when_ready_and_the_readiness_error_when_not(
+        rig: Rig, runtime_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # When GET /health is asked (vLLM's OpenAI server serves it; guidellm asks it before a run, issue 19)
+    resp = handle_http(get_event("/health"))
+    # Then it is an empty 200, as vLLM answers, without touching either tier
+    assert (resp["statusCode"], decode_body(resp)) == (200, b"")
+    assert (rig.cpu.ready_calls, rig.gpu.ready_calls) == ([], [])
+    # And where the data plane is not ready (no readable manifest) it answers what /v2/health/ready answers
+    empty = Settings(model_store_uri=str(tmp_path / "nothing"), model_cache_dir=str(tmp_path / "c2"))
+    set_runtime(build_runtime(empty, cpu=rig.cpu, gpu=rig.gpu))
+    health, ready = handle_http(get_event("/health")), handle_http(get_event("/v2/health/ready"))
+    assert health["statusCode"] == ready["statusCode"] != 200
+    assert body_of(health)["error"] == body_of(ready)["error"]
+
+
 #: A request that only a server with the extension answers, for each extension Triton's docs name
 #: (docs/protocol/extension_*.md): model_repository's index, model_configuration's config, statistics, and
 #: binary_tensor_data's binary outputs.

@@ -4,6 +4,7 @@ and SageMaker's InvokeEndpointWithResponseStream PayloadParts reassembled whatev
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -33,6 +34,9 @@ def test_the_request_body_asks_for_the_ids_and_the_finish_reason_with_sampling_p
     assert body["return_logprobs"] is True and body["return_finish_reason"] is True
     assert json.loads(body["sampling_parameters"]) == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0,
                                                        "top_k": -1, "logprobs": 0, "stop": ["\n\n"]}
+    # vLLM's ignore_eos goes to the GPU tier as vLLM's own sampling parameter (issue 19), and only when asked
+    forced = replace(REQUEST, params=replace(REQUEST.params, ignore_eos=True))
+    assert json.loads(gs.request_body(forced, "hé")["sampling_parameters"])["ignore_eos"] is True
 
 
 def test_events_carry_text_ids_finish_and_usage() -> None:
