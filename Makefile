@@ -83,17 +83,21 @@ serve: $(STAMP) ## the whole stack on loopback (API, CPU function, Triton, moto)
 triton: $(STAMP) ## the real local tritonserver over $(MODELS)/triton
 	$(BIN)/tierserve triton --repository $(MODELS)/triton
 
-bench: $(STAMP) ## tierserve bench: every suite -> bench/results/latest.{json,md} (QUICK=1 for --quick)
-	$(BIN)/tierserve bench --models $(MODELS) $(if $(QUICK),--quick,)
+# make bench runs guidellm (issue 19) from .venv-bench; make test never does
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.guidellm-0.8.1
+bench: $(STAMP) $(BENCH_STAMP) ## tierserve bench: every suite, guidellm beside generate -> bench/results (QUICK=1: --quick)
+	$(BIN)/tierserve bench --models $(MODELS) $(if $(QUICK),--quick,) --guidellm $(BENCH_VENV)/bin/guidellm
 
 # The field's generation bench tool (issue 19) in a virtualenv of its own: guidellm needs numpy >= 2 and datasets;
 # torch==2.13.0 goes in first, or guidellm's transformers pulls a CUDA torch (GBs)
-BENCH_VENV := .venv-bench
-bench-venv: ## guidellm in .venv-bench (torch 2.13.0 CPU first); run it against tierserve serve's /v1
+bench-venv: $(BENCH_STAMP) ## guidellm in .venv-bench (torch 2.13.0 CPU first); make bench runs it against /v1
+$(BENCH_STAMP):
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(BENCH_VENV)/bin/python -m pip install -q guidellm==0.8.1 "numpy>=2" datasets
+	touch $@
 
 template-lint: $(STAMP) $(LINT_STAMP) ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
 	$(TOOLS)/bin/checkov -f template.yaml --compact --quiet --skip-download

@@ -1,12 +1,15 @@
 """`tierserve bench` (and `make bench`): every suite, each figure a ratio against its baseline in the same run.
 
     tierserve bench [--quick] [--suite NAME ...] [--models build/models] [--out bench/results]
+                    [--guidellm .venv-bench/bin/guidellm]
 
 Writes ``OUT/latest.json`` (every figure with its baseline, ratio, sample counts, p50/p95/p99, the
 machine and the versions) and ``OUT/latest.md`` (tables and PNG plots). Progress goes to stderr. A suite
 that cannot run here (no perf_analyzer, no local Triton, no compiled model) is recorded as skipped
 with the reason; the run fails (exit 1) only when a suite raises, or when a figure that requires it
 (the load suite's zero errors) is not met. ``--quick`` is sized to finish in under 3 minutes on 2 cores.
+``--guidellm`` (what ``make bench`` passes) also runs the field's tool, guidellm, unchanged against the generate
+suite's gateway (``tierserve_tools.bench.field_tool``) and saves its own reports in OUT beside ours.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"),
                    help="where latest.json, latest.md and the suites' figures (PNG) are written")
     p.add_argument("--rss", action="store_true", help="batch: also peak RSS on 100k vs 1M rows (minutes)")
+    p.add_argument("--guidellm", type=Path, default=None, metavar="PATH",
+                   help="generate: also run guidellm (this executable, from its own venv: make bench-venv) against "
+                        "the gateway and set its figures beside ours; its reports go to --out")
     p.set_defaults(func=run_cli)
 
 
@@ -64,6 +70,10 @@ def run_cli(args: argparse.Namespace) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="tierserve-bench-") as tmp:
         ctx = Context(args.models, Path(tmp), args.quick, notes={"rss": args.rss})
+        if getattr(args, "guidellm", None) is not None:
+            from tierserve_tools.bench import field_tool
+
+            ctx.notes.update(field_tool=field_tool.run_guidellm, guidellm=args.guidellm.resolve(), out=args.out)
         try:
             for name in names:
                 ctx.suite = name
