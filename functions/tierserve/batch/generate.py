@@ -123,13 +123,15 @@ def created_of(s3: Any, loc: S3Location, version: dict[str, str]) -> int:
     kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
     if version.get("version_id") and version["version_id"] != "null":
         kwargs["VersionId"] = version["version_id"]
-    elif version.get("etag"):
-        kwargs["IfMatch"] = version["etag"]
     try:
-        return int(s3.head_object(**kwargs)["LastModified"].timestamp())
+        head = s3.head_object(**kwargs)
     except Exception as exc:
-        raise BatchInputError(f"cannot read {loc.uri} ({error_reason(exc)}); check that the object exists and was "
-                              "not replaced during the job") from exc
+        raise BatchInputError(f"cannot read {loc.uri} ({error_reason(exc)}); check that the object exists") from exc
+    etag = version.get("etag")  # compared here: an S3 event's eTag has no quotes, which If-Match refuses
+    if etag and "VersionId" not in kwargs and str(head.get("ETag", "")).strip('"') != etag.strip('"'):
+        raise BatchInputError(f"{loc.uri} was replaced during the job (etag {head.get('ETag')} != {etag}); the newer "
+                              "object has its own event")
+    return int(head["LastModified"].timestamp())
 
 
 def line_ids(input_key: str, job: str, custom_id: str) -> tuple[str, str]:

@@ -74,6 +74,7 @@ def _run(spec: JobSpec, context: Any) -> dict[str, Any]:
         return run_once(job=job, context=context)
     except Exception:
         telemetry.batch_job_failed()
+        logger.exception("batch job failed", extra={"input": spec.input.uri, "output": spec.output.uri})
         raise
 
 

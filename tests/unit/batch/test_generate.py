@@ -234,3 +234,21 @@ def test_the_part_size_is_bounded_by_the_kv_cache_of_a_batch_at_the_full_context
         # Then a part holds as many lines as their KV caches at the full context fit in half the memory
         assert generate.part_rows(get_runtime(), big) == rows
     assert generate.budget_bytes(big, 10240) // ((1 << 20) * 1024) == 4
+
+
+def test_a_file_dropped_at_batch_in_model_runs_from_its_s3_event(aws, lambda_context):
+    # Given the file dropped at batch/in/{model}/{job}.jsonl, and the S3 event it causes (an unquoted eTag, as S3
+    # sends it; defect: `created` was read with If-Match on that eTag, which S3 refuses with 412)
+    from tests.support.make_batch_events import s3_put_event
+    from tierserve.handlers import batch_inference
+
+    key = f"batch/in/{GENAI_MODEL}/dropped.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=LINES[0] + b"\n")
+    head = aws["s3"].head_object(Bucket=BUCKET, Key=key)
+    event = s3_put_event(key=key, etag=head["ETag"].strip('"'), size=head["ContentLength"])
+    # When the event is handled
+    result = batch_inference.lambda_handler(event, lambda_context)
+    # Then the job ran, with the line answered at batch/out/{model}/{job}/
+    assert result["jobs"][0]["counts"]["output_lines"] == 1 and result["jobs"][0]["format"] == "openai"
+    answer = json.loads(outputs(aws, f"batch/out/{GENAI_MODEL}/dropped")["part-00000.jsonl"])
+    assert answer["custom_id"] == "c0" and answer["response"]["status_code"] == 200
