@@ -77,10 +77,24 @@ def job_format(asked: str | None, model: ModelVersion, key: str) -> str:
                                   '{"id", "inputs"} instead')
         if input_format(key) != "jsonl":
             raise BatchInputError(f"{key!r}: OpenAI batch input is JSONL (one request a line); send a .jsonl file")
+        require_engine()
     elif model.generative:
         raise BatchInputError(f"model {model.name!r} is a text-generation model: its batch input is OpenAI's batch "
                               'format, one {"custom_id", "method": "POST", "url", "body"} a line')
     return fmt
+
+
+def require_engine() -> None:
+    """Batch generation runs the model in this function: without onnxruntime-genai in its package, a clear error
+    before any work, never an ImportError at the first line. (The deployed BatchInferenceFunction does not ship it
+    today: beside pyarrow and tritonclient it would pass Lambda's 250 MB; see docs/deploy.md.)"""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise errors.ConfigurationError(
+            "batch generation needs onnxruntime-genai, tokenizers and jinja2 in this function's package, and this "
+            "one has none: run the job where they are installed (tierserve serve, a container-image batch "
+            "function), or send the requests to the streaming API")
 
 
 def budget_bytes(model: ModelVersion, memory_mb: int) -> int:
@@ -92,7 +106,7 @@ def budget_bytes(model: ModelVersion, memory_mb: int) -> int:
 
 def kv_per_token(runtime: Runtime, model: ModelVersion) -> int:
     """The KV cache's bytes per token: the manifest's figure, else from the model folder's ``genai_config.json``."""
-    from tierserve.edge.dispatch import kv_bytes_per_token
+    from tierserve.generation.kv import kv_bytes_per_token
     from tierserve.generation.service import folder_of
 
     spec = model.generation

@@ -29,12 +29,10 @@ the cloud stops too).
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierserve import errors
@@ -43,6 +41,7 @@ from tierserve.edge.backend import EdgeBackend
 from tierserve.edge.forward import CloudBackend
 from tierserve.edge.metrics import EdgeCounters
 from tierserve.edge.store import EdgeStore
+from tierserve.generation.kv import kv_bytes_per_token
 from tierserve.manifest import ModelVersion
 from tierserve.protocol.calls import InferenceCall, Reply
 from tierserve.routing import DEFAULT_EDGE_MAX_ROWS, Decision, EdgeFacts, Policy, RouteContext
@@ -62,22 +61,6 @@ FORWARDED: ContextVar[bool] = ContextVar("tierserve_edge_forwarded", default=Fal
 KV_RETRY_AFTER_S = 2.0
 #: Headers of the cloud's generation answer passed back to the client.
 GENERATION_PASSED_BACK = ("content-type", "retry-after", "x-served-by", "cache-control")
-
-
-def kv_bytes_per_token(model: ModelVersion, folder: Path | None) -> int:
-    """The KV cache's bytes per token of ``model``: the manifest's figure, else computed from the folder's
-    ``genai_config.json`` (layers x 2 (keys, values) x KV heads x head size x 4 bytes: fp32, the CPU's KV type)."""
-    spec = model.generation
-    if spec is not None and spec.kv_bytes_per_token > 0:
-        return spec.kv_bytes_per_token
-    if folder is None:
-        return 0
-    try:
-        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        layers, heads, size = (int(decoder[k]) for k in ("num_hidden_layers", "num_key_value_heads", "head_size"))
-        return layers * 2 * heads * size * 4
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 class KvAdmission:

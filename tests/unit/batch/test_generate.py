@@ -252,3 +252,18 @@ def test_a_file_dropped_at_batch_in_model_runs_from_its_s3_event(aws, lambda_con
     assert result["jobs"][0]["counts"]["output_lines"] == 1 and result["jobs"][0]["format"] == "openai"
     answer = json.loads(outputs(aws, f"batch/out/{GENAI_MODEL}/dropped")["part-00000.jsonl"])
     assert answer["custom_id"] == "c0" and answer["response"]["status_code"] == 200
+
+
+def test_a_function_without_onnxruntime_genai_refuses_a_generation_job_before_any_work(monkeypatch) -> None:
+    # Given a package without onnxruntime-genai (the deployed BatchInferenceFunction's today)
+    import importlib.util
+
+    from tierserve import errors as tierserve_errors
+    from tierserve.batch import generate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai"
+                        else real(name, *a))
+    # Then an OpenAI batch job is a configuration error that says where to run it, not an ImportError later
+    with pytest.raises(tierserve_errors.ConfigurationError, match="onnxruntime-genai"):
+        generate.require_engine()

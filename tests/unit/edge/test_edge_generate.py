@@ -118,7 +118,7 @@ def test_a_client_that_goes_away_stops_the_generation_within_one_token(edge, mon
 
 
 def test_past_the_devices_kv_memory_is_a_429_and_a_request_that_can_never_fit_a_400(edge, llama) -> None:
-    from tierserve.edge.dispatch import kv_bytes_per_token
+    from tierserve.generation.kv import kv_bytes_per_token
 
     mv = edge.runtime.store.manifest().resolve("tiny")
     per_token = kv_bytes_per_token(mv, edge.store.held(mv).path.parent)
