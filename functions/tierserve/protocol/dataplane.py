@@ -171,7 +171,7 @@ class DataPlane:
         stream is started before this returns, so whatever fails before the first event (admission's 429, a
         load failure, the remote tier's refusal) is raised here and the adapter answers it with a status; what
         fails later is raised by the iteration, and the adapter ends its stream with an error event."""
-        from tierserve import telemetry, usage
+        from tierserve import admission, telemetry, usage
         from tierserve.generation import service
         from tierserve.protocol.rendering import status_for
         from tierserve.tiering import Deadline, pick_version
@@ -203,8 +203,11 @@ class DataPlane:
                 return remote(model, prepared, deadline, cancelled)
             return service.generate_local(self.rt, model, prepared, cancelled, tier)
 
-        # issue 18: the caller's token budget (a 429 before any work), its usage recorded when the stream ends
-        events = counted.guard(usage.run_metered, prepared, model, start)
+        # issue 17: the model's cap on concurrent generations shared by the router fleet (a 429 before any work;
+        # its slot released when the stream ends), then issue 18: the caller's token budget (a 429 before any
+        # work), its usage recorded when the stream ends
+        events = counted.guard(admission.run_capped, model, deadline.remaining(),
+                               lambda: usage.run_metered(prepared, model, start))
         return Generation(model, prepared, counted.stream(events))
 
     def tokenizer(self, model: ModelVersion, tier: str = Tier.CPU) -> Any:
