@@ -35,8 +35,9 @@ clean up.
 A failure of DynamoDB while taking a slot is the request's error (a cap that cannot be checked is not waived);
 while releasing, it is logged and the lease frees the slot later.
 
-Without ``USAGE_TABLE`` (the edge, the CPU function, tests) nothing is counted here: the per-environment
-``generation.service.Admission`` caps what runs in process.
+Without ``USAGE_TABLE`` (the CPU function, tests) nothing is counted here, and the edge never counts here
+(``DataPlane.generate`` skips it: one process serves all of a device's generations at once, and its KV memory is
+its own): the per-environment ``generation.service.Admission`` caps what runs in process.
 """
 
 from __future__ import annotations

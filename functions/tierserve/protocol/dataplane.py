@@ -203,11 +203,14 @@ class DataPlane:
                 return remote(model, prepared, deadline, cancelled)
             return service.generate_local(self.rt, model, prepared, cancelled, tier)
 
-        # issue 17: the model's cap on concurrent generations shared by the router fleet (a 429 before any work;
-        # its slot released when the stream ends), then issue 18: the caller's token budget (a 429 before any
-        # work), its usage recorded when the stream ends
-        events = counted.guard(admission.run_capped, model, deadline.remaining(),
-                               lambda: usage.run_metered(prepared, model, start))
+        def metered() -> Iterator[GenerationEvent]:
+            # issue 18: the caller's token budget (a 429 before any work), its usage recorded when the stream ends
+            return usage.run_metered(prepared, model, start)
+
+        if tier == Tier.EDGE:  # one process serving at once: generation.service.Admission counts the device's
+            events = counted.guard(metered)
+        else:  # issue 17: the model's cap shared by the router fleet (429 before any work; freed when it ends)
+            events = counted.guard(admission.run_capped, model, deadline.remaining(), metered)
         return Generation(model, prepared, counted.stream(events))
 
     def tokenizer(self, model: ModelVersion, tier: str = Tier.CPU) -> Any:
