@@ -354,7 +354,9 @@ class GenerationSpec:
     the tokenizer ships one (``/v1/chat/completions`` is a 400 without it); ``default_max_tokens``: a
     completion's length when the request names none; ``max_tokens_cap``: the most a request may ask for (in
     AWS nothing tells a function that its client went away, so this bounds the waste); ``max_concurrency``:
-    generations at once per execution environment (one more is a 429 with Retry-After);
+    generations of a version at once: across the router fleet where a usage table is configured
+    (``tierserve.admission``: leased slots in DynamoDB), else per process (the edge, the CPU function);
+    one more is a 429 with Retry-After;
     ``kv_bytes_per_token``: the KV cache's size per token (placement and batch sizing); ``tiers``: each
     tier's figures (:class:`TierFigures`).
 
