@@ -61,6 +61,7 @@ def build_causal_lm(out: Path, family: str = "llama", seed: int = 0, layers: int
         "bos_token_id": None, "tie_word_embeddings": False, "torch_dtype": "float32",
     }
     torch.manual_seed(seed)
+    model: Any
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "qwen2":

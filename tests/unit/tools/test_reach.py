@@ -120,7 +120,7 @@ def test_the_streaming_functions_name_the_exec_wrapper_that_ships_in_their_artif
                    "      Environment:\n        Variables:\n          AWS_LAMBDA_EXEC_WRAPPER: /opt/w.sh\n"
                    "  G:\n    Type: AWS::Serverless::Function\n    Properties:\n      Handler: a.b\n"
                    "      Environment:\n        Variables:\n          AWS_LAMBDA_EXEC_WRAPPER: /var/task/nope.sh\n")
-    with pytest.raises(ReachError, match="/opt/w.sh is not in the artifact"):
+    with pytest.raises(ReachError, match=r"/opt/w\.sh is not in the artifact"):
         wrapper_file(bad, "F", tmp_path)
-    with pytest.raises(ReachError, match="no nope.sh under"):
+    with pytest.raises(ReachError, match=r"no nope\.sh under"):
         wrapper_file(bad, "G", tmp_path)

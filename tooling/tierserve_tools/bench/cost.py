@@ -350,6 +350,8 @@ def run_generation(ctx: Context) -> str | None:
     from tierserve.manifest import Manifest
 
     model = Manifest.from_json(json.loads((store / "manifest.json").read_text())).resolve(generate.MODEL)
+    if model.generation is None:
+        return f"{generate.MODEL} in {store} is not a text-generation model: rerun the generate suite"
     if figures is None:  # the compiler's measured CPU figures of the same model (1 thread) when generate did not run
         cpu = model.generation.tiers["cpu"]
         figures = {"decode_tokens_per_s": cpu.tokens_per_s, "ttft_ms": cpu.ttft_ms,
