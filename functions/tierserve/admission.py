@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tierserve import errors
+from tierserve.generation.events import HeldEvents
 
 if TYPE_CHECKING:
     from tierserve.generation.events import GenerationEvent
@@ -223,40 +224,15 @@ def reset() -> None:
         _cap = None
 
 
-class Capped:
-    """A generation's events holding a slot, released once when they end (the final event, the end of the stream,
-    an error, or :meth:`close`, which closes the wrapped stream too); any other attribute is the wrapped stream's
-    (``fallback``...)."""
+class Capped(HeldEvents):
+    """A generation's events holding a slot, released once when they end (see :class:`HeldEvents`)."""
 
     def __init__(self, events: Iterator[GenerationEvent], slot: Slot) -> None:
-        self._events = events
+        super().__init__(events)
         self.slot = slot
 
-    def __iter__(self) -> Capped:
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_events":
-            raise AttributeError(name)
-        return getattr(self._events, name)
-
-    def __next__(self) -> GenerationEvent:
-        try:
-            event = next(self._events)
-        except BaseException:
-            self.slot.release()
-            raise
-        if event.final:
-            self.slot.release()
-        return event
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._events, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.slot.release()
+    def _end(self) -> None:
+        self.slot.release()
 
 
 def run_capped(model: ModelVersion, lease_s: float | None,

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tierserve import errors, telemetry
+from tierserve.generation.events import HeldEvents
 
 if TYPE_CHECKING:
     from tierserve.generation.events import GenerationEvent
@@ -492,60 +493,35 @@ def admit_request(request: GenerationRequest, model: ModelVersion) -> Reservatio
     return admit(request.caller, model, reserve_for(request))
 
 
-class Metered:
+class Metered(HeldEvents):
     """A generation's events as they come (an iterator with ``close``); when they end (the final event, the end
     of the stream, an error, or :meth:`close`: the client went away) the generation's usage is recorded and its
     reservation settled, once: the final event's ``usage`` when it came, else ``prompt_tokens`` plus the token
     ids seen. A generation that failed before its first event is charged nothing. :meth:`close` closes the
     wrapped stream too (its own release: a concurrency slot, a remote stream); any other attribute is the wrapped
-    stream's (``fallback``)."""
+    stream's (``fallback``); see :class:`HeldEvents`."""
 
     def __init__(self, events: Iterator[GenerationEvent], reservation: Reservation, prompt_tokens: int = 0) -> None:
-        self._events = events
+        super().__init__(events)
         self.reservation = reservation
         self.prompt_tokens, self.completion_tokens, self.tier = prompt_tokens, 0, ""
-        self._seen = False
+        self._seen_any = False
         self._ended = False
         self._lock = threading.Lock()
 
-    def __iter__(self) -> Metered:
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        """What the wrapped stream says of itself (``fallback``: the x-fallback of a routed generation...)."""
-        if name.startswith("__") or name == "_events":
-            raise AttributeError(name)
-        return getattr(self._events, name)
-
-    def __next__(self) -> GenerationEvent:
-        try:
-            event = next(self._events)
-        except BaseException:  # StopIteration included: the stream is over either way
-            self._end()
-            raise
-        self._seen = True
+    def _seen(self, event: GenerationEvent) -> None:
+        self._seen_any = True
         self.completion_tokens += len(event.token_ids)
         self.tier = event.served_by or self.tier
         if event.usage is not None:
             self.prompt_tokens, self.completion_tokens = event.usage.prompt_tokens, event.usage.completion_tokens
-        if event.final:
-            self._end()
-        return event
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._events, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._end()
 
     def _end(self) -> None:
         with self._lock:
             if self._ended:
                 return
             self._ended = True
-        if self._seen:
+        if self._seen_any:
             self.reservation.finish(self.prompt_tokens, self.completion_tokens, self.tier)
         else:
             self.reservation.settle(0)

@@ -41,6 +41,7 @@ from tierserve.edge.backend import EdgeBackend
 from tierserve.edge.forward import CloudBackend
 from tierserve.edge.metrics import EdgeCounters
 from tierserve.edge.store import EdgeStore
+from tierserve.generation.events import HeldEvents
 from tierserve.generation.kv import kv_bytes_per_token
 from tierserve.manifest import ModelVersion
 from tierserve.protocol.calls import InferenceCall, Reply
@@ -104,30 +105,15 @@ class KvAdmission:
         return release
 
 
-class _Held:
+class _Held(HeldEvents):
     """A generation's events with its KV reservation held until they end, fail or are closed."""
 
     def __init__(self, events: Iterator[GenerationEvent], release: Callable[[], None]) -> None:
-        self._events = events
+        super().__init__(events)
         self._release = release
 
-    def __iter__(self) -> _Held:
-        return self
-
-    def __next__(self) -> GenerationEvent:
-        try:
-            return next(self._events)
-        except BaseException:
-            self._release()
-            raise
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._events, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._release()
+    def _end(self) -> None:
+        self._release()
 
 
 class EdgeDispatcher:

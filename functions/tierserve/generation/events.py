@@ -8,6 +8,7 @@ line (:meth:`GenerationEvent.to_json` / :meth:`from_json`) that crosses Lambda's
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,3 +75,50 @@ class GenerationEvent:
                    usage=Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"])) if usage else None,
                    served_by=str(d.get("served_by") or ""), ttft_ms=d.get("ttft_ms"),
                    tokens_per_s=d.get("tokens_per_s"), extra=dict(d.get("extra") or {}))
+
+
+class HeldEvents:
+    """A generation's events that hold something until they end (a cap's slot, a usage reservation, the edge's KV
+    memory): :meth:`_end` runs when they end, whichever way: the final event, the end of the stream, an error, or
+    :meth:`close` (the client went away), which closes the wrapped stream too. :meth:`_end` may run more than once
+    and must act once. :meth:`_seen` sees each event before it is returned. Any other attribute is the wrapped
+    stream's (``fallback``: the x-fallback of a routed generation...).
+
+    Why here: the fleet's cap (``tierserve.admission``), the budgets (``tierserve.usage``) and the edge's KV
+    admission (``tierserve.edge.dispatch``) each wrap a stream this way, and the three must end it alike."""
+
+    def __init__(self, events: Iterator[GenerationEvent]) -> None:
+        self._events = events
+
+    def __iter__(self) -> HeldEvents:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_events":
+            raise AttributeError(name)
+        return getattr(self._events, name)
+
+    def __next__(self) -> GenerationEvent:
+        try:
+            event = next(self._events)
+        except BaseException:  # StopIteration included: the stream is over either way
+            self._end()
+            raise
+        self._seen(event)
+        if event.final:
+            self._end()
+        return event
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end()
+
+    def _seen(self, event: GenerationEvent) -> None:
+        """Each event as it passes (nothing by default)."""
+
+    def _end(self) -> None:
+        raise NotImplementedError
