@@ -118,6 +118,36 @@ def clear() -> None:
         _tokenizers.clear()
 
 
+def search_options(params: SamplingParams, max_length: int, **extra: Any) -> dict[str, Any]:
+    """onnxruntime-genai's search options for ``params`` (greedy, or sampled with its seed), up to
+    ``max_length`` tokens (prompt included); ``extra``: more options (``batch_size``)."""
+    options: dict[str, Any] = {"max_length": max_length, "num_beams": 1, "num_return_sequences": 1,
+                               "min_length": 0, "repetition_penalty": 1.0, **extra}
+    if params.greedy:
+        options["do_sample"] = False
+    else:
+        options.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
+                       top_k=int(params.top_k))
+        if params.seed is not None:
+            options["random_seed"] = int(params.seed) % SEED_MODULUS
+    return options
+
+
+def new_generator(model: Any, options: dict[str, Any], ids: Any, what: str) -> Any:
+    """An onnxruntime-genai generator over ``model`` with ``options``, ``ids`` appended (a prompt, or a batch's
+    padded rows); onnxruntime-genai's refusal is an InferenceError naming ``what`` it refused."""
+    import onnxruntime_genai as og
+
+    try:
+        gp = og.GeneratorParams(model)
+        gp.set_search_options(**options)
+        generator = og.Generator(model, gp)
+        generator.append_tokens(ids)
+    except Exception as exc:
+        raise InferenceError(f"onnxruntime-genai refused {what} ({exc})") from exc
+    return generator
+
+
 class LoadedModel:
     """One onnxruntime-genai model with its tokenizer; :meth:`generate` runs one request."""
 
@@ -148,34 +178,18 @@ class LoadedModel:
         """One generation, as events: one per token (its text may be empty while bytes or a possible stop
         string are held back), the last with ``finish_reason``, usage and tokens/s. Nothing at all when
         ``cancelled()`` before the first token; a cancelled generation simply ends (no final event)."""
-        import onnxruntime_genai as og
 
         if max_new_tokens < 1:
             raise InferenceError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not prompt_ids:
             raise InferenceError("the prompt is empty: there is no token to continue from")
         t0 = time.perf_counter()
-        options: dict[str, Any] = {"max_length": len(prompt_ids) + max_new_tokens, "num_beams": 1,
-                                   "num_return_sequences": 1, "min_length": 0, "repetition_penalty": 1.0}
-        if params.greedy:
-            options["do_sample"] = False
-        else:
-            options.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
-                           top_k=int(params.top_k))
-            if params.seed is not None:
-                options["random_seed"] = int(params.seed) % SEED_MODULUS
+        options = search_options(params, len(prompt_ids) + max_new_tokens)
         if cancelled():
             return
 
         def start(ids: list[int]) -> Any:
-            try:
-                gp = og.GeneratorParams(self.model)
-                gp.set_search_options(**options)
-                generator = og.Generator(self.model, gp)
-                generator.append_tokens(ids)
-            except Exception as exc:
-                raise InferenceError(f"onnxruntime-genai refused the prompt ({exc})") from exc
-            return generator
+            return new_generator(self.model, options, ids, "the prompt")
 
         if params.ignore_eos:  # every id is a token like any other: only max_new_tokens ends it
             generator: Any = _PastEos(start, list(prompt_ids))
@@ -399,7 +413,6 @@ def generate_batch(model: LoadedModel, prompts: Sequence[Sequence[int]], params:
     caller runs a seeded, sampled prompt alone. A row stops at its own ``max_new_tokens``, EOS or stop string;
     the batch stops when every row has."""
     import numpy as np
-    import onnxruntime_genai as og
 
     if len(prompts) != len(max_new_tokens) or not prompts:
         raise InferenceError("generate_batch needs one max_new_tokens per prompt, and at least one prompt")
@@ -414,23 +427,8 @@ def generate_batch(model: LoadedModel, prompts: Sequence[Sequence[int]], params:
     ids = np.full((len(prompts), width), 0 if pad is None else pad, dtype=np.int32)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = p
-    options: dict[str, Any] = {"max_length": width + max(max_new_tokens), "num_beams": 1,
-                               "num_return_sequences": 1, "min_length": 0, "repetition_penalty": 1.0,
-                               "batch_size": len(prompts)}
-    if params.greedy:
-        options["do_sample"] = False
-    else:
-        options.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
-                       top_k=int(params.top_k))
-        if params.seed is not None:
-            options["random_seed"] = int(params.seed) % SEED_MODULUS
-    try:
-        gp = og.GeneratorParams(model.model)
-        gp.set_search_options(**options)
-        generator = og.Generator(model.model, gp)
-        generator.append_tokens(ids)
-    except Exception as exc:
-        raise InferenceError(f"onnxruntime-genai refused the batch ({exc})") from exc
+    options = search_options(params, width + max(max_new_tokens), batch_size=len(prompts))
+    generator = new_generator(model.model, options, ids, "the batch")
     step = _BatchStep(generator)
     genai_eos = genai_eos_ids(model.folder)
     eos = frozenset(int(e) for e in eos_ids)
