@@ -474,6 +474,19 @@ def _model_path(name: str, version: str = "") -> str:
     return f"{path}/versions/{quote(str(version), safe='')}" if version else path
 
 
+def _token_source(token: str | None, token_file: str | None, missing: str) -> str | Callable[[], str]:
+    """The token itself, or a function that re-reads ``token_file`` on every request; ``missing``: the error
+    when neither is given."""
+    if token_file:
+        from pathlib import Path
+
+        path = Path(token_file)
+        return lambda: path.read_text().strip()
+    if token:
+        return token
+    raise errors.ConfigurationError(missing)
+
+
 def auth_from(kind: str, *, region: str | None = None, token: str | None = None,
               token_file: str | None = None) -> Auth:
     """The Auth for ``kind`` (``none``, ``iam``, ``jwt``, ``key``): what a command line or a recipe names.
@@ -485,21 +498,9 @@ def auth_from(kind: str, *, region: str | None = None, token: str | None = None,
     if kind == "iam":
         return SigV4(region=region)
     if kind == "jwt":
-        if token_file:
-            from pathlib import Path
-
-            path = Path(token_file)
-            return Bearer(lambda: path.read_text().strip())
-        if token:
-            return Bearer(token)
-        raise errors.ConfigurationError("jwt auth needs a token or a token file (--cloud-token-file)")
+        return Bearer(_token_source(token, token_file,
+                                    "jwt auth needs a token or a token file (--cloud-token-file)"))
     if kind == "key":
-        if token_file:
-            from pathlib import Path
-
-            key_path = Path(token_file)
-            return ApiKey(lambda: key_path.read_text().strip())
-        if token:
-            return ApiKey(token)
-        raise errors.ConfigurationError("key auth needs a tierserve API key or a file holding one (--cloud-token-file)")
+        return ApiKey(_token_source(token, token_file,
+                                    "key auth needs a tierserve API key or a file holding one (--cloud-token-file)"))
     raise errors.ConfigurationError(f"auth {kind!r} is not known; use none, iam, jwt or key")
