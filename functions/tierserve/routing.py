@@ -99,7 +99,9 @@ def _check_hint(ctx: RouteContext) -> Tier | None:
     return tier
 
 
-def size_aware(ctx: RouteContext) -> Decision:
+def _forced(ctx: RouteContext) -> Decision | None:
+    """The tier that leaves a policy nothing to decide: the client's hint, else the only cloud tier the model is
+    deployed on; None when the policy decides."""
     hint = _check_hint(ctx)
     if hint is not None:
         return Decision(hint, f"client hint {hint}")
@@ -107,6 +109,13 @@ def size_aware(ctx: RouteContext) -> Decision:
         return Decision(Tier.CPU, "model is deployed on cpu only")
     if ctx.model.cloud_targets == (Tier.GPU,):
         return Decision(Tier.GPU, "model is deployed on gpu only")
+    return None
+
+
+def size_aware(ctx: RouteContext) -> Decision:
+    forced = _forced(ctx)
+    if forced is not None:
+        return forced
     routing = ctx.model.routing
     min_rows = int(routing.get("gpu_min_rows", DEFAULT_GPU_MIN_ROWS))
     min_bytes = int(routing.get("gpu_min_bytes", DEFAULT_GPU_MIN_BYTES))
@@ -248,13 +257,9 @@ def token_aware(ctx: RouteContext) -> Decision:
     table); the policy never reads ``compiler/prices.json``."""
     if ctx.prompt_tokens is None:
         return size_aware(ctx)
-    hint = _check_hint(ctx)
-    if hint is not None:
-        return Decision(hint, f"client hint {hint}")
-    if ctx.model.cloud_targets == (Tier.CPU,):
-        return Decision(Tier.CPU, "model is deployed on cpu only")
-    if ctx.model.cloud_targets == (Tier.GPU,):
-        return Decision(Tier.GPU, "model is deployed on gpu only")
+    forced = _forced(ctx)
+    if forced is not None:
+        return forced
     return _token_rule(ctx)
 
 
