@@ -169,13 +169,19 @@ def _metric_panel(ax: Any, metric: str, keys: list[str], values: list[float | No
         ax.set_ylim(low / 3, max(heights) * 300)  # room for the labels and the legend above the bars
 
 
-def _edge_line(p: dict[str, Any]) -> list[str]:
+def _edge_line(p: dict[str, Any], generation: bool = False) -> list[str]:
+    """The placement's edge line: a classic model's p95, memory and rows, or (``generation``) a causal LM's
+    tokens/s and memory."""
     e = p.get("edge") or {}
     if not e:
         return []
     where = "on the edge" if e.get("placed") else "not on the edge"
-    return [f"- edge: {where}; {e['variant']} on {e['profile']['name']}, estimated p95 {e['p95_ms_estimate']:.2f} ms, "
-            f"~{e['memory_mb_estimate']:.0f} MB, batches up to {e['max_rows']} rows"]
+    if generation:
+        figures = f"estimated {e['tokens_per_s_estimate']:,.1f} tokens/s, ~{e['memory_mb_estimate']:,.0f} MB"
+    else:
+        figures = (f"estimated p95 {e['p95_ms_estimate']:.2f} ms, ~{e['memory_mb_estimate']:.0f} MB, "
+                   f"batches up to {e['max_rows']} rows")
+    return [f"- edge: {where}; {e['variant']} on {e['profile']['name']}, {figures}"]
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -300,7 +306,7 @@ def _markdown_generation(r: dict[str, Any]) -> str:
         f"{p['cpu'].get('max_concurrency', 1)} concurrent generation(s) per environment",
         f"- context {gen['context_length']:,} tokens, EOS {gen['eos_token_ids']}, KV cache "
         f"{gen['kv_bytes_per_token']:,} bytes/token, chat template: {'yes' if gen['chat_template'] else 'no'}",
-        *_edge_line_generation(p),
+        *_edge_line(p, generation=True),
         f"- created: {r['created_at']}",
         "",
         "![report](report.png)",
@@ -347,15 +353,6 @@ def _markdown_generation(r: dict[str, Any]) -> str:
         out.append(f"- {tier}: {f['tokens_per_s']:,.1f} tokens/s; TTFT {f['ttft_ms']} ms;{cost} {f.get('source', '')}")
     out += ["", "Every figure was measured on the build machine, one fresh process per variant (see report.json).", ""]
     return "\n".join(out)
-
-
-def _edge_line_generation(p: dict[str, Any]) -> list[str]:
-    e = p.get("edge") or {}
-    if not e:
-        return []
-    where = "on the edge" if e.get("placed") else "not on the edge"
-    return [f"- edge: {where}; {e['variant']} on {e['profile']['name']}, estimated {e['tokens_per_s_estimate']:,.1f} "
-            f"tokens/s, ~{e['memory_mb_estimate']:,.0f} MB"]
 
 
 def write_report(version_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
