@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierserve.manifest import GENAI_FILE_RE, TASK_TEXT_GENERATION, GenerationSpec, ModelVersion, TensorSpec
-from tierserve_compiler.config import CompileConfig, load_prices
+from tierserve_compiler.config import CompileConfig
 from tierserve_compiler.errors import AccuracyGateError, ConfigError, SourceError, VariantError
 
 if TYPE_CHECKING:
@@ -380,26 +380,14 @@ def compile_causal_lm(cfg: CompileConfig) -> CompileResult:
     """Every step for a causal LM (``compile_model`` sends a causal LM folder here)."""
     from tierserve.generation.tokens import calibrate_folder
     from tierserve_compiler.gate import check_chat_template, gate_causal_lm
-    from tierserve_compiler.pipeline import CompileResult, Progress, _unchanged, select
+    from tierserve_compiler.pipeline import CompileResult, _unchanged, select, start_compile
     from tierserve_compiler.placement import place_generation, place_generation_edge
     from tierserve_compiler.profile import profile_generative
-    from tierserve_compiler.publish import (
-        checked_name_version,
-        existing_version,
-        publish,
-        read_manifest,
-        variant_entries,
-    )
+    from tierserve_compiler.publish import existing_version, publish, variant_entries
     from tierserve_compiler.report import build_generation_report
     from tierserve_compiler.sources import export
 
-    cfg.validate()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    name, version = checked_name_version(cfg, manifest)
-    prices = load_prices(cfg.prices)
-    prog = Progress(cfg.progress)
+    out_dir, manifest, name, version, prices, prog = start_compile(cfg)
     prompts, prompts_from = load_prompts(cfg.validation)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as td:
         work = Path(td)

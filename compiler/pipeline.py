@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tierserve.manifest import TASK_INFERENCE, ModelVersion
+from tierserve.manifest import TASK_INFERENCE, Manifest, ModelVersion
 from tierserve_compiler.config import CompileConfig, load_prices
 from tierserve_compiler.data import Dataset, load_npz, row_nbytes, synthetic_dataset
 from tierserve_compiler.errors import CompilerError, VariantError
@@ -325,6 +325,17 @@ def model_version(
 # --- the whole thing -----------------------------------------------------------------------------
 
 
+def start_compile(cfg: CompileConfig) -> tuple[Path, Manifest, str, str, dict[str, Any], Progress]:
+    """What every compile starts from (a classic model's and a causal LM's): the config validated, the output
+    folder made, its manifest, the checked name and version, the prices and the progress printer."""
+    cfg.validate()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out_dir)
+    name, version = checked_name_version(cfg, manifest)
+    return out_dir, manifest, name, version, load_prices(cfg.prices), Progress(cfg.progress)
+
+
 def compile_model(cfg: CompileConfig) -> CompileResult:
     """Run every step; returns the manifest entry and the report. Raises :class:`CompilerError`.
 
@@ -335,13 +346,7 @@ def compile_model(cfg: CompileConfig) -> CompileResult:
         from tierserve_compiler.causal_lm import compile_causal_lm
 
         return compile_causal_lm(cfg)
-    cfg.validate()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    name, version = checked_name_version(cfg, manifest)
-    prices = load_prices(cfg.prices)
-    prog = Progress(cfg.progress)
+    out_dir, manifest, name, version, prices, prog = start_compile(cfg)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as td:
         work = Path(td)
         with prog.step(f"export {cfg.source}"):
