@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from tierserve_compiler.sources import Exported
 
 
+def _identity(mv: ModelVersion, cfg: CompileConfig, exported: Exported) -> dict[str, Any]:
+    """The head of every report (a classic model's and a causal LM's): which model, from what."""
+    return {"name": mv.name, "version": mv.version, "created_at": mv.created_at, "source": cfg.source,
+            "source_kind": exported.source_kind}
+
+
 def build_report(
     cfg: CompileConfig,
     exported: Exported,
@@ -36,11 +42,7 @@ def build_report(
     from tierserve_compiler.variants import VARIANTS
 
     return {
-        "name": mv.name,
-        "version": mv.version,
-        "created_at": mv.created_at,
-        "source": cfg.source,
-        "source_kind": exported.source_kind,
+        **_identity(mv, cfg, exported),
         "task": task.kind,
         "metrics": list(metric_names),
         "notes": exported.notes,
@@ -253,11 +255,7 @@ def build_generation_report(cfg: CompileConfig, exported: Exported, variants: li
 
     assert mv.generation is not None
     return {
-        "name": mv.name,
-        "version": mv.version,
-        "created_at": mv.created_at,
-        "source": cfg.source,
-        "source_kind": exported.source_kind,
+        **_identity(mv, cfg, exported),
         "task": "text-generation",
         "metrics": ["top1_agreement", "perplexity_ratio", "greedy_match"],
         "notes": exported.notes,
