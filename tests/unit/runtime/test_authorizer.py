@@ -4,26 +4,10 @@ malformed header and a JWT are 401 ("Unauthorized"); an unknown methodArn is den
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 
-from tests.support.keys_table import TABLE, moto_keys_table
 from tierserve import keys
 from tierserve.handlers import authorizer
-
-
-@pytest.fixture
-def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    with moto_keys_table(monkeypatch) as client:
-        yield client
-
-
-@pytest.fixture
-def key_store(dynamodb: Any) -> keys.KeyStore:
-    return keys.KeyStore(TABLE, dynamodb)
-
 
 METHOD_ARN = "arn:aws:execute-api:us-east-1:123456789012:a1b2c3d4e5/v1/POST/v1/chat/completions"
 JWT = ("eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJzdWIiOiJ1LTEiLCJhdWQiOiJjbGllbnQifQ."

@@ -5,25 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from tests.support.keys_table import TABLE, moto_keys_table
+from tests.support.keys_table import TABLE
 from tierserve import errors, keys
-
-
-@pytest.fixture
-def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    with moto_keys_table(monkeypatch) as client:
-        yield client
-
-
-@pytest.fixture
-def key_store(dynamodb: Any) -> keys.KeyStore:
-    return keys.KeyStore(TABLE, dynamodb)
-
 
 
 def test_a_secret_is_ts_and_base64url_of_32_random_bytes() -> None:
