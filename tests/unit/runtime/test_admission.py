@@ -9,16 +9,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
-from moto.dynamodb.models import DynamoDBBackend
 
+from tests.support.usage_table import moto_usage_table
 from tierserve import admission, errors
 from tierserve.generation.events import GenerationEvent
 from tierserve.manifest import GenerationSpec
 from tierserve.protocol.rendering import render_error
-from tierserve_tools.usage_cli import create_table
 
 TABLE = "tierserve-admission-test"
 T0 = 1_800_000_000.0
@@ -34,24 +31,7 @@ class Clock:
 
 @pytest.fixture
 def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in (("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "testing"),
-                       ("AWS_SECRET_ACCESS_KEY", "testing"), ("TIERSERVE_METRICS", "false")):
-        monkeypatch.setenv(var, value)
-    # DynamoDB applies the writes to one item one at a time; moto's in-process backend does not lock, so threads
-    # could interleave inside one UpdateItem's condition check and write. Serialize it as DynamoDB does.
-    lock = threading.Lock()
-    original = DynamoDBBackend.update_item
-
-    def update_item(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DynamoDBBackend, "update_item", update_item)
-    with mock_aws():
-        client = boto3.client("dynamodb", region_name="us-east-1")
-        create_table(client, TABLE)
+    with moto_usage_table(monkeypatch, TABLE, serialize_updates=True) as client:
         yield client
 
 

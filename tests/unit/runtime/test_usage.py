@@ -12,9 +12,9 @@ from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from tests.support.moto_server import running_moto_server
+from tests.support.usage_table import moto_usage_table
 from tierserve import errors, usage
 from tierserve.generation.events import GenerationEvent, Usage
 from tierserve.protocol.rendering import render_error
@@ -35,14 +35,7 @@ class Clock:
 
 @pytest.fixture
 def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in (("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "testing"),
-                       ("AWS_SECRET_ACCESS_KEY", "testing"), ("TIERSERVE_METRICS", "false")):
-        monkeypatch.setenv(var, value)
-    with mock_aws():
-        client = boto3.client("dynamodb", region_name="us-east-1")
-        create_table(client, TABLE)
+    with moto_usage_table(monkeypatch, TABLE) as client:
         yield client
 
 
