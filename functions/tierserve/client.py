@@ -256,10 +256,10 @@ class Client:
 
     # --- the raw, signed call ---------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
-                timeout_s: float | None = None) -> Response:
-        """Send one signed request; every HTTP answer is returned as it is (never retried: an inference
-        may already have run). Unreachable -> BackendUnavailableError; no answer in time -> BackendTimeoutError."""
+    def _send(self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None, timeout_s: float | None,
+              **options: Any) -> Any:
+        """One signed urllib3 request (``options``: more of ``PoolManager.request``'s, ``preload_content``), never
+        retried nor redirected. Unreachable -> BackendUnavailableError; no answer in time -> BackendTimeoutError."""
         import urllib3
 
         url = f"{self.url}{path}"
@@ -268,8 +268,8 @@ class Client:
         read = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
         timeout = urllib3.Timeout(connect=min(self.connect_timeout_s, read), read=read)
         try:
-            r = self._http.request(method, url, body=body or None, headers=sent, timeout=timeout, retries=False,
-                                   redirect=False)
+            return self._http.request(method, url, body=body or None, headers=sent, timeout=timeout, retries=False,
+                                      redirect=False, **options)
         except urllib3.exceptions.NewConnectionError as exc:  # refused, DNS (a ConnectTimeoutError subclass)
             raise errors.BackendUnavailableError(f"cannot reach {self.url}: {exc}") from exc
         except urllib3.exceptions.TimeoutError as exc:  # connect or read timeout
@@ -277,6 +277,12 @@ class Client:
         except urllib3.exceptions.HTTPError as exc:  # reset, protocol, TLS
             reason = getattr(exc, "reason", None) or exc
             raise errors.BackendUnavailableError(f"cannot reach {self.url}: {reason}") from exc
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
+                timeout_s: float | None = None) -> Response:
+        """Send one signed request; every HTTP answer is returned as it is (never retried: an inference
+        may already have run). Unreachable -> BackendUnavailableError; no answer in time -> BackendTimeoutError."""
+        r = self._send(method, path, body, headers, timeout_s)
         return Response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.data)
 
     def stream(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
@@ -285,23 +291,7 @@ class Client:
         arrives (``StreamedResponse.chunks()``). ``timeout_s`` bounds the wait for each read, not the whole
         stream. Close it (or read it to the end) to free the connection; closing early drops the connection, so
         the server sees its client go away."""
-        import urllib3
-
-        url = f"{self.url}{path}"
-        sent = {k: v for k, v in (headers or {}).items()}
-        sent.update(self.auth.headers(method, url, sent, body))
-        read = self.timeout_s if timeout_s is None else max(0.001, timeout_s)
-        timeout = urllib3.Timeout(connect=min(self.connect_timeout_s, read), read=read)
-        try:
-            r = self._http.request(method, url, body=body or None, headers=sent, timeout=timeout, retries=False,
-                                   redirect=False, preload_content=False)
-        except urllib3.exceptions.NewConnectionError as exc:
-            raise errors.BackendUnavailableError(f"cannot reach {self.url}: {exc}") from exc
-        except urllib3.exceptions.TimeoutError as exc:
-            raise errors.BackendTimeoutError(f"{self.url} did not answer {method} {path} within {read:g} s") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise errors.BackendUnavailableError(f"cannot reach {self.url}: {reason}") from exc
+        r = self._send(method, path, body, headers, timeout_s, preload_content=False)
         return StreamedResponse(r.status, {k.lower(): v for k, v in r.headers.items()}, r, self.url)
 
     # --- OpenAI's routes (issue 17) -----------------------------------------------------------------------
