@@ -198,12 +198,26 @@ def test_sdk_stream_closed_early_stops_the_generation_at_the_edge(edge: object) 
     assert service.ADMISSION.running(mv) == 0 and time.monotonic() - t0 < 1
 
 
-def test_sdk_past_the_cap_gets_429_with_retry_after_at_the_edge(edge: object) -> None:
+def test_sdk_past_the_cap_gets_429_with_retry_after_at_the_edge(edge: object, monkeypatch) -> None:
+    # Given a model slow enough that two streams are still generating when the third request comes (the tiny
+    # model writes 200 tokens in well under a second, faster than a client can open three streams on a busy
+    # machine): 20 ms a token, as a real model on a device takes
+    from tierserve.generation import engine
+
+    real = engine.LoadedModel.generate
+
+    def slow(self, *args, **kwargs):
+        for event in real(self, *args, **kwargs):
+            time.sleep(0.02)
+            yield event
+
+    monkeypatch.setattr(engine.LoadedModel, "generate", slow)
     client = sdk(edge.url)
     with contextlib.ExitStack() as held:
         for _ in range(2):  # tiny's cap: 2 generations at once
             s = client.completions.create(model="tiny", prompt="Hello", max_tokens=200, stream=True)
             held.callback(s.close)
+            next(iter(s))  # admitted and generating
         with pytest.raises(openai.RateLimitError) as limited:
             client.completions.create(model="tiny", prompt="Hello", max_tokens=4)
         assert limited.value.code == "rate_limit_exceeded"
