@@ -207,8 +207,9 @@ class DataPlane:
             # issue 18: the caller's token budget (a 429 before any work), its usage recorded when the stream ends
             return usage.run_metered(prepared, model, start)
 
-        if tier == Tier.EDGE:  # one process serving at once: generation.service.Admission counts the device's
-            events = counted.guard(metered)
+        if tier == Tier.EDGE:  # one process serving at once: generation.service.Admission counts the device's;
+            # a device keeps no usage table (budgets are the cloud's), whatever the process's environment holds
+            events = counted.guard(start)
         else:  # issue 17: the model's cap shared by the router fleet (429 before any work; freed when it ends)
             events = counted.guard(admission.run_capped, model, deadline.remaining(), metered)
         return Generation(model, prepared, counted.stream(events))
