@@ -42,3 +42,13 @@ def moto_usage_table(monkeypatch: pytest.MonkeyPatch, table: str, *,
         client = boto3.client("dynamodb", region_name="us-east-1")
         create_table(client, table)
         yield client
+
+
+class Clock:
+    """A settable clock for the usage ledger and the concurrency cap (``clock()`` is the time; tests move ``t``)."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

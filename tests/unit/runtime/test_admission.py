@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.usage_table import moto_usage_table
+from tests.support.usage_table import Clock, moto_usage_table
 from tierserve import admission, errors
 from tierserve.generation.events import GenerationEvent
 from tierserve.manifest import GenerationSpec
@@ -21,14 +21,6 @@ TABLE = "tierserve-admission-test"
 T0 = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     with moto_usage_table(monkeypatch, TABLE, serialize_updates=True) as client:
@@ -36,7 +28,7 @@ def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def cap(client: Any, clock: Clock | None = None) -> admission.ConcurrencyCap:
-    return admission.ConcurrencyCap(TABLE, client=client, clock=clock or Clock())
+    return admission.ConcurrencyCap(TABLE, client=client, clock=clock or Clock(T0))
 
 
 def test_twenty_threads_racing_for_a_cap_of_three_admit_exactly_three(dynamodb: Any) -> None:
@@ -83,7 +75,7 @@ def test_versions_and_models_have_their_own_caps(dynamodb: Any) -> None:
 
 
 def test_an_expired_lease_is_reclaimed_and_a_live_one_is_not(dynamodb: Any) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     shared = cap(dynamodb, clock)
     dead = shared.acquire("tiny", "1", 2, lease_s=60)  # its router dies: never released
     alive = shared.acquire("tiny", "1", 2, lease_s=600)

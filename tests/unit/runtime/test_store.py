@@ -22,7 +22,7 @@ from tierserve.errors import (
     ManifestError,
     UnsafeModelError,
 )
-from tierserve.manifest import TensorSpec, Variant
+from tierserve.manifest import Manifest, TensorSpec, Variant
 from tierserve.store import ModelStore, check_s3_key
 
 X = (TensorSpec("x", "FP32", (-1, 4)),)
@@ -440,6 +440,17 @@ def _pair_store(tmp_path: Path, kind: str, where: str) -> tuple[ModelStore, dict
                       s3_client=_upload(root)), files
 
 
+def _drop_v1(store: ModelStore, manifest: Manifest, tmp_path: Path) -> None:
+    """Rewrite the pair store's manifest without v1 (v2 the default, no canary), and let the store read it."""
+    doc = manifest.to_json()
+    entry = doc["models"]["pair"]
+    entry.pop("canary")
+    entry["default_version"] = "2"
+    del entry["versions"]["1"]
+    (tmp_path / "models" / "manifest.json").write_text(json.dumps(doc))
+    store.manifest()
+
+
 @pytest.mark.parametrize("where", ["folder", "s3"])
 @pytest.mark.parametrize("kind", ["genai", "external"])
 def test_versions_sharing_model_onnx_are_each_fetched_with_their_own_files(tmp_path, kind, where):
@@ -475,13 +486,7 @@ def test_eviction_keeps_the_version_still_served_when_another_shares_its_model_o
     v1, v2 = (manifest.resolve("pair", v).cpu_artifact for v in ("1", "2"))
     p1, p2 = store.fetch(v1), store.fetch(v2)
     # When the store's manifest no longer lists v1
-    doc = manifest.to_json()
-    entry = doc["models"]["pair"]
-    entry.pop("canary")
-    entry["default_version"] = "2"
-    del entry["versions"]["1"]
-    (tmp_path / "models" / "manifest.json").write_text(json.dumps(doc))
-    store.manifest()
+    _drop_v1(store, manifest, tmp_path)
     # Then v2's folder is kept, with v2's files, and v1's folder and sessions are evicted (by its digest)
     assert_holds(store.fetch(v2), files["2"])
     assert store.fetch(v2) == p2 and p2.exists()
@@ -620,13 +625,7 @@ def test_eviction_removes_the_partial_folders_of_versions_no_longer_served(tmp_p
     v1, v2 = (manifest.resolve("pair", v).cpu_artifact for v in ("1", "2"))
     f1, f2 = store.fetch_files(v1, TOKENIZER_FILES), store.fetch_files(v2, TOKENIZER_FILES)
     # When the manifest no longer lists v1
-    doc = manifest.to_json()
-    entry = doc["models"]["pair"]
-    entry.pop("canary")
-    entry["default_version"] = "2"
-    del entry["versions"]["1"]
-    (tmp_path / "models" / "manifest.json").write_text(json.dumps(doc))
-    store.manifest()
+    _drop_v1(store, manifest, tmp_path)
     # Then v1's folder is gone and its digest told to the listeners; v2's stays
     assert not f1.exists() and f2.exists() and evicted == [{v1.digest}]
     assert store.fetch_files(v2, TOKENIZER_FILES) == f2

@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from tests.support.moto_server import running_moto_server
-from tests.support.usage_table import moto_usage_table
+from tests.support.usage_table import Clock, moto_usage_table
 from tierserve import errors, usage
 from tierserve.generation.events import GenerationEvent, Usage
 from tierserve.protocol.rendering import render_error
@@ -25,14 +25,6 @@ TABLE = "tierserve-usage-test"
 T0 = 1_800_000_000 - 1_800_000_000 % 86_400 + 8 * 3600 + 30
 
 
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     with moto_usage_table(monkeypatch, TABLE) as client:
@@ -40,7 +32,7 @@ def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def ledger(client: Any, tpm: int = 0, tpd: int = 0, clock: Clock | None = None, table: str = TABLE) -> usage.Ledger:
-    return usage.Ledger(table, usage.Budget(tpm, tpd), client=client, clock=clock or Clock(), override_ttl_s=0)
+    return usage.Ledger(table, usage.Budget(tpm, tpd), client=client, clock=clock or Clock(T0), override_ttl_s=0)
 
 
 def items(client: Any) -> dict[tuple[str, str], dict[str, Any]]:
@@ -95,7 +87,7 @@ def test_admit_reserves_in_both_windows_and_settle_gives_back_the_difference(dyn
 
 
 def test_over_the_minute_budget_is_a_429_until_the_minute_ends_and_the_day_is_given_back(dynamodb) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     led = ledger(dynamodb, tpm=1000, tpd=10_000, clock=clock)
     led.admit("team-a", "llm", 700)
     with pytest.raises(errors.TooManyRequestsError) as caught:
@@ -324,7 +316,7 @@ def test_twenty_concurrent_callers_usage_adds_up_exactly(moto_http, monkeypatch)
     start = threading.Barrier(callers)
 
     def caller(i: int) -> tuple[int, int]:
-        led = usage.Ledger(table, usage.Budget(1_000_000, 10_000_000), client=_http_client(moto_http), clock=Clock())
+        led = usage.Ledger(table, usage.Budget(1_000_000, 10_000_000), client=_http_client(moto_http), clock=Clock(T0))
         start.wait()
         sent = 0
         for k in range(rounds):
@@ -338,7 +330,7 @@ def test_twenty_concurrent_callers_usage_adds_up_exactly(moto_http, monkeypatch)
 
     with ThreadPoolExecutor(callers) as pool:
         sent = dict(pool.map(caller, range(callers)))
-    led = usage.Ledger(table, client=_http_client(moto_http), clock=Clock())
+    led = usage.Ledger(table, client=_http_client(moto_http), clock=Clock(T0))
     rows = led.usage()
     counted = {c: sum(r.total_tokens for r in rows if r.caller == c) for c in {r.caller for r in rows}}
     for i in range(callers):
@@ -357,7 +349,7 @@ def test_a_shared_budget_admits_exactly_what_fits_under_concurrency(moto_http, m
     start = threading.Barrier(20)
 
     def attempt(_: int) -> str:
-        led = usage.Ledger(table, usage.Budget(1000, 0), client=_http_client(moto_http), clock=Clock())
+        led = usage.Ledger(table, usage.Budget(1000, 0), client=_http_client(moto_http), clock=Clock(T0))
         start.wait()
         try:
             led.admit("hot", "llm", 100)
@@ -368,11 +360,12 @@ def test_a_shared_budget_admits_exactly_what_fits_under_concurrency(moto_http, m
 
     with ThreadPoolExecutor(20) as pool:
         outcomes = list(pool.map(attempt, range(20)))
-    led = usage.Ledger(table, client=_http_client(moto_http), clock=Clock())
+    led = usage.Ledger(table, client=_http_client(moto_http), clock=Clock(T0))
     assert outcomes.count("ok") == 10 and outcomes.count("429") == 10
     assert led.window_tokens("hot", usage.MINUTE) == 1000
     # the other caller is served while "hot" is refused
-    usage.Ledger(table, usage.Budget(1000, 0), client=_http_client(moto_http), clock=Clock()).admit("cold", "llm", 100)
+    cold = usage.Ledger(table, usage.Budget(1000, 0), client=_http_client(moto_http), clock=Clock(T0))
+    cold.admit("cold", "llm", 100)
 
 
 # --- through the streaming REST API, once DataPlane.generate calls usage.run_metered -----------------------------
