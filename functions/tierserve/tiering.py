@@ -615,7 +615,11 @@ class TieredGeneration:
             d.breaker.record_failure()  # release a half-open trial whatever happened
             raise
         d.breaker.record_success()
-        return itertools.chain((first,), events), ""
+        from tierserve.generation.metering import MeteredStream
+
+        # the GPU tier's own figures (TTFT, ITL, tokens/s, tokens) from the router, which alone sees its stream: what
+        # a rollout of a GPU-served generative version and the TTFT alarm judge (the CPU tier meters in its process)
+        return MeteredStream(itertools.chain((first,), events), lambda: None, model, str(Tier.GPU)), ""
 
     def _cpu_events(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """``request`` on the CPU tier: its CPU function (remote) or this process (``local``)."""

@@ -835,6 +835,27 @@ def test_a_short_generation_goes_to_the_cpu_and_a_long_one_to_the_gpu(clock) -> 
     assert gpu.text_inputs == ["Hello"] and len(cpu.generations) == 1
 
 
+def test_the_router_meters_the_gpu_tiers_stream_once_it_ends(clock, monkeypatch, capsys) -> None:
+    # Given a generation the GPU tier serves (no other process sees its stream: the CPU tier meters its own)
+    import json
+
+    from tierserve.generation.events import GenerationEvent, Usage
+
+    monkeypatch.setenv("TIERSERVE_METRICS", "true")
+    last = GenerationEvent("b", (7,), "stop", Usage(2, 2), "gpu", tokens_per_s=100.0)
+    first = GenerationEvent("a", (6,), None, None, "gpu", ttft_ms=12.0)
+    cpu, gpu = _GenTier("cpu"), _GenTier("gpu", scripts=[([first, last], None)])
+    d = _tiers(cpu, gpu, clock)
+    capsys.readouterr()
+    gen, events = _run_tiers(d, cpu, _gen_request(max_tokens=16, hint="gpu"))
+    # Then the router emits the generation's figures once, for the GPU tier (what a rollout and the TTFT alarm read)
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    gen_docs = [doc for doc in docs if "CompletionTokens" in doc]
+    assert gen.served_by == "gpu" and len(events) == 2
+    assert [(doc["model"], doc["version"], doc["tier"], doc["CompletionTokens"], doc["TimeToFirstToken"])
+            for doc in gen_docs] == [("m", "1", "gpu", 2, 12.0)]
+
+
 def test_a_hint_overrides_the_token_rule(clock) -> None:
     cpu, gpu = _GenTier("cpu"), _GenTier("gpu")
     d = _tiers(cpu, gpu, clock)
