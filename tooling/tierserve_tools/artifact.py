@@ -47,9 +47,8 @@ INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$
 
 #: The isolated interpreter's program: argv = [task, runtime, handler]; the event on stdin; the result (or
 #: {"errorMessage", "errorType"}) as the last stdout line. Nothing from tierserve_tools is importable there.
-#: What every isolated boot program starts with: its argv, sys.path, a Lambda context with the function's
-#: timeout, and the event from stdin (``bench/cold_start_s3`` boots its generation program the same way).
-BOOT_PRELUDE = r"""
+BOOT = r"""
+import json, os, sys, time, traceback, uuid
 task, runtime, handler = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path[:0] = [task, runtime]
 os.chdir(task)
@@ -67,10 +66,7 @@ class Context:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 event = json.loads(sys.stdin.read())
 real_stdout = sys.stdout
-"""
-BOOT = r"""
-import json, os, sys, time, traceback, uuid
-""" + BOOT_PRELUDE + r"""sys.stdout = sys.stderr  # the function's prints and EMF metrics are its logs
+sys.stdout = sys.stderr  # the function's prints and EMF metrics are its logs
 timings = {}
 try:
     t0 = time.perf_counter()

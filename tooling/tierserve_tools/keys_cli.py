@@ -28,8 +28,6 @@ from typing import Any
 
 from tierserve import keys
 from tierserve.errors import ConfigurationError
-from tierserve_tools.stack_tables import create_table as _create
-from tierserve_tools.stack_tables import stack_output
 
 #: The keys table of a local stack (`tierserve serve`), unless its env.json names one (KEYS_TABLE).
 LOCAL_TABLE = "tierserve-keys"
@@ -63,13 +61,29 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
 def create_table(client: Any, name: str) -> None:
     """The keys table as template.yaml declares it (``id`` as the partition key, TTL on ``expires_at``), for
     local stacks and tests; an existing table is left as it is."""
-    _create(client, name, [("id", "HASH")])
+    try:
+        client.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
+                            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}])
+    except client.exceptions.ResourceInUseException:
+        return
+    client.get_waiter("table_exists").wait(TableName=name)
+    client.update_time_to_live(TableName=name,
+                               TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
 
 
 def stack_table(stack_name: str, cloudformation: Any = None) -> str:
     """The ``KeysTableName`` output of a deployed stack."""
-    return stack_output(stack_name, TABLE_OUTPUT, "deploy the template with ApiAuth=keys (the keys table exists only "
-                        "then), or pass --table", cloudformation)
+    if cloudformation is None:
+        from tierserve import aws
+
+        cloudformation = aws.client("cloudformation")
+    stacks = cloudformation.describe_stacks(StackName=stack_name)["Stacks"]
+    for output in stacks[0].get("Outputs", []) if stacks else []:
+        if output.get("OutputKey") == TABLE_OUTPUT:
+            return str(output["OutputValue"])
+    raise ConfigurationError(f"stack {stack_name} has no {TABLE_OUTPUT} output: deploy the template with "
+                             "ApiAuth=keys (the keys table exists only then), or pass --table")
 
 
 def open_store(args: argparse.Namespace) -> keys.KeyStore:
