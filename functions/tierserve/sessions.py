@@ -31,9 +31,9 @@ def session_options(threads: int) -> Any:
     return opts
 
 
-def get_session(path: Path, sha256: str, threads: int) -> Any:
-    """The cached session for this artifact (keyed by content hash), built on first use."""
-    key = (sha256, threads)
+def get_session(path: Path, digest: str, threads: int) -> Any:
+    """The cached session for this artifact, keyed by its content digest (``Variant.digest``), built on first use."""
+    key = (digest, threads)
     sess = _sessions.get(key)
     if sess is not None:
         return sess
@@ -52,14 +52,14 @@ def get_session(path: Path, sha256: str, threads: int) -> Any:
         return sess
 
 
-def is_cached(sha256: str, threads: int) -> bool:
-    return (sha256, threads) in _sessions
+def is_cached(digest: str, threads: int) -> bool:
+    return (digest, threads) in _sessions
 
 
-def evict_sessions(shas: set[str]) -> None:
+def evict_sessions(digests: set[str]) -> None:
     """Drop the sessions of models no longer served (a request holding one keeps it until it is done)."""
     with _lock:
-        for key in [k for k in _sessions if k[0] in shas]:
+        for key in [k for k in _sessions if k[0] in digests]:
             del _sessions[key]
 
 
