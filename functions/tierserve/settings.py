@@ -34,6 +34,14 @@ def boolean(v: str) -> bool:
     raise ValueError(f"expected true or false (1/0, yes/no, on/off), got {v!r}")
 
 
+def queue_url(v: str) -> str:
+    """An SQS queue's URL (``https://sqs.REGION.amazonaws.com/ACCOUNT/NAME``; ``http://`` for a local emulator);
+    ValueError otherwise (a queue's name or ARN is not what SendMessage takes)."""
+    if not v.startswith(("https://", "http://")) or "/" not in v.split("://", 1)[1].rstrip("/"):
+        raise ValueError(f"expected an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), got {v!r}")
+    return v
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     """A parser that takes one of ``allowed`` exactly and raises ValueError naming them otherwise.
     The one choice parser: the edge's settings (``tierserve.edge.settings``) use it too."""
@@ -90,6 +98,9 @@ class Settings:
     # Batch inference.
     job_table: str = ""
     continuation_queue_url: str = ""
+    # Issue 19: where this function hands its OpenAI batch (text-generation) jobs, BatchGenerateFunction's queue; ""
+    # = runs them here (when its package holds onnxruntime-genai) or refuses them with a ConfigurationError.
+    generation_jobs_queue_url: str = ""
     chunk_rows: int = 4096
     # Batch fan-out (tierserve.batch.shards): a JSONL input over SHARD_BYTES, or an NPZ / Parquet input over
     # SHARD_ROWS rows, is cut into shards that run as concurrent invocations (a job message may ask "shards": N).
@@ -151,6 +162,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": ("memory_mb", int),
     "JOB_TABLE": ("job_table", str),
     "CONTINUATION_QUEUE_URL": ("continuation_queue_url", str),
+    "GENERATION_JOBS_QUEUE_URL": ("generation_jobs_queue_url", queue_url),
     "CHUNK_ROWS": ("chunk_rows", int),
     "SHARD_BYTES": ("shard_bytes", int),
     "SHARD_ROWS": ("shard_rows", int),
@@ -209,6 +221,11 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigurationError("GPU_BACKEND=sagemaker needs SAGEMAKER_ENDPOINT_NAME (the SageMaker endpoint's name)")
     if values.get("gpu_backend") == "triton" and not values.get("triton_url"):
         raise ConfigurationError("GPU_BACKEND=triton needs TRITON_URL (host:port of the Triton server)")
+    if values.get("generation_jobs_queue_url") and \
+            values["generation_jobs_queue_url"] == values.get("continuation_queue_url"):
+        raise ConfigurationError("GENERATION_JOBS_QUEUE_URL is CONTINUATION_QUEUE_URL: this function would hand its "
+                                 "generation jobs to itself for ever; BatchInferenceFunction sets it to "
+                                 "BatchGenerateJobsQueue, BatchGenerateFunction leaves it unset")
     known = {f.name for f in fields(Settings)}
     assert set(values) <= known
     return Settings(**values)

@@ -49,3 +49,15 @@ def test_the_choice_parser_takes_only_what_it_lists_and_says_what_it_got() -> No
         parse("GRPC")
     with pytest.raises(ValueError, match=r"expected true or false .* got 'maybe'"):
         boolean("maybe")
+
+
+def test_the_generation_jobs_queue_is_a_queue_url_and_never_the_functions_own_queue() -> None:
+    # issue 19: BatchInferenceFunction hands OpenAI batch jobs to BatchGenerateFunction's queue
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/stack-BatchGenerateJobsQueue-X"
+    assert parse_settings({}).generation_jobs_queue_url == ""
+    assert parse_settings({"GENERATION_JOBS_QUEUE_URL": url}).generation_jobs_queue_url == url
+    with pytest.raises(errors.ConfigurationError, match="GENERATION_JOBS_QUEUE_URL='BatchGenerateJobsQueue'"):
+        parse_settings({"GENERATION_JOBS_QUEUE_URL": "BatchGenerateJobsQueue"})
+    # a function handing its generation jobs to its own queue would hand them to itself for ever
+    with pytest.raises(errors.ConfigurationError, match="GENERATION_JOBS_QUEUE_URL is CONTINUATION_QUEUE_URL"):
+        parse_settings({"GENERATION_JOBS_QUEUE_URL": url, "CONTINUATION_QUEUE_URL": url})
