@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cfn_render import render
+from tests.support.table_schema import declared_table, made_table
 from tierserve_tools.sam import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,14 +117,12 @@ def test_keys_auth_is_a_cached_request_authorizer_with_least_privilege(template)
     assert doc["Outputs"]["KeysTableName"]["Value"] == {"Ref": "KeysTable"}
 
 
-def test_keys_table_matches_the_local_one() -> None:
-    """tierserve keys --stack and the tests make the table as the template does (key schema, TTL attribute)."""
-    import inspect
-
+def test_keys_table_matches_the_local_one(template, monkeypatch) -> None:
+    """tierserve keys --stack and the tests make the table as the template does (key schema, attribute types,
+    billing, TTL): made on moto and described, compared with KeysTable's properties."""
     from tierserve_tools import keys_cli
 
-    source = inspect.getsource(keys_cli.create_table)
-    assert '"AttributeName": "id", "KeyType": "HASH"' in source and '"AttributeName": "expires_at"' in source
+    assert made_table(monkeypatch, keys_cli.create_table) == declared_table(template, "KeysTable")
 
 
 def test_jwt_auth_is_the_cognito_user_pool_of_jwt_issuer(template) -> None:

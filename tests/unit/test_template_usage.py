@@ -4,11 +4,11 @@ parameters reaching the router's environment; the router may only GetItem and Up
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
 
+from tests.support.table_schema import declared_table, made_table
 from tierserve.settings import parse_settings
 from tierserve_tools import usage_cli
 from tierserve_tools.sam import load_template
@@ -32,10 +32,10 @@ def test_the_usage_table_is_recoverable_encrypted_and_expires_old_items(template
     assert template["Outputs"]["UsageTableName"]["Value"] == {"Ref": "UsageTable"}
 
 
-def test_the_local_table_has_the_templates_key_schema() -> None:
-    source = inspect.getsource(usage_cli.create_table)
-    assert '"AttributeName": "caller", "KeyType": "HASH"' in source
-    assert '"AttributeName": "sk", "KeyType": "RANGE"' in source and '"AttributeName": "expires_at"' in source
+def test_the_local_table_has_the_templates_key_schema(template, monkeypatch) -> None:
+    """`tierserve usage --stack` and the tests make the table as the template does (key schema, attribute types,
+    billing, TTL): made on moto and described, compared with UsageTable's properties."""
+    assert made_table(monkeypatch, usage_cli.create_table) == declared_table(template, "UsageTable")
 
 
 def test_the_default_budgets_are_parameters_in_the_routers_environment(template) -> None:

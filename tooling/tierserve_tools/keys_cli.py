@@ -28,11 +28,14 @@ from typing import Any
 
 from tierserve import keys
 from tierserve.errors import ConfigurationError
+from tierserve_tools import stack_tables
 
 #: The keys table of a local stack (`tierserve serve`), unless its env.json names one (KEYS_TABLE).
 LOCAL_TABLE = "tierserve-keys"
 #: The stack output that names the deployed table.
 TABLE_OUTPUT = "KeysTableName"
+#: template.yaml's KeysTable key schema: the key id (the first 16 hex digits of the secret's SHA-256).
+KEY_SCHEMA = (("id", "HASH"),)
 
 
 def register(subparsers) -> None:  # type: ignore[no-untyped-def]
@@ -61,29 +64,13 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
 def create_table(client: Any, name: str) -> None:
     """The keys table as template.yaml declares it (``id`` as the partition key, TTL on ``expires_at``), for
     local stacks and tests; an existing table is left as it is."""
-    try:
-        client.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
-                            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-                            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}])
-    except client.exceptions.ResourceInUseException:
-        return
-    client.get_waiter("table_exists").wait(TableName=name)
-    client.update_time_to_live(TableName=name,
-                               TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
+    stack_tables.create_table(client, name, KEY_SCHEMA)
 
 
 def stack_table(stack_name: str, cloudformation: Any = None) -> str:
     """The ``KeysTableName`` output of a deployed stack."""
-    if cloudformation is None:
-        from tierserve import aws
-
-        cloudformation = aws.client("cloudformation")
-    stacks = cloudformation.describe_stacks(StackName=stack_name)["Stacks"]
-    for output in stacks[0].get("Outputs", []) if stacks else []:
-        if output.get("OutputKey") == TABLE_OUTPUT:
-            return str(output["OutputValue"])
-    raise ConfigurationError(f"stack {stack_name} has no {TABLE_OUTPUT} output: deploy the template with "
-                             "ApiAuth=keys (the keys table exists only then), or pass --table")
+    return stack_tables.stack_output(stack_name, TABLE_OUTPUT, "deploy the template with ApiAuth=keys (the keys "
+                                     "table exists only then), or pass --table", cloudformation)
 
 
 def open_store(args: argparse.Namespace) -> keys.KeyStore:

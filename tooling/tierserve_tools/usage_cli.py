@@ -37,11 +37,14 @@ from typing import Any
 
 from tierserve import usage
 from tierserve.errors import ConfigurationError, InvalidRequestError
+from tierserve_tools import stack_tables
 
 #: The usage table of a local stack (`tierserve serve`), unless its env.json names one (USAGE_TABLE).
 LOCAL_TABLE = "tierserve-usage"
 #: The stack output that names the deployed table.
 TABLE_OUTPUT = "UsageTableName"
+#: template.yaml's UsageTable key schema: the caller, then what the item is (budget, window or usage row).
+KEY_SCHEMA = (("caller", "HASH"), ("sk", "RANGE"))
 #: Default reach of --since: the last 7 UTC days, today included.
 DEFAULT_DAYS = 7
 
@@ -77,31 +80,13 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
 def create_table(client: Any, name: str) -> None:
     """The usage table as template.yaml's UsageTable declares it (partition key ``caller``, sort key ``sk``, TTL
     on ``expires_at``), for local stacks and tests; an existing table is left as it is."""
-    try:
-        client.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
-                            AttributeDefinitions=[{"AttributeName": "caller", "AttributeType": "S"},
-                                                  {"AttributeName": "sk", "AttributeType": "S"}],
-                            KeySchema=[{"AttributeName": "caller", "KeyType": "HASH"},
-                                       {"AttributeName": "sk", "KeyType": "RANGE"}])
-    except client.exceptions.ResourceInUseException:
-        return
-    client.get_waiter("table_exists").wait(TableName=name)
-    client.update_time_to_live(TableName=name,
-                               TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
+    stack_tables.create_table(client, name, KEY_SCHEMA)
 
 
 def stack_table(stack_name: str, cloudformation: Any = None) -> str:
     """The ``UsageTableName`` output of a deployed stack."""
-    if cloudformation is None:
-        from tierserve import aws
-
-        cloudformation = aws.client("cloudformation")
-    stacks = cloudformation.describe_stacks(StackName=stack_name)["Stacks"]
-    for output in stacks[0].get("Outputs", []) if stacks else []:
-        if output.get("OutputKey") == TABLE_OUTPUT:
-            return str(output["OutputValue"])
-    raise ConfigurationError(f"stack {stack_name} has no {TABLE_OUTPUT} output: deploy a template with the usage "
-                             "table (issue 18), or pass --table")
+    return stack_tables.stack_output(stack_name, TABLE_OUTPUT, "deploy a template with the usage table (issue 18), "
+                                     "or pass --table", cloudformation)
 
 
 def open_ledger(args: argparse.Namespace) -> tuple[usage.Ledger, str | None]:
