@@ -45,11 +45,11 @@ from tierserve_tools import paths
 RUNTIME_PACKAGES = ("boto3", "botocore")
 INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations/?$")
 
-#: The isolated interpreter's program: argv = [task, runtime, handler]; the event on stdin; the result (or
-#: {"errorMessage", "errorType"}) as the last stdout line. Nothing from tierserve_tools is importable there.
-BOOT = r"""
-import json, os, sys, time, traceback, uuid
-task, runtime, handler = sys.argv[1], sys.argv[2], sys.argv[3]
+#: How every isolated boot program starts, after its imports (json, os, sys, time, uuid): argv = [task, runtime,
+#: handler] read and put on sys.path, the artifact as working directory, a Lambda context with the function's
+#: name, memory and timeout, the event from stdin, and the real stdout kept as ``real_stdout`` (the program
+#: writes its one result line there). ``bench/cold_start_s3``'s GENERATE_BOOT starts with it too.
+BOOT_PRELUDE = r"""task, runtime, handler = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path[:0] = [task, runtime]
 os.chdir(task)
 class Context:
@@ -66,7 +66,12 @@ class Context:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 event = json.loads(sys.stdin.read())
 real_stdout = sys.stdout
-sys.stdout = sys.stderr  # the function's prints and EMF metrics are its logs
+"""
+#: The isolated interpreter's program: argv = [task, runtime, handler]; the event on stdin; the result (or
+#: {"errorMessage", "errorType"}) as the last stdout line. Nothing from tierserve_tools is importable there.
+BOOT = r"""
+import json, os, sys, time, traceback, uuid
+""" + BOOT_PRELUDE + r"""sys.stdout = sys.stderr  # the function's prints and EMF metrics are its logs
 timings = {}
 try:
     t0 = time.perf_counter()

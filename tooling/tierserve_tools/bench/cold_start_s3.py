@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tierserve_tools.artifact import BOOT_PRELUDE
+
 BUCKET = "tierserve-models-123456789012-us-east-1"
 
 
@@ -58,28 +60,11 @@ def _payload(models: Path, name: str) -> dict:
             "body": body, "isBase64Encoded": False}
 
 
-#: The isolated interpreter for a generation: as ``tierserve_tools.artifact.BOOT``, but the handler's
-#: StreamingResponse is read here (the first chunk timed) and a summary is the last stdout line.
+#: The isolated interpreter for a generation: as ``tierserve_tools.artifact.BOOT`` (the same prelude), but the
+#: handler's StreamingResponse is read here (the first chunk timed) and a summary is the last stdout line.
 GENERATE_BOOT = r"""
 import json, os, sys, time, uuid
-task, runtime, handler = sys.argv[1], sys.argv[2], sys.argv[3]
-sys.path[:0] = [task, runtime]
-os.chdir(task)
-class Context:
-    def __init__(self):
-        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "function")
-        self.function_version = "$LATEST"
-        self.memory_limit_in_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"))
-        self.invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:" + self.function_name
-        self.aws_request_id = str(uuid.uuid4())
-        self.log_group_name = "/aws/lambda/" + self.function_name
-        self.log_stream_name = "artifact"
-        self._deadline = time.monotonic() + float(os.environ.get("AWS_LAMBDA_FUNCTION_TIMEOUT", "3"))
-    def get_remaining_time_in_millis(self):
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
-event = json.loads(sys.stdin.read())
-real_stdout = sys.stdout
-sys.stdout = sys.stderr
+""" + BOOT_PRELUDE + r"""sys.stdout = sys.stderr
 t0 = time.perf_counter()
 module, _, name = handler.rpartition(".")
 fn = getattr(__import__(module, fromlist=[name]), name)
