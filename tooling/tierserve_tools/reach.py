@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,28 +203,41 @@ TASK_ROOT = "/var/task/"
 WRAPPER_MODULE = f"{PACKAGE}.streaming.runtime_loop"
 
 
+def _resources(template_text: str) -> Iterator[tuple[str, list[str]]]:
+    """Each resource under ``Resources:`` (in order): its logical id and its lines (neither blank nor comments).
+
+    A line reader for the CloudFormation YAML this project writes (two-space indents, one resource per
+    top-level key under Resources): its tags (``!Ref``, ``!Sub``) make a plain YAML load fail, and the build
+    must not depend on PyYAML."""
+    current: str | None = None
+    lines: list[str] = []
+    in_resources = False
+    for line in template_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        top_level = not line.startswith(" ")
+        top = _RESOURCE.match(line) if in_resources and not top_level else None
+        if top_level or top:  # the resource before ends here
+            if current is not None:
+                yield current, lines
+            current, lines = (top.group("name") if top else None), []
+            if top_level:
+                in_resources = line.rstrip().startswith("Resources:")
+        elif current is not None:
+            lines.append(line)
+    if current is not None:
+        yield current, lines
+
+
 def exec_wrappers(template_text: str) -> dict[str, str]:
     """logical id -> its literal ``AWS_LAMBDA_EXEC_WRAPPER`` (under ``Environment: Variables:``), for every
     resource that sets one; read as :func:`template_functions` reads the template."""
     found: dict[str, str] = {}
-    in_resources = False
-    current: str | None = None
-    for line in template_text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if not line.startswith(" "):
-            current = None
-            in_resources = line.rstrip().startswith("Resources:")
-            continue
-        if not in_resources:
-            continue
-        top = _RESOURCE.match(line)
-        if top:
-            current = top.group("name")
-            continue
-        wrapper = _WRAPPER.match(line)
-        if wrapper and current is not None:
-            found[current] = wrapper.group("value").strip("'\"")
+    for name, lines in _resources(template_text):
+        for line in lines:
+            wrapper = _WRAPPER.match(line)
+            if wrapper:
+                found[name] = wrapper.group("value").strip("'\"")
     return found
 
 
@@ -244,42 +257,20 @@ def wrapper_file(template: Path, logical_id: str, root: Path) -> Path | None:
 
 
 def template_functions(template_text: str) -> dict[str, str]:
-    """logical id -> Handler for every ``AWS::Serverless::Function`` under ``Resources:`` (in order).
-
-    A line reader for the CloudFormation YAML this project writes (two-space indents, one resource per
-    top-level key under Resources): its tags (``!Ref``, ``!Sub``) make a plain YAML load fail, and the build
-    must not depend on PyYAML. A function with no literal Handler is an error.
+    """logical id -> Handler for every ``AWS::Serverless::Function`` under ``Resources:`` (in order), read by
+    :func:`_resources`'s line reader. A function with no literal Handler is an error.
     """
     functions: dict[str, str] = {}
-    in_resources = False
-    current: str | None = None
-    fields: dict[str, str] = {}
-
-    def close() -> None:
-        if current is not None and fields.get("Type") == "AWS::Serverless::Function":
+    for name, lines in _resources(template_text):
+        fields: dict[str, str] = {}
+        for line in lines:
+            key = _KEY.match(line)
+            if key and key.group("key") not in fields:
+                fields[key.group("key")] = key.group("value")
+        if fields.get("Type") == "AWS::Serverless::Function":
             if "Handler" not in fields:
-                raise ReachError(f"template: function {current} has no literal Handler")
-            functions[current] = fields["Handler"].strip("'\"")
-
-    for line in template_text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if not line.startswith(" "):
-            close()
-            current, fields = None, {}
-            in_resources = line.rstrip().startswith("Resources:")
-            continue
-        if not in_resources:
-            continue
-        top = _RESOURCE.match(line)
-        if top:
-            close()
-            current, fields = top.group("name"), {}
-            continue
-        key = _KEY.match(line)
-        if key and current is not None and key.group("key") not in fields:
-            fields[key.group("key")] = key.group("value")
-    close()
+                raise ReachError(f"template: function {name} has no literal Handler")
+            functions[name] = fields["Handler"].strip("'\"")
     return functions
 
 

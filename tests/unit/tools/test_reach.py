@@ -92,6 +92,17 @@ def test_template_functions_reads_every_function_and_its_handler():
         template_functions("Resources:\n  F:\n    Type: AWS::Serverless::Function\n")
 
 
+def test_an_exec_wrapper_belongs_to_the_resource_it_is_under():
+    from tierserve_tools.reach import exec_wrappers
+
+    text = ("Resources:\n  F:\n    Type: AWS::Serverless::Function\n    Properties:\n      Handler: a.b\n"
+            "      Environment:\n        Variables:\n          AWS_LAMBDA_EXEC_WRAPPER: '/var/task/w.sh' # loop\n"
+            "  G:  # none\n    Type: AWS::Serverless::Function\n    Properties:\n      Handler: a.c\n"
+            "Outputs:\n  H:\n    Value: x\n    AWS_LAMBDA_EXEC_WRAPPER: /var/task/not-a-resource.sh\n")
+    assert exec_wrappers(text) == {"F": "/var/task/w.sh"}
+    assert template_functions(text) == {"F": "a.b", "G": "a.c"}
+
+
 def test_the_real_handlers_reach_no_emulation_and_no_edge_runtime():
     functions = template_functions((ROOT / "template.yaml").read_text())
     assert "CpuInferenceFunction3538" in functions
