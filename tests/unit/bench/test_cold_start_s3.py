@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.boot_artifact import one_file_artifact
 from tierserve_tools.bench.cold_start_s3 import _generate_cold
 
 HANDLER = '''
@@ -35,10 +36,7 @@ def buffered(event, context):
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
-    (tmp_path / "task").mkdir()
-    (tmp_path / "runtime").mkdir()
-    (tmp_path / "task" / "app.py").write_text(HANDLER)
-    return tmp_path / "task"
+    return one_file_artifact(tmp_path, HANDLER)[0]
 
 
 def test_a_streamed_answer_is_timed_and_its_last_event_returned(task: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.boot_artifact import one_file_artifact
 from tierserve.errors import ConfigurationError
 from tierserve_tools.artifact import invoke
 
@@ -33,10 +34,7 @@ ENV = {"AWS_LAMBDA_FUNCTION_NAME": "CpuInferenceFunction", "AWS_LAMBDA_FUNCTION_
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
-    (tmp_path / "task").mkdir()
-    (tmp_path / "runtime").mkdir()
-    (tmp_path / "task" / "app.py").write_text(HANDLER)
-    return tmp_path / "task"
+    return one_file_artifact(tmp_path, HANDLER)[0]
 
 
 def test_the_handler_runs_in_the_artifact_with_a_lambda_context(task: Path) -> None:
