@@ -24,11 +24,10 @@ def test_prompts_are_deterministic_between_half_and_all_of_the_longest_and_never
     assert all(pad not in p for p in batch_generate.prompts_for(8, 64, pad=pad))
 
 
-def test_quick_is_a_smaller_part_with_fewer_runs_but_still_batched_and_alternated() -> None:
+def test_quick_times_the_same_part_fewer_times() -> None:
     full, quick = batch_generate.SUITE_SIZES[False], batch_generate.SUITE_SIZES[True]
-    assert all(q <= f for q, f in zip(quick, full, strict=True)) and quick != full
-    batch, _longest, new, runs, _warm = quick
-    assert batch >= 4 and new >= 16 and runs >= 2  # a batch worth the name, a median of more than one run
+    assert quick[:3] == full[:3]  # prompts, longest prompt, new tokens: the figure quick or not is the same one
+    assert 2 <= quick[3] < full[3] and 1 <= quick[4] <= full[4]  # a median of more than one run, after a warm-up
 
 
 @pytest.fixture(scope="module")
