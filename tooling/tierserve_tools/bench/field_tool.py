@@ -7,33 +7,80 @@ Why: a server's generation figures are believed when a tool its users already tr
 venv does not hold) runs as a subprocess from its own venv, with its own CLI and nothing patched: it checks
 ``GET /health``, sends synthetic prompts of ``prompt_tokens`` (counted by the model's own tokenizer, read offline
 from the model's folder) with ``max_tokens``, vLLM's ``ignore_eos`` and ``stream_options.continuous_usage_stats``,
-streamed, to ``/v1/completions``, and writes its JSON report. The suite then measures its own gateway path
-(:func:`tierserve_tools.bench.generate.gateway_run`) at the same concurrency and request count right after each
-guidellm level, so both see the same machine at nearly the same moment, and each pair of figures (output tokens/s,
-TTFT p50) is recorded with its ratio and whether the two agree within :data:`TOLERANCE`.
+streamed, to ``/v1/completions``, and writes its JSON report. Its only option beyond the load's shape is
+``extras.body.temperature=0`` (its own ``--backend`` option: extra request fields), so that it decodes greedily
+as our suite does.
+
+Why the two disagreed before (2026-12 runs, ratios 0.76-1.25), and what makes them comparable now:
+
+* **Not the same requests.** Our side sent no ``ignore_eos``: the random-weight bench model reaches EOS early on
+  some prompts (of the sweep's 16 prompts, greedy, 3 stopped at 32, 20 and 51 of 64 tokens), so our requests
+  averaged fewer output tokens (939 against 1,024) for the same prefill, while guidellm's always ran to
+  ``max_tokens``. guidellm sent no ``temperature`` (the server's default 1.0: sampled) and
+  ``continuous_usage_stats`` (a usage object in every chunk); ours was greedy with usage only at the end. Now our
+  side sends guidellm's body: the same ``max_tokens``, ``ignore_eos``, ``stream_options``, and guidellm is told
+  ``temperature 0`` as ours; each side's prompt and output token counts (from the server's usage) are recorded and
+  must be equal (128 + 64).
+* **Not the same definitions.** guidellm's output tokens/s is the successful requests' output tokens (the
+  server's usage) over the benchmark's duration: from the first request's start to the last request's end; its
+  streams each take the next request as they finish. Its TTFT is from the request's send to the first SSE line
+  whose ``text`` is not empty. Ours (:func:`ours_level`) is now defined exactly so: ``c`` client threads taking
+  requests from one queue, output tokens/s = the usage's ``completion_tokens`` summed / (last end - first start),
+  TTFT = first non-empty ``text`` chunk - send (before, the level's wall time included the threads' start-up and
+  each client had a fixed share of the requests).
+* **Too few samples on a shared machine.** One guidellm level of 16 requests (5 s) then one of ours: on 2 cores with
+  other engineers' tests, our own figure moved by 25% between runs. Now each level runs ``ROUNDS`` rounds, ours and
+  guidellm alternating (ours, guidellm, guidellm, ours, ...: drift in load cancels), ``REQUESTS`` requests each
+  (``GUIDELLM_ENV``), on the same warm gateway, and the figures compared are each side's median over its rounds;
+  every round's pair, its ratios and the load average are kept in the suite's notes.
+* **The tool's own CPU.** guidellm's client is Python asyncio in worker processes (one per stream by default) beside
+  its scheduler process; on 2 cores its CPU time is taken from the server's. Measured here at concurrency 4: 31
+  more requests cost it 0.8 s of CPU over a 5.7 s window with 4 worker processes, 0.4-0.7 s over 7 s with one
+  (``GUIDELLM__MAX_WORKER_PROCESSES=1``, its own setting, used here: the streams share one event loop); our client
+  threads use 0.15-0.2 s a round (``ours_cpu_s``; guidellm's whole run, start-up included, is ``guidellm_cpu_s``).
+  What remains, a few per cent, is the tool's, and is in its figures.
+* **What did not matter.** Sampling at guidellm's default temperature against greedy: the same tokens/s (196.7 and
+  196.7, 164.8 and 162.8 in two alternations of 16 requests). The prompts stay guidellm's synthetic text and our
+  token ids, of the same length in the server's count (128), checked per round (``same_tokens``).
 
 What guidellm's report says, as read here (:func:`parse_report`): one benchmark per concurrency level
 (``config.strategy.streams``); output tokens/s = the successful requests' output tokens / the benchmark's
-duration (guidellm's ``output_tokens_per_second.successful.mean``, the same number); TTFT = its
-``time_to_first_token_ms.successful`` median (and mean).
+duration; TTFT = its ``time_to_first_token_ms.successful`` median (and mean).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import queue
+import resource
+import statistics
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tierserve import errors
+
 GUIDELLM_VERSION = "0.8.1"
 #: the two tools' figures agree when each ratio is within 1 +- TOLERANCE (issue 19: "agree within 15%")
 TOLERANCE = 0.15
 LEVELS = (1, 4)
-#: guidellm's own report of each level, saved unchanged beside ours (``REPORT.format(c=...)``)
-REPORT = "guidellm-generate-c{c}.json"
+#: rounds per level (ours and guidellm alternating) and requests per round and tool: (full, --quick)
+ROUNDS = (5, 1)
+REQUESTS = (32, 8)
+#: guidellm's environment: offline (the tokenizer comes from the model's folder), its streams in one worker process
+GUIDELLM_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "GUIDELLM__MAX_WORKER_PROCESSES": "1"}
+#: guidellm's own report of each level and round, saved unchanged beside ours (``REPORT.format(c=..., r=...)``)
+REPORT = "guidellm-generate-c{c}-r{r}.json"
+
+
+class FieldToolError(errors.TierserveError):
+    """guidellm could not run, or its report is not one this module reads."""
 
 
 @dataclass(frozen=True)
@@ -52,27 +99,42 @@ class FieldLevel:
     output_tokens_p50: float
 
 
+@dataclass(frozen=True)
+class OursLevel:
+    """One concurrency level as our client measured it, by guidellm's definitions (see the module's docstring)."""
+
+    concurrency: int
+    requests: int
+    duration_s: float
+    output_tokens: int
+    output_tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_mean_ms: float
+    prompt_tokens: list[int]
+    output_tokens_each: list[int]
+
+
 def _stat(metrics: dict[str, Any], name: str) -> dict[str, Any]:
     try:
         stat = metrics[name]["successful"]
     except (KeyError, TypeError) as exc:
-        raise RuntimeError(f"the guidellm report has no metrics.{name}.successful: not a guidellm "
-                           f"{GUIDELLM_VERSION} JSON report (--output kind=json)?") from exc
+        raise FieldToolError(f"the guidellm report has no metrics.{name}.successful: not a guidellm "
+                             f"{GUIDELLM_VERSION} JSON report (--output kind=json)?") from exc
     if not isinstance(stat, dict):
-        raise RuntimeError(f"the guidellm report's metrics.{name}.successful is not an object")
+        raise FieldToolError(f"the guidellm report's metrics.{name}.successful is not an object")
     return stat
 
 
 def parse_report(doc: Any) -> dict[int, FieldLevel]:
     """guidellm's JSON report (``--output kind=json``) -> its concurrent levels by stream count."""
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-        raise RuntimeError("not a guidellm JSON report: no 'benchmarks' list (run guidellm with --output kind=json)")
+        raise FieldToolError("not a guidellm JSON report: no 'benchmarks' list (run guidellm with --output kind=json)")
     levels: dict[int, FieldLevel] = {}
     for i, bench in enumerate(doc["benchmarks"]):
         strategy = ((bench.get("config") or {}).get("strategy") or {}) if isinstance(bench, dict) else {}
         if strategy.get("type_") != "concurrent":
-            raise RuntimeError(f"guidellm benchmark {i} is a {strategy.get('type_')!r} profile; this comparison "
-                               "reads concurrent ones (--profile kind=concurrent)")
+            raise FieldToolError(f"guidellm benchmark {i} is a {strategy.get('type_')!r} profile; this comparison "
+                                 "reads concurrent ones (--profile kind=concurrent)")
         metrics = bench.get("metrics") or {}
         totals = metrics.get("request_totals") or {}
         duration = float(bench.get("duration") or 0.0)
@@ -89,6 +151,18 @@ def parse_report(doc: Any) -> dict[int, FieldLevel]:
     return levels
 
 
+def sent_bodies(doc: Any) -> list[dict[str, Any]]:
+    """The request bodies guidellm sent, from its report's ``requests.successful[].request_args`` (a JSON string
+    in 0.8.1): what this comparison checks our requests against."""
+    bodies = []
+    for bench in doc.get("benchmarks") or ():
+        for req in ((bench.get("requests") or {}).get("successful") or ()):
+            args = req.get("request_args")
+            args = json.loads(args) if isinstance(args, str) else (args or {})
+            bodies.append(dict(args.get("body") or {}))
+    return bodies
+
+
 def agreement(ours: float, field: float, tolerance: float = TOLERANCE) -> tuple[float | None, bool]:
     """(field / ours, whether they agree within ``tolerance``)."""
     if ours <= 0:
@@ -99,9 +173,11 @@ def agreement(ours: float, field: float, tolerance: float = TOLERANCE) -> tuple[
 
 def command(guidellm: Path | str, target: str, model: str, tokenizer: Path, streams: int, requests: int,
             prompt_tokens: int, output_tokens: int, out: Path) -> list[str]:
-    """guidellm's own CLI (0.8.1): a concurrent profile at ``streams``, ``requests`` requests, synthetic prompts."""
+    """guidellm's own CLI (0.8.1): a concurrent profile at ``streams``, ``requests`` requests, synthetic prompts,
+    greedy (``extras.body.temperature=0``: its option for extra request fields)."""
     return [str(guidellm), "run",
-            "--backend", f"kind=openai_http,target={target},model={model},request_format=/v1/completions",
+            "--backend", f"kind=openai_http,target={target},model={model},request_format=/v1/completions,"
+                         "extras.body.temperature=0",
             "--profile", f"kind=concurrent,streams={streams}",
             "--constraint", f"kind=max_requests,count={requests}",
             "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
@@ -109,74 +185,247 @@ def command(guidellm: Path | str, target: str, model: str, tokenizer: Path, stre
             "--output", f"kind=json,path={out}", "--disable-console-interactive"]
 
 
+def request_body(model: str, prompt: list[int] | str, new: int) -> dict[str, Any]:
+    """Our request: guidellm's body (``max_tokens``, ``ignore_eos``, ``stream_options`` with
+    ``continuous_usage_stats``) with the temperature both sides send, 0."""
+    return {"model": model, "prompt": prompt, "max_tokens": new, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One streamed request: wall-clock times (s) and the server's usage."""
+
+    start: float
+    first_text: float
+    end: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def stream_once(host: str, port: int, body: dict[str, Any], timeout: float = 300.0) -> Timed:
+    """POST the body to ``/v1/completions`` and read its SSE stream as guidellm does: the start just before the
+    request is sent, the first line whose ``text`` is not empty, the usage of the last chunk that carries one."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.connect()
+        start = time.perf_counter()
+        conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise FieldToolError(f"the gateway answered {resp.status}: {resp.read()[:500]!r}")
+        first = 0.0
+        usage: dict[str, Any] = {}
+        while line := resp.readline():
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise FieldToolError(f"the stream ended with an error: {chunk['error']}")
+            if not first and any(c.get("text") for c in chunk.get("choices") or ()):
+                first = time.perf_counter()
+            usage = chunk.get("usage") or usage
+        end = time.perf_counter()
+    finally:
+        conn.close()
+    if not first:
+        raise FieldToolError("no text came back")
+    return Timed(start, first, end, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
+def summarise(runs: list[Timed], concurrency: int) -> OursLevel:
+    """guidellm's definitions over our requests: output tokens / (last end - first start); TTFT median and mean."""
+    if not runs:
+        raise FieldToolError("no request finished")
+    duration = max(r.end for r in runs) - min(r.start for r in runs)
+    tokens = sum(r.completion_tokens for r in runs)
+    ttft = [(r.first_text - r.start) * 1000 for r in runs]
+    return OursLevel(concurrency=concurrency, requests=len(runs), duration_s=duration, output_tokens=tokens,
+                     output_tokens_per_s=tokens / duration if duration > 0 else 0.0,
+                     ttft_p50_ms=statistics.median(ttft), ttft_mean_ms=statistics.fmean(ttft),
+                     prompt_tokens=sorted({r.prompt_tokens for r in runs}),
+                     output_tokens_each=sorted({r.completion_tokens for r in runs}))
+
+
+def ours_level(host: str, port: int, model: str, concurrency: int, requests: int, prompts: list[list[int]],
+               new: int) -> OursLevel:
+    """``concurrency`` client threads taking the next of ``requests`` requests from one queue (guidellm's
+    concurrent streams), each request :func:`request_body` with the next prompt."""
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(requests):
+        todo.put(i)
+    runs: list[Timed] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def stream() -> None:
+        while not errors:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                r = stream_once(host, port, request_body(model, prompts[i % len(prompts)], new))
+            except BaseException as exc:  # the level fails with the first error, after every stream stops
+                with lock:
+                    errors.append(exc)
+                return
+            with lock:
+                runs.append(r)
+
+    threads = [threading.Thread(target=stream, name=f"field-compare-{k}") for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return summarise(runs, concurrency)
+
+
+def median_of_rounds(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def compare_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each side's median over its rounds, the ratios (guidellm / ours) and whether they agree within 15%."""
+    out: dict[str, Any] = {}
+    for key in ("output_tokens_per_s", "ttft_p50_ms"):
+        ours = median_of_rounds([r["ours"][key] for r in rounds])
+        field = median_of_rounds([r["guidellm"][key] for r in rounds])
+        ratio, ok = agreement(ours, field)
+        out[key] = {"ours": round(ours, 2), "guidellm": round(field, 2),
+                    "ratio": None if ratio is None else round(ratio, 3), "agree": ok}
+    return out
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_guidellm_once(ctx: Any, exe: Path, target: str, model: str, folder: Path, c: int, requests: int,
+                       prompt: int, new: int, out_dir: Path, r: int, env: dict[str, str]) -> tuple[FieldLevel, dict]:
+    out = ctx.workdir / REPORT.format(c=c, r=r)
+    argv = command(exe, target, model, folder, c, requests, prompt, new, out)
+    cpu0 = _children_cpu()
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ctx.workdir, timeout=600, check=False)
+    seconds, cpu = time.monotonic() - t0, _children_cpu() - cpu0
+    log = out_dir / f"guidellm-c{c}-r{r}.log"
+    log.write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+    if proc.returncode != 0 or not out.is_file():
+        raise FieldToolError(f"guidellm exited {proc.returncode} at concurrency {c}: {proc.stderr[-1500:]}")
+    saved = out_dir / REPORT.format(c=c, r=r)
+    saved.write_bytes(out.read_bytes())
+    doc = json.loads(out.read_text())
+    field = parse_report(doc)[c]
+    if field.errored:
+        raise FieldToolError(f"guidellm saw {field.errored} errored requests at concurrency {c}; see {log}")
+    bodies = sent_bodies(doc)
+    sent = sorted({(b.get("max_tokens"), b.get("ignore_eos"), b.get("temperature")) for b in bodies}, key=str)
+    return field, {"command": " ".join(argv), "report": str(saved), "seconds": round(seconds, 1),
+                   "guidellm_cpu_s": round(cpu, 2), "sent": [list(s) for s in sent]}
+
+
 def run_guidellm(ctx: Any, host: str, port: int, folder: Path) -> None:
-    """The suite's hook (``ctx.notes["field_tool"]``): guidellm at each of :data:`LEVELS` against the gateway
-    that is up, each level followed by ours at the same load; figures and notes, and guidellm's own report of each
-    level copied unchanged into ``ctx.notes["out"]`` (bench/results) beside ours."""
+    """The suite's hook (``ctx.notes["field_tool"]``): at each of :data:`LEVELS`, ``ROUNDS`` rounds of our client
+    and guidellm alternating against the gateway that is up (warm: the suite has just run its sweep); the medians
+    of rounds as figures (guidellm vs ours, with the ratio and whether they agree within 15%), every round's pair
+    and the load average in the suite's notes, and guidellm's own report of each round copied unchanged into
+    ``ctx.notes["out"]`` (bench/results) beside ours."""
     from tierserve_tools.bench import generate as g
-    from tierserve_tools.bench.harness import Figure, Series, percentile
+    from tierserve_tools.bench.harness import Figure, Series
 
     exe = Path(str(ctx.notes["guidellm"]))
     if not exe.is_file():
-        raise RuntimeError(f"guidellm is not at {exe}: make bench-venv installs guidellm {GUIDELLM_VERSION} there")
+        raise FieldToolError(f"guidellm is not at {exe}: make bench-venv installs guidellm {GUIDELLM_VERSION} there")
     out_dir = Path(str(ctx.notes.get("out") or ctx.workdir))
     out_dir.mkdir(parents=True, exist_ok=True)
     target = f"http://{host}:{port}"
-    new = ctx.n(g.SWEEP_NEW, 32)
-    per_level = ctx.n(16, 8)  # fewer and one slow request sways a level (4 a level: 0.55x in a quick run)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    commands: list[str] = []
-    rows: dict[str, Any] = {}
+    new = g.SWEEP_NEW  # 64 in --quick too: fewer tokens make the prefill a larger, noisier share
+    rounds, per_level = ctx.n(*ROUNDS), ctx.n(*REQUESTS)
+    env = {**os.environ, **GUIDELLM_ENV}
+    prompts = [g.prompt_ids(g.SWEEP_PROMPT, 2000 + i) for i in range(per_level)]
+    levels: dict[str, Any] = {}
     for c in LEVELS:
-        out = ctx.workdir / REPORT.format(c=c)
-        argv = command(exe, target, g.MODEL, folder, c, per_level, g.SWEEP_PROMPT, new, out)
-        commands.append(" ".join(argv))
-        ctx.progress(f"guidellm {GUIDELLM_VERSION} at concurrency {c}: {per_level} requests of {g.SWEEP_PROMPT} + "
-                     f"{new} tokens")
-        t0 = time.monotonic()
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ctx.workdir, timeout=600,
-                              check=False)
-        (out_dir / f"guidellm-c{c}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
-        if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"guidellm exited {proc.returncode} at concurrency {c}: {proc.stderr[-1500:]}")
-        saved = out_dir / REPORT.format(c=c)
-        saved.write_bytes(out.read_bytes())
-        field = parse_report(json.loads(out.read_text()))[c]
-        if field.errored:
-            raise RuntimeError(f"guidellm saw {field.errored} errored requests at concurrency {c}; see "
-                               f"{out_dir / f'guidellm-c{c}.log'}")
-        seconds = time.monotonic() - t0
-        # ours, the same load right after: c clients, the same number of requests, 128-token prompts, max_tokens
-        k = max(1, per_level // c)
-        level = g.concurrent(lambda i: g.gateway_run(host, port, g.prompt_ids(g.SWEEP_PROMPT, 1000 + i), new), c, k)
-        ours_tps, ours_ttft = level.tokens_per_s, percentile([r.ttft_ms for r in level.runs], 50)
-        tps_ratio, tps_ok = agreement(ours_tps, field.output_tokens_per_s)
-        ttft_ratio, ttft_ok = agreement(ours_ttft, field.ttft_p50_ms)
-        conditions = (f"guidellm {GUIDELLM_VERSION} unchanged from .venv-bench (its own CLI, /v1/completions, "
-                      f"streamed, synthetic prompts of {g.SWEEP_PROMPT} tokens by the model's "
-                      f"tokenizer, max_tokens {new} with ignore_eos, sampled at its default temperature) then "
-                      f"tierserve bench's gateway_run (token-id prompts of {g.SWEEP_PROMPT}, greedy, max_tokens "
-                      f"{new}) at concurrency {c}, {per_level} requests each, against the same tierserve serve "
-                      f"({target}); agreement: ratio within 1 +- {TOLERANCE:g}")
+        ctx.progress(f"guidellm {GUIDELLM_VERSION} and ours alternating at concurrency {c}: {rounds} rounds of "
+                     f"{per_level} requests of {g.SWEEP_PROMPT} + {new} tokens each")
+        done: list[dict[str, Any]] = []
+        for r in range(rounds):
+            entry: dict[str, Any] = {"round": r, "load_average": [round(x, 2) for x in os.getloadavg()]}
+            order = ("ours", "guidellm") if r % 2 == 0 else ("guidellm", "ours")
+            for side in order:
+                if side == "ours":
+                    cpu0 = time.process_time()
+                    ours = ours_level(host, port, g.MODEL, c, per_level, prompts, new)
+                    entry["ours"] = {**asdict(ours), "ours_cpu_s": round(time.process_time() - cpu0, 2)}
+                else:
+                    field, info = _run_guidellm_once(ctx, exe, target, g.MODEL, folder, c, per_level,
+                                                     g.SWEEP_PROMPT, new, out_dir, r, env)
+                    entry["guidellm"] = {**asdict(field), **info}
+            entry["order"] = list(order)
+            entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            for key in ("output_tokens_per_s", "ttft_p50_ms"):
+                ratio, ok = agreement(entry["ours"][key], entry["guidellm"][key])
+                entry[f"{key}_ratio"], entry[f"{key}_agree"] = (None if ratio is None else round(ratio, 3)), ok
+            gl, us = entry["guidellm"], entry["ours"]
+            ctx.progress(f"concurrency {c}, round {r + 1}/{rounds}: tokens/s guidellm {gl['output_tokens_per_s']:.1f}"
+                         f" / ours {us['output_tokens_per_s']:.1f} = {entry['output_tokens_per_s_ratio']}; TTFT p50 "
+                         f"{gl['ttft_p50_ms']:.1f} / {us['ttft_p50_ms']:.1f} ms = {entry['ttft_p50_ms_ratio']} "
+                         f"(load {entry['load_average'][0]:.1f})")
+            done.append(entry)
+        same = _same_tokens(done, g.SWEEP_PROMPT, new)
+        summary = compare_rounds(done)
+        conditions = (f"guidellm {GUIDELLM_VERSION} unchanged from .venv-bench (its own CLI; /v1/completions, "
+                      f"streamed, synthetic text prompts of {g.SWEEP_PROMPT} tokens by the model's tokenizer, "
+                      f"max_tokens {new}, ignore_eos, continuous usage, temperature 0 by extras.body) and our client "
+                      f"(the same body with token-id prompts of {g.SWEEP_PROMPT}; tokens/s = usage completion tokens "
+                      f"/ (last end - first start), TTFT = first non-empty text - send, guidellm's definitions), "
+                      f"concurrency {c}, {per_level} requests a round, {rounds} rounds alternating, medians of rounds; "
+                      f"the same warm tierserve serve ({target}); agreement: ratio within 1 +- {TOLERANCE:g}")
         extra = {"kind": "field_tool", "tool": f"guidellm {GUIDELLM_VERSION}", "concurrency": c,
-                 "tolerance": TOLERANCE}
+                 "tolerance": TOLERANCE, "rounds": rounds, "same_tokens": same}
+        tps = [e["guidellm"]["output_tokens_per_s"] for e in done]
         ctx.add(Figure(g.SUITE, f"guidellm vs tierserve bench: output tokens/s at concurrency {c}",
-                       Series(f"guidellm {GUIDELLM_VERSION}", unit="tokens/s", rate=field.output_tokens_per_s,
-                              count=field.successful, p50_ms=field.ttft_p50_ms),
-                       Series("tierserve bench gateway", unit="tokens/s", rate=ours_tps, count=len(level.runs),
-                              p50_ms=ours_ttft),
-                       better="higher", conditions=conditions, extra={**extra, "agree": tps_ok}))
+                       Series(f"guidellm {GUIDELLM_VERSION} (median of {rounds} rounds)", unit="tokens/s",
+                              rate=summary["output_tokens_per_s"]["guidellm"], count=sum(e["guidellm"]["successful"]
+                                                                                         for e in done)),
+                       Series("tierserve bench client (median of rounds)", unit="tokens/s",
+                              rate=summary["output_tokens_per_s"]["ours"],
+                              count=sum(e["ours"]["requests"] for e in done)),
+                       better="higher", conditions=conditions,
+                       extra={**extra, "agree": summary["output_tokens_per_s"]["agree"],
+                              "rounds_guidellm": [round(x, 1) for x in tps],
+                              "rounds_ours": [round(e["ours"]["output_tokens_per_s"], 1) for e in done]}))
         ctx.add(Figure(g.SUITE, f"guidellm vs tierserve bench: TTFT p50 at concurrency {c}",
-                       Series(f"guidellm {GUIDELLM_VERSION}", unit="ms", rate=field.ttft_p50_ms,
-                              count=field.successful),
-                       Series("tierserve bench gateway", [r.ttft_ms for r in level.runs]),
-                       better="lower", conditions=conditions, extra={**extra, "agree": ttft_ok}))
-        rows[str(c)] = {"guidellm": asdict(field), "ours": {"tokens_per_s": round(ours_tps, 1),
-                                                             "ttft_p50_ms": round(ours_ttft, 1),
-                                                             "requests": len(level.runs)},
-                        "tokens_per_s_ratio": tps_ratio, "tokens_per_s_agree": tps_ok,
-                        "ttft_ratio": ttft_ratio, "ttft_agree": ttft_ok, "guidellm_seconds": round(seconds, 1),
-                        "report": str(saved)}
+                       Series(f"guidellm {GUIDELLM_VERSION} (median of {rounds} rounds' p50)", unit="ms",
+                              rate=summary["ttft_p50_ms"]["guidellm"],
+                              count=sum(e["guidellm"]["successful"] for e in done)),
+                       Series("tierserve bench client (median of rounds' p50)", unit="ms",
+                              rate=summary["ttft_p50_ms"]["ours"], count=sum(e["ours"]["requests"] for e in done)),
+                       better="lower", conditions=conditions,
+                       extra={**extra, "agree": summary["ttft_p50_ms"]["agree"],
+                              "rounds_guidellm": [round(e["guidellm"]["ttft_p50_ms"], 1) for e in done],
+                              "rounds_ours": [round(e["ours"]["ttft_p50_ms"], 1) for e in done]}))
+        levels[str(c)] = {"rounds": done, "medians": summary, "same_tokens": same}
     ctx.notes.setdefault("suite_notes", {}).setdefault(g.SUITE, {})["field_tool"] = {
-        "tool": f"guidellm {GUIDELLM_VERSION}", "commands": commands,
-        "levels": rows, "tolerance": TOLERANCE}
+        "tool": f"guidellm {GUIDELLM_VERSION}", "levels": levels, "tolerance": TOLERANCE,
+        "rounds": rounds, "requests_per_round": per_level,
+        "definitions": "output tokens/s = output tokens (server usage) / (last request end - first request start); "
+                       "TTFT = first SSE line with non-empty text - request send; both sides, medians of rounds"}
+
+
+def _same_tokens(rounds: list[dict[str, Any]], prompt: int, new: int) -> bool:
+    """Both sides sent ``prompt``-token prompts and got ``new`` tokens back for every request (server's usage)."""
+    for e in rounds:
+        ours, field = e["ours"], e["guidellm"]
+        if ours["prompt_tokens"] != [prompt] or ours["output_tokens_each"] != [new]:
+            return False
+        if (field["prompt_tokens_p50"], field["output_tokens_p50"]) != (prompt, new) or \
+                field["output_tokens"] != new * field["successful"]:
+            return False
+    return True
