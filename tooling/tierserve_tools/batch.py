@@ -102,9 +102,12 @@ def poll_queue_forever(queue_url: str, handler: Callable[[dict, Any], Any], stop
 def create_local_stack(s3_client: Any, dynamodb_client: Any, sqs_client: Any, bucket: str, table: str,
                        queue_name: str = "tierserve-batch-events", max_receive_count: int = 5,
                        visibility_timeout_s: int = 30) -> dict[str, str]:
-    """The batch resources template.yaml defines, in moto_server: bucket, JobTable, queue + DLQ.
+    """The batch resources template.yaml defines, in moto_server: bucket, JobTable, and three queues, each with its
+    DLQ: the S3 events, BatchInferenceFunction's jobs, and BatchGenerateFunction's jobs (BatchGenerateJobsQueue:
+    the OpenAI batch jobs BatchInferenceFunction hands over, issue 19).
 
-    Returns {"queue_url", "dlq_url", "jobs_queue_url"}. Idempotent enough for repeated local runs."""
+    Returns {"queue_url", "dlq_url", "jobs_queue_url", "jobs_dlq_url", "generate_queue_url", "generate_dlq_url"}.
+    Idempotent enough for repeated local runs."""
     import json
 
     s3_client.create_bucket(Bucket=bucket)
@@ -113,7 +116,8 @@ def create_local_stack(s3_client: Any, dynamodb_client: Any, sqs_client: Any, bu
                                      AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
                                      BillingMode="PAY_PER_REQUEST")
     urls = {}
-    for name, key in ((queue_name, "queue_url"), (f"{queue_name}-jobs", "jobs_queue_url")):
+    for name, key in ((queue_name, "queue_url"), (f"{queue_name}-jobs", "jobs_queue_url"),
+                      (f"{queue_name}-generate", "generate_queue_url")):
         dlq = sqs_client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
         url = sqs_client.create_queue(QueueName=name, Attributes={
             "VisibilityTimeout": str(visibility_timeout_s),
@@ -121,6 +125,5 @@ def create_local_stack(s3_client: Any, dynamodb_client: Any, sqs_client: Any, bu
                                          "maxReceiveCount": str(max_receive_count)}),
         })["QueueUrl"]
         urls[key] = url
-        if key == "queue_url":
-            urls["dlq_url"] = dlq
+        urls["dlq_url" if key == "queue_url" else key.replace("queue_url", "dlq_url")] = dlq
     return urls

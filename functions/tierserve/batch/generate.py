@@ -28,6 +28,12 @@ cache of all of them at the model's full context fits in the memory budget (half
 the weights), and, when the compiler measured the CPU's tokens/s, as many as generate ``default_max_tokens``
 each within half the checkpoint margin even one at a time (a part must end before the margin: raise
 ``CHECKPOINT_MARGIN_MS`` to batch more on a slow model). ``_SUCCESS`` carries the job's token usage.
+
+Where it runs: a function whose package holds onnxruntime-genai, tokenizers and jinja2. In AWS that is
+BatchGenerateFunction: BatchInferenceFunction (pyarrow, tritonclient: no room left under Lambda's 250 MB) receives
+every S3 event and job message and, with ``GENERATION_JOBS_QUEUE_URL`` set, hands an OpenAI batch job to that queue
+as a job message (``hand_off``: inside the delivery's idempotent run, before anything is written); without it and
+without the engine, ``require_engine`` refuses the job with a ConfigurationError that names the fix.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from tierserve.manifest import ModelVersion
 if TYPE_CHECKING:
     from tierserve.app import Runtime
     from tierserve.batch.chunks import Chunk
+    from tierserve.batch.spec import JobSpec
     from tierserve.generation.events import GenerationEvent
 
 #: A job's line format: OpenAI's batch lines (a text-generation model), or tensors (every other model).
@@ -60,6 +67,8 @@ FORMATS = (FORMAT_OPENAI, FORMAT_TENSORS)
 URLS = {"/v1/chat/completions": KIND_CHAT, "/v1/completions": KIND_COMPLETION}
 #: The tier that answers a batch line (the batch function runs the model in process, on its CPUs).
 SERVED_BY = "cpu"
+#: A delivery's status when BatchInferenceFunction handed its OpenAI batch job to BatchGenerateFunction (``hand_off``).
+HANDED_OFF = "handed_off"
 #: The share of the function's memory the KV caches of a batch may take (the rest: weights, runtime, the part).
 KV_SHARE = 0.5
 
@@ -77,7 +86,6 @@ def job_format(asked: str | None, model: ModelVersion, key: str) -> str:
                                   '{"id", "inputs"} instead')
         if input_format(key) != "jsonl":
             raise BatchInputError(f"{key!r}: OpenAI batch input is JSONL (one request a line); send a .jsonl file")
-        require_engine()
     elif model.generative:
         raise BatchInputError(f"model {model.name!r} is a text-generation model: its batch input is OpenAI's batch "
                               'format, one {"custom_id", "method": "POST", "url", "body"} a line')
@@ -86,15 +94,55 @@ def job_format(asked: str | None, model: ModelVersion, key: str) -> str:
 
 def require_engine() -> None:
     """Batch generation runs the model in this function: without onnxruntime-genai in its package, a clear error
-    before any work, never an ImportError at the first line. (The deployed BatchInferenceFunction does not ship it
-    today: beside pyarrow and tritonclient it would pass Lambda's 250 MB; see docs/deploy.md.)"""
+    before any work, never an ImportError at the first line. (BatchInferenceFunction's package, with pyarrow and
+    tritonclient, has no room for it under Lambda's 250 MB: in AWS it hands these jobs to BatchGenerateFunction,
+    ``hand_off``; see docs/deploy.md.)"""
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise errors.ConfigurationError(
             "batch generation needs onnxruntime-genai, tokenizers and jinja2 in this function's package, and this "
-            "one has none: run the job where they are installed (tierserve serve, a container-image batch "
-            "function), or send the requests to the streaming API")
+            "one has none: set GENERATION_JOBS_QUEUE_URL to BatchGenerateFunction's queue (BatchGenerateJobsQueue; "
+            "template.yaml does) so that this function hands OpenAI batch jobs to BatchGenerateFunction, or run the "
+            "job where they are installed (tierserve serve), or send the requests to the streaming API")
+
+
+def handoff_message(spec: JobSpec, model: ModelVersion, version: dict[str, str]) -> dict[str, Any]:
+    """The job message that hands ``spec``'s job to BatchGenerateFunction: everything the job needs, the input's
+    version pinned (``version``: the delivery's versionId / eTag, or the object's at the hand-off), the model's
+    version resolved, the output (and so the job's name) and the format explicit. The eTag is written without
+    quotes (an S3 event's spelling; HeadObject quotes it), so that an S3 event and a job message naming the same
+    version hand off the same body: one idempotency key there, besides one job key."""
+    pin: dict[str, str] = {}
+    if version.get("version_id") and version["version_id"] != "null":
+        pin["version_id"] = version["version_id"]
+    if version.get("etag"):
+        pin["etag"] = version["etag"].strip('"')
+    message: dict[str, Any] = {"model": model.name, "version": model.version, "input": spec.input.uri,
+                               "input_version": pin, "output": spec.output.uri, "format": FORMAT_OPENAI}
+    if spec.shards:
+        message["shards"] = spec.shards
+    return message
+
+
+def hand_off(runtime: Runtime, spec: JobSpec, model: ModelVersion, fmt: str,
+             version: dict[str, str]) -> dict[str, Any] | None:
+    """Send an OpenAI batch job to ``GENERATION_JOBS_QUEUE_URL`` (BatchGenerateFunction's queue) instead of running
+    it here; the delivery's result says so. None (run it here) for a tensor job, a shard, or when the setting is
+    unset (BatchGenerateFunction itself, ``tierserve serve --no-...``). Called by the runner inside the delivery's
+    idempotent run, before anything is written: a redelivery gets this result back and sends nothing again."""
+    url = runtime.settings.generation_jobs_queue_url
+    if fmt != FORMAT_OPENAI or not url or spec.shard is not None:
+        return None
+    message = handoff_message(spec, model, version)
+    try:
+        sent = runtime.aws("sqs").send_message(QueueUrl=url, MessageBody=json.dumps(message, sort_keys=True))
+    except Exception as exc:  # the delivery fails and is retried (its idempotency record is released)
+        raise errors.BackendUnavailableError(f"GENERATION_JOBS_QUEUE_URL {url} refused the job's hand-off "
+                                             f"({error_reason(exc)}); this delivery will be retried",
+                                             retry_after_s=30) from exc
+    return {"status": HANDED_OFF, "job": spec.output.key.rsplit("/", 1)[-1], "output": spec.output.uri,
+            "model": model.name, "version": model.version, "queue": url, "message_id": sent.get("MessageId", "")}
 
 
 def budget_bytes(model: ModelVersion, memory_mb: int) -> int:
@@ -200,6 +248,7 @@ class GenerationPart:
                  version: dict[str, str], s3: Any) -> None:
         from tierserve.generation import engine, service
 
+        require_engine()
         self.runtime, self.model = runtime, model
         self.spec = service.spec_of(model)
         self.input_key = input_loc.key

@@ -31,6 +31,14 @@ class BatchInputError(InvalidRequestError):
     code = "batch_input_error"
 
 
+def parquet_needs_pyarrow(uri: str) -> BatchInputError:
+    """The error for a Parquet input in a package without pyarrow (BatchGenerateFunction's: OpenAI batch lines
+    only), raised where pyarrow is first imported instead of an ImportError."""
+    return BatchInputError(f"{uri}: reading Parquet needs pyarrow, which this function's package does not hold "
+                           "(BatchGenerateFunction runs OpenAI batch lines only): send the job to BatchJobsQueue "
+                           "(BatchInferenceFunction, functions/requirements-batch.txt), or send .jsonl / .npz")
+
+
 @dataclass(frozen=True)
 class S3Location:
     bucket: str

@@ -23,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 
 from tierserve.batch.chunks import ColumnChunk, LineChunk
-from tierserve.batch.locations import BatchInputError, S3Location, get_body
+from tierserve.batch.locations import BatchInputError, S3Location, get_body, parquet_needs_pyarrow
 from tierserve.batch.records import Record
 from tierserve.manifest import ModelVersion
 from tierserve.protocol.tensors import datatype_to_dtype
@@ -225,8 +225,7 @@ def _parquet_chunks(s3: Any, loc: S3Location, version: dict[str, str], model: Mo
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:
-        raise BatchInputError(f"{loc.uri}: reading Parquet needs pyarrow in this function "
-                              "(functions/requirements-batch.txt); or send .jsonl / .npz") from exc
+        raise parquet_needs_pyarrow(loc.uri) from exc
     with _spooled(s3, loc, version, tmp_dir) as f:
         try:
             pf = pq.ParquetFile(f)

@@ -34,7 +34,7 @@ from tierserve import errors
 from tierserve.app import Runtime, get_runtime
 from tierserve.batch.chunks import Batch, Chunk, iter_chunks, part_rows
 from tierserve.batch.closing import Closing, work_prefix
-from tierserve.batch.generate import FORMAT_OPENAI, GenerationPart, job_format, write_part
+from tierserve.batch.generate import FORMAT_OPENAI, GenerationPart, hand_off, job_format, require_engine, write_part
 from tierserve.batch.generate import part_rows as generation_part_rows
 from tierserve.batch.locations import BatchInputError, input_format
 from tierserve.batch.parts import encode_errors, encode_parquet_part, encode_part
@@ -79,12 +79,24 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     if state is not None and state.status == "completed":
         logger.info("batch job already completed", extra={"job": spec.job_key})
         return {**state.summary, "status": "already_completed"}
+    if state is None:
+        model = app.store.manifest().resolve(spec.model, spec.version)
+        fmt = job_format(spec.format, model, spec.input.key)  # OpenAI batch lines, or tensors
+    else:
+        model = app.store.manifest().resolve(state.model, state.version)
+        fmt = state.format
+    # An OpenAI batch job goes to BatchGenerateFunction when GENERATION_JOBS_QUEUE_URL says so: before anything is
+    # written, inside this delivery's idempotent run (a redelivery gets this result back and sends nothing again)
+    handed = hand_off(app, spec, model, fmt, spec.input_version if state is None else state.input_version)
+    if handed is not None:
+        logger.info("batch generation job handed off", extra={"job": spec.job_key, "queue": handed["queue"]})
+        return handed
+    if fmt == FORMAT_OPENAI:
+        require_engine()  # a clear ConfigurationError, before any work
     if state is not None and state.status == "sharded":  # a redelivery (a crash while fanning out?)
         return _fan_out(app, spec, state)
     if state is None:
-        model = app.store.manifest().resolve(spec.model, spec.version)
         size = int(head["ContentLength"])
-        fmt = job_format(spec.format, model, spec.input.key)  # OpenAI batch lines, or tensors
         if spec.continuation is None:
             shards = _plan(app, s3, spec, size, model)
             if len(shards) > 1:
@@ -100,8 +112,6 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
                          input_version=dict(spec.input_version), input_size=size,
                          chunk_rows=_part_rows(app, spec, model), started_at=time.time(), format=fmt)
         jobs.save(state, None)
-    else:
-        model = app.store.manifest().resolve(state.model, state.version)
     return _Runner(app, s3, jobs, spec, model, state, context).run()
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from tierserve.batch.locations import BatchInputError, S3Location, get_body, input_format
+from tierserve.batch.locations import BatchInputError, S3Location, get_body, input_format, parquet_needs_pyarrow
 from tierserve.batch.state import JobConflictError
 from tierserve.dynamo import from_dynamo, to_dynamo
 
@@ -200,8 +200,7 @@ def count_rows(s3: Any, loc: S3Location, version: dict[str, str], fmt: str, mode
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise BatchInputError(f"{loc.uri}: reading Parquet needs pyarrow in this function "
-                                  "(functions/requirements-batch.txt); or send .jsonl / .npz") from exc
+            raise parquet_needs_pyarrow(loc.uri) from exc
         try:
             return int(pq.ParquetFile(f).metadata.num_rows)
         except BatchInputError:

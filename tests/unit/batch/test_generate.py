@@ -255,7 +255,7 @@ def test_a_file_dropped_at_batch_in_model_runs_from_its_s3_event(aws, lambda_con
 
 
 def test_a_function_without_onnxruntime_genai_refuses_a_generation_job_before_any_work(monkeypatch) -> None:
-    # Given a package without onnxruntime-genai (the deployed BatchInferenceFunction's today)
+    # Given a package without onnxruntime-genai (the deployed BatchInferenceFunction's)
     import importlib.util
 
     from tierserve import errors as tierserve_errors
@@ -265,5 +265,146 @@ def test_a_function_without_onnxruntime_genai_refuses_a_generation_job_before_an
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai"
                         else real(name, *a))
     # Then an OpenAI batch job is a configuration error that says where to run it, not an ImportError later
-    with pytest.raises(tierserve_errors.ConfigurationError, match="onnxruntime-genai"):
+    with pytest.raises(tierserve_errors.ConfigurationError, match="onnxruntime-genai") as raised:
         generate.require_engine()
+    # (the fix: hand such jobs to BatchGenerateFunction, issue 19)
+    assert "GENERATION_JOBS_QUEUE_URL" in raised.value.message and "BatchGenerateFunction" in raised.value.message
+
+
+# --- the hand-off to BatchGenerateFunction (issue 19: BatchInferenceFunction's package has no room for the engine) ---
+
+def _as_function(runtime_env, aws, name: str) -> None:
+    """The process plays ``name``: BatchInferenceFunction hands OpenAI batch jobs to the generation queue;
+    BatchGenerateFunction runs them, its continuations and shards on its own queue (template.yaml's environments)."""
+    from tierserve.app import reset_runtime
+
+    runtime_env.setenv("AWS_LAMBDA_FUNCTION_NAME", name)
+    if name == "BatchInferenceFunction":
+        runtime_env.setenv("CONTINUATION_QUEUE_URL", aws["jobs_queue_url"])
+        runtime_env.setenv("GENERATION_JOBS_QUEUE_URL", aws["generate_queue_url"])
+    else:
+        runtime_env.setenv("CONTINUATION_QUEUE_URL", aws["generate_queue_url"])
+        runtime_env.delenv("GENERATION_JOBS_QUEUE_URL", raising=False)
+    reset_runtime()
+
+
+def _listing(aws, prefix: str) -> list[tuple]:
+    listed = aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return [(o["Key"], o["ETag"], o["LastModified"]) for o in listed]
+
+
+def test_an_openai_job_is_handed_to_batch_generate_function_once_and_run_there_once(aws, lambda_context,
+                                                                                     runtime_env):
+    from tests.support.batch_jobs import drain
+    from tests.support.make_batch_events import s3_put_event
+    from tierserve.handlers import batch_generate, batch_inference
+
+    # Given a file dropped at batch/in/{model}/{job}.jsonl, and BatchInferenceFunction with GENERATION_JOBS_QUEUE_URL
+    key = f"batch/in/{GENAI_MODEL}/handed.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    head = aws["s3"].head_object(Bucket=BUCKET, Key=key)
+    etag = head["ETag"].strip('"')
+    event = s3_put_event(key=key, etag=etag, size=head["ContentLength"])
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    # When its S3 event is delivered, and delivered again
+    first = batch_inference.lambda_handler(event, lambda_context)["jobs"][0]
+    again = batch_inference.lambda_handler(event, lambda_context)["jobs"][0]
+    # Then the job was handed to the generation queue, once (the redelivery gets the stored result), with nothing
+    # written and no job state here
+    assert first["status"] == "handed_off" and first["queue"] == aws["generate_queue_url"]
+    assert again == first
+    assert _listing(aws, f"batch/out/{GENAI_MODEL}/handed") == []
+    handed = drain({**aws, "jobs_queue_url": aws["generate_queue_url"]})
+    assert drain(aws) == []  # nothing on BatchInferenceFunction's own jobs queue
+    assert handed == [{"model": GENAI_MODEL, "version": first["version"], "input": f"s3://{BUCKET}/{key}",
+                       "input_version": {"etag": etag}, "output": f"s3://{BUCKET}/batch/out/{GENAI_MODEL}/handed",
+                       "format": "openai"}]
+    # When BatchGenerateFunction receives it
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    assert batch_generate.lambda_handler(sqs_batch(*handed), lambda_context) == {"batchItemFailures": []}
+    # Then it ran the job: every good line answered, the bad ones named
+    out = outputs(aws, f"batch/out/{GENAI_MODEL}/handed")
+    assert json.loads(out["_SUCCESS"])["format"] == "openai"
+    assert [json.loads(x)["line"] for x in out["errors.jsonl"].splitlines()] == BAD_LINES
+    done = _listing(aws, f"batch/out/{GENAI_MODEL}/handed")
+
+    # When the same version is handed off twice more: by a job message naming the file (no version: the object's,
+    # pinned at the hand-off; the same body as the S3 event's), and with another body (asking for one shard)
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    message = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}"}
+    assert batch_inference.lambda_handler(sqs_batch(message), lambda_context) == {"batchItemFailures": []}
+    twice = drain({**aws, "jobs_queue_url": aws["generate_queue_url"]})
+    assert twice == handed
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    other = {**handed[0], "shards": 1}
+    assert batch_generate.lambda_handler(sqs_batch(*twice, other), lambda_context) == {"batchItemFailures": []}
+    # Then BatchGenerateFunction ran it once: nothing was written again (idempotency, then the job's state)
+    assert _listing(aws, f"batch/out/{GENAI_MODEL}/handed") == done
+    assert drain({**aws, "jobs_queue_url": aws["generate_queue_url"]}) == []
+
+
+def test_a_generation_job_fanned_out_in_batch_generate_function_keeps_its_shards_on_its_queue(aws, lambda_context,
+                                                                                             runtime_env):
+    from tests.support.batch_jobs import drain
+    from tierserve.handlers import batch_generate, batch_inference
+
+    key = f"batch/in/{GENAI_MODEL}/fan.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    message = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}", "output": f"s3://{BUCKET}/batch/out/f/fan",
+               "shards": 2}
+    assert batch_inference.lambda_handler(sqs_batch(message), lambda_context) == {"batchItemFailures": []}
+    generate_queue = {**aws, "jobs_queue_url": aws["generate_queue_url"]}
+    handed = drain(generate_queue)
+    assert len(handed) == 1 and handed[0]["shards"] == 2
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    assert batch_generate.lambda_handler(sqs_batch(*handed), lambda_context) == {"batchItemFailures": []}
+    shards = drain(generate_queue)  # the shard messages: on BatchGenerateFunction's own queue
+    assert [m["shard"]["index"] for m in shards] == [0, 1] and drain(aws) == []
+    assert batch_generate.lambda_handler(sqs_batch(*shards), lambda_context) == {"batchItemFailures": []}
+    assert json.loads(outputs(aws, "batch/out/f/fan")["_SUCCESS"])["shards"] == 2
+
+
+def test_a_hand_off_the_queue_refuses_fails_the_delivery_and_writes_nothing(aws, lambda_context, runtime_env):
+    from tierserve.handlers import batch_inference
+
+    key = f"batch/in/{GENAI_MODEL}/refused.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=LINES[0] + b"\n")
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    runtime_env.setenv("GENERATION_JOBS_QUEUE_URL", aws["generate_queue_url"] + "-gone")
+    from tierserve.app import reset_runtime
+
+    reset_runtime()
+    message = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}"}
+    # Then the delivery is a failed item (retried by SQS, its idempotency record released), and nothing was written
+    assert batch_inference.lambda_handler(sqs_batch(message), lambda_context) == \
+        {"batchItemFailures": [{"itemIdentifier": "m0"}]}
+    assert _listing(aws, f"batch/out/{GENAI_MODEL}/refused") == []
+    # And once the queue is there, the retried delivery hands it off
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    assert batch_inference.lambda_handler(sqs_batch(message), lambda_context) == {"batchItemFailures": []}
+
+
+def test_only_a_whole_openai_job_is_handed_off(genai_store, digits_store, runtime_env) -> None:
+    # Given a function with GENERATION_JOBS_QUEUE_URL
+    from tierserve.app import get_runtime, reset_runtime
+    from tierserve.batch.shards import Shard
+
+    runtime_env.setenv("GENERATION_JOBS_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/123456789012/generate")
+    reset_runtime()
+    mv = Manifest.loads((Path(genai_store) / "manifest.json").read_text()).resolve(GENAI_MODEL)
+    spec = job_from_message({"model": GENAI_MODEL, "input": f"s3://{BUCKET}/batch/in/{GENAI_MODEL}/a.jsonl"})
+    # Then a tensor job, or one shard of a job, runs where it is (nothing is sent)
+    assert generate.hand_off(get_runtime(), spec, mv, generate.FORMAT_TENSORS, {}) is None
+    shard = job_from_message({"model": GENAI_MODEL, "input": spec.input.uri,
+                              "shard": Shard(0, 2, 0, 10, 1).to_json()})
+    assert generate.hand_off(get_runtime(), shard, mv, generate.FORMAT_OPENAI, {}) is None
+    # And the hand-off's message pins the version as the job saw it, the eTag without quotes
+    message = generate.handoff_message(spec, mv, {"version_id": "v1", "etag": '"abc"'})
+    assert message["input_version"] == {"version_id": "v1", "etag": "abc"}
+    assert job_from_message(message).job_key == spec.__class__(**{**spec.__dict__,
+                                                                   "input_version": {"version_id": "v1"}}).job_key
+    # And without the setting nothing is handed off
+    runtime_env.delenv("GENERATION_JOBS_QUEUE_URL")
+    reset_runtime()
+    assert generate.hand_off(get_runtime(), spec, mv, generate.FORMAT_OPENAI, {}) is None

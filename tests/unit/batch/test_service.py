@@ -91,3 +91,40 @@ def test_poll_queue_forever_plays_the_sqs_trigger_until_stopped(aws):
     assert not t.is_alive()
     attrs = aws["sqs"].get_queue_attributes(QueueUrl=aws["queue_url"], AttributeNames=["All"])["Attributes"]
     assert int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]) == 1
+
+
+def test_a_tensor_job_is_run_here_never_handed_to_batch_generate_function(aws, lambda_context, runtime_env):
+    # Given BatchInferenceFunction with GENERATION_JOBS_QUEUE_URL (issue 19) and a tensor job for digits
+    from tierserve.app import reset_runtime
+
+    runtime_env.setenv("GENERATION_JOBS_QUEUE_URL", aws["generate_queue_url"])
+    reset_runtime()
+    key = put_jsonl(aws, "tensors")
+    # When it is delivered
+    assert batch_inference.lambda_handler(sqs_batch({"model": "digits", "input": f"s3://{BUCKET}/{key}"}),
+                                          lambda_context) == {"batchItemFailures": []}
+    # Then it ran here, and nothing went to the generation queue
+    assert json.loads(outputs(aws, "batch/out/digits/tensors")["_SUCCESS"])["counts"]["output_lines"] == 10
+    attrs = aws["sqs"].get_queue_attributes(QueueUrl=aws["generate_queue_url"],
+                                            AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0"
+
+
+def test_a_parquet_job_in_a_package_without_pyarrow_is_refused_with_a_clear_error(aws, lambda_context, runtime_env,
+                                                                               monkeypatch):
+    # Given BatchGenerateFunction's package (no pyarrow) and a Parquet job sent to it
+    import sys
+
+    from tests.support.batch_inputs import parquet_bytes
+    from tests.support.batch_jobs import JOB_ROWS
+    from tierserve.handlers import batch_generate
+
+    key = "batch/in/digits/cols.parquet"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=parquet_bytes(JOB_ROWS))
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import pyarrow` raises ImportError
+    etag = aws["s3"].head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
+    # Then it is the job's poison with an error that says where such a job runs, not an ImportError
+    with pytest.raises(BatchInputError, match=r"needs pyarrow.*BatchJobsQueue"):
+        batch_generate.lambda_handler(s3_put_event(key=key, etag=etag, size=1), lambda_context)
+    assert outputs(aws, "batch/out/digits/cols") == {}
