@@ -1,9 +1,11 @@
 """Batch generation through `tierserve serve`: an OpenAI batch file of chat and completion lines (with malformed
-lines and a 400) dropped at batch/in/{model}/{job}.jsonl runs on BatchInferenceFunction (S3 notification -> queue ->
-worker); every output body equals the synchronous API's answer for its line (in process: DataPlane.generate and
-openai.py's renderer; and the stack's own POST /v1/chat/completions and /v1/completions), in order; bad lines are
-named; a redelivered job message rewrites nothing; the job fanned out over shards writes one run's bytes. The model
-is the tiny Llama compiled by `tierserve compile` (G1's genai_store fixture)."""
+lines and a 400) dropped at batch/in/{model}/{job}.jsonl reaches BatchInferenceFunction (S3 notification -> queue ->
+worker), which hands it to BatchGenerateFunction's queue as in AWS (GENERATION_JOBS_QUEUE_URL, issue 19: its package
+has no room for the engine), where BatchGenerateFunction runs it; every output body equals the synchronous API's
+answer for its line (in process: DataPlane.generate and openai.py's renderer; and the stack's own POST
+/v1/chat/completions and /v1/completions), in order; bad lines are named; a redelivered job message rewrites nothing;
+the job fanned out over shards writes one run's bytes. The model is the tiny Llama compiled by `tierserve compile`
+(G1's genai_store fixture)."""
 
 from __future__ import annotations
 
@@ -60,19 +62,28 @@ def _wait_success(s3, bucket: str, prefix: str, workdir: Path, timeout: float = 
             return {o["Key"].rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
                     for o in listed}
         time.sleep(0.3)
-    raise AssertionError(f"{prefix} did not finish; see {workdir}/BatchInferenceFunction.log")
+    raise AssertionError(f"{prefix} did not finish; see {workdir}/BatchInferenceFunction.log and "
+                         "BatchGenerateFunction.log")
 
 
-def _idle(sqs, url: str, timeout: float = 120) -> None:
-    """Wait until the jobs queue holds nothing, visible or in flight."""
+def _idle(sqs, urls: list[str], timeout: float = 120) -> None:
+    """Wait until the jobs queues (BatchInferenceFunction's and BatchGenerateFunction's) hold nothing, visible or in
+    flight."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        if attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0":
+        counts = [sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"] for url in urls]
+        if all(a["ApproximateNumberOfMessages"] == "0" and a["ApproximateNumberOfMessagesNotVisible"] == "0"
+               for a in counts):
             return
         time.sleep(0.3)
-    raise AssertionError("the jobs queue did not drain")
+    raise AssertionError("the jobs queues did not drain")
+
+
+def _logged(workdir: Path, function: str, message: str, job: str) -> int:
+    """How many of ``function``'s log lines say ``message`` about a job whose key holds ``job``."""
+    lines = [json.loads(x) for x in (workdir / f"{function}.log").read_text().splitlines() if x.startswith("{")]
+    return sum(1 for x in lines if x.get("message") == message and job in str(x.get("job", "")))
 
 
 def _post(stack, path: str, body: dict) -> dict:
@@ -129,18 +140,25 @@ def test_an_openai_batch_file_dropped_in_s3_is_answered_as_the_synchronous_api(s
     usage = json.loads(out["_SUCCESS"])["usage"]
     assert usage["completion_tokens"] == sum(a["response"]["body"]["usage"]["completion_tokens"] for a in answers
                                              if a["response"]["status_code"] == 200) > 0
-    _idle(sqs, stack.queues["jobs_queue_url"])
+    queues = [stack.queues["jobs_queue_url"], stack.queues["generate_queue_url"]]
+    _idle(sqs, queues)
+    # And BatchInferenceFunction handed the job to BatchGenerateFunction, which ran it (the deployed path: the batch
+    # function's package has no room for the engine)
+    nightly = f"batch/in/{GENAI_MODEL}/nightly.jsonl"
+    assert _logged(stack.workdir, "BatchInferenceFunction", "batch generation job handed off", nightly) == 1
+    assert _logged(stack.workdir, "BatchInferenceFunction", "batch job completed", nightly) == 0
+    assert _logged(stack.workdir, "BatchGenerateFunction", "batch job completed", nightly) == 1
 
     # When a job message for the same file is delivered twice
     message = json.dumps({"model": GENAI_MODEL, "input": f"s3://{BUCKET}/batch/in/{GENAI_MODEL}/nightly.jsonl",
                           "output": f"s3://{BUCKET}/batch/out/again/nightly"})
     sqs.send_message(QueueUrl=stack.queues["jobs_queue_url"], MessageBody=message)
     first = _wait_success(s3, BUCKET, "batch/out/again/nightly", stack.workdir)
-    _idle(sqs, stack.queues["jobs_queue_url"])
+    _idle(sqs, queues)
     listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="batch/out/again/nightly/")["Contents"]
     sqs.send_message(QueueUrl=stack.queues["jobs_queue_url"], MessageBody=message)
     time.sleep(1)
-    _idle(sqs, stack.queues["jobs_queue_url"])
+    _idle(sqs, queues)
     # Then the redelivery rewrote nothing, and the job's output is the S3-dropped run's, byte for byte
     again = s3.list_objects_v2(Bucket=BUCKET, Prefix="batch/out/again/nightly/")["Contents"]
     assert [(o["Key"], o["ETag"], o["LastModified"]) for o in again] == \
@@ -159,3 +177,7 @@ def test_an_openai_batch_file_dropped_in_s3_is_answered_as_the_synchronous_api(s
 
     assert lines(fan) == lines(out) and fan["errors.jsonl"] == out["errors.jsonl"]
     assert json.loads(fan["_SUCCESS"])["usage"] == usage
+    # And the redelivered job was handed off once, and every run (the shards too) was BatchGenerateFunction's
+    assert _logged(stack.workdir, "BatchInferenceFunction", "batch generation job handed off", nightly) == 3
+    assert _logged(stack.workdir, "BatchInferenceFunction", "batch job completed", "") == 0
+    assert _logged(stack.workdir, "BatchGenerateFunction", "batch shard completed", "batch/out/fan/nightly") == 3

@@ -175,3 +175,21 @@ def test_each_artifact_holds_what_its_handler_reaches_and_nothing_else(sam_build
         size = size_bytes(task)
         print(f"{fn}: {size / 2**20:.1f} MB unzipped, {len(shipped)} tierserve modules")
         assert size <= LAMBDA_UNZIPPED_LIMIT, f"{fn}: {size / 2**20:.1f} MB unzipped, over Lambda's 250 MB"
+
+
+def test_batch_generate_function_holds_the_engine_and_neither_pyarrow_nor_tritonclient(sam_build):
+    """Issue 19: OpenAI batch jobs run in BatchGenerateFunction, because BatchInferenceFunction's package (pyarrow,
+    tritonclient) has no room for the engine; this one must hold onnxruntime-genai, tokenizers and jinja2, and fit."""
+    from tierserve_tools.lambda_build import size_bytes
+
+    task = sam_build["BatchGenerateFunction"]
+    for package in ("onnxruntime_genai", "tokenizers", "jinja2", "onnxruntime", "numpy", "orjson"):
+        assert (task / package).is_dir(), f"BatchGenerateFunction's artifact holds no {package}"
+    for package in ("pyarrow", "tritonclient", "gevent", "grpc"):
+        assert not (task / package).exists(), f"BatchGenerateFunction's artifact holds {package}"
+    assert (task / "tierserve" / "handlers" / "batch_generate.py").is_file()
+    assert (task / "tierserve" / "batch" / "generate.py").is_file()
+    assert (task / "tierserve" / "generation" / "engine.py").is_file()
+    size = size_bytes(task)
+    print(f"BatchGenerateFunction: {size / 2**20:.1f} MB unzipped")
+    assert size <= LAMBDA_UNZIPPED_LIMIT

@@ -93,7 +93,7 @@ def function_spec(template: dict[str, Any], logical_id: str, template_dir: Path,
         logical_id=logical_id,
         handler=str(props.get("Handler")),
         code_uri=(template_dir / str(props.get("CodeUri", "."))).resolve(),
-        memory_mb=int(props.get("MemorySize", 128)),
+        memory_mb=int(_resolve(props.get("MemorySize", 128), params) or 128),  # a literal or !Ref a parameter
         timeout_s=int(props.get("Timeout", 3)),
         environment=env,
     )

@@ -24,8 +24,9 @@
   ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``, the same code path as in AWS.
 * **S3** (optional, ``--s3``): a ``moto_server``; the models folder is uploaded to a bucket and
   every function reads ``MODEL_STORE_URI=s3://...``. With batch (the default), the batch queues
-  are created, S3 notifications wired (``tierserve_tools.batch``), and a poller feeds
-  BatchInferenceFunction. The same moto_server serves CloudWatch (the functions' metrics) and
+  are created, S3 notifications wired (``tierserve_tools.batch``), and pollers feed
+  BatchInferenceFunction and BatchGenerateFunction (the OpenAI batch jobs BatchInferenceFunction hands to its queue
+  through ``GENERATION_JOBS_QUEUE_URL``, issue 19). The same moto_server serves CloudWatch (the functions' metrics) and
   DynamoDB (rollouts), with ``--no-s3`` too.
 * **Operations** (``tierserve_tools.stack_ops``): the functions' EMF metrics into moto's CloudWatch and
   on ``GET /metrics`` (with Triton's), and the local Triton loading the versions the store lists.
@@ -63,7 +64,9 @@ from tierserve_tools.stack_ops import ROLLOUT_TABLE, TRITON_EXPLICIT, StackOps, 
 from tierserve_tools.triton import RESTART_BACKOFF_S
 
 ROUTER, CPU, BATCH = "RouterFunction", "CpuInferenceFunction", "BatchInferenceFunction"
-FUNCTIONS = (ROUTER, CPU, BATCH)
+#: OpenAI batch jobs (issue 19): BatchInferenceFunction hands them to this function's queue, as in AWS
+GENERATE = "BatchGenerateFunction"
+FUNCTIONS = (ROUTER, CPU, BATCH, GENERATE)
 #: The CPU memory classes' functions (tierserve.memory_classes), as template.yaml names them. Locally every class
 #: the template defines runs (workers start on first use); in AWS only those tierserve deploy-config enables.
 CPU_CLASSES = {1769: CPU, 3538: "CpuInferenceFunction3538", 5307: "CpuInferenceFunction5307",
@@ -216,6 +219,7 @@ class LocalStack:
                                                       max_workers=self.cpu_workers))
         if self.want_batch:
             functions.append(self._local_function(specs[BATCH], max_workers=self.batch_workers))
+            functions.append(self._local_function(specs[GENERATE], max_workers=self.batch_workers))
         # RouterFunction's own environments: the streaming REST API always runs it there (through the streaming
         # runtime loop), and the HTTP API too unless it runs in this process
         functions.append(self._local_function(specs[ROUTER], max_workers=self.router_workers))
@@ -324,7 +328,9 @@ class LocalStack:
             "TRITON_PROTOCOL": "http",
             "POWERTOOLS_TRACE_DISABLED": "true",
         }
-        if self.sagemaker is not None:
+        if logical_id == GENERATE:  # it runs models on its own CPUs only (template.yaml: GPU_BACKEND none)
+            env["TRITON_URL"] = ""
+        elif self.sagemaker is not None:
             from tierserve_tools.sagemaker import ENDPOINT_NAME
 
             env.update({"GPU_BACKEND": "sagemaker", "SAGEMAKER_ENDPOINT_NAME": ENDPOINT_NAME,
@@ -349,7 +355,10 @@ class LocalStack:
         if self.queues and logical_id in (ROUTER, BATCH):  # the JobTable exists: share the GPU tier's health
             env["TIER_HEALTH_TABLE"] = JOB_TABLE
         if logical_id == BATCH and self.queues:
-            env.update({"JOB_TABLE": JOB_TABLE, "CONTINUATION_QUEUE_URL": self.queues["jobs_queue_url"]})
+            env.update({"JOB_TABLE": JOB_TABLE, "CONTINUATION_QUEUE_URL": self.queues["jobs_queue_url"],
+                        "GENERATION_JOBS_QUEUE_URL": self.queues["generate_queue_url"]})
+        if logical_id == GENERATE and self.queues:  # its continuations and shards stay on its own queue
+            env.update({"JOB_TABLE": JOB_TABLE, "CONTINUATION_QUEUE_URL": self.queues["generate_queue_url"]})
         env.update(self.extra_env)
         env.update(self.env_overrides.get("Parameters", {}))
         env.update(self.env_overrides.get(logical_id, {}))
@@ -577,26 +586,33 @@ class LocalStack:
                 s3.upload_file(str(path), BUCKET, f"{MODEL_PREFIX}/{rel}")
         if self.want_batch:
             batch_local.wire_local_notifications(s3, self.client("sqs"), BUCKET, self.queues["queue_url"])
-            self.notes.append(f"batch: s3://{BUCKET}/batch/in/ -> {BATCH}")
+            self.notes.append(f"batch: s3://{BUCKET}/batch/in/ -> {BATCH} (OpenAI batch jobs -> {GENERATE})")
         self.model_store_uri = f"s3://{BUCKET}/{MODEL_PREFIX}"
         self.notes.append(f"s3: moto {self.moto.url} ({self.model_store_uri})")
 
     def _start_batch_pollers(self) -> None:
         assert self.lambda_endpoint is not None
-        fn = self.lambda_endpoint.functions[BATCH]
 
-        def handler(event: dict[str, Any], _context: Any) -> Any:
-            try:
-                return fn.invoke(event)
-            except FunctionError as exc:  # the event source mapping sees a failed invocation
-                raise RuntimeError(exc.payload.get("errorMessage", "BatchInferenceFunction failed")) from None
+        def handler_of(name: str) -> Callable[[dict[str, Any], Any], Any]:
+            fn = self.lambda_endpoint.functions[name]  # type: ignore[union-attr]
 
-        # The S3 events queue: one poller, batches of 10 (template.yaml's ObjectCreated). The jobs queue: one
-        # poller per batch worker, one message each (JobMessages: BatchSize 1), as Lambda's SQS scaling runs
-        # concurrent invocations: a job's shards run in parallel.
-        pollers = [("queue_url", 10, 0)] + [("jobs_queue_url", 1, i) for i in range(self.batch_workers)]
-        for key, size, i in pollers:
-            t = threading.Thread(target=batch_local.poll_queue_forever, args=(self.queues[key], handler, self._stop),
+            def handler(event: dict[str, Any], _context: Any) -> Any:
+                try:
+                    return fn.invoke(event)
+                except FunctionError as exc:  # the event source mapping sees a failed invocation
+                    raise RuntimeError(exc.payload.get("errorMessage", f"{name} failed")) from None
+
+            return handler
+
+        # The S3 events queue: one poller, batches of 10 (template.yaml's ObjectCreated). The jobs queues (BatchJobs,
+        # BatchGenerateJobs): one poller per batch worker, one message each (JobMessages, GenerateJobs: BatchSize 1),
+        # as Lambda's SQS scaling runs concurrent invocations: a job's shards run in parallel.
+        pollers = [("queue_url", BATCH, 10, 0)] + [(key, fn, 1, i) for key, fn in (("jobs_queue_url", BATCH),
+                                                                                   ("generate_queue_url", GENERATE))
+                                                   for i in range(self.batch_workers)]
+        for key, name, size, i in pollers:
+            t = threading.Thread(target=batch_local.poll_queue_forever,
+                                 args=(self.queues[key], handler_of(name), self._stop),
                                  kwargs={"sqs_client": self.client("sqs"), "batch_size": size},
                                  name=f"serve-poll-{key}-{i}", daemon=True)
             t.start()
