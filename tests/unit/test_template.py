@@ -139,6 +139,35 @@ def test_generation_alarms_name_dimension_sets_the_telemetry_emits(template: dic
     assert api["requests"]["MetricStat"]["Metric"]["Dimensions"] == dims
 
 
+def test_the_latency_alarms_read_inference_latency_which_a_long_stream_does_not_raise(template: dict, capsys,
+                                                                                      monkeypatch) -> None:
+    """A streamed generation lasts as long as its answer (seconds to minutes), so an alarm on Lambda's Duration p99
+    fires on healthy streams. The router's and the CPU function's latency alarms read tierserve's own ``Latency``
+    (successful inferences, per function), which a generation never emits."""
+    import json
+
+    from tierserve import telemetry
+
+    monkeypatch.setenv("TIERSERVE_METRICS", "true")
+    capsys.readouterr()
+    telemetry.request("m", "1", tier="cpu", latency_ms=3.0)
+    inference = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    telemetry.generation_request("m", "1", tier="cpu", status=200)
+    telemetry.generation("m", "1", "cpu", ttft_ms=1.0, itl_ms=1.0, prompt_tokens=1, completion_tokens=900,
+                         tokens_per_s=9.0)
+    generation = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert not any("Latency" in doc for doc in generation)
+    latency_sets = [d for doc in inference for directive in doc["_aws"]["CloudWatchMetrics"]
+                    if any(m["Name"] == "Latency" for m in directive["Metrics"]) for d in directive["Dimensions"]]
+    for name, function in (("RouterLatencyAlarm", "RouterFunction"), ("CpuLatencyAlarm", "CpuInferenceFunction")):
+        alarm = template["Resources"][name]["Properties"]
+        assert (alarm["Namespace"], alarm["MetricName"], alarm["ExtendedStatistic"]) == ("tierserve", "Latency", "p99")
+        assert [d["Name"] for d in alarm["Dimensions"]] in latency_sets
+        assert alarm["Dimensions"] == [{"Name": "service", "Value": "tierserve"},
+                                       {"Name": "function", "Value": {"Ref": function}}]
+        assert alarm["Threshold"] == {"Ref": "LatencyAlarmMs"}
+
+
 def test_the_dashboard_shows_tokens_per_tier_and_ttft_per_version(template: dict, capsys, monkeypatch) -> None:
     import json
     import re
