@@ -200,3 +200,26 @@ def test_a_gateway_error_fails_the_level_with_its_answer(fake_server) -> None:
     host, port = fake_server
     with pytest.raises(field_tool.FieldToolError, match="answered 429"):
         field_tool.ours_level(host, port, "busy", 2, 4, [[1]], 8)
+
+
+def _stat_line(pid: int, comm: str, ppid: int, utime: int, stime: int) -> str:
+    # /proc/PID/stat: pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    return f"{pid} ({comm}) S {ppid} 1 1 0 -1 0 0 0 0 0 {utime} {stime} 0 0 20 0 1 0\n"
+
+
+def test_the_tools_cpu_is_its_whole_process_tree_from_proc(tmp_path: Path) -> None:
+    tick = field_tool.os.sysconf("SC_CLK_TCK")
+    procs = {10: ("guidellm", 1, 2 * tick, tick), 11: ("guidellm) worker", 10, tick, 0),  # a ")" in the name
+             12: ("python", 11, tick, tick), 20: ("other", 1, 50 * tick, 0)}
+    for pid, (comm, ppid, ut, st) in procs.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(_stat_line(pid, comm, ppid, ut, st))
+    assert field_tool.tree_cpu_s(10, tmp_path) == pytest.approx(6.0)  # 3 + 1 + 2 s; not the unrelated 20
+    assert field_tool.tree_cpu_s(12, tmp_path) == pytest.approx(2.0)
+
+
+def test_the_cpu_inside_the_window_is_read_from_the_samples_in_it() -> None:
+    sampler = field_tool.CpuSampler(0)
+    sampler.samples = [(1.0, 0.5), (2.0, 1.0), (3.0, 1.4), (4.0, 2.5), (5.0, 9.0)]
+    assert sampler.within(1.5, 4.5) == 1.5  # start-up before and the report's writing after are left out
+    assert sampler.within(2.5, 3.5) is None
