@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install lint-tools test test-unit test-functional test-integration lint typecheck fmt demo compile-demo \
         compile-minilm invoke serve triton bench validate build package events clean template-lint \
-        test-hardening bench-venv
+        test-hardening bench-venv bench-aiperf-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -97,6 +97,18 @@ $(BENCH_STAMP):
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(BENCH_VENV)/bin/python -m pip install -q guidellm==0.8.1 "numpy>=2" datasets
+	touch $@
+
+# NVIDIA's AIPerf (issue 19's second field tool, tried by hand; docs/benchmarks.md has the command and its figures):
+# its own venv, no torch needed. Run it without HF_HUB_OFFLINE: 0.13.0 offline resolves a local tokenizer folder
+# as a hub repo id and fails; online it loads the folder and reaches no network
+AIPERF_VENV := .venv-aiperf
+AIPERF_STAMP := $(AIPERF_VENV)/.aiperf-0.13.0
+bench-aiperf-venv: $(AIPERF_STAMP) ## NVIDIA AIPerf 0.13.0 in .venv-aiperf (a second field tool; docs/benchmarks.md)
+$(AIPERF_STAMP):
+	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIPERF_VENV)/bin/python -m pip install -q aiperf==0.13.0
 	touch $@
 
 template-lint: $(STAMP) $(LINT_STAMP) ## checkov (0 unsuppressed failures) and cfn-lint (0 errors) on template.yaml
