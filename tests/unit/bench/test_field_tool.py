@@ -194,6 +194,7 @@ def test_our_client_streams_guidellms_body_from_one_queue_and_times_the_first_te
     assert (level.prompt_tokens, level.output_tokens_each, level.output_tokens) == ([128], [8], 56)
     assert level.ttft_p50_ms >= 50.0  # the empty first chunk is not the first token
     assert level.output_tokens_per_s == pytest.approx(56 / level.duration_s)
+    assert 0.0 < level.client_cpu_s < 5.0  # the client threads' own CPU, not the process's
 
 
 def test_a_gateway_error_fails_the_level_with_its_answer(fake_server) -> None:

@@ -37,12 +37,12 @@ Why the two disagreed before (2026-12 runs, ratios 0.76-1.25), and what makes th
   worker processes (one per stream by default) beside its scheduler process; here its streams share one worker
   (``GUIDELLM__MAX_WORKER_PROCESSES=1``, its own setting). Sampled from ``/proc`` inside its measured window
   (:class:`CpuSampler`, ``guidellm_cpu_in_window_s``): 1.2 s of CPU in a 4.8 s window at concurrency 4 (25% of a
-  core; 30% with 4 worker processes); our client threads use 0.15-0.2 s in a 5-6 s round (``ours_cpu_s``, 3%). At
-  concurrency 1 the server leaves a core idle and the two agree; at concurrency 4 the 4 CPU function
-  environments keep both cores busy, so the tool's quarter of a core is taken from the server, and guidellm
-  measures it 5-20% slower (more under other load: 0.65-0.93 in a run beside another engineer's bench, 0.86-0.94
-  on a quieter machine). Running guidellm at ``nice 10`` changed nothing. That gap is the tool's footprint on a
-  2-core machine, not a difference of definitions, and it stays in the figures and the agreement flag.
+  core; 30% with 4 worker processes); our client threads use 0.15-0.2 s in a 5-6 s round (``ours_cpu_s``: the
+  threads' own CPU time, 3%). At concurrency 1 the server leaves a core idle and the two agree; at concurrency 4 the
+  4 CPU function environments keep both cores busy, so the tool's quarter of a core is taken from the server, and
+  guidellm measures it 5-20% slower (more under other load: 0.65-0.93 in a run beside another engineer's bench,
+  0.86-0.94 on a quieter machine). Running guidellm at ``nice 10`` changed nothing. That gap is the tool's footprint
+  on a 2-core machine, not a difference of definitions, and it stays in the figures and the agreement flag.
 * **What did not matter.** Sampling at guidellm's default temperature against greedy: the same tokens/s (196.7 and
   196.7, 164.8 and 162.8 in two alternations of 16 requests). The prompts stay guidellm's synthetic text and our
   token ids, of the same length in the server's count (128), checked per round (``same_tokens``).
@@ -63,7 +63,7 @@ import statistics
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,9 @@ class OursLevel:
     ttft_mean_ms: float
     prompt_tokens: list[int]
     output_tokens_each: list[int]
+    #: CPU seconds of the client's own threads (``time.thread_time``): not the process's, which in the suite also
+    #: runs tierserve serve's REST API emulation
+    client_cpu_s: float = 0.0
 
 
 def _stat(metrics: dict[str, Any], name: str) -> dict[str, Any]:
@@ -265,7 +268,17 @@ def ours_level(host: str, port: int, model: str, concurrency: int, requests: int
     errors: list[BaseException] = []
     lock = threading.Lock()
 
+    cpu: list[float] = []
+
     def stream() -> None:
+        t0 = time.thread_time()
+        try:
+            _stream()
+        finally:
+            with lock:
+                cpu.append(time.thread_time() - t0)
+
+    def _stream() -> None:
         while not errors:
             try:
                 i = todo.get_nowait()
@@ -287,7 +300,7 @@ def ours_level(host: str, port: int, model: str, concurrency: int, requests: int
         t.join()
     if errors:
         raise errors[0]
-    return summarise(runs, concurrency)
+    return replace(summarise(runs, concurrency), client_cpu_s=round(sum(cpu), 3))
 
 
 def median_of_rounds(values: list[float]) -> float:
@@ -427,9 +440,8 @@ def run_guidellm(ctx: Any, host: str, port: int, folder: Path) -> None:
             order = ("ours", "guidellm") if r % 2 == 0 else ("guidellm", "ours")
             for side in order:
                 if side == "ours":
-                    cpu0 = time.process_time()
                     ours = ours_level(host, port, g.MODEL, c, per_level, prompts, new)
-                    entry["ours"] = {**asdict(ours), "ours_cpu_s": round(time.process_time() - cpu0, 2)}
+                    entry["ours"] = {**asdict(ours), "ours_cpu_s": ours.client_cpu_s}
                 else:
                     field, info = _run_guidellm_once(ctx, exe, target, g.MODEL, folder, c, per_level,
                                                      g.SWEEP_PROMPT, new, out_dir, r, env)
