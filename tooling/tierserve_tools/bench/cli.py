@@ -9,7 +9,8 @@ that cannot run here (no perf_analyzer, no local Triton, no compiled model) is r
 with the reason; the run fails (exit 1) only when a suite raises, or when a figure that requires it
 (the load suite's zero errors) is not met. ``--quick`` is sized to finish in under 3 minutes on 2 cores.
 ``--guidellm`` (what ``make bench`` passes) also runs the field's tool, guidellm, unchanged against the generate
-suite's gateway (``tierserve_tools.bench.field_tool``) and saves its own reports in OUT beside ours.
+suite's gateway (``tierserve_tools.bench.field_tool``: rounds alternating with our client at the same load and by
+guidellm's definitions, medians compared within 15%) and saves its own reports in OUT beside ours.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rss", action="store_true", help="batch: also peak RSS on 100k vs 1M rows (minutes)")
     p.add_argument("--guidellm", type=Path, default=None, metavar="PATH",
                    help="generate: also run guidellm (this executable, from its own venv: make bench-venv) against "
-                        "the gateway and set its figures beside ours; its reports go to --out")
+                        "the gateway, alternating with our client (5 rounds a level, 1 with --quick), and set the "
+                        "medians beside ours; its reports go to --out")
     p.set_defaults(func=run_cli)
 
 
