@@ -231,3 +231,54 @@ def test_the_batch_bench_is_batch_generates_measure_taking_the_context_and_the_m
     module, _, name = generate.BATCH_BENCH.partition(":")
     assert (module, name) == ("tierserve_tools.bench.batch_generate", "measure")
     assert list(inspect.signature(batch_generate.measure).parameters) == ["ctx", "folder"]
+
+
+def test_the_gateway_path_asks_for_exactly_max_tokens_and_reads_the_stream_as_a_client_does() -> None:
+    """Both paths of a level cost the same: the gateway's requests carry vLLM's ``ignore_eos`` (the random bench
+    model ends some prompts early otherwise), as the raw loop sets ``min_length``; the SSE chunks' text times the
+    tokens and the usage chunk counts them."""
+    import http.server
+    import threading
+
+    seen: list[dict[str, Any]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            chunks = [{"choices": [{"text": t}]} for t in ("a", "b", "c")]
+            chunks.append({"choices": [], "usage": {"completion_tokens": 3}})
+            body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        run = generate.gateway_run("127.0.0.1", server.server_address[1], [5, 6, 7], 3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen[0]["ignore_eos"] is True and seen[0]["max_tokens"] == 3 and seen[0]["temperature"] == 0
+    assert seen[0]["prompt"] == [5, 6, 7] and seen[0]["stream"] is True
+    assert run.tokens == 3 and len(run.gaps_ms) == 2 and run.ttft_ms <= run.total_ms
+
+
+def test_the_raw_loop_generates_exactly_the_tokens_asked_for(tmp_path: Path) -> None:
+    """``min_length``: an end-of-text token does not end the raw loop early (the gateway's ``ignore_eos``)."""
+    import onnxruntime_genai as og
+
+    from tests.support.genai_models import export
+
+    lm = export(tmp_path, "llama")
+    model = og.Model(str(lm.genai))
+    # these prompts end early without min_length on the tests' tiny Llama (after 16, 37 and 66 tokens)
+    for length, salt in ((4, 10), (4, 11), (16, 16)):
+        run = generate.raw_run(model, generate.prompt_ids(length, salt), 100)
+        assert run.tokens == 100 and len(run.gaps_ms) == 99

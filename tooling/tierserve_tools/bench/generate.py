@@ -195,12 +195,13 @@ def prompt_ids(length: int, salt: int = 0) -> list[int]:
 
 
 def raw_run(model: Any, prompt: list[int], new: int) -> Run:
-    """The plain onnxruntime-genai loop, greedy, timed as a client would see tokens."""
+    """The plain onnxruntime-genai loop, greedy, timed as a client would see tokens; exactly ``new`` tokens
+    (``min_length``: an end-of-text token does not stop it early, as ``ignore_eos`` does not on the gateway)."""
     import onnxruntime_genai as og
 
     t0 = time.perf_counter()
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new)
+    params.set_search_options(do_sample=False, min_length=len(prompt) + new, max_length=len(prompt) + new)
     gen = og.Generator(model, params)
     gen.append_tokens(prompt)
     stamps = []
@@ -212,9 +213,11 @@ def raw_run(model: Any, prompt: list[int], new: int) -> Run:
 
 
 def gateway_run(host: str, port: int, prompt: list[int], new: int, timeout: float = 300.0) -> Run:
-    """``POST /v1/completions`` with ``stream: true`` on the gateway: the SSE chunks' arrival times."""
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+    """``POST /v1/completions`` with ``stream: true`` on the gateway: the SSE chunks' arrival times. Exactly ``new``
+    tokens (vLLM's ``ignore_eos``, as the field tools send it): the random-weight bench model ends some prompts
+    early, and every request of a level should cost the same."""
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         t0 = time.perf_counter()
