@@ -224,3 +224,13 @@ def test_the_cpu_inside_the_window_is_read_from_the_samples_in_it() -> None:
     sampler.samples = [(1.0, 0.5), (2.0, 1.0), (3.0, 1.4), (4.0, 2.5), (5.0, 9.0)]
     assert sampler.within(1.5, 4.5) == 1.5  # start-up before and the report's writing after are left out
     assert sampler.within(2.5, 3.5) is None
+
+
+def test_the_field_tool_runs_at_every_level_of_the_suites_sweep_with_enough_requests_a_stream() -> None:
+    """The closing note sets the field tool's numbers beside ours at each level of the sweep (1, 4 and 16); at 16
+    streams a round of 32 requests would be two a stream, mostly ramp."""
+    from tierserve_tools.bench import generate
+
+    assert field_tool.LEVELS == generate.LEVELS
+    assert [field_tool.requests_per_round(False, c) for c in field_tool.LEVELS] == [32, 32, 64]
+    assert [field_tool.requests_per_round(True, c) for c in field_tool.LEVELS] == [8, 8, 32]

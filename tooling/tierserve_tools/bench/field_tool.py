@@ -72,7 +72,8 @@ from tierserve import errors
 GUIDELLM_VERSION = "0.8.1"
 #: the two tools' figures agree when each ratio is within 1 +- TOLERANCE (issue 19: "agree within 15%")
 TOLERANCE = 0.15
-LEVELS = (1, 4)
+#: the generate suite's sweep (``generate.LEVELS``): the field tool's numbers beside ours at every level
+LEVELS = (1, 4, 16)
 #: rounds per level (ours and guidellm alternating) and requests per round and tool: (full, --quick)
 ROUNDS = (5, 1)
 REQUESTS = (32, 8)
@@ -411,6 +412,13 @@ def _run_guidellm_once(ctx: Any, exe: Path, target: str, model: str, folder: Pat
                    "sent": [list(s) for s in sent]}
 
 
+def requests_per_round(quick: bool, concurrency: int) -> int:
+    """A round's requests per tool at ``concurrency``: :data:`REQUESTS`, and at least 4 a stream (2 with
+    ``--quick``), so that the ramp up and down (streams starting and ending) stays a small share of the window."""
+    full, short = REQUESTS
+    return max(short if quick else full, (2 if quick else 4) * concurrency)
+
+
 def run_guidellm(ctx: Any, host: str, port: int, folder: Path) -> None:
     """The suite's hook (``ctx.notes["field_tool"]``): at each of :data:`LEVELS`, ``ROUNDS`` rounds of our client
     and guidellm alternating against the gateway that is up (warm: the suite has just run its sweep); the medians
@@ -427,11 +435,12 @@ def run_guidellm(ctx: Any, host: str, port: int, folder: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = f"http://{host}:{port}"
     new = g.SWEEP_NEW  # 64 in --quick too: fewer tokens make the prefill a larger, noisier share
-    rounds, per_level = ctx.n(*ROUNDS), ctx.n(*REQUESTS)
+    rounds = ctx.n(*ROUNDS)
     env = {**os.environ, **GUIDELLM_ENV}
-    prompts = [g.prompt_ids(g.SWEEP_PROMPT, 2000 + i) for i in range(per_level)]
     levels: dict[str, Any] = {}
     for c in LEVELS:
+        per_level = requests_per_round(ctx.quick, c)
+        prompts = [g.prompt_ids(g.SWEEP_PROMPT, 2000 + i) for i in range(per_level)]
         ctx.progress(f"guidellm {GUIDELLM_VERSION} and ours alternating at concurrency {c}: {rounds} rounds of "
                      f"{per_level} requests of {g.SWEEP_PROMPT} + {new} tokens each")
         done: list[dict[str, Any]] = []
