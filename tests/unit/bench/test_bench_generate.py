@@ -141,6 +141,7 @@ def test_the_gateway_admits_as_many_generations_as_the_sweeps_highest_concurrenc
 
 def _fake_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quick: bool) -> Any:
     """The suite's run() with the model, the engine, the gateway and both paths faked: what it records."""
+    monkeypatch.setenv("TIERSERVE_METRICS", "false")  # run() sets it for the bench process; restored after the test
     import tierserve.generation.engine
     import tierserve.store
     from tierserve_tools.bench.harness import Context
