@@ -103,8 +103,8 @@ def get_body(s3: Any, loc: S3Location, version: dict[str, str], start: int = 0, 
     kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
     if version.get("version_id") and version["version_id"] != "null":
         kwargs["VersionId"] = version["version_id"]
-    elif version.get("etag"):
-        kwargs["IfMatch"] = version["etag"]
+    elif version.get("etag"):  # quoted, as HTTP spells an entity tag (a job's pin has none: runner.canonical_pin)
+        kwargs["IfMatch"] = '"' + version["etag"].strip('"') + '"'
     if start or stop is not None:
         kwargs["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
     try:

@@ -69,10 +69,10 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     settings = app.settings
     s3 = app.aws("s3")
     jobs = JobStore(settings.job_table, app.aws("dynamodb-resource"))
-    head = _head(s3, spec)
-    if not spec.input_version:  # a job message names an object: pin the version it has now
-        pin = {k: v for k, v in (("version_id", head.get("VersionId")), ("etag", head.get("ETag"))) if v}
-        spec = dataclasses.replace(spec, input_version=pin)
+    head = _head(s3, spec)  # checks a pinned version / eTag against the object
+    # One pin per object version, however the job arrived (an S3 event, a job message pinning a version, an eTag or
+    # nothing): the job key (and so "already completed") must not depend on the delivery's spelling
+    spec = dataclasses.replace(spec, input_version=canonical_pin(head))
     state = jobs.load(spec.job_key)
     if spec.shard is not None:
         return _run_shard(app, s3, jobs, spec, state, context)
@@ -188,6 +188,20 @@ def _variant_sha256(model: ModelVersion) -> str:
         return model.cpu_artifact.sha256
     selected = model.variants.get(model.selected_variant)
     return selected.sha256 if selected else ""
+
+
+def canonical_pin(head: dict[str, Any]) -> dict[str, str]:
+    """The input version a job is keyed by, from the object's HeadObject: its VersionId (none in an unversioned
+    bucket, nor "null": an object written while versioning was off or suspended) and its eTag without quotes (S3
+    events spell it so; HeadObject quotes it). An S3 event and a job message for the same version get one job key."""
+    pin: dict[str, str] = {}
+    vid = head.get("VersionId")
+    if vid and vid != "null":
+        pin["version_id"] = str(vid)
+    etag = str(head.get("ETag") or "").strip('"')
+    if etag:
+        pin["etag"] = etag
+    return pin
 
 
 def _head(s3: Any, spec: JobSpec) -> dict[str, Any]:

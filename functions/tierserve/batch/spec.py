@@ -33,7 +33,8 @@ class JobSpec:
     input: S3Location
     output: S3Location  # a prefix: parts go to {output.key}/part-NNNNN.jsonl
     version: str | None = None
-    input_version: dict[str, str] = field(default_factory=dict)  # {"version_id", "etag"}
+    # {"version_id", "etag"} as delivered; run_job makes it canonical (runner.canonical_pin) before the job key counts
+    input_version: dict[str, str] = field(default_factory=dict)
     continuation: int | None = None
     idempotency_key: str = ""
     shard: Shard | None = None  # one shard of a job that fanned out (tierserve.batch.shards)

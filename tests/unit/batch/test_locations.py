@@ -40,16 +40,16 @@ class _RecordingS3:
 def test_every_read_is_pinned_to_the_jobs_version_and_ranged_as_asked():
     # Given the one read of an input object (the readers' streams and the shard planner's ranged GETs)
     loc, s3 = parse_s3_uri("s3://bucket/batch/in/digits/j.jsonl", "input"), _RecordingS3()
-    # Then the version id pins it, or the ETag where the bucket is unversioned ("null")
+    # Then the version id pins it, or the ETag (quoted, as HTTP spells it) where the bucket is unversioned ("null")
     assert get_body(s3, loc, {"version_id": "v1", "etag": "e"}) == b"body"
     get_body(s3, loc, {"version_id": "null", "etag": "e"}, 10)
     get_body(s3, loc, {}, 0, 5)
     get_body(s3, loc, {"etag": "e"}, 7, 9)
     assert s3.calls == [
         {"Bucket": "bucket", "Key": "batch/in/digits/j.jsonl", "VersionId": "v1"},
-        {"Bucket": "bucket", "Key": "batch/in/digits/j.jsonl", "IfMatch": "e", "Range": "bytes=10-"},
+        {"Bucket": "bucket", "Key": "batch/in/digits/j.jsonl", "IfMatch": '"e"', "Range": "bytes=10-"},
         {"Bucket": "bucket", "Key": "batch/in/digits/j.jsonl", "Range": "bytes=0-4"},
-        {"Bucket": "bucket", "Key": "batch/in/digits/j.jsonl", "IfMatch": "e", "Range": "bytes=7-8"},
+        {"Bucket": "bucket", "Key": "batch/in/digits/j.jsonl", "IfMatch": '"e"', "Range": "bytes=7-8"},
     ]
     # And a failed read is the job's poison, saying what to check
     with pytest.raises(BatchInputError, match=r"cannot read s3://bucket/batch/in/digits/j.jsonl \(OSError: gone\); "

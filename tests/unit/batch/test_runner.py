@@ -167,3 +167,32 @@ def test_a_part_written_on_the_writer_thread_is_never_followed_by_the_next_befor
     assert summary["invocations"] == 2 and summary["counts"]["rows"] == 10
     assert [json.loads(x)["line"] for k in sorted(got) if k.startswith("part-") for x in got[k].splitlines()] == \
         list(range(1, 11))
+
+
+def _listing(aws, prefix: str) -> list[tuple[str, str, object]]:
+    listed = aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return [(o["Key"], o["ETag"], o["LastModified"]) for o in listed]
+
+
+@pytest.mark.parametrize("versioned", [True, False], ids=["versioned", "unversioned"])
+@pytest.mark.parametrize("pin", ["etag", "none"])
+def test_an_s3_event_and_a_job_message_for_the_same_version_run_the_job_once(aws, lambda_context, versioned, pin):
+    # Given a job run from its S3 event (versionId in a versioned bucket; the eTag unquoted, as S3 spells it there)
+    if versioned:
+        aws["s3"].put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    key = put_jsonl(aws, "twice", n=3)
+    head = aws["s3"].head_object(Bucket=BUCKET, Key=key)
+    event = s3_put_event(key=key, etag=head["ETag"].strip('"'), size=head["ContentLength"])
+    if versioned:
+        event["Records"][0]["s3"]["object"]["versionId"] = head["VersionId"]
+    first = batch_inference.lambda_handler(event, lambda_context)["jobs"][0]
+    assert first["status"] == "completed"
+    before = _listing(aws, "batch/out/digits/twice")
+    # When a job message names the same object version (its eTag as HeadObject quotes it, or nothing)
+    body: dict = {"model": "digits", "input": f"s3://{BUCKET}/{key}"}
+    if pin == "etag":
+        body["input_version"] = {"etag": head["ETag"]}
+    again = batch_runner.run_job(job_from_message(body), lambda_context)
+    # Then it is the same job: already completed, nothing written again
+    assert again["status"] == "already_completed", again
+    assert _listing(aws, "batch/out/digits/twice") == before
