@@ -112,7 +112,10 @@ def handoff_message(spec: JobSpec, model: ModelVersion, version: dict[str, str])
     version pinned (``version``: the delivery's versionId / eTag, or the object's at the hand-off), the model's
     version resolved, the output (and so the job's name) and the format explicit. The eTag is written without
     quotes (an S3 event's spelling; HeadObject quotes it), so that an S3 event and a job message naming the same
-    version hand off the same body: one idempotency key there, besides one job key."""
+    version hand off the same body: one idempotency key there, besides one job key. A continuation (of a job that
+    BatchGenerateFunction began, misrouted here or sent by hand) keeps its part number: without it the body would
+    be the original hand-off's, which BatchGenerateFunction's idempotency swallows, and the job would stay
+    "running"; with it BatchGenerateFunction resumes the job from its last checkpoint."""
     pin: dict[str, str] = {}
     if version.get("version_id") and version["version_id"] != "null":
         pin["version_id"] = version["version_id"]
@@ -122,6 +125,8 @@ def handoff_message(spec: JobSpec, model: ModelVersion, version: dict[str, str])
                                "input_version": pin, "output": spec.output.uri, "format": FORMAT_OPENAI}
     if spec.shards:
         message["shards"] = spec.shards
+    if spec.continuation is not None:  # a job BatchGenerateFunction began, whose continuation came here: resume it
+        message["continuation"] = spec.continuation
     return message
 
 

@@ -411,3 +411,36 @@ def test_only_a_whole_openai_job_is_handed_off(genai_store, digits_store, runtim
     runtime_env.delenv("GENERATION_JOBS_QUEUE_URL")
     reset_runtime()
     assert generate.hand_off(get_runtime(), spec, mv, generate.FORMAT_OPENAI, {}) is None
+
+
+def test_a_continuation_that_reaches_batch_inference_function_resumes_the_job_in_batch_generate_function(
+        aws, lambda_context, runtime_env):
+    from tests.support.batch_jobs import drain
+    from tierserve.app import reset_runtime
+    from tierserve.handlers import batch_generate, batch_inference
+
+    # Given a generation job BatchGenerateFunction ran one part of, then continued (its margin reached)
+    key = f"batch/in/{GENAI_MODEL}/cont.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    runtime_env.setenv("CHECKPOINT_MARGIN_MS", str(10**9))
+    reset_runtime()
+    message = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}", "output": f"s3://{BUCKET}/batch/out/c/cont",
+               "format": "openai"}
+    assert batch_generate.lambda_handler(sqs_batch(message), lambda_context) == {"batchItemFailures": []}
+    generate_queue = {**aws, "jobs_queue_url": aws["generate_queue_url"]}
+    continuation = drain(generate_queue)
+    assert [m["continuation"] for m in continuation] == [1]
+    # When its continuation message reaches BatchInferenceFunction instead (misrouted, or sent by hand)
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    runtime_env.setenv("CHECKPOINT_MARGIN_MS", "1000")
+    reset_runtime()
+    assert batch_inference.lambda_handler(sqs_batch(*continuation), lambda_context) == {"batchItemFailures": []}
+    # Then it hands BatchGenerateFunction the continuation (not a new job its idempotency would swallow)
+    handed = drain(generate_queue)
+    assert len(handed) == 1 and handed[0]["continuation"] == 1, handed
+    # And BatchGenerateFunction resumes the job to its end
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    assert batch_generate.lambda_handler(sqs_batch(*handed), lambda_context) == {"batchItemFailures": []}
+    summary = json.loads(outputs(aws, "batch/out/c/cont")["_SUCCESS"])
+    assert summary["invocations"] == 2 and summary["counts"]["lines"] == len(LINES)
