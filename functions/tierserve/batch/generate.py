@@ -29,6 +29,15 @@ the weights), and, when the compiler measured the CPU's tokens/s, as many as gen
 each within half the checkpoint margin even one at a time (a part must end before the margin: raise
 ``CHECKPOINT_MARGIN_MS`` to batch more on a slow model). ``_SUCCESS`` carries the job's token usage.
 
+Time bound at run time (the figure may be missing, or wrong for these prompts): before each batch of a part, the
+runner's ``out_of_time`` compares the invocation's remaining time, less the longest batch so far, with the checkpoint
+margin; when it is short, the part is abandoned unwritten (``PartOutOfTime``) and the job continues from its last
+checkpoint in a new invocation (with ``CONTINUATION_QUEUE_URL``). A part abandoned in the invocation it started first
+(a whole invocation was not enough) halves the job's part size from there, saved in its checkpoint before anything
+more is written, so a part rewritten after a crash keeps its bytes; a part of one line runs on. Part boundaries only
+decide which file a line lands in, never its answer (batched greedy output equals batch-1's; ids and ``created``
+come from the job), so a job that halved its parts, or ran in shards, writes the same lines as one run.
+
 Where it runs: a function whose package holds onnxruntime-genai, tokenizers and jinja2. In AWS that is
 BatchGenerateFunction: BatchInferenceFunction (pyarrow, tritonclient: no room left under Lambda's 250 MB) receives
 every S3 event and job message and, with ``GENERATION_JOBS_QUEUE_URL`` set, hands an OpenAI batch job to that queue
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -71,6 +81,13 @@ SERVED_BY = "cpu"
 HANDED_OFF = "handed_off"
 #: The share of the function's memory the KV caches of a batch may take (the rest: weights, runtime, the part).
 KV_SHARE = 0.5
+
+
+class PartOutOfTime(errors.TierserveError):
+    """A generation part that would run past the checkpoint margin: nothing of it is written, and the runner
+    continues the job from its last checkpoint (with parts half the size when the part had a whole invocation)."""
+
+    code = "part_out_of_time"
 
 
 def job_format(asked: str | None, model: ModelVersion, key: str) -> str:
@@ -266,6 +283,10 @@ class GenerationPart:
         self.budget = budget_bytes(model, runtime.settings.memory_mb)
         #: generations run together in the last part: (rows, greedy) per batch, for tests and logs
         self.batches: list[tuple[int, bool]] = []
+        #: set by the runner: out_of_time(seconds the next batch may take) says whether starting it would run past the
+        #: checkpoint margin; the part is then abandoned unwritten (``PartOutOfTime``)
+        self.out_of_time: Callable[[float], bool] | None = None
+        self.longest_batch_s = 0.0  # the longest batch in this invocation: the next one's estimate
 
     # --- one part ---------------------------------------------------------------------------------------------
 
@@ -329,7 +350,11 @@ class GenerationPart:
         for group in groups.values():
             group.sort(key=lambda x: len(x.request.prompt_ids or ()))  # type: ignore[union-attr]
             for batch in self.split(group):
+                if self.out_of_time is not None and self.out_of_time(self.longest_batch_s):
+                    raise PartOutOfTime("the part would outlast the checkpoint margin; it is left unwritten")
+                t0 = time.perf_counter()
                 self.run_batch(batch)
+                self.longest_batch_s = max(self.longest_batch_s, time.perf_counter() - t0)
 
     def split(self, group: list[Line]) -> list[list[Line]]:
         """Consecutive runs of ``group`` whose KV cache at their longest row fits the budget (one row at least)."""
@@ -396,8 +421,6 @@ def write_part(part: GenerationPart, chunk: Chunk, state: Any, put: Callable[[st
                part_key: str, errors_key: str) -> None:
     """The runner's part of a generation job: generate ``chunk``'s lines, queue its objects (``put``: written with
     the part's checkpoint) and advance ``state`` (a ``JobState``)."""
-    import time
-
     raws, first_line = getattr(chunk, "raws", None), getattr(chunk, "first_line", None)
     if raws is None or first_line is None:
         raise BatchInputError("OpenAI batch input is JSONL; this job's reader gave no lines")

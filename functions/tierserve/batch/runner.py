@@ -6,7 +6,8 @@ flight, and a part rewritten after a crash has the same bytes (part boundaries a
 and the same rows always go through the model together). Parts hold CHUNK_ROWS lines (JSONL) or up to
 COLUMNAR_CHUNK_ROWS rows (NPZ, Parquet: ``chunks.part_rows``); for NPZ and Parquet a part's objects and its
 checkpoint are written on a background thread, in the same order, while the next chunk is scored
-(``tierserve.batch.writer``). A job near its deadline continues in a new invocation (a continuation message);
+(``tierserve.batch.writer``). A job near its deadline continues in a new invocation (a continuation message; a
+generation part that would outlast the margin is left unwritten first, ``tierserve.batch.generate``);
 a large job fans out into shards (``tierserve.batch.shards``), each run here as a job of its own. How a job
 ends (errors merged, ``_SUCCESS``) is ``tierserve.batch.closing``.
 
@@ -34,7 +35,15 @@ from tierserve import errors
 from tierserve.app import Runtime, get_runtime
 from tierserve.batch.chunks import Batch, Chunk, iter_chunks, part_rows
 from tierserve.batch.closing import Closing, work_prefix
-from tierserve.batch.generate import FORMAT_OPENAI, GenerationPart, hand_off, job_format, require_engine, write_part
+from tierserve.batch.generate import (
+    FORMAT_OPENAI,
+    GenerationPart,
+    PartOutOfTime,
+    hand_off,
+    job_format,
+    require_engine,
+    write_part,
+)
 from tierserve.batch.generate import part_rows as generation_part_rows
 from tierserve.batch.locations import BatchInputError, input_format
 from tierserve.batch.parts import encode_errors, encode_parquet_part, encode_part
@@ -236,6 +245,8 @@ class _Runner:
         self._pending: list[Callable[[], None]] = []  # the current part's writes, until its checkpoint
         self.generation = (GenerationPart(app, model, spec.input, spec.output.key, state.input_version, s3)
                            if state.format == FORMAT_OPENAI else None)  # OpenAI batch lines
+        if self.generation is not None:
+            self.generation.out_of_time = self._out_of_time
 
     def run(self) -> dict[str, Any]:
         """Parts in order, each checkpointed after its objects are written. For NPZ and Parquet inputs the
@@ -264,7 +275,10 @@ class _Runner:
                         self.jobs.save(st, expected)
                         return self._continue()
                     logger.warning("CONTINUATION_QUEUE_URL is not set; running on past the checkpoint margin")
-                self._part(chunk)
+                try:
+                    self._part(chunk)
+                except PartOutOfTime:  # a generation part: nothing of it was written or queued
+                    return self._abandon(expected, done_here)
                 self._checkpoint(st.next_part - 1, expected)
                 expected = st.next_part
                 done_here += 1
@@ -275,6 +289,31 @@ class _Runner:
                 with contextlib.suppress(Exception):  # the exception in flight is the one to report
                     writer.close()
         return self._finish(expected)
+
+    def _out_of_time(self, next_batch_s: float) -> bool:
+        """Whether a generation part's next batch (about ``next_batch_s``) would run past the checkpoint margin;
+        never without a continuation queue (nowhere to continue: run on), nor for parts of one line (cannot shrink)."""
+        if not self.app.settings.continuation_queue_url or self.state.chunk_rows <= 1:
+            return False
+        remaining = _remaining_ms(self.context)
+        return remaining is not None and remaining - next_batch_s * 1000 < self.app.settings.checkpoint_margin_ms
+
+    def _abandon(self, expected: int, done_here: int) -> dict[str, Any]:
+        """A generation part that ran out of time, left unwritten: continue from the last checkpoint. When the part
+        began this invocation (a whole one was not enough), the job's parts halve from here: the new size is saved
+        with the checkpoint before any part of that size is written, and an error fragment a crashed attempt at this
+        part may have left is removed (the smaller part writes its own)."""
+        st = self.state
+        self._pending = []
+        self._close_writer()
+        if done_here == 0:
+            st.chunk_rows = max(1, st.chunk_rows // 2)
+            self.s3.delete_object(Bucket=self.spec.output.bucket,
+                                  Key=f"{self.work_prefix}/errors-{st.next_part:05d}.jsonl")
+        logger.warning("batch generation part would outlast the checkpoint margin; continuing in a new invocation",
+                       extra={"job": st.job_key, "part": st.next_part, "chunk_rows": st.chunk_rows})
+        self.jobs.save(st, expected)
+        return self._continue()
 
     def _checkpoint(self, part: int, expected: int) -> None:
         """The part's objects, then ``written``, its checkpoint, ``checkpointed`` (the test hook's stages)."""

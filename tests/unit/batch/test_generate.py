@@ -416,25 +416,28 @@ def test_only_a_whole_openai_job_is_handed_off(genai_store, digits_store, runtim
 def test_a_continuation_that_reaches_batch_inference_function_resumes_the_job_in_batch_generate_function(
         aws, lambda_context, runtime_env):
     from tests.support.batch_jobs import drain
-    from tierserve.app import reset_runtime
     from tierserve.handlers import batch_generate, batch_inference
 
     # Given a generation job BatchGenerateFunction ran one part of, then continued (its margin reached)
     key = f"batch/in/{GENAI_MODEL}/cont.jsonl"
     aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
     _as_function(runtime_env, aws, "BatchGenerateFunction")
-    runtime_env.setenv("CHECKPOINT_MARGIN_MS", str(10**9))
-    reset_runtime()
+    checkpointed: list[int] = []
+    batch_runner.after_part_hook = lambda stage, part: checkpointed.append(part) if stage == "checkpointed" else None
+    remaining = lambda_context.get_remaining_time_in_millis
+    lambda_context.get_remaining_time_in_millis = lambda: 500 if checkpointed else remaining()
     message = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}", "output": f"s3://{BUCKET}/batch/out/c/cont",
                "format": "openai"}
-    assert batch_generate.lambda_handler(sqs_batch(message), lambda_context) == {"batchItemFailures": []}
+    try:
+        assert batch_generate.lambda_handler(sqs_batch(message), lambda_context) == {"batchItemFailures": []}
+    finally:
+        batch_runner.after_part_hook = None
+        lambda_context.get_remaining_time_in_millis = remaining
     generate_queue = {**aws, "jobs_queue_url": aws["generate_queue_url"]}
     continuation = drain(generate_queue)
     assert [m["continuation"] for m in continuation] == [1]
     # When its continuation message reaches BatchInferenceFunction instead (misrouted, or sent by hand)
     _as_function(runtime_env, aws, "BatchInferenceFunction")
-    runtime_env.setenv("CHECKPOINT_MARGIN_MS", "1000")
-    reset_runtime()
     assert batch_inference.lambda_handler(sqs_batch(*continuation), lambda_context) == {"batchItemFailures": []}
     # Then it hands BatchGenerateFunction the continuation (not a new job its idempotency would swallow)
     handed = drain(generate_queue)
@@ -444,3 +447,53 @@ def test_a_continuation_that_reaches_batch_inference_function_resumes_the_job_in
     assert batch_generate.lambda_handler(sqs_batch(*handed), lambda_context) == {"batchItemFailures": []}
     summary = json.loads(outputs(aws, "batch/out/c/cont")["_SUCCESS"])
     assert summary["invocations"] == 2 and summary["counts"]["lines"] == len(LINES)
+
+
+
+def test_a_part_that_would_outlast_the_margin_is_left_unwritten_and_the_job_continues_with_smaller_parts(
+        aws, lambda_context, runtime_env, monkeypatch):
+    from tests.support.batch_jobs import drain
+    from tierserve.app import get_runtime
+    from tierserve.batch.state import JobStore
+    from tierserve.handlers import batch_generate
+
+    # Given a generation job (parts of 5 lines, no measured tokens/s to bound them in time) in BatchGenerateFunction,
+    # and a reference run of it that was never short of time
+    key = f"batch/in/{GENAI_MODEL}/slow.jsonl"
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=b"\n".join(LINES) + b"\n")
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    message = {"model": GENAI_MODEL, "input": f"s3://{BUCKET}/{key}", "format": "openai"}
+    ref = {**message, "output": f"s3://{BUCKET}/batch/out/ref/slow"}
+    assert batch_generate.lambda_handler(sqs_batch(ref), lambda_context) == {"batchItemFailures": []}
+    assert json.loads(outputs(aws, "batch/out/ref/slow")["_SUCCESS"])["chunk_rows"] == 5
+    # When the remaining time drops below the checkpoint margin (1 s) after the first part's first batch
+    batches = []
+    real_run_batch = generate.GenerationPart.run_batch
+
+    def counted(part, batch):
+        real_run_batch(part, batch)
+        batches.append(len(batch))
+
+    monkeypatch.setattr(generate.GenerationPart, "run_batch", counted)
+    monkeypatch.setattr(lambda_context, "get_remaining_time_in_millis", lambda: 500 if batches else 600_000)
+    slow = {**message, "output": f"s3://{BUCKET}/batch/out/short/slow"}
+    assert batch_generate.lambda_handler(sqs_batch(slow), lambda_context) == {"batchItemFailures": []}
+    # Then that part was not written (it would have run into Lambda's timeout), its checkpoint is where it was, with
+    # parts half the size from here, and the job continues in a new invocation
+    assert _listing(aws, "batch/out/short/slow") == []
+    etag = aws["s3"].head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
+    state = JobStore(get_runtime().settings.job_table, get_runtime().aws("dynamodb-resource")).load(
+        f"s3://{BUCKET}/{key}@{etag}->s3://{BUCKET}/batch/out/short/slow")
+    assert state is not None and (state.next_part, state.chunk_rows) == (0, 2)
+    continued = drain({**aws, "jobs_queue_url": aws["generate_queue_url"]})
+    assert [m["continuation"] for m in continued] == [0]
+    # And the continuation, with time enough, finishes the job with every line answered as in the reference run
+    monkeypatch.setattr(lambda_context, "get_remaining_time_in_millis", lambda: 600_000)
+    assert batch_generate.lambda_handler(sqs_batch(*continued), lambda_context) == {"batchItemFailures": []}
+    got, want = outputs(aws, "batch/out/short/slow"), outputs(aws, "batch/out/ref/slow")
+
+    def lines(o: dict[str, bytes]) -> bytes:
+        return b"".join(o[k] for k in sorted(o) if k.startswith("part-"))
+
+    assert lines(got) == lines(want) and got["errors.jsonl"] == want["errors.jsonl"]
+    assert json.loads(got["_SUCCESS"])["parts"] == 7  # 13 lines in parts of 2
