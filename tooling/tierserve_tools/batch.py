@@ -99,12 +99,34 @@ def poll_queue_forever(queue_url: str, handler: Callable[[dict, Any], Any], stop
             stop_event.wait(1.0)
 
 
+#: The local stack's queues (``create_local_stack``'s keys) and the template.yaml queues they stand for.
+TEMPLATE_QUEUES = {"queue_url": "BatchEventsQueue", "jobs_queue_url": "BatchJobsQueue",
+                   "generate_queue_url": "BatchGenerateJobsQueue"}
+
+
+def template_queues(template: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(VisibilityTimeout, maxReceiveCount) of each batch queue template.yaml defines, by ``create_local_stack``'s
+    key, so that the local queues redeliver as the deployed ones do (a job message stays hidden while its function
+    may still run it). A queue the template leaves out, or whose values are not plain numbers, is left out."""
+    resources = template.get("Resources") or {}
+    out: dict[str, tuple[int, int]] = {}
+    for key, logical_id in TEMPLATE_QUEUES.items():
+        props = (resources.get(logical_id) or {}).get("Properties") or {}
+        redrive = props.get("RedrivePolicy") or {}
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            out[key] = (int(props["VisibilityTimeout"]), int(redrive["maxReceiveCount"]))
+    return out
+
+
 def create_local_stack(s3_client: Any, dynamodb_client: Any, sqs_client: Any, bucket: str, table: str,
                        queue_name: str = "tierserve-batch-events", max_receive_count: int = 5,
-                       visibility_timeout_s: int = 30) -> dict[str, str]:
+                       visibility_timeout_s: int = 30,
+                       queues: dict[str, tuple[int, int]] | None = None) -> dict[str, str]:
     """The batch resources template.yaml defines, in moto_server: bucket, JobTable, and three queues, each with its
     DLQ: the S3 events, BatchInferenceFunction's jobs, and BatchGenerateFunction's jobs (BatchGenerateJobsQueue:
-    the OpenAI batch jobs BatchInferenceFunction hands over, issue 19).
+    the OpenAI batch jobs BatchInferenceFunction hands over, issue 19). ``queues`` gives a queue (by the key below)
+    its (visibility timeout, receive count), as ``template_queues`` reads them; the others get
+    ``visibility_timeout_s`` and ``max_receive_count``.
 
     Returns {"queue_url", "dlq_url", "jobs_queue_url", "jobs_dlq_url", "generate_queue_url", "generate_dlq_url"}.
     Idempotent enough for repeated local runs."""
@@ -118,11 +140,12 @@ def create_local_stack(s3_client: Any, dynamodb_client: Any, sqs_client: Any, bu
     urls = {}
     for name, key in ((queue_name, "queue_url"), (f"{queue_name}-jobs", "jobs_queue_url"),
                       (f"{queue_name}-generate", "generate_queue_url")):
+        visibility, receives = (queues or {}).get(key, (visibility_timeout_s, max_receive_count))
         dlq = sqs_client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
         url = sqs_client.create_queue(QueueName=name, Attributes={
-            "VisibilityTimeout": str(visibility_timeout_s),
+            "VisibilityTimeout": str(visibility),
             "RedrivePolicy": json.dumps({"deadLetterTargetArn": queue_arn(sqs_client, dlq),
-                                         "maxReceiveCount": str(max_receive_count)}),
+                                         "maxReceiveCount": str(receives)}),
         })["QueueUrl"]
         urls[key] = url
         urls["dlq_url" if key == "queue_url" else key.replace("queue_url", "dlq_url")] = dlq

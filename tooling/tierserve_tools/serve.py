@@ -575,9 +575,11 @@ class LocalStack:
             return
         s3 = self.client("s3")
         if self.want_batch:
-            # A shard or a long job holds its message for minutes: 120 s before SQS hands it to another poller.
+            # Each queue as template.yaml has it (5,400 s: a job holds its message while its function may still run it;
+            # 120 s redelivered a long local generation call while it ran); 120 s where the template says nothing.
             self.queues = batch_local.create_local_stack(s3, self.client("dynamodb"), self.client("sqs"), BUCKET,
-                                                         JOB_TABLE, visibility_timeout_s=120)
+                                                         JOB_TABLE, visibility_timeout_s=120,
+                                                         queues=self.batch_queue_settings())
         else:
             s3.create_bucket(Bucket=BUCKET)
         for path in sorted(self.models.rglob("*")):
@@ -589,6 +591,11 @@ class LocalStack:
             self.notes.append(f"batch: s3://{BUCKET}/batch/in/ -> {BATCH} (OpenAI batch jobs -> {GENERATE})")
         self.model_store_uri = f"s3://{BUCKET}/{MODEL_PREFIX}"
         self.notes.append(f"s3: moto {self.moto.url} ({self.model_store_uri})")
+
+    def batch_queue_settings(self) -> dict[str, tuple[int, int]]:
+        """The local batch queues' (visibility timeout, receive count), by ``create_local_stack``'s key, from
+        template.yaml's BatchEventsQueue, BatchJobsQueue and BatchGenerateJobsQueue."""
+        return batch_local.template_queues(load_template(self.template)) if self.template.is_file() else {}
 
     def _start_batch_pollers(self) -> None:
         assert self.lambda_endpoint is not None

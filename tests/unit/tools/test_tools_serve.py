@@ -48,3 +48,18 @@ def test_the_invoke_ports_help_says_it_defaults_to_the_port_after_port(capsys) -
         main(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--port + 1" in help_text and "Lambda Invoke API" in help_text
+
+
+def test_the_local_batch_queues_follow_the_templates_visibility_timeouts(models: Path, tmp_path: Path) -> None:
+    # Given serve's local stack over the project's template.yaml
+    from tierserve_tools import batch as batch_local
+    from tierserve_tools.sam import load_template
+    from tierserve_tools.serve import LocalStack
+
+    template = Path(__file__).resolve().parents[3] / "template.yaml"
+    stack = LocalStack(models, port=0, triton=False, template=template, workdir=tmp_path / "w")
+    # Then its batch queues get the template's settings (BatchGenerateJobsQueue's 5,400 s, not 120 s)
+    settings = stack.batch_queue_settings()
+    assert settings == batch_local.template_queues(load_template(template))
+    assert settings["generate_queue_url"][0] == int(
+        load_template(template)["Resources"]["BatchGenerateJobsQueue"]["Properties"]["VisibilityTimeout"])
