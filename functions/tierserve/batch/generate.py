@@ -142,6 +142,8 @@ def handoff_message(spec: JobSpec, model: ModelVersion, version: dict[str, str])
                                "input_version": pin, "output": spec.output.uri, "format": FORMAT_OPENAI}
     if spec.shards:
         message["shards"] = spec.shards
+    if spec.shard is not None:  # one shard of a job BatchGenerateFunction fanned out, misrouted here: that shard
+        message["shard"] = spec.shard.to_json()
     if spec.continuation is not None:  # a job BatchGenerateFunction began, whose continuation came here: resume it
         message["continuation"] = spec.continuation
     return message
@@ -150,11 +152,12 @@ def handoff_message(spec: JobSpec, model: ModelVersion, version: dict[str, str])
 def hand_off(runtime: Runtime, spec: JobSpec, model: ModelVersion, fmt: str,
              version: dict[str, str]) -> dict[str, Any] | None:
     """Send an OpenAI batch job to ``GENERATION_JOBS_QUEUE_URL`` (BatchGenerateFunction's queue) instead of running
-    it here; the delivery's result says so. None (run it here) for a tensor job, a shard, or when the setting is
-    unset (BatchGenerateFunction itself, ``tierserve serve --no-...``). Called by the runner inside the delivery's
+    it here; the delivery's result says so. None (run it here) for a tensor job, or when the setting is unset
+    (BatchGenerateFunction itself). A shard or a continuation of an OpenAI job (misrouted here) is handed off as
+    that shard or continuation. Called by the runner inside the delivery's
     idempotent run, before anything is written: a redelivery gets this result back and sends nothing again."""
     url = runtime.settings.generation_jobs_queue_url
-    if fmt != FORMAT_OPENAI or not url or spec.shard is not None:
+    if fmt != FORMAT_OPENAI or not url:
         return None
     message = handoff_message(spec, model, version)
     try:

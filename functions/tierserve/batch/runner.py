@@ -149,6 +149,14 @@ def _run_shard(app: Runtime, s3: Any, jobs: JobStore, spec: JobSpec, state: JobS
             "that job (its job was never fanned out, or was planned differently, or the input was replaced); "
             'shard messages come from the job\'s own fan-out: send the whole job, with "shards": N, instead')
     model = app.store.manifest().resolve(parent.model, parent.version)
+    # A shard of an OpenAI job that reached BatchInferenceFunction (misrouted, or redriven from the wrong DLQ) goes to
+    # BatchGenerateFunction as that shard, before anything is written here
+    handed = hand_off(app, spec, model, parent.format, dict(parent.input_version))
+    if handed is not None:
+        logger.info("batch generation shard handed off", extra={"job": spec.job_key, "queue": handed["queue"]})
+        return handed
+    if parent.format == FORMAT_OPENAI:
+        require_engine()
     if state is None:
         state = JobState(job_key=spec.job_key, model=parent.model, version=parent.version,
                          variant_sha256=parent.variant_sha256, input_version=dict(parent.input_version),

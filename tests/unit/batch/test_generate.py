@@ -364,7 +364,16 @@ def test_a_generation_job_fanned_out_in_batch_generate_function_keeps_its_shards
     assert batch_generate.lambda_handler(sqs_batch(*handed), lambda_context) == {"batchItemFailures": []}
     shards = drain(generate_queue)  # the shard messages: on BatchGenerateFunction's own queue
     assert [m["shard"]["index"] for m in shards] == [0, 1] and drain(aws) == []
-    assert batch_generate.lambda_handler(sqs_batch(*shards), lambda_context) == {"batchItemFailures": []}
+    # A shard message that reaches BatchInferenceFunction (misrouted, or redriven from the wrong DLQ) is handed to
+    # BatchGenerateFunction as that same shard, not run where the engine is missing
+    _as_function(runtime_env, aws, "BatchInferenceFunction")
+    before = _listing(aws, "batch/")
+    assert batch_inference.lambda_handler(sqs_batch(shards[1]), lambda_context) == {"batchItemFailures": []}
+    rehanded = drain(generate_queue)
+    assert len(rehanded) == 1 and rehanded[0]["shard"] == shards[1]["shard"], rehanded
+    assert _listing(aws, "batch/") == before  # nothing written there
+    _as_function(runtime_env, aws, "BatchGenerateFunction")
+    assert batch_generate.lambda_handler(sqs_batch(shards[0], *rehanded), lambda_context) == {"batchItemFailures": []}
     assert json.loads(outputs(aws, "batch/out/f/fan")["_SUCCESS"])["shards"] == 2
 
 
@@ -397,11 +406,13 @@ def test_only_a_whole_openai_job_is_handed_off(genai_store, digits_store, runtim
     reset_runtime()
     mv = Manifest.loads((Path(genai_store) / "manifest.json").read_text()).resolve(GENAI_MODEL)
     spec = job_from_message({"model": GENAI_MODEL, "input": f"s3://{BUCKET}/batch/in/{GENAI_MODEL}/a.jsonl"})
-    # Then a tensor job, or one shard of a job, runs where it is (nothing is sent)
+    # Then a tensor job runs where it is (nothing is sent)
     assert generate.hand_off(get_runtime(), spec, mv, generate.FORMAT_TENSORS, {}) is None
+    # And a shard of an OpenAI job is handed off as that shard (the message names it, and parses back to it)
     shard = job_from_message({"model": GENAI_MODEL, "input": spec.input.uri,
                               "shard": Shard(0, 2, 0, 10, 1).to_json()})
-    assert generate.hand_off(get_runtime(), shard, mv, generate.FORMAT_OPENAI, {}) is None
+    shard_message = generate.handoff_message(shard, mv, {"etag": "abc"})
+    assert job_from_message(shard_message).shard == shard.shard and "shards" not in shard_message
     # And the hand-off's message pins the version as the job saw it, the eTag without quotes
     message = generate.handoff_message(spec, mv, {"version_id": "v1", "etag": '"abc"'})
     assert message["input_version"] == {"version_id": "v1", "etag": "abc"}
