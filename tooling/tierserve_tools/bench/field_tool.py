@@ -214,6 +214,8 @@ class Timed:
 def stream_once(host: str, port: int, body: dict[str, Any], timeout: float = 300.0) -> Timed:
     """POST the body to ``/v1/completions`` and read its SSE stream as guidellm does: the start just before the
     request is sent, the first line whose ``text`` is not empty, the usage of the last chunk that carries one."""
+    from tierserve_tools.bench.generate import sse_chunks
+
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.connect()
@@ -224,15 +226,7 @@ def stream_once(host: str, port: int, body: dict[str, Any], timeout: float = 300
             raise FieldToolError(f"the gateway answered {resp.status}: {resp.read()[:500]!r}")
         first = 0.0
         usage: dict[str, Any] = {}
-        while line := resp.readline():
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise FieldToolError(f"the stream ended with an error: {chunk['error']}")
+        for chunk in sse_chunks(resp, FieldToolError):
             if not first and any(c.get("text") for c in chunk.get("choices") or ()):
                 first = time.perf_counter()
             usage = chunk.get("usage") or usage

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,15 +227,7 @@ def gateway_run(host: str, port: int, prompt: list[int], new: int, timeout: floa
             raise RuntimeError(f"the gateway answered {resp.status}: {resp.read()[:500]!r}")
         stamps: list[float] = []
         tokens = 0
-        while line := resp.readline():
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"the stream ended with an error: {chunk['error']}")
+        for chunk in sse_chunks(resp):
             if any(c.get("text") for c in chunk.get("choices") or ()):
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):
@@ -246,6 +238,21 @@ def gateway_run(host: str, port: int, prompt: list[int], new: int, timeout: floa
     run = _run(t0, stamps, tokens)
     run.total_ms = (end - t0) * 1000
     return run
+
+
+def sse_chunks(resp: Any, error: type[Exception] = RuntimeError) -> Iterator[dict[str, Any]]:
+    """The JSON chunks of an OpenAI server-sent-event stream (``data: {...}`` lines) up to ``data: [DONE]``, each as
+    it arrives; a chunk that carries an ``error`` raises ``error``."""
+    while line := resp.readline():
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise error(f"the stream ended with an error: {chunk['error']}")
+        yield chunk
 
 
 def _run(t0: float, stamps: list[float], tokens: int) -> Run:
