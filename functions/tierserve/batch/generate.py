@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from tierserve import errors
-from tierserve.batch.locations import BatchInputError, S3Location, error_reason, input_format
+from tierserve.batch.locations import BatchInputError, S3Location, error_reason, input_format, version_pin
 from tierserve.batch.parts import encode_errors
 from tierserve.batch.records import Record
 from tierserve.generation.requests import KIND_CHAT, KIND_COMPLETION, GenerationRequest
@@ -133,11 +133,7 @@ def handoff_message(spec: JobSpec, model: ModelVersion, version: dict[str, str])
     BatchGenerateFunction began, misrouted here or sent by hand) keeps its part number: without it the body would
     be the original hand-off's, which BatchGenerateFunction's idempotency swallows, and the job would stay
     "running"; with it BatchGenerateFunction resumes the job from its last checkpoint."""
-    pin: dict[str, str] = {}
-    if version.get("version_id") and version["version_id"] != "null":
-        pin["version_id"] = version["version_id"]
-    if version.get("etag"):
-        pin["etag"] = version["etag"].strip('"')
+    pin = version_pin(version.get("version_id"), version.get("etag"))
     message: dict[str, Any] = {"model": model.name, "version": model.version, "input": spec.input.uri,
                                "input_version": pin, "output": spec.output.uri, "format": FORMAT_OPENAI}
     if spec.shards:

@@ -97,13 +97,26 @@ def error_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def version_pin(version_id: Any, etag: Any) -> dict[str, str]:
+    """A job's input version, one spelling per object version: the VersionId (none in an unversioned bucket, nor
+    "null": an object written while versioning was off or suspended) and the eTag without quotes (S3 events spell
+    it so; HeadObject quotes it), so that an S3 event and a job message for the same version get one job key."""
+    pin: dict[str, str] = {}
+    if version_id and version_id != "null":
+        pin["version_id"] = str(version_id)
+    tag = str(etag or "").strip('"')
+    if tag:
+        pin["etag"] = tag
+    return pin
+
+
 def get_body(s3: Any, loc: S3Location, version: dict[str, str], start: int = 0, stop: int | None = None) -> Any:
     """A streaming body for bytes ``[start, stop)`` of ``loc`` (``stop`` None: to the end), pinned to the
     version seen at the job's start: its ``version_id``, else its ``etag`` (``IfMatch``)."""
     kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
     if version.get("version_id") and version["version_id"] != "null":
         kwargs["VersionId"] = version["version_id"]
-    elif version.get("etag"):  # quoted, as HTTP spells an entity tag (a job's pin has none: runner.canonical_pin)
+    elif version.get("etag"):  # quoted, as HTTP spells an entity tag (a job's pin has none: version_pin)
         kwargs["IfMatch"] = '"' + version["etag"].strip('"') + '"'
     if start or stop is not None:
         kwargs["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"

@@ -45,7 +45,7 @@ from tierserve.batch.generate import (
     write_part,
 )
 from tierserve.batch.generate import part_rows as generation_part_rows
-from tierserve.batch.locations import BatchInputError, input_format
+from tierserve.batch.locations import BatchInputError, input_format, version_pin
 from tierserve.batch.parts import encode_errors, encode_parquet_part, encode_part
 from tierserve.batch.readers import jsonl_records, npz_records, parquet_records
 from tierserve.batch.records import Record
@@ -81,7 +81,7 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
     head = _head(s3, spec)  # checks a pinned version / eTag against the object
     # One pin per object version, however the job arrived (an S3 event, a job message pinning a version, an eTag or
     # nothing): the job key (and so "already completed") must not depend on the delivery's spelling
-    spec = dataclasses.replace(spec, input_version=canonical_pin(head))
+    spec = dataclasses.replace(spec, input_version=version_pin(head.get("VersionId"), head.get("ETag")))
     state = jobs.load(spec.job_key)
     if spec.shard is not None:
         return _run_shard(app, s3, jobs, spec, state, context)
@@ -96,12 +96,10 @@ def run_job(spec: JobSpec, context: Any = None) -> dict[str, Any]:
         fmt = state.format
     # An OpenAI batch job goes to BatchGenerateFunction when GENERATION_JOBS_QUEUE_URL says so: before anything is
     # written, inside this delivery's idempotent run (a redelivery gets this result back and sends nothing again)
-    handed = hand_off(app, spec, model, fmt, spec.input_version if state is None else state.input_version)
+    handed = _hand_off_or_require_engine(app, spec, model, fmt,
+                                         spec.input_version if state is None else state.input_version)
     if handed is not None:
-        logger.info("batch generation job handed off", extra={"job": spec.job_key, "queue": handed["queue"]})
         return handed
-    if fmt == FORMAT_OPENAI:
-        require_engine()  # a clear ConfigurationError, before any work
     if state is not None and state.status == "sharded":  # a redelivery (a crash while fanning out?)
         return _fan_out(app, spec, state)
     if state is None:
@@ -151,12 +149,9 @@ def _run_shard(app: Runtime, s3: Any, jobs: JobStore, spec: JobSpec, state: JobS
     model = app.store.manifest().resolve(parent.model, parent.version)
     # A shard of an OpenAI job that reached BatchInferenceFunction (misrouted, or redriven from the wrong DLQ) goes to
     # BatchGenerateFunction as that shard, before anything is written here
-    handed = hand_off(app, spec, model, parent.format, dict(parent.input_version))
+    handed = _hand_off_or_require_engine(app, spec, model, parent.format, dict(parent.input_version))
     if handed is not None:
-        logger.info("batch generation shard handed off", extra={"job": spec.job_key, "queue": handed["queue"]})
         return handed
-    if parent.format == FORMAT_OPENAI:
-        require_engine()
     if state is None:
         state = JobState(job_key=spec.job_key, model=parent.model, version=parent.version,
                          variant_sha256=parent.variant_sha256, input_version=dict(parent.input_version),
@@ -207,18 +202,18 @@ def _variant_sha256(model: ModelVersion) -> str:
     return selected.sha256 if selected else ""
 
 
-def canonical_pin(head: dict[str, Any]) -> dict[str, str]:
-    """The input version a job is keyed by, from the object's HeadObject: its VersionId (none in an unversioned
-    bucket, nor "null": an object written while versioning was off or suspended) and its eTag without quotes (S3
-    events spell it so; HeadObject quotes it). An S3 event and a job message for the same version get one job key."""
-    pin: dict[str, str] = {}
-    vid = head.get("VersionId")
-    if vid and vid != "null":
-        pin["version_id"] = str(vid)
-    etag = str(head.get("ETag") or "").strip('"')
-    if etag:
-        pin["etag"] = etag
-    return pin
+def _hand_off_or_require_engine(app: Runtime, spec: JobSpec, model: ModelVersion, fmt: str,
+                                version: dict[str, str]) -> dict[str, Any] | None:
+    """An OpenAI batch job (or its shard, or its continuation) handed to BatchGenerateFunction when
+    GENERATION_JOBS_QUEUE_URL says so: the delivery's result. Otherwise None, once this function is known to hold the
+    engine the job needs (a clear ConfigurationError before any work, when it does not)."""
+    handed = hand_off(app, spec, model, fmt, version)
+    if handed is not None:
+        logger.info("batch generation job handed off", extra={"job": spec.job_key, "queue": handed["queue"]})
+        return handed
+    if fmt == FORMAT_OPENAI:
+        require_engine()
+    return None
 
 
 def _head(s3: Any, spec: JobSpec) -> dict[str, Any]:

@@ -33,7 +33,7 @@ class JobSpec:
     input: S3Location
     output: S3Location  # a prefix: parts go to {output.key}/part-NNNNN.jsonl
     version: str | None = None
-    # {"version_id", "etag"} as delivered; run_job makes it canonical (runner.canonical_pin) before the job key counts
+    # {"version_id", "etag"} as delivered; run_job makes it canonical (locations.version_pin) before the job key counts
     input_version: dict[str, str] = field(default_factory=dict)
     continuation: int | None = None
     idempotency_key: str = ""
